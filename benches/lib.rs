@@ -1,0 +1,1 @@
+//! Benchmarks for mcdist: criterion benches and the end-to-end bench binary.

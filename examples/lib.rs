@@ -1,0 +1,1 @@
+//! Examples of embedding mcdist; see the `[[example]]` targets.

@@ -1,0 +1,1 @@
+//! Fuzz targets for mcdist (cargo-fuzz).

@@ -1,0 +1,1 @@
+//! KVM + userfaultfd backend for mcdist (lazy clone memory, KVM clones). Work in progress.

@@ -1,0 +1,2 @@
+//! mcdist core.
+#![forbid(unsafe_code)]
