@@ -1,0 +1,2 @@
+//! mcdist-clone (work in progress).
+fn main() {}

@@ -1,0 +1,2 @@
+//! mcdist-kvm-bench (work in progress).
+fn main() {}

@@ -1,0 +1,2 @@
+//! mcdist-kvm-demo (work in progress).
+fn main() {}

@@ -1,0 +1,135 @@
+//! LazyMemory against real userfaultfd.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mcdist_kvm::lazy::{LazyConfig, LazyFailure, LazyMemory, PageFetcher, SourceFetcher};
+use mcdist_kvm::source::{zero_map, PageSource, VecSource};
+
+const PAGE: usize = 4096;
+
+fn uffd_available() -> bool {
+    let ok = std::path::Path::new("/dev/userfaultfd").exists()
+        || std::fs::metadata("/proc/sys/vm/unprivileged_userfaultfd").is_ok();
+    if !ok {
+        eprintln!("skipping: userfaultfd is not available on this kernel");
+    }
+    ok
+}
+
+fn image(pages: usize) -> Vec<u8> {
+    let mut v = vec![0u8; pages * PAGE];
+    for p in 0..pages {
+        if p % 3 != 0 {
+            // every third page stays zero
+            for (i, b) in v[p * PAGE..(p + 1) * PAGE].iter_mut().enumerate() {
+                *b = (p as u8).wrapping_mul(31).wrapping_add(i as u8);
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn faults_fetch_pages_and_fill_zero_pages_locally() {
+    if !uffd_available() {
+        return;
+    }
+    let pages = 64;
+    let img = image(pages);
+    let src: Arc<dyn PageSource> = Arc::new(VecSource::new(img.clone(), PAGE));
+    let zero = zero_map(&*src).expect("zero map");
+    let mut mem = LazyMemory::new(pages * PAGE, zero, LazyConfig::default()).expect("lazy memory");
+    mem.start(Arc::new(SourceFetcher::new(src.clone(), mem.handle())))
+        .expect("start");
+    // Touch half of the pages from two threads at once.
+    let mem = Arc::new(mem);
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let mem = mem.clone();
+            std::thread::spawn(move || {
+                let mut out = vec![0u8; PAGE];
+                for p in 0..pages / 2 {
+                    mem.read(p * PAGE, &mut out).expect("read");
+                    assert_eq!(&out[..], &img_page(p)[..], "page {p}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("reader");
+    }
+    let s = mem.stats();
+    let nonzero_touched = (0..pages / 2).filter(|p| p % 3 != 0).count() as u64;
+    let zero_touched = (0..pages / 2).filter(|p| p % 3 == 0).count() as u64;
+    assert_eq!(
+        s.pages_requested, nonzero_touched,
+        "one request per missing page"
+    );
+    assert_eq!(s.pages_fetched(), nonzero_touched);
+    assert_eq!(s.zero_pages, zero_touched);
+    assert_eq!(s.zero_pages_received, 0);
+    assert_eq!(s.bytes_received, nonzero_touched * PAGE as u64);
+    assert!(s.fault_latency.count() as u64 >= nonzero_touched);
+    assert!(mem.failure().is_none());
+
+    fn img_page(p: usize) -> Vec<u8> {
+        image(64)[p * PAGE..(p + 1) * PAGE].to_vec()
+    }
+}
+
+#[test]
+fn pushed_pages_are_installed_before_faults() {
+    if !uffd_available() {
+        return;
+    }
+    let pages = 16;
+    let img = image(pages);
+    let src = VecSource::new(img.clone(), PAGE);
+    let zero = zero_map(&src).expect("zero map");
+    let mut mem = LazyMemory::new(pages * PAGE, zero, LazyConfig::default()).expect("lazy memory");
+    struct Never;
+    impl PageFetcher for Never {
+        fn request(&self, _pfn: u64) {}
+    }
+    mem.start(Arc::new(Never)).expect("start");
+    let h = mem.handle();
+    let mut buf = vec![0u8; PAGE];
+    src.read_page(1, &mut buf).expect("page");
+    h.install(1, &buf);
+    h.install(1, &buf); // a duplicate delivery is not an error
+    let mut out = vec![0u8; PAGE];
+    mem.read(PAGE, &mut out).expect("read pushed page");
+    assert_eq!(out, buf);
+    let s = mem.stats();
+    assert_eq!(s.pages_pushed, 1);
+    assert_eq!(s.duplicates, 1);
+    assert_eq!(s.demand_faults, 0);
+}
+
+#[test]
+fn missing_server_fails_with_timeout_instead_of_hanging() {
+    if !uffd_available() {
+        return;
+    }
+    let pages = 8;
+    let zero = mcdist_kvm::PageBits::new(pages);
+    let cfg = LazyConfig {
+        fetch_timeout: Duration::from_millis(300),
+        rerequest_interval: Duration::from_millis(50),
+        ..LazyConfig::default()
+    };
+    let mut mem = LazyMemory::new(pages as usize * PAGE, zero, cfg).expect("lazy memory");
+    struct Never;
+    impl PageFetcher for Never {
+        fn request(&self, _pfn: u64) {}
+    }
+    mem.start(Arc::new(Never)).expect("start");
+    let mut out = vec![1u8; 8];
+    mem.read(3 * PAGE, &mut out)
+        .expect("read returns after failure");
+    match mem.failure() {
+        Some(LazyFailure::FetchTimeout { pfn, .. }) => assert_eq!(pfn, 3),
+        other => panic!("expected a fetch timeout, got {other:?}"),
+    }
+}
