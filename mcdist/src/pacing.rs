@@ -1,0 +1,250 @@
+//! Send pacing: a token bucket and the receiver-driven rate controller.
+//!
+//! Both take time as a parameter and read no clock.
+
+use std::time::{Duration, Instant};
+
+/// A token bucket measured in bytes.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: u64,
+    burst: u64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket refilling at `rate` bytes/s holding at most `burst` bytes.
+    pub fn new(now: Instant, rate: u64, burst: u64) -> TokenBucket {
+        TokenBucket {
+            rate: rate.max(1),
+            burst: burst.max(1),
+            tokens: burst.max(1) as f64,
+            last: now,
+        }
+    }
+
+    /// Current rate in bytes/s.
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
+    /// Bucket depth in bytes.
+    pub fn burst(&self) -> u64 {
+        self.burst
+    }
+
+    /// Change the rate and depth; tokens already earned are kept (capped at the new depth).
+    pub fn set_rate(&mut self, now: Instant, rate: u64, burst: u64) {
+        self.refill(now);
+        self.rate = rate.max(1);
+        self.burst = burst.max(1);
+        self.tokens = self.tokens.min(self.burst as f64);
+    }
+
+    fn refill(&mut self, now: Instant) {
+        if now > self.last {
+            let dt = now.duration_since(self.last).as_secs_f64();
+            self.tokens = (self.tokens + dt * self.rate as f64).min(self.burst as f64);
+            self.last = now;
+        }
+    }
+
+    /// Take `n` bytes if available now.
+    pub fn try_take(&mut self, now: Instant, n: u64) -> bool {
+        self.refill(now);
+        // A datagram larger than the bucket may go once the bucket is full.
+        let need = (n as f64).min(self.burst as f64);
+        if self.tokens >= need {
+            self.tokens -= n as f64;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// When `n` bytes will be available (now if already).
+    pub fn ready_at(&self, n: u64) -> Instant {
+        let need = (n as f64).min(self.burst as f64);
+        if self.tokens >= need {
+            self.last
+        } else {
+            let secs = (need - self.tokens) / self.rate as f64;
+            self.last + Duration::from_secs_f64(secs)
+        }
+    }
+}
+
+/// Rate-controller settings.
+#[derive(Debug, Clone, Copy)]
+pub struct RateConfig {
+    /// Lowest rate, bytes/s.
+    pub floor: u64,
+    /// Highest rate, bytes/s.
+    pub cap: u64,
+    /// Starting rate, bytes/s.
+    pub initial: u64,
+    /// How often the rate is recomputed.
+    pub interval: Duration,
+    /// Loss (parts per thousand) above which the rate backs off.
+    pub loss_threshold_permille: u16,
+}
+
+impl Default for RateConfig {
+    fn default() -> Self {
+        RateConfig {
+            floor: 1 << 20,
+            cap: 125_000_000,
+            initial: 40_000_000,
+            interval: Duration::from_millis(50),
+            loss_threshold_permille: 20,
+        }
+    }
+}
+
+/// Follows receivers: multiplicative increase while no receiver reports loss,
+/// back-off toward the weighted average of the receive rates they report when
+/// they do. Always within `[floor, cap]`.
+#[derive(Debug, Clone)]
+pub struct RateController {
+    cfg: RateConfig,
+    rate: u64,
+    next_update: Instant,
+    sum_rate_weighted: f64,
+    sum_weight: f64,
+    max_loss: u16,
+    reports: u32,
+}
+
+impl RateController {
+    /// A controller at `cfg.initial`.
+    pub fn new(now: Instant, cfg: RateConfig) -> RateController {
+        let rate = cfg.initial.clamp(cfg.floor, cfg.cap.max(cfg.floor));
+        RateController {
+            cfg,
+            rate,
+            next_update: now + cfg.interval,
+            sum_rate_weighted: 0.0,
+            sum_weight: 0.0,
+            max_loss: 0,
+            reports: 0,
+        }
+    }
+
+    /// Current rate, bytes/s.
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
+    /// When [`RateController::update`] next wants to run.
+    pub fn next_update(&self) -> Instant {
+        self.next_update
+    }
+
+    /// Record one receiver report. Receivers that report loss weigh more, so
+    /// the slow ones pull the average down.
+    pub fn report(&mut self, rx_rate: u64, loss_permille: u16) {
+        if rx_rate > 0 {
+            let w = 1.0 + f64::from(loss_permille) / 10.0;
+            self.sum_rate_weighted += rx_rate as f64 * w;
+            self.sum_weight += w;
+        }
+        self.max_loss = self.max_loss.max(loss_permille);
+        self.reports += 1;
+    }
+
+    /// Recompute the rate if the interval elapsed; returns true when it changed.
+    pub fn update(&mut self, now: Instant) -> bool {
+        if now < self.next_update {
+            return false;
+        }
+        self.next_update = now + self.cfg.interval;
+        let old = self.rate;
+        let cap = self.cfg.cap.max(self.cfg.floor);
+        if self.max_loss > self.cfg.loss_threshold_permille {
+            let avg = if self.sum_weight > 0.0 {
+                (self.sum_rate_weighted / self.sum_weight) as u64
+            } else {
+                self.rate
+            };
+            let backed = (self.rate as f64 * 0.8) as u64;
+            self.rate = backed.min(avg.max(backed / 2)).clamp(self.cfg.floor, cap);
+        } else if self.reports > 0 || self.sum_weight == 0.0 {
+            self.rate = ((self.rate as f64 * 1.25) as u64).clamp(self.cfg.floor, cap);
+        }
+        self.sum_rate_weighted = 0.0;
+        self.sum_weight = 0.0;
+        self.max_loss = 0;
+        self.reports = 0;
+        self.rate != old
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn bucket_paces() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(t0, 1000, 100);
+        assert!(b.try_take(t0, 100));
+        assert!(!b.try_take(t0, 50));
+        let ready = b.ready_at(50);
+        assert_eq!(ready - t0, Duration::from_millis(50));
+        assert!(b.try_take(ready, 50));
+    }
+
+    #[test]
+    fn controller_backs_off_and_recovers() {
+        let t0 = Instant::now();
+        let cfg = RateConfig {
+            floor: 1000,
+            cap: 1_000_000,
+            initial: 100_000,
+            interval: Duration::from_millis(10),
+            loss_threshold_permille: 20,
+        };
+        let mut c = RateController::new(t0, cfg);
+        c.report(10_000, 300);
+        assert!(c.update(t0 + Duration::from_millis(10)));
+        assert!(c.rate() < 100_000);
+        let low = c.rate();
+        c.report(50_000, 0);
+        c.update(t0 + Duration::from_millis(20));
+        assert!(c.rate() > low);
+    }
+
+    proptest! {
+        #[test]
+        fn bucket_never_exceeds_rate(rate in 1_000u64..10_000_000, burst in 1u64..100_000,
+                                     steps in proptest::collection::vec((0u64..5_000, 1u64..20_000), 1..200)) {
+            let t0 = Instant::now();
+            let mut b = TokenBucket::new(t0, rate, burst);
+            let mut t = t0;
+            let mut sent = 0u64;
+            for (dt_us, n) in steps {
+                t += Duration::from_micros(dt_us);
+                if b.try_take(t, n) { sent += n; }
+            }
+            let elapsed = t.duration_since(t0).as_secs_f64();
+            // Tokens spent never exceed the initial bucket plus what the rate earned,
+            // plus at most one oversized datagram.
+            let bound = burst as f64 + elapsed * rate as f64 + 20_000.0;
+            prop_assert!((sent as f64) <= bound);
+        }
+
+        #[test]
+        fn controller_stays_in_bounds(reports in proptest::collection::vec((0u64..1_000_000_000, 0u16..1000), 0..100)) {
+            let t0 = Instant::now();
+            let cfg = RateConfig { floor: 5000, cap: 50_000_000, initial: 1_000_000, interval: Duration::from_millis(1), loss_threshold_permille: 20 };
+            let mut c = RateController::new(t0, cfg);
+            for (i, (r, l)) in reports.into_iter().enumerate() {
+                c.report(r, l);
+                c.update(t0 + Duration::from_millis(i as u64 + 1));
+                prop_assert!(c.rate() >= 5000 && c.rate() <= 50_000_000);
+            }
+        }
+    }
+}

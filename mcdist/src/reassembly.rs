@@ -1,0 +1,213 @@
+//! Reassembly of pages split into fragments.
+//!
+//! A page of `page_size` bytes sent in `count` fragments is cut into pieces of
+//! `page_size.div_ceil(count)` bytes (the last one shorter), so each fragment's
+//! offset and length follow from its index alone. Fragments may arrive in any
+//! order and more than once. Memory is bounded: at most `max_partial` pages are
+//! in progress; the oldest is evicted to make room.
+
+use bytes::{Bytes, BytesMut};
+use std::collections::{HashMap, VecDeque};
+use thiserror::Error;
+
+/// Why a fragment was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum FragmentError {
+    /// Index or count out of range for this page size.
+    #[error("fragment index/count out of range")]
+    BadIndex,
+    /// Payload length does not match the fragment's slot.
+    #[error("fragment payload has the wrong length")]
+    BadLength,
+    /// The page is already being reassembled with a different fragment count.
+    #[error("fragment count changed for a page in progress")]
+    CountMismatch,
+}
+
+#[derive(Debug)]
+struct Partial {
+    buf: BytesMut,
+    got: Vec<u64>,
+    received: u16,
+    count: u16,
+}
+
+/// Bounded fragment reassembly.
+#[derive(Debug)]
+pub struct Reassembler {
+    page_size: usize,
+    max_partial: usize,
+    partial: HashMap<u64, Partial>,
+    order: VecDeque<u64>,
+    evicted: u64,
+}
+
+/// Offset and length of fragment `index` of `count` in a page of `page_size`.
+pub fn fragment_slot(page_size: usize, count: u16, index: u16) -> Option<(usize, usize)> {
+    if count == 0 || index >= count {
+        return None;
+    }
+    let piece = page_size.div_ceil(usize::from(count));
+    let start = usize::from(index) * piece;
+    if start >= page_size {
+        return None;
+    }
+    Some((start, piece.min(page_size - start)))
+}
+
+impl Reassembler {
+    /// A reassembler for pages of `page_size` bytes keeping at most `max_partial` in progress.
+    pub fn new(page_size: usize, max_partial: usize) -> Reassembler {
+        Reassembler {
+            page_size,
+            max_partial: max_partial.max(1),
+            partial: HashMap::new(),
+            order: VecDeque::new(),
+            evicted: 0,
+        }
+    }
+
+    /// Pages dropped unfinished to bound memory.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// Pages in progress.
+    pub fn in_progress(&self) -> usize {
+        self.partial.len()
+    }
+
+    /// Forget a page (e.g. it arrived whole by another path).
+    pub fn forget(&mut self, pfn: u64) {
+        self.partial.remove(&pfn);
+    }
+
+    /// Add one fragment. Returns the whole page when this fragment completes it.
+    pub fn insert(
+        &mut self,
+        pfn: u64,
+        index: u16,
+        count: u16,
+        payload: &[u8],
+    ) -> Result<Option<Bytes>, FragmentError> {
+        let (start, len) =
+            fragment_slot(self.page_size, count, index).ok_or(FragmentError::BadIndex)?;
+        if payload.len() != len {
+            return Err(FragmentError::BadLength);
+        }
+        if count == 1 {
+            return Ok(Some(Bytes::copy_from_slice(payload)));
+        }
+        if !self.partial.contains_key(&pfn) {
+            while self.partial.len() >= self.max_partial {
+                match self.order.pop_front() {
+                    Some(old) => {
+                        if self.partial.remove(&old).is_some() {
+                            self.evicted += 1;
+                        }
+                    }
+                    None => break,
+                }
+            }
+            self.partial.insert(
+                pfn,
+                Partial {
+                    buf: BytesMut::zeroed(self.page_size),
+                    got: vec![0; usize::from(count).div_ceil(64)],
+                    received: 0,
+                    count,
+                },
+            );
+            self.order.push_back(pfn);
+            // Keep the order queue from growing with stale entries.
+            if self.order.len() > self.max_partial * 4 {
+                let live = &self.partial;
+                self.order.retain(|p| live.contains_key(p));
+            }
+        }
+        let p = self.partial.get_mut(&pfn).ok_or(FragmentError::BadIndex)?;
+        if p.count != count {
+            return Err(FragmentError::CountMismatch);
+        }
+        let (w, m) = (usize::from(index) / 64, 1u64 << (index % 64));
+        if p.got[w] & m != 0 {
+            return Ok(None);
+        }
+        p.got[w] |= m;
+        p.received += 1;
+        p.buf[start..start + len].copy_from_slice(payload);
+        if p.received == p.count {
+            let done = self.partial.remove(&pfn).map(|p| p.buf.freeze());
+            return Ok(done);
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_order_with_duplicates(page_pow in 9u32..14, count in 1u16..40, seed in any::<u64>(), dups in 0usize..20) {
+            let page_size = 1usize << page_pow;
+            prop_assume!(fragment_slot(page_size, count, count - 1).is_some());
+            let page: Vec<u8> = (0..page_size).map(|i| (i as u64 ^ seed) as u8).collect();
+            let mut order: Vec<u16> = (0..count).collect();
+            // deterministic shuffle
+            let mut s = seed | 1;
+            for i in (1..order.len()).rev() {
+                s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+                order.swap(i, (s % (i as u64 + 1)) as usize);
+            }
+            for d in 0..dups { order.push(order[d % order.len()]); }
+            let mut r = Reassembler::new(page_size, 4);
+            let mut out = None;
+            let mut completions = 0;
+            for idx in order {
+                let (st, len) = fragment_slot(page_size, count, idx).unwrap();
+                if let Some(p) = r.insert(7, idx, count, &page[st..st + len]).unwrap() {
+                    completions += 1;
+                    out = Some(p);
+                }
+            }
+            // A duplicate arriving after completion starts a new partial page but never completes it
+            // unless every fragment comes again; the page completed at least once and is identical.
+            prop_assert!(completions >= 1);
+            let out = out.unwrap();
+            prop_assert_eq!(out.as_ref(), &page[..]);
+        }
+
+        #[test]
+        fn missing_piece_never_completes(count in 2u16..30, missing in 0u16..30) {
+            let page_size = 4096;
+            let missing = missing % count;
+            let mut r = Reassembler::new(page_size, 2);
+            for idx in (0..count).filter(|&i| i != missing) {
+                let (_, len) = fragment_slot(page_size, count, idx).unwrap();
+                prop_assert!(r.insert(1, idx, count, &vec![1u8; len]).unwrap().is_none());
+            }
+            prop_assert_eq!(r.in_progress(), 1);
+        }
+
+        #[test]
+        fn garbage_is_refused(idx in any::<u16>(), count in any::<u16>(), len in 0usize..5000) {
+            let mut r = Reassembler::new(4096, 2);
+            let ok = fragment_slot(4096, count, idx).is_some_and(|(_, l)| l == len);
+            let res = r.insert(1, idx, count, &vec![0u8; len]);
+            prop_assert_eq!(res.is_ok(), ok);
+        }
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let mut r = Reassembler::new(4096, 3);
+        for pfn in 0..100 {
+            r.insert(pfn, 0, 4, &[0u8; 1024]).unwrap();
+        }
+        assert_eq!(r.in_progress(), 3);
+        assert_eq!(r.evicted(), 97);
+    }
+}

@@ -1,0 +1,978 @@
+//! The sans-IO memory server.
+//!
+//! The server answers demand requests by multicast (so the first request for a
+//! page prefetches it for every sibling), suppresses duplicate requests within a
+//! lockstep window, pushes pages next to recent faults (and optionally sweeps the
+//! whole image), paces itself with a token bucket whose rate follows receivers'
+//! reports, and answers retries by unicast once most pages have been sent.
+//!
+//! Priorities in [`Server::poll_transmit`]: control (announce, zero map) → demand
+//! → repair (NACKs) → push next to faults → sweep. A page in progress (its
+//! remaining fragments) finishes first; demand pre-empts push at each page.
+
+use crate::bitmap::PageBitmap;
+use crate::pacing::{RateConfig, RateController, TokenBucket};
+use crate::source::{scan, ImageInfo, PageSource};
+use crate::wire::{self, Announce, Body, Data, Header, HeaderFlags, Kind, Message};
+use crate::{Dest, Transmit};
+use rand::{Rng, SeedableRng};
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// How group traffic reaches receivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// One datagram to the multicast group.
+    Multicast,
+    /// One datagram per known receiver (networks without multicast; also the
+    /// baseline mcdist is compared against).
+    UnicastFanout,
+}
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Session id; `None` draws a random one.
+    pub session_id: Option<u64>,
+    /// Largest datagram to send (UDP payload bytes). Pages larger than what fits are fragmented.
+    pub max_datagram: usize,
+    /// Bytes at the end of each datagram left free for an authentication trailer.
+    pub trailer_reserve: usize,
+    /// Requests for a page multicast less than this long ago are ignored.
+    pub lockstep_window: Duration,
+    /// Push the pages that follow a fault.
+    pub push_neighbors: bool,
+    /// Smallest and largest push window (pages); the window doubles while faults stay sequential.
+    pub push_window: (u64, u64),
+    /// Sweep the whole image in order after demand and push (whole-image distribution).
+    pub sweep: bool,
+    /// Multicast or unicast fan-out.
+    pub delivery: Delivery,
+    /// Pacing.
+    pub rate: RateConfig,
+    /// Fraction of non-zero pages sent at least once after which retries go unicast.
+    pub endgame_fraction: f64,
+    /// A receiver silent this long is forgotten.
+    pub client_timeout: Duration,
+    /// Period of the group announce.
+    pub announce_interval: Duration,
+    /// Most receivers tracked at once.
+    pub max_clients: usize,
+    /// Pages per second one source address may request (token bucket; burst = 1/4 s).
+    pub per_source_page_rate: u64,
+    /// Most pages one request datagram may make the server consider.
+    pub max_pages_per_request: u64,
+    /// Seed for the server's randomness (session id).
+    pub seed: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            session_id: None,
+            max_datagram: 1472,
+            trailer_reserve: 0,
+            lockstep_window: Duration::from_millis(5),
+            push_neighbors: true,
+            push_window: (16, 1024),
+            sweep: false,
+            delivery: Delivery::Multicast,
+            rate: RateConfig::default(),
+            endgame_fraction: 0.95,
+            client_timeout: Duration::from_secs(10),
+            announce_interval: Duration::from_millis(200),
+            max_clients: 4096,
+            per_source_page_rate: 400_000,
+            max_pages_per_request: 8192,
+            seed: 0x6d63_6469_7374,
+        }
+    }
+}
+
+/// Invalid server configuration or image.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The datagram size leaves no room for page data.
+    #[error("max datagram of {0} bytes is too small (need at least 128)")]
+    DatagramTooSmall(usize),
+    /// A page would need more fragments than the wire allows.
+    #[error("page size {page} needs {frags} fragments at this datagram size (max {max})")]
+    TooManyFragments {
+        /// Page size.
+        page: usize,
+        /// Fragments needed.
+        frags: usize,
+        /// Allowed.
+        max: u16,
+    },
+    /// Page size is not a power of two.
+    #[error("page size {0} is not a power of two between 512 and 2 MiB")]
+    BadPageSize(usize),
+    /// Reading the image failed.
+    #[error("reading the image: {0}")]
+    Source(#[from] io::Error),
+}
+
+/// Things the embedder may want to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerEvent {
+    /// A receiver joined.
+    ClientJoined(SocketAddr),
+    /// A receiver reported it holds the whole image.
+    ClientCompleted(SocketAddr),
+    /// A receiver left.
+    ClientLeft(SocketAddr),
+    /// A receiver went silent and was forgotten.
+    ClientTimedOut(SocketAddr),
+    /// The page source failed or changed; the server stopped sending data.
+    SourceFailed(String),
+}
+
+/// Server counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Pages transmitted completely (each fan-out copy counts).
+    pub pages_sent: u64,
+    /// Pages sent to answer demand.
+    pub demand_pages: u64,
+    /// Pages pushed next to faults.
+    pub push_pages: u64,
+    /// Pages sent by the sweep.
+    pub sweep_pages: u64,
+    /// Pages resent in answer to NACKs or retries.
+    pub repair_pages: u64,
+    /// Pages sent by unicast (end game, fan-out).
+    pub unicast_pages: u64,
+    /// Zero-page answers (header only, no payload).
+    pub zero_replies: u64,
+    /// Datagrams sent.
+    pub datagrams_sent: u64,
+    /// Bytes sent (whole datagrams).
+    pub bytes_sent: u64,
+    /// Bytes of page payload sent.
+    pub payload_bytes_sent: u64,
+    /// Request datagrams received.
+    pub requests: u64,
+    /// NACK datagrams received.
+    pub nacks: u64,
+    /// Pages asked for in requests and NACKs.
+    pub pages_requested: u64,
+    /// Page requests ignored because the page was multicast within the lockstep window.
+    pub suppressed_lockstep: u64,
+    /// Page requests merged into a page already queued.
+    pub suppressed_queued: u64,
+    /// Datagrams dropped by the per-source rate limit.
+    pub rate_limited: u64,
+    /// Datagrams that failed to parse.
+    pub malformed: u64,
+    /// Datagrams for another session, or of a kind a server does not take.
+    pub foreign: u64,
+    /// Page numbers past the end of the image.
+    pub out_of_range: u64,
+    /// Receivers that reported completion.
+    pub clients_completed: u64,
+    /// Errors reading the page source.
+    pub source_errors: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Group,
+    Peer(SocketAddr),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    pfn: u64,
+    target: Target,
+    flags: u8,
+}
+
+#[derive(Debug)]
+struct Current {
+    job: Job,
+    /// Unicast fan-out destinations still to serve (last is current).
+    fanout: Vec<SocketAddr>,
+    next_frag: u16,
+}
+
+#[derive(Debug)]
+struct Peer {
+    last_seen: Instant,
+    last_zero_map: Option<Instant>,
+    complete: bool,
+    tokens: TokenBucket,
+}
+
+#[derive(Debug)]
+enum Control {
+    Announce(Dest),
+    ZeroMapChunk(SocketAddr, u32),
+    End,
+}
+
+/// The sans-IO mcdist server. See the module docs.
+pub struct Server {
+    cfg: ServerConfig,
+    source: Arc<dyn PageSource>,
+    info: ImageInfo,
+    zero_bytes: Vec<u8>,
+    zero_map_digest: [u8; 32],
+    zero_chunk_bytes: usize,
+    zero_chunks: u32,
+    session: u64,
+    page_size: usize,
+    page_count: u64,
+    nonzero_pages: u64,
+    frag_payload: usize,
+    frag_count: u16,
+    base: Instant,
+    last_group_send: Vec<u64>,
+    ever_sent: PageBitmap,
+    queued_group: PageBitmap,
+    demand: VecDeque<Job>,
+    repair: VecDeque<Job>,
+    current: Option<Current>,
+    page_buf: Vec<u8>,
+    push_cursor: u64,
+    push_remaining: u64,
+    push_window: u64,
+    sweep_pos: u64,
+    peers: HashMap<SocketAddr, Peer>,
+    control: VecDeque<Control>,
+    next_announce: Instant,
+    next_housekeeping: Instant,
+    bucket: TokenBucket,
+    rate: RateController,
+    seq_group: u64,
+    seq_unicast: u64,
+    events: VecDeque<ServerEvent>,
+    stats: ServerStats,
+    failed: bool,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("session", &self.session)
+            .field("page_count", &self.page_count)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl Server {
+    /// Scan `source` (digest and zero map) and build a server.
+    pub fn new(
+        cfg: ServerConfig,
+        source: Arc<dyn PageSource>,
+        now: Instant,
+    ) -> Result<Server, ConfigError> {
+        let info = scan(source.as_ref())?;
+        Server::with_info(cfg, source, info, now)
+    }
+
+    /// Build a server from an already computed [`ImageInfo`] (e.g. from a descriptor).
+    pub fn with_info(
+        cfg: ServerConfig,
+        source: Arc<dyn PageSource>,
+        info: ImageInfo,
+        now: Instant,
+    ) -> Result<Server, ConfigError> {
+        let page_size = source.page_size();
+        if !page_size.is_power_of_two() || !(512..=(1 << 21)).contains(&page_size) {
+            return Err(ConfigError::BadPageSize(page_size));
+        }
+        let room = cfg
+            .max_datagram
+            .saturating_sub(wire::HEADER_LEN + wire::DATA_FIXED_LEN + cfg.trailer_reserve);
+        if cfg.max_datagram < 128 || room < 64 {
+            return Err(ConfigError::DatagramTooSmall(cfg.max_datagram));
+        }
+        let frag_payload = room.min(page_size);
+        let frags = page_size.div_ceil(frag_payload);
+        if frags > usize::from(wire::MAX_FRAGMENTS) {
+            return Err(ConfigError::TooManyFragments {
+                page: page_size,
+                frags,
+                max: wire::MAX_FRAGMENTS,
+            });
+        }
+        // Equalise fragment sizes so the last one is not tiny.
+        let frag_payload = page_size.div_ceil(frags);
+        let page_count = source.page_count();
+        let zero_bytes = info.zero_map.to_bytes();
+        let zero_map_digest = *blake3::hash(&zero_bytes).as_bytes();
+        let zero_chunk_bytes = cfg
+            .max_datagram
+            .saturating_sub(wire::HEADER_LEN + wire::ZeroMap::FIXED_LEN + cfg.trailer_reserve)
+            .max(8);
+        let zero_chunks = u32::try_from(zero_bytes.len().div_ceil(zero_chunk_bytes))
+            .unwrap_or(u32::MAX);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(cfg.seed);
+        let session = cfg.session_id.unwrap_or_else(|| rng.random::<u64>() | 1);
+        let rate = RateController::new(now, cfg.rate);
+        let bucket = TokenBucket::new(now, rate.rate(), burst_for(rate.rate()));
+        let nonzero_pages = page_count - info.zero_map.count_ones();
+        Ok(Server {
+            push_window: cfg.push_window.0.max(1),
+            source,
+            zero_bytes,
+            zero_map_digest,
+            zero_chunk_bytes,
+            zero_chunks,
+            session,
+            page_size,
+            page_count,
+            nonzero_pages,
+            frag_payload,
+            frag_count: frags as u16,
+            base: now,
+            last_group_send: vec![0; usize::try_from(page_count).unwrap_or(0)],
+            ever_sent: PageBitmap::new(page_count),
+            queued_group: PageBitmap::new(page_count),
+            demand: VecDeque::new(),
+            repair: VecDeque::new(),
+            current: None,
+            page_buf: vec![0; page_size],
+            push_cursor: 0,
+            push_remaining: 0,
+            sweep_pos: 0,
+            peers: HashMap::new(),
+            control: VecDeque::new(),
+            next_announce: now,
+            next_housekeeping: now + Duration::from_millis(250),
+            bucket,
+            rate,
+            seq_group: 0,
+            seq_unicast: 0,
+            events: VecDeque::new(),
+            stats: ServerStats::default(),
+            failed: false,
+            info,
+            cfg,
+        })
+    }
+
+    /// Session id.
+    pub fn session_id(&self) -> u64 {
+        self.session
+    }
+
+    /// The image's digest, size and zero map.
+    pub fn image_info(&self) -> &ImageInfo {
+        &self.info
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// Current paced rate, bytes/s.
+    pub fn rate(&self) -> u64 {
+        self.bucket.rate()
+    }
+
+    /// Number of receivers tracked.
+    pub fn client_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Receivers that reported completion and are still tracked.
+    pub fn completed_clients(&self) -> usize {
+        self.peers.values().filter(|p| p.complete).count()
+    }
+
+    /// Pages sent at least once.
+    pub fn pages_ever_sent(&self) -> u64 {
+        self.ever_sent.count_ones()
+    }
+
+    /// Announce the end of the session (sent with the next transmits).
+    pub fn close(&mut self) {
+        for _ in 0..3 {
+            self.control.push_back(Control::End);
+        }
+    }
+
+    /// Next event for the embedder.
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.events.pop_front()
+    }
+
+    fn in_endgame(&self) -> bool {
+        self.nonzero_pages > 0
+            && self.ever_sent.count_ones() as f64
+                >= self.cfg.endgame_fraction * self.nonzero_pages as f64
+    }
+
+    /// Feed one received datagram.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        let msg = match Message::parse(datagram) {
+            Ok(m) => m,
+            Err(e) => {
+                self.stats.malformed += 1;
+                tracing::debug!(%from, error = %e, "dropping malformed datagram");
+                return;
+            }
+        };
+        if msg.session != self.session && !matches!(msg.body, Body::Join(_)) {
+            self.stats.foreign += 1;
+            tracing::debug!(%from, session = msg.session, "dropping datagram for another session");
+            return;
+        }
+        match msg.body {
+            Body::Join(j) => {
+                if !self.touch_peer(now, from) {
+                    return;
+                }
+                self.control.push_back(Control::Announce(Dest::Peer(from)));
+                if j.flags & wire::Join::WANT_ZERO_MAP != 0 {
+                    let peer = self.peers.get_mut(&from);
+                    let due = peer.as_ref().is_none_or(|p| {
+                        p.last_zero_map
+                            .is_none_or(|t| now.duration_since(t) >= Duration::from_millis(100))
+                    });
+                    if due {
+                        if let Some(p) = peer {
+                            p.last_zero_map = Some(now);
+                        }
+                        for c in 0..self.zero_chunks {
+                            self.control.push_back(Control::ZeroMapChunk(from, c));
+                        }
+                    }
+                }
+            }
+            Body::Request(q) | Body::Nack(q) => {
+                let is_nack = msg.body.kind() == Kind::Nack;
+                if is_nack {
+                    self.stats.nacks += 1;
+                } else {
+                    self.stats.requests += 1;
+                }
+                if !self.touch_peer(now, from) {
+                    return;
+                }
+                self.rate.report(q.rx_rate, q.loss_permille);
+                let pages = q.ranges.total_pages().min(self.cfg.max_pages_per_request);
+                let allowed = self
+                    .peers
+                    .get_mut(&from)
+                    .is_some_and(|p| p.tokens.try_take(now, pages.max(1)));
+                if !allowed {
+                    self.stats.rate_limited += 1;
+                    tracing::debug!(%from, pages, "request over the per-source rate limit");
+                    return;
+                }
+                let retry = is_nack || q.flags & wire::Request::RETRY != 0;
+                let mut budget = self.cfg.max_pages_per_request;
+                for r in q.ranges.iter() {
+                    if budget == 0 {
+                        break;
+                    }
+                    let end = r.end().min(self.page_count);
+                    if r.end() > self.page_count {
+                        self.stats.out_of_range += 1;
+                    }
+                    let mut pfn = r.start;
+                    while pfn < end && budget > 0 {
+                        self.stats.pages_requested += 1;
+                        self.page_requested(now, from, pfn, retry, is_nack);
+                        pfn += 1;
+                        budget -= 1;
+                    }
+                }
+            }
+            Body::Heartbeat(h) => {
+                if !self.touch_peer(now, from) {
+                    return;
+                }
+                self.rate.report(h.rx_rate, h.loss_permille);
+                if h.flags & wire::Heartbeat::COMPLETE != 0 {
+                    self.mark_complete(from);
+                }
+            }
+            Body::Leave(l) => {
+                if l.reason == 0 {
+                    if self.touch_peer(now, from) {
+                        self.mark_complete(from);
+                    }
+                } else if self.peers.remove(&from).is_some() {
+                    self.events.push_back(ServerEvent::ClientLeft(from));
+                }
+            }
+            Body::Announce(_) | Body::Data(_) | Body::ZeroMap(_) | Body::End(_) => {
+                self.stats.foreign += 1;
+                tracing::debug!(%from, kind = ?msg.body.kind(), "server ignores server-side message");
+            }
+        }
+    }
+
+    fn mark_complete(&mut self, from: SocketAddr) {
+        if let Some(p) = self.peers.get_mut(&from) {
+            if !p.complete {
+                p.complete = true;
+                self.stats.clients_completed += 1;
+                self.events.push_back(ServerEvent::ClientCompleted(from));
+            }
+        }
+    }
+
+    /// Record that `from` is alive; false if it cannot be tracked (table full).
+    fn touch_peer(&mut self, now: Instant, from: SocketAddr) -> bool {
+        if let Some(p) = self.peers.get_mut(&from) {
+            p.last_seen = now;
+            return true;
+        }
+        if self.peers.len() >= self.cfg.max_clients {
+            self.stats.rate_limited += 1;
+            return false;
+        }
+        let rate = self.cfg.per_source_page_rate.max(1);
+        self.peers.insert(
+            from,
+            Peer {
+                last_seen: now,
+                last_zero_map: None,
+                complete: false,
+                tokens: TokenBucket::new(now, rate, (rate / 4).max(4096)),
+            },
+        );
+        self.events.push_back(ServerEvent::ClientJoined(from));
+        true
+    }
+
+    fn page_requested(&mut self, now: Instant, from: SocketAddr, pfn: u64, retry: bool, nack: bool) {
+        if self.info.zero_map.get(pfn) {
+            self.repair.push_back(Job {
+                pfn,
+                target: Target::Peer(from),
+                flags: Data::ZERO,
+            });
+            return;
+        }
+        if !retry {
+            // A fresh fault: aim the push just past it.
+            if self.cfg.push_neighbors {
+                let sequential = pfn >= self.push_cursor.saturating_sub(self.push_window)
+                    && pfn <= self.push_cursor + 1;
+                self.push_window = if sequential {
+                    (self.push_window * 2).min(self.cfg.push_window.1.max(1))
+                } else {
+                    self.cfg.push_window.0.max(1)
+                };
+                self.push_cursor = pfn + 1;
+                self.push_remaining = self.push_window;
+            }
+        }
+        if retry && (self.in_endgame() || self.cfg.delivery == Delivery::UnicastFanout) {
+            self.repair.push_back(Job {
+                pfn,
+                target: Target::Peer(from),
+                flags: Data::REPAIR,
+            });
+            return;
+        }
+        if self.queued_group.get(pfn) {
+            self.stats.suppressed_queued += 1;
+            return;
+        }
+        let last = self.last_group_send[pfn as usize];
+        if last != 0 {
+            let sent_at = self.base + Duration::from_nanos(last - 1);
+            if now.saturating_duration_since(sent_at) < self.cfg.lockstep_window {
+                self.stats.suppressed_lockstep += 1;
+                return;
+            }
+        }
+        self.queued_group.set(pfn);
+        let job = Job {
+            pfn,
+            target: Target::Group,
+            flags: if nack || retry {
+                Data::REPAIR
+            } else {
+                Data::DEMAND
+            },
+        };
+        if nack {
+            self.repair.push_back(job);
+        } else {
+            self.demand.push_back(job);
+        }
+    }
+
+    /// Advance timers: rate updates, receiver timeouts, source checks.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.rate.update(now) {
+            let r = self.rate.rate();
+            self.bucket.set_rate(now, r, burst_for(r));
+        }
+        if now >= self.next_housekeeping {
+            self.next_housekeeping = now + Duration::from_millis(250);
+            let timeout = self.cfg.client_timeout;
+            let gone: Vec<SocketAddr> = self
+                .peers
+                .iter()
+                .filter(|(_, p)| now.saturating_duration_since(p.last_seen) > timeout)
+                .map(|(a, _)| *a)
+                .collect();
+            for a in gone {
+                self.peers.remove(&a);
+                self.events.push_back(ServerEvent::ClientTimedOut(a));
+            }
+            if !self.failed {
+                if let Err(e) = self.source.check_unchanged() {
+                    self.fail_source(e.to_string());
+                }
+            }
+        }
+    }
+
+    fn fail_source(&mut self, msg: String) {
+        tracing::error!(error = %msg, "page source failed; no more data will be sent");
+        self.stats.source_errors += 1;
+        self.failed = true;
+        self.demand.clear();
+        self.repair.clear();
+        self.current = None;
+        self.events.push_back(ServerEvent::SourceFailed(msg));
+        self.close();
+    }
+
+    fn has_data_work(&self) -> bool {
+        !self.failed
+            && (self.current.is_some()
+                || !self.demand.is_empty()
+                || !self.repair.is_empty()
+                || (self.cfg.push_neighbors && self.push_remaining > 0)
+                || (self.cfg.sweep && self.sweep_pos < self.page_count))
+    }
+
+    /// When the server next needs [`Server::handle_timeout`] or can send again.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t = self
+            .next_announce
+            .min(self.next_housekeeping)
+            .min(self.rate.next_update());
+        if !self.control.is_empty() {
+            t = t.min(self.base);
+        }
+        if self.has_data_work() {
+            t = t.min(self.bucket.ready_at(self.data_len() as u64));
+        }
+        Some(t)
+    }
+
+    fn data_len(&self) -> usize {
+        wire::HEADER_LEN + wire::DATA_FIXED_LEN + self.frag_payload + self.cfg.trailer_reserve
+    }
+
+    fn next_seq(&mut self, group: bool) -> u64 {
+        if group {
+            self.seq_group += 1;
+            self.seq_group
+        } else {
+            self.seq_unicast += 1;
+            self.seq_unicast | wire::SEQ_UNICAST_BIT
+        }
+    }
+
+    fn announce(&self) -> Announce {
+        let sweep_done = self.sweep_pos >= self.page_count;
+        Announce {
+            image_size: self.info.image_size,
+            page_size: self.page_size as u32,
+            page_count: self.page_count,
+            digest: self.info.digest,
+            zero_count: self.info.zero_map.count_ones(),
+            zero_map_digest: self.zero_map_digest,
+            zero_map_chunks: self.zero_chunks,
+            sweep_pos: if self.cfg.sweep {
+                self.sweep_pos
+            } else {
+                Announce::SWEEP_NONE
+            },
+            rate: self.bucket.rate(),
+            flags: (if self.cfg.push_neighbors {
+                Announce::FLAG_PUSH
+            } else {
+                0
+            }) | (if self.cfg.sweep { Announce::FLAG_SWEEP } else { 0 })
+                | (if self.cfg.sweep && sweep_done {
+                    Announce::FLAG_SWEEP_DONE
+                } else {
+                    0
+                }),
+            frag_payload: self.frag_payload as u16,
+        }
+    }
+
+    fn emit_control(&mut self, c: Control, buf: &mut [u8]) -> Option<Transmit> {
+        let (dest, body_owned);
+        match c {
+            Control::Announce(d) => {
+                dest = d;
+                body_owned = Body::Announce(self.announce());
+            }
+            Control::End => {
+                dest = Dest::Group;
+                body_owned = Body::End(wire::End {
+                    reason: u8::from(self.failed),
+                });
+            }
+            Control::ZeroMapChunk(peer, chunk) => {
+                let start = chunk as usize * self.zero_chunk_bytes;
+                let end = (start + self.zero_chunk_bytes).min(self.zero_bytes.len());
+                let seq = self.next_seq(false);
+                let m = Message {
+                    session: self.session,
+                    seq,
+                    flags: HeaderFlags(0),
+                    body: Body::ZeroMap(wire::ZeroMap {
+                        chunk,
+                        chunk_count: self.zero_chunks,
+                        start_page: start as u64 * 8,
+                        bits: self.zero_bytes.get(start..end).unwrap_or(&[]),
+                    }),
+                };
+                let len = m.emit(buf).ok()?;
+                self.count_sent(len, 0);
+                return Some(Transmit {
+                    dest: Dest::Peer(peer),
+                    len,
+                });
+            }
+        }
+        let seq = self.next_seq(dest == Dest::Group);
+        let m = Message {
+            session: self.session,
+            seq,
+            flags: HeaderFlags(0),
+            body: body_owned,
+        };
+        let len = m.emit(buf).ok()?;
+        self.count_sent(len, 0);
+        Some(Transmit { dest, len })
+    }
+
+    fn count_sent(&mut self, len: usize, payload: usize) {
+        self.stats.datagrams_sent += 1;
+        self.stats.bytes_sent += len as u64;
+        self.stats.payload_bytes_sent += payload as u64;
+    }
+
+    fn next_job(&mut self) -> Option<Job> {
+        if let Some(j) = self.demand.pop_front() {
+            return Some(j);
+        }
+        if let Some(j) = self.repair.pop_front() {
+            return Some(j);
+        }
+        if self.cfg.push_neighbors {
+            while self.push_remaining > 0 && self.push_cursor < self.page_count {
+                let pfn = self.push_cursor;
+                self.push_cursor += 1;
+                self.push_remaining -= 1;
+                if self.info.zero_map.get(pfn)
+                    || self.ever_sent.get(pfn)
+                    || self.queued_group.get(pfn)
+                {
+                    continue;
+                }
+                self.queued_group.set(pfn);
+                return Some(Job {
+                    pfn,
+                    target: Target::Group,
+                    flags: Data::PUSH,
+                });
+            }
+            self.push_remaining = 0;
+        }
+        if self.cfg.sweep {
+            while self.sweep_pos < self.page_count {
+                let pfn = self.sweep_pos;
+                self.sweep_pos += 1;
+                if self.info.zero_map.get(pfn)
+                    || self.ever_sent.get(pfn)
+                    || self.queued_group.get(pfn)
+                {
+                    continue;
+                }
+                self.queued_group.set(pfn);
+                return Some(Job {
+                    pfn,
+                    target: Target::Group,
+                    flags: Data::SWEEP,
+                });
+            }
+        }
+        None
+    }
+
+    /// Write the next datagram to send into `buf` (at least `max_datagram` bytes).
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        if now >= self.next_announce {
+            self.next_announce = now + self.cfg.announce_interval;
+            match self.cfg.delivery {
+                Delivery::Multicast => self.control.push_back(Control::Announce(Dest::Group)),
+                Delivery::UnicastFanout => {
+                    let peers: Vec<SocketAddr> = self.peers.keys().copied().collect();
+                    for p in peers {
+                        self.control.push_back(Control::Announce(Dest::Peer(p)));
+                    }
+                }
+            }
+        }
+        while let Some(c) = self.control.pop_front() {
+            if let Some(t) = self.emit_control(c, buf) {
+                return Some(t);
+            }
+        }
+        if self.failed {
+            return None;
+        }
+        loop {
+            if self.current.is_none() {
+                let job = self.next_job()?;
+                if let Err(e) = self.load(job) {
+                    self.fail_source(e.to_string());
+                    return None;
+                }
+            }
+            let frag_len = self.data_len();
+            let zero = self
+                .current
+                .as_ref()
+                .is_some_and(|c| c.job.flags & Data::ZERO != 0);
+            let need = if zero { 64 } else { frag_len as u64 };
+            if !self.bucket.try_take(now, need) {
+                return None;
+            }
+            if let Some(t) = self.emit_fragment(now, buf) {
+                return Some(t);
+            }
+        }
+    }
+
+    fn load(&mut self, job: Job) -> io::Result<()> {
+        if job.flags & Data::ZERO == 0 {
+            self.source.read_page(job.pfn, &mut self.page_buf)?;
+        }
+        let fanout = match (job.target, self.cfg.delivery) {
+            (Target::Group, Delivery::UnicastFanout) => {
+                let mut v: Vec<SocketAddr> = self.peers.keys().copied().collect();
+                v.sort();
+                v
+            }
+            _ => Vec::new(),
+        };
+        self.current = Some(Current {
+            job,
+            fanout,
+            next_frag: 0,
+        });
+        Ok(())
+    }
+
+    fn emit_fragment(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        let cur = self.current.as_mut()?;
+        let job = cur.job;
+        let dest = match (job.target, cur.fanout.last()) {
+            (Target::Peer(p), _) => Dest::Peer(p),
+            (Target::Group, Some(p)) => Dest::Peer(*p),
+            (Target::Group, None) if self.cfg.delivery == Delivery::UnicastFanout => {
+                // Nobody to fan out to: the page counts as not sent.
+                self.queued_group.clear(job.pfn);
+                self.current = None;
+                return None;
+            }
+            (Target::Group, None) => Dest::Group,
+        };
+        let zero = job.flags & Data::ZERO != 0;
+        let (frag_count, idx) = if zero {
+            (1u16, 0u16)
+        } else {
+            (self.frag_count, cur.next_frag)
+        };
+        let start = usize::from(idx) * self.frag_payload;
+        let end = if zero {
+            start
+        } else {
+            (start + self.frag_payload).min(self.page_size)
+        };
+        let group = dest == Dest::Group;
+        let seq = self.next_seq(group);
+        let header = Header {
+            kind: Kind::Data,
+            flags: HeaderFlags(0),
+            session: self.session,
+            seq,
+        };
+        let off = wire::emit_data_header(
+            buf,
+            &header,
+            job.pfn,
+            idx,
+            frag_count,
+            job.flags,
+            end - start,
+        )
+        .ok()?;
+        buf[off..off + (end - start)].copy_from_slice(&self.page_buf[start..end]);
+        let len = off + (end - start);
+        self.count_sent(len, end - start);
+        // Advance.
+        let cur = self.current.as_mut()?;
+        cur.next_frag = idx + 1;
+        if cur.next_frag >= frag_count {
+            cur.next_frag = 0;
+            let page_done_for_all = if cur.fanout.is_empty() {
+                true
+            } else {
+                cur.fanout.pop();
+                cur.fanout.is_empty()
+            };
+            self.page_sent(now, job, dest);
+            if page_done_for_all {
+                self.current = None;
+                if job.target == Target::Group {
+                    self.queued_group.clear(job.pfn);
+                }
+            }
+        }
+        Some(Transmit { dest, len })
+    }
+
+    fn page_sent(&mut self, now: Instant, job: Job, dest: Dest) {
+        if job.flags & Data::ZERO != 0 {
+            self.stats.zero_replies += 1;
+            return;
+        }
+        self.stats.pages_sent += 1;
+        match job.flags {
+            f if f & Data::DEMAND != 0 => self.stats.demand_pages += 1,
+            f if f & Data::PUSH != 0 => self.stats.push_pages += 1,
+            f if f & Data::SWEEP != 0 => self.stats.sweep_pages += 1,
+            _ => self.stats.repair_pages += 1,
+        }
+        if let Dest::Peer(_) = dest {
+            self.stats.unicast_pages += 1;
+        }
+        if job.target == Target::Group {
+            let nanos = now.saturating_duration_since(self.base).as_nanos() as u64;
+            self.last_group_send[job.pfn as usize] = nanos + 1;
+        }
+        self.ever_sent.set(job.pfn);
+    }
+}
+
+fn burst_for(rate: u64) -> u64 {
+    // About 2 ms of traffic, at least 64 KiB.
+    (rate / 500).max(64 * 1024)
+}

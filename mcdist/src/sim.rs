@@ -1,0 +1,1 @@
+//! Deterministic, virtual-time network simulation (placeholder; filled below).

@@ -1,0 +1,83 @@
+//! The small I/O trait the drivers use, and its implementations.
+//!
+//! - [`udp::UdpTransport`]: real UDP multicast (socket2 + mio): interface
+//!   selection, TTL, loop, large socket buffers; also unicast-only mode for the
+//!   server's unicast fan-out delivery.
+//! - [`mem::MemNetwork`]: an in-memory network of endpoints (real time, threads).
+//! - [`fault::FaultInjector`]: wraps any transport with seeded loss,
+//!   duplication and reordering on send and receive.
+//!
+//! The deterministic virtual-time network used by tests lives in [`crate::sim`];
+//! it drives the state machines directly.
+
+pub mod fault;
+pub mod mem;
+pub mod udp;
+
+use crate::Dest;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What a transport can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Largest datagram payload it sends without IP fragmentation.
+    pub max_datagram: usize,
+    /// How many datagrams it can send or receive in one system call.
+    pub batch: usize,
+}
+
+/// One received datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// Bytes written to the buffer.
+    pub len: usize,
+    /// Sender.
+    pub from: SocketAddr,
+}
+
+/// Interrupts a blocked [`Transport::recv`] from another thread.
+pub trait Wake: Send + Sync {
+    /// Wake the receiver; harmless when it is not waiting.
+    fn wake(&self);
+}
+
+/// Sends and receives datagrams.
+pub trait Transport: Send + 'static {
+    /// Send one datagram to `dest` (the group, or one peer).
+    fn send(&mut self, dest: Dest, data: &[u8]) -> io::Result<()>;
+    /// Receive one datagram, waiting at most `timeout` (`None`: until one
+    /// arrives or the transport is woken). `Ok(None)` on timeout or wake.
+    fn recv(&mut self, buf: &mut [u8], timeout: Option<Duration>)
+        -> io::Result<Option<Received>>;
+    /// A handle that interrupts `recv`.
+    fn waker(&self) -> Arc<dyn Wake>;
+    /// Limits of this transport.
+    fn capabilities(&self) -> Capabilities;
+    /// The address peers reply to.
+    fn local_addr(&self) -> io::Result<SocketAddr>;
+}
+
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn send(&mut self, dest: Dest, data: &[u8]) -> io::Result<()> {
+        (**self).send(dest, data)
+    }
+    fn recv(
+        &mut self,
+        buf: &mut [u8],
+        timeout: Option<Duration>,
+    ) -> io::Result<Option<Received>> {
+        (**self).recv(buf, timeout)
+    }
+    fn waker(&self) -> Arc<dyn Wake> {
+        (**self).waker()
+    }
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
+    }
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        (**self).local_addr()
+    }
+}

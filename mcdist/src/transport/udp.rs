@@ -1,0 +1,358 @@
+//! Real UDP transport: IPv4 multicast with socket2, polled with mio.
+//!
+//! The server has one socket bound to its request address; it sends group
+//! traffic from it with `IP_MULTICAST_TTL` (1 by default), `IP_MULTICAST_LOOP`
+//! and the egress interface pinned with `SO_BINDTODEVICE`. A client has two
+//! sockets: one bound to the group address and port (joined on the named
+//! interface by index) for multicast, and one ephemeral unicast socket for its
+//! requests and the server's unicast replies.
+
+use super::{Capabilities, Received, Transport, Wake};
+use crate::Dest;
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token, Waker};
+use socket2::{Domain, InterfaceIndexOrAddress, Protocol, SockAddr, Socket, Type};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+
+/// UDP transport settings.
+#[derive(Debug, Clone)]
+pub struct UdpConfig {
+    /// Multicast group and port (239.255.0.0/16 for site-local use).
+    pub group: SocketAddrV4,
+    /// Interface to send and receive the group on (e.g. `eth0`, `lo`).
+    pub iface: Option<String>,
+    /// Server: the address to bind for requests. Defaults to `0.0.0.0:<group port + 1>`.
+    pub listen: Option<SocketAddr>,
+    /// Client: the server's request address (informational for the transport).
+    pub server: Option<SocketAddr>,
+    /// Multicast TTL.
+    pub ttl: u32,
+    /// Deliver our own multicast to local sockets (needed when receivers share the host).
+    pub multicast_loop: bool,
+    /// Socket receive and send buffer size request, bytes.
+    pub buffer_bytes: usize,
+    /// Join the group (false: unicast only, for unicast fan-out delivery).
+    pub multicast: bool,
+    /// Cap on the datagram size (the interface MTU minus IP/UDP headers is used when smaller).
+    pub max_datagram: usize,
+}
+
+impl UdpConfig {
+    /// Defaults for `group`: TTL 1, loop on, 8 MiB buffers, multicast on.
+    pub fn new(group: SocketAddrV4) -> UdpConfig {
+        UdpConfig {
+            group,
+            iface: None,
+            listen: None,
+            server: None,
+            ttl: 1,
+            multicast_loop: true,
+            buffer_bytes: 8 << 20,
+            multicast: true,
+            max_datagram: 9000 - 28,
+        }
+    }
+}
+
+/// Setting up a UDP transport failed.
+#[derive(Debug, Error)]
+pub enum UdpSetupError {
+    /// The named interface does not exist.
+    #[error("network interface {0:?} does not exist")]
+    NoSuchInterface(String),
+    /// The group address is not IPv4 multicast.
+    #[error("{0} is not an IPv4 multicast group address")]
+    NotMulticast(Ipv4Addr),
+    /// Binding failed (address in use, not local, permission...).
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// Another socket call failed.
+    #[error("{what}: {source}")]
+    Socket {
+        /// Which step.
+        what: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+fn sock_err(what: &'static str) -> impl FnOnce(io::Error) -> UdpSetupError {
+    move |source| UdpSetupError::Socket { what, source }
+}
+
+/// Index and MTU of a network interface, read from sysfs.
+pub fn interface_info(name: &str) -> Result<(u32, usize), UdpSetupError> {
+    if name.is_empty() || name.contains('/') || name.contains("..") {
+        return Err(UdpSetupError::NoSuchInterface(name.to_string()));
+    }
+    let base = std::path::Path::new("/sys/class/net").join(name);
+    let read = |f: &str| -> Option<String> {
+        std::fs::read_to_string(base.join(f))
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    let index = read("ifindex")
+        .and_then(|s| s.parse::<u32>().ok())
+        .ok_or_else(|| UdpSetupError::NoSuchInterface(name.to_string()))?;
+    let mtu = read("mtu")
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or(1500);
+    Ok((index, mtu))
+}
+
+const MCAST: Token = Token(0);
+const UCAST: Token = Token(1);
+const WAKE: Token = Token(2);
+
+struct MioWaker(Waker);
+
+impl Wake for MioWaker {
+    fn wake(&self) {
+        if let Err(e) = self.0.wake() {
+            tracing::debug!(error = %e, "waking the transport failed");
+        }
+    }
+}
+
+/// A UDP multicast transport.
+pub struct UdpTransport {
+    poll: Poll,
+    events: Events,
+    waker: Arc<MioWaker>,
+    mcast: Option<UdpSocket>,
+    ucast: UdpSocket,
+    group: SocketAddr,
+    caps: Capabilities,
+    turn: bool,
+}
+
+impl std::fmt::Debug for UdpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpTransport")
+            .field("group", &self.group)
+            .field("local", &self.ucast.local_addr().ok())
+            .finish()
+    }
+}
+
+fn new_socket(cfg: &UdpConfig) -> Result<Socket, UdpSetupError> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
+        .map_err(sock_err("creating a UDP socket"))?;
+    s.set_nonblocking(true)
+        .map_err(sock_err("setting non-blocking mode"))?;
+    s.set_cloexec(true).map_err(sock_err("setting close-on-exec"))?;
+    // Buffer sizes are requests; the kernel may cap them.
+    let _ = s.set_recv_buffer_size(cfg.buffer_bytes);
+    let _ = s.set_send_buffer_size(cfg.buffer_bytes);
+    if let Some(name) = &cfg.iface {
+        s.bind_device(Some(name.as_bytes()))
+            .map_err(|e| match e.raw_os_error() {
+                Some(19) => UdpSetupError::NoSuchInterface(name.clone()),
+                _ => UdpSetupError::Socket {
+                    what: "binding to the interface (SO_BINDTODEVICE)",
+                    source: e,
+                },
+            })?;
+    }
+    Ok(s)
+}
+
+fn caps_for(cfg: &UdpConfig) -> Result<(Option<u32>, Capabilities), UdpSetupError> {
+    let (index, mtu) = match &cfg.iface {
+        Some(n) => {
+            let (i, m) = interface_info(n)?;
+            (Some(i), m)
+        }
+        None => (None, 1500),
+    };
+    let max_datagram = mtu.saturating_sub(28).clamp(576, 65_507).min(cfg.max_datagram);
+    Ok((
+        index,
+        Capabilities {
+            max_datagram,
+            batch: 1,
+        },
+    ))
+}
+
+impl UdpTransport {
+    fn finish(
+        mcast: Option<Socket>,
+        ucast: Socket,
+        group: SocketAddr,
+        caps: Capabilities,
+    ) -> Result<UdpTransport, UdpSetupError> {
+        let poll = Poll::new().map_err(sock_err("creating the poller"))?;
+        let waker = Waker::new(poll.registry(), WAKE).map_err(sock_err("creating the waker"))?;
+        let mut ucast = UdpSocket::from_std(ucast.into());
+        poll.registry()
+            .register(&mut ucast, UCAST, Interest::READABLE)
+            .map_err(sock_err("registering the unicast socket"))?;
+        let mcast = match mcast {
+            Some(m) => {
+                let mut m = UdpSocket::from_std(m.into());
+                poll.registry()
+                    .register(&mut m, MCAST, Interest::READABLE)
+                    .map_err(sock_err("registering the multicast socket"))?;
+                Some(m)
+            }
+            None => None,
+        };
+        Ok(UdpTransport {
+            poll,
+            events: Events::with_capacity(8),
+            waker: Arc::new(MioWaker(waker)),
+            mcast,
+            ucast,
+            group,
+            caps,
+            turn: false,
+        })
+    }
+
+    /// A server transport: bound to `cfg.listen` (default `0.0.0.0:<group port + 1>`),
+    /// sending the group on `cfg.iface`.
+    pub fn server(cfg: &UdpConfig) -> Result<UdpTransport, UdpSetupError> {
+        if !cfg.group.ip().is_multicast() {
+            return Err(UdpSetupError::NotMulticast(*cfg.group.ip()));
+        }
+        let (_, caps) = caps_for(cfg)?;
+        let s = new_socket(cfg)?;
+        s.set_multicast_ttl_v4(cfg.ttl)
+            .map_err(sock_err("setting the multicast TTL"))?;
+        s.set_multicast_loop_v4(cfg.multicast_loop)
+            .map_err(sock_err("setting multicast loop"))?;
+        let listen = cfg.listen.unwrap_or_else(|| {
+            SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::UNSPECIFIED,
+                cfg.group.port().wrapping_add(1),
+            ))
+        });
+        s.bind(&SockAddr::from(listen))
+            .map_err(|source| UdpSetupError::Bind {
+                addr: listen,
+                source,
+            })?;
+        UdpTransport::finish(None, s, SocketAddr::V4(cfg.group), caps)
+    }
+
+    /// A client transport: joins `cfg.group` on `cfg.iface` (unless
+    /// `cfg.multicast` is false) and opens an ephemeral unicast socket.
+    pub fn client(cfg: &UdpConfig) -> Result<UdpTransport, UdpSetupError> {
+        if !cfg.group.ip().is_multicast() {
+            return Err(UdpSetupError::NotMulticast(*cfg.group.ip()));
+        }
+        let (index, caps) = caps_for(cfg)?;
+        let mcast = if cfg.multicast {
+            let m = new_socket(cfg)?;
+            m.set_reuse_address(true)
+                .map_err(sock_err("setting SO_REUSEADDR"))?;
+            let bind = SocketAddr::V4(cfg.group);
+            m.bind(&SockAddr::from(bind))
+                .map_err(|source| UdpSetupError::Bind { addr: bind, source })?;
+            let iface = match index {
+                Some(i) => InterfaceIndexOrAddress::Index(i),
+                None => InterfaceIndexOrAddress::Address(Ipv4Addr::UNSPECIFIED),
+            };
+            m.join_multicast_v4_n(cfg.group.ip(), &iface)
+                .map_err(sock_err("joining the multicast group"))?;
+            let _ = m.set_multicast_all_v4(false);
+            Some(m)
+        } else {
+            None
+        };
+        let u = new_socket(cfg)?;
+        let bind = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+        u.bind(&SockAddr::from(bind))
+            .map_err(|source| UdpSetupError::Bind { addr: bind, source })?;
+        UdpTransport::finish(mcast, u, SocketAddr::V4(cfg.group), caps)
+    }
+
+    fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>> {
+        // Alternate which socket goes first so neither starves.
+        self.turn = !self.turn;
+        for pass in 0..2 {
+            let use_mcast = (pass == 0) == self.turn;
+            let sock = if use_mcast {
+                match &self.mcast {
+                    Some(m) => m,
+                    None => continue,
+                }
+            } else {
+                &self.ucast
+            };
+            match sock.recv_from(buf) {
+                Ok((len, from)) => return Ok(Some(Received { len, from })),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // ICMP errors from earlier sends surface here; they are not fatal.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl Transport for UdpTransport {
+    fn send(&mut self, dest: Dest, data: &[u8]) -> io::Result<()> {
+        let to = match dest {
+            Dest::Group => self.group,
+            Dest::Peer(p) => p,
+        };
+        let mut spins = 0u32;
+        loop {
+            match self.ucast.send_to(data, to) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && spins < 20_000 => {
+                    spins += 1;
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A peer's port closed: the datagram is lost, like any other loss.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn recv(
+        &mut self,
+        buf: &mut [u8],
+        timeout: Option<Duration>,
+    ) -> io::Result<Option<Received>> {
+        if let Some(r) = self.try_recv(buf)? {
+            return Ok(Some(r));
+        }
+        if timeout == Some(Duration::ZERO) {
+            return Ok(None);
+        }
+        match self.poll.poll(&mut self.events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        self.try_recv(buf)
+    }
+
+    fn waker(&self) -> Arc<dyn Wake> {
+        self.waker.clone()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.ucast.local_addr()
+    }
+}
