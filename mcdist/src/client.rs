@@ -67,7 +67,7 @@ impl ClientConfig {
     pub fn new(server: SocketAddr) -> ClientConfig {
         ClientConfig {
             server,
-            max_datagram: 1472,
+            max_datagram: 65_507,
             trailer_reserve: 0,
             initial_rto: Duration::from_millis(50),
             min_rto: Duration::from_millis(10),

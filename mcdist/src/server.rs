@@ -50,6 +50,8 @@ pub struct ServerConfig {
     pub push_window: (u64, u64),
     /// Sweep the whole image in order after demand and push (whole-image distribution).
     pub sweep: bool,
+    /// The sweep starts only once this many receivers have joined.
+    pub sweep_min_clients: usize,
     /// Multicast or unicast fan-out.
     pub delivery: Delivery,
     /// Pacing.
@@ -74,12 +76,13 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             session_id: None,
-            max_datagram: 1472,
+            max_datagram: 65_507,
             trailer_reserve: 0,
             lockstep_window: Duration::from_millis(5),
             push_neighbors: true,
             push_window: (16, 1024),
             sweep: false,
+            sweep_min_clients: 0,
             delivery: Delivery::Multicast,
             rate: RateConfig::default(),
             endgame_fraction: 0.95,
@@ -645,13 +648,17 @@ impl Server {
         self.close();
     }
 
+    fn sweeping(&self) -> bool {
+        self.cfg.sweep && self.peers.len() >= self.cfg.sweep_min_clients
+    }
+
     fn has_data_work(&self) -> bool {
         !self.failed
             && (self.current.is_some()
                 || !self.demand.is_empty()
                 || !self.repair.is_empty()
                 || (self.cfg.push_neighbors && self.push_remaining > 0)
-                || (self.cfg.sweep && self.sweep_pos < self.page_count))
+                || (self.sweeping() && self.sweep_pos < self.page_count))
     }
 
     /// When the server next needs [`Server::handle_timeout`] or can send again.
@@ -794,7 +801,7 @@ impl Server {
             }
             self.push_remaining = 0;
         }
-        if self.cfg.sweep {
+        if self.sweeping() {
             while self.sweep_pos < self.page_count {
                 let pfn = self.sweep_pos;
                 self.sweep_pos += 1;

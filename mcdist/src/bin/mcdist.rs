@@ -1,1 +1,417 @@
-fn main() {}
+//! `mcdist`: serve a memory image to many receivers by IP multicast, or fetch one.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use mcdist::client::ClientConfig;
+use mcdist::node::{ClientNode, NodeError, PageSink, ServerNode};
+use mcdist::server::{Delivery, ServerConfig, ServerEvent};
+use mcdist::source::{scan_with_progress, FileSource, PageSource};
+use mcdist::transport::udp::{UdpConfig, UdpTransport};
+use std::fs::File;
+use std::io::{self, Read};
+use std::net::{SocketAddr, SocketAddrV4};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Multicast memory-image distribution (SnowFlock's mcdist protocol).
+///
+/// A server sends each page of an image once to a multicast group; receivers
+/// ask for what they miss by unicast. Multicast groups should come from
+/// 239.255.0.0/16 (site-local); the TTL is 1 so traffic stays on the link.
+#[derive(Parser, Debug)]
+#[command(name = "mcdist", version, about, long_about = None)]
+struct Cli {
+    /// Log verbosity (error, warn, info, debug, trace); RUST_LOG overrides.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serve a file image to a multicast group.
+    Serve {
+        /// The image file to serve.
+        #[arg(long)]
+        image: PathBuf,
+        /// Multicast group and port, e.g. 239.255.10.1:7000.
+        #[arg(long)]
+        group: SocketAddrV4,
+        /// Network interface to send the group on, e.g. eth0 or lo.
+        #[arg(long)]
+        iface: String,
+        /// Address to receive requests on, e.g. 10.0.0.1:7001 or 0.0.0.0:7001.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Number of receivers expected; the whole-image sweep waits until they joined.
+        #[arg(long)]
+        clients: Option<usize>,
+        /// Exit 0 once --clients receivers reported a verified image.
+        #[arg(long, requires = "clients")]
+        exit_when_done: bool,
+        /// Highest send rate in Mbit/s (the rate follows receivers below it).
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Push pages ahead of requests (neighbours of faults and a whole-image sweep).
+        #[arg(long, value_enum, default_value_t = OnOff::On)]
+        push: OnOff,
+        /// Page size in bytes (a power of two).
+        #[arg(long, default_value_t = 4096)]
+        page_size: usize,
+        /// Send to each receiver by unicast instead of multicast (baseline / no-multicast networks).
+        #[arg(long)]
+        unicast: bool,
+        /// Give up after this many seconds (0: never).
+        #[arg(long, default_value_t = 0)]
+        timeout: u64,
+    },
+    /// Fetch a whole image from a server and verify it.
+    Fetch {
+        /// Multicast group and port the server sends on.
+        #[arg(long)]
+        group: SocketAddrV4,
+        /// Network interface to receive the group on.
+        #[arg(long)]
+        iface: String,
+        /// The server's request address (its --listen).
+        #[arg(long)]
+        server: SocketAddr,
+        /// Where to write the image.
+        #[arg(long)]
+        out: PathBuf,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Receive by unicast only (the server runs with --unicast).
+        #[arg(long)]
+        unicast: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .init();
+    let res = match cli.cmd {
+        Cmd::Serve {
+            image,
+            group,
+            iface,
+            listen,
+            clients,
+            exit_when_done,
+            rate,
+            push,
+            page_size,
+            unicast,
+            timeout,
+        } => serve(ServeArgs {
+            image,
+            group,
+            iface,
+            listen,
+            clients,
+            exit_when_done,
+            rate,
+            push: push == OnOff::On,
+            page_size,
+            unicast,
+            timeout,
+        }),
+        Cmd::Fetch {
+            group,
+            iface,
+            server,
+            out,
+            timeout,
+            unicast,
+        } => fetch(group, iface, server, &out, timeout, unicast),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("mcdist: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct ServeArgs {
+    image: PathBuf,
+    group: SocketAddrV4,
+    iface: String,
+    listen: SocketAddr,
+    clients: Option<usize>,
+    exit_when_done: bool,
+    rate: u64,
+    push: bool,
+    page_size: usize,
+    unicast: bool,
+    timeout: u64,
+}
+
+fn bar(len: u64, msg: &str) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}
+
+fn serve(a: ServeArgs) -> Result<(), String> {
+    if !a.page_size.is_power_of_two() || !(512..=(1 << 21)).contains(&a.page_size) {
+        return Err(format!(
+            "--page-size {} must be a power of two between 512 and 2097152",
+            a.page_size
+        ));
+    }
+    if a.rate == 0 {
+        return Err("--rate must be at least 1 Mbit/s".into());
+    }
+    let source = FileSource::open(&a.image, a.page_size)
+        .map_err(|e| format!("cannot open image {}: {e}", a.image.display()))?;
+    if source.image_size() == 0 {
+        return Err(format!("image {} is empty", a.image.display()));
+    }
+    let mut ucfg = UdpConfig::new(a.group);
+    ucfg.iface = Some(a.iface.clone());
+    ucfg.listen = Some(a.listen);
+    let transport = UdpTransport::server(&ucfg).map_err(|e| e.to_string())?;
+    let pb = bar(source.image_size(), "scanning");
+    let ps = source.page_size() as u64;
+    let info = scan_with_progress(&source, &mut |pages| pb.set_position(pages * ps))
+        .map_err(|e| format!("reading image {}: {e}", a.image.display()))?;
+    pb.finish_and_clear();
+    let mut cfg = ServerConfig::default();
+    cfg.push_neighbors = a.push;
+    cfg.sweep = a.push;
+    cfg.sweep_min_clients = a.clients.unwrap_or(0);
+    cfg.delivery = if a.unicast {
+        Delivery::UnicastFanout
+    } else {
+        Delivery::Multicast
+    };
+    cfg.rate.cap = a.rate.saturating_mul(125_000);
+    cfg.rate.initial = cfg.rate.initial.min(cfg.rate.cap);
+    cfg.rate.floor = cfg.rate.floor.min(cfg.rate.cap);
+    cfg.session_id = Some(rand::random::<u64>() | 1);
+    let image_size = info.image_size;
+    let zero = info.zero_map.count_ones();
+    let pages = info.zero_map.len();
+    let digest = mcdist::hex(&info.digest);
+    let node = ServerNode::start_with_info(cfg, transport, Arc::new(source), info)
+        .map_err(|e| e.to_string())?;
+    println!(
+        "serving {} ({} bytes, {} pages, {} zero) session {:016x} digest {} on {} via {}, requests at {}",
+        a.image.display(),
+        image_size,
+        pages,
+        zero,
+        node.session_id(),
+        &digest[..16],
+        a.group,
+        a.iface,
+        a.listen
+    );
+    let start = Instant::now();
+    let mut done = 0usize;
+    loop {
+        if a.timeout > 0 && start.elapsed() > Duration::from_secs(a.timeout) {
+            let _ = node.shutdown();
+            return Err(format!(
+                "timed out after {} s with {done} receiver(s) complete",
+                a.timeout
+            ));
+        }
+        if !node.is_running() {
+            return node
+                .shutdown()
+                .map(|_| ())
+                .map_err(|e| format!("server stopped: {e}"));
+        }
+        match node.events().recv_timeout(Duration::from_millis(200)) {
+            Ok(ServerEvent::ClientCompleted(addr)) => {
+                done += 1;
+                match a.clients {
+                    Some(n) => println!("receiver {addr} complete ({done}/{n})"),
+                    None => println!("receiver {addr} complete ({done})"),
+                }
+            }
+            Ok(ServerEvent::ClientJoined(addr)) => tracing::info!(%addr, "receiver joined"),
+            Ok(ServerEvent::ClientLeft(addr)) => println!("receiver {addr} left without the image"),
+            Ok(ServerEvent::ClientTimedOut(addr)) => println!("receiver {addr} timed out"),
+            Ok(ServerEvent::SourceFailed(msg)) => {
+                let _ = node.shutdown();
+                return Err(format!("image failed while serving: {msg}"));
+            }
+            Err(_) => {}
+        }
+        if a.exit_when_done && a.clients.is_some_and(|n| done >= n) {
+            let snap = node.shutdown().map_err(|e| e.to_string())?;
+            let s = &snap.stats;
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "done: {} receivers in {:.2} s; sent {} bytes in {} datagrams = {:.3}x image ({} pages: {} demand, {} push, {} sweep, {} repair, {} unicast); requests {} nacks {} suppressed {} (lockstep {})",
+                done,
+                secs,
+                s.bytes_sent,
+                s.datagrams_sent,
+                s.bytes_sent as f64 / image_size as f64,
+                s.pages_sent,
+                s.demand_pages,
+                s.push_pages,
+                s.sweep_pages,
+                s.repair_pages,
+                s.unicast_pages,
+                s.requests,
+                s.nacks,
+                s.suppressed_lockstep + s.suppressed_queued,
+                s.suppressed_lockstep
+            );
+            return Ok(());
+        }
+    }
+}
+
+struct FileSink {
+    file: File,
+}
+
+impl PageSink for FileSink {
+    fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), String> {
+        // Pages are page_size long; the tail past the image is cut off at the end.
+        self.file
+            .write_all_at(data, pfn * data.len() as u64)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn verify(path: &Path, expect: &[u8; 32]) -> io::Result<bool> {
+    let mut f = File::open(path)?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().as_bytes() == expect)
+}
+
+fn fetch(
+    group: SocketAddrV4,
+    iface: String,
+    server: SocketAddr,
+    out: &Path,
+    timeout: u64,
+    unicast: bool,
+) -> Result<(), String> {
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            return Err(format!("output directory {} does not exist", parent.display()));
+        }
+    }
+    let mut ucfg = UdpConfig::new(group);
+    ucfg.iface = Some(iface);
+    ucfg.server = Some(server);
+    ucfg.multicast = !unicast;
+    let transport = UdpTransport::client(&ucfg).map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let deadline = Duration::from_secs(timeout.max(1));
+    let mut ccfg = ClientConfig::new(server);
+    ccfg.seed = rand::random();
+    let file = File::create(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    let cleanup = |msg: String| -> String {
+        let _ = std::fs::remove_file(out);
+        format!("{msg} (removed partial {})", out.display())
+    };
+    let sink = Arc::new(FileSink { file });
+    let node = ClientNode::start(ccfg, transport, sink.clone()).map_err(|e| cleanup(e.to_string()))?;
+    let session = node
+        .wait_session(deadline.min(Duration::from_secs(30)))
+        .map_err(|e| match e {
+            NodeError::Timeout(..) => {
+                cleanup(format!("no announce from server {server} on group {group}: {e}"))
+            }
+            other => cleanup(other.to_string()),
+        })?;
+    sink.file
+        .set_len(session.image_size)
+        .map_err(|e| cleanup(format!("cannot size {}: {e}", out.display())))?;
+    node.fetch_all();
+    let pb = bar(session.image_size, "fetching");
+    let total_pages = session.page_count.max(1);
+    loop {
+        match node.wait_complete(Duration::from_millis(100)) {
+            Ok(()) => break,
+            Err(NodeError::Timeout(..)) => {
+                let have = node.pages_present();
+                pb.set_position(
+                    (have.saturating_mul(session.image_size) / total_pages).min(session.image_size),
+                );
+                if start.elapsed() > deadline {
+                    pb.abandon();
+                    node.leave(false);
+                    return Err(cleanup(format!(
+                        "timed out after {timeout} s with {have}/{} pages",
+                        session.page_count
+                    )));
+                }
+            }
+            Err(e) => {
+                pb.abandon();
+                return Err(cleanup(e.to_string()));
+            }
+        }
+    }
+    pb.finish_and_clear();
+    sink.file
+        .set_len(session.image_size)
+        .and_then(|_| sink.file.sync_data())
+        .map_err(|e| cleanup(format!("flushing {}: {e}", out.display())))?;
+    let ok = verify(out, &session.digest)
+        .map_err(|e| cleanup(format!("re-reading {}: {e}", out.display())))?;
+    node.leave(ok);
+    let secs = start.elapsed().as_secs_f64();
+    let stats = node.shutdown();
+    if !ok {
+        return Err(cleanup(format!(
+            "{} does not match the image digest {}",
+            out.display(),
+            mcdist::hex(&session.digest)
+        )));
+    }
+    println!(
+        "fetched {} bytes in {:.2} s ({:.1} MB/s): {} pages received ({} zero local), {} duplicates, {} retries, {} nacks ({} pages), digest ok -> {}",
+        session.image_size,
+        secs,
+        session.image_size as f64 / secs / 1e6,
+        stats.pages_received,
+        session.zero_count,
+        stats.duplicates,
+        stats.retries,
+        stats.nacks_sent,
+        stats.nack_pages,
+        out.display()
+    );
+    Ok(())
+}
