@@ -42,6 +42,7 @@ pub mod reassembly;
 pub mod server;
 pub mod sim;
 pub mod source;
+pub mod testnet;
 pub mod transport;
 pub mod wire;
 

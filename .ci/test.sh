@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole mcdist test suite. Installs what it needs (as root), then runs
+# formatting, lints and every test, including the ones that need network
+# namespaces, /dev/kvm and userfaultfd.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+if [ -z "${MCDIST_SKIP_APT:-}" ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    # shellcheck disable=SC2046
+    $SUDO apt-get install -y -qq --no-install-recommends $(grep -v '^#' .ci/packages.txt) >/dev/null
+fi
+
+echo "== fmt"
+cargo fmt --all -- --check
+echo "== clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== tests"
+if command -v cargo-nextest >/dev/null; then
+    cargo nextest run --workspace --locked --no-fail-fast
+    # Doc tests are not run by nextest.
+    cargo test --workspace --doc --locked
+else
+    cargo test --workspace --locked --no-fail-fast
+fi

@@ -1,0 +1,105 @@
+//! `mcdist serve` and three `mcdist fetch` processes in separate network
+//! namespaces on a bridge, over real UDP multicast: every output must equal the
+//! input image.
+
+use mcdist::testnet::{unavailable, Topology};
+use std::io::Write;
+use std::process::Stdio;
+
+fn image(path: &std::path::Path, mib: usize) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut buf = vec![0u8; 1 << 20];
+    for m in 0..mib {
+        if m % 8 == 3 {
+            // Some all-zero stretches, which must never cross the network.
+            buf.fill(0);
+        } else {
+            for c in buf.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+        f.write_all(&buf).unwrap();
+    }
+    // A partial last page.
+    f.write_all(&buf[..1234]).unwrap();
+}
+
+#[test]
+fn serve_and_three_fetches_over_a_bridge() {
+    if let Some(why) = unavailable() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_mcdist");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("image");
+    image(&img, 64);
+    let topo = Topology::create("mcf", 4, 41).expect("building the namespace topology");
+    let srv = &topo.hosts[0];
+    let listen = format!("{}:7001", srv.addr);
+    let group = "239.255.41.1:7000";
+    let mut server = topo
+        .command(0, bin)
+        .args(["serve", "--image"])
+        .arg(&img)
+        .args(["--group", group, "--iface", &srv.iface, "--listen", &listen])
+        .args(["--clients", "3", "--exit-when-done", "--timeout", "120"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut fetchers = Vec::new();
+    for i in 1..4 {
+        let out = dir.path().join(format!("out{i}"));
+        let child = topo
+            .command(i, bin)
+            .args(["fetch", "--group", group, "--iface", &topo.hosts[i].iface])
+            .args(["--server", &listen, "--timeout", "120", "--out"])
+            .arg(&out)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        fetchers.push((out, child));
+    }
+    let want = std::fs::read(&img).unwrap();
+    for (out, child) in fetchers {
+        let o = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        println!("{}", text.trim());
+        assert!(o.status.success(), "fetch failed: {text}");
+        assert!(text.contains("digest ok"));
+        let got = std::fs::read(&out).unwrap();
+        assert!(got == want, "{} differs from the image", out.display());
+    }
+    let o = server.wait_with_output_checked();
+    println!("{}", o.trim());
+    assert!(o.contains("done: 3 receivers"), "server output: {o}");
+    // Zero stretches are elided: the server sends less than the image.
+    let ratio: f64 = o
+        .split(" = ")
+        .nth(1)
+        .and_then(|s| s.split('x').next())
+        .and_then(|s| s.parse().ok())
+        .expect("ratio in the server summary");
+    assert!(ratio < 1.0, "server sent {ratio}x the image despite 1/8 zero pages");
+}
+
+trait WaitChecked {
+    fn wait_with_output_checked(&mut self) -> String;
+}
+
+impl WaitChecked for std::process::Child {
+    fn wait_with_output_checked(&mut self) -> String {
+        let mut s = String::new();
+        if let Some(mut out) = self.stdout.take() {
+            use std::io::Read;
+            out.read_to_string(&mut s).unwrap();
+        }
+        let st = self.wait().unwrap();
+        assert!(st.success(), "server failed: {s}");
+        s
+    }
+}
