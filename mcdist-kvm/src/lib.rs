@@ -1,16 +1,27 @@
-//! KVM + userfaultfd backend for mcdist.
+//! KVM + userfaultfd backend for mcdist: SnowFlock-style VM cloning.
 //!
 //! - [`lazy::LazyMemory`]: guest RAM registered with userfaultfd; missing pages are fetched on
-//!   first touch, zero pages filled locally.
-//! - The clone system (work in progress).
+//!   first touch (one request per page however many vCPUs fault on it), zero pages are filled
+//!   locally, pushed pages are installed as they arrive. Per-clone statistics.
+//! - [`vm`]: a small VMM on kvm-ioctls; [`guest`]: the demo guest program.
+//! - [`descriptor::Descriptor`]: what a clone needs besides memory contents.
+//! - [`clone`]: parent, fork point, tickets, clone, join, kill.
 //!
 //! Linux/x86-64 only; needs `/dev/kvm` and userfaultfd (root, or
-//! `vm.unprivileged_userfaultfd=1`).
+//! `vm.unprivileged_userfaultfd=1`). It does not do live migration, device emulation,
+//! interrupts or guest paging; the demo guest runs in flat 32-bit protected mode.
 
+pub mod clone;
+pub mod descriptor;
+pub mod guest;
 pub mod lazy;
+pub mod netns;
 pub mod source;
 mod sys;
+pub mod vm;
 
+pub use clone::{CloneError, CloneReport, CloneSet, CloneTicket, Frozen, Parent};
+pub use descriptor::{Descriptor, SessionParams};
 pub use lazy::{
     FaultWait, LazyConfig, LazyHandle, LazyMemory, LazyStats, PageFetcher, SourceFetcher,
 };

@@ -192,9 +192,10 @@ impl PageBits {
 pub fn zero_map(source: &dyn PageSource) -> io::Result<PageBits> {
     let mut map = PageBits::new(source.page_count());
     let mut buf = vec![0u8; source.page_size()];
+    let zero = vec![0u8; source.page_size()];
     for pfn in 0..source.page_count() {
         source.read_page(pfn, &mut buf)?;
-        if buf.iter().all(|&b| b == 0) {
+        if buf == zero {
             map.set(pfn);
         }
     }

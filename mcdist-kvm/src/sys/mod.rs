@@ -401,22 +401,6 @@ impl AnonMap {
         };
         Ok(())
     }
-
-    /// Whether the page at `offset` is entirely zero (reads it).
-    pub(crate) fn page_is_zero(&self, offset: usize, page: usize) -> io::Result<bool> {
-        check_range(offset, page, self.len)?;
-        // SAFETY: the range is inside the mapping (checked above); we only read it, while the
-        // owner guarantees the VM that writes it is paused.
-        let s = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset), page) };
-        Ok(s.iter().all(|&b| b == 0))
-    }
-
-    /// Hashes the whole mapping into `hasher`.
-    pub(crate) fn hash_into(&self, hasher: &mut blake3::Hasher) {
-        // SAFETY: the whole mapping is readable; the owner guarantees it is frozen.
-        let s = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) };
-        hasher.update(s);
-    }
 }
 
 fn check_range(offset: usize, len: usize, total: usize) -> io::Result<()> {
@@ -451,4 +435,31 @@ pub(crate) fn setns_net(path: &std::path::Path) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+// ---- KVM memory slots ---------------------------------------------------------------------
+
+/// Maps `[host_addr, host_addr + size)` at guest physical `gpa` in `slot`.
+///
+/// # Safety
+///
+/// `host_addr..host_addr + size` must be a valid mapping owned by the caller that stays mapped
+/// for as long as `vm` (or any vCPU of it) can run.
+pub(crate) unsafe fn set_memory_slot(
+    vm: &kvm_ioctls::VmFd,
+    slot: u32,
+    gpa: u64,
+    size: u64,
+    host_addr: u64,
+) -> Result<(), kvm_ioctls::Error> {
+    let region = kvm_bindings::kvm_userspace_memory_region {
+        slot,
+        flags: 0,
+        guest_phys_addr: gpa,
+        memory_size: size,
+        userspace_addr: host_addr,
+    };
+    // SAFETY: forwarded from this function's contract: the host range stays valid while the
+    // VM can use it.
+    unsafe { vm.set_user_memory_region(region) }
 }

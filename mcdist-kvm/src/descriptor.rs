@@ -1,0 +1,381 @@
+//! The clone descriptor: everything a clone needs besides memory contents.
+//!
+//! Versioned little-endian binary format:
+//!
+//! ```text
+//! magic "MCDKDESC" | version u16 (=1) | mem_size u64 | page_size u32 | digest [32]
+//! | session flag u8 [group ip4 (4) port u16 | server: len u8, UTF-8 socket address | session_id u64]
+//! | vcpus u16 | per vCPU: regs (18 x u64) | sregs | fpu
+//! | zero map: pages u64 | byte length u64 | bytes
+//! ```
+
+use std::net::{SocketAddr, SocketAddrV4};
+
+use kvm_bindings::{kvm_dtable, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
+
+use crate::source::PageBits;
+use crate::vm::VcpuState;
+
+const MAGIC: &[u8; 8] = b"MCDKDESC";
+const VERSION: u16 = 1;
+
+/// Errors decoding a descriptor.
+#[derive(Debug, thiserror::Error)]
+pub enum DescriptorError {
+    /// Not a descriptor.
+    #[error("not an mcdist-kvm descriptor (bad magic)")]
+    BadMagic,
+    /// Written by an unknown format version.
+    #[error("unsupported descriptor version {0}")]
+    UnsupportedVersion(u16),
+    /// Ended early.
+    #[error("descriptor truncated at byte {0}")]
+    Truncated(usize),
+    /// A field is inconsistent.
+    #[error("invalid descriptor: {0}")]
+    Invalid(String),
+    /// Reading or writing the file failed.
+    #[error("descriptor I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Multicast session parameters for clones that fetch memory with mcdist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionParams {
+    /// Multicast group the server answers on.
+    pub group: SocketAddrV4,
+    /// Unicast address the server takes requests on.
+    pub server: SocketAddr,
+    /// Session id.
+    pub session_id: u64,
+}
+
+/// A frozen VM's descriptor.
+#[derive(Debug, Clone)]
+pub struct Descriptor {
+    /// Guest memory size in bytes.
+    pub mem_size: u64,
+    /// Page size in bytes.
+    pub page_size: u32,
+    /// blake3 of the memory image.
+    pub digest: [u8; 32],
+    /// The memory server, if any.
+    pub session: Option<SessionParams>,
+    /// vCPU states at the fork point.
+    pub vcpus: Vec<VcpuState>,
+    /// Pages that are all zero (filled locally, never fetched).
+    pub zero_map: PageBits,
+}
+
+impl Descriptor {
+    /// Pages of guest memory.
+    pub fn page_count(&self) -> u64 {
+        self.mem_size / u64::from(self.page_size)
+    }
+
+    /// Serializes the descriptor.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Vec::with_capacity(4096 + self.zero_map.len() as usize / 8);
+        w.extend_from_slice(MAGIC);
+        w.extend_from_slice(&VERSION.to_le_bytes());
+        w.extend_from_slice(&self.mem_size.to_le_bytes());
+        w.extend_from_slice(&self.page_size.to_le_bytes());
+        w.extend_from_slice(&self.digest);
+        match &self.session {
+            None => w.push(0),
+            Some(s) => {
+                w.push(1);
+                w.extend_from_slice(&s.group.ip().octets());
+                w.extend_from_slice(&s.group.port().to_le_bytes());
+                let server = s.server.to_string();
+                w.push(server.len() as u8);
+                w.extend_from_slice(server.as_bytes());
+                w.extend_from_slice(&s.session_id.to_le_bytes());
+            }
+        }
+        w.extend_from_slice(&(self.vcpus.len() as u16).to_le_bytes());
+        for v in &self.vcpus {
+            put_regs(&mut w, &v.regs);
+            put_sregs(&mut w, &v.sregs);
+            put_fpu(&mut w, &v.fpu);
+        }
+        let zm = self.zero_map.to_bytes();
+        w.extend_from_slice(&self.zero_map.len().to_le_bytes());
+        w.extend_from_slice(&(zm.len() as u64).to_le_bytes());
+        w.extend_from_slice(&zm);
+        w
+    }
+
+    /// Parses a descriptor.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DescriptorError> {
+        let mut r = Reader { b: bytes, pos: 0 };
+        if r.take(8)? != MAGIC {
+            return Err(DescriptorError::BadMagic);
+        }
+        let version = r.u16()?;
+        if version != VERSION {
+            return Err(DescriptorError::UnsupportedVersion(version));
+        }
+        let mem_size = r.u64()?;
+        let page_size = r.u32()?;
+        if page_size == 0 || mem_size == 0 || mem_size % u64::from(page_size) != 0 {
+            return Err(DescriptorError::Invalid(format!(
+                "memory size {mem_size} is not a multiple of page size {page_size}"
+            )));
+        }
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(r.take(32)?);
+        let session = match r.u8()? {
+            0 => None,
+            1 => {
+                let ip = r.take(4)?;
+                let group = SocketAddrV4::new([ip[0], ip[1], ip[2], ip[3]].into(), r.u16()?);
+                let n = r.u8()? as usize;
+                let s = std::str::from_utf8(r.take(n)?)
+                    .map_err(|_| DescriptorError::Invalid("server address is not UTF-8".into()))?;
+                let server = s
+                    .parse()
+                    .map_err(|_| DescriptorError::Invalid(format!("bad server address {s:?}")))?;
+                Some(SessionParams {
+                    group,
+                    server,
+                    session_id: r.u64()?,
+                })
+            }
+            f => return Err(DescriptorError::Invalid(format!("session flag {f}"))),
+        };
+        let n = r.u16()? as usize;
+        if n == 0 {
+            return Err(DescriptorError::Invalid("no vCPUs".into()));
+        }
+        let mut vcpus = Vec::with_capacity(n);
+        for _ in 0..n {
+            vcpus.push(VcpuState {
+                regs: get_regs(&mut r)?,
+                sregs: get_sregs(&mut r)?,
+                fpu: get_fpu(&mut r)?,
+            });
+        }
+        let pages = r.u64()?;
+        if pages != mem_size / u64::from(page_size) {
+            return Err(DescriptorError::Invalid(format!(
+                "zero map of {pages} pages for {} pages of memory",
+                mem_size / u64::from(page_size)
+            )));
+        }
+        let len = usize::try_from(r.u64()?)
+            .map_err(|_| DescriptorError::Invalid("zero map length".into()))?;
+        let zero_map = PageBits::from_bytes(pages, r.take(len)?)
+            .ok_or_else(|| DescriptorError::Invalid("zero map length".into()))?;
+        Ok(Self {
+            mem_size,
+            page_size,
+            digest,
+            session,
+            vcpus,
+            zero_map,
+        })
+    }
+
+    /// Writes the descriptor to a file.
+    pub fn save(&self, path: &std::path::Path) -> Result<(), DescriptorError> {
+        Ok(std::fs::write(path, self.encode())?)
+    }
+
+    /// Reads a descriptor file.
+    pub fn load(path: &std::path::Path) -> Result<Self, DescriptorError> {
+        Self::decode(&std::fs::read(path)?)
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DescriptorError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or(DescriptorError::Truncated(self.pos))?;
+        let s = &self.b[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn arr<const N: usize>(&mut self) -> Result<[u8; N], DescriptorError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, DescriptorError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DescriptorError> {
+        Ok(u16::from_le_bytes(self.arr()?))
+    }
+    fn u32(&mut self) -> Result<u32, DescriptorError> {
+        Ok(u32::from_le_bytes(self.arr()?))
+    }
+    fn u64(&mut self) -> Result<u64, DescriptorError> {
+        Ok(u64::from_le_bytes(self.arr()?))
+    }
+}
+
+fn put_regs(w: &mut Vec<u8>, r: &kvm_regs) {
+    for v in [
+        r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12,
+        r.r13, r.r14, r.r15, r.rip, r.rflags,
+    ] {
+        w.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn get_regs(r: &mut Reader<'_>) -> Result<kvm_regs, DescriptorError> {
+    let mut v = [0u64; 18];
+    for x in &mut v {
+        *x = r.u64()?;
+    }
+    Ok(kvm_regs {
+        rax: v[0],
+        rbx: v[1],
+        rcx: v[2],
+        rdx: v[3],
+        rsi: v[4],
+        rdi: v[5],
+        rsp: v[6],
+        rbp: v[7],
+        r8: v[8],
+        r9: v[9],
+        r10: v[10],
+        r11: v[11],
+        r12: v[12],
+        r13: v[13],
+        r14: v[14],
+        r15: v[15],
+        rip: v[16],
+        rflags: v[17],
+    })
+}
+
+fn put_seg(w: &mut Vec<u8>, s: &kvm_segment) {
+    w.extend_from_slice(&s.base.to_le_bytes());
+    w.extend_from_slice(&s.limit.to_le_bytes());
+    w.extend_from_slice(&s.selector.to_le_bytes());
+    w.extend_from_slice(&[
+        s.type_, s.present, s.dpl, s.db, s.s, s.l, s.g, s.avl, s.unusable,
+    ]);
+}
+
+fn get_seg(r: &mut Reader<'_>) -> Result<kvm_segment, DescriptorError> {
+    let base = r.u64()?;
+    let limit = r.u32()?;
+    let selector = r.u16()?;
+    let f: [u8; 9] = r.arr()?;
+    Ok(kvm_segment {
+        base,
+        limit,
+        selector,
+        type_: f[0],
+        present: f[1],
+        dpl: f[2],
+        db: f[3],
+        s: f[4],
+        l: f[5],
+        g: f[6],
+        avl: f[7],
+        unusable: f[8],
+        padding: 0,
+    })
+}
+
+fn put_sregs(w: &mut Vec<u8>, s: &kvm_sregs) {
+    for seg in [&s.cs, &s.ds, &s.es, &s.fs, &s.gs, &s.ss, &s.tr, &s.ldt] {
+        put_seg(w, seg);
+    }
+    for t in [&s.gdt, &s.idt] {
+        w.extend_from_slice(&t.base.to_le_bytes());
+        w.extend_from_slice(&t.limit.to_le_bytes());
+    }
+    for v in [s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer, s.apic_base] {
+        w.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in s.interrupt_bitmap {
+        w.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn get_sregs(r: &mut Reader<'_>) -> Result<kvm_sregs, DescriptorError> {
+    let mut segs = [kvm_segment::default(); 8];
+    for s in &mut segs {
+        *s = get_seg(r)?;
+    }
+    let mut tables = [kvm_dtable::default(); 2];
+    for t in &mut tables {
+        t.base = r.u64()?;
+        t.limit = r.u16()?;
+    }
+    let mut c = [0u64; 7];
+    for x in &mut c {
+        *x = r.u64()?;
+    }
+    let mut ib = [0u64; 4];
+    for x in &mut ib {
+        *x = r.u64()?;
+    }
+    Ok(kvm_sregs {
+        cs: segs[0],
+        ds: segs[1],
+        es: segs[2],
+        fs: segs[3],
+        gs: segs[4],
+        ss: segs[5],
+        tr: segs[6],
+        ldt: segs[7],
+        gdt: tables[0],
+        idt: tables[1],
+        cr0: c[0],
+        cr2: c[1],
+        cr3: c[2],
+        cr4: c[3],
+        cr8: c[4],
+        efer: c[5],
+        apic_base: c[6],
+        interrupt_bitmap: ib,
+    })
+}
+
+fn put_fpu(w: &mut Vec<u8>, f: &kvm_fpu) {
+    for r in &f.fpr {
+        w.extend_from_slice(r);
+    }
+    w.extend_from_slice(&f.fcw.to_le_bytes());
+    w.extend_from_slice(&f.fsw.to_le_bytes());
+    w.push(f.ftwx);
+    w.extend_from_slice(&f.last_opcode.to_le_bytes());
+    w.extend_from_slice(&f.last_ip.to_le_bytes());
+    w.extend_from_slice(&f.last_dp.to_le_bytes());
+    for r in &f.xmm {
+        w.extend_from_slice(r);
+    }
+    w.extend_from_slice(&f.mxcsr.to_le_bytes());
+}
+
+fn get_fpu(r: &mut Reader<'_>) -> Result<kvm_fpu, DescriptorError> {
+    let mut f = kvm_fpu::default();
+    for x in &mut f.fpr {
+        *x = r.arr()?;
+    }
+    f.fcw = r.u16()?;
+    f.fsw = r.u16()?;
+    f.ftwx = r.u8()?;
+    f.last_opcode = r.u16()?;
+    f.last_ip = r.u64()?;
+    f.last_dp = r.u64()?;
+    for x in &mut f.xmm {
+        *x = r.arr()?;
+    }
+    f.mxcsr = r.u32()?;
+    Ok(f)
+}

@@ -1,0 +1,332 @@
+//! A small VMM on kvm-ioctls: guest memory in one slot, vCPUs without an in-kernel irqchip,
+//! a run loop that understands the demo guest's ports, and vCPU state capture/restore.
+
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+
+use crate::guest::{PORT_CLONE_ME, PORT_RESULT};
+use crate::lazy::LazyMemory;
+use crate::source::PageSource;
+use crate::sys::{self, AnonMap};
+
+/// Errors from the VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm: {0}")]
+    OpenKvm(kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("KVM {op} failed: {source}")]
+    Kvm {
+        /// The operation.
+        op: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be mapped or accessed.
+    #[error("guest memory: {0}")]
+    Memory(std::io::Error),
+    /// The guest stopped in a way the VMM does not handle.
+    #[error("unexpected guest exit: {0}")]
+    UnexpectedExit(String),
+    /// The vCPU state does not fit this VM.
+    #[error("vCPU state for {got} vCPUs, VM has {want}")]
+    VcpuCount {
+        /// States supplied.
+        got: usize,
+        /// vCPUs in the VM.
+        want: usize,
+    },
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { op, source }
+}
+
+/// Architectural state a restored vCPU needs to continue: general registers, segment and
+/// control registers, and FPU/SSE state.
+#[derive(Clone)]
+pub struct VcpuState {
+    /// General-purpose registers, `rip`, `rflags`.
+    pub regs: kvm_regs,
+    /// Segment, descriptor-table and control registers.
+    pub sregs: kvm_sregs,
+    /// x87/SSE state.
+    pub fpu: kvm_fpu,
+}
+
+impl std::fmt::Debug for VcpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuState")
+            .field("rip", &format_args!("{:#x}", self.regs.rip))
+            .field("cr0", &format_args!("{:#x}", self.sregs.cr0))
+            .finish()
+    }
+}
+
+/// Guest RAM backed by a plain anonymous mapping (the parent's memory).
+#[derive(Debug)]
+pub struct GuestRam {
+    map: AnonMap,
+    page_size: usize,
+}
+
+impl GuestRam {
+    /// Maps `size` bytes (demand-zero, not reserved).
+    pub fn new(size: usize) -> Result<Self, VmError> {
+        Ok(Self {
+            map: AnonMap::new(size).map_err(VmError::Memory)?,
+            page_size: 4096,
+        })
+    }
+    /// Size in bytes.
+    pub fn size(&self) -> usize {
+        self.map.len()
+    }
+    /// Writes guest-physical bytes.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
+        self.map.write(gpa as usize, data).map_err(VmError::Memory)
+    }
+    /// Reads guest-physical bytes.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
+        self.map.read(gpa as usize, buf).map_err(VmError::Memory)
+    }
+}
+
+/// Once the VM that uses it is frozen, guest RAM is a page source for clones.
+impl PageSource for GuestRam {
+    fn page_size(&self) -> usize {
+        self.page_size
+    }
+    fn page_count(&self) -> u64 {
+        (self.map.len() / self.page_size) as u64
+    }
+    fn read_page(&self, pfn: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let off = usize::try_from(pfn)
+            .ok()
+            .and_then(|p| p.checked_mul(self.page_size))
+            .ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "page out of range")
+            })?;
+        self.map.read(off, buf)
+    }
+}
+
+/// Memory a [`Vm`] runs on.
+#[derive(Debug, Clone)]
+pub enum VmMemory {
+    /// Plain memory (parent).
+    Ram(Arc<GuestRam>),
+    /// Lazily fetched memory (clone).
+    Lazy(Arc<LazyMemory>),
+}
+
+impl VmMemory {
+    fn host_range(&self) -> (u64, u64) {
+        match self {
+            VmMemory::Ram(r) => (r.map.addr() as u64, r.map.len() as u64),
+            VmMemory::Lazy(l) => (l.host_addr(), l.size() as u64),
+        }
+    }
+}
+
+/// How a vCPU run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest asked to be cloned; the pending port write is completed and the VM is frozen.
+    CloneMe,
+    /// The guest reported a result.
+    Result(u32),
+    /// The guest halted.
+    Halted,
+}
+
+/// A KVM virtual machine with one memory slot at guest physical 0.
+pub struct Vm {
+    // Field order matters: vCPUs and the VM close before the memory they use is unmapped.
+    vcpus: Vec<VcpuFd>,
+    _vm: VmFd,
+    _kvm: Kvm,
+    memory: VmMemory,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("vcpus", &self.vcpus.len())
+            .field("memory", &self.memory)
+            .finish()
+    }
+}
+
+impl Vm {
+    /// Creates a VM over `memory` with `vcpus` vCPUs (state not yet set).
+    pub fn new(memory: VmMemory, vcpus: usize) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let vm = kvm.create_vm().map_err(kvm_err("CREATE_VM"))?;
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(kvm_err("SET_TSS_ADDR"))?;
+        let (addr, size) = memory.host_range();
+        // SAFETY: the mapping is owned by `memory`, which this Vm holds and drops after the VM
+        // and vCPU descriptors (field order), so it outlives every use by KVM.
+        unsafe { sys::set_memory_slot(&vm, 0, 0, size, addr) }
+            .map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
+        let vcpus = (0..vcpus as u64)
+            .map(|i| vm.create_vcpu(i).map_err(kvm_err("CREATE_VCPU")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            vcpus,
+            _vm: vm,
+            _kvm: kvm,
+            memory,
+        })
+    }
+
+    /// The VM's memory.
+    pub fn memory(&self) -> &VmMemory {
+        &self.memory
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Puts every vCPU in 32-bit flat protected mode (no paging) at `entry`.
+    pub fn setup_flat32(&mut self, entry: u64) -> Result<(), VmError> {
+        for v in &mut self.vcpus {
+            let mut sregs = v.get_sregs().map_err(kvm_err("GET_SREGS"))?;
+            let seg = |selector: u16, type_: u8| kvm_segment {
+                base: 0,
+                limit: 0xffff_ffff,
+                selector,
+                type_,
+                present: 1,
+                dpl: 0,
+                db: 1,
+                s: 1,
+                l: 0,
+                g: 1,
+                avl: 0,
+                unusable: 0,
+                padding: 0,
+            };
+            sregs.cs = seg(0x08, 0xb);
+            let data = seg(0x10, 0x3);
+            sregs.ds = data;
+            sregs.es = data;
+            sregs.fs = data;
+            sregs.gs = data;
+            sregs.ss = data;
+            sregs.cr0 = 0x11; // PE | ET
+            sregs.cr4 = 0;
+            sregs.efer = 0;
+            v.set_sregs(&sregs).map_err(kvm_err("SET_SREGS"))?;
+            let regs = kvm_regs {
+                rip: entry,
+                rflags: 0x2,
+                ..Default::default()
+            };
+            v.set_regs(&regs).map_err(kvm_err("SET_REGS"))?;
+        }
+        Ok(())
+    }
+
+    /// Runs vCPU `idx` until the guest asks for clones, reports a result, or halts.
+    pub fn run(&mut self, idx: usize) -> Result<GuestExit, VmError> {
+        let vcpu = self
+            .vcpus
+            .get_mut(idx)
+            .ok_or(VmError::VcpuCount { got: idx, want: 0 })?;
+        loop {
+            let exit = match vcpu.run() {
+                Ok(e) => e,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => {
+                    return Err(VmError::Kvm {
+                        op: "RUN",
+                        source: e,
+                    })
+                }
+            };
+            match exit {
+                VcpuExit::IoOut(PORT_CLONE_ME, _) => {
+                    // Complete the port write so the captured state resumes after it.
+                    vcpu.set_kvm_immediate_exit(1);
+                    let r = vcpu.run().map(|_| ());
+                    vcpu.set_kvm_immediate_exit(0);
+                    match r {
+                        Err(e) if e.errno() == libc::EINTR => {}
+                        Ok(()) => {}
+                        Err(e) => {
+                            return Err(VmError::Kvm {
+                                op: "RUN (complete I/O)",
+                                source: e,
+                            })
+                        }
+                    }
+                    return Ok(GuestExit::CloneMe);
+                }
+                VcpuExit::IoOut(PORT_RESULT, data) => {
+                    let mut b = [0u8; 4];
+                    let n = data.len().min(4);
+                    b[..n].copy_from_slice(&data[..n]);
+                    return Ok(GuestExit::Result(u32::from_le_bytes(b)));
+                }
+                VcpuExit::Hlt => return Ok(GuestExit::Halted),
+                VcpuExit::IoOut(port, _) | VcpuExit::IoIn(port, _) => {
+                    return Err(VmError::UnexpectedExit(format!("port I/O on {port:#x}")))
+                }
+                other => return Err(VmError::UnexpectedExit(format!("{other:?}"))),
+            }
+        }
+    }
+
+    /// Captures the state of every vCPU (call while the VM is stopped).
+    pub fn capture(&mut self) -> Result<Vec<VcpuState>, VmError> {
+        self.vcpus
+            .iter_mut()
+            .map(|v| {
+                Ok(VcpuState {
+                    regs: v.get_regs().map_err(kvm_err("GET_REGS"))?,
+                    sregs: v.get_sregs().map_err(kvm_err("GET_SREGS"))?,
+                    fpu: v.get_fpu().map_err(kvm_err("GET_FPU"))?,
+                })
+            })
+            .collect()
+    }
+
+    /// Restores vCPU states (one per vCPU).
+    pub fn restore(&mut self, states: &[VcpuState]) -> Result<(), VmError> {
+        if states.len() != self.vcpus.len() {
+            return Err(VmError::VcpuCount {
+                got: states.len(),
+                want: self.vcpus.len(),
+            });
+        }
+        for (v, s) in self.vcpus.iter_mut().zip(states) {
+            v.set_sregs(&s.sregs).map_err(kvm_err("SET_SREGS"))?;
+            v.set_fpu(&s.fpu).map_err(kvm_err("SET_FPU"))?;
+            v.set_regs(&s.regs).map_err(kvm_err("SET_REGS"))?;
+        }
+        Ok(())
+    }
+
+    /// Sets `rbx` of vCPU 0 (the clone id, fork's return value for the demo guest).
+    pub fn set_rbx(&mut self, value: u64) -> Result<(), VmError> {
+        let v = self
+            .vcpus
+            .first_mut()
+            .ok_or(VmError::VcpuCount { got: 0, want: 1 })?;
+        let mut regs = v.get_regs().map_err(kvm_err("GET_REGS"))?;
+        regs.rbx = value;
+        v.set_regs(&regs).map_err(kvm_err("SET_REGS"))
+    }
+}
+
+/// Whether `/dev/kvm` can be opened here.
+pub fn kvm_available() -> bool {
+    Kvm::new().is_ok()
+}
