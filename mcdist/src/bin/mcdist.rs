@@ -199,19 +199,26 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     let info = scan_with_progress(&source, &mut |pages| pb.set_position(pages * ps))
         .map_err(|e| format!("reading image {}: {e}", a.image.display()))?;
     pb.finish_and_clear();
-    let mut cfg = ServerConfig::default();
-    cfg.push_neighbors = a.push;
-    cfg.sweep = a.push;
-    cfg.sweep_min_clients = a.clients.unwrap_or(0);
-    cfg.delivery = if a.unicast {
-        Delivery::UnicastFanout
-    } else {
-        Delivery::Multicast
+    let cap = a.rate.saturating_mul(125_000);
+    let defaults = ServerConfig::default();
+    let cfg = ServerConfig {
+        push_neighbors: a.push,
+        sweep: a.push,
+        sweep_min_clients: a.clients.unwrap_or(0),
+        delivery: if a.unicast {
+            Delivery::UnicastFanout
+        } else {
+            Delivery::Multicast
+        },
+        rate: mcdist::pacing::RateConfig {
+            cap,
+            initial: defaults.rate.initial.min(cap),
+            floor: defaults.rate.floor.min(cap),
+            ..defaults.rate
+        },
+        session_id: Some(rand::random::<u64>() | 1),
+        ..defaults
     };
-    cfg.rate.cap = a.rate.saturating_mul(125_000);
-    cfg.rate.initial = cfg.rate.initial.min(cfg.rate.cap);
-    cfg.rate.floor = cfg.rate.floor.min(cfg.rate.cap);
-    cfg.session_id = Some(rand::random::<u64>() | 1);
     let image_size = info.image_size;
     let zero = info.zero_map.count_ones();
     let pages = info.zero_map.len();
