@@ -559,7 +559,11 @@ impl Client {
                     && old.image_size == a.image_size
                     && old.page_size == info.page_size
                 {
-                    tracing::info!(old = old.session_id, new = session_id, "server restarted with the same image; resuming");
+                    tracing::info!(
+                        old = old.session_id,
+                        new = session_id,
+                        "server restarted with the same image; resuming"
+                    );
                     self.stats.resumes += 1;
                     self.session = Some(info);
                     self.announce = Some(a);
@@ -653,7 +657,10 @@ impl Client {
             let off = datagram.len() - d.payload.len();
             datagram.slice(off..)
         } else {
-            match self.reasm.insert(d.pfn, d.frag_index, d.frag_count, d.payload) {
+            match self
+                .reasm
+                .insert(d.pfn, d.frag_index, d.frag_count, d.payload)
+            {
                 Ok(Some(p)) => p,
                 Ok(None) => {
                     self.stats.fragments_evicted = self.reasm.evicted();
@@ -729,7 +736,9 @@ impl Client {
                 break;
             }
             self.timers.pop();
-            let Some(p) = self.pending.get_mut(&pfn) else { continue };
+            let Some(p) = self.pending.get_mut(&pfn) else {
+                continue;
+            };
             if p.deadline != Some(t) {
                 continue;
             }
@@ -765,7 +774,9 @@ impl Client {
         }
         // Rate report.
         if now >= self.next_heartbeat {
-            let dt = now.saturating_duration_since(self.interval_start).as_secs_f64();
+            let dt = now
+                .saturating_duration_since(self.interval_start)
+                .as_secs_f64();
             if dt > 0.0 {
                 self.rx_rate = (self.interval_bytes as f64 / dt) as u64;
             }
@@ -790,12 +801,15 @@ impl Client {
         if !self.zero_map_complete {
             return;
         }
-        let sweeping = a.sweep_pos != Announce::SWEEP_NONE && a.flags & Announce::FLAG_SWEEP_DONE == 0;
+        let sweeping =
+            a.sweep_pos != Announce::SWEEP_NONE && a.flags & Announce::FLAG_SWEEP_DONE == 0;
         let frontier = if sweeping {
             let seen = self
                 .highest_sweep
                 .map_or(0, |h| h.saturating_sub(self.cfg.nack_slack_pages));
-            a.sweep_pos.saturating_sub(self.cfg.nack_slack_pages).max(seen)
+            a.sweep_pos
+                .saturating_sub(self.cfg.nack_slack_pages)
+                .max(seen)
         } else {
             s.page_count
         }

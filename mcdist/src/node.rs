@@ -276,7 +276,9 @@ fn server_loop<T: Transport>(
         } else {
             server
                 .poll_timeout()
-                .map_or(Duration::from_millis(50), |t| t.saturating_duration_since(now))
+                .map_or(Duration::from_millis(50), |t| {
+                    t.saturating_duration_since(now)
+                })
                 .min(Duration::from_millis(50))
         };
         let mut budget = 256;
@@ -451,7 +453,9 @@ impl ClientNode {
 
     /// Wait until every page is present.
     pub fn wait_complete(&self, timeout: Duration) -> Result<(), NodeError> {
-        self.wait_for(timeout, "the whole image", |st| st.complete.then_some(Ok(())))
+        self.wait_for(timeout, "the whole image", |st| {
+            st.complete.then_some(Ok(()))
+        })
     }
 
     /// The session's zero-page map, once received.
@@ -616,7 +620,11 @@ fn client_loop<T: Transport>(
                 t.saturating_duration_since(now)
             })
             .min(Duration::from_millis(100));
-        let wait = if cmds.is_empty() { wait } else { Duration::ZERO };
+        let wait = if cmds.is_empty() {
+            wait
+        } else {
+            Duration::ZERO
+        };
         let mut timeout = Some(wait);
         for _ in 0..256 {
             match transport.recv(&mut inbuf, timeout) {

@@ -314,8 +314,8 @@ impl Server {
             .max_datagram
             .saturating_sub(wire::HEADER_LEN + wire::ZeroMap::FIXED_LEN + cfg.trailer_reserve)
             .max(8);
-        let zero_chunks = u32::try_from(zero_bytes.len().div_ceil(zero_chunk_bytes))
-            .unwrap_or(u32::MAX);
+        let zero_chunks =
+            u32::try_from(zero_bytes.len().div_ceil(zero_chunk_bytes)).unwrap_or(u32::MAX);
         let mut rng = rand::rngs::SmallRng::seed_from_u64(cfg.seed);
         let session = cfg.session_id.unwrap_or_else(|| rng.random::<u64>() | 1);
         let rate = RateController::new(now, cfg.rate);
@@ -550,7 +550,14 @@ impl Server {
         true
     }
 
-    fn page_requested(&mut self, now: Instant, from: SocketAddr, pfn: u64, retry: bool, nack: bool) {
+    fn page_requested(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        pfn: u64,
+        retry: bool,
+        nack: bool,
+    ) {
         if self.info.zero_map.get(pfn) {
             self.repair.push_back(Job {
                 pfn,
@@ -710,12 +717,15 @@ impl Server {
                 Announce::FLAG_PUSH
             } else {
                 0
-            }) | (if self.cfg.sweep { Announce::FLAG_SWEEP } else { 0 })
-                | (if self.cfg.sweep && sweep_done {
-                    Announce::FLAG_SWEEP_DONE
-                } else {
-                    0
-                }),
+            }) | (if self.cfg.sweep {
+                Announce::FLAG_SWEEP
+            } else {
+                0
+            }) | (if self.cfg.sweep && sweep_done {
+                Announce::FLAG_SWEEP_DONE
+            } else {
+                0
+            }),
             frag_payload: self.frag_payload as u16,
         }
     }

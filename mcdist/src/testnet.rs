@@ -81,7 +81,15 @@ impl Topology {
         run(&["-n", &bridge_ns, "link", "add", "br0", "type", "bridge"])?;
         // Flood multicast to every port: no IGMP querier lives on this bridge.
         run(&[
-            "-n", &bridge_ns, "link", "set", "br0", "type", "bridge", "mcast_snooping", "0",
+            "-n",
+            &bridge_ns,
+            "link",
+            "set",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
         ])?;
         run(&["-n", &bridge_ns, "link", "set", "br0", "up"])?;
         for i in 0..n {
@@ -101,7 +109,15 @@ impl Topology {
             run(&["-n", &bridge_ns, "link", "set", &port, "master", "br0"])?;
             run(&["-n", &bridge_ns, "link", "set", &port, "up"])?;
             run(&["-n", &ns, "link", "set", "lo", "up"])?;
-            run(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            run(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ])?;
             run(&["-n", &ns, "link", "set", "eth0", "up"])?;
             run(&["-n", &ns, "link", "set", "eth0", "multicast", "on"])?;
         }

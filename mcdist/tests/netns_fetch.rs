@@ -84,7 +84,10 @@ fn serve_and_three_fetches_over_a_bridge() {
         .and_then(|s| s.split('x').next())
         .and_then(|s| s.parse().ok())
         .expect("ratio in the server summary");
-    assert!(ratio < 1.0, "server sent {ratio}x the image despite 1/8 zero pages");
+    assert!(
+        ratio < 1.0,
+        "server sent {ratio}x the image despite 1/8 zero pages"
+    );
 }
 
 trait WaitChecked {

@@ -167,9 +167,11 @@ struct ServeArgs {
 fn bar(len: u64, msg: &str) -> ProgressBar {
     let pb = ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
     pb.set_style(
-        ProgressStyle::with_template("{msg:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     pb.set_message(msg.to_string());
     pb
@@ -334,7 +336,10 @@ fn fetch(
 ) -> Result<(), String> {
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         if !parent.is_dir() {
-            return Err(format!("output directory {} does not exist", parent.display()));
+            return Err(format!(
+                "output directory {} does not exist",
+                parent.display()
+            ));
         }
     }
     let mut ucfg = UdpConfig::new(group);
@@ -352,13 +357,14 @@ fn fetch(
         format!("{msg} (removed partial {})", out.display())
     };
     let sink = Arc::new(FileSink { file });
-    let node = ClientNode::start(ccfg, transport, sink.clone()).map_err(|e| cleanup(e.to_string()))?;
+    let node =
+        ClientNode::start(ccfg, transport, sink.clone()).map_err(|e| cleanup(e.to_string()))?;
     let session = node
         .wait_session(deadline.min(Duration::from_secs(30)))
         .map_err(|e| match e {
-            NodeError::Timeout(..) => {
-                cleanup(format!("no announce from server {server} on group {group}: {e}"))
-            }
+            NodeError::Timeout(..) => cleanup(format!(
+                "no announce from server {server} on group {group}: {e}"
+            )),
             other => cleanup(other.to_string()),
         })?;
     sink.file

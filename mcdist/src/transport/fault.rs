@@ -93,11 +93,7 @@ impl<T: Transport> Transport for FaultInjector<T> {
         Ok(())
     }
 
-    fn recv(
-        &mut self,
-        buf: &mut [u8],
-        timeout: Option<Duration>,
-    ) -> io::Result<Option<Received>> {
+    fn recv(&mut self, buf: &mut [u8], timeout: Option<Duration>) -> io::Result<Option<Received>> {
         // A held datagram is released when the sender goes quiet.
         if let Some((d, held)) = self.held.take() {
             self.inner.send(d, &held)?;

@@ -123,11 +123,7 @@ impl Transport for MemTransport {
         Ok(())
     }
 
-    fn recv(
-        &mut self,
-        buf: &mut [u8],
-        timeout: Option<Duration>,
-    ) -> io::Result<Option<Received>> {
+    fn recv(&mut self, buf: &mut [u8], timeout: Option<Duration>) -> io::Result<Option<Received>> {
         let item = match timeout {
             Some(Duration::ZERO) => match self.rx.try_recv() {
                 Ok(i) => i,

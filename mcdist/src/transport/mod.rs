@@ -50,8 +50,7 @@ pub trait Transport: Send + 'static {
     fn send(&mut self, dest: Dest, data: &[u8]) -> io::Result<()>;
     /// Receive one datagram, waiting at most `timeout` (`None`: until one
     /// arrives or the transport is woken). `Ok(None)` on timeout or wake.
-    fn recv(&mut self, buf: &mut [u8], timeout: Option<Duration>)
-        -> io::Result<Option<Received>>;
+    fn recv(&mut self, buf: &mut [u8], timeout: Option<Duration>) -> io::Result<Option<Received>>;
     /// A handle that interrupts `recv`.
     fn waker(&self) -> Arc<dyn Wake>;
     /// Limits of this transport.
@@ -64,11 +63,7 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     fn send(&mut self, dest: Dest, data: &[u8]) -> io::Result<()> {
         (**self).send(dest, data)
     }
-    fn recv(
-        &mut self,
-        buf: &mut [u8],
-        timeout: Option<Duration>,
-    ) -> io::Result<Option<Received>> {
+    fn recv(&mut self, buf: &mut [u8], timeout: Option<Duration>) -> io::Result<Option<Received>> {
         (**self).recv(buf, timeout)
     }
     fn waker(&self) -> Arc<dyn Wake> {

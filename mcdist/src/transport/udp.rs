@@ -149,7 +149,8 @@ fn new_socket(cfg: &UdpConfig) -> Result<Socket, UdpSetupError> {
         .map_err(sock_err("creating a UDP socket"))?;
     s.set_nonblocking(true)
         .map_err(sock_err("setting non-blocking mode"))?;
-    s.set_cloexec(true).map_err(sock_err("setting close-on-exec"))?;
+    s.set_cloexec(true)
+        .map_err(sock_err("setting close-on-exec"))?;
     // Buffer sizes are requests; the kernel may cap them.
     let _ = s.set_recv_buffer_size(cfg.buffer_bytes);
     let _ = s.set_send_buffer_size(cfg.buffer_bytes);
@@ -174,7 +175,10 @@ fn caps_for(cfg: &UdpConfig) -> Result<(Option<u32>, Capabilities), UdpSetupErro
         }
         None => (None, 1500),
     };
-    let max_datagram = mtu.saturating_sub(28).clamp(576, 65_507).min(cfg.max_datagram);
+    let max_datagram = mtu
+        .saturating_sub(28)
+        .clamp(576, 65_507)
+        .min(cfg.max_datagram);
     Ok((
         index,
         Capabilities {
@@ -325,11 +329,7 @@ impl Transport for UdpTransport {
         }
     }
 
-    fn recv(
-        &mut self,
-        buf: &mut [u8],
-        timeout: Option<Duration>,
-    ) -> io::Result<Option<Received>> {
+    fn recv(&mut self, buf: &mut [u8], timeout: Option<Duration>) -> io::Result<Option<Received>> {
         if let Some(r) = self.try_recv(buf)? {
             return Ok(Some(r));
         }

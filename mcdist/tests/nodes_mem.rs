@@ -1,0 +1,179 @@
+//! The threaded drivers over the in-memory network, with injected loss:
+//! whole-image fetches and lazy demand requests deliver byte-identical pages.
+
+use mcdist::client::ClientConfig;
+use mcdist::node::{ClientNode, PageSink, ServerNode};
+use mcdist::server::ServerConfig;
+use mcdist::source::MemSource;
+use mcdist::transport::fault::{FaultConfig, FaultInjector};
+use mcdist::transport::mem::MemNetwork;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Default)]
+struct Store(Mutex<HashMap<u64, Vec<u8>>>);
+
+impl PageSink for Store {
+    fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), String> {
+        let mut m = self.0.lock().map_err(|e| e.to_string())?;
+        if m.insert(pfn, data.to_vec()).is_some() {
+            return Err(format!("page {pfn} delivered twice"));
+        }
+        Ok(())
+    }
+}
+
+fn image(pages: usize) -> Vec<u8> {
+    let mut v = vec![0u8; pages * 4096];
+    for (i, b) in v.iter_mut().enumerate() {
+        // Every fifth page stays zero.
+        if (i / 4096) % 5 != 2 {
+            *b = (i as u64).wrapping_mul(0x9e37_79b9) as u8 ^ (i >> 12) as u8;
+        }
+    }
+    v
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn whole_image_to_three_clients_with_loss() {
+    let img = image(600);
+    let net = MemNetwork::new(1500);
+    let server_addr = addr("127.0.0.1:7001");
+    let cfg = ServerConfig {
+        sweep: true,
+        sweep_min_clients: 3,
+        ..ServerConfig::default()
+    };
+    let server = ServerNode::start(
+        cfg,
+        net.endpoint(server_addr, false),
+        Arc::new(MemSource::new(img.clone(), 4096)),
+    )
+    .unwrap();
+    let mut clients = Vec::new();
+    for i in 0..3u16 {
+        let t = FaultInjector::new(
+            net.endpoint(addr(&format!("127.0.0.{}:9000", i + 2)), true),
+            FaultConfig {
+                recv_loss: 0.05,
+                send_loss: 0.02,
+                seed: u64::from(i) + 1,
+                ..FaultConfig::default()
+            },
+        );
+        let mut c = ClientConfig::new(server_addr);
+        c.seed = u64::from(i);
+        let store = Arc::new(Store::default());
+        let node = ClientNode::start(c, t, store.clone()).unwrap();
+        node.fetch_all();
+        clients.push((node, store));
+    }
+    for (node, store) in &clients {
+        node.wait_complete(Duration::from_secs(60)).unwrap();
+        let m = store.0.lock().unwrap();
+        let zero = node.zero_map().expect("zero map");
+        for pfn in 0..600u64 {
+            let want = &img[pfn as usize * 4096..][..4096];
+            if zero.get(pfn) {
+                assert!(want.iter().all(|&b| b == 0));
+                assert!(!m.contains_key(&pfn), "zero page {pfn} crossed the network");
+            } else {
+                assert_eq!(m.get(&pfn).map(Vec::as_slice), Some(want), "page {pfn}");
+            }
+        }
+        let s = node.stats();
+        assert!(
+            s.nack_pages > 0 || s.retries > 0,
+            "loss was injected but nothing was repaired: {s:?}"
+        );
+        node.leave(true);
+    }
+    let snap = server.shutdown().unwrap();
+    assert_eq!(snap.stats.clients_completed, 3);
+}
+
+#[test]
+fn lazy_requests_are_coalesced_and_served() {
+    let img = image(64);
+    let net = MemNetwork::new(9000);
+    let server_addr = addr("127.0.0.1:7101");
+    let server = ServerNode::start(
+        ServerConfig {
+            push_neighbors: false,
+            ..ServerConfig::default()
+        },
+        net.endpoint(server_addr, false),
+        Arc::new(MemSource::new(img.clone(), 4096)),
+    )
+    .unwrap();
+    let store = Arc::new(Store::default());
+    let node = ClientNode::start(
+        ClientConfig::new(server_addr),
+        net.endpoint(addr("127.0.0.9:9000"), true),
+        store.clone(),
+    )
+    .unwrap();
+    let s = node.wait_session(Duration::from_secs(10)).unwrap();
+    assert_eq!(s.page_count, 64);
+    for _ in 0..5 {
+        node.request(10);
+    }
+    node.request(11);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !(node.is_present(10) && node.is_present(11)) {
+        assert!(std::time::Instant::now() < deadline, "pages never arrived");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let m = store.0.lock().unwrap();
+    assert_eq!(m[&10], img[10 * 4096..11 * 4096]);
+    assert_eq!(m[&11], img[11 * 4096..12 * 4096]);
+    assert_eq!(m.len(), 2, "only the requested pages arrive without push");
+    drop(m);
+    // A requested zero page (page 2 is zero) is satisfied locally once the map is known.
+    assert!(node.zero_map().is_some_and(|z| z.get(2)));
+    assert!(node.is_present(2));
+    let stats = node.shutdown();
+    assert_eq!(
+        stats.pages_requested, 2,
+        "five requests for one page make one: {stats:?}"
+    );
+    let snap = server.shutdown().unwrap();
+    assert_eq!(snap.stats.pages_sent, 2);
+}
+
+#[test]
+fn client_fails_clearly_when_the_server_disappears() {
+    let img = image(16);
+    let net = MemNetwork::new(9000);
+    let server_addr = addr("127.0.0.1:7201");
+    let server = ServerNode::start(
+        ServerConfig::default(),
+        net.endpoint(server_addr, false),
+        Arc::new(MemSource::new(img, 4096)),
+    )
+    .unwrap();
+    let mut c = ClientConfig::new(server_addr);
+    c.give_up_after = Duration::from_millis(400);
+    let node = ClientNode::start(
+        c,
+        net.endpoint(addr("127.0.0.9:9100"), true),
+        Arc::new(Store::default()),
+    )
+    .unwrap();
+    node.wait_session(Duration::from_secs(10)).unwrap();
+    drop(server);
+    node.request(3);
+    // With the server gone (and End possibly seen), the session must fail, not hang.
+    let err = node.wait_complete(Duration::from_secs(10)).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("silent") || msg.contains("ended"),
+        "unexpected error: {msg}"
+    );
+}
