@@ -16,6 +16,7 @@ pub mod descriptor;
 pub mod guest;
 pub mod lazy;
 pub mod netns;
+pub mod remote;
 pub mod source;
 mod sys;
 pub mod vm;

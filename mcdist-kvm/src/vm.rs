@@ -100,8 +100,8 @@ impl PageSource for GuestRam {
     fn page_size(&self) -> usize {
         self.page_size
     }
-    fn page_count(&self) -> u64 {
-        (self.map.len() / self.page_size) as u64
+    fn image_size(&self) -> u64 {
+        self.map.len() as u64
     }
     fn read_page(&self, pfn: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let off = usize::try_from(pfn)

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mcdist_kvm::lazy::{LazyConfig, LazyFailure, LazyMemory, PageFetcher, SourceFetcher};
-use mcdist_kvm::source::{zero_map, PageSource, VecSource};
+use mcdist_kvm::source::{zero_map, MemSource, PageSource};
 
 const PAGE: usize = 4096;
 
@@ -37,7 +37,7 @@ fn faults_fetch_pages_and_fill_zero_pages_locally() {
     }
     let pages = 64;
     let img = image(pages);
-    let src: Arc<dyn PageSource> = Arc::new(VecSource::new(img.clone(), PAGE));
+    let src: Arc<dyn PageSource> = Arc::new(MemSource::new(img.clone(), PAGE));
     let zero = zero_map(&*src).expect("zero map");
     let mut mem = LazyMemory::new(pages * PAGE, zero, LazyConfig::default()).expect("lazy memory");
     mem.start(Arc::new(SourceFetcher::new(src.clone(), mem.handle())))
@@ -85,7 +85,7 @@ fn pushed_pages_are_installed_before_faults() {
     }
     let pages = 16;
     let img = image(pages);
-    let src = VecSource::new(img.clone(), PAGE);
+    let src = MemSource::new(img.clone(), PAGE);
     let zero = zero_map(&src).expect("zero map");
     let mut mem = LazyMemory::new(pages * PAGE, zero, LazyConfig::default()).expect("lazy memory");
     struct Never;

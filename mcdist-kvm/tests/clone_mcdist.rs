@@ -1,0 +1,204 @@
+//! Real KVM clones fed by mcdist over UDP multicast, inside network namespaces this test
+//! creates (loopback, or a private bridge between namespace hosts).
+
+use std::net::{SocketAddr, SocketAddrV4};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mcdist_kvm::clone::{run_clone, CloneError, CloneOptions, ProcessLauncher};
+use mcdist_kvm::guest::HashJob;
+use mcdist_kvm::netns::{BridgeNet, Netns};
+use mcdist_kvm::remote::{McdistFetcher, MemoryServer};
+use mcdist_kvm::vm::kvm_available;
+use mcdist_kvm::{PageFetcher, Parent};
+
+fn have_kvm() -> bool {
+    let ok = kvm_available();
+    if !ok {
+        eprintln!("skipping: /dev/kvm is not available");
+    }
+    ok
+}
+
+fn loopback_ns(tag: &str) -> Netns {
+    let ns = Netns::create(&format!("mcdk-{tag}-{}", std::process::id())).expect("netns");
+    ns.multicast_route("lo").expect("route");
+    ns
+}
+
+#[test]
+fn laziness_is_real_and_zero_pages_are_never_sent() {
+    if !have_kvm() {
+        return;
+    }
+    let ns = loopback_ns("lazy");
+    ns.enter().expect("enter netns");
+    let mem = 256u64 << 20;
+    let job = HashJob::new(mem, 0.5, 0.10, 9);
+    let frozen = Parent::boot(job)
+        .expect("boot")
+        .run_to_fork()
+        .expect("fork");
+    let probe = frozen.descriptor(None);
+    let group = SocketAddrV4::new([239, 255, 77, 1].into(), 47001);
+    let listen: SocketAddr = "127.0.0.1:47002".parse().expect("addr");
+    let server = MemoryServer::start(
+        frozen.image(),
+        frozen.zero_map(),
+        probe.digest,
+        group,
+        Some("lo"),
+        listen,
+        mcdist::ServerConfig::default(),
+    )
+    .expect("server");
+    let desc = frozen.descriptor(Some(server.session().clone()));
+    let id = 3;
+    let report = run_clone(&desc, id, &CloneOptions::default(), |h| {
+        let f = McdistFetcher::connect(&desc, Some("lo"), h, Duration::from_secs(5), |_| {})
+            .map_err(|e| CloneError::Source(e.to_string()))?;
+        Ok(Arc::new(f) as Arc<dyn PageFetcher>)
+    })
+    .expect("clone");
+    assert_eq!(report.result, job.expected(id));
+    let pages = desc.page_count();
+    let fetched = report.stats.pages_fetched();
+    eprintln!(
+        "pages {pages}, zero {}, fetched {fetched} ({:.1}%), demand {}, pushed {}",
+        desc.zero_map.count_ones(),
+        100.0 * fetched as f64 / pages as f64,
+        report.stats.pages_demand,
+        report.stats.pages_pushed
+    );
+    assert!(
+        fetched * 100 <= pages * 15,
+        "fetched {fetched} of {pages} pages"
+    );
+    assert!(
+        fetched >= job.pages_touched_per_clone(4096) - 3,
+        "the slice was fetched"
+    );
+    assert_eq!(report.stats.zero_pages_received, 0, "a zero page arrived");
+    let s = server.shutdown().expect("server stats");
+    assert_eq!(s.stats.zero_replies, 0, "server sent zero pages");
+    assert!(
+        s.stats.pages_sent * 100 <= pages * 15,
+        "server sent {} pages",
+        s.stats.pages_sent
+    );
+}
+
+#[test]
+fn clone_fails_clearly_when_its_server_disappears() {
+    if !have_kvm() {
+        return;
+    }
+    let ns = loopback_ns("gone");
+    ns.enter().expect("enter netns");
+    let job = HashJob::new(16 << 20, 0.5, 0.1, 5);
+    let frozen = Parent::boot(job)
+        .expect("boot")
+        .run_to_fork()
+        .expect("fork");
+    let probe = frozen.descriptor(None);
+    let group = SocketAddrV4::new([239, 255, 77, 2].into(), 47011);
+    let listen: SocketAddr = "127.0.0.1:47012".parse().expect("addr");
+    let server = MemoryServer::start(
+        frozen.image(),
+        frozen.zero_map(),
+        probe.digest,
+        group,
+        Some("lo"),
+        listen,
+        mcdist::ServerConfig::default(),
+    )
+    .expect("server");
+    let desc = frozen.descriptor(Some(server.session().clone()));
+    let server = Mutex::new(Some(server));
+    let mut opts = CloneOptions::default();
+    opts.lazy.fetch_timeout = Duration::from_secs(4);
+    let t0 = Instant::now();
+    let r = run_clone(&desc, 0, &opts, |h| {
+        let f = McdistFetcher::connect(&desc, Some("lo"), h, Duration::from_secs(5), |c| {
+            c.give_up_after = Duration::from_secs(2)
+        })
+        .map_err(|e| CloneError::Source(e.to_string()))?;
+        // The server goes away after the clone joined, before its first fault.
+        if let Some(s) = server.lock().expect("lock").take() {
+            s.shutdown().expect("shutdown");
+        }
+        Ok(Arc::new(f) as Arc<dyn PageFetcher>)
+    });
+    let took = t0.elapsed();
+    match r {
+        Err(CloneError::MemoryLost { id: 0, failure }) => {
+            eprintln!("clone failed after {took:?}: {failure}")
+        }
+        other => panic!("expected a memory-lost error, got {other:?}"),
+    }
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+}
+
+#[test]
+fn four_clone_processes_on_four_namespace_hosts() {
+    if !have_kvm() {
+        return;
+    }
+    let net = BridgeNet::create(&format!("mcdk{}", std::process::id() % 10000), 5).expect("bridge");
+    // Host 0 runs the parent and its memory server; hosts 1..=4 run one clone process each.
+    net.hosts[0].enter().expect("enter server host");
+    let job = HashJob::new(64 << 20, 0.5, 0.1, 77);
+    let mut frozen = Parent::boot(job)
+        .expect("boot")
+        .run_to_fork()
+        .expect("fork");
+    let probe = frozen.descriptor(None);
+    let group = SocketAddrV4::new([239, 255, 77, 3].into(), 47021);
+    let listen = SocketAddr::new(BridgeNet::addr(0).into(), 47022);
+    let server = MemoryServer::start(
+        frozen.image(),
+        frozen.zero_map(),
+        probe.digest,
+        group,
+        Some("eth0"),
+        listen,
+        mcdist::ServerConfig::default(),
+    )
+    .expect("server");
+    let desc = Arc::new(frozen.descriptor(Some(server.session().clone())));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("parent.desc");
+    desc.save(&path).expect("save descriptor");
+    let ticket = frozen.request_ticket(4).expect("ticket");
+    let hosts: Vec<String> = net.hosts.iter().map(|h| h.name().to_string()).collect();
+    let launcher = ProcessLauncher {
+        command: |id: u32| {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &hosts[id as usize + 1]])
+                .arg(env!("CARGO_BIN_EXE_mcdist-clone"))
+                .arg("--descriptor")
+                .arg(&path)
+                .args(["--id", &id.to_string(), "--iface", "eth0"])
+                .args([
+                    "--group",
+                    &group.to_string(),
+                    "--server",
+                    &listen.to_string(),
+                ]);
+            c
+        },
+    };
+    let results = frozen
+        .clone_vms(&ticket, &desc, &launcher)
+        .join(Duration::from_secs(120));
+    assert_eq!(results.len(), 4);
+    for (id, r) in results {
+        let r = r.unwrap_or_else(|e| panic!("clone {id}: {e}"));
+        assert_eq!(r.result, job.expected(id), "clone {id}");
+        assert_eq!(r.stats.zero_pages_received, 0);
+        eprintln!("{}", r.to_line());
+    }
+    let s = server.shutdown().expect("server stats");
+    assert_eq!(s.stats.zero_replies, 0);
+}
