@@ -89,17 +89,25 @@ pub enum MemtapError {
 pub trait PageFetcher: Send + Sync {
     /// Ask for `pfn`. Non-blocking; may be called again for the same page.
     fn request(&self, pfn: u64);
+    /// Fetch every page in the background (demand still goes first). Default: nothing.
+    fn fetch_all(&self) {}
 }
 
 impl PageFetcher for mcdist::node::ClientNode {
     fn request(&self, pfn: u64) {
         mcdist::node::ClientNode::request(self, pfn)
     }
+    fn fetch_all(&self) {
+        mcdist::node::ClientNode::fetch_all(self)
+    }
 }
 
 impl<T: PageFetcher + ?Sized> PageFetcher for Arc<T> {
     fn request(&self, pfn: u64) {
         (**self).request(pfn)
+    }
+    fn fetch_all(&self) {
+        (**self).fetch_all()
     }
 }
 
@@ -178,8 +186,12 @@ pub struct MemtapConfig {
     pub page_count: u64,
     /// Set bit = all-zero page: filled locally, never requested.
     pub zero_map: PageBitmap,
-    /// Return from [`Memtap::run`] once every page is loaded.
+    /// Return from [`Memtap::run`] once every data page is loaded (remaining
+    /// zero pages are then filled locally).
     pub exit_when_complete: bool,
+    /// Ask the page source for the whole image in the background as soon as
+    /// [`Memtap::run`] starts, so the clone ends up fully populated.
+    pub fetch_all: bool,
     /// Longest wait in one poll (bounds how late a stop request is seen).
     pub poll_interval: Duration,
 }
@@ -192,6 +204,7 @@ impl MemtapConfig {
             page_count,
             zero_map,
             exit_when_complete: false,
+            fetch_all: false,
             poll_interval: Duration::from_millis(50),
         }
     }
@@ -246,6 +259,7 @@ pub struct Memtap<H: Hypervisor> {
     buf: PageBuf,
     stats: MemtapStats,
     pending_responses: u64,
+    data_left: u64,
 }
 
 impl<H: Hypervisor> std::fmt::Debug for Memtap<H> {
@@ -285,6 +299,7 @@ impl<H: Hypervisor> Memtap<H> {
             buf,
             stats: MemtapStats::default(),
             pending_responses: 0,
+            data_left: 0,
         })
     }
 
@@ -303,9 +318,25 @@ impl<H: Hypervisor> Memtap<H> {
         &self.hv
     }
 
-    /// True once every page of the image is loaded (or not pageable).
+    /// True once every page of the image that is not a zero page is loaded
+    /// (zero pages need nothing from the network).
     pub fn is_complete(&self) -> bool {
-        self.loaded.is_full()
+        self.data_left == 0
+    }
+
+    /// Load every zero page still paged out (locally; nothing is requested).
+    pub fn fill_zero_pages(&mut self) -> Result<u64, MemtapError> {
+        let mut n = 0;
+        let mut from = 0;
+        while let Some(g) = self.loaded.next_clear(from) {
+            from = g + 1;
+            if self.cfg.zero_map.get(g) && !self.waiting.contains_key(&g) {
+                self.load(g, None)?;
+                self.stats.zero_fills += 1;
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Enable paging, initialise the ring and evict every page of the image.
@@ -323,6 +354,9 @@ impl<H: Hypervisor> Memtap<H> {
                 }
             }
         }
+        self.data_left = (0..self.cfg.page_count)
+            .filter(|g| !self.loaded.get(*g) && !self.cfg.zero_map.get(*g))
+            .count() as u64;
         tracing::info!(
             domid = self.domid(),
             evicted = self.stats.evicted,
@@ -339,10 +373,18 @@ impl<H: Hypervisor> Memtap<H> {
         if self.ring.is_none() {
             return Err(MemtapError::NotSetUp { domid });
         }
+        if self.cfg.fetch_all && !self.is_complete() {
+            self.fetcher.fetch_all();
+        }
         let timeout = i32::try_from(self.cfg.poll_interval.as_millis()).unwrap_or(i32::MAX);
         while !stop.load(Ordering::Acquire) {
-            if self.cfg.exit_when_complete && self.is_complete() && self.waiting.is_empty() {
-                break;
+            if self.cfg.exit_when_complete && self.waiting.is_empty() && self.is_complete() {
+                self.fill_zero_pages()?;
+                // Answer faults that raced with the zero fill.
+                self.step()?;
+                if self.loaded.is_full() && self.waiting.is_empty() {
+                    break;
+                }
             }
             let fds = [self.hv.event_fd(), self.inbox.inbox.wake.raw()];
             let ready = sys::poll_readable(&fds, timeout).map_err(|source| MemtapError::Local {
@@ -438,6 +480,9 @@ impl<H: Hypervisor> Memtap<H> {
         }
         self.hv.load(gfn, &mut self.buf)?;
         self.loaded.set(gfn);
+        if !self.cfg.zero_map.get(gfn) {
+            self.data_left = self.data_left.saturating_sub(1);
+        }
         self.stats.loaded += 1;
         Ok(())
     }
@@ -502,6 +547,9 @@ impl<H: Hypervisor> Memtap<H> {
             self.stats.dropped += 1;
             if !self.loaded.get(gfn) {
                 self.loaded.set(gfn);
+                if !self.cfg.zero_map.get(gfn) {
+                    self.data_left = self.data_left.saturating_sub(1);
+                }
             }
             self.respond(&req);
             return Ok(());
