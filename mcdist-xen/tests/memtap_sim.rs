@@ -108,9 +108,11 @@ fn start(port: u16, pages: usize, push: bool, exit_when_complete: bool) -> Rig {
     let mut scfg = UdpConfig::new(group);
     scfg.iface = Some("lo".into());
     scfg.listen = Some(listen);
-    let mut server_cfg = ServerConfig::default();
-    server_cfg.push_neighbors = push;
-    server_cfg.sweep = push;
+    let server_cfg = ServerConfig {
+        push_neighbors: push,
+        sweep: push,
+        ..ServerConfig::default()
+    };
     let server = ServerNode::start(
         server_cfg,
         UdpTransport::server(&scfg).expect("server transport"),
