@@ -40,6 +40,7 @@
 //! multicast have run end to end against the simulator.
 
 pub mod abi;
+pub mod descriptor;
 pub mod hypervisor;
 #[cfg(test)]
 mod layout_tests;
@@ -50,6 +51,7 @@ mod sys;
 #[cfg(feature = "xen")]
 pub mod xen;
 
+pub use descriptor::{DescriptorError, XenDescriptor};
 pub use hypervisor::{EvictOutcome, Hypervisor, HypervisorError, PageBuf};
 pub use memtap::{
     InboxReceiver, Memtap, MemtapConfig, MemtapError, MemtapStats, PageFetcher, PageInbox,
