@@ -1,9 +1,11 @@
 # mcdist-kvm demo guest: 32-bit flat protected mode, no paging, no stack.
 #
 # Mailbox page at guest physical 0x1000 (written by the VMM before boot):
-#   +4  table base (guest physical)   +8  table words
-#   +12 fill seed                     +16 words per clone slice
-#   +24 result (written by the guest)
+#   +4  table base (guest physical)   +8  table entries
+#   +12 fill seed                     +16 entries per clone slice
+#   +24 result (written by the guest) +28 stride: bytes between entries (>= 4)
+# One 32-bit entry every `stride` bytes: with a stride of one page the guest touches
+# every page of the table while executing few instructions.
 #
 # Parent phase: fill the table with a linear congruential sequence, then
 # write to port 0x10 ("clone me"). The VMM freezes the VM there. Each clone
@@ -24,7 +26,7 @@ fill:
     imul    $1664525, %eax, %eax
     add     $1013904223, %eax
     mov     %eax, (%edi)
-    add     $4, %edi
+    add     28(%esi), %edi
     dec     %ecx
     jmp     fill
 filled:
@@ -35,7 +37,7 @@ after_fork:
     mov     16(%esi), %ecx
     mov     %ebx, %eax
     mul     %ecx
-    shl     $2, %eax
+    imul    28(%esi), %eax
     add     4(%esi), %eax
     mov     %eax, %edi
     mov     $2166136261, %eax
@@ -44,7 +46,7 @@ hash:
     jz      done
     xor     (%edi), %eax
     imul    $16777619, %eax, %eax
-    add     $4, %edi
+    add     28(%esi), %edi
     dec     %ecx
     jmp     hash
 done:

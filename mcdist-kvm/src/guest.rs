@@ -3,8 +3,13 @@
 //! The guest (`guest/hash32.S`, assembled by `build.rs`) runs in 32-bit flat protected mode
 //! without paging. The parent fills a table with a linear congruential sequence, asks to be
 //! cloned (port [`PORT_CLONE_ME`]), and each clone hashes its own slice of the table (32-bit
-//! FNV-1a over little-endian words) and reports the hash on port [`PORT_RESULT`]. The clone id
+//! FNV-1a over the entries) and reports the hash on port [`PORT_RESULT`]. The clone id
 //! arrives in `%ebx`, like fork's return value.
+//!
+//! Table entries are 32-bit words `stride` bytes apart. A stride of one page makes the guest
+//! touch every page of its slice with one load each, which keeps guest run time short on
+//! hosts where every guest instruction is expensive (nested virtualization) while the memory
+//! access pattern, which is what lazy cloning cares about, stays that of a full scan.
 
 /// The assembled guest program.
 pub const GUEST_CODE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hash32.bin"));
@@ -42,26 +47,36 @@ pub enum JobError {
     },
 }
 
-/// The work the demo guest does: fill `table_words` words, then each clone hashes
-/// `slice_words` words starting at `id * slice_words`.
+/// The work the demo guest does: fill `table_words` entries (`stride` bytes apart), then each
+/// clone hashes `slice_words` entries starting at entry `id * slice_words`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HashJob {
     /// Guest memory size in bytes.
     pub mem_size: u64,
-    /// Words the parent fills.
+    /// Entries the parent fills.
     pub table_words: u32,
     /// Seed of the fill sequence.
     pub seed: u32,
-    /// Words hashed by each clone.
+    /// Entries hashed by each clone.
     pub slice_words: u32,
+    /// Bytes between entries (a multiple of 4; 4 = dense table, 4096 = one entry per page).
+    pub stride: u32,
 }
 
 impl HashJob {
-    /// A job whose table fills `table_fraction` of memory and whose clones each hash
-    /// `slice_fraction` of memory (fractions of the guest memory size).
-    pub fn new(mem_size: u64, table_fraction: f64, slice_fraction: f64, seed: u32) -> Self {
-        let words = |f: f64| ((mem_size as f64 * f) / 4.0) as u64;
-        let max_words = (mem_size.saturating_sub(TABLE_GPA)) / 4;
+    /// A job whose table spans `table_fraction` of memory and whose clones each scan
+    /// `slice_fraction` of memory (fractions of the guest memory size), one entry every
+    /// `stride` bytes.
+    pub fn new(
+        mem_size: u64,
+        table_fraction: f64,
+        slice_fraction: f64,
+        seed: u32,
+        stride: u32,
+    ) -> Self {
+        let stride = stride.max(4) & !3;
+        let words = |f: f64| ((mem_size as f64 * f) / f64::from(stride)) as u64;
+        let max_words = (mem_size.saturating_sub(TABLE_GPA)) / u64::from(stride);
         let table_words = words(table_fraction)
             .min(max_words)
             .min(u64::from(u32::MAX)) as u32;
@@ -71,13 +86,18 @@ impl HashJob {
             table_words,
             seed,
             slice_words,
+            stride,
         }
     }
 
     /// Checks that `clones` slices fit.
     pub fn validate(&self, clones: u32) -> Result<(), JobError> {
-        let table_bytes = u64::from(self.table_words) * 4;
-        if TABLE_GPA + table_bytes > self.mem_size || self.mem_size > 0xC000_0000 {
+        let table_bytes = u64::from(self.table_words) * u64::from(self.stride);
+        if self.stride < 4
+            || self.stride % 4 != 0
+            || TABLE_GPA + table_bytes > self.mem_size
+            || self.mem_size > 0xC000_0000
+        {
             return Err(JobError::TableTooLarge {
                 table_bytes,
                 mem_size: self.mem_size,
@@ -101,6 +121,7 @@ impl HashJob {
         m[8..12].copy_from_slice(&self.table_words.to_le_bytes());
         m[12..16].copy_from_slice(&self.seed.to_le_bytes());
         m[16..20].copy_from_slice(&self.slice_words.to_le_bytes());
+        m[28..32].copy_from_slice(&self.stride.to_le_bytes());
         m
     }
 
@@ -130,9 +151,14 @@ impl HashJob {
         h
     }
 
-    /// Pages a clone touches: its slice, the mailbox and the code.
+    /// Pages a clone touches: its slice, the mailbox and the code (upper bound).
     pub fn pages_touched_per_clone(&self, page_size: u64) -> u64 {
-        (u64::from(self.slice_words) * 4).div_ceil(page_size) + 3
+        (u64::from(self.slice_words) * u64::from(self.stride)).div_ceil(page_size) + 3
+    }
+
+    /// Bytes the table spans.
+    pub fn table_bytes(&self) -> u64 {
+        u64::from(self.table_words) * u64::from(self.stride)
     }
 }
 
@@ -147,6 +173,7 @@ mod tests {
             table_words: 1000,
             seed: 7,
             slice_words: 100,
+            stride: 4,
         };
         let mut x = job.seed;
         let table: Vec<u32> = (0..job.table_words)

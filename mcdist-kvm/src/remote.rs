@@ -167,3 +167,18 @@ impl MemoryServer {
         Ok(self.node.shutdown()?)
     }
 }
+
+/// Connects a clone's lazy memory to the session in `desc` (for [`crate::clone::run_clone`]
+/// and [`crate::clone::ThreadLauncher`]). A server silent for `give_up` fails the clone.
+pub fn connect_fetcher(
+    desc: &Descriptor,
+    iface: Option<&str>,
+    handle: LazyHandle,
+    give_up: Duration,
+) -> Result<Arc<dyn PageFetcher>, crate::clone::CloneError> {
+    let f = McdistFetcher::connect(desc, iface, handle, Duration::from_secs(5), |c| {
+        c.give_up_after = give_up
+    })
+    .map_err(|e| crate::clone::CloneError::Source(e.to_string()))?;
+    Ok(Arc::new(f))
+}

@@ -173,9 +173,16 @@ impl Vm {
         // and vCPU descriptors (field order), so it outlives every use by KVM.
         unsafe { sys::set_memory_slot(&vm, 0, 0, size, addr) }
             .map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
         let vcpus = (0..vcpus as u64)
-            .map(|i| vm.create_vcpu(i).map_err(kvm_err("CREATE_VCPU")))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|i| {
+                let v = vm.create_vcpu(i).map_err(kvm_err("CREATE_VCPU"))?;
+                v.set_cpuid2(&cpuid).map_err(kvm_err("SET_CPUID2"))?;
+                Ok(v)
+            })
+            .collect::<Result<Vec<_>, VmError>>()?;
         Ok(Self {
             vcpus,
             _vm: vm,

@@ -21,7 +21,7 @@ fn parent_forks_clones_that_compute_correct_slices() {
     if !have_kvm() {
         return;
     }
-    let job = HashJob::new(32 << 20, 0.5, 0.05, 42);
+    let job = HashJob::new(32 << 20, 0.5, 0.05, 42, 4096);
     let mut frozen = Parent::boot(job)
         .expect("boot")
         .run_to_fork()

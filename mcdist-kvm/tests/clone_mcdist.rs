@@ -35,7 +35,7 @@ fn laziness_is_real_and_zero_pages_are_never_sent() {
     let ns = loopback_ns("lazy");
     ns.enter().expect("enter netns");
     let mem = 256u64 << 20;
-    let job = HashJob::new(mem, 0.5, 0.10, 9);
+    let job = HashJob::new(mem, 0.5, 0.10, 9, 4096);
     let frozen = Parent::boot(job)
         .expect("boot")
         .run_to_fork()
@@ -96,7 +96,7 @@ fn clone_fails_clearly_when_its_server_disappears() {
     }
     let ns = loopback_ns("gone");
     ns.enter().expect("enter netns");
-    let job = HashJob::new(16 << 20, 0.5, 0.1, 5);
+    let job = HashJob::new(16 << 20, 0.5, 0.1, 5, 4096);
     let frozen = Parent::boot(job)
         .expect("boot")
         .run_to_fork()
@@ -148,7 +148,7 @@ fn four_clone_processes_on_four_namespace_hosts() {
     let net = BridgeNet::create(&format!("mcdk{}", std::process::id() % 10000), 5).expect("bridge");
     // Host 0 runs the parent and its memory server; hosts 1..=4 run one clone process each.
     net.hosts[0].enter().expect("enter server host");
-    let job = HashJob::new(64 << 20, 0.5, 0.1, 77);
+    let job = HashJob::new(64 << 20, 0.5, 0.1, 77, 4096);
     let mut frozen = Parent::boot(job)
         .expect("boot")
         .run_to_fork()
