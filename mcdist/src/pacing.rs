@@ -69,8 +69,16 @@ impl TokenBucket {
         if self.tokens >= need {
             self.last
         } else {
-            let secs = (need - self.tokens) / self.rate as f64;
-            self.last + Duration::from_secs_f64(secs)
+            // Round up (and one nanosecond more) so that at the returned instant
+            // `try_take` really succeeds; rounding down left callers spinning at
+            // an instant where the bucket was a fraction of a byte short.
+            let nanos = ((need - self.tokens) * 1e9 / self.rate as f64).ceil();
+            let nanos = if nanos.is_finite() && nanos < u64::MAX as f64 {
+                nanos as u64
+            } else {
+                u64::MAX / 2
+            };
+            self.last + Duration::from_nanos(nanos.saturating_add(1))
         }
     }
 }
