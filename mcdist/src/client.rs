@@ -853,7 +853,13 @@ impl Client {
         if self.failed {
             return None;
         }
-        let mut t = self.next_heartbeat;
+        // Heartbeats go out only once the session is known; before that the
+        // join timer rules (a past heartbeat deadline would make drivers spin).
+        let mut t = if self.session.is_some() {
+            self.next_heartbeat
+        } else {
+            self.next_join
+        };
         if let Some(Reverse((d, _))) = self.timers.peek() {
             t = t.min(*d);
         }

@@ -69,8 +69,16 @@ impl TokenBucket {
         if self.tokens >= need {
             self.last
         } else {
-            let secs = (need - self.tokens) / self.rate as f64;
-            self.last + Duration::from_secs_f64(secs)
+            // Round up (and one nanosecond more) so that at the returned instant
+            // `try_take` really succeeds; rounding down left callers spinning at
+            // an instant where the bucket was a fraction of a byte short.
+            let nanos = ((need - self.tokens) * 1e9 / self.rate as f64).ceil();
+            let nanos = if nanos.is_finite() && nanos < u64::MAX as f64 {
+                nanos as u64
+            } else {
+                u64::MAX / 2
+            };
+            self.last + Duration::from_nanos(nanos.saturating_add(1))
         }
     }
 }
@@ -192,7 +200,8 @@ mod tests {
         assert!(b.try_take(t0, 100));
         assert!(!b.try_take(t0, 50));
         let ready = b.ready_at(50);
-        assert_eq!(ready - t0, Duration::from_millis(50));
+        let wait = ready - t0;
+        assert!(wait >= Duration::from_millis(50) && wait <= Duration::from_micros(50_001));
         assert!(b.try_take(ready, 50));
     }
 
@@ -233,6 +242,20 @@ mod tests {
             // plus at most one oversized datagram.
             let bound = burst as f64 + elapsed * rate as f64 + 20_000.0;
             prop_assert!((sent as f64) <= bound);
+        }
+
+        #[test]
+        fn ready_at_is_never_early(rate in 1u64..10_000_000_000, burst in 1u64..1_000_000,
+                                   take in 1u64..100_000, n in 1u64..100_000, dt_ns in 0u64..10_000_000) {
+            // Regression: ready_at once rounded down, so try_take failed at the
+            // instant it named and drivers spun without time advancing.
+            let t0 = Instant::now();
+            let mut b = TokenBucket::new(t0, rate, burst);
+            let _ = b.try_take(t0, take);
+            let t1 = t0 + Duration::from_nanos(dt_ns);
+            let _ = b.try_take(t1, take);
+            let at = b.ready_at(n);
+            prop_assert!(b.try_take(at.max(t1), n));
         }
 
         #[test]

@@ -180,6 +180,9 @@ pub struct ServerStats {
     pub clients_completed: u64,
     /// Errors reading the page source.
     pub source_errors: u64,
+    /// Receivers marked slow (loss while most receivers had none): left out of
+    /// pacing and repaired by unicast.
+    pub slow_receivers: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,6 +212,13 @@ struct Peer {
     last_zero_map: Option<Instant>,
     complete: bool,
     tokens: TokenBucket,
+    /// Latest receive-rate report: rate, loss, when.
+    report: Option<(u64, u16, Instant)>,
+    /// The report arrived since the last rate update.
+    fresh: bool,
+    /// Reports loss while most receivers do not: left out of rate control and
+    /// repaired by unicast at a rate it can take.
+    slow: bool,
 }
 
 #[derive(Debug)]
@@ -245,6 +255,7 @@ pub struct Server {
     push_remaining: u64,
     push_window: u64,
     sweep_pos: u64,
+    sweep_end_announced: bool,
     peers: HashMap<SocketAddr, Peer>,
     control: VecDeque<Control>,
     next_announce: Instant,
@@ -345,6 +356,7 @@ impl Server {
             push_cursor: 0,
             push_remaining: 0,
             sweep_pos: 0,
+            sweep_end_announced: false,
             peers: HashMap::new(),
             control: VecDeque::new(),
             next_announce: now,
@@ -461,7 +473,7 @@ impl Server {
                 if !self.touch_peer(now, from) {
                     return;
                 }
-                self.rate.report(q.rx_rate, q.loss_permille);
+                self.note_report(now, from, q.rx_rate, q.loss_permille);
                 let pages = q.ranges.total_pages().min(self.cfg.max_pages_per_request);
                 let allowed = self
                     .peers
@@ -495,7 +507,7 @@ impl Server {
                 if !self.touch_peer(now, from) {
                     return;
                 }
-                self.rate.report(h.rx_rate, h.loss_permille);
+                self.note_report(now, from, h.rx_rate, h.loss_permille);
                 if h.flags & wire::Heartbeat::COMPLETE != 0 {
                     self.mark_complete(from);
                 }
@@ -526,6 +538,62 @@ impl Server {
         }
     }
 
+    fn note_report(&mut self, now: Instant, from: SocketAddr, rx_rate: u64, loss_permille: u16) {
+        if let Some(p) = self.peers.get_mut(&from) {
+            p.report = Some((rx_rate, loss_permille, now));
+            p.fresh = true;
+        }
+    }
+
+    /// Hand one report per receiver to the rate controller, leaving out
+    /// receivers that report loss while the median receiver does not: one slow
+    /// receiver must not pace everyone down. Such a receiver is marked slow; its
+    /// repairs go by unicast, limited to the rate it reports.
+    fn feed_rate_reports(&mut self, now: Instant) {
+        let threshold = self.cfg.rate.loss_threshold_permille;
+        // The median over every receiver heard from recently, finished ones
+        // included: they are evidence of what the network delivers.
+        let recent = Duration::from_secs(2);
+        let mut losses: Vec<u16> = self
+            .peers
+            .values()
+            .filter_map(|p| p.report)
+            .filter(|r| now.saturating_duration_since(r.2) <= recent)
+            .map(|r| r.1)
+            .collect();
+        if losses.is_empty() {
+            return;
+        }
+        losses.sort_unstable();
+        let median = losses[losses.len() / 2];
+        let page_size = self.page_size as u64;
+        for (addr, p) in self.peers.iter_mut() {
+            let Some((rx_rate, loss, _)) = p.report.filter(|_| p.fresh) else {
+                continue;
+            };
+            p.fresh = false;
+            let outlier = loss > threshold && median <= threshold && losses.len() > 1;
+            if outlier {
+                if !p.slow {
+                    p.slow = true;
+                    self.stats.slow_receivers += 1;
+                    tracing::warn!(peer = %addr, loss_permille = loss, rx_rate, "receiver cannot keep up; left out of pacing, repaired by unicast");
+                }
+                let pages = (rx_rate / page_size).max(64);
+                p.tokens.set_rate(now, pages, (pages / 4).max(64));
+                continue;
+            }
+            if p.slow {
+                p.slow = false;
+                let rate = self.cfg.per_source_page_rate.max(1);
+                p.tokens.set_rate(now, rate, (rate / 4).max(4096));
+            }
+            if !p.complete {
+                self.rate.report(rx_rate, loss);
+            }
+        }
+    }
+
     /// Record that `from` is alive; false if it cannot be tracked (table full).
     fn touch_peer(&mut self, now: Instant, from: SocketAddr) -> bool {
         if let Some(p) = self.peers.get_mut(&from) {
@@ -544,6 +612,9 @@ impl Server {
                 last_zero_map: None,
                 complete: false,
                 tokens: TokenBucket::new(now, rate, (rate / 4).max(4096)),
+                report: None,
+                fresh: false,
+                slow: false,
             },
         );
         self.events.push_back(ServerEvent::ClientJoined(from));
@@ -580,7 +651,8 @@ impl Server {
                 self.push_remaining = self.push_window;
             }
         }
-        if retry && (self.in_endgame() || self.cfg.delivery == Delivery::UnicastFanout) {
+        let slow = self.peers.get(&from).is_some_and(|p| p.slow);
+        if retry && (slow || self.in_endgame() || self.cfg.delivery == Delivery::UnicastFanout) {
             self.repair.push_back(Job {
                 pfn,
                 target: Target::Peer(from),
@@ -619,6 +691,9 @@ impl Server {
 
     /// Advance timers: rate updates, receiver timeouts, source checks.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if now >= self.rate.next_update() {
+            self.feed_rate_reports(now);
+        }
         if self.rate.update(now) {
             let r = self.rate.rate();
             self.bucket.set_rate(now, r, burst_for(r));
@@ -828,23 +903,33 @@ impl Server {
                     flags: Data::SWEEP,
                 });
             }
+            if !self.sweep_end_announced {
+                // Tell receivers at once that the sweep passed every page, so they
+                // NACK their last gaps now instead of at the next periodic announce.
+                self.sweep_end_announced = true;
+                self.queue_group_announce();
+            }
         }
         None
+    }
+
+    fn queue_group_announce(&mut self) {
+        match self.cfg.delivery {
+            Delivery::Multicast => self.control.push_back(Control::Announce(Dest::Group)),
+            Delivery::UnicastFanout => {
+                let peers: Vec<SocketAddr> = self.peers.keys().copied().collect();
+                for p in peers {
+                    self.control.push_back(Control::Announce(Dest::Peer(p)));
+                }
+            }
+        }
     }
 
     /// Write the next datagram to send into `buf` (at least `max_datagram` bytes).
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
         if now >= self.next_announce {
             self.next_announce = now + self.cfg.announce_interval;
-            match self.cfg.delivery {
-                Delivery::Multicast => self.control.push_back(Control::Announce(Dest::Group)),
-                Delivery::UnicastFanout => {
-                    let peers: Vec<SocketAddr> = self.peers.keys().copied().collect();
-                    for p in peers {
-                        self.control.push_back(Control::Announce(Dest::Peer(p)));
-                    }
-                }
-            }
+            self.queue_group_announce();
         }
         while let Some(c) = self.control.pop_front() {
             if let Some(t) = self.emit_control(c, buf) {

@@ -1,0 +1,403 @@
+//! Seeded fault scenarios over the deterministic simulator.
+//!
+//! Each scenario runs over many seeds: `MCDIST_SIM_SEEDS` of them (default 12
+//! in `cargo test`; the full suite uses 1000):
+//!
+//! ```text
+//! MCDIST_SIM_SEEDS=1000 cargo test -p mcdist --release --test sim_scenarios
+//! ```
+//!
+//! Every run asserts: each page a client was handed is byte-identical to the
+//! source (and none twice); every client that stays alive completes or reports
+//! a clear error; the server's page transmissions stay within
+//! [`retransmit_bound`]; nothing panics (a panic is reported with its seed).
+
+use mcdist::client::ClientError;
+use mcdist::server::{ServerConfig, ServerEvent};
+use mcdist::sim::{test_image, ClientSpec, LinkConfig, Loss, RxCapacity, Sim, Workload};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Duration;
+
+const PS: usize = 4096;
+
+fn seeds() -> u64 {
+    std::env::var("MCDIST_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12)
+}
+
+/// Run `f` for every seed; a failure or panic names the seed.
+fn for_seeds(name: &str, f: impl Fn(u64) -> Result<(), String>) {
+    let n = seeds();
+    let mut failures = Vec::new();
+    for seed in 0..n {
+        match catch_unwind(AssertUnwindSafe(|| f(seed))) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failures.push(format!("seed {seed}: {e}")),
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                failures.push(format!("seed {seed}: PANIC {msg}"));
+            }
+        }
+        if failures.len() >= 5 {
+            break;
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{name}: {} failing seed(s) of {n}:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    eprintln!("{name}: {n} seeds passed");
+}
+
+/// The stated retransmission bound: with the worst link losing a fraction `p`
+/// of datagrams, the server sends at most `(1 + 120 p)` times each non-zero
+/// page, plus 64 pages of slack. Multicast repair of independent losses at N
+/// receivers costs about `1 + log N / log(1/p)` sends per page in theory; the
+/// rest of the allowance covers the rate controller backing off under loss
+/// and repairs of pages lost by several receivers that NACK at different times.
+fn retransmit_bound(nonzero: u64, p: f64) -> u64 {
+    (nonzero as f64 * (1.0 + 120.0 * p)) as u64 + 64
+}
+
+fn cfg(session: u64, sweep_min_clients: usize) -> ServerConfig {
+    ServerConfig {
+        session_id: Some(session),
+        max_datagram: 1500,
+        sweep: true,
+        sweep_min_clients,
+        ..ServerConfig::default()
+    }
+}
+
+/// Common checks: verified pages, every live client complete, transmissions bounded.
+fn check(sim: &Sim, worst_loss: f64) -> Result<(), String> {
+    sim.verify().map_err(|e| e.to_string())?;
+    for (i, c) in sim.clients().iter().enumerate() {
+        if c.state == mcdist::sim::ClientState::Crashed {
+            continue;
+        }
+        if let Some((_, e)) = &c.failed {
+            return Err(format!("client {i} failed: {e}"));
+        }
+        if !c.finished() {
+            return Err(format!(
+                "client {i} did not finish ({} pages present)",
+                c.client.pages_present()
+            ));
+        }
+    }
+    let sent = sim.server().stats().pages_sent;
+    let bound = retransmit_bound(sim.nonzero_pages(), worst_loss);
+    if sent > bound {
+        return Err(format!("server sent {sent} pages, bound {bound}"));
+    }
+    Ok(())
+}
+
+#[test]
+fn random_loss_per_client() {
+    for_seeds("random loss 0-30% per client", |seed| {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut sim = Sim::new(seed, cfg(1, 8), test_image(128, PS, 5, seed), PS)
+            .map_err(|e| e.to_string())?;
+        let mut worst: f64 = 0.0;
+        for i in 0..8 {
+            let p = rng.random_range(0.0..0.30);
+            worst = worst.max(p);
+            // Half the clients fetch the whole image, half fault on pages.
+            let spec = if i % 2 == 0 {
+                ClientSpec::fetch_all(p)
+            } else {
+                let pages = (0..32).map(|_| rng.random_range(0..128)).collect();
+                ClientSpec::faults(p, pages, Duration::from_micros(100))
+            };
+            sim.add_client(spec);
+        }
+        if !sim
+            .drive(Duration::from_secs(300))
+            .map_err(|e| e.to_string())?
+        {
+            return Err("not settled after 300 s".into());
+        }
+        check(&sim, worst)
+    });
+}
+
+#[test]
+fn burst_loss_gilbert_elliott() {
+    for_seeds("Gilbert-Elliott burst loss", |seed| {
+        let mut sim = Sim::new(seed, cfg(2, 8), test_image(128, PS, 5, seed), PS)
+            .map_err(|e| e.to_string())?;
+        let ge = Loss::GilbertElliott {
+            p_good_to_bad: 0.02,
+            p_bad_to_good: 0.25,
+            loss_good: 0.001,
+            loss_bad: 0.7,
+        };
+        for _ in 0..8 {
+            let mut s = ClientSpec::fetch_all(0.0);
+            s.downlink.loss = ge;
+            s.uplink.loss = ge;
+            sim.add_client(s);
+        }
+        if !sim
+            .drive(Duration::from_secs(300))
+            .map_err(|e| e.to_string())?
+        {
+            return Err("not settled".into());
+        }
+        check(&sim, 0.7)
+    });
+}
+
+#[test]
+fn duplication_reordering_jitter() {
+    for_seeds("duplication, reordering, jitter", |seed| {
+        let mut sim = Sim::new(seed, cfg(3, 8), test_image(128, PS, 5, seed), PS)
+            .map_err(|e| e.to_string())?;
+        let link = LinkConfig {
+            loss: Loss::Bernoulli(0.03),
+            duplicate: 0.05,
+            reorder: 0.10,
+            reorder_delay: Duration::from_millis(3),
+            delay: Duration::from_micros(200),
+            jitter: Duration::from_micros(800),
+        };
+        for i in 0..8u64 {
+            let mut s = if i % 2 == 0 {
+                ClientSpec::fetch_all(0.0)
+            } else {
+                ClientSpec::faults(
+                    0.0,
+                    (0..40).map(|k| (k * 7 + i) % 128).collect(),
+                    Duration::ZERO,
+                )
+            };
+            s.downlink = link;
+            s.uplink = link;
+            sim.add_client(s);
+        }
+        if !sim
+            .drive(Duration::from_secs(120))
+            .map_err(|e| e.to_string())?
+        {
+            return Err("not settled".into());
+        }
+        check(&sim, 0.03)
+    });
+}
+
+#[test]
+fn crash_and_late_join() {
+    for_seeds("crash mid-transfer, late join", |seed| {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut sim = Sim::new(seed, cfg(4, 6), test_image(256, PS, 5, seed), PS)
+            .map_err(|e| e.to_string())?;
+        for _ in 0..6 {
+            sim.add_client(ClientSpec::fetch_all(0.02));
+        }
+        // One crashes part-way through.
+        let mut crash = ClientSpec::fetch_all(0.02);
+        crash.crash_at = Some(Duration::from_micros(rng.random_range(1_000..30_000)));
+        let crashed = sim.add_client(crash);
+        // One joins late, possibly after the sweep has finished.
+        let mut late = ClientSpec::fetch_all(0.02);
+        late.start_at = Duration::from_micros(rng.random_range(5_000..300_000));
+        sim.add_client(late);
+        if !sim
+            .drive(Duration::from_secs(120))
+            .map_err(|e| e.to_string())?
+        {
+            return Err("not settled".into());
+        }
+        check(&sim, 0.02)?;
+        // The server forgets the crashed client after its timeout.
+        let addr = sim.client(crashed).addr;
+        let t = sim.elapsed();
+        sim.run_until(t + Duration::from_secs(12))
+            .map_err(|e| e.to_string())?;
+        if !sim
+            .server_events
+            .iter()
+            .any(|(_, e)| *e == ServerEvent::ClientTimedOut(addr))
+        {
+            return Err("crashed client never timed out at the server".into());
+        }
+        Ok(())
+    });
+}
+
+fn slow_run(seed: u64, with_slow: bool) -> Result<(Sim, Option<usize>), String> {
+    let mut sim =
+        Sim::new(seed, cfg(5, 0), test_image(1024, PS, 9, seed), PS).map_err(|e| e.to_string())?;
+    let fast = RxCapacity {
+        bytes_per_sec: 60_000_000,
+        queue_bytes: 256 * 1024,
+    };
+    for _ in 0..6 {
+        let mut s = ClientSpec::fetch_all(0.01);
+        s.rx_capacity = Some(fast);
+        sim.add_client(s);
+    }
+    let slow = with_slow.then(|| {
+        let mut s = ClientSpec::fetch_all(0.01);
+        s.rx_capacity = Some(RxCapacity {
+            bytes_per_sec: 6_000_000,
+            queue_bytes: 256 * 1024,
+        });
+        sim.add_client(s)
+    });
+    sim.drive(Duration::from_secs(120))
+        .map_err(|e| e.to_string())?;
+    Ok((sim, slow))
+}
+
+#[test]
+fn ten_times_slower_client_does_not_stall_the_rest() {
+    for_seeds("one 10x slower client", |seed| {
+        let (base, _) = slow_run(seed, false)?;
+        check(&base, 0.01)?;
+        let t_base = base
+            .clients()
+            .iter()
+            .filter_map(|c| c.finished_after)
+            .max()
+            .unwrap_or_default();
+        let (sim, slow) = slow_run(seed, true)?;
+        let slow = slow.unwrap_or_default();
+        sim.verify().map_err(|e| e.to_string())?;
+        let mut t_fast = Duration::ZERO;
+        for (i, c) in sim.clients().iter().enumerate() {
+            if i == slow {
+                // The slow one finishes or is reported as failed with a clear error.
+                if !c.finished() && c.failed.is_none() {
+                    return Err("slow client neither finished nor failed".into());
+                }
+                continue;
+            }
+            let Some(t) = c.finished_after else {
+                return Err(format!("fast client {i} did not finish: {:?}", c.failed));
+            };
+            t_fast = t_fast.max(t);
+        }
+        if t_fast.as_secs_f64() > 1.5 * t_base.as_secs_f64() {
+            return Err(format!(
+                "fast clients took {t_fast:?} with the slow one, {t_base:?} without"
+            ));
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn server_restart_same_image_resumes() {
+    for_seeds("server restart, same image", |seed| {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let img = test_image(512, PS, 5, seed);
+        let mut sim = Sim::new(seed, cfg(6, 6), img.clone(), PS).map_err(|e| e.to_string())?;
+        for _ in 0..6 {
+            sim.add_client(ClientSpec::fetch_all(0.02));
+        }
+        sim.run_until(Duration::from_micros(rng.random_range(2_000..40_000)))
+            .map_err(|e| e.to_string())?;
+        sim.restart_server(cfg(0x1006, 1), img)
+            .map_err(|e| e.to_string())?;
+        if !sim
+            .drive(Duration::from_secs(120))
+            .map_err(|e| e.to_string())?
+        {
+            return Err("not settled".into());
+        }
+        check(&sim, 0.02)
+    });
+}
+
+#[test]
+fn server_restart_different_image_fails_loudly() {
+    for_seeds("server restart, different image", |seed| {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut sim = Sim::new(seed, cfg(7, 6), test_image(512, PS, 5, seed), PS)
+            .map_err(|e| e.to_string())?;
+        for i in 0..6u64 {
+            let spec = if i < 4 {
+                ClientSpec::fetch_all(0.02)
+            } else {
+                ClientSpec::faults(
+                    0.02,
+                    (0..200).map(|k| (k * 13 + i) % 512).collect(),
+                    Duration::from_micros(300),
+                )
+            };
+            sim.add_client(spec);
+        }
+        sim.run_until(Duration::from_micros(rng.random_range(2_000..40_000)))
+            .map_err(|e| e.to_string())?;
+        // Same size, different bytes.
+        sim.restart_server(cfg(0x1007, 1), test_image(512, PS, 5, seed + 1_000_000))
+            .map_err(|e| e.to_string())?;
+        sim.drive(Duration::from_secs(60))
+            .map_err(|e| e.to_string())?;
+        // Never a page of the new image in a client that started on the old one.
+        sim.verify().map_err(|e| e.to_string())?;
+        for (i, c) in sim.clients().iter().enumerate() {
+            match &c.failed {
+                Some((_, ClientError::ImageChanged { .. })) => {}
+                Some((_, e)) => return Err(format!("client {i}: unclear error {e}")),
+                None if c.finished() => {} // done before the restart
+                None => return Err(format!("client {i} neither finished nor failed")),
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn request_storm_sixty_four_lockstep_clients() {
+    for_seeds("request storm: 64 clients in lockstep", |seed| {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut c = cfg(8, 0);
+        c.sweep = false;
+        let mut sim =
+            Sim::new(seed, c, test_image(256, PS, 0, seed), PS).map_err(|e| e.to_string())?;
+        let pages: Vec<u64> = (0..64).map(|_| rng.random_range(0..256)).collect();
+        let distinct = {
+            let mut d = pages.clone();
+            d.sort_unstable();
+            d.dedup();
+            d.len() as u64
+        };
+        for _ in 0..64 {
+            let mut s = ClientSpec::faults(0.01, pages.clone(), Duration::from_micros(20));
+            s.uplink.jitter = Duration::from_micros(200);
+            sim.add_client(s);
+        }
+        if !sim
+            .drive(Duration::from_secs(60))
+            .map_err(|e| e.to_string())?
+        {
+            return Err("not settled".into());
+        }
+        check(&sim, 0.01)?;
+        let s = sim.server().stats();
+        // 64 clients x `distinct` faults; demand sends stay near one per page
+        // (push and a few repairs aside).
+        if s.demand_pages > distinct * 3 {
+            return Err(format!(
+                "{} demand sends for {distinct} distinct pages ({} requested)",
+                s.demand_pages, s.pages_requested
+            ));
+        }
+        let _ = Workload::Idle;
+        Ok(())
+    });
+}
