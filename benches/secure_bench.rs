@@ -284,12 +284,98 @@ fn once(
     })
 }
 
+/// Seal and open one 4 KiB page datagram in a loop, for each protection mode
+/// (single thread, no network): the crypto cost alone.
+fn crypto_only() {
+    use mcdist::secure::{Opener, Role, Sealer, TRAILER_LEN};
+    use mcdist::wire::{Body, Data, HeaderFlags, Message};
+    let psk = Psk::generate();
+    let payload = vec![0x5au8; 4096];
+    let plain = {
+        let m = Message {
+            session: 77,
+            seq: 1,
+            flags: HeaderFlags(0),
+            body: Body::Data(Data {
+                pfn: 1,
+                frag_index: 0,
+                frag_count: 1,
+                flags: 0,
+                payload: &payload,
+            }),
+        };
+        let mut b = vec![0u8; m.buffer_len()];
+        let n = m.emit(&mut b).unwrap_or(0);
+        b.truncate(n);
+        b
+    };
+    let announce = |s: &mut Sealer, o: &mut Opener| {
+        let m = Message {
+            session: 77,
+            seq: 1,
+            flags: HeaderFlags(0),
+            body: Body::Announce(mcdist::wire::Announce {
+                image_size: 4096,
+                page_size: 4096,
+                page_count: 1,
+                digest: [0; 32],
+                zero_count: 0,
+                zero_map_digest: [0; 32],
+                zero_map_chunks: 0,
+                sweep_pos: mcdist::wire::Announce::SWEEP_NONE,
+                rate: 0,
+                flags: 0,
+                frag_payload: 4096,
+            }),
+        };
+        let mut b = vec![0u8; m.buffer_len() + TRAILER_LEN];
+        if let Ok(n) = m.emit(&mut b) {
+            if let Ok(n) = s.seal(&mut b, n) {
+                let _ = o.open(
+                    Instant::now(),
+                    SocketAddr::from(([127, 0, 0, 1], 1)),
+                    &mut b[..n],
+                );
+            }
+        }
+    };
+    let from = SocketAddr::from(([127, 0, 0, 1], 1));
+    for sec in [Security::auth_only(psk.clone()), Security::new(psk.clone())] {
+        let mut s = Sealer::new(&sec, Role::Server);
+        let mut o = Opener::client(&sec);
+        announce(&mut s, &mut o);
+        let mut buf = vec![0u8; plain.len() + TRAILER_LEN];
+        let n = 50_000;
+        let (mut seal_t, mut open_t) = (Duration::ZERO, Duration::ZERO);
+        for _ in 0..n {
+            buf[..plain.len()].copy_from_slice(&plain);
+            let t = Instant::now();
+            let len = s.seal(&mut buf, plain.len()).unwrap_or(0);
+            let t2 = Instant::now();
+            let ok = o.open(t2, from, &mut buf[..len]).is_ok();
+            open_t += t2.elapsed();
+            seal_t += t2 - t;
+            assert!(ok);
+        }
+        let per = |d: Duration| d.as_secs_f64() / n as f64 * 1e6;
+        println!(
+            "crypto alone, {:?}: seal {:.2} us, open {:.2} us per 4 KiB page ({:.0} / {:.0} MB/s)",
+            sec.protection,
+            per(seal_t),
+            per(open_t),
+            4096.0 / per(seal_t),
+            4096.0 / per(open_t)
+        );
+    }
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
 fn run(args: &Args) -> Result<(), String> {
+    crypto_only();
     let bytes = image(args.mib);
     let source = MemSource::new(bytes.clone(), 4096);
     let info = mcdist::source::scan(&source).map_err(|e| e.to_string())?;
