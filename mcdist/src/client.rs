@@ -60,6 +60,10 @@ pub struct ClientConfig {
     pub max_partial_pages: usize,
     /// Seed for retry jitter.
     pub seed: u64,
+    /// Accept only datagrams authenticated under this pre-shared key, and seal
+    /// what is sent. Applied by the drivers ([`crate::node::ClientNode`]);
+    /// `None` runs an unauthenticated session.
+    pub security: Option<crate::secure::Security>,
 }
 
 impl ClientConfig {
@@ -82,6 +86,7 @@ impl ClientConfig {
             expected_digest: None,
             max_partial_pages: 4096,
             seed: 0x636c_6965_6e74,
+            security: None,
         }
     }
 }

@@ -39,6 +39,7 @@ pub mod client;
 pub mod node;
 pub mod pacing;
 pub mod reassembly;
+pub mod secure;
 pub mod server;
 pub mod sim;
 pub mod source;

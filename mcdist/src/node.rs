@@ -7,6 +7,7 @@
 //! place (a file, `UFFDIO_COPY`) without another thread hop.
 
 use crate::client::{Client, ClientConfig, ClientError, ClientEvent, ClientStats};
+use crate::secure::{SecureTransport, Security, SecurityStats, SecurityStatsHandle};
 use crate::server::{ConfigError, Server, ServerConfig, ServerEvent, ServerStats};
 use crate::source::{ImageInfo, PageSource};
 use crate::transport::{Transport, Wake};
@@ -16,7 +17,7 @@ use crossbeam_channel::{Receiver, Sender};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, Once, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -91,6 +92,38 @@ impl PageSink for NullSink {
     }
 }
 
+// ---------------------------------------------------------------- security
+
+type Secured = (Box<dyn Transport>, Option<SecurityStatsHandle>);
+
+fn warn_unauthenticated() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        tracing::warn!(
+            "this mcdist session is unauthenticated: no pre-shared key is configured, so anyone \
+             on the network can read pages and inject forged ones (give a key: mcdist --key FILE)"
+        );
+    });
+}
+
+fn secure_transport<T: Transport>(
+    security: Option<&Security>,
+    transport: T,
+    wrap: impl FnOnce(T, &Security) -> SecureTransport<T>,
+) -> Secured {
+    match security {
+        Some(sec) => {
+            let t = wrap(transport, sec);
+            let h = t.stats_handle();
+            (Box::new(t), Some(h))
+        }
+        None => {
+            warn_unauthenticated();
+            (Box::new(transport), None)
+        }
+    }
+}
+
 // ---------------------------------------------------------------- server
 
 /// A server state machine running on its own thread.
@@ -103,6 +136,7 @@ pub struct ServerNode {
     local_addr: SocketAddr,
     session_id: u64,
     info: ImageInfo,
+    security: Option<SecurityStatsHandle>,
 }
 
 /// A copy of the server's counters and gauges.
@@ -139,13 +173,23 @@ impl ServerNode {
         ServerNode::start_with_info(cfg, transport, source, info)
     }
 
-    /// Serve with an already computed [`ImageInfo`].
+    /// Serve with an already computed [`ImageInfo`]. With `cfg.security` set,
+    /// every datagram is sealed and a fresh random session id is drawn unless
+    /// one is configured.
     pub fn start_with_info<T: Transport>(
         mut cfg: ServerConfig,
-        mut transport: T,
+        transport: T,
         source: Arc<dyn PageSource>,
         info: ImageInfo,
     ) -> Result<ServerNode, NodeError> {
+        if cfg.security.is_some() && cfg.session_id.is_none() {
+            cfg.session_id = Some(rand::random::<u64>() | 1);
+        }
+        let session = cfg.session_id;
+        let (mut transport, security) =
+            secure_transport(cfg.security.as_ref(), transport, |t, sec| {
+                SecureTransport::server(t, sec, session.unwrap_or(0))
+            });
         cfg.max_datagram = cfg.max_datagram.min(transport.capabilities().max_datagram);
         let server = Server::with_info(cfg, source, info.clone(), Instant::now())?;
         let session_id = server.session_id();
@@ -171,6 +215,7 @@ impl ServerNode {
             local_addr,
             session_id,
             info,
+            security,
         })
     }
 
@@ -192,6 +237,11 @@ impl ServerNode {
     /// A snapshot of the counters (refreshed every few milliseconds).
     pub fn stats(&self) -> ServerSnapshot {
         lock(&self.stats).clone()
+    }
+
+    /// Counters of the security layer (`None` in an unauthenticated session).
+    pub fn security_stats(&self) -> Option<SecurityStats> {
+        self.security.as_ref().map(SecurityStatsHandle::get)
     }
 
     /// Server events.
@@ -354,6 +404,7 @@ pub struct ClientNode {
     shared: Arc<ClientShared>,
     thread: Option<JoinHandle<()>>,
     local_addr: SocketAddr,
+    security: Option<SecurityStatsHandle>,
 }
 
 impl std::fmt::Debug for ClientNode {
@@ -366,12 +417,15 @@ impl std::fmt::Debug for ClientNode {
 
 impl ClientNode {
     /// Start a client; pages go to `sink`. `cfg.max_datagram` is lowered to
-    /// what the transport carries.
+    /// what the transport carries. With `cfg.security` set, only datagrams
+    /// authenticated under its key reach the client.
     pub fn start<T: Transport>(
         mut cfg: ClientConfig,
-        mut transport: T,
+        transport: T,
         sink: Arc<dyn PageSink>,
     ) -> Result<ClientNode, NodeError> {
+        let (mut transport, security) =
+            secure_transport(cfg.security.as_ref(), transport, SecureTransport::client);
         cfg.max_datagram = cfg.max_datagram.min(transport.capabilities().max_datagram);
         let local_addr = transport.local_addr().map_err(io_err("local address"))?;
         let waker = transport.waker();
@@ -407,6 +461,7 @@ impl ClientNode {
             shared,
             thread: Some(thread),
             local_addr,
+            security,
         })
     }
 
@@ -495,6 +550,11 @@ impl ClientNode {
     /// Counters.
     pub fn stats(&self) -> ClientStats {
         lock(&self.shared.state).stats.clone()
+    }
+
+    /// Counters of the security layer (`None` in an unauthenticated session).
+    pub fn security_stats(&self) -> Option<SecurityStats> {
+        self.security.as_ref().map(SecurityStatsHandle::get)
     }
 
     /// The error that ended the session, if any.

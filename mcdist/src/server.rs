@@ -70,6 +70,10 @@ pub struct ServerConfig {
     pub max_pages_per_request: u64,
     /// Seed for the server's randomness (session id).
     pub seed: u64,
+    /// Authenticate (and by default encrypt) every datagram under a pre-shared
+    /// key. Applied by the drivers ([`crate::node::ServerNode`]), which then
+    /// draw a random session id; `None` runs an unauthenticated session.
+    pub security: Option<crate::secure::Security>,
 }
 
 impl Default for ServerConfig {
@@ -92,6 +96,7 @@ impl Default for ServerConfig {
             per_source_page_rate: 400_000,
             max_pages_per_request: 8192,
             seed: 0x6d63_6469_7374,
+            security: None,
         }
     }
 }

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use mcdist::client::ClientConfig;
 use mcdist::node::{ClientNode, NodeError, PageSink, ServerNode};
+use mcdist::secure::{Protection, Psk, Security, SecurityStats};
 use mcdist::server::{Delivery, ServerConfig, ServerEvent};
 use mcdist::source::{scan_with_progress, FileSource, PageSource};
 use mcdist::transport::udp::{UdpConfig, UdpTransport};
@@ -74,6 +75,13 @@ enum Cmd {
         /// Give up after this many seconds (0: never).
         #[arg(long, default_value_t = 0)]
         timeout: u64,
+        /// Pre-shared 256-bit key file (32 raw bytes or 64 hex digits): authenticate
+        /// and encrypt every datagram. Without it the session is unauthenticated.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// With --key: authenticate only, send page contents in the clear (trusted networks).
+        #[arg(long, requires = "key")]
+        auth_only: bool,
     },
     /// Fetch a whole image from a server and verify it.
     Fetch {
@@ -95,6 +103,19 @@ enum Cmd {
         /// Receive by unicast only (the server runs with --unicast).
         #[arg(long)]
         unicast: bool,
+        /// Pre-shared 256-bit key file (32 raw bytes or 64 hex digits): authenticate
+        /// and encrypt every datagram. Without it the session is unauthenticated.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// With --key: authenticate only, send page contents in the clear (trusted networks).
+        #[arg(long, requires = "key")]
+        auth_only: bool,
+    },
+    /// Write a fresh random 256-bit key (64 hex digits) to a new file, mode 0600.
+    Keygen {
+        /// The key file to create (must not exist).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
 }
 
@@ -119,18 +140,23 @@ fn main() -> ExitCode {
             page_size,
             unicast,
             timeout,
-        } => serve(ServeArgs {
-            image,
-            group,
-            iface,
-            listen,
-            clients,
-            exit_when_done,
-            rate,
-            push: push == OnOff::On,
-            page_size,
-            unicast,
-            timeout,
+            key,
+            auth_only,
+        } => load_security(key.as_deref(), auth_only).and_then(|security| {
+            serve(ServeArgs {
+                image,
+                group,
+                iface,
+                listen,
+                clients,
+                exit_when_done,
+                rate,
+                push: push == OnOff::On,
+                page_size,
+                unicast,
+                timeout,
+                security,
+            })
         }),
         Cmd::Fetch {
             group,
@@ -139,7 +165,11 @@ fn main() -> ExitCode {
             out,
             timeout,
             unicast,
-        } => fetch(group, iface, server, &out, timeout, unicast),
+            key,
+            auth_only,
+        } => load_security(key.as_deref(), auth_only)
+            .and_then(|security| fetch(group, iface, server, &out, timeout, unicast, security)),
+        Cmd::Keygen { out } => keygen(&out),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -162,6 +192,63 @@ struct ServeArgs {
     page_size: usize,
     unicast: bool,
     timeout: u64,
+    security: Option<Security>,
+}
+
+fn load_security(key: Option<&Path>, auth_only: bool) -> Result<Option<Security>, String> {
+    let Some(path) = key else { return Ok(None) };
+    let loaded = Psk::load(path).map_err(|e| e.to_string())?;
+    if let Some(w) = &loaded.permission_warning {
+        eprintln!("mcdist: warning: {w}");
+    }
+    Ok(Some(if auth_only {
+        Security::auth_only(loaded.psk)
+    } else {
+        Security::new(loaded.psk)
+    }))
+}
+
+fn keygen(out: &Path) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| format!("cannot create key file {}: {e}", out.display()))?;
+    writeln!(f, "{}", Psk::generate().to_hex())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("writing key file {}: {e}", out.display()))?;
+    println!("wrote a new 256-bit key to {} (mode 0600)", out.display());
+    Ok(())
+}
+
+fn security_label(s: Option<&Security>) -> &'static str {
+    match s.map(|s| s.protection) {
+        None => "none (unauthenticated)",
+        Some(Protection::Encrypted) => "encrypted (AES-256-GCM)",
+        Some(Protection::AuthOnly) => "authenticated only (AES-256-GCM tag)",
+    }
+}
+
+fn security_summary(s: Option<SecurityStats>) -> String {
+    match s {
+        None => String::new(),
+        Some(s) => format!(
+            "; security: {} sealed, {} opened, dropped {} (bad tag {}, unauthenticated {}, replayed {}, too old {}, other session {}, rate limited {}, malformed {})",
+            s.sealed,
+            s.opened,
+            s.dropped(),
+            s.bad_tag,
+            s.unauthenticated,
+            s.replayed,
+            s.too_old,
+            s.other_session,
+            s.rate_limited,
+            s.malformed
+        ),
+    }
 }
 
 fn bar(len: u64, msg: &str) -> ProgressBar {
@@ -219,6 +306,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             ..defaults.rate
         },
         session_id: Some(rand::random::<u64>() | 1),
+        security: a.security.clone(),
         ..defaults
     };
     let image_size = info.image_size;
@@ -227,8 +315,9 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     let digest = mcdist::hex(&info.digest);
     let node = ServerNode::start_with_info(cfg, transport, Arc::new(source), info)
         .map_err(|e| e.to_string())?;
+    let label = security_label(a.security.as_ref());
     println!(
-        "serving {} ({} bytes, {} pages, {} zero) session {:016x} digest {} on {} via {}, requests at {}",
+        "serving {} ({} bytes, {} pages, {} zero) session {:016x} digest {} on {} via {}, requests at {}, security {label}",
         a.image.display(),
         image_size,
         pages,
@@ -273,11 +362,12 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             Err(_) => {}
         }
         if a.exit_when_done && a.clients.is_some_and(|n| done >= n) {
+            let sec = security_summary(node.security_stats());
             let snap = node.shutdown().map_err(|e| e.to_string())?;
             let s = &snap.stats;
             let secs = start.elapsed().as_secs_f64();
             println!(
-                "done: {} receivers in {:.2} s; sent {} bytes in {} datagrams = {:.3}x image ({} pages: {} demand, {} push, {} sweep, {} repair, {} unicast); requests {} nacks {} suppressed {} (lockstep {})",
+                "done: {} receivers in {:.2} s; sent {} bytes in {} datagrams = {:.3}x image ({} pages: {} demand, {} push, {} sweep, {} repair, {} unicast); requests {} nacks {} suppressed {} (lockstep {}){}",
                 done,
                 secs,
                 s.bytes_sent,
@@ -292,7 +382,8 @@ fn serve(a: ServeArgs) -> Result<(), String> {
                 s.requests,
                 s.nacks,
                 s.suppressed_lockstep + s.suppressed_queued,
-                s.suppressed_lockstep
+                s.suppressed_lockstep,
+                sec
             );
             return Ok(());
         }
@@ -333,6 +424,7 @@ fn fetch(
     out: &Path,
     timeout: u64,
     unicast: bool,
+    security: Option<Security>,
 ) -> Result<(), String> {
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         if !parent.is_dir() {
@@ -351,6 +443,7 @@ fn fetch(
     let deadline = Duration::from_secs(timeout.max(1));
     let mut ccfg = ClientConfig::new(server);
     ccfg.seed = rand::random();
+    ccfg.security = security;
     let file = File::create(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     let cleanup = |msg: String| -> String {
         let _ = std::fs::remove_file(out);
@@ -405,6 +498,7 @@ fn fetch(
         .map_err(|e| cleanup(format!("re-reading {}: {e}", out.display())))?;
     node.leave(ok);
     let secs = start.elapsed().as_secs_f64();
+    let sec = security_summary(node.security_stats());
     let stats = node.shutdown();
     if !ok {
         return Err(cleanup(format!(
@@ -414,7 +508,7 @@ fn fetch(
         )));
     }
     println!(
-        "fetched {} bytes in {:.2} s ({:.1} MB/s): {} pages received ({} zero local), {} duplicates, {} retries, {} nacks ({} pages), digest ok -> {}",
+        "fetched {} bytes in {:.2} s ({:.1} MB/s): {} pages received ({} zero local), {} duplicates, {} retries, {} nacks ({} pages), digest ok -> {}{}",
         session.image_size,
         secs,
         session.image_size as f64 / secs / 1e6,
@@ -424,7 +518,8 @@ fn fetch(
         stats.retries,
         stats.nacks_sent,
         stats.nack_pages,
-        out.display()
+        out.display(),
+        sec
     );
     Ok(())
 }

@@ -1,0 +1,162 @@
+//! Keyed `mcdist serve` and `mcdist fetch` processes in separate network
+//! namespaces on a bridge, over real UDP multicast: receivers with the key get
+//! the exact image (encrypted and authenticated-only), a receiver without it
+//! gets nothing, and a group-readable key file draws a warning.
+
+use mcdist::testnet::{unavailable, Topology};
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn image(path: &std::path::Path, mib: usize) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut buf = vec![0u8; 1 << 20];
+    for m in 0..mib {
+        if m % 4 == 1 {
+            buf.fill(0);
+        } else {
+            for c in buf.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+        f.write_all(&buf).unwrap();
+    }
+    f.write_all(&buf[..777]).unwrap();
+}
+
+fn output(mut c: std::process::Child) -> (bool, String, String) {
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut o) = c.stdout.take() {
+        o.read_to_string(&mut out).unwrap();
+    }
+    if let Some(mut e) = c.stderr.take() {
+        e.read_to_string(&mut err).unwrap();
+    }
+    (c.wait().unwrap().success(), out, err)
+}
+
+#[test]
+fn keyed_serve_and_fetch_over_a_bridge() {
+    if let Some(why) = unavailable() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_mcdist");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("image");
+    image(&img, 24);
+    let key = dir.path().join("key");
+    let st = Command::new(bin)
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "keygen writes a private key file");
+    // The same key in a file others can read.
+    let loose_key = dir.path().join("loose-key");
+    std::fs::copy(&key, &loose_key).unwrap();
+    std::fs::set_permissions(&loose_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let topo = Topology::create("mcsec", 4, 53).expect("building the namespace topology");
+    let srv = &topo.hosts[0];
+    let listen = format!("{}:7001", srv.addr);
+    let group = "239.255.53.1:7000";
+    let server = topo
+        .command(0, bin)
+        .args(["serve", "--image"])
+        .arg(&img)
+        .args(["--group", group, "--iface", &srv.iface, "--listen", &listen])
+        .args(["--clients", "2", "--exit-when-done", "--timeout", "120"])
+        .arg("--key")
+        .arg(&key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // A receiver without the key: it must never see the session.
+    let keyless_out = dir.path().join("keyless");
+    let keyless = topo
+        .command(3, bin)
+        .args(["fetch", "--group", group, "--iface", &topo.hosts[3].iface])
+        .args(["--server", &listen, "--timeout", "3", "--out"])
+        .arg(&keyless_out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut fetchers = Vec::new();
+    for (i, (k, auth_only)) in [(&key, false), (&loose_key, true)].into_iter().enumerate() {
+        let host = i + 1;
+        let out = dir.path().join(format!("out{host}"));
+        let mut cmd = topo.command(host, bin);
+        cmd.args([
+            "fetch",
+            "--group",
+            group,
+            "--iface",
+            &topo.hosts[host].iface,
+        ])
+        .args(["--server", &listen, "--timeout", "120", "--out"])
+        .arg(&out)
+        .arg("--key")
+        .arg(k);
+        if auth_only {
+            cmd.arg("--auth-only");
+        }
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        fetchers.push((out, auth_only, child));
+    }
+    let want = std::fs::read(&img).unwrap();
+    for (out, auth_only, child) in fetchers {
+        let (ok, text, err) = output(child);
+        println!("{}", text.trim());
+        assert!(ok, "keyed fetch failed: {text} {err}");
+        assert!(text.contains("digest ok"), "{text}");
+        assert!(text.contains("security:"), "{text}");
+        assert!(
+            std::fs::read(&out).unwrap() == want,
+            "{} differs",
+            out.display()
+        );
+        assert_eq!(
+            err.contains("chmod 600"),
+            auth_only,
+            "the warning is given for the loose key file only: {err}"
+        );
+    }
+    let (ok, text, err) = output(server);
+    println!("{}", text.trim());
+    assert!(ok, "server failed: {text} {err}");
+    assert!(text.contains("security encrypted"), "{text}");
+    assert!(text.contains("done: 2 receivers"), "{text}");
+    let unauth: u64 = text
+        .split("unauthenticated ")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|s| s.parse().ok())
+        .expect("security counters in the server summary");
+    assert!(
+        unauth > 0,
+        "the keyless receiver's joins were counted: {text}"
+    );
+    let (ok, text, err) = output(keyless);
+    println!("keyless: {} {}", text.trim(), err.trim());
+    assert!(!ok, "a receiver without the key must not get the image");
+    assert!(err.contains("unauthenticated"), "it says once: {err}");
+    assert!(err.contains("no announce"), "{err}");
+    assert!(!keyless_out.exists());
+}
