@@ -91,9 +91,8 @@ impl Tool {
 }
 
 fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|d| d.join(program).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
 }
 
 /// The `mcdist` binary in the directory of the running program, if there is one.
@@ -113,7 +112,9 @@ impl WorkDir {
     /// A fresh directory under `parent` (or the system temp dir).
     pub fn new(parent: Option<&Path>) -> io::Result<WorkDir> {
         let dir = match parent {
-            Some(p) => tempfile::Builder::new().prefix("mcdist-bench").tempdir_in(p)?,
+            Some(p) => tempfile::Builder::new()
+                .prefix("mcdist-bench")
+                .tempdir_in(p)?,
             None => tempfile::Builder::new().prefix("mcdist-bench").tempdir()?,
         };
         Ok(WorkDir { dir })
@@ -378,9 +379,17 @@ impl Bench {
             std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
             let id = format!("0x{:08x}", 0x100 + i);
             let mut c = topo.command(i, "uftpd");
-            c.args(["-d", "-I", &topo.hosts[i].iface, "-M", &public, "-p", "1044"])
-                .args(["-B", "8388608", "-U", &id, "-x", "1", "-D"])
-                .arg(&d);
+            c.args([
+                "-d",
+                "-I",
+                &topo.hosts[i].iface,
+                "-M",
+                &public,
+                "-p",
+                "1044",
+            ])
+            .args(["-B", "8388608", "-U", &id, "-x", "1", "-D"])
+            .arg(&d);
             daemons.push(spawn_quiet(c, &dir.join(format!("rx{i}.log")))?);
             outs.push(d.join("image"));
             ids.push(id);
@@ -570,7 +579,12 @@ pub fn set_mtu(topo: &Topology, mtu: u32) -> io::Result<()> {
     let br = topo
         .hosts
         .first()
-        .map(|h| h.ns.trim_end_matches(char::is_numeric).trim_end_matches('h').to_string() + "br")
+        .map(|h| {
+            h.ns.trim_end_matches(char::is_numeric)
+                .trim_end_matches('h')
+                .to_string()
+                + "br"
+        })
         .unwrap_or_default();
     for (i, _) in topo.hosts.iter().enumerate() {
         let port = format!("p{i}");
@@ -595,7 +609,9 @@ fn tx_bytes(topo: &Topology) -> io::Result<u64> {
 fn set_loss(topo: &Topology, n: usize, loss: f64) -> io::Result<()> {
     for h in topo.hosts.iter().skip(1).take(n) {
         let _ = Command::new("ip")
-            .args(["netns", "exec", &h.ns, "nft", "delete", "table", "inet", LOSS_TABLE])
+            .args([
+                "netns", "exec", &h.ns, "nft", "delete", "table", "inet", LOSS_TABLE,
+            ])
             .stderr(Stdio::null())
             .status();
         if loss <= 0.0 {
@@ -747,9 +763,9 @@ fn panel_svg(out: &mut String, p: &Panel<'_>, ox: f64, oy: f64, w: f64, h: f64) 
         .flat_map(|(_, v)| v.iter().copied())
         .collect();
     let tx = |x: f64| if p.log2_x { x.max(1.0).log2() } else { x };
-    let (mut x0, mut x1) = pts
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), (x, _)| (a.min(tx(*x)), b.max(tx(*x))));
+    let (mut x0, mut x1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), (x, _)| {
+        (a.min(tx(*x)), b.max(tx(*x)))
+    });
     if pts.is_empty() || x1 <= x0 {
         x0 = 0.0;
         x1 = x1.max(1.0);
@@ -918,10 +934,7 @@ pub fn to_svg(rs: &[RunResult], size_mib: u64, loss_n: usize) -> String {
         2.0 * w,
         2.0 * h + 30.0
     );
-    let _ = writeln!(
-        out,
-        r#"<rect width="100%" height="100%" fill="white"/>"#
-    );
+    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
     for (i, p) in panels.iter().enumerate() {
         let ox = (i % 2) as f64 * w;
         let oy = (i / 2) as f64 * h;

@@ -42,11 +42,15 @@ pub fn image(pages: usize, page_size: usize, zero_every: usize) -> Vec<u8> {
 }
 
 /// The server's request address used by [`Pair`].
-pub const SERVER_ADDR: SocketAddr =
-    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 7001));
+pub const SERVER_ADDR: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    7001,
+));
 /// The client's address used by [`Pair`].
-pub const CLIENT_ADDR: SocketAddr =
-    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 7002));
+pub const CLIENT_ADDR: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    7002,
+));
 
 /// A server configuration with pacing effectively off (for throughput benches).
 pub fn unpaced_server_config() -> ServerConfig {

@@ -88,9 +88,7 @@ fn main() -> ExitCode {
             vec![1.0, 5.0, 10.0]
         }
     });
-    let loss_n = cli
-        .loss_receivers
-        .unwrap_or(if cli.quick { 2 } else { 8 });
+    let loss_n = cli.loss_receivers.unwrap_or(if cli.quick { 2 } else { 8 });
     let tools = match cli.tools.as_ref() {
         Some(names) => {
             let mut v = Vec::new();
