@@ -113,6 +113,14 @@ impl Default for RateConfig {
 /// Follows receivers: multiplicative increase while no receiver reports loss,
 /// back-off toward the weighted average of the receive rates they report when
 /// they do. Always within `[floor, cap]`.
+///
+/// Loss that does not fall when the rate falls is not congestion (a lossy
+/// link, a noisy wireless hop): after [`RateController::PROBE_BACKOFFS`]
+/// back-offs in a row that left the loss where it was, the controller takes
+/// that loss as the link's baseline, returns to the rate it had before, and
+/// from then on backs off only on loss above the baseline plus the threshold.
+/// The baseline follows the loss measured while there is no congestion, so it
+/// falls again when the link gets cleaner.
 #[derive(Debug, Clone)]
 pub struct RateController {
     cfg: RateConfig,
@@ -122,6 +130,10 @@ pub struct RateController {
     sum_weight: f64,
     max_loss: u16,
     reports: u32,
+    /// Loss (permille) the link shows whatever the rate.
+    baseline_loss: f64,
+    /// Current run of back-offs: rate and loss before the first, count.
+    episode: Option<(u64, u16, u32)>,
 }
 
 impl RateController {
@@ -136,7 +148,18 @@ impl RateController {
             sum_weight: 0.0,
             max_loss: 0,
             reports: 0,
+            baseline_loss: 0.0,
+            episode: None,
         }
+    }
+
+    /// Back-offs in a row that must leave the loss unchanged before the loss
+    /// counts as the link's baseline rather than congestion.
+    pub const PROBE_BACKOFFS: u32 = 4;
+
+    /// Loss (parts per thousand) currently taken as the link's baseline.
+    pub fn baseline_loss_permille(&self) -> u16 {
+        self.baseline_loss as u16
     }
 
     /// Current rate, bytes/s.
@@ -169,7 +192,30 @@ impl RateController {
         self.next_update = now + self.cfg.interval;
         let old = self.rate;
         let cap = self.cfg.cap.max(self.cfg.floor);
-        if self.max_loss > self.cfg.loss_threshold_permille {
+        let loss = self.max_loss;
+        let congested = self.reports > 0
+            && f64::from(loss) > self.baseline_loss + f64::from(self.cfg.loss_threshold_permille);
+        if congested {
+            match self.episode {
+                None => self.episode = Some((self.rate, loss, 1)),
+                Some((before, first_loss, n)) => {
+                    // Rate-independent loss stays within 15 % of where it was.
+                    if u32::from(loss) * 100 >= u32::from(first_loss) * 85 {
+                        if n + 1 >= Self::PROBE_BACKOFFS {
+                            self.baseline_loss = f64::from(loss);
+                            self.episode = None;
+                            self.rate = before.clamp(self.cfg.floor, cap);
+                            self.reset_interval();
+                            return self.rate != old;
+                        }
+                        self.episode = Some((before, first_loss, n + 1));
+                    } else {
+                        // The loss fell with the rate: congestion. Start over
+                        // from here.
+                        self.episode = Some((self.rate, loss, 1));
+                    }
+                }
+            }
             let avg = if self.sum_weight > 0.0 {
                 (self.sum_rate_weighted / self.sum_weight) as u64
             } else {
@@ -177,14 +223,25 @@ impl RateController {
             };
             let backed = (self.rate as f64 * 0.8) as u64;
             self.rate = backed.min(avg.max(backed / 2)).clamp(self.cfg.floor, cap);
-        } else if self.reports > 0 || self.sum_weight == 0.0 {
-            self.rate = ((self.rate as f64 * 1.25) as u64).clamp(self.cfg.floor, cap);
+        } else {
+            self.episode = None;
+            if self.reports > 0 {
+                // Follow the loss the link shows without congestion.
+                self.baseline_loss += (f64::from(loss) - self.baseline_loss) * 0.1;
+            }
+            if self.reports > 0 || self.sum_weight == 0.0 {
+                self.rate = ((self.rate as f64 * 1.25) as u64).clamp(self.cfg.floor, cap);
+            }
         }
+        self.reset_interval();
+        self.rate != old
+    }
+
+    fn reset_interval(&mut self) {
         self.sum_rate_weighted = 0.0;
         self.sum_weight = 0.0;
         self.max_loss = 0;
         self.reports = 0;
-        self.rate != old
     }
 }
 
@@ -223,6 +280,69 @@ mod tests {
         c.report(50_000, 0);
         c.update(t0 + Duration::from_millis(20));
         assert!(c.rate() > low);
+    }
+
+    fn cfg_10ms() -> RateConfig {
+        RateConfig {
+            floor: 1000,
+            cap: 10_000_000,
+            initial: 1_000_000,
+            interval: Duration::from_millis(10),
+            loss_threshold_permille: 20,
+        }
+    }
+
+    #[test]
+    fn rate_independent_loss_becomes_the_baseline() {
+        let t0 = Instant::now();
+        let mut c = RateController::new(t0, cfg_10ms());
+        let start = c.rate();
+        let mut t = t0;
+        // 5 % loss whatever the rate: a lossy link, not congestion.
+        for _ in 0..RateController::PROBE_BACKOFFS {
+            t += Duration::from_millis(10);
+            c.report(c.rate(), 50);
+            c.update(t);
+        }
+        assert_eq!(c.baseline_loss_permille(), 50);
+        assert_eq!(
+            c.rate(),
+            start,
+            "rate restored once the loss proved rate-independent"
+        );
+        // The same loss no longer slows the sender down; it speeds up again.
+        for _ in 0..20 {
+            t += Duration::from_millis(10);
+            c.report(c.rate(), 50);
+            c.update(t);
+        }
+        assert_eq!(c.rate(), 10_000_000);
+    }
+
+    #[test]
+    fn loss_that_falls_with_the_rate_keeps_backing_off() {
+        let t0 = Instant::now();
+        let mut c = RateController::new(t0, cfg_10ms());
+        let capacity = 200_000f64;
+        let mut t = t0;
+        for _ in 0..40 {
+            t += Duration::from_millis(10);
+            // A receiver that takes at most `capacity`: the loss is what exceeds it.
+            let r = c.rate() as f64;
+            let loss = ((1.0 - capacity / r).max(0.0) * 1000.0) as u16;
+            c.report(r.min(capacity) as u64, loss);
+            c.update(t);
+        }
+        assert_eq!(
+            c.baseline_loss_permille(),
+            0,
+            "congestion is not baseline loss"
+        );
+        assert!(
+            c.rate() < 400_000,
+            "rate {} stays near the receiver's capacity",
+            c.rate()
+        );
     }
 
     proptest! {

@@ -1,0 +1,191 @@
+//! State-machine throughput and latency, with no I/O at all:
+//! - `server/sweep_pages`: pages/s the server's `poll_transmit` produces
+//!   sweeping a 64 MiB in-memory image with pacing effectively off;
+//! - `client/ingest_pages`: pages/s the client takes in through
+//!   `handle_datagram` (parse, reassembly bookkeeping, `PageReady`);
+//! - `pair/fault_to_install`: one demand fault through a sans-IO server and
+//!   client back to back (request emitted, parsed, page read and emitted,
+//!   parsed and reported ready);
+//! - `fec/raptorq`: RaptorQ encode and decode of a run of 64 pages with 5 %
+//!   repair symbols, per page.
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use mcdist::client::ClientEvent;
+use mcdist::server::{Server, ServerConfig};
+use mcdist::source::{scan, MemSource};
+use mcdist_benches::{image, unpaced_server_config, Pair, SERVER_ADDR};
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const PAGES: usize = 16 * 1024; // 64 MiB of 4 KiB pages
+
+fn sweep_config() -> ServerConfig {
+    ServerConfig {
+        push_neighbors: false,
+        sweep: true,
+        sweep_min_clients: 0,
+        max_datagram: 65_507,
+        ..unpaced_server_config()
+    }
+}
+
+fn server(c: &mut Criterion) {
+    let img = Bytes::from(image(PAGES, 4096, 0));
+    let source = Arc::new(MemSource::new(img, 4096));
+    let info = scan(source.as_ref()).expect("in-memory image");
+    let mut g = c.benchmark_group("server");
+    g.throughput(Throughput::Elements(PAGES as u64));
+    g.sample_size(20);
+    g.bench_function("sweep_pages", |b| {
+        b.iter_batched(
+            || {
+                Server::with_info(sweep_config(), source.clone(), info.clone(), Instant::now())
+                    .expect("valid configuration")
+            },
+            |mut s| {
+                let mut buf = vec![0u8; 65_536];
+                let mut now = Instant::now();
+                let mut n = 0u64;
+                while n < PAGES as u64 {
+                    match s.poll_transmit(now, &mut buf) {
+                        Some(t) => {
+                            black_box(&buf[..t.len]);
+                        }
+                        None => now += Duration::from_millis(1),
+                    }
+                    n = s.stats().sweep_pages;
+                }
+                s
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
+fn client(c: &mut Criterion) {
+    // Record every data datagram of a sweep once.
+    let img = image(PAGES, 4096, 0);
+    let source = Arc::new(MemSource::new(img.clone(), 4096));
+    let mut s = Server::new(sweep_config(), source, Instant::now()).expect("valid configuration");
+    let mut buf = vec![0u8; 65_536];
+    let mut now = Instant::now();
+    let mut dgrams = Vec::with_capacity(PAGES);
+    while s.stats().sweep_pages < PAGES as u64 {
+        match s.poll_transmit(now, &mut buf) {
+            Some(t) if buf[3] == mcdist::wire::Kind::Data as u8 => {
+                dgrams.push(Bytes::copy_from_slice(&buf[..t.len]))
+            }
+            Some(_) => {}
+            None => now += Duration::from_millis(1),
+        }
+    }
+    let session = s.session_id();
+    let mut g = c.benchmark_group("client");
+    g.throughput(Throughput::Elements(dgrams.len() as u64));
+    g.sample_size(10);
+    g.bench_function("ingest_pages", |b| {
+        b.iter_batched(
+            || {
+                // A joined client of a server with the same session id.
+                let mut p = Pair::new(img.clone());
+                assert_eq!(p.server.session_id(), session, "same bench session");
+                let _ = &mut p;
+                p
+            },
+            |mut p| {
+                let now = p.now;
+                let mut ready = 0u64;
+                for d in &dgrams {
+                    p.client.handle_datagram(now, SERVER_ADDR, d.clone());
+                    while let Some(ev) = p.client.poll_event() {
+                        if matches!(ev, ClientEvent::PageReady { .. }) {
+                            ready += 1;
+                        }
+                    }
+                }
+                black_box(ready);
+                p
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
+fn fault_latency(c: &mut Criterion) {
+    let pages = 4096usize;
+    let img = image(pages, 4096, 0);
+    let mut g = c.benchmark_group("pair");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("fault_to_install", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            let mut pair = Pair::new(img.clone());
+            let mut pfn = 0u64;
+            for _ in 0..iters {
+                if pfn as usize >= pages {
+                    pair = Pair::new(img.clone());
+                    pfn = 0;
+                }
+                let t = Instant::now();
+                let got = pair.fault(pfn);
+                total += t.elapsed();
+                black_box(got.expect("page arrives over a lossless pair"));
+                // Stride so neighbouring pages are not already present.
+                pfn += 1;
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
+fn fec(c: &mut Criterion) {
+    let run = 64usize;
+    let data = image(run, 4096, 0);
+    let symbol = 1280u16;
+    let mut g = c.benchmark_group("fec/raptorq");
+    g.throughput(Throughput::Elements(run as u64));
+    g.sample_size(10);
+    let repair = (data.len() / usize::from(symbol)).div_ceil(20) as u32; // 5 %
+    g.bench_function("encode_64_pages", |b| {
+        b.iter(|| {
+            let enc = raptorq::Encoder::with_defaults(black_box(&data), symbol);
+            black_box(enc.get_encoded_packets(repair).len())
+        })
+    });
+    let enc = raptorq::Encoder::with_defaults(&data, symbol);
+    let packets = enc.get_encoded_packets(repair);
+    let cfg = enc.get_config();
+    // Drop one source symbol in 25 so decoding needs the repair symbols.
+    let received: Vec<raptorq::EncodingPacket> = packets
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| i % 25 != 3)
+        .map(|(_, p)| p)
+        .collect();
+    g.bench_function("decode_64_pages_4pct_loss", |b| {
+        b.iter_batched(
+            || received.clone(),
+            |pkts| {
+                let mut dec = raptorq::Decoder::new(cfg);
+                let mut out = None;
+                for p in pkts {
+                    out = dec.decode(p);
+                    if out.is_some() {
+                        break;
+                    }
+                }
+                black_box(out.expect("enough symbols to decode"))
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, server, client, fault_latency, fec);
+criterion_main!(benches);

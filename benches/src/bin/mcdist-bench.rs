@@ -1,0 +1,216 @@
+//! `mcdist-bench`: whole-image distribution to N receivers over network
+//! namespaces on a bridge, mcdist against the real peers uftp and udpcast,
+//! every configuration measured in the same run.
+//!
+//! Needs root, `ip` (iproute2), `nft` (loss injection), `uftp`/`uftpd` and
+//! `udp-sender`/`udp-receiver`; a peer whose programs are missing is skipped
+//! with a note. Traffic stays inside namespaces this program creates; groups
+//! come from 239.255.0.0/16 with TTL 1.
+//!
+//! Prints a table and writes `results.csv` and `results.svg` to `--out`.
+
+use clap::Parser;
+use mcdist::testnet::{unavailable, Topology};
+use mcdist_benches::e2e::{self, Bench, RunResult, Tool};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Whole-image distribution bench: mcdist, mcdist unicast fan-out, uftp, udpcast.
+#[derive(Parser, Debug)]
+#[command(name = "mcdist-bench", about, long_about = None)]
+struct Cli {
+    /// The mcdist binary (default: next to this program).
+    #[arg(long)]
+    mcdist: Option<PathBuf>,
+    /// Small, fast smoke run: 16 MiB, N = 1, 2, 4, loss 0 and 5 %.
+    #[arg(long)]
+    quick: bool,
+    /// Image size in MiB.
+    #[arg(long)]
+    size_mib: Option<u64>,
+    /// Receiver counts for the loss-free sweep, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    receivers: Option<Vec<usize>>,
+    /// Loss rates in percent for the loss sweep, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    loss: Option<Vec<f64>>,
+    /// Receiver count of the loss sweep.
+    #[arg(long)]
+    loss_receivers: Option<usize>,
+    /// Tools to run, comma separated: mcdist, mcdist-fec, mcdist-unicast, uftp, udpcast, udpcast-fec.
+    #[arg(long, value_delimiter = ',')]
+    tools: Option<Vec<String>>,
+    /// Send-rate cap for every tool, Mbit/s.
+    #[arg(long, default_value_t = 1000)]
+    rate_mbit: u64,
+    /// MTU of the namespace links.
+    #[arg(long, default_value_t = 1500)]
+    mtu: u32,
+    /// Percentage of all-zero pages in the generated image.
+    #[arg(long, default_value_t = 0)]
+    zero_percent: u32,
+    /// Give up on one run after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    run_timeout: u64,
+    /// Where results.csv and results.svg go.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// Directory for the image and received copies (default: the system temp dir).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(why) = unavailable() {
+        eprintln!("mcdist-bench: cannot build namespaces: {why}");
+        return ExitCode::FAILURE;
+    }
+    let mcdist = match cli.mcdist.clone().or_else(e2e::mcdist_next_to_me) {
+        Some(p) => p,
+        None => {
+            eprintln!("mcdist-bench: no mcdist binary next to this program; pass --mcdist PATH");
+            return ExitCode::FAILURE;
+        }
+    };
+    let size_mib = cli.size_mib.unwrap_or(if cli.quick { 16 } else { 256 });
+    let receivers = cli.receivers.clone().unwrap_or_else(|| {
+        if cli.quick {
+            vec![1, 2, 4]
+        } else {
+            vec![1, 2, 4, 8, 16]
+        }
+    });
+    let losses = cli.loss.clone().unwrap_or_else(|| {
+        if cli.quick {
+            vec![5.0]
+        } else {
+            vec![1.0, 5.0, 10.0]
+        }
+    });
+    let loss_n = cli.loss_receivers.unwrap_or(if cli.quick { 2 } else { 8 });
+    let tools = match cli.tools.as_ref() {
+        Some(names) => {
+            let mut v = Vec::new();
+            for n in names {
+                match Tool::from_name(n) {
+                    Some(t) => v.push(t),
+                    None => {
+                        eprintln!("mcdist-bench: unknown tool {n:?}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            v
+        }
+        None => Tool::ALL.to_vec(),
+    };
+    let work = match e2e::WorkDir::new(cli.work_dir.as_deref()) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("mcdist-bench: work directory: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let bench = Bench {
+        mcdist,
+        image_bytes: size_mib << 20,
+        rate_mbit: cli.rate_mbit,
+        mtu: cli.mtu,
+        zero_percent: cli.zero_percent,
+        run_timeout: std::time::Duration::from_secs(cli.run_timeout),
+        work,
+    };
+    if let Err(e) = bench.make_image() {
+        eprintln!("mcdist-bench: writing the image: {e}");
+        return ExitCode::FAILURE;
+    }
+    let available: Vec<Tool> = tools
+        .into_iter()
+        .filter(|t| match t.missing(&bench) {
+            Some(why) => {
+                println!("skipping {}: {why}", t.name());
+                false
+            }
+            None => true,
+        })
+        .collect();
+    let mut results: Vec<RunResult> = Vec::new();
+    let mut ns_all: Vec<usize> = receivers.clone();
+    if !losses.is_empty() && !ns_all.contains(&loss_n) {
+        ns_all.push(loss_n);
+    }
+    ns_all.sort_unstable();
+    ns_all.dedup();
+    println!(
+        "image {} MiB, rate cap {} Mbit/s, MTU {}, tools: {}",
+        size_mib,
+        cli.rate_mbit,
+        cli.mtu,
+        available
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("{}", RunResult::table_header());
+    for (k, &n) in ns_all.iter().enumerate() {
+        let topo = match Topology::create("mcb", n + 1, 60 + k as u8) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("mcdist-bench: building {} namespaces: {e}", n + 1);
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Err(e) = e2e::set_mtu(&topo, cli.mtu) {
+            eprintln!("mcdist-bench: setting MTU {}: {e}", cli.mtu);
+            return ExitCode::FAILURE;
+        }
+        let mut plan: Vec<f64> = Vec::new();
+        if receivers.contains(&n) {
+            plan.push(0.0);
+        }
+        if n == loss_n {
+            plan.extend(losses.iter().copied().filter(|l| *l > 0.0));
+        }
+        for &loss in &plan {
+            for &tool in &available {
+                if tool.fec() && loss == 0.0 && !receivers.is_empty() && n != loss_n {
+                    // FEC variants matter under loss; loss-free they run at the loss sweep's N only.
+                    continue;
+                }
+                let r = bench.run(&topo, 60 + k as u8, tool, n, loss);
+                println!("{}", r.table_row());
+                results.push(r);
+            }
+        }
+        drop(topo);
+    }
+    if let Err(e) = std::fs::create_dir_all(&cli.out) {
+        eprintln!("mcdist-bench: creating {}: {e}", cli.out.display());
+        return ExitCode::FAILURE;
+    }
+    let csv = cli.out.join("results.csv");
+    let svg = cli.out.join("results.svg");
+    let md = cli.out.join("results.md");
+    let res = std::fs::write(&csv, e2e::to_csv(&results))
+        .and_then(|_| std::fs::write(&svg, e2e::to_svg(&results, size_mib, loss_n)))
+        .and_then(|_| std::fs::write(&md, e2e::to_markdown(&results)));
+    if let Err(e) = res {
+        eprintln!("mcdist-bench: writing results: {e}");
+        return ExitCode::FAILURE;
+    }
+    println!();
+    print!("{}", e2e::summary(&results));
+    println!(
+        "wrote {}, {}, {}",
+        csv.display(),
+        svg.display(),
+        md.display()
+    );
+    if results.iter().all(|r| r.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    }
+}
