@@ -78,8 +78,10 @@ fn run(args: Args) -> Result<(), String> {
     let probe = frozen.descriptor(None);
     let group = SocketAddrV4::new([239, 255, 70, 1].into(), 46001);
     let listen: SocketAddr = "127.0.0.1:46002".parse().map_err(|e| format!("{e}"))?;
-    let mut scfg = mcdist::ServerConfig::default();
-    scfg.push_neighbors = !args.no_push;
+    let scfg = mcdist::ServerConfig {
+        push_neighbors: !args.no_push,
+        ..Default::default()
+    };
     let server = MemoryServer::start(
         frozen.image(),
         frozen.zero_map(),

@@ -279,9 +279,8 @@ impl EventFd {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fresh descriptor owned only here.
-        Ok(Self {
-            fd: unsafe { OwnedFd::from_raw_fd(raw) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(Self { fd })
     }
 
     pub(crate) fn signal(&self) -> io::Result<()> {
