@@ -379,3 +379,83 @@ fn get_fpu(r: &mut Reader<'_>) -> Result<kvm_fpu, DescriptorError> {
     f.mxcsr = r.u32()?;
     Ok(f)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Descriptor {
+        let mut regs = kvm_regs {
+            rip: 0x202a,
+            rflags: 2,
+            rbx: 7,
+            ..Default::default()
+        };
+        regs.r15 = u64::MAX;
+        let mut sregs = kvm_sregs {
+            cr0: 0x11,
+            efer: 0x500,
+            ..Default::default()
+        };
+        sregs.cs.limit = 0xffff_ffff;
+        sregs.cs.db = 1;
+        sregs.ldt.unusable = 1;
+        sregs.interrupt_bitmap[3] = 9;
+        let mut fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        fpu.xmm[15][0] = 0xab;
+        let mut zero_map = PageBits::new(100);
+        zero_map.set(0);
+        zero_map.set(99);
+        Descriptor {
+            mem_size: 100 * 4096,
+            page_size: 4096,
+            digest: [5; 32],
+            session: Some(SessionParams {
+                group: "239.255.1.2:4000".parse().expect("group"),
+                server: "[::1]:4001".parse().expect("server"),
+                session_id: 0xdead_beef,
+            }),
+            vcpus: vec![VcpuState { regs, sregs, fpu }],
+            zero_map,
+        }
+    }
+
+    #[test]
+    fn round_trips_every_field() {
+        let d = sample();
+        let e = Descriptor::decode(&d.encode()).expect("decode");
+        assert_eq!(e.encode(), d.encode());
+        assert_eq!(e.session, d.session);
+        assert_eq!(e.zero_map, d.zero_map);
+        assert_eq!(e.vcpus[0].regs.r15, u64::MAX);
+        assert_eq!(e.vcpus[0].sregs.interrupt_bitmap[3], 9);
+        assert_eq!(e.vcpus[0].fpu.xmm[15][0], 0xab);
+    }
+
+    #[test]
+    fn rejects_damaged_input_without_panicking() {
+        let bytes = sample().encode();
+        for n in 0..bytes.len() {
+            assert!(
+                Descriptor::decode(&bytes[..n]).is_err(),
+                "prefix of {n} bytes"
+            );
+        }
+        let mut bad = bytes.clone();
+        bad[0] ^= 1;
+        assert!(matches!(
+            Descriptor::decode(&bad),
+            Err(DescriptorError::BadMagic)
+        ));
+        let mut v2 = bytes.clone();
+        v2[8] = 2;
+        assert!(matches!(
+            Descriptor::decode(&v2),
+            Err(DescriptorError::UnsupportedVersion(2))
+        ));
+    }
+}
