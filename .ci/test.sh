@@ -24,9 +24,9 @@ echo "== clippy"
 cargo clippy --workspace --all-targets --locked $FEATURES -- -D warnings
 echo "== tests"
 if command -v cargo-nextest >/dev/null; then
-    cargo nextest run --workspace --locked --no-fail-fast $FEATURES
-    # Doc tests are not run by nextest.
+    # Doc tests are not run by nextest; run them first so the summary comes last.
     cargo test --workspace --doc --locked $FEATURES
+    cargo nextest run --workspace --locked --no-fail-fast $FEATURES
 else
     cargo test --workspace --locked --no-fail-fast $FEATURES
 fi
