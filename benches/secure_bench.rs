@@ -271,6 +271,9 @@ fn once(
             if s.bad_tag + s.unauthenticated > 0 {
                 return Err(format!("client {i}: unexpected drops {s:?}"));
             }
+            if s.dropped() > 0 {
+                println!("    client {i} dropped: {s:?}");
+            }
         }
         drop(n);
         if store.digest() != img.info.digest {

@@ -231,7 +231,7 @@ impl Security {
         Security {
             psk,
             protection: Protection::Encrypted,
-            replay_window: 4096,
+            replay_window: 16_384,
             session_switch_after: Duration::from_secs(1),
             joins_per_second: 50,
             max_peers: 8192,
@@ -813,6 +813,7 @@ impl SecurityStatsHandle {
 pub struct SecureTransport<T> {
     inner: T,
     sealer: Sealer,
+    group_sealer: Sealer,
     opener: Opener,
     out: Vec<u8>,
     stats: SecurityStatsHandle,
@@ -822,6 +823,7 @@ impl<T> fmt::Debug for SecureTransport<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SecureTransport")
             .field("sealer", &self.sealer)
+            .field("group_sealer", &self.group_sealer)
             .field("opener", &self.opener)
             .finish_non_exhaustive()
     }
@@ -836,20 +838,36 @@ impl<T: Transport> SecureTransport<T> {
         SecureTransport::new(
             inner,
             Sealer::new(sec, Role::Server),
+            Sealer::new(sec, Role::Server),
             Opener::server(sec, session),
         )
     }
 
     /// A client.
     pub fn client(inner: T, sec: &Security) -> SecureTransport<T> {
-        SecureTransport::new(inner, Sealer::new(sec, Role::Client), Opener::client(sec))
+        SecureTransport::new(
+            inner,
+            Sealer::new(sec, Role::Client),
+            Sealer::new(sec, Role::Client),
+            Opener::client(sec),
+        )
     }
 
-    /// Wrap with a given sealer and opener.
-    pub fn new(inner: T, sealer: Sealer, opener: Opener) -> SecureTransport<T> {
+    /// Wrap with given sealers (one for datagrams to single peers, one for the
+    /// group; distinct sender ids) and an opener. Group and unicast traffic
+    /// reach a receiver on different sockets and may be read out of order with
+    /// each other; separate counters keep each stream in order for the
+    /// receiver's replay window.
+    pub fn new(
+        inner: T,
+        sealer: Sealer,
+        group_sealer: Sealer,
+        opener: Opener,
+    ) -> SecureTransport<T> {
         SecureTransport {
             inner,
             sealer,
+            group_sealer,
             opener,
             out: Vec::with_capacity(65_536),
             stats: SecurityStatsHandle::default(),
@@ -869,7 +887,7 @@ impl<T: Transport> SecureTransport<T> {
     fn publish(&self) {
         let mut s = self.stats.0.lock().unwrap_or_else(PoisonError::into_inner);
         *s = self.opener.stats.clone();
-        s.sealed = self.sealer.counter;
+        s.sealed = self.sealer.counter + self.group_sealer.counter;
     }
 }
 
@@ -878,8 +896,11 @@ impl<T: Transport> Transport for SecureTransport<T> {
         self.out.clear();
         self.out.extend_from_slice(data);
         self.out.resize(data.len() + TRAILER_LEN, 0);
-        let n = self
-            .sealer
+        let sealer = match dest {
+            Dest::Group => &mut self.group_sealer,
+            Dest::Peer(_) => &mut self.sealer,
+        };
+        let n = sealer
             .seal(&mut self.out, data.len())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let r = self.inner.send(dest, &self.out[..n]);
