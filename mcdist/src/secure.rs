@@ -1246,6 +1246,43 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_datagrams_never_open(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let sec = sec(Protection::Encrypted);
+            let mut c = Opener::client(&sec);
+            let mut s = Opener::server(&sec, 5);
+            let mut b = bytes.clone();
+            proptest::prop_assert!(c.open(Instant::now(), addr(), &mut b).is_err());
+            let mut b = bytes;
+            proptest::prop_assert!(s.open(Instant::now(), addr(), &mut b).is_err());
+        }
+
+        #[test]
+        fn any_change_to_a_sealed_datagram_is_rejected(
+            pos in 0usize..1000,
+            xor in 1u8..=255,
+            cut in 0usize..40,
+            auth_only in proptest::bool::ANY,
+        ) {
+            let p = if auth_only { Protection::AuthOnly } else { Protection::Encrypted };
+            let sec = sec(p);
+            let mut srv = Sealer::new(&sec, Role::Server);
+            let mut o = following(&sec, &mut srv, 5);
+            let good = seal(&mut srv, data_msg(5, 2, 3, &[9u8; 64]));
+            let mut b = good.clone();
+            let i = pos % b.len();
+            b[i] ^= xor;
+            proptest::prop_assert!(o.open(Instant::now(), addr(), &mut b).is_err());
+            if cut > 0 {
+                let mut b = good[..good.len() - cut].to_vec();
+                proptest::prop_assert!(o.open(Instant::now(), addr(), &mut b).is_err());
+            }
+            let mut b = good;
+            proptest::prop_assert!(o.open(Instant::now(), addr(), &mut b).is_ok());
+        }
+    }
+
     #[test]
     fn key_parsing() {
         let raw = [0x5au8; 32];
