@@ -284,6 +284,9 @@ pub struct SecurityStats {
     pub too_old: u64,
     /// Dropped: a datagram of another (earlier or foreign) session.
     pub other_session: u64,
+    /// Dropped by a client: a datagram other than an announce before the
+    /// first authenticated announce (the session is not known yet).
+    pub before_session: u64,
     /// Dropped: joins over the per-address rate.
     pub rate_limited: u64,
 }
@@ -297,6 +300,7 @@ impl SecurityStats {
             + self.replayed
             + self.too_old
             + self.other_session
+            + self.before_session
             + self.rate_limited
     }
 }
@@ -339,6 +343,9 @@ pub enum Reject {
     /// Another session.
     #[error("another session")]
     OtherSession,
+    /// No session yet (client).
+    #[error("before the session is known")]
+    BeforeSession,
     /// Join rate exceeded.
     #[error("rate limited")]
     RateLimited,
@@ -634,6 +641,7 @@ impl Opener {
             Err(Reject::Replayed) => s.replayed += 1,
             Err(Reject::TooOld) => s.too_old += 1,
             Err(Reject::OtherSession) => s.other_session += 1,
+            Err(Reject::BeforeSession) => s.before_session += 1,
             Err(Reject::RateLimited) => s.rate_limited += 1,
         }
         if let Err(e) = r {
@@ -675,6 +683,8 @@ impl Opener {
                     && last.is_none_or(|t| now.saturating_duration_since(t) >= self.switch_after)
                 {
                     true
+                } else if current.is_none() {
+                    return Err(Reject::BeforeSession);
                 } else {
                     return Err(Reject::OtherSession);
                 }
