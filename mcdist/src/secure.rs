@@ -26,14 +26,16 @@
 //!
 //! ## Keys and nonces
 //! Every sender instance (a server, each client) draws a random 64-bit sender
-//! id from the operating system's CSPRNG. Its datagrams of session `s` are
-//! sealed under
-//! `K = BLAKE3-derive_key(CONTEXT, psk ‖ s ‖ role ‖ sender_id)` with the
-//! 96-bit nonce `0³² ‖ counter`. A key is therefore used by exactly one sender,
-//! whose counter never repeats, so a (key, nonce) pair never repeats. The role
-//! (server or client) is part of the key, so a datagram cannot be reflected
-//! back as if the other side sent it. Joins carry session 0 (the client does
-//! not know the session yet) and use the session-0 key of their sender.
+//! id from a CSPRNG seeded by the operating system; the server draws one for
+//! group and one for unicast datagrams. A sender's datagrams of session `s`
+//! are sealed under `K = BLAKE3-derive_key(CONTEXT, psk ‖ s ‖ role ‖ sender_id)`
+//! with the 96-bit nonce `0³² ‖ counter`. A key is therefore used by one
+//! sender only, whose counter never repeats, so a (key, nonce) pair never
+//! repeats (unless two of n senders draw the same id: probability about
+//! n²/2⁶⁵). The role (server or client) is part of the key, so a datagram
+//! cannot be reflected back as if the other side sent it. Joins carry session
+//! 0 (the client does not know the session yet) and use the session-0 key of
+//! their sender.
 //!
 //! ## What a receiver drops (and counts in [`SecurityStats`])
 //! - datagrams without the AUTH bit or too short for a trailer;
@@ -125,7 +127,8 @@ impl Psk {
         Psk(bytes)
     }
 
-    /// A fresh random key (from the operating system's CSPRNG).
+    /// A fresh random key (from `rand`'s thread generator, a CSPRNG seeded by
+    /// the operating system).
     pub fn generate() -> Psk {
         Psk(rand::random())
     }
