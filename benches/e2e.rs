@@ -22,6 +22,10 @@ pub enum Tool {
     McdistFec,
     /// mcdist sending to each receiver by unicast.
     McdistUnicast,
+    /// mcdist over multicast with a pre-shared key, authenticated only (`--key --auth-only`).
+    McdistAuth,
+    /// mcdist over multicast with a pre-shared key, encrypted (`--key`).
+    McdistEnc,
     /// uftp / uftpd (Debian package `uftp`).
     Uftp,
     /// udp-sender / udp-receiver (Debian package `udpcast`).
@@ -32,10 +36,12 @@ pub enum Tool {
 
 impl Tool {
     /// Every tool, in table order.
-    pub const ALL: [Tool; 6] = [
+    pub const ALL: [Tool; 8] = [
         Tool::Mcdist,
         Tool::McdistFec,
         Tool::McdistUnicast,
+        Tool::McdistAuth,
+        Tool::McdistEnc,
         Tool::Uftp,
         Tool::Udpcast,
         Tool::UdpcastFec,
@@ -47,6 +53,8 @@ impl Tool {
             Tool::Mcdist => "mcdist",
             Tool::McdistFec => "mcdist-fec",
             Tool::McdistUnicast => "mcdist-unicast",
+            Tool::McdistAuth => "mcdist-auth",
+            Tool::McdistEnc => "mcdist-enc",
             Tool::Uftp => "uftp",
             Tool::Udpcast => "udpcast",
             Tool::UdpcastFec => "udpcast-fec",
@@ -66,7 +74,7 @@ impl Tool {
     /// Why this tool cannot run here, if it cannot.
     pub fn missing(self, bench: &Bench) -> Option<String> {
         match self {
-            Tool::Mcdist | Tool::McdistUnicast => None,
+            Tool::Mcdist | Tool::McdistUnicast | Tool::McdistAuth | Tool::McdistEnc => None,
             Tool::McdistFec => {
                 let help = Command::new(&bench.mcdist)
                     .args(["serve", "--help"])
@@ -88,6 +96,21 @@ impl Tool {
                 .map(|p| format!("`{p}` not installed (Debian package udpcast)")),
         }
     }
+}
+
+/// A fresh random 256-bit key in a mode-0600 file in `dir`, for the keyed runs.
+fn write_key(dir: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("session.key");
+    let key = mcdist::secure::Psk::generate();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(key.to_hex().as_bytes()))
+        .map_err(|e| format!("writing the session key: {e}"))?;
+    Ok(path)
 }
 
 fn on_path(program: &str) -> bool {
@@ -269,9 +292,11 @@ impl Bench {
         }
         let before = tx_bytes(topo);
         let outcome = match tool {
-            Tool::Mcdist | Tool::McdistFec | Tool::McdistUnicast => {
-                self.run_mcdist(topo, subnet, tool, n, &dir)
-            }
+            Tool::Mcdist
+            | Tool::McdistFec
+            | Tool::McdistUnicast
+            | Tool::McdistAuth
+            | Tool::McdistEnc => self.run_mcdist(topo, subnet, tool, n, &dir),
             Tool::Uftp => self.run_uftp(topo, subnet, n, &dir),
             Tool::Udpcast | Tool::UdpcastFec => self.run_udpcast(topo, subnet, tool, n, &dir),
         };
@@ -329,6 +354,18 @@ impl Bench {
         let listen = format!("{}:7001", topo.hosts[0].addr);
         let t = self.run_timeout.as_secs().max(1).to_string();
         let unicast = tool == Tool::McdistUnicast;
+        let key = match tool {
+            Tool::McdistAuth | Tool::McdistEnc => Some(write_key(dir)?),
+            _ => None,
+        };
+        let key_args = |c: &mut Command| {
+            if let Some(k) = &key {
+                c.arg("--key").arg(k);
+                if tool == Tool::McdistAuth {
+                    c.arg("--auth-only");
+                }
+            }
+        };
         let mut outs = Vec::new();
         let mut rx = Vec::new();
         for i in 1..=n {
@@ -340,6 +377,7 @@ impl Bench {
             if unicast {
                 c.arg("--unicast");
             }
+            key_args(&mut c);
             rx.push(spawn_quiet(c, &dir.join(format!("rx{i}.log")))?);
             outs.push(out);
         }
@@ -356,6 +394,7 @@ impl Bench {
         if tool == Tool::McdistFec {
             c.arg("--fec");
         }
+        key_args(&mut c);
         let start = Instant::now();
         let tx = spawn_quiet(c, &dir.join("tx.log"))?;
         let secs = wait_all(tx, rx, Vec::new(), start, self.run_timeout, dir)?;
@@ -742,8 +781,8 @@ pub fn summary(rs: &[RunResult]) -> String {
     s
 }
 
-const COLORS: [&str; 6] = [
-    "#d62728", "#ff7f0e", "#9467bd", "#1f77b4", "#2ca02c", "#17becf",
+const COLORS: [&str; 8] = [
+    "#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#1f77b4", "#2ca02c", "#17becf",
 ];
 
 struct Panel<'a> {

@@ -192,8 +192,24 @@ impl Mode {
 
 struct Outcome {
     secs: f64,
+    cpu_secs: f64,
     bytes_sent: u64,
     datagrams: u64,
+}
+
+/// CPU time (user + system) of this whole process so far, in seconds.
+fn process_cpu_secs() -> f64 {
+    // Fields 14 and 15 of /proc/self/stat, in USER_HZ (100 per second) ticks;
+    // the command name (field 2) may hold spaces, so count after its ')'.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    f.iter().sum::<u64>() as f64 / 100.0
 }
 
 fn image(mib: usize) -> Vec<u8> {
@@ -254,6 +270,7 @@ fn once(
         nodes.push((node, store));
     }
     let start = Instant::now();
+    let cpu0 = process_cpu_secs();
     for (n, _) in &nodes {
         n.fetch_all();
     }
@@ -262,6 +279,7 @@ fn once(
             .map_err(|e| format!("{}: {e}", mode.name()))?;
     }
     let secs = start.elapsed().as_secs_f64();
+    let cpu_secs = process_cpu_secs() - cpu0;
     for (n, _) in &nodes {
         n.leave(true);
     }
@@ -271,6 +289,9 @@ fn once(
             if s.bad_tag + s.unauthenticated > 0 {
                 return Err(format!("client {i}: unexpected drops {s:?}"));
             }
+            if s.dropped() > 0 {
+                println!("    client {i} dropped: {s:?}");
+            }
         }
         drop(n);
         if store.digest() != img.info.digest {
@@ -279,6 +300,7 @@ fn once(
     }
     Ok(Outcome {
         secs,
+        cpu_secs,
         bytes_sent: snap.stats.bytes_sent,
         datagrams: snap.stats.datagrams_sent,
     })
@@ -382,8 +404,11 @@ fn run(args: &Args) -> Result<(), String> {
     let img = Shared { bytes, info };
     let psk = Psk::generate();
     let modes = [Mode::Plain, Mode::AuthOnly, Mode::Encrypted];
-    let mut results: Vec<(Mode, Vec<f64>, u64, u64)> =
-        modes.iter().map(|&m| (m, Vec::new(), 0, 0)).collect();
+    // Per mode: wall times, CPU times, per-rep ratio to that rep's plaintext run.
+    let mut wall: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut paired: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut sent: Vec<(u64, u64)> = vec![(0, 0); modes.len()];
     println!(
         "mcdist-secure-bench: {} MiB image ({} pages, {} zero) to {} clients on loopback in a private namespace, {} rep(s) each, interleaved",
         args.mib,
@@ -393,45 +418,67 @@ fn run(args: &Args) -> Result<(), String> {
         args.reps
     );
     for rep in 0..args.reps {
-        for (m, times, bytes, dgrams) in results.iter_mut() {
+        let mut plain_secs = 0.0;
+        for (k, m) in modes.iter().enumerate() {
             let o = once(*m, rep, &img, args.clients, &psk)?;
+            if *m == Mode::Plain {
+                plain_secs = o.secs;
+            }
             println!(
-                "  rep {rep} {:<10} {:>7.3} s  {:>8.1} MB/s per client",
+                "  rep {rep} {:<10} {:>7.3} s  {:>8.1} MB/s per client  cpu {:>6.2} s",
                 m.name(),
                 o.secs,
-                img.bytes.len() as f64 / o.secs / 1e6
+                img.bytes.len() as f64 / o.secs / 1e6,
+                o.cpu_secs
             );
-            times.push(o.secs);
-            *bytes = o.bytes_sent;
-            *dgrams = o.datagrams;
+            wall[k].push(o.secs);
+            cpu[k].push(o.cpu_secs);
+            paired[k].push(o.secs / plain_secs);
+            sent[k] = (o.bytes_sent, o.datagrams);
         }
     }
-    let plain = median(&mut results[0].1.clone());
+    let plain = median(&mut wall[0].clone());
+    let plain_cpu = median(&mut cpu[0].clone());
     println!();
     println!(
-        "{:<10} {:>10} {:>14} {:>12} {:>14} {:>10}",
-        "mode", "median s", "MB/s/client", "vs plain", "server bytes", "datagrams"
+        "{:<10} {:>9} {:>12} {:>9} {:>11} {:>9} {:>9} {:>13} {:>9}",
+        "mode",
+        "median s",
+        "MB/s/client",
+        "vs plain",
+        "paired med",
+        "cpu s",
+        "cpu vs",
+        "server bytes",
+        "datagrams"
     );
     let mut csv = String::from(
-        "mode,median_s,mb_per_s_per_client,ratio_to_plain,server_bytes,datagrams,times\n",
+        "mode,median_s,mb_per_s_per_client,ratio_to_plain,paired_ratio_median,median_cpu_s,cpu_ratio,server_bytes,datagrams,times\n",
     );
-    for (m, times, bytes, dgrams) in &results {
-        let t = median(&mut times.clone());
+    for (k, m) in modes.iter().enumerate() {
+        let t = median(&mut wall[k].clone());
+        let c = median(&mut cpu[k].clone());
+        let pr = median(&mut paired[k].clone());
         let mbps = img.bytes.len() as f64 / t / 1e6;
+        let (bytes, dgrams) = sent[k];
         println!(
-            "{:<10} {:>10.3} {:>14.1} {:>11.2}x {:>14} {:>10}",
+            "{:<10} {:>9.3} {:>12.1} {:>8.2}x {:>10.2}x {:>9.2} {:>8.2}x {:>13} {:>9}",
             m.name(),
             t,
             mbps,
             t / plain,
+            pr,
+            c,
+            c / plain_cpu,
             bytes,
             dgrams
         );
-        let all: Vec<String> = times.iter().map(|x| format!("{x:.3}")).collect();
+        let all: Vec<String> = wall[k].iter().map(|x| format!("{x:.3}")).collect();
         csv.push_str(&format!(
-            "{},{t:.4},{mbps:.1},{:.3},{bytes},{dgrams},{}\n",
+            "{},{t:.4},{mbps:.1},{:.3},{pr:.3},{c:.2},{:.3},{bytes},{dgrams},{}\n",
             m.name(),
             t / plain,
+            c / plain_cpu,
             all.join(" ")
         ));
     }

@@ -26,14 +26,16 @@
 //!
 //! ## Keys and nonces
 //! Every sender instance (a server, each client) draws a random 64-bit sender
-//! id from the operating system's CSPRNG. Its datagrams of session `s` are
-//! sealed under
-//! `K = BLAKE3-derive_key(CONTEXT, psk ‖ s ‖ role ‖ sender_id)` with the
-//! 96-bit nonce `0³² ‖ counter`. A key is therefore used by exactly one sender,
-//! whose counter never repeats, so a (key, nonce) pair never repeats. The role
-//! (server or client) is part of the key, so a datagram cannot be reflected
-//! back as if the other side sent it. Joins carry session 0 (the client does
-//! not know the session yet) and use the session-0 key of their sender.
+//! id from a CSPRNG seeded by the operating system; the server draws one for
+//! group and one for unicast datagrams. A sender's datagrams of session `s`
+//! are sealed under `K = BLAKE3-derive_key(CONTEXT, psk ‖ s ‖ role ‖ sender_id)`
+//! with the 96-bit nonce `0³² ‖ counter`. A key is therefore used by one
+//! sender only, whose counter never repeats, so a (key, nonce) pair never
+//! repeats (unless two of n senders draw the same id: probability about
+//! n²/2⁶⁵). The role (server or client) is part of the key, so a datagram
+//! cannot be reflected back as if the other side sent it. Joins carry session
+//! 0 (the client does not know the session yet) and use the session-0 key of
+//! their sender.
 //!
 //! ## What a receiver drops (and counts in [`SecurityStats`])
 //! - datagrams without the AUTH bit or too short for a trailer;
@@ -125,7 +127,8 @@ impl Psk {
         Psk(bytes)
     }
 
-    /// A fresh random key (from the operating system's CSPRNG).
+    /// A fresh random key (from `rand`'s thread generator, a CSPRNG seeded by
+    /// the operating system).
     pub fn generate() -> Psk {
         Psk(rand::random())
     }
@@ -231,7 +234,7 @@ impl Security {
         Security {
             psk,
             protection: Protection::Encrypted,
-            replay_window: 4096,
+            replay_window: 16_384,
             session_switch_after: Duration::from_secs(1),
             joins_per_second: 50,
             max_peers: 8192,
@@ -284,6 +287,9 @@ pub struct SecurityStats {
     pub too_old: u64,
     /// Dropped: a datagram of another (earlier or foreign) session.
     pub other_session: u64,
+    /// Dropped by a client: a datagram other than an announce before the
+    /// first authenticated announce (the session is not known yet).
+    pub before_session: u64,
     /// Dropped: joins over the per-address rate.
     pub rate_limited: u64,
 }
@@ -297,6 +303,7 @@ impl SecurityStats {
             + self.replayed
             + self.too_old
             + self.other_session
+            + self.before_session
             + self.rate_limited
     }
 }
@@ -339,6 +346,9 @@ pub enum Reject {
     /// Another session.
     #[error("another session")]
     OtherSession,
+    /// No session yet (client).
+    #[error("before the session is known")]
+    BeforeSession,
     /// Join rate exceeded.
     #[error("rate limited")]
     RateLimited,
@@ -634,6 +644,7 @@ impl Opener {
             Err(Reject::Replayed) => s.replayed += 1,
             Err(Reject::TooOld) => s.too_old += 1,
             Err(Reject::OtherSession) => s.other_session += 1,
+            Err(Reject::BeforeSession) => s.before_session += 1,
             Err(Reject::RateLimited) => s.rate_limited += 1,
         }
         if let Err(e) = r {
@@ -675,6 +686,8 @@ impl Opener {
                     && last.is_none_or(|t| now.saturating_duration_since(t) >= self.switch_after)
                 {
                     true
+                } else if current.is_none() {
+                    return Err(Reject::BeforeSession);
                 } else {
                     return Err(Reject::OtherSession);
                 }
@@ -813,6 +826,7 @@ impl SecurityStatsHandle {
 pub struct SecureTransport<T> {
     inner: T,
     sealer: Sealer,
+    group_sealer: Sealer,
     opener: Opener,
     out: Vec<u8>,
     stats: SecurityStatsHandle,
@@ -822,6 +836,7 @@ impl<T> fmt::Debug for SecureTransport<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SecureTransport")
             .field("sealer", &self.sealer)
+            .field("group_sealer", &self.group_sealer)
             .field("opener", &self.opener)
             .finish_non_exhaustive()
     }
@@ -836,20 +851,36 @@ impl<T: Transport> SecureTransport<T> {
         SecureTransport::new(
             inner,
             Sealer::new(sec, Role::Server),
+            Sealer::new(sec, Role::Server),
             Opener::server(sec, session),
         )
     }
 
     /// A client.
     pub fn client(inner: T, sec: &Security) -> SecureTransport<T> {
-        SecureTransport::new(inner, Sealer::new(sec, Role::Client), Opener::client(sec))
+        SecureTransport::new(
+            inner,
+            Sealer::new(sec, Role::Client),
+            Sealer::new(sec, Role::Client),
+            Opener::client(sec),
+        )
     }
 
-    /// Wrap with a given sealer and opener.
-    pub fn new(inner: T, sealer: Sealer, opener: Opener) -> SecureTransport<T> {
+    /// Wrap with given sealers (one for datagrams to single peers, one for the
+    /// group; distinct sender ids) and an opener. Group and unicast traffic
+    /// reach a receiver on different sockets and may be read out of order with
+    /// each other; separate counters keep each stream in order for the
+    /// receiver's replay window.
+    pub fn new(
+        inner: T,
+        sealer: Sealer,
+        group_sealer: Sealer,
+        opener: Opener,
+    ) -> SecureTransport<T> {
         SecureTransport {
             inner,
             sealer,
+            group_sealer,
             opener,
             out: Vec::with_capacity(65_536),
             stats: SecurityStatsHandle::default(),
@@ -869,7 +900,7 @@ impl<T: Transport> SecureTransport<T> {
     fn publish(&self) {
         let mut s = self.stats.0.lock().unwrap_or_else(PoisonError::into_inner);
         *s = self.opener.stats.clone();
-        s.sealed = self.sealer.counter;
+        s.sealed = self.sealer.counter + self.group_sealer.counter;
     }
 }
 
@@ -878,8 +909,11 @@ impl<T: Transport> Transport for SecureTransport<T> {
         self.out.clear();
         self.out.extend_from_slice(data);
         self.out.resize(data.len() + TRAILER_LEN, 0);
-        let n = self
-            .sealer
+        let sealer = match dest {
+            Dest::Group => &mut self.group_sealer,
+            Dest::Peer(_) => &mut self.sealer,
+        };
+        let n = sealer
             .seal(&mut self.out, data.len())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let r = self.inner.send(dest, &self.out[..n]);
@@ -1187,6 +1221,31 @@ mod tests {
     }
 
     #[test]
+    fn group_backlog_survives_a_newer_unicast_datagram() {
+        // The server's group and unicast streams have their own sender ids, so
+        // a unicast datagram read ahead of a long queued group backlog does not
+        // push the backlog out of the replay window.
+        let sec = Security {
+            replay_window: 256,
+            ..sec(Protection::Encrypted)
+        };
+        let mut unicast = Sealer::new(&sec, Role::Server);
+        let mut group = Sealer::new(&sec, Role::Server);
+        let mut o = following(&sec, &mut unicast, 5);
+        let backlog: Vec<Vec<u8>> = (0..1000)
+            .map(|i| seal(&mut group, data_msg(5, i + 1, i, b"p")))
+            .collect();
+        for _ in 0..1000 {
+            let mut u = seal(&mut unicast, data_msg(5, 1, 0, b"u"));
+            o.open(Instant::now(), addr(), &mut u).unwrap();
+        }
+        for mut b in backlog {
+            o.open(Instant::now(), addr(), &mut b).unwrap();
+        }
+        assert_eq!(o.stats().dropped(), 0);
+    }
+
+    #[test]
     fn sealer_never_repeats_a_nonce() {
         let sec = sec(Protection::AuthOnly);
         let mut s = Sealer::new(&sec, Role::Client);
@@ -1197,6 +1256,43 @@ mod tests {
                 let n = b.len();
                 assert!(seen.insert(b[n - 32..n - 16].to_vec()));
             }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_datagrams_never_open(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let sec = sec(Protection::Encrypted);
+            let mut c = Opener::client(&sec);
+            let mut s = Opener::server(&sec, 5);
+            let mut b = bytes.clone();
+            proptest::prop_assert!(c.open(Instant::now(), addr(), &mut b).is_err());
+            let mut b = bytes;
+            proptest::prop_assert!(s.open(Instant::now(), addr(), &mut b).is_err());
+        }
+
+        #[test]
+        fn any_change_to_a_sealed_datagram_is_rejected(
+            pos in 0usize..1000,
+            xor in 1u8..=255,
+            cut in 0usize..40,
+            auth_only in proptest::bool::ANY,
+        ) {
+            let p = if auth_only { Protection::AuthOnly } else { Protection::Encrypted };
+            let sec = sec(p);
+            let mut srv = Sealer::new(&sec, Role::Server);
+            let mut o = following(&sec, &mut srv, 5);
+            let good = seal(&mut srv, data_msg(5, 2, 3, &[9u8; 64]));
+            let mut b = good.clone();
+            let i = pos % b.len();
+            b[i] ^= xor;
+            proptest::prop_assert!(o.open(Instant::now(), addr(), &mut b).is_err());
+            if cut > 0 {
+                let mut b = good[..good.len() - cut].to_vec();
+                proptest::prop_assert!(o.open(Instant::now(), addr(), &mut b).is_err());
+            }
+            let mut b = good;
+            proptest::prop_assert!(o.open(Instant::now(), addr(), &mut b).is_ok());
         }
     }
 

@@ -395,3 +395,43 @@ fn keyed_whole_image_fetch_with_loss_in_both_modes() {
         assert_eq!(s.bad_tag + s.unauthenticated, 0);
     }
 }
+
+#[test]
+fn keyed_client_follows_a_restarted_server() {
+    let img = image(32, 0x44);
+    let net = MemNetwork::new(9000);
+    let srv = addr("127.0.0.1:7001");
+    let sec = Security::new(psk());
+    let first = keyed_server(&net, srv, img.clone(), Some(sec.clone()), false);
+    let (client, store) = keyed_client(
+        net.endpoint(addr("127.0.0.2:9000"), true),
+        srv,
+        Some(sec.clone()),
+    );
+    let s1 = client.wait_session(Duration::from_secs(5)).unwrap();
+    client.request(1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !client.is_present(1) {
+        assert!(Instant::now() < deadline, "page 1 never arrived");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(first);
+    // The same image served again under a new random session id.
+    let second = keyed_server(&net, srv, img.clone(), Some(sec), false);
+    assert_ne!(second.session_id(), s1.session_id);
+    client.request(2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !client.is_present(2) {
+        assert!(
+            Instant::now() < deadline,
+            "page 2 never arrived from the restarted server: {:?} {:?}",
+            client.stats(),
+            client.security_stats()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(client.stats().resumes, 1);
+    let m = store.0.lock().unwrap();
+    assert!(m[&1][..] == img[PAGE..2 * PAGE]);
+    assert!(m[&2][..] == img[2 * PAGE..3 * PAGE]);
+}

@@ -236,7 +236,7 @@ fn security_summary(s: Option<SecurityStats>) -> String {
     match s {
         None => String::new(),
         Some(s) => format!(
-            "; security: {} sealed, {} opened, dropped {} (bad tag {}, unauthenticated {}, replayed {}, too old {}, other session {}, rate limited {}, malformed {})",
+            "; security: {} sealed, {} opened, dropped {} (bad tag {}, unauthenticated {}, replayed {}, too old {}, other session {}, before session {}, rate limited {}, malformed {})",
             s.sealed,
             s.opened,
             s.dropped(),
@@ -245,6 +245,7 @@ fn security_summary(s: Option<SecurityStats>) -> String {
             s.replayed,
             s.too_old,
             s.other_session,
+            s.before_session,
             s.rate_limited,
             s.malformed
         ),
