@@ -6,6 +6,10 @@
 //! sockets: one bound to the group address and port (joined on the named
 //! interface by index) for multicast, and one ephemeral unicast socket for its
 //! requests and the server's unicast replies.
+//!
+//! [`UdpTransport::watch_readable`] adds other descriptors (a userfaultfd, an
+//! eventfd) to the same poll, so one thread can wait for datagrams and for its
+//! own events in a single `recv`.
 
 use super::{Capabilities, Received, Transport, Wake};
 use crate::Dest;
@@ -14,6 +18,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use socket2::{Domain, InterfaceIndexOrAddress, Protocol, SockAddr, Socket, Type};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
@@ -112,6 +117,8 @@ pub fn interface_info(name: &str) -> Result<(u32, usize), UdpSetupError> {
 const MCAST: Token = Token(0);
 const UCAST: Token = Token(1);
 const WAKE: Token = Token(2);
+/// Tokens of descriptors added by [`UdpTransport::watch_readable`] start here.
+const WATCH_BASE: usize = 16;
 
 struct MioWaker(Waker);
 
@@ -133,6 +140,7 @@ pub struct UdpTransport {
     group: SocketAddr,
     caps: Capabilities,
     turn: bool,
+    watched: usize,
 }
 
 impl std::fmt::Debug for UdpTransport {
@@ -220,7 +228,27 @@ impl UdpTransport {
             group,
             caps,
             turn: false,
+            watched: 0,
         })
+    }
+
+    /// Adds `fd` to the descriptors [`Transport::recv`] waits on: when it
+    /// becomes readable and no datagram is waiting, `recv` returns `Ok(None)`
+    /// at once, so the caller can serve `fd` (for example a userfaultfd) and
+    /// the sockets from one thread without a hand-off.
+    ///
+    /// Readiness is edge-triggered: read `fd` until it would block before the
+    /// next `recv`, or that `recv` may sleep with events pending. `fd` must
+    /// stay open while the transport is used; closing it removes it from the
+    /// poll.
+    pub fn watch_readable(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let raw = fd.as_raw_fd();
+        let token = Token(WATCH_BASE + self.watched);
+        self.poll
+            .registry()
+            .register(&mut mio::unix::SourceFd(&raw), token, Interest::READABLE)?;
+        self.watched += 1;
+        Ok(())
     }
 
     /// A server transport: bound to `cfg.listen` (default `0.0.0.0:<group port + 1>`),
@@ -354,5 +382,63 @@ impl Transport for UdpTransport {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.ucast.local_addr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixDatagram;
+    use std::time::Instant;
+
+    fn lo_client() -> Option<UdpTransport> {
+        let mut cfg = UdpConfig::new(SocketAddrV4::new(Ipv4Addr::new(239, 255, 77, 3), 47_001));
+        cfg.iface = Some("lo".into());
+        match UdpTransport::client(&cfg) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("skipping: no loopback multicast socket here: {e}");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn watched_descriptor_ends_a_blocking_recv() {
+        let Some(mut t) = lo_client() else { return };
+        let (a, b) = UnixDatagram::pair().expect("socket pair");
+        a.set_nonblocking(true).expect("non-blocking");
+        t.watch_readable(a.as_fd()).expect("watch");
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            b.send(b"x").map(|_| b)
+        });
+        let mut buf = [0u8; 2048];
+        let t0 = Instant::now();
+        let limit = Duration::from_secs(30);
+        let r = t.recv(&mut buf, Some(limit)).expect("recv");
+        assert!(r.is_none(), "no datagram was sent");
+        assert!(t0.elapsed() < limit, "recv waited for its timeout");
+        let _b = writer.join().expect("writer").expect("write");
+        let mut one = [0u8; 8];
+        assert_eq!(a.recv(&mut one).expect("readable"), 1);
+    }
+
+    #[test]
+    fn datagrams_still_arrive_with_a_watched_descriptor() {
+        let Some(mut t) = lo_client() else { return };
+        let (a, _b) = UnixDatagram::pair().expect("socket pair");
+        t.watch_readable(a.as_fd()).expect("watch");
+        let to = t.local_addr().expect("local");
+        let to = SocketAddr::from((Ipv4Addr::LOCALHOST, to.port()));
+        let s = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        s.send_to(b"page", to).expect("send");
+        let mut buf = [0u8; 2048];
+        let r = t
+            .recv(&mut buf, Some(Duration::from_secs(30)))
+            .expect("recv")
+            .expect("a datagram");
+        assert_eq!(&buf[..r.len], b"page");
     }
 }
