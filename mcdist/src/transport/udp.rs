@@ -19,6 +19,7 @@ use socket2::{Domain, InterfaceIndexOrAddress, Protocol, SockAddr, Socket, Type}
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
@@ -140,7 +141,7 @@ pub struct UdpTransport {
     group: SocketAddr,
     caps: Capabilities,
     turn: bool,
-    watched: usize,
+    watched: AtomicUsize,
 }
 
 impl std::fmt::Debug for UdpTransport {
@@ -228,7 +229,7 @@ impl UdpTransport {
             group,
             caps,
             turn: false,
-            watched: 0,
+            watched: AtomicUsize::new(0),
         })
     }
 
@@ -241,14 +242,14 @@ impl UdpTransport {
     /// next `recv`, or that `recv` may sleep with events pending. `fd` must
     /// stay open while the transport is used; closing it removes it from the
     /// poll.
-    pub fn watch_readable(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+    pub fn watch_readable(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
         let raw = fd.as_raw_fd();
-        let token = Token(WATCH_BASE + self.watched);
-        self.poll
-            .registry()
-            .register(&mut mio::unix::SourceFd(&raw), token, Interest::READABLE)?;
-        self.watched += 1;
-        Ok(())
+        let n = self.watched.fetch_add(1, Ordering::Relaxed);
+        self.poll.registry().register(
+            &mut mio::unix::SourceFd(&raw),
+            Token(WATCH_BASE + n),
+            Interest::READABLE,
+        )
     }
 
     /// A server transport: bound to `cfg.listen` (default `0.0.0.0:<group port + 1>`),
