@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -82,6 +83,31 @@ pub trait PageFetcher: Send + Sync + 'static {
     /// Requests page `pfn`. Called once per missing page, from the fault thread; it must not
     /// block for long. Repeated calls for one page must be harmless.
     fn request(&self, pfn: u64);
+
+    /// Hands over a driver that runs on the fault thread itself instead of this fetcher's own
+    /// thread ([`LazyMemory::start`] asks once and, given one, never calls
+    /// [`PageFetcher::request`]). The default has none.
+    fn take_inline(&self) -> Option<Box<dyn InlineFetcher>> {
+        None
+    }
+}
+
+/// A page provider driven by the fault thread itself: between reads of fault events the
+/// thread calls [`InlineFetcher::request`] for new faults and [`InlineFetcher::poll`] to
+/// wait for replies, which the driver installs through the [`LazyHandle`] it is given.
+/// Nothing crosses a thread, so on a busy host a remote fault costs one wake-up fewer in each
+/// direction than with a fetcher that has its own I/O thread.
+pub trait InlineFetcher: Send + 'static {
+    /// Called once before the loop starts: `poll` must also return when one of `fds` (the
+    /// userfaultfd and the stop event) becomes readable. Readiness may be edge-triggered; the
+    /// fault thread drains them.
+    fn watch(&mut self, fds: &[BorrowedFd<'_>]) -> io::Result<()>;
+    /// Page `pfn` is missing: ask for it now (repeated calls for one page must be harmless).
+    fn request(&mut self, pfn: u64, handle: &LazyHandle);
+    /// Waits at most `timeout` (zero: do not block) for replies or a watched descriptor,
+    /// handles what arrived (installing pages with [`LazyHandle::install`], reporting a dead
+    /// source with [`LazyHandle::fail`]) and returns.
+    fn poll(&mut self, timeout: Duration, handle: &LazyHandle);
 }
 
 /// How the fault thread waits for events.
@@ -105,6 +131,10 @@ pub struct LazyConfig {
     pub rerequest_interval: Duration,
     /// How the fault thread waits.
     pub wait: FaultWait,
+    /// With an [`InlineFetcher`] and [`FaultWait::Block`]: after sending a request, keep
+    /// polling without sleeping for up to this long while a fault waits for its page, so the
+    /// reply does not pay a wake-up (zero: always sleep). Between faults the thread blocks.
+    pub reply_spin: Duration,
 }
 
 impl Default for LazyConfig {
@@ -114,6 +144,7 @@ impl Default for LazyConfig {
             fetch_timeout: Duration::from_secs(10),
             rerequest_interval: Duration::from_millis(250),
             wait: FaultWait::Block,
+            reply_spin: Duration::ZERO,
         }
     }
 }
@@ -220,6 +251,11 @@ impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves consistent data (plain counters and sets).
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether some fault waits for its page.
+    fn has_pending(&self) -> bool {
+        !self.lock().pending.is_empty()
     }
 
     fn page_addr(&self, pfn: u64) -> usize {
@@ -466,10 +502,14 @@ impl LazyMemory {
         }
     }
 
-    /// Starts the fault thread, which requests missing pages from `fetcher`.
+    /// Starts the fault thread, which requests missing pages from `fetcher` (or, when the
+    /// fetcher hands over an [`InlineFetcher`], runs it on the fault thread).
     pub fn start(&mut self, fetcher: Arc<dyn PageFetcher>) -> Result<(), UffdSetupError> {
         if self.thread.is_some() {
             return Err(UffdSetupError::AlreadyStarted);
+        }
+        if let Some(driver) = fetcher.take_inline() {
+            return self.start_inline_keeping(driver, Some(fetcher));
         }
         let inner = self.inner.clone();
         let cfg = self.cfg.clone();
@@ -478,6 +518,37 @@ impl LazyMemory {
         let t = std::thread::Builder::new()
             .name("mcdist-uffd".into())
             .spawn(move || fault_loop(&inner, &cfg, &stop, &stop_flag, &*fetcher))
+            .map_err(UffdSetupError::Thread)?;
+        self.thread = Some(t);
+        Ok(())
+    }
+
+    /// Starts the fault thread with `driver` running on it: faults become requests and
+    /// replies become installed pages on one thread.
+    pub fn start_inline(&mut self, driver: Box<dyn InlineFetcher>) -> Result<(), UffdSetupError> {
+        self.start_inline_keeping(driver, None)
+    }
+
+    fn start_inline_keeping(
+        &mut self,
+        mut driver: Box<dyn InlineFetcher>,
+        keep: Option<Arc<dyn PageFetcher>>,
+    ) -> Result<(), UffdSetupError> {
+        if self.thread.is_some() {
+            return Err(UffdSetupError::AlreadyStarted);
+        }
+        driver
+            .watch(&[self.inner.uffd.fd(), self.stop.fd()])
+            .map_err(UffdSetupError::Thread)?;
+        let inner = self.inner.clone();
+        let cfg = self.cfg.clone();
+        let stop_flag = self.stop_flag.clone();
+        let t = std::thread::Builder::new()
+            .name("mcdist-uffd".into())
+            .spawn(move || {
+                let _keep = keep;
+                inline_loop(inner, &cfg, &stop_flag, driver.as_mut())
+            })
             .map_err(UffdSetupError::Thread)?;
         self.thread = Some(t);
         Ok(())
@@ -611,6 +682,63 @@ fn fault_loop(
                 fetcher.request(pfn);
             }
         }
+    }
+}
+
+/// The fault thread with an inline driver: read faults, request, let the driver wait for
+/// replies (and for the next fault: it watches the userfaultfd), repeat.
+fn inline_loop(
+    inner: Arc<Inner>,
+    cfg: &LazyConfig,
+    stop_flag: &AtomicBool,
+    driver: &mut dyn InlineFetcher,
+) {
+    let handle = LazyHandle { inner };
+    let inner = &*handle.inner;
+    let tick = cfg
+        .rerequest_interval
+        .clamp(Duration::from_millis(1), Duration::from_secs(1));
+    let mut last_check = Instant::now();
+    let mut last_request: Option<Instant> = None;
+    loop {
+        if stop_flag.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut got = false;
+        loop {
+            match inner.uffd.read_fault() {
+                Ok(Some(addr)) => {
+                    got = true;
+                    let t0 = Instant::now();
+                    if let Some(pfn) = inner.on_fault(addr, t0) {
+                        driver.request(pfn, &handle);
+                        last_request = Some(t0);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let mut st = inner.lock();
+                    inner.fail_locked(&mut st, LazyFailure::Uffd(format!("read: {e}")));
+                    return;
+                }
+            }
+        }
+        let since = last_check.elapsed();
+        if since >= tick {
+            last_check = Instant::now();
+            for pfn in inner.check_pending(cfg) {
+                driver.request(pfn, &handle);
+            }
+        }
+        let spin_for_reply = !cfg.reply_spin.is_zero()
+            && last_request.is_some_and(|t| t.elapsed() < cfg.reply_spin)
+            && inner.has_pending();
+        let timeout = if got || spin_for_reply || cfg.wait == FaultWait::Spin {
+            Duration::ZERO
+        } else {
+            tick.saturating_sub(since)
+        };
+        driver.poll(timeout, &handle);
     }
 }
 

@@ -3,6 +3,8 @@
 //! - [`lazy::LazyMemory`]: guest RAM registered with userfaultfd; missing pages are fetched on
 //!   first touch (one request per page however many vCPUs fault on it), zero pages are filled
 //!   locally, pushed pages are installed as they arrive. Per-clone statistics.
+//! - [`inline::InlineMcdist`]: an mcdist client driven by the fault thread itself (one poll
+//!   over the userfaultfd and the client's sockets, no thread hand-off per fault).
 //! - [`vm`]: a small VMM on kvm-ioctls; [`guest`]: the demo guest program.
 //! - [`descriptor::Descriptor`]: what a clone needs besides memory contents.
 //! - [`clone`]: parent, fork point, tickets, clone, join, kill.
@@ -14,6 +16,7 @@
 pub mod clone;
 pub mod descriptor;
 pub mod guest;
+pub mod inline;
 pub mod lazy;
 pub mod netns;
 pub mod remote;
@@ -24,6 +27,7 @@ pub mod vm;
 pub use clone::{CloneError, CloneReport, CloneSet, CloneTicket, Frozen, Parent};
 pub use descriptor::{Descriptor, SessionParams};
 pub use lazy::{
-    FaultWait, LazyConfig, LazyHandle, LazyMemory, LazyStats, PageFetcher, SourceFetcher,
+    FaultWait, InlineFetcher, LazyConfig, LazyHandle, LazyMemory, LazyStats, PageFetcher,
+    SourceFetcher,
 };
 pub use source::{PageBits, PageSource};

@@ -3,7 +3,9 @@
 //! 1. Fault latency (fault event read → page installed) for one clone whose memory comes from
 //!    a local snapshot file (the Firecracker-style handler: read the page, `UFFDIO_COPY`) and
 //!    from an mcdist server over loopback multicast, with the fault thread blocking in `poll`
-//!    or spinning on non-blocking reads.
+//!    or spinning on non-blocking reads. mcdist runs two ways: a client I/O thread fed by the
+//!    fault thread (`ClientNode`, "threaded") and the client driven by the fault thread itself
+//!    (`InlineMcdist`, "inline").
 //! 2. Clone start (descriptor in hand → first instruction) for several guest sizes: lazy
 //!    (local and mcdist) versus an eager full copy before the first instruction.
 //!
@@ -17,8 +19,9 @@ use std::time::Duration;
 use clap::Parser;
 use mcdist_kvm::clone::{run_clone, CloneError, CloneOptions, CloneReport};
 use mcdist_kvm::guest::HashJob;
+use mcdist_kvm::inline::InlineMcdist;
 use mcdist_kvm::netns::Netns;
-use mcdist_kvm::remote::{connect_fetcher, MemoryServer};
+use mcdist_kvm::remote::{McdistFetcher, MemoryServer};
 use mcdist_kvm::source::FileSource;
 use mcdist_kvm::{Descriptor, FaultWait, Frozen, PageFetcher, PageSource, Parent, SourceFetcher};
 
@@ -98,14 +101,154 @@ fn local_clone(
     })
 }
 
+/// How a clone's faults reach mcdist.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Handler {
+    /// Local snapshot file, read on the fault thread.
+    Local,
+    /// mcdist `ClientNode` on its own I/O thread.
+    Threaded,
+    /// mcdist client driven by the fault thread.
+    Inline,
+}
+
+fn mcdist_fetcher(
+    desc: &Descriptor,
+    h: mcdist_kvm::LazyHandle,
+    inline: bool,
+) -> Result<Arc<dyn PageFetcher>, CloneError> {
+    let join = Duration::from_secs(5);
+    let give_up = |c: &mut mcdist::ClientConfig| c.give_up_after = Duration::from_secs(5);
+    let f: Arc<dyn PageFetcher> = if inline {
+        InlineMcdist::connect(desc, Some("lo"), &h, join, give_up)
+            .map_err(|e| CloneError::Source(e.to_string()))?
+            .into_fetcher()
+    } else {
+        Arc::new(
+            McdistFetcher::connect(desc, Some("lo"), h, join, give_up)
+                .map_err(|e| CloneError::Source(e.to_string()))?,
+        )
+    };
+    Ok(f)
+}
+
 fn remote_clone(
     desc: &Descriptor,
     id: u32,
     opts: &CloneOptions,
+    inline: bool,
 ) -> Result<CloneReport, CloneError> {
-    run_clone(desc, id, opts, |h| {
-        connect_fetcher(desc, Some("lo"), h, Duration::from_secs(5))
-    })
+    run_clone(desc, id, opts, |h| mcdist_fetcher(desc, h, inline))
+}
+
+/// One measured configuration.
+struct Row {
+    name: &'static str,
+    wait: FaultWait,
+    handler: Handler,
+    /// `LazyConfig::reply_spin` in µs.
+    reply_spin_us: u64,
+    /// Row index of the local handler in the same wait mode.
+    baseline: usize,
+}
+
+const fn row(
+    name: &'static str,
+    wait: FaultWait,
+    handler: Handler,
+    reply_spin_us: u64,
+    baseline: usize,
+) -> Row {
+    Row {
+        name,
+        wait,
+        handler,
+        reply_spin_us,
+        baseline,
+    }
+}
+
+const ROWS: [Row; 7] = [
+    row(
+        "local file, blocking",
+        FaultWait::Block,
+        Handler::Local,
+        0,
+        0,
+    ),
+    row(
+        "mcdist threaded, blocking",
+        FaultWait::Block,
+        Handler::Threaded,
+        0,
+        0,
+    ),
+    row(
+        "mcdist inline, blocking",
+        FaultWait::Block,
+        Handler::Inline,
+        0,
+        0,
+    ),
+    row(
+        "mcdist inline, block+spin",
+        FaultWait::Block,
+        Handler::Inline,
+        200,
+        0,
+    ),
+    row("local file, polling", FaultWait::Spin, Handler::Local, 0, 4),
+    row(
+        "mcdist threaded, polling",
+        FaultWait::Spin,
+        Handler::Threaded,
+        0,
+        4,
+    ),
+    row(
+        "mcdist inline, polling",
+        FaultWait::Spin,
+        Handler::Inline,
+        0,
+        4,
+    ),
+];
+
+fn lazy_cfg(r: &Row) -> mcdist_kvm::LazyConfig {
+    mcdist_kvm::LazyConfig {
+        wait: r.wait,
+        reply_spin: Duration::from_micros(r.reply_spin_us),
+        ..Default::default()
+    }
+}
+
+fn print_table(label: &str, hists: &[mcdist_kvm::lazy::LatencyHistogram]) {
+    println!(
+        "{:<28} {:>8} {:>10} {:>10} {:>10}",
+        "handler", label, "p50 µs", "p90 µs", "p99 µs"
+    );
+    for (r, h) in ROWS.iter().zip(hists) {
+        println!(
+            "{:<28} {:>8} {:>10.1} {:>10.1} {:>10.1}",
+            r.name,
+            h.count(),
+            us(h.quantile(0.5)),
+            us(h.quantile(0.9)),
+            us(h.quantile(0.99))
+        );
+    }
+    for (r, h) in ROWS.iter().zip(hists) {
+        if r.handler == Handler::Local {
+            continue;
+        }
+        let base = &hists[r.baseline];
+        println!(
+            "ratio {:<28} / local: p50 {:>6.2}x   p99 {:>6.2}x",
+            r.name,
+            us(h.quantile(0.5)) / us(base.quantile(0.5)),
+            us(h.quantile(0.99)) / us(base.quantile(0.99))
+        );
+    }
 }
 
 fn run(args: Args) -> Result<(), String> {
@@ -139,85 +282,47 @@ fn run(args: Args) -> Result<(), String> {
         job.pages_touched_per_clone(4096),
         args.reps
     );
-    println!(
-        "{:<28} {:>8} {:>10} {:>10} {:>10}",
-        "handler", "faults", "p50 µs", "p90 µs", "p99 µs"
-    );
-    let mut rows = Vec::new();
-    for (name, wait, remote) in [
-        ("local file, blocking", FaultWait::Block, false),
-        ("mcdist loopback, blocking", FaultWait::Block, true),
-        ("local file, polling", FaultWait::Spin, false),
-        ("mcdist loopback, polling", FaultWait::Spin, true),
-    ] {
-        let mut opts = CloneOptions::default();
-        opts.lazy.wait = wait;
-        let mut hist = mcdist_kvm::lazy::LatencyHistogram::default();
-        for _ in 0..args.reps {
-            let r = if remote {
-                remote_clone(&served.desc, 0, &opts).map_err(e)?
-            } else {
-                local_clone(&served.desc, &file, 0, &opts).map_err(e)?
+    // Repetitions are interleaved (every configuration once per round) so that load from
+    // other work on the host falls on all rows alike.
+    let mut hists = vec![mcdist_kvm::lazy::LatencyHistogram::default(); ROWS.len()];
+    for _ in 0..args.reps {
+        for (row, hist) in ROWS.iter().zip(hists.iter_mut()) {
+            let opts = CloneOptions {
+                lazy: lazy_cfg(row),
+                ..CloneOptions::default()
+            };
+            let r = match row.handler {
+                Handler::Local => local_clone(&served.desc, &file, 0, &opts).map_err(e)?,
+                Handler::Threaded => remote_clone(&served.desc, 0, &opts, false).map_err(e)?,
+                Handler::Inline => remote_clone(&served.desc, 0, &opts, true).map_err(e)?,
             };
             if r.result != job.expected(0) {
-                return Err(format!("{name}: wrong result"));
+                return Err(format!("{}: wrong result", row.name));
             }
             hist.merge(&r.stats.fault_latency);
         }
-        let (p50, p90, p99) = (hist.quantile(0.5), hist.quantile(0.9), hist.quantile(0.99));
-        println!(
-            "{:<28} {:>8} {:>10.1} {:>10.1} {:>10.1}",
-            name,
-            hist.count(),
-            us(p50),
-            us(p90),
-            us(p99)
-        );
-        rows.push((p50, p99));
     }
-    for (label, l, r) in [("blocking", 0, 1), ("polling", 2, 3)] {
-        println!(
-            "ratio mcdist/local ({label}): p50 {:.2}x, p99 {:.2}x",
-            us(rows[r].0) / us(rows[l].0),
-            us(rows[r].1) / us(rows[l].1)
-        );
-    }
+    print_table("faults", &hists);
     // Like with like: the time a faulting thread is stopped (touch → resumed), measured by
     // the faulting thread itself, so the handler's wake-up is included in every mode.
     println!("\ntouch latency seen by the faulting thread (read 1 byte of each page, all pages of the slice)");
-    println!(
-        "{:<28} {:>8} {:>10} {:>10} {:>10}",
-        "handler", "touches", "p50 µs", "p90 µs", "p99 µs"
-    );
-    let mut trows = Vec::new();
-    for (name, wait, remote) in [
-        ("local file, blocking", FaultWait::Block, false),
-        ("mcdist loopback, blocking", FaultWait::Block, true),
-        ("local file, polling", FaultWait::Spin, false),
-        ("mcdist loopback, polling", FaultWait::Spin, true),
-    ] {
-        let mut hist = mcdist_kvm::lazy::LatencyHistogram::default();
-        for _ in 0..args.reps {
-            let cfg = mcdist_kvm::LazyConfig {
-                wait,
-                ..Default::default()
-            };
+    let mut hists = vec![mcdist_kvm::lazy::LatencyHistogram::default(); ROWS.len()];
+    for _ in 0..args.reps {
+        for (row, hist) in ROWS.iter().zip(hists.iter_mut()) {
             let mut mem = mcdist_kvm::LazyMemory::new(
                 served.desc.mem_size as usize,
                 served.desc.zero_map.clone(),
-                cfg,
+                lazy_cfg(row),
             )
             .map_err(|e| e.to_string())?;
-            let fetcher = if remote {
-                connect_fetcher(
-                    &served.desc,
-                    Some("lo"),
-                    mem.handle(),
-                    Duration::from_secs(5),
-                )
-                .map_err(e)?
-            } else {
-                Arc::new(SourceFetcher::new(file.clone(), mem.handle())) as Arc<dyn PageFetcher>
+            let fetcher = match row.handler {
+                Handler::Local => {
+                    Arc::new(SourceFetcher::new(file.clone(), mem.handle())) as Arc<dyn PageFetcher>
+                }
+                Handler::Threaded => {
+                    mcdist_fetcher(&served.desc, mem.handle(), false).map_err(e)?
+                }
+                Handler::Inline => mcdist_fetcher(&served.desc, mem.handle(), true).map_err(e)?,
             };
             mem.start(fetcher).map_err(|e| e.to_string())?;
             let first = mcdist_kvm::guest::TABLE_GPA as usize / 4096;
@@ -231,25 +336,12 @@ fn run(args: Args) -> Result<(), String> {
                 mem.read(pfn * 4096, &mut b).map_err(|e| e.to_string())?;
                 hist.record(t.elapsed());
             }
+            if let Some(f) = mem.failure() {
+                return Err(format!("{}: {f}", row.name));
+            }
         }
-        let (p50, p90, p99) = (hist.quantile(0.5), hist.quantile(0.9), hist.quantile(0.99));
-        println!(
-            "{:<28} {:>8} {:>10.1} {:>10.1} {:>10.1}",
-            name,
-            hist.count(),
-            us(p50),
-            us(p90),
-            us(p99)
-        );
-        trows.push((p50, p99));
     }
-    for (label, l, r) in [("blocking", 0, 1), ("polling", 2, 3)] {
-        println!(
-            "ratio mcdist/local ({label}): p50 {:.2}x, p99 {:.2}x",
-            us(trows[r].0) / us(trows[l].0),
-            us(trows[r].1) / us(trows[l].1)
-        );
-    }
+    print_table("touches", &hists);
     let _ = served.server.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -281,7 +373,7 @@ fn run(args: Args) -> Result<(), String> {
         for _ in 0..args.reps {
             let r = local_clone(&served.desc, &img, 0, &CloneOptions::default()).map_err(e)?;
             lazy.push(r.time_to_first_instruction);
-            let r = remote_clone(&served.desc, 0, &CloneOptions::default()).map_err(e)?;
+            let r = remote_clone(&served.desc, 0, &CloneOptions::default(), true).map_err(e)?;
             remote.push(r.time_to_first_instruction);
             let opts = CloneOptions {
                 eager_from: Some(img.clone()),

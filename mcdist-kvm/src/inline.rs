@@ -1,0 +1,297 @@
+//! An mcdist client driven by the fault thread itself.
+//!
+//! [`crate::remote::McdistFetcher`] runs a [`mcdist::node::ClientNode`]: a fault goes from
+//! the fault thread to the client's I/O thread (channel + wake-up), the request goes out, the
+//! multicast reply wakes the I/O thread, which installs the page. [`InlineMcdist`] drives the
+//! sans-IO [`mcdist::Client`] on the fault thread: the fault thread sends the request at once,
+//! then waits in one poll over the client's UDP sockets, the userfaultfd and the stop event
+//! ([`UdpTransport::watch_readable`]); a reply is installed with `UFFDIO_COPY` right there.
+//! That removes one thread hand-off in each direction, which on a small, busy host is most of
+//! a remote fault's cost.
+
+use std::os::fd::BorrowedFd;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mcdist::secure::SecureTransport;
+use mcdist::transport::udp::{UdpConfig, UdpTransport};
+use mcdist::transport::Transport;
+use mcdist::{Client, ClientConfig, ClientEvent, ClientStats, SessionInfo};
+
+use crate::descriptor::Descriptor;
+use crate::lazy::{InlineFetcher, LazyHandle, PageFetcher};
+use crate::remote::RemoteError;
+
+/// The client's transport: plain UDP, or UDP under mcdist's authentication layer.
+enum Link {
+    Plain(UdpTransport),
+    Secure(Box<SecureTransport<UdpTransport>>),
+}
+
+impl Link {
+    fn udp(&self) -> &UdpTransport {
+        match self {
+            Link::Plain(t) => t,
+            Link::Secure(t) => t.inner(),
+        }
+    }
+    fn transport(&mut self) -> &mut dyn Transport {
+        match self {
+            Link::Plain(t) => t,
+            Link::Secure(t) => &mut **t,
+        }
+    }
+}
+
+/// An mcdist client whose I/O runs on the caller's thread (the fault thread once handed to
+/// [`crate::LazyMemory`]). Built by [`InlineMcdist::connect`], which waits for the server's
+/// announce; usable directly as an [`InlineFetcher`] or, through [`InlineMcdist::into_fetcher`],
+/// wherever a [`PageFetcher`] is expected.
+pub struct InlineMcdist {
+    client: Client,
+    link: Link,
+    out: Vec<u8>,
+    inbuf: Vec<u8>,
+    session: SessionInfo,
+    stats: Arc<Mutex<ClientStats>>,
+    last_publish: Instant,
+    dead: bool,
+}
+
+impl std::fmt::Debug for InlineMcdist {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InlineMcdist")
+            .field("session", &self.session)
+            .field("dead", &self.dead)
+            .finish()
+    }
+}
+
+impl InlineMcdist {
+    /// Joins the session named in `desc` over UDP multicast on `iface`, waiting up to
+    /// `join_timeout` for the server's announce on the calling thread. Pages that arrive
+    /// meanwhile (pushed) go to `handle`. `tune` adjusts the client configuration.
+    pub fn connect(
+        desc: &Descriptor,
+        iface: Option<&str>,
+        handle: &LazyHandle,
+        join_timeout: Duration,
+        tune: impl FnOnce(&mut ClientConfig),
+    ) -> Result<Self, RemoteError> {
+        let s = desc.session.as_ref().ok_or(RemoteError::NoSession)?;
+        let mut udp = UdpConfig::new(s.group);
+        udp.iface = iface.map(str::to_string);
+        udp.server = Some(s.server);
+        let transport =
+            UdpTransport::client(&udp).map_err(|e| RemoteError::Transport(e.to_string()))?;
+        let mut cfg = ClientConfig::new(s.server);
+        cfg.expected_digest = Some(desc.digest);
+        cfg.want_zero_map = false;
+        tune(&mut cfg);
+        let mut link = match &cfg.security {
+            Some(sec) => Link::Secure(Box::new(SecureTransport::client(transport, sec))),
+            None => {
+                static ONCE: std::sync::Once = std::sync::Once::new();
+                ONCE.call_once(|| {
+                    tracing::warn!(
+                        "this mcdist session is unauthenticated: pages can be read and forged \
+                         on the network"
+                    )
+                });
+                Link::Plain(transport)
+            }
+        };
+        cfg.max_datagram = cfg
+            .max_datagram
+            .min(link.transport().capabilities().max_datagram);
+        let now = Instant::now();
+        let mut me = InlineMcdist {
+            client: Client::new(cfg, now),
+            link,
+            out: vec![0u8; 65_536],
+            inbuf: vec![0u8; 65_536],
+            session: SessionInfo {
+                session_id: 0,
+                image_size: 0,
+                page_size: 0,
+                page_count: 0,
+                digest: [0; 32],
+                zero_count: 0,
+            },
+            stats: Arc::new(Mutex::new(ClientStats::default())),
+            last_publish: now,
+            dead: false,
+        };
+        let deadline = now + join_timeout;
+        loop {
+            if let Some(s) = me.client.session() {
+                me.session = *s;
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(RemoteError::Node(mcdist::node::NodeError::Timeout(
+                    join_timeout,
+                    "the server's announce",
+                )));
+            }
+            me.step(deadline - now, handle);
+            if me.dead {
+                let why = if me.client.is_failed() {
+                    "the session failed while joining"
+                } else {
+                    "the transport failed while joining"
+                };
+                return Err(RemoteError::Transport(why.to_string()));
+            }
+        }
+        if me.session.page_count != desc.page_count() {
+            return Err(RemoteError::ImageMismatch {
+                served: me.session.page_count,
+                described: desc.page_count(),
+            });
+        }
+        Ok(me)
+    }
+
+    /// The session announced by the server.
+    pub fn session(&self) -> &SessionInfo {
+        &self.session
+    }
+
+    /// A handle on the client's counters (refreshed every few milliseconds while it runs).
+    pub fn stats_handle(&self) -> Arc<Mutex<ClientStats>> {
+        self.stats.clone()
+    }
+
+    /// Wraps the client as a [`PageFetcher`] that hands itself over to the fault thread
+    /// ([`PageFetcher::take_inline`]), for APIs that take fetchers.
+    pub fn into_fetcher(self) -> Arc<dyn PageFetcher> {
+        Arc::new(InlineSlot(Mutex::new(Some(Box::new(self)))))
+    }
+
+    fn send_all(&mut self, now: Instant) {
+        while let Some(t) = self.client.poll_transmit(now, &mut self.out) {
+            if let Err(e) = self.link.transport().send(t.dest, &self.out[..t.len]) {
+                tracing::warn!(error = %e, "mcdist send failed");
+                self.dead = true;
+                return;
+            }
+        }
+    }
+
+    fn drain_events(&mut self, handle: &LazyHandle) {
+        while let Some(e) = self.client.poll_event() {
+            match e {
+                ClientEvent::PageReady { pfn, data } => handle.install(pfn, &data),
+                ClientEvent::Failed(err) => {
+                    handle.fail(format!("mcdist session failed: {err}"));
+                    self.dead = true;
+                }
+                ClientEvent::SessionStarted(_)
+                | ClientEvent::SessionResumed(_)
+                | ClientEvent::Complete => {}
+            }
+        }
+    }
+
+    /// One round: timers, transmits, then up to 256 datagrams waiting at most `timeout` for
+    /// the first; each page is installed as soon as its datagram is handled.
+    fn step(&mut self, timeout: Duration, handle: &LazyHandle) {
+        let now = Instant::now();
+        if self.client.poll_timeout().is_some_and(|t| t <= now) {
+            self.client.handle_timeout(now);
+        }
+        self.send_all(now);
+        self.drain_events(handle);
+        let wait = self
+            .client
+            .poll_timeout()
+            .map_or(timeout, |t| t.saturating_duration_since(now).min(timeout));
+        let mut wait = Some(wait);
+        for _ in 0..256 {
+            match self.link.transport().recv(&mut self.inbuf, wait) {
+                Ok(Some(r)) => {
+                    let datagram = Bytes::copy_from_slice(&self.inbuf[..r.len]);
+                    let now = Instant::now();
+                    self.client.handle_datagram(now, r.from, datagram);
+                    self.drain_events(handle);
+                    wait = Some(Duration::ZERO);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    handle.fail(format!("mcdist receive failed: {e}"));
+                    self.dead = true;
+                    return;
+                }
+            }
+        }
+        let now = Instant::now();
+        if self.client.poll_timeout().is_some_and(|t| t <= now) {
+            self.client.handle_timeout(now);
+        }
+        self.send_all(now);
+        self.drain_events(handle);
+        if now.duration_since(self.last_publish) >= Duration::from_millis(20) {
+            self.publish();
+        }
+    }
+
+    fn publish(&mut self) {
+        self.last_publish = Instant::now();
+        *self.stats.lock().unwrap_or_else(PoisonError::into_inner) = self.client.stats().clone();
+    }
+}
+
+impl Drop for InlineMcdist {
+    fn drop(&mut self) {
+        self.publish();
+    }
+}
+
+impl InlineFetcher for InlineMcdist {
+    fn watch(&mut self, fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+        let udp = self.link.udp();
+        for fd in fds {
+            udp.watch_readable(*fd)?;
+        }
+        Ok(())
+    }
+
+    fn request(&mut self, pfn: u64, _handle: &LazyHandle) {
+        if self.dead {
+            return;
+        }
+        let now = Instant::now();
+        self.client.request_page(now, pfn);
+        self.send_all(now);
+    }
+
+    fn poll(&mut self, timeout: Duration, handle: &LazyHandle) {
+        if self.dead {
+            // Keep waiting on the watched descriptors without touching the session.
+            let _ = self.link.transport().recv(&mut self.inbuf, Some(timeout));
+            return;
+        }
+        self.step(timeout, handle);
+    }
+}
+
+/// Holds an [`InlineMcdist`] until [`crate::LazyMemory::start`] takes it.
+struct InlineSlot(Mutex<Option<Box<InlineMcdist>>>);
+
+impl PageFetcher for InlineSlot {
+    fn request(&self, pfn: u64) {
+        // Only reached if the memory did not take the inline driver (it always does).
+        tracing::debug!(pfn, "inline mcdist fetcher asked outside its fault thread");
+    }
+
+    fn take_inline(&self) -> Option<Box<dyn InlineFetcher>> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .map(|b| b as Box<dyn InlineFetcher>)
+    }
+}
