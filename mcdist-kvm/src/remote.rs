@@ -1,5 +1,7 @@
 //! Lazy memory fed by mcdist: a clone's page faults become mcdist requests, and pages the
 //! server multicasts (demanded by any clone, or pushed) are installed as they arrive.
+//! [`connect_fetcher`] (the clone path) drives the client on the fault thread
+//! ([`InlineMcdist`]); [`McdistFetcher`] runs it on its own thread.
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use mcdist::transport::udp::{UdpConfig, UdpTransport};
 use mcdist::{ClientConfig, ServerConfig};
 
 use crate::descriptor::{Descriptor, SessionParams};
+use crate::inline::InlineMcdist;
 use crate::lazy::{LazyHandle, PageFetcher};
 use crate::source::{PageBits, PageSource};
 
@@ -170,7 +173,25 @@ impl MemoryServer {
 
 /// Connects a clone's lazy memory to the session in `desc` (for [`crate::clone::run_clone`]
 /// and [`crate::clone::ThreadLauncher`]). A server silent for `give_up` fails the clone.
+///
+/// The clone's fault thread drives the mcdist client itself ([`InlineMcdist`]), which is
+/// faster than a client thread fed by the fault thread ([`McdistFetcher`], still available):
+/// see the crate README's measurements.
 pub fn connect_fetcher(
+    desc: &Descriptor,
+    iface: Option<&str>,
+    handle: LazyHandle,
+    give_up: Duration,
+) -> Result<Arc<dyn PageFetcher>, crate::clone::CloneError> {
+    let f = InlineMcdist::connect(desc, iface, &handle, Duration::from_secs(5), |c| {
+        c.give_up_after = give_up
+    })
+    .map_err(|e| crate::clone::CloneError::Source(e.to_string()))?;
+    Ok(f.into_fetcher())
+}
+
+/// [`connect_fetcher`] with the threaded client ([`McdistFetcher`]).
+pub fn connect_threaded_fetcher(
     desc: &Descriptor,
     iface: Option<&str>,
     handle: LazyHandle,

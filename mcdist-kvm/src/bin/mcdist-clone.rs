@@ -3,13 +3,12 @@
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use mcdist_kvm::clone::{run_clone, CloneError, CloneOptions};
-use mcdist_kvm::remote::McdistFetcher;
-use mcdist_kvm::{Descriptor, PageFetcher};
+use mcdist_kvm::remote::connect_fetcher;
+use mcdist_kvm::Descriptor;
 
 #[derive(Parser, Debug)]
 #[command(about = "Run one mcdist-kvm clone from a descriptor")]
@@ -59,15 +58,7 @@ fn run(args: &Args) -> Result<String, CloneError> {
     opts.lazy.fetch_timeout = Duration::from_millis(args.fetch_timeout_ms);
     let give_up = opts.lazy.fetch_timeout;
     let report = run_clone(&desc, args.id, &opts, |h| {
-        let f = McdistFetcher::connect(
-            &desc,
-            args.iface.as_deref(),
-            h,
-            Duration::from_secs(5),
-            |c| c.give_up_after = give_up,
-        )
-        .map_err(|e| CloneError::Source(e.to_string()))?;
-        Ok(Arc::new(f) as Arc<dyn PageFetcher>)
+        connect_fetcher(&desc, args.iface.as_deref(), h, give_up)
     })?;
     Ok(report.to_line())
 }
