@@ -37,6 +37,10 @@ struct Args {
     /// Guest sizes (MiB) for the clone-start runs.
     #[arg(long, value_delimiter = ',', default_value = "64,1024")]
     start_mib: Vec<u64>,
+    /// Server pacing rate for the fault-latency runs, MB/s, as initial rate and cap
+    /// (0: the server's defaults).
+    #[arg(long, default_value_t = 0)]
+    server_rate_mbps: u64,
     /// Repetitions per configuration.
     #[arg(long, default_value_t = 3)]
     reps: u32,
@@ -59,7 +63,7 @@ struct Served {
     desc: Descriptor,
 }
 
-fn serve(job: HashJob, port: u16, push: bool) -> Result<Served, String> {
+fn serve(job: HashJob, port: u16, push: bool, rate: u64) -> Result<Served, String> {
     let frozen = Parent::boot(job)
         .and_then(|p| p.run_to_fork())
         .map_err(|e| e.to_string())?;
@@ -70,6 +74,14 @@ fn serve(job: HashJob, port: u16, push: bool) -> Result<Served, String> {
         .map_err(|e| format!("{e}"))?;
     let cfg = mcdist::ServerConfig {
         push_neighbors: push,
+        rate: match rate {
+            0 => mcdist::pacing::RateConfig::default(),
+            r => mcdist::pacing::RateConfig {
+                initial: r,
+                cap: r,
+                ..Default::default()
+            },
+        },
         ..Default::default()
     };
     let server = MemoryServer::start(
@@ -251,6 +263,49 @@ fn print_table(label: &str, hists: &[mcdist_kvm::lazy::LatencyHistogram]) {
     }
 }
 
+/// The kernel's share of a remote fault: a unicast request and a page-sized reply between two
+/// threads that sleep in `recv`, over loopback, with no protocol at all.
+fn udp_round_trip(trips: usize) -> Result<mcdist_kvm::lazy::LatencyHistogram, String> {
+    use std::net::UdpSocket;
+    let err = |e: std::io::Error| e.to_string();
+    let server = UdpSocket::bind("127.0.0.1:0").map_err(err)?;
+    let client = UdpSocket::bind("127.0.0.1:0").map_err(err)?;
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(err)?;
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(err)?;
+    let to = server.local_addr().map_err(err)?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut b = vec![0u8; 4096 + 64];
+        loop {
+            let (n, from) = server.recv_from(&mut b)?;
+            if n == 1 {
+                return Ok(());
+            }
+            server.send_to(&b[..4096 + 40], from)?;
+        }
+    });
+    let mut hist = mcdist_kvm::lazy::LatencyHistogram::default();
+    let mut b = vec![0u8; 4096 + 64];
+    for i in 0..trips + 100 {
+        let t = std::time::Instant::now();
+        client.send_to(&[0u8; 64], to).map_err(err)?;
+        client.recv_from(&mut b).map_err(err)?;
+        if i >= 100 {
+            hist.record(t.elapsed());
+        }
+        // Let the echo thread go back to sleep, as a server between faults does.
+        std::thread::sleep(Duration::from_micros(20));
+    }
+    client.send_to(&[0u8], to).map_err(err)?;
+    echo.join()
+        .map_err(|_| "echo thread panicked".to_string())?
+        .map_err(err)?;
+    Ok(hist)
+}
+
 fn run(args: Args) -> Result<(), String> {
     let ns =
         Netns::create(&format!("mcdk-bench-{}", std::process::id())).map_err(|e| e.to_string())?;
@@ -261,7 +316,7 @@ fn run(args: Args) -> Result<(), String> {
     // ---- 1. fault latency -----------------------------------------------------------------
     let job = HashJob::new(args.latency_mib << 20, 0.9, args.slice, 1, 4096);
     job.validate(1).map_err(|e| e.to_string())?;
-    let served = serve(job, 45001, false)?;
+    let served = serve(job, 45001, false, args.server_rate_mbps * 1_000_000)?;
     let dir = std::env::temp_dir().join(format!("mcdist-kvm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let snap = dir.join("parent.mem");
@@ -303,6 +358,15 @@ fn run(args: Args) -> Result<(), String> {
         }
     }
     print_table("faults", &hists);
+    let rtt = udp_round_trip(4000)?;
+    println!(
+        "floor: UDP loopback round trip between two blocking threads (64 B request, 4 KiB \
+         reply), {} trips: p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs",
+        rtt.count(),
+        us(rtt.quantile(0.5)),
+        us(rtt.quantile(0.9)),
+        us(rtt.quantile(0.99))
+    );
     // Like with like: the time a faulting thread is stopped (touch → resumed), measured by
     // the faulting thread itself, so the handler's wake-up is included in every mode.
     println!("\ntouch latency seen by the faulting thread (read 1 byte of each page, all pages of the slice)");
@@ -361,7 +425,7 @@ fn run(args: Args) -> Result<(), String> {
     );
     for (i, &mib) in args.start_mib.iter().enumerate() {
         let job = HashJob::new(mib << 20, 0.9, 0.001, 2, 4096);
-        let served = serve(job, 45011 + 10 * i as u16, true)?;
+        let served = serve(job, 45011 + 10 * i as u16, true, 0)?;
         let img = served.frozen.image();
         let med = |mut v: Vec<Duration>| {
             v.sort();
