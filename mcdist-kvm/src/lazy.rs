@@ -132,8 +132,9 @@ pub struct LazyConfig {
     /// How the fault thread waits.
     pub wait: FaultWait,
     /// With an [`InlineFetcher`] and [`FaultWait::Block`]: after sending a request, keep
-    /// polling without sleeping for up to this long while a fault waits for its page, so the
-    /// reply does not pay a wake-up (zero: always sleep). Between faults the thread blocks.
+    /// polling without sleeping (yielding the core between polls) for up to this long while a
+    /// fault waits for its page, so the reply does not pay a wake-up (zero: always sleep).
+    /// Between faults the thread blocks.
     pub reply_spin: Duration,
 }
 
@@ -738,6 +739,11 @@ fn inline_loop(
         } else {
             tick.saturating_sub(since)
         };
+        if spin_for_reply && !got {
+            // Let a thread queued on this core (often the server, on a small host) run
+            // instead of spinning through its time slice.
+            std::thread::yield_now();
+        }
         driver.poll(timeout, &handle);
     }
 }
