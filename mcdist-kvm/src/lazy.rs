@@ -134,7 +134,8 @@ pub struct LazyConfig {
     /// With an [`InlineFetcher`] and [`FaultWait::Block`]: after sending a request, keep
     /// polling without sleeping (yielding the core between polls) for up to this long while a
     /// fault waits for its page, so the reply does not pay a wake-up (zero: always sleep).
-    /// Between faults the thread blocks.
+    /// Between faults the thread blocks. Default 200 µs: on the measured host that cut the
+    /// inline path's p50 by a third and its p99 by half (see the crate README).
     pub reply_spin: Duration,
 }
 
@@ -145,7 +146,7 @@ impl Default for LazyConfig {
             fetch_timeout: Duration::from_secs(10),
             rerequest_interval: Duration::from_millis(250),
             wait: FaultWait::Block,
-            reply_spin: Duration::ZERO,
+            reply_spin: Duration::from_micros(200),
         }
     }
 }
