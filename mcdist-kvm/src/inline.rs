@@ -270,8 +270,16 @@ impl InlineFetcher for InlineMcdist {
 
     fn poll(&mut self, timeout: Duration, handle: &LazyHandle) {
         if self.dead {
-            // Keep waiting on the watched descriptors without touching the session.
-            let _ = self.link.transport().recv(&mut self.inbuf, Some(timeout));
+            // Keep waiting on the watched descriptors without touching the session; a broken
+            // socket must not turn the fault thread into a busy loop.
+            if self
+                .link
+                .transport()
+                .recv(&mut self.inbuf, Some(timeout))
+                .is_err()
+            {
+                std::thread::sleep(timeout.min(Duration::from_millis(10)));
+            }
             return;
         }
         self.step(timeout, handle);
