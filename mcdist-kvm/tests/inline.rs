@@ -137,10 +137,34 @@ fn lockstep_inline_clones_share_multicast_replies() {
     let ns = loopback_ns("inls");
     ns.enter().expect("enter netns");
     let s = serve(HashJob::new(32 << 20, 0.9, 0.2, 2, 4096), 47111, no_push());
-    // Two clones with the same id touch the same pages at about the same time.
+    // Two clones with the same id touch the same pages at about the same time; both have
+    // joined the group before either runs, so each sees the replies the other asked for.
+    let joined = std::sync::atomic::AtomicUsize::new(0);
     let reports: Vec<CloneReport> = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..2)
-            .map(|_| sc.spawn(|| inline_clone(&s.desc, 1, &CloneOptions::default(), |_| {})))
+            .map(|_| {
+                sc.spawn(|| {
+                    run_clone(&s.desc, 1, &CloneOptions::default(), |h| {
+                        let c = InlineMcdist::connect(
+                            &s.desc,
+                            Some("lo"),
+                            &h,
+                            Duration::from_secs(5),
+                            |_| {},
+                        )
+                        .map_err(|e| CloneError::Source(e.to_string()))?;
+                        // Wait for the other clone (bounded: a failed join must not hang).
+                        joined.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let t0 = Instant::now();
+                        while joined.load(std::sync::atomic::Ordering::SeqCst) < 2
+                            && t0.elapsed() < Duration::from_secs(10)
+                        {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        Ok(c.into_fetcher())
+                    })
+                })
+            })
             .collect();
         hs.into_iter()
             .map(|h| h.join().expect("thread").expect("clone"))
