@@ -451,6 +451,16 @@ pub struct Sim {
     /// Datagrams all clients sent.
     pub client_datagrams: u64,
     steps: u64,
+    record: Option<(usize, Vec<Recorded>)>,
+}
+
+/// A datagram captured by [`Sim::record`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    /// True when the server sent it, false when a client did.
+    pub from_server: bool,
+    /// The datagram.
+    pub data: Bytes,
 }
 
 impl std::fmt::Debug for Sim {
@@ -501,7 +511,29 @@ impl Sim {
             server_unicast_datagrams: 0,
             client_datagrams: 0,
             steps: 0,
+            record: None,
         })
+    }
+
+    /// Capture the first `max` datagrams sent from now on (e.g. for a fuzzing corpus).
+    pub fn record(&mut self, max: usize) {
+        self.record = Some((max, Vec::new()));
+    }
+
+    /// Datagrams captured since [`Sim::record`].
+    pub fn recorded(&self) -> &[Recorded] {
+        self.record.as_ref().map_or(&[], |r| &r.1)
+    }
+
+    fn capture(&mut self, from_server: bool, data: &Bytes) {
+        if let Some((max, v)) = &mut self.record {
+            if v.len() < *max {
+                v.push(Recorded {
+                    from_server,
+                    data: data.clone(),
+                });
+            }
+        }
     }
 
     /// Add a client; returns its index. Its address is derived from the index.
@@ -887,6 +919,7 @@ impl Sim {
         let mut buf = std::mem::take(&mut self.buf);
         while let Some(t) = self.server.poll_transmit(now, &mut buf) {
             let data = Bytes::copy_from_slice(&buf[..t.len]);
+            self.capture(true, &data);
             match t.dest {
                 Dest::Group => {
                     self.group_datagrams += 1;
@@ -917,6 +950,7 @@ impl Sim {
             while let Some(t) = self.clients[i].client.poll_transmit(now, &mut buf) {
                 self.client_datagrams += 1;
                 let data = Bytes::copy_from_slice(&buf[..t.len]);
+                self.capture(false, &data);
                 if t.dest != Dest::Peer(Sim::SERVER_ADDR) {
                     self.undeliverable += 1;
                     continue;

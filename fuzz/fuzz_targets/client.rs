@@ -1,0 +1,4 @@
+//! cargo-fuzz target: see `mcdist_fuzz::client`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| mcdist_fuzz::client(data));
