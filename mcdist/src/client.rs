@@ -58,6 +58,8 @@ pub struct ClientConfig {
     pub expected_digest: Option<[u8; 32]>,
     /// Most fragmented pages in reassembly at once.
     pub max_partial_pages: usize,
+    /// Largest image (in pages) the client accepts; an announce of a larger one is dropped.
+    pub max_image_pages: u64,
     /// Seed for retry jitter.
     pub seed: u64,
     /// Accept only datagrams authenticated under this pre-shared key, and seal
@@ -85,6 +87,7 @@ impl ClientConfig {
             want_zero_map: true,
             expected_digest: None,
             max_partial_pages: 4096,
+            max_image_pages: 1 << 28,
             seed: 0x636c_6965_6e74,
             security: None,
         }
@@ -520,6 +523,20 @@ impl Client {
     }
 
     fn on_announce(&mut self, now: Instant, session_id: u64, a: Announce) {
+        // The announce sizes what the client allocates (page bitmaps, zero-map
+        // chunk set): refuse sizes beyond the configured bound, and chunk counts
+        // no server would use for this many pages.
+        if a.page_count > self.cfg.max_image_pages
+            || u64::from(a.zero_map_chunks) > a.page_count.div_ceil(64) + 1
+        {
+            self.stats.malformed += 1;
+            tracing::debug!(
+                pages = a.page_count,
+                chunks = a.zero_map_chunks,
+                "dropping announce of an implausible size"
+            );
+            return;
+        }
         let info = SessionInfo {
             session_id,
             image_size: a.image_size,

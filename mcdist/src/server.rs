@@ -188,6 +188,8 @@ pub struct ServerStats {
     /// Receivers marked slow (loss while most receivers had none): left out of
     /// pacing and repaired by unicast.
     pub slow_receivers: u64,
+    /// Unicast answers refused because the receiver's or the server's queue was full.
+    pub queue_full: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,6 +223,8 @@ struct Peer {
     report: Option<(u64, u16, Instant)>,
     /// The report arrived since the last rate update.
     fresh: bool,
+    /// Unicast jobs queued for this receiver.
+    queued: usize,
     /// Reports loss while most receivers do not: left out of rate control and
     /// repaired by unicast at a rate it can take.
     slow: bool,
@@ -406,6 +410,11 @@ impl Server {
     /// Receivers that reported completion and are still tracked.
     pub fn completed_clients(&self) -> usize {
         self.peers.values().filter(|p| p.complete).count()
+    }
+
+    /// Jobs waiting in the demand and repair queues.
+    pub fn queued_jobs(&self) -> usize {
+        self.demand.len() + self.repair.len()
     }
 
     /// Pages sent at least once.
@@ -619,11 +628,32 @@ impl Server {
                 tokens: TokenBucket::new(now, rate, (rate / 4).max(4096)),
                 report: None,
                 fresh: false,
+                queued: 0,
                 slow: false,
             },
         );
         self.events.push_back(ServerEvent::ClientJoined(from));
         true
+    }
+
+    /// Queue a unicast answer to `to`, within the per-receiver and total bounds:
+    /// one source asking again and again cannot grow the queue without limit
+    /// nor fill it for everyone else.
+    fn queue_unicast(&mut self, to: SocketAddr, pfn: u64, flags: u8) {
+        let total = self.repair.len() + self.demand.len();
+        let Some(p) = self.peers.get_mut(&to) else {
+            return;
+        };
+        if p.queued >= MAX_QUEUED_PER_PEER || total >= MAX_QUEUED_UNICAST {
+            self.stats.queue_full += 1;
+            return;
+        }
+        p.queued += 1;
+        self.repair.push_back(Job {
+            pfn,
+            target: Target::Peer(to),
+            flags,
+        });
     }
 
     fn page_requested(
@@ -635,11 +665,7 @@ impl Server {
         nack: bool,
     ) {
         if self.info.zero_map.get(pfn) {
-            self.repair.push_back(Job {
-                pfn,
-                target: Target::Peer(from),
-                flags: Data::ZERO,
-            });
+            self.queue_unicast(from, pfn, Data::ZERO);
             return;
         }
         if !retry {
@@ -658,11 +684,7 @@ impl Server {
         }
         let slow = self.peers.get(&from).is_some_and(|p| p.slow);
         if retry && (slow || self.in_endgame() || self.cfg.delivery == Delivery::UnicastFanout) {
-            self.repair.push_back(Job {
-                pfn,
-                target: Target::Peer(from),
-                flags: Data::REPAIR,
-            });
+            self.queue_unicast(from, pfn, Data::REPAIR);
             return;
         }
         if self.queued_group.get(pfn) {
@@ -730,6 +752,9 @@ impl Server {
         self.failed = true;
         self.demand.clear();
         self.repair.clear();
+        for p in self.peers.values_mut() {
+            p.queued = 0;
+        }
         self.current = None;
         self.events.push_back(ServerEvent::SourceFailed(msg));
         self.close();
@@ -869,6 +894,11 @@ impl Server {
             return Some(j);
         }
         if let Some(j) = self.repair.pop_front() {
+            if let Target::Peer(a) = j.target {
+                if let Some(p) = self.peers.get_mut(&a) {
+                    p.queued = p.queued.saturating_sub(1);
+                }
+            }
             return Some(j);
         }
         if self.cfg.push_neighbors {
@@ -1078,6 +1108,11 @@ impl Server {
         self.ever_sent.set(job.pfn);
     }
 }
+
+/// Most unicast answers queued for one receiver.
+const MAX_QUEUED_PER_PEER: usize = 1024;
+/// Most unicast answers queued in all.
+const MAX_QUEUED_UNICAST: usize = 65_536;
 
 fn burst_for(rate: u64) -> u64 {
     // About 2 ms of traffic, at least 64 KiB.
