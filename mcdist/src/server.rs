@@ -579,7 +579,9 @@ impl Server {
             return;
         }
         losses.sort_unstable();
-        let median = losses[losses.len() / 2];
+        // The lower median: up to half the receivers (a slow one, or one
+        // reporting false loss) cannot pace everyone down.
+        let median = losses[(losses.len() - 1) / 2];
         let page_size = self.page_size as u64;
         for (addr, p) in self.peers.iter_mut() {
             let Some((rx_rate, loss, _)) = p.report.filter(|_| p.fresh) else {

@@ -447,8 +447,14 @@ fn fetch(
     ccfg.security = security;
     let file = File::create(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     let cleanup = |msg: String| -> String {
-        let _ = std::fs::remove_file(out);
-        format!("{msg} (removed partial {})", out.display())
+        // Only a regular file is ours to remove: `--out /dev/...` must never
+        // unlink a device node.
+        if std::fs::symlink_metadata(out).is_ok_and(|m| m.is_file()) {
+            let _ = std::fs::remove_file(out);
+            format!("{msg} (removed partial {})", out.display())
+        } else {
+            msg
+        }
     };
     let sink = Arc::new(FileSink { file });
     let node =

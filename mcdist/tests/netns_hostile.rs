@@ -1,0 +1,418 @@
+//! Hostile and bad input on the real path: the `mcdist` binary over real UDP
+//! in network namespaces built by the test (nothing leaves them).
+//!
+//! - A rogue unicast source floods the server with 50,000 requests per second;
+//!   an honest `mcdist fetch` still completes. Its time with and without the
+//!   flood is measured in the same run and printed (not asserted).
+//! - `mcdist serve`: a nonexistent image, an unreadable one, and an image that
+//!   changes size while served all end in a clear error.
+//! - `mcdist fetch` onto a full disk: a clear error and no partial file left.
+
+use mcdist::testnet::{unavailable, Topology};
+use mcdist::wire::{
+    encode_ranges, ranges_from_encoded, Body, HeaderFlags, Join, Message, PageRange, Request,
+};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mcdist");
+
+fn write_image(path: &Path, mib: usize) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for c in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&buf).unwrap();
+    }
+}
+
+/// Start `mcdist serve` in host 0 and wait for its "serving" line.
+fn serve(topo: &Topology, img: &Path, group: &str, listen: &str) -> Child {
+    let mut child = topo
+        .command(0, BIN)
+        .args(["serve", "--image"])
+        .arg(img)
+        .args([
+            "--group",
+            group,
+            "--iface",
+            &topo.hosts[0].iface,
+            "--listen",
+            listen,
+        ])
+        .args(["--clients", "1", "--timeout", "120"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    let first = lines.next().and_then(Result::ok).unwrap_or_default();
+    assert!(first.starts_with("serving"), "server said: {first}");
+    // Keep draining so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    child
+}
+
+fn fetch(
+    topo: &Topology,
+    host: usize,
+    group: &str,
+    listen: &str,
+    out: &Path,
+) -> (bool, String, Duration) {
+    let t0 = Instant::now();
+    let o = topo
+        .command(host, BIN)
+        .args([
+            "fetch",
+            "--group",
+            group,
+            "--iface",
+            &topo.hosts[host].iface,
+        ])
+        .args(["--server", listen, "--timeout", "120", "--out"])
+        .arg(out)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), text, t0.elapsed())
+}
+
+/// The rogue, run inside its namespace by re-executing this test binary.
+/// It learns the session id from the server's answer to a join, then sends
+/// `MCDIST_ROGUE_RATE` requests per second for `MCDIST_ROGUE_SECS` seconds,
+/// each a retry for 64 pages, from one socket.
+#[test]
+fn rogue_flood_helper() {
+    let Ok(target) = std::env::var("MCDIST_ROGUE_TARGET") else {
+        // Only meaningful inside the namespace test below.
+        return;
+    };
+    let target: SocketAddr = target.parse().unwrap();
+    let rate: u64 = std::env::var("MCDIST_ROGUE_RATE").unwrap().parse().unwrap();
+    let secs: u64 = std::env::var("MCDIST_ROGUE_SECS").unwrap().parse().unwrap();
+    let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let join = Message {
+        session: 0,
+        seq: 1,
+        flags: HeaderFlags(0),
+        body: Body::Join(Join { flags: 0 }),
+    };
+    let n = join.emit(&mut buf).unwrap();
+    let mut session = None;
+    for _ in 0..50 {
+        sock.send_to(&buf[..n], target).unwrap();
+        let mut rb = vec![0u8; 65_536];
+        if let Ok((k, _)) = sock.recv_from(&mut rb) {
+            if let Ok(m) = Message::parse(&rb[..k]) {
+                if let Body::Announce(_) = m.body {
+                    session = Some(m.session);
+                    break;
+                }
+            }
+        }
+    }
+    let session = session.expect("no announce for the rogue");
+    let total = rate * secs;
+    let t0 = Instant::now();
+    let mut raw = Vec::new();
+    let mut sent = 0u64;
+    for k in 0..total {
+        encode_ranges(
+            &[PageRange {
+                start: (k * 64) % 8192,
+                len: 64,
+            }],
+            &mut raw,
+        );
+        let m = Message {
+            session,
+            seq: k + 2,
+            flags: HeaderFlags(0),
+            body: Body::Request(Request {
+                rx_rate: 1,
+                loss_permille: 999,
+                flags: Request::RETRY,
+                ranges: ranges_from_encoded(&raw),
+            }),
+        };
+        let n = m.emit(&mut buf).unwrap();
+        if sock.send_to(&buf[..n], target).is_ok() {
+            sent += 1;
+        }
+        // Pace: stay on the schedule of `rate` per second.
+        let due = Duration::from_nanos((k + 1) * 1_000_000_000 / rate);
+        let el = t0.elapsed();
+        if due > el + Duration::from_micros(500) {
+            std::thread::sleep(due - el);
+        }
+    }
+    println!(
+        "rogue sent {sent} requests in {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn honest_fetch_completes_under_a_request_flood() {
+    if let Some(why) = unavailable() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("image");
+    write_image(&img, 32);
+    let want = std::fs::read(&img).unwrap();
+    let topo = Topology::create("mchf", 3, 62).expect("building the namespace topology");
+    let listen = format!("{}:7001", topo.hosts[0].addr);
+    let mut times = Vec::new();
+    for (round, flood) in [false, true].into_iter().enumerate() {
+        let group = format!("239.255.62.{}:7000", round + 1);
+        let mut server = serve(&topo, &img, &group, &listen);
+        let rogue = flood.then(|| {
+            let me = std::env::current_exe().unwrap();
+            let me = me.to_str().unwrap();
+            let child = topo
+                .command(2, me)
+                .args([
+                    "--exact",
+                    "rogue_flood_helper",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("MCDIST_ROGUE_TARGET", &listen)
+                .env("MCDIST_ROGUE_RATE", "50000")
+                .env("MCDIST_ROGUE_SECS", "8")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            // Let the flood start before the honest client joins.
+            std::thread::sleep(Duration::from_millis(500));
+            child
+        });
+        let out = dir.path().join(format!("out{round}"));
+        let (ok, text, took) = fetch(&topo, 1, &group, &listen, &out);
+        assert!(ok, "fetch failed (flood {flood}): {text}");
+        assert!(
+            std::fs::read(&out).unwrap() == want,
+            "fetched image differs"
+        );
+        times.push(took);
+        if let Some(r) = rogue {
+            let o = r.wait_with_output().unwrap();
+            let t = String::from_utf8_lossy(&o.stdout);
+            let line = t
+                .lines()
+                .find(|l| l.contains("rogue sent"))
+                .unwrap_or("rogue said nothing");
+            eprintln!("{line}");
+            assert!(
+                o.status.success(),
+                "rogue failed: {t}{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+    eprintln!(
+        "honest 32 MiB fetch: {:.2} s without the flood, {:.2} s with 50,000 requests/s from one rogue source",
+        times[0].as_secs_f64(),
+        times[1].as_secs_f64()
+    );
+}
+
+fn serve_error(args: &[&str]) -> String {
+    let o = Command::new(BIN)
+        .arg("serve")
+        .args(args)
+        .args([
+            "--group",
+            "239.255.63.1:7000",
+            "--iface",
+            "lo",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "serve succeeded with {args:?}");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn serve_refuses_missing_and_unreadable_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-image");
+    let e = serve_error(&["--image", missing.to_str().unwrap()]);
+    assert!(
+        e.contains("cannot open image") && e.contains("No such file"),
+        "{e}"
+    );
+    let e = serve_error(&["--image", dir.path().to_str().unwrap()]);
+    assert!(e.contains("not a regular file"), "{e}");
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    let e = serve_error(&["--image", empty.to_str().unwrap()]);
+    assert!(e.contains("is empty"), "{e}");
+    // Unreadable: mode 000 and served by an unprivileged user (root reads anything).
+    let locked = dir.path().join("locked");
+    std::fs::write(&locked, [1u8; 8192]).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let has_setpriv = Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let root = unavailable().is_none();
+    if has_setpriv && root {
+        let o = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                BIN,
+                "serve",
+                "--image",
+            ])
+            .arg(&locked)
+            .args([
+                "--group",
+                "239.255.63.1:7000",
+                "--iface",
+                "lo",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && e.contains("Permission denied"),
+            "{e}"
+        );
+    } else {
+        eprintln!("skipping the unreadable-image case: needs root and setpriv");
+    }
+}
+
+#[test]
+fn serve_detects_an_image_changing_size() {
+    if let Some(why) = unavailable() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("image");
+    write_image(&img, 2);
+    let topo = Topology::create("mchc", 1, 63).expect("building the namespace topology");
+    let listen = format!("{}:7001", topo.hosts[0].addr);
+    let mut child = topo
+        .command(0, BIN)
+        .args(["serve", "--image"])
+        .arg(&img)
+        .args([
+            "--group",
+            "239.255.63.2:7000",
+            "--iface",
+            &topo.hosts[0].iface,
+            "--listen",
+            &listen,
+        ])
+        .args(["--timeout", "30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().and_then(Result::ok).unwrap_or_default();
+    assert!(first.starts_with("serving"), "{first}");
+    // Grow the image under the server.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&img)
+        .unwrap()
+        .write_all(&[7u8; 4096])
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "server kept serving a changed image");
+    assert!(e.contains("changed size"), "stderr: {e}");
+}
+
+#[test]
+fn fetch_onto_a_full_disk_fails_clearly_and_leaves_no_partial_file() {
+    if let Some(why) = unavailable() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    if !Command::new("unshare")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("skipping: needs unshare (util-linux) for a private small tmpfs");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("image");
+    write_image(&img, 4);
+    let mnt = dir.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let topo = Topology::create("mcdf", 2, 64).expect("building the namespace topology");
+    let listen = format!("{}:7001", topo.hosts[0].addr);
+    let group = "239.255.64.1:7000";
+    let mut server = serve(&topo, &img, group, &listen);
+    // A 256 KiB tmpfs, private to the fetch's own mount namespace: the 4 MiB
+    // image cannot fit. The shell lists the directory after the fetch.
+    let script = format!(
+        "mount -t tmpfs -o size=256k tmpfs '{m}' && {BIN} fetch --group {group} --iface {i} --server {listen} --timeout 60 --out '{m}/out'; rc=$?; echo \"left: $(ls '{m}')\"; exit $rc",
+        m = mnt.display(),
+        i = topo.hosts[1].iface,
+    );
+    let o = topo
+        .command(1, "unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        !o.status.success(),
+        "fetch onto a full disk succeeded: {text}"
+    );
+    assert!(
+        text.contains("No space left on device"),
+        "unclear error: {text}"
+    );
+    assert!(text.contains("removed partial"), "{text}");
+    let left = text
+        .lines()
+        .find(|l| l.starts_with("left:"))
+        .unwrap_or("left: ?");
+    assert_eq!(left.trim(), "left:", "partial file left behind: {text}");
+}
