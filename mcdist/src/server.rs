@@ -223,8 +223,8 @@ struct Peer {
     report: Option<(u64, u16, Instant)>,
     /// The report arrived since the last rate update.
     fresh: bool,
-    /// Unicast jobs queued for this receiver.
-    queued: usize,
+    /// Pages asked for again (NACKs, retries) since the last rate update.
+    nacked: u64,
     /// Reports loss while most receivers do not: left out of rate control and
     /// repaired by unicast at a rate it can take.
     slow: bool,
@@ -258,6 +258,11 @@ pub struct Server {
     queued_group: PageBitmap,
     demand: VecDeque<Job>,
     repair: VecDeque<Job>,
+    /// Unicast answers, one queue per receiver, served round-robin so one
+    /// receiver's backlog never delays another's repair.
+    unicast: HashMap<SocketAddr, VecDeque<Job>>,
+    unicast_rr: VecDeque<SocketAddr>,
+    unicast_len: usize,
     current: Option<Current>,
     page_buf: Vec<u8>,
     push_cursor: u64,
@@ -360,6 +365,9 @@ impl Server {
             queued_group: PageBitmap::new(page_count),
             demand: VecDeque::new(),
             repair: VecDeque::new(),
+            unicast: HashMap::new(),
+            unicast_rr: VecDeque::new(),
+            unicast_len: 0,
             current: None,
             page_buf: vec![0; page_size],
             push_cursor: 0,
@@ -414,7 +422,7 @@ impl Server {
 
     /// Jobs waiting in the demand and repair queues.
     pub fn queued_jobs(&self) -> usize {
-        self.demand.len() + self.repair.len()
+        self.demand.len() + self.repair.len() + self.unicast_len
     }
 
     /// Pages sent at least once.
@@ -499,6 +507,11 @@ impl Server {
                     return;
                 }
                 let retry = is_nack || q.flags & wire::Request::RETRY != 0;
+                if retry {
+                    if let Some(p) = self.peers.get_mut(&from) {
+                        p.nacked = p.nacked.saturating_add(pages);
+                    }
+                }
                 let mut budget = self.cfg.max_pages_per_request;
                 for r in q.ranges.iter() {
                     if budget == 0 {
@@ -567,13 +580,17 @@ impl Server {
         let threshold = self.cfg.rate.loss_threshold_permille;
         // The median over every receiver heard from recently, finished ones
         // included: they are evidence of what the network delivers.
+        // A receiver with no recent report has not complained: it counts as
+        // loss-free, so one early complainer is not taken for the majority.
         let recent = Duration::from_secs(2);
         let mut losses: Vec<u16> = self
             .peers
             .values()
-            .filter_map(|p| p.report)
-            .filter(|r| now.saturating_duration_since(r.2) <= recent)
-            .map(|r| r.1)
+            .map(|p| {
+                p.report
+                    .filter(|r| now.saturating_duration_since(r.2) <= recent)
+                    .map_or(0, |r| r.1)
+            })
             .collect();
         if losses.is_empty() {
             return;
@@ -582,23 +599,35 @@ impl Server {
         // The lower median: up to half the receivers (a slow one, or one
         // reporting false loss) cannot pace everyone down.
         let median = losses[(losses.len() - 1) / 2];
+        // Loss reports come with heartbeats; repair volume shows a receiver
+        // that cannot keep up sooner: one asking again for far more pages than
+        // the median receiver is an outlier too.
+        let mut nacked: Vec<u64> = self.peers.values().map(|p| p.nacked).collect();
+        nacked.sort_unstable();
+        let median_nacked = nacked[(nacked.len() - 1) / 2];
+        let many = losses.len() > 1;
         let page_size = self.page_size as u64;
         for (addr, p) in self.peers.iter_mut() {
-            let Some((rx_rate, loss, _)) = p.report.filter(|_| p.fresh) else {
-                continue;
-            };
+            let nack_outlier = many && p.nacked > (8 * median_nacked).max(64);
+            p.nacked = 0;
+            let fresh = p.report.filter(|_| p.fresh);
             p.fresh = false;
-            let outlier = loss > threshold && median <= threshold && losses.len() > 1;
-            if outlier {
+            let loss_outlier =
+                fresh.is_some_and(|r| r.1 > threshold && median <= threshold && many);
+            if nack_outlier || loss_outlier || (p.slow && fresh.is_none()) {
+                let (rx_rate, loss) = p.report.map_or((0, 0), |r| (r.0, r.1));
                 if !p.slow {
                     p.slow = true;
                     self.stats.slow_receivers += 1;
                     tracing::warn!(peer = %addr, loss_permille = loss, rx_rate, "receiver cannot keep up; left out of pacing, repaired by unicast");
                 }
-                let pages = (rx_rate / page_size).max(64);
+                let pages = (rx_rate / page_size).max(256);
                 p.tokens.set_rate(now, pages, (pages / 4).max(64));
                 continue;
             }
+            let Some((rx_rate, loss, _)) = fresh else {
+                continue;
+            };
             if p.slow {
                 p.slow = false;
                 let rate = self.cfg.per_source_page_rate.max(1);
@@ -630,7 +659,7 @@ impl Server {
                 tokens: TokenBucket::new(now, rate, (rate / 4).max(4096)),
                 report: None,
                 fresh: false,
-                queued: 0,
+                nacked: 0,
                 slow: false,
             },
         );
@@ -642,20 +671,23 @@ impl Server {
     /// one source asking again and again cannot grow the queue without limit
     /// nor fill it for everyone else.
     fn queue_unicast(&mut self, to: SocketAddr, pfn: u64, flags: u8) {
-        let total = self.repair.len() + self.demand.len();
-        let Some(p) = self.peers.get_mut(&to) else {
+        if !self.peers.contains_key(&to) {
             return;
-        };
-        if p.queued >= MAX_QUEUED_PER_PEER || total >= MAX_QUEUED_UNICAST {
+        }
+        let q = self.unicast.entry(to).or_default();
+        if q.len() >= MAX_QUEUED_PER_PEER || self.unicast_len >= MAX_QUEUED_UNICAST {
             self.stats.queue_full += 1;
             return;
         }
-        p.queued += 1;
-        self.repair.push_back(Job {
+        if q.is_empty() {
+            self.unicast_rr.push_back(to);
+        }
+        q.push_back(Job {
             pfn,
             target: Target::Peer(to),
             flags,
         });
+        self.unicast_len += 1;
     }
 
     fn page_requested(
@@ -754,9 +786,9 @@ impl Server {
         self.failed = true;
         self.demand.clear();
         self.repair.clear();
-        for p in self.peers.values_mut() {
-            p.queued = 0;
-        }
+        self.unicast.clear();
+        self.unicast_rr.clear();
+        self.unicast_len = 0;
         self.current = None;
         self.events.push_back(ServerEvent::SourceFailed(msg));
         self.close();
@@ -771,6 +803,7 @@ impl Server {
             && (self.current.is_some()
                 || !self.demand.is_empty()
                 || !self.repair.is_empty()
+                || self.unicast_len > 0
                 || (self.cfg.push_neighbors && self.push_remaining > 0)
                 || (self.sweeping() && self.sweep_pos < self.page_count))
     }
@@ -896,10 +929,21 @@ impl Server {
             return Some(j);
         }
         if let Some(j) = self.repair.pop_front() {
-            if let Target::Peer(a) = j.target {
-                if let Some(p) = self.peers.get_mut(&a) {
-                    p.queued = p.queued.saturating_sub(1);
-                }
+            return Some(j);
+        }
+        while let Some(peer) = self.unicast_rr.pop_front() {
+            let Some(q) = self.unicast.get_mut(&peer) else {
+                continue;
+            };
+            let Some(j) = q.pop_front() else {
+                self.unicast.remove(&peer);
+                continue;
+            };
+            self.unicast_len -= 1;
+            if q.is_empty() {
+                self.unicast.remove(&peer);
+            } else {
+                self.unicast_rr.push_back(peer);
             }
             return Some(j);
         }
@@ -942,8 +986,10 @@ impl Server {
             }
             if !self.sweep_end_announced {
                 // Tell receivers at once that the sweep passed every page, so they
-                // NACK their last gaps now instead of at the next periodic announce.
+                // NACK their last gaps now instead of at the next periodic announce;
+                // twice, so that one lost datagram does not cost a whole period.
                 self.sweep_end_announced = true;
+                self.queue_group_announce();
                 self.queue_group_announce();
             }
         }

@@ -669,7 +669,6 @@ impl Sim {
         let deadline = self.base + limit;
         loop {
             if self.all_settled() {
-                // Let the last datagrams (leaves) drain a little.
                 return Ok(true);
             }
             if !self.step(deadline)? {
