@@ -270,6 +270,10 @@ pub struct Server {
     push_window: u64,
     sweep_pos: u64,
     sweep_end_announced: bool,
+    /// Pages multicast since the last rate update.
+    interval_group_pages: u64,
+    /// Alternates group repairs and unicast answers.
+    repair_turn: bool,
     peers: HashMap<SocketAddr, Peer>,
     control: VecDeque<Control>,
     next_announce: Instant,
@@ -374,6 +378,8 @@ impl Server {
             push_remaining: 0,
             sweep_pos: 0,
             sweep_end_announced: false,
+            interval_group_pages: 0,
+            repair_turn: false,
             peers: HashMap::new(),
             control: VecDeque::new(),
             next_announce: now,
@@ -607,8 +613,12 @@ impl Server {
         let median_nacked = nacked[(nacked.len() - 1) / 2];
         let many = losses.len() > 1;
         let page_size = self.page_size as u64;
+        // Only a receiver missing most of what was multicast in the interval
+        // counts: a lossy link alone does not make a receiver slow.
+        let sent = std::mem::take(&mut self.interval_group_pages);
         for (addr, p) in self.peers.iter_mut() {
-            let nack_outlier = many && p.nacked > (8 * median_nacked).max(64);
+            let nack_outlier =
+                many && p.nacked > (8 * median_nacked).max(64) && p.nacked * 2 > sent;
             p.nacked = 0;
             let fresh = p.report.filter(|_| p.fresh);
             p.fresh = false;
@@ -928,8 +938,12 @@ impl Server {
         if let Some(j) = self.demand.pop_front() {
             return Some(j);
         }
-        if let Some(j) = self.repair.pop_front() {
-            return Some(j);
+        // Group repairs and unicast answers take turns.
+        self.repair_turn = !self.repair_turn;
+        if self.repair_turn || self.unicast_len == 0 {
+            if let Some(j) = self.repair.pop_front() {
+                return Some(j);
+            }
         }
         while let Some(peer) = self.unicast_rr.pop_front() {
             let Some(q) = self.unicast.get_mut(&peer) else {
@@ -945,6 +959,9 @@ impl Server {
             } else {
                 self.unicast_rr.push_back(peer);
             }
+            return Some(j);
+        }
+        if let Some(j) = self.repair.pop_front() {
             return Some(j);
         }
         if self.cfg.push_neighbors {
@@ -1150,6 +1167,7 @@ impl Server {
             self.stats.unicast_pages += 1;
         }
         if job.target == Target::Group {
+            self.interval_group_pages += 1;
             let nanos = now.saturating_duration_since(self.base).as_nanos() as u64;
             self.last_group_send[job.pfn as usize] = nanos + 1;
         }
