@@ -281,6 +281,11 @@ fn slow_run(seed: u64, with_slow: bool) -> Result<(Sim, Option<usize>), String> 
 /// fast client alone exceeds 1.5x in roughly one seed in ten: a fast client
 /// that loses its last repairs waits out a retry timeout, whichever run it is
 /// in; that tail is a property of the retry timers, not of the slow client.)
+///
+/// Open: in the 1000-seed run, seed 479 fails the median bound (240 ms against
+/// 131 ms): two clients lose their first join, join 200 ms late (the client's
+/// first join retry waits twice the join interval) and then compete with the
+/// slow receiver's unicast repairs.
 #[test]
 fn ten_times_slower_client_does_not_stall_the_rest() {
     fn median(mut v: Vec<Duration>) -> Duration {
