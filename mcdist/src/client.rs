@@ -219,6 +219,8 @@ enum Want {
     Demand,
     Retry,
     Nack,
+    /// A NACKed page whose repair did not arrive: asked again with the retry flag.
+    NackRetry,
 }
 
 /// The sans-IO mcdist client. See the module docs.
@@ -237,6 +239,7 @@ pub struct Client {
     want_demand: BTreeSet<u64>,
     want_retry: BTreeSet<u64>,
     want_nack: BTreeSet<u64>,
+    want_nack_retry: BTreeSet<u64>,
     early: Vec<u64>,
     fetch_all: bool,
     scan_pos: u64,
@@ -291,6 +294,7 @@ impl Client {
             want_demand: BTreeSet::new(),
             want_retry: BTreeSet::new(),
             want_nack: BTreeSet::new(),
+            want_nack_retry: BTreeSet::new(),
             early: Vec::new(),
             fetch_all: false,
             scan_pos: 0,
@@ -298,7 +302,9 @@ impl Client {
             srtt: None,
             rttvar: Duration::ZERO,
             next_join: now,
-            join_backoff: cfg.join_interval,
+            // The first join is retried quickly (a lost join must not make a
+            // late joiner), then backs off to one a second.
+            join_backoff: (cfg.join_interval / 4).max(Duration::from_millis(1)),
             next_heartbeat: now + cfg.heartbeat_interval,
             next_scan: now,
             interval_start: now,
@@ -453,6 +459,7 @@ impl Client {
         self.want_demand.clear();
         self.want_retry.clear();
         self.want_nack.clear();
+        self.want_nack_retry.clear();
         self.timers.clear();
         self.events.push_back(ClientEvent::Failed(e));
     }
@@ -635,6 +642,7 @@ impl Client {
                     self.want_demand.remove(&pfn);
                     self.want_retry.remove(&pfn);
                     self.want_nack.remove(&pfn);
+                    self.want_nack_retry.remove(&pfn);
                     self.deliver_zero(pfn);
                 }
                 self.present.union_with(&self.zero);
@@ -710,6 +718,7 @@ impl Client {
             self.want_demand.remove(&d.pfn);
             self.want_retry.remove(&d.pfn);
             self.want_nack.remove(&d.pfn);
+            self.want_nack_retry.remove(&d.pfn);
             if let (Some(t0), 0, false) = (p.first_sent, p.retries, p.nack) {
                 self.rtt_sample(now.saturating_duration_since(t0));
             }
@@ -773,7 +782,7 @@ impl Client {
             }
             self.stats.retries += 1;
             if nack {
-                self.want_nack.insert(pfn);
+                self.want_nack_retry.insert(pfn);
             } else {
                 self.want_retry.insert(pfn);
             }
@@ -935,8 +944,8 @@ impl Client {
             self.session.is_none() || (self.cfg.want_zero_map && !self.zero_map_complete);
         if need_join && now >= self.next_join {
             if self.session.is_none() {
-                self.join_backoff = (self.join_backoff * 2).min(Duration::from_secs(1));
                 self.next_join = now + self.join_backoff;
+                self.join_backoff = (self.join_backoff * 2).min(Duration::from_secs(1));
             } else {
                 self.next_join = now + Duration::from_millis(250);
             }
@@ -957,7 +966,7 @@ impl Client {
             return Some(Transmit { dest, len });
         }
         self.session?;
-        for want in [Want::Demand, Want::Retry, Want::Nack] {
+        for want in [Want::Demand, Want::Retry, Want::Nack, Want::NackRetry] {
             if let Some(t) = self.emit_requests(now, want, buf) {
                 return Some(t);
             }
@@ -987,6 +996,7 @@ impl Client {
             Want::Demand => &mut self.want_demand,
             Want::Retry => &mut self.want_retry,
             Want::Nack => &mut self.want_nack,
+            Want::NackRetry => &mut self.want_nack_retry,
         };
         if set.is_empty() {
             return None;
@@ -1047,6 +1057,10 @@ impl Client {
                 self.stats.nacks_sent += 1;
                 self.stats.nack_pages += n;
                 (0, true)
+            }
+            Want::NackRetry => {
+                self.stats.nacks_sent += 1;
+                (wire::Request::RETRY, true)
             }
         };
         let seq = self.next_seq();

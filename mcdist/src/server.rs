@@ -512,7 +512,11 @@ impl Server {
                     tracing::debug!(%from, pages, "request over the per-source rate limit");
                     return;
                 }
-                let retry = is_nack || q.flags & wire::Request::RETRY != 0;
+                // A re-ask: this receiver asked for these pages before and the answer
+                // did not reach it. Only re-asks go unicast in the end game; a first
+                // NACK is multicast, since siblings likely lost the same page.
+                let reask = q.flags & wire::Request::RETRY != 0;
+                let retry = is_nack || reask;
                 if retry {
                     if let Some(p) = self.peers.get_mut(&from) {
                         p.nacked = p.nacked.saturating_add(pages);
@@ -530,7 +534,7 @@ impl Server {
                     let mut pfn = r.start;
                     while pfn < end && budget > 0 {
                         self.stats.pages_requested += 1;
-                        self.page_requested(now, from, pfn, retry, is_nack);
+                        self.page_requested(now, from, pfn, retry, is_nack, reask);
                         pfn += 1;
                         budget -= 1;
                     }
@@ -707,6 +711,7 @@ impl Server {
         pfn: u64,
         retry: bool,
         nack: bool,
+        reask: bool,
     ) {
         if self.info.zero_map.get(pfn) {
             self.queue_unicast(from, pfn, Data::ZERO);
@@ -727,7 +732,9 @@ impl Server {
             }
         }
         let slow = self.peers.get(&from).is_some_and(|p| p.slow);
-        if retry && (slow || self.in_endgame() || self.cfg.delivery == Delivery::UnicastFanout) {
+        if retry && (slow || self.cfg.delivery == Delivery::UnicastFanout)
+            || reask && self.in_endgame()
+        {
             self.queue_unicast(from, pfn, Data::REPAIR);
             return;
         }
