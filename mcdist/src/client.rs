@@ -719,7 +719,7 @@ impl Client {
             self.want_retry.remove(&d.pfn);
             self.want_nack.remove(&d.pfn);
             self.want_nack_retry.remove(&d.pfn);
-            if let (Some(t0), 0, false) = (p.first_sent, p.retries, p.nack) {
+            if let (Some(t0), 0) = (p.first_sent, p.retries) {
                 self.rtt_sample(now.saturating_duration_since(t0));
             }
         }

@@ -732,8 +732,15 @@ impl Server {
             }
         }
         let slow = self.peers.get(&from).is_some_and(|p| p.slow);
+        // A receiver reporting heavy loss of its own is unlikely to share its gaps
+        // with siblings: in the end game its first NACKs go unicast too.
+        let lossy = self
+            .peers
+            .get(&from)
+            .and_then(|p| p.report)
+            .is_some_and(|r| r.1 >= 250);
         if retry && (slow || self.cfg.delivery == Delivery::UnicastFanout)
-            || reask && self.in_endgame()
+            || (reask || (nack && lossy)) && self.in_endgame()
         {
             self.queue_unicast(from, pfn, Data::REPAIR);
             return;
