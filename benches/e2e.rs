@@ -226,6 +226,8 @@ pub struct Bench {
     pub run_timeout: Duration,
     /// Scratch space.
     pub work: WorkDir,
+    /// Copy each run's sender and receiver logs here.
+    pub keep_logs: Option<PathBuf>,
 }
 
 const LOSS_TABLE: &str = "mcdistbench";
@@ -315,6 +317,19 @@ impl Bench {
                 }
             }
             Err(e) => r.note.push_str(&e),
+        }
+        if let Some(keep) = &self.keep_logs {
+            let to = keep.join(format!("{}-n{n}-loss{loss}", tool.name()));
+            if std::fs::create_dir_all(&to).is_ok() {
+                if let Ok(rd) = std::fs::read_dir(&dir) {
+                    for e in rd.flatten() {
+                        let p = e.path();
+                        if p.extension().is_some_and(|x| x == "log") {
+                            let _ = std::fs::copy(&p, to.join(e.file_name()));
+                        }
+                    }
+                }
+            }
         }
         let _ = std::fs::remove_dir_all(&dir);
         r

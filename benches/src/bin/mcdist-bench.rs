@@ -55,7 +55,10 @@ struct Cli {
     /// Where results.csv and results.svg go.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
-    /// Directory for the image and received copies (default: the system temp dir).
+    /// Keep every run's sender and receiver logs under `<out>/logs`.
+    #[arg(long)]
+    keep_logs: bool,
+    /// Directory for the image and received copies (default: /dev/shm, else the system temp dir).
     #[arg(long)]
     work_dir: Option<PathBuf>,
 }
@@ -120,6 +123,7 @@ fn main() -> ExitCode {
         zero_percent: cli.zero_percent,
         run_timeout: std::time::Duration::from_secs(cli.run_timeout),
         work,
+        keep_logs: cli.keep_logs.then(|| cli.out.join("logs")),
     };
     if let Err(e) = bench.make_image() {
         eprintln!("mcdist-bench: writing the image: {e}");
