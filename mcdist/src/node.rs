@@ -10,8 +10,8 @@ use crate::client::{Client, ClientConfig, ClientError, ClientEvent, ClientStats}
 use crate::secure::{SecureTransport, Security, SecurityStats, SecurityStatsHandle};
 use crate::server::{ConfigError, Server, ServerConfig, ServerEvent, ServerStats};
 use crate::source::{ImageInfo, PageSource};
-use crate::transport::{Transport, Wake};
-use crate::SessionInfo;
+use crate::transport::{Received, Transport, Wake};
+use crate::{SessionInfo, Transmit};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use std::io;
@@ -276,6 +276,11 @@ impl Drop for ServerNode {
     }
 }
 
+/// Receive buffer slot: the largest UDP payload, rounded up.
+const RECV_SLOT: usize = 65_536;
+/// Most datagrams taken in one `recv_batch`.
+const RECV_BATCH: usize = 32;
+
 fn server_loop<T: Transport>(
     mut server: Server,
     transport: &mut T,
@@ -283,8 +288,16 @@ fn server_loop<T: Transport>(
     stats: &Mutex<ServerSnapshot>,
     events: &Sender<ServerEvent>,
 ) -> Result<(), NodeError> {
-    let mut out = vec![0u8; 65_536];
-    let mut inp = vec![0u8; 65_536];
+    // Datagrams go out in batches (one `sendmmsg` on UDP) and come in in
+    // batches (one `recvmmsg`): slot `i` of a buffer holds datagram `i`.
+    let caps = transport.capabilities();
+    let slot = caps.max_datagram.clamp(1, 65_536);
+    let batch = caps.batch.clamp(1, 64);
+    let mut out = vec![0u8; slot * batch];
+    let mut items: Vec<Transmit> = Vec::with_capacity(batch);
+    let rbatch = caps.batch.clamp(1, RECV_BATCH);
+    let mut inp = vec![0u8; RECV_SLOT * rbatch];
+    let mut received: Vec<Received> = Vec::with_capacity(rbatch);
     let mut last_snapshot = Instant::now();
     let mut closing: Option<Instant> = None;
     loop {
@@ -297,13 +310,24 @@ fn server_loop<T: Transport>(
             server.handle_timeout(now);
         }
         let mut sent = 0;
-        while let Some(t) = server.poll_transmit(now, &mut out) {
+        'send: while sent < 256 {
+            items.clear();
+            while items.len() < batch {
+                let i = items.len();
+                match server.poll_transmit(now, &mut out[i * slot..(i + 1) * slot]) {
+                    Some(t) => items.push(t),
+                    None => break,
+                }
+            }
+            if items.is_empty() {
+                break 'send;
+            }
             transport
-                .send(t.dest, &out[..t.len])
+                .send_batch(&out, slot, &items)
                 .map_err(io_err("sending"))?;
-            sent += 1;
-            if sent >= 256 {
-                break;
+            sent += items.len();
+            if items.len() < batch {
+                break 'send;
             }
         }
         while let Some(e) = server.poll_event() {
@@ -331,18 +355,23 @@ fn server_loop<T: Transport>(
                 })
                 .min(Duration::from_millis(50))
         };
-        let mut budget = 256;
+        let mut budget = 256usize;
         let mut timeout = Some(wait);
         while budget > 0 {
-            match transport.recv(&mut inp, timeout) {
-                Ok(Some(r)) => {
-                    server.handle_datagram(Instant::now(), r.from, &inp[..r.len]);
-                    budget -= 1;
-                    timeout = Some(Duration::ZERO);
-                }
-                Ok(None) => break,
-                Err(e) => return Err(io_err("receiving")(e)),
+            received.clear();
+            let n = transport
+                .recv_batch(&mut inp, RECV_SLOT, &mut received, timeout)
+                .map_err(io_err("receiving"))?;
+            if n == 0 {
+                break;
             }
+            let at = Instant::now();
+            for (i, r) in received.iter().enumerate() {
+                let start = i * RECV_SLOT;
+                server.handle_datagram(at, r.from, &inp[start..start + r.len.min(RECV_SLOT)]);
+            }
+            budget = budget.saturating_sub(n);
+            timeout = Some(Duration::ZERO);
         }
     }
 }
@@ -602,7 +631,12 @@ fn client_loop<T: Transport>(
     sink: &dyn PageSink,
 ) -> Result<(), NodeError> {
     let mut out = vec![0u8; 65_536];
-    let mut inbuf = vec![0u8; 65_536];
+    // Receive slots take the largest UDP datagram: a server on another link
+    // may send larger datagrams than this host's MTU suggests.
+    let slot = RECV_SLOT;
+    let batch = transport.capabilities().batch.clamp(1, RECV_BATCH);
+    let mut inbuf = vec![0u8; slot * batch];
+    let mut received: Vec<Received> = Vec::with_capacity(batch);
     let mut last_publish = Instant::now();
     let mut leaving = false;
     loop {
@@ -686,16 +720,23 @@ fn client_loop<T: Transport>(
             Duration::ZERO
         };
         let mut timeout = Some(wait);
-        for _ in 0..256 {
-            match transport.recv(&mut inbuf, timeout) {
-                Ok(Some(r)) => {
-                    let datagram = Bytes::copy_from_slice(&inbuf[..r.len]);
-                    client.handle_datagram(Instant::now(), r.from, datagram);
-                    timeout = Some(Duration::ZERO);
-                }
-                Ok(None) => break,
-                Err(e) => return Err(io_err("receiving")(e)),
+        let mut budget = 256usize;
+        while budget > 0 {
+            received.clear();
+            let n = transport
+                .recv_batch(&mut inbuf, slot, &mut received, timeout)
+                .map_err(io_err("receiving"))?;
+            if n == 0 {
+                break;
             }
+            let at = Instant::now();
+            for (i, r) in received.iter().enumerate() {
+                let start = i * slot;
+                let datagram = Bytes::copy_from_slice(&inbuf[start..start + r.len.min(slot)]);
+                client.handle_datagram(at, r.from, datagram);
+            }
+            budget = budget.saturating_sub(n);
+            timeout = Some(Duration::ZERO);
         }
     }
 }

@@ -14,7 +14,7 @@ pub mod fault;
 pub mod mem;
 pub mod udp;
 
-use crate::Dest;
+use crate::{Dest, Transmit};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -57,6 +57,48 @@ pub trait Transport: Send + 'static {
     fn capabilities(&self) -> Capabilities;
     /// The address peers reply to.
     fn local_addr(&self) -> io::Result<SocketAddr>;
+
+    /// Send several datagrams: datagram `i` goes to `items[i].dest` and is the
+    /// first `items[i].len` bytes of `buf[i * slot..]`. Transports that can
+    /// send many datagrams in one system call (`sendmmsg`) override this; the
+    /// default sends them one by one.
+    fn send_batch(&mut self, buf: &[u8], slot: usize, items: &[Transmit]) -> io::Result<()> {
+        for (i, t) in items.iter().enumerate() {
+            let start = i * slot;
+            let data = buf.get(start..start + t.len.min(slot)).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "batch slot out of range")
+            })?;
+            self.send(t.dest, data)?;
+        }
+        Ok(())
+    }
+
+    /// Receive up to `buf.len() / slot` datagrams, waiting at most `timeout`
+    /// for the first: datagram `i` lands at `buf[i * slot..]` and its length and
+    /// sender are appended to `out`. Returns how many arrived. Transports that
+    /// can receive many datagrams in one system call (`recvmmsg`) override
+    /// this; the default receives them one by one.
+    fn recv_batch(
+        &mut self,
+        buf: &mut [u8],
+        slot: usize,
+        out: &mut Vec<Received>,
+        timeout: Option<Duration>,
+    ) -> io::Result<usize> {
+        let mut n = 0;
+        let mut timeout = timeout;
+        for chunk in buf.chunks_exact_mut(slot.max(1)) {
+            match self.recv(chunk, timeout)? {
+                Some(r) => {
+                    out.push(r);
+                    n += 1;
+                    timeout = Some(Duration::ZERO);
+                }
+                None => break,
+            }
+        }
+        Ok(n)
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for Box<T> {
@@ -74,5 +116,17 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
         (**self).local_addr()
+    }
+    fn send_batch(&mut self, buf: &[u8], slot: usize, items: &[Transmit]) -> io::Result<()> {
+        (**self).send_batch(buf, slot, items)
+    }
+    fn recv_batch(
+        &mut self,
+        buf: &mut [u8],
+        slot: usize,
+        out: &mut Vec<Received>,
+        timeout: Option<Duration>,
+    ) -> io::Result<usize> {
+        (**self).recv_batch(buf, slot, out, timeout)
     }
 }

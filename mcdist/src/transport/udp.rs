@@ -10,9 +10,13 @@
 //! [`UdpTransport::watch_readable`] adds other descriptors (a userfaultfd, an
 //! eventfd) to the same poll, so one thread can wait for datagrams and for its
 //! own events in a single `recv`.
+//!
+//! Batches go out with one `sendmmsg` and come in with one `recvmmsg` per
+//! socket (through `nix`'s safe wrappers), up to [`MAX_BATCH`] datagrams per
+//! system call.
 
 use super::{Capabilities, Received, Transport, Wake};
-use crate::Dest;
+use crate::{Dest, Transmit};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 use socket2::{Domain, InterfaceIndexOrAddress, Protocol, SockAddr, Socket, Type};
@@ -115,6 +119,9 @@ pub fn interface_info(name: &str) -> Result<(u32, usize), UdpSetupError> {
     Ok((index, mtu))
 }
 
+/// Most datagrams moved by one `sendmmsg` or `recvmmsg`.
+pub const MAX_BATCH: usize = 64;
+
 const MCAST: Token = Token(0);
 const UCAST: Token = Token(1);
 const WAKE: Token = Token(2);
@@ -192,7 +199,7 @@ fn caps_for(cfg: &UdpConfig) -> Result<(Option<u32>, Capabilities), UdpSetupErro
         index,
         Capabilities {
             max_datagram,
-            batch: 1,
+            batch: MAX_BATCH,
         },
     ))
 }
@@ -336,6 +343,91 @@ impl UdpTransport {
     }
 }
 
+/// `recvmmsg` on one socket without waiting; datagram `i` lands at `buf[i * slot..]`.
+fn recv_many(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    slot: usize,
+    out: &mut Vec<Received>,
+) -> io::Result<usize> {
+    use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+    use std::io::IoSliceMut;
+    use std::os::fd::AsRawFd;
+    let n = (buf.len() / slot.max(1)).min(MAX_BATCH);
+    if n == 0 {
+        return Ok(0);
+    }
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(n, None);
+    let mut iovs: Vec<[IoSliceMut<'_>; 1]> = buf
+        .chunks_exact_mut(slot)
+        .take(n)
+        .map(|c| [IoSliceMut::new(c)])
+        .collect();
+    let res = recvmmsg(
+        sock.as_raw_fd(),
+        &mut headers,
+        iovs.iter_mut(),
+        MsgFlags::MSG_DONTWAIT,
+        None,
+    );
+    let results = match res {
+        Ok(r) => r,
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => return Ok(0),
+        // ICMP errors from earlier sends surface here; they are not fatal.
+        Err(nix::errno::Errno::ECONNREFUSED) => return Ok(0),
+        Err(e) => return Err(io::Error::from(e)),
+    };
+    let mut got = 0;
+    for m in results {
+        let from = m.address.and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|s| SocketAddr::V4(SocketAddrV4::from(*s)))
+        });
+        got += 1;
+        match from {
+            Some(from) if !m.flags.contains(MsgFlags::MSG_TRUNC) => out.push(Received {
+                len: m.bytes.min(slot),
+                from,
+            }),
+            // Truncated or not IPv4: keep the slot (indices must match) but mark it empty.
+            _ => out.push(Received {
+                len: 0,
+                from: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
+            }),
+        }
+    }
+    Ok(got)
+}
+
+impl UdpTransport {
+    fn try_recv_batch(
+        &mut self,
+        buf: &mut [u8],
+        slot: usize,
+        out: &mut Vec<Received>,
+    ) -> io::Result<usize> {
+        self.turn = !self.turn;
+        let mut total = 0;
+        for pass in 0..2 {
+            let use_mcast = (pass == 0) == self.turn;
+            let sock = if use_mcast {
+                match &self.mcast {
+                    Some(m) => m,
+                    None => continue,
+                }
+            } else {
+                &self.ucast
+            };
+            let start = total * slot;
+            if start >= buf.len() {
+                break;
+            }
+            total += recv_many(sock, &mut buf[start..], slot, out)?;
+        }
+        Ok(total)
+    }
+}
+
 impl Transport for UdpTransport {
     fn send(&mut self, dest: Dest, data: &[u8]) -> io::Result<()> {
         let to = match dest {
@@ -383,6 +475,85 @@ impl Transport for UdpTransport {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.ucast.local_addr()
+    }
+
+    fn send_batch(&mut self, buf: &[u8], slot: usize, items: &[Transmit]) -> io::Result<()> {
+        use nix::sys::socket::{sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage};
+        use std::io::IoSlice;
+        use std::os::fd::AsRawFd;
+        let mut done = 0;
+        let mut spins = 0u32;
+        while done < items.len() {
+            let chunk = &items[done..items.len().min(done + MAX_BATCH)];
+            let mut iovs: Vec<[IoSlice<'_>; 1]> = Vec::with_capacity(chunk.len());
+            let mut addrs: Vec<Option<SockaddrStorage>> = Vec::with_capacity(chunk.len());
+            for (k, t) in chunk.iter().enumerate() {
+                let start = (done + k) * slot;
+                let data = buf.get(start..start + t.len.min(slot)).ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "batch slot out of range")
+                })?;
+                iovs.push([IoSlice::new(data)]);
+                let to = match t.dest {
+                    Dest::Group => self.group,
+                    Dest::Peer(p) => p,
+                };
+                addrs.push(Some(SockaddrStorage::from(to)));
+            }
+            let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(chunk.len(), None);
+            let cmsgs: [ControlMessage<'_>; 0] = [];
+            match sendmmsg(
+                self.ucast.as_raw_fd(),
+                &mut headers,
+                &iovs,
+                &addrs,
+                cmsgs,
+                MsgFlags::empty(),
+            ) {
+                Ok(r) => {
+                    let sent = r.count();
+                    if sent == 0 {
+                        // Nothing went: treat like a full buffer.
+                        spins += 1;
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                    done += sent;
+                }
+                Err(nix::errno::Errno::EAGAIN) if spins < 20_000 => {
+                    spins += 1;
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                // A peer's port closed: that datagram is lost, like any other loss.
+                Err(nix::errno::Errno::ECONNREFUSED) => done += 1,
+                Err(e) => return Err(io::Error::from(e)),
+            }
+            if spins >= 20_000 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "send buffer stayed full for a second",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn recv_batch(
+        &mut self,
+        buf: &mut [u8],
+        slot: usize,
+        out: &mut Vec<Received>,
+        timeout: Option<Duration>,
+    ) -> io::Result<usize> {
+        let n = self.try_recv_batch(buf, slot, out)?;
+        if n > 0 || timeout == Some(Duration::ZERO) {
+            return Ok(n);
+        }
+        match self.poll.poll(&mut self.events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(0),
+            Err(e) => return Err(e),
+        }
+        self.try_recv_batch(buf, slot, out)
     }
 }
 
