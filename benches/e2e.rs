@@ -162,6 +162,8 @@ pub struct RunResult {
     pub secs: f64,
     /// Bytes the sender's interface transmitted (Ethernet frames).
     pub server_bytes: u64,
+    /// CPU seconds (user + system) the sender and every receiver used.
+    pub cpu_secs: f64,
     /// Image size.
     pub image_bytes: u64,
     /// Every receiver ended with a byte-identical copy.
@@ -188,20 +190,21 @@ impl RunResult {
     /// Header line of the text table.
     pub fn table_header() -> String {
         format!(
-            "{:<15} {:>3} {:>6} {:>9} {:>9} {:>11} {:>4}  {}",
-            "tool", "N", "loss%", "time s", "MB/s", "srv bytes/img", "ok", "note"
+            "{:<15} {:>3} {:>6} {:>9} {:>9} {:>8} {:>13} {:>4}  {}",
+            "tool", "N", "loss%", "time s", "MB/s", "cpu s", "srv bytes/img", "ok", "note"
         )
     }
 
     /// One line of the text table.
     pub fn table_row(&self) -> String {
         format!(
-            "{:<15} {:>3} {:>6.1} {:>9.2} {:>9.1} {:>13.3} {:>4}  {}",
+            "{:<15} {:>3} {:>6.1} {:>9.2} {:>9.1} {:>8.2} {:>13.3} {:>4}  {}",
             self.tool.name(),
             self.receivers,
             self.loss_percent,
             self.secs,
             self.mbps(),
+            self.cpu_secs,
             self.ratio(),
             if self.ok { "yes" } else { "NO" },
             self.note
@@ -278,6 +281,7 @@ impl Bench {
             loss_percent: loss,
             secs: 0.0,
             server_bytes: 0,
+            cpu_secs: 0.0,
             image_bytes: self.image_bytes,
             ok: false,
             note: String::new(),
@@ -293,6 +297,7 @@ impl Bench {
             return r;
         }
         let before = tx_bytes(topo);
+        let cpu_before = children_cpu_secs();
         let outcome = match tool {
             Tool::Mcdist
             | Tool::McdistFec
@@ -303,6 +308,7 @@ impl Bench {
             Tool::Udpcast | Tool::UdpcastFec => self.run_udpcast(topo, subnet, tool, n, &dir),
         };
         let after = tx_bytes(topo);
+        r.cpu_secs = (children_cpu_secs() - cpu_before).max(0.0);
         let _ = set_loss(topo, n, 0.0);
         match (before, after) {
             (Ok(b), Ok(a)) => r.server_bytes = a.saturating_sub(b),
@@ -604,6 +610,22 @@ fn log_tail(p: &Path) -> String {
     tail.replace('\n', " | ")
 }
 
+/// CPU time of this process's reaped children (user + system), from
+/// `/proc/self/stat` (fields 16 and 17, in clock ticks of 1/100 s).
+fn children_cpu_secs() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name, which may contain spaces.
+    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): field k is f[k - 3].
+    let tick = |k: usize| {
+        f.get(k - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (tick(16) + tick(17)) / 100.0
+}
+
 fn file_digest(p: &Path) -> io::Result<[u8; 32]> {
     let mut h = blake3::Hasher::new();
     h.update_reader(std::fs::File::open(p)?)?;
@@ -707,17 +729,18 @@ fn set_loss(topo: &Topology, n: usize, loss: f64) -> io::Result<()> {
 /// Results as CSV.
 pub fn to_csv(rs: &[RunResult]) -> String {
     let mut s = String::from(
-        "tool,receivers,loss_percent,seconds,mb_per_s,server_bytes,image_bytes,server_bytes_per_image_byte,ok,note\n",
+        "tool,receivers,loss_percent,seconds,mb_per_s,cpu_seconds,server_bytes,image_bytes,server_bytes_per_image_byte,ok,note\n",
     );
     for r in rs {
         let _ = writeln!(
             s,
-            "{},{},{},{:.3},{:.2},{},{},{:.4},{},\"{}\"",
+            "{},{},{},{:.3},{:.2},{:.2},{},{},{:.4},{},\"{}\"",
             r.tool.name(),
             r.receivers,
             r.loss_percent,
             r.secs,
             r.mbps(),
+            r.cpu_secs,
             r.server_bytes,
             r.image_bytes,
             r.ratio(),
@@ -731,17 +754,18 @@ pub fn to_csv(rs: &[RunResult]) -> String {
 /// Results as a Markdown table.
 pub fn to_markdown(rs: &[RunResult]) -> String {
     let mut s = String::from(
-        "| tool | N | loss % | time s | MB/s per receiver | server bytes / image | ok |\n|---|---:|---:|---:|---:|---:|---|\n",
+        "| tool | N | loss % | time s | MB/s per receiver | CPU s (all processes) | server bytes / image | ok |\n|---|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for r in rs {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {:.2} | {:.1} | {:.3} | {} |",
+            "| {} | {} | {:.0} | {:.2} | {:.1} | {:.2} | {:.3} | {} |",
             r.tool.name(),
             r.receivers,
             r.loss_percent,
             r.secs,
             r.mbps(),
+            r.cpu_secs,
             r.ratio(),
             if r.ok {
                 "yes".to_string()
