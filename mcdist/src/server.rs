@@ -211,6 +211,9 @@ struct Current {
     /// Unicast fan-out destinations still to serve (last is current).
     fanout: Vec<SocketAddr>,
     next_frag: u16,
+    /// The page goes in one datagram to one destination: it is read from the
+    /// source straight into the datagram, not through `page_buf`.
+    direct: bool,
 }
 
 #[derive(Debug)]
@@ -1077,9 +1080,6 @@ impl Server {
     }
 
     fn load(&mut self, job: Job) -> io::Result<()> {
-        if job.flags & Data::ZERO == 0 {
-            self.source.read_page(job.pfn, &mut self.page_buf)?;
-        }
         let fanout = match (job.target, self.cfg.delivery) {
             (Target::Group, Delivery::UnicastFanout) => {
                 let mut v: Vec<SocketAddr> = self.peers.keys().copied().collect();
@@ -1088,10 +1088,16 @@ impl Server {
             }
             _ => Vec::new(),
         };
+        let zero = job.flags & Data::ZERO != 0;
+        let direct = !zero && self.frag_count == 1 && fanout.is_empty();
+        if !zero && !direct {
+            self.source.read_page(job.pfn, &mut self.page_buf)?;
+        }
         self.current = Some(Current {
             job,
             fanout,
             next_frag: 0,
+            direct,
         });
         Ok(())
     }
@@ -1099,6 +1105,7 @@ impl Server {
     fn emit_fragment(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
         let cur = self.current.as_mut()?;
         let job = cur.job;
+        let direct = cur.direct;
         let dest = match (job.target, cur.fanout.last()) {
             (Target::Peer(p), _) => Dest::Peer(p),
             (Target::Group, Some(p)) => Dest::Peer(*p),
@@ -1140,7 +1147,18 @@ impl Server {
             end - start,
         )
         .ok()?;
-        buf[off..off + (end - start)].copy_from_slice(&self.page_buf[start..end]);
+        if direct {
+            // One copy, source to datagram.
+            if let Err(e) = self
+                .source
+                .read_page(job.pfn, &mut buf[off..off + (end - start)])
+            {
+                self.fail_source(e.to_string());
+                return None;
+            }
+        } else {
+            buf[off..off + (end - start)].copy_from_slice(&self.page_buf[start..end]);
+        }
         let len = off + (end - start);
         self.count_sent(len, end - start);
         // Advance.
