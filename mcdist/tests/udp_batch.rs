@@ -55,14 +55,22 @@ fn batches_cross_loopback_intact() {
     while got < count && Instant::now() < deadline {
         let mut rec: Vec<Received> = Vec::new();
         let n = client
-            .recv_batch(&mut inbuf, rslot, &mut rec, Some(Duration::from_millis(200)))
+            .recv_batch(
+                &mut inbuf,
+                rslot,
+                &mut rec,
+                Some(Duration::from_millis(200)),
+            )
             .expect("recvmmsg");
         assert_eq!(n, rec.len());
         for (k, r) in rec.iter().enumerate() {
             let d = &inbuf[k * rslot..k * rslot + r.len];
             assert_eq!(r.from.port(), server_addr.port(), "sender address");
             let i = u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as usize;
-            assert!(i < count && !seen[i], "datagram {i} unexpected or duplicated");
+            assert!(
+                i < count && !seen[i],
+                "datagram {i} unexpected or duplicated"
+            );
             seen[i] = true;
             let len = payload(i, &mut expect);
             assert_eq!(d, &expect[..len], "datagram {i} intact");
