@@ -132,13 +132,17 @@ pub struct WorkDir {
 }
 
 impl WorkDir {
-    /// A fresh directory under `parent` (or the system temp dir).
+    /// A fresh directory under `parent`, or else in shared memory (`/dev/shm`,
+    /// so that every tool's receivers write to memory and the disk does not
+    /// enter the comparison), or else the system temp dir.
     pub fn new(parent: Option<&Path>) -> io::Result<WorkDir> {
+        let shm = Path::new("/dev/shm");
+        let mut b = tempfile::Builder::new();
+        b.prefix("mcdist-bench");
         let dir = match parent {
-            Some(p) => tempfile::Builder::new()
-                .prefix("mcdist-bench")
-                .tempdir_in(p)?,
-            None => tempfile::Builder::new().prefix("mcdist-bench").tempdir()?,
+            Some(p) => b.tempdir_in(p)?,
+            None if shm.is_dir() => b.tempdir_in(shm)?,
+            None => b.tempdir()?,
         };
         Ok(WorkDir { dir })
     }
