@@ -973,20 +973,7 @@ impl Client {
         }
         if now >= self.next_heartbeat {
             self.next_heartbeat = now + self.cfg.heartbeat_interval;
-            let seq = self.next_seq();
-            let m = Message {
-                session: self.session_id(),
-                seq,
-                flags: HeaderFlags(0),
-                body: Body::Heartbeat(wire::Heartbeat {
-                    rx_rate: self.rx_rate,
-                    loss_permille: self.loss_permille,
-                    have_pages: self.pages_present(),
-                    flags: 0,
-                }),
-            };
-            let len = m.emit(buf).ok()?;
-            return Some(Transmit { dest, len });
+            return self.heartbeat(0, buf);
         }
         None
     }
@@ -1089,6 +1076,10 @@ impl Client {
 
     /// Report completion in heartbeats from now on (after the embedder verified the image).
     pub fn completion_heartbeat(&mut self, buf: &mut [u8]) -> Option<Transmit> {
+        self.heartbeat(wire::Heartbeat::COMPLETE, buf)
+    }
+
+    fn heartbeat(&mut self, flags: u8, buf: &mut [u8]) -> Option<Transmit> {
         let seq = self.next_seq();
         let m = Message {
             session: self.session_id(),
@@ -1098,7 +1089,7 @@ impl Client {
                 rx_rate: self.rx_rate,
                 loss_permille: self.loss_permille,
                 have_pages: self.pages_present(),
-                flags: wire::Heartbeat::COMPLETE,
+                flags,
             }),
         };
         let len = m.emit(buf).ok()?;

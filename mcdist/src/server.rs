@@ -951,6 +951,32 @@ impl Server {
         self.stats.payload_bytes_sent += payload as u64;
     }
 
+    /// The first page in `from..end` that is not zero, not sent and not queued;
+    /// returns the position after it (or `end`) and the page.
+    fn next_unsent(&self, from: u64, end: u64) -> (u64, Option<u64>) {
+        let mut pfn = from;
+        while pfn < end {
+            let skip = self.info.zero_map.get(pfn)
+                || self.ever_sent.get(pfn)
+                || self.queued_group.get(pfn);
+            pfn += 1;
+            if !skip {
+                return (pfn, Some(pfn - 1));
+            }
+        }
+        (end.max(from), None)
+    }
+
+    /// Queue-mark `pfn` and make a group job for it.
+    fn group_job(&mut self, pfn: u64, flags: u8) -> Job {
+        self.queued_group.set(pfn);
+        Job {
+            pfn,
+            target: Target::Group,
+            flags,
+        }
+    }
+
     fn next_job(&mut self) -> Option<Job> {
         if let Some(j) = self.demand.pop_front() {
             return Some(j);
@@ -982,41 +1008,23 @@ impl Server {
             return Some(j);
         }
         if self.cfg.push_neighbors {
-            while self.push_remaining > 0 && self.push_cursor < self.page_count {
-                let pfn = self.push_cursor;
-                self.push_cursor += 1;
-                self.push_remaining -= 1;
-                if self.info.zero_map.get(pfn)
-                    || self.ever_sent.get(pfn)
-                    || self.queued_group.get(pfn)
-                {
-                    continue;
-                }
-                self.queued_group.set(pfn);
-                return Some(Job {
-                    pfn,
-                    target: Target::Group,
-                    flags: Data::PUSH,
-                });
+            let end = self
+                .push_cursor
+                .saturating_add(self.push_remaining)
+                .min(self.page_count);
+            let (next, found) = self.next_unsent(self.push_cursor, end);
+            self.push_remaining = self.push_remaining.saturating_sub(next - self.push_cursor);
+            self.push_cursor = next;
+            if let Some(pfn) = found {
+                return Some(self.group_job(pfn, Data::PUSH));
             }
             self.push_remaining = 0;
         }
         if self.sweeping() {
-            while self.sweep_pos < self.page_count {
-                let pfn = self.sweep_pos;
-                self.sweep_pos += 1;
-                if self.info.zero_map.get(pfn)
-                    || self.ever_sent.get(pfn)
-                    || self.queued_group.get(pfn)
-                {
-                    continue;
-                }
-                self.queued_group.set(pfn);
-                return Some(Job {
-                    pfn,
-                    target: Target::Group,
-                    flags: Data::SWEEP,
-                });
+            let (next, found) = self.next_unsent(self.sweep_pos, self.page_count);
+            self.sweep_pos = next;
+            if let Some(pfn) = found {
+                return Some(self.group_job(pfn, Data::SWEEP));
             }
             if !self.sweep_end_announced {
                 // Tell receivers at once that the sweep passed every page, so they

@@ -140,3 +140,33 @@ impl Drop for Topology {
         let _ = run(&["netns", "del", &self.bridge_ns]);
     }
 }
+
+/// Write a test image of `mib` MiB of pseudo-random bytes (xorshift, seeded)
+/// followed by `tail` more bytes (a partial last page). With `zero_every = Some(k)`
+/// every k-th MiB (from the second) is all zero, for zero-page elision.
+pub fn write_test_image(
+    path: &std::path::Path,
+    mib: usize,
+    zero_every: Option<usize>,
+    tail: usize,
+) -> io::Result<()> {
+    use std::io::Write;
+    let mut f = io::BufWriter::new(std::fs::File::create(path)?);
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut buf = vec![0u8; 1 << 20];
+    for m in 0..mib {
+        if zero_every.is_some_and(|k| k > 0 && m % k == 1) {
+            buf.fill(0);
+        } else {
+            for c in buf.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+        f.write_all(&buf)?;
+    }
+    f.write_all(&buf[..tail.min(buf.len())])?;
+    f.flush()
+}

@@ -2,31 +2,8 @@
 //! namespaces on a bridge, over real UDP multicast: every output must equal the
 //! input image.
 
-use mcdist::testnet::{unavailable, Topology};
-use std::io::Write;
+use mcdist::testnet::{unavailable, write_test_image, Topology};
 use std::process::Stdio;
-
-fn image(path: &std::path::Path, mib: usize) {
-    let mut f = std::fs::File::create(path).unwrap();
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut buf = vec![0u8; 1 << 20];
-    for m in 0..mib {
-        if m % 8 == 3 {
-            // Some all-zero stretches, which must never cross the network.
-            buf.fill(0);
-        } else {
-            for c in buf.chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                c.copy_from_slice(&x.to_le_bytes());
-            }
-        }
-        f.write_all(&buf).unwrap();
-    }
-    // A partial last page.
-    f.write_all(&buf[..1234]).unwrap();
-}
 
 #[test]
 fn serve_and_three_fetches_over_a_bridge() {
@@ -37,7 +14,7 @@ fn serve_and_three_fetches_over_a_bridge() {
     let bin = env!("CARGO_BIN_EXE_mcdist");
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("image");
-    image(&img, 64);
+    write_test_image(&img, 64, Some(8), 1234).unwrap();
     let topo = Topology::create("mcf", 4, 41).expect("building the namespace topology");
     let srv = &topo.hosts[0];
     let listen = format!("{}:7001", srv.addr);

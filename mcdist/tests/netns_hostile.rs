@@ -8,7 +8,7 @@
 //!   changes size while served all end in a clear error.
 //! - `mcdist fetch` onto a full disk: a clear error and no partial file left.
 
-use mcdist::testnet::{unavailable, Topology};
+use mcdist::testnet::{unavailable, write_test_image, Topology};
 use mcdist::wire::{
     encode_ranges, ranges_from_encoded, Body, HeaderFlags, Join, Message, PageRange, Request,
 };
@@ -19,21 +19,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mcdist");
-
-fn write_image(path: &Path, mib: usize) {
-    let mut f = std::fs::File::create(path).unwrap();
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..mib {
-        for c in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            c.copy_from_slice(&x.to_le_bytes());
-        }
-        f.write_all(&buf).unwrap();
-    }
-}
 
 /// Start `mcdist serve` in host 0 and wait for its "serving" line.
 fn serve(topo: &Topology, img: &Path, group: &str, listen: &str) -> Child {
@@ -178,7 +163,7 @@ fn honest_fetch_completes_under_a_request_flood() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("image");
-    write_image(&img, 32);
+    write_test_image(&img, 32, None, 0).unwrap();
     let want = std::fs::read(&img).unwrap();
     let topo = Topology::create("mchf", 3, 62).expect("building the namespace topology");
     let listen = format!("{}:7001", topo.hosts[0].addr);
@@ -323,7 +308,7 @@ fn serve_detects_an_image_changing_size() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("image");
-    write_image(&img, 2);
+    write_test_image(&img, 2, None, 0).unwrap();
     let topo = Topology::create("mchc", 1, 63).expect("building the namespace topology");
     let listen = format!("{}:7001", topo.hosts[0].addr);
     let mut child = topo
@@ -375,7 +360,7 @@ fn fetch_onto_a_full_disk_fails_clearly_and_leaves_no_partial_file() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("image");
-    write_image(&img, 4);
+    write_test_image(&img, 4, None, 0).unwrap();
     let mnt = dir.path().join("small");
     std::fs::create_dir(&mnt).unwrap();
     let topo = Topology::create("mcdf", 2, 64).expect("building the namespace topology");

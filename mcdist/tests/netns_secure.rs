@@ -3,31 +3,11 @@
 //! the exact image (encrypted and authenticated-only), a receiver without it
 //! gets nothing, and a group-readable key file draws a warning.
 
-use mcdist::testnet::{unavailable, Topology};
-use std::io::{Read, Write};
+use mcdist::testnet::{unavailable, write_test_image, Topology};
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-
-fn image(path: &std::path::Path, mib: usize) {
-    let mut f = std::fs::File::create(path).unwrap();
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut buf = vec![0u8; 1 << 20];
-    for m in 0..mib {
-        if m % 4 == 1 {
-            buf.fill(0);
-        } else {
-            for c in buf.chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                c.copy_from_slice(&x.to_le_bytes());
-            }
-        }
-        f.write_all(&buf).unwrap();
-    }
-    f.write_all(&buf[..777]).unwrap();
-}
 
 fn output(mut c: std::process::Child) -> (bool, String, String) {
     let mut out = String::new();
@@ -50,7 +30,7 @@ fn keyed_serve_and_fetch_over_a_bridge() {
     let bin = env!("CARGO_BIN_EXE_mcdist");
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("image");
-    image(&img, 24);
+    write_test_image(&img, 24, Some(4), 777).unwrap();
     let key = dir.path().join("key");
     let st = Command::new(bin)
         .args(["keygen", "--out"])
