@@ -18,6 +18,7 @@ pub mod descriptor;
 pub mod guest;
 pub mod inline;
 pub mod lazy;
+pub mod linux;
 pub mod netns;
 pub mod remote;
 pub mod source;

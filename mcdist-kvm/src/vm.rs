@@ -124,7 +124,7 @@ pub enum VmMemory {
 }
 
 impl VmMemory {
-    fn host_range(&self) -> (u64, u64) {
+    pub(crate) fn host_range(&self) -> (u64, u64) {
         match self {
             VmMemory::Ram(r) => (r.map.addr() as u64, r.map.len() as u64),
             VmMemory::Lazy(l) => (l.host_addr(), l.size() as u64),

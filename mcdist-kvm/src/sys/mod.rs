@@ -6,6 +6,8 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 
+pub(crate) mod linux;
+
 // ---- userfaultfd ABI (linux/userfaultfd.h) ------------------------------------------------
 
 const UFFD_API: u64 = 0xAA;

@@ -1,0 +1,471 @@
+//! A KVM machine that runs Linux: in-kernel irqchip (PIC, IOAPIC, LAPIC) and PIT, host CPUID,
+//! an 8250 UART on 0x3f8 (vm-superio) raising IRQ 4 through an irqfd, and the mcdist fork
+//! ports. Full machine state capture and restore for clones.
+
+use std::io::Write;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_pit_config, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::state::{MachineState, VcpuFull};
+use super::{boot::BootInfo, LinuxError};
+use crate::sys;
+use crate::vm::VmMemory;
+
+/// Guest writes any byte here to ask to be cloned (the fork point).
+pub const PORT_FORK: u16 = 0x510;
+/// Guest reads its clone id here (one byte).
+pub const PORT_CLONE_ID: u16 = 0x511;
+/// Guest writes its exit code here to stop the machine.
+pub const PORT_EXIT: u16 = 0x512;
+/// Guest reads the number of clones here (one byte).
+pub const PORT_CLONE_COUNT: u16 = 0x513;
+const COM1: u16 = 0x3f8;
+const COM1_IRQ: u32 = 4;
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> LinuxError {
+    move |source| LinuxError::Kvm { op, source }
+}
+
+/// Raises the UART interrupt through an irqfd.
+#[derive(Debug)]
+pub struct IrqTrigger(EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// What the guest printed on its serial console.
+#[derive(Debug)]
+pub struct ConsoleLog {
+    /// All bytes written.
+    pub bytes: Vec<u8>,
+    /// When the log was created (machine start).
+    pub started: Instant,
+    /// Time of the first complete line after `started`.
+    pub first_line: Option<Duration>,
+}
+
+impl ConsoleLog {
+    /// The output as text lines (lossy UTF-8, `\r` stripped).
+    pub fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.bytes)
+            .lines()
+            .map(|l| l.trim_end_matches('\r').to_string())
+            .collect()
+    }
+}
+
+/// The UART's output side: collects into a [`ConsoleLog`] and optionally echoes lines to
+/// stderr with a prefix.
+#[derive(Debug, Clone)]
+pub struct Console {
+    log: Arc<Mutex<ConsoleLog>>,
+    echo: Option<String>,
+    line: Vec<u8>,
+}
+
+impl Console {
+    /// A console; `echo` is the prefix for echoing to stderr (`None`: silent).
+    pub fn new(echo: Option<String>) -> Self {
+        Self {
+            log: Arc::new(Mutex::new(ConsoleLog {
+                bytes: Vec::new(),
+                started: Instant::now(),
+                first_line: None,
+            })),
+            echo,
+            line: Vec::new(),
+        }
+    }
+
+    /// The shared log.
+    pub fn log(&self) -> Arc<Mutex<ConsoleLog>> {
+        self.log.clone()
+    }
+}
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.bytes.extend_from_slice(buf);
+        if log.first_line.is_none() && buf.contains(&b'\n') {
+            log.first_line = Some(log.started.elapsed());
+        }
+        drop(log);
+        if let Some(prefix) = &self.echo {
+            for &b in buf {
+                if b == b'\n' {
+                    let l = String::from_utf8_lossy(&self.line);
+                    eprintln!("{prefix}{}", l.trim_end_matches('\r'));
+                    self.line.clear();
+                } else {
+                    self.line.push(b);
+                }
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// How a run of the machine ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinuxExit {
+    /// The guest asked to be cloned; the port write is complete and the vCPU is stopped.
+    Fork,
+    /// The guest wrote its exit code.
+    Exit(u8),
+    /// The guest shut down (triple fault or reset).
+    Shutdown,
+}
+
+/// A KVM machine running Linux on one memory slot at guest physical 0.
+pub struct LinuxVm {
+    // Field order: vCPUs and the VM close before the memory they use is unmapped.
+    vcpus: Vec<VcpuFd>,
+    vm: VmFd,
+    kvm: Kvm,
+    serial: Serial<IrqTrigger, NoEvents, Console>,
+    memory: VmMemory,
+    clone_id: u8,
+    clone_count: u8,
+}
+
+impl std::fmt::Debug for LinuxVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinuxVm")
+            .field("vcpus", &self.vcpus.len())
+            .field("memory", &self.memory)
+            .finish()
+    }
+}
+
+impl LinuxVm {
+    /// Creates the machine over `memory` with `vcpus` vCPUs; the console writes to `console`.
+    pub fn new(memory: VmMemory, vcpus: usize, console: Console) -> Result<Self, LinuxError> {
+        let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
+        let vm = kvm.create_vm().map_err(kvm_err("CREATE_VM"))?;
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(kvm_err("SET_TSS_ADDR"))?;
+        vm.create_irq_chip().map_err(kvm_err("CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("CREATE_PIT2"))?;
+        let (addr, size) = memory.host_range();
+        // SAFETY: the mapping is owned by `memory`, which this LinuxVm holds and drops after
+        // the VM and vCPU descriptors (field order), so it outlives every use by KVM.
+        unsafe { sys::set_memory_slot(&vm, 0, 0, size, addr) }
+            .map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(LinuxError::Io)?;
+        vm.register_irqfd(&evt, COM1_IRQ)
+            .map_err(kvm_err("IRQFD"))?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
+        let mut v = Vec::new();
+        for i in 0..vcpus {
+            let vcpu = vm.create_vcpu(i as u64).map_err(kvm_err("CREATE_VCPU"))?;
+            let mut c = cpuid.clone();
+            for e in c.as_mut_slice() {
+                if e.function == 1 {
+                    e.ebx = (e.ebx & 0x00ff_ffff) | ((i as u32) << 24);
+                }
+            }
+            vcpu.set_cpuid2(&c).map_err(kvm_err("SET_CPUID2"))?;
+            v.push(vcpu);
+        }
+        Ok(Self {
+            vcpus: v,
+            vm,
+            kvm,
+            serial: Serial::new(IrqTrigger(evt), console),
+            memory,
+            clone_id: 0xff,
+            clone_count: 0,
+        })
+    }
+
+    /// The machine's memory.
+    pub fn memory(&self) -> &VmMemory {
+        &self.memory
+    }
+
+    /// Sets what the guest reads on [`PORT_CLONE_ID`] and [`PORT_CLONE_COUNT`].
+    pub fn set_clone_identity(&mut self, id: u8, count: u8) {
+        self.clone_id = id;
+        self.clone_count = count;
+    }
+
+    /// Prepares vCPU 0 to enter the kernel loaded by [`super::boot::load_linux`].
+    pub fn setup_boot(&mut self, info: &BootInfo) -> Result<(), LinuxError> {
+        let vcpu = self.vcpus.first().ok_or(LinuxError::NoVcpu)?;
+        let mut sregs = vcpu.get_sregs().map_err(kvm_err("GET_SREGS"))?;
+        let regs = super::boot::boot_cpu_state(info, &mut sregs);
+        vcpu.set_sregs(&sregs).map_err(kvm_err("SET_SREGS"))?;
+        vcpu.set_regs(&regs).map_err(kvm_err("SET_REGS"))?;
+        let fpu = kvm_bindings::kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        vcpu.set_fpu(&fpu).map_err(kvm_err("SET_FPU"))?;
+        // LINT0 delivers the PIC's ExtINT, LINT1 NMI (as a PC's BIOS leaves them).
+        let mut lapic = vcpu.get_lapic().map_err(kvm_err("GET_LAPIC"))?;
+        for (reg, mode) in [(APIC_LVT0, 7u32), (APIC_LVT1, 4u32)] {
+            let mut b = [0u8; 4];
+            for (k, x) in b.iter_mut().enumerate() {
+                *x = lapic.regs[reg + k] as u8;
+            }
+            let v = (u32::from_le_bytes(b) & !0x700) | (mode << 8);
+            for (k, x) in v.to_le_bytes().iter().enumerate() {
+                lapic.regs[reg + k] = *x as _;
+            }
+        }
+        vcpu.set_lapic(&lapic).map_err(kvm_err("SET_LAPIC"))?;
+        Ok(())
+    }
+
+    /// Runs vCPU `idx` until the guest forks, exits or shuts down, or `deadline` passes.
+    pub fn run(&mut self, idx: usize, deadline: Instant) -> Result<LinuxExit, LinuxError> {
+        sys::linux::install_kick_handler().map_err(LinuxError::Io)?;
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let me = sys::linux::current_thread();
+        let kicker = std::thread::spawn(move || {
+            let mut wait = deadline.saturating_duration_since(Instant::now());
+            loop {
+                match stop_rx.recv_timeout(wait) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        // SAFETY: the vCPU thread `me` joins this thread before it returns
+                        // from `run`, so it is alive whenever this kick is sent.
+                        unsafe { sys::linux::kick(me) };
+                        wait = Duration::from_millis(20);
+                    }
+                    _ => return,
+                }
+            }
+        });
+        let r = self.run_inner(idx, deadline);
+        let _ = stop_tx.send(());
+        let _ = kicker.join();
+        r
+    }
+
+    fn run_inner(&mut self, idx: usize, deadline: Instant) -> Result<LinuxExit, LinuxError> {
+        let Self {
+            vcpus,
+            serial,
+            clone_id,
+            clone_count,
+            ..
+        } = self;
+        let vcpu = vcpus.get_mut(idx).ok_or(LinuxError::NoVcpu)?;
+        loop {
+            if Instant::now() >= deadline {
+                if std::env::var_os("MCDIST_DEBUG").is_some() {
+                    let r = vcpu.get_regs();
+                    let sr = vcpu.get_sregs();
+                    let ev = vcpu.get_vcpu_events();
+                    let mp = vcpu.get_mp_state();
+                    eprintln!("DEBUG regs {r:?}\nsregs {sr:?}\nevents {ev:?}\nmp {mp:?}");
+                }
+                return Err(LinuxError::Timeout);
+            }
+            let exit = match vcpu.run() {
+                Ok(e) => e,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(source) => return Err(LinuxError::Kvm { op: "RUN", source }),
+            };
+            match exit {
+                VcpuExit::IoOut(port, data) if (COM1..COM1 + 8).contains(&port) => {
+                    if let Some(&b) = data.first() {
+                        if let Err(e) = serial.write((port - COM1) as u8, b) {
+                            tracing::debug!("serial write: {e:?}");
+                        }
+                    }
+                }
+                VcpuExit::IoIn(port, data) if (COM1..COM1 + 8).contains(&port) => {
+                    if let Some(b) = data.first_mut() {
+                        *b = serial.read((port - COM1) as u8);
+                    }
+                }
+                VcpuExit::IoOut(PORT_FORK, _) => {
+                    // Complete the port write so the captured state resumes after it.
+                    vcpu.set_kvm_immediate_exit(1);
+                    let r = vcpu.run().map(|_| ());
+                    vcpu.set_kvm_immediate_exit(0);
+                    match r {
+                        Err(e) if e.errno() == libc::EINTR => {}
+                        Ok(()) => {}
+                        Err(source) => {
+                            return Err(LinuxError::Kvm {
+                                op: "RUN (complete I/O)",
+                                source,
+                            })
+                        }
+                    }
+                    return Ok(LinuxExit::Fork);
+                }
+                VcpuExit::IoOut(PORT_EXIT, data) => {
+                    return Ok(LinuxExit::Exit(data.first().copied().unwrap_or(0)))
+                }
+                VcpuExit::IoIn(PORT_CLONE_ID, data) => data.fill(*clone_id),
+                VcpuExit::IoIn(PORT_CLONE_COUNT, data) => data.fill(*clone_count),
+                VcpuExit::IoIn(_, data) => data.fill(0xff),
+                VcpuExit::IoOut(..) => {}
+                VcpuExit::MmioRead(_, data) => data.fill(0),
+                VcpuExit::MmioWrite(..) => {}
+                VcpuExit::Shutdown | VcpuExit::SystemEvent(..) => return Ok(LinuxExit::Shutdown),
+                VcpuExit::Hlt => {}
+                other => return Err(LinuxError::UnexpectedExit(format!("{other:?}"))),
+            }
+        }
+    }
+
+    /// Captures the whole machine (call while no vCPU runs): every vCPU's registers, FPU and
+    /// XSAVE, XCRs, debug registers, MSRs, LAPIC, events and MP state; the PICs, IOAPIC, PIT,
+    /// KVM clock and the UART.
+    pub fn capture(&mut self) -> Result<MachineState, LinuxError> {
+        let msr_list = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("GET_MSR_INDEX_LIST"))?;
+        let indices: Vec<u32> = msr_list.as_slice().to_vec();
+        let mut vcpus = Vec::new();
+        for v in &self.vcpus {
+            vcpus.push(VcpuFull {
+                mp_state: v.get_mp_state().map_err(kvm_err("GET_MP_STATE"))?,
+                regs: v.get_regs().map_err(kvm_err("GET_REGS"))?,
+                sregs: v.get_sregs().map_err(kvm_err("GET_SREGS"))?,
+                fpu: v.get_fpu().map_err(kvm_err("GET_FPU"))?,
+                xsave: Arc::new(v.get_xsave().map_err(kvm_err("GET_XSAVE"))?),
+                xcrs: v.get_xcrs().map_err(kvm_err("GET_XCRS"))?,
+                debugregs: v.get_debug_regs().map_err(kvm_err("GET_DEBUGREGS"))?,
+                lapic: v.get_lapic().map_err(kvm_err("GET_LAPIC"))?,
+                msrs: read_msrs(v, &indices)?,
+                events: v.get_vcpu_events().map_err(kvm_err("GET_VCPU_EVENTS"))?,
+            });
+        }
+        let chip = |id: u32| -> Result<kvm_bindings::kvm_irqchip, LinuxError> {
+            let mut c = kvm_bindings::kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.vm
+                .get_irqchip(&mut c)
+                .map_err(kvm_err("GET_IRQCHIP"))?;
+            Ok(c)
+        };
+        Ok(MachineState {
+            vcpus,
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.vm.get_pit2().map_err(kvm_err("GET_PIT2"))?,
+            clock: self.vm.get_clock().map_err(kvm_err("GET_CLOCK"))?,
+            serial: self.serial.state(),
+        })
+    }
+
+    /// Restores a captured machine into this one (same vCPU count). Returns the number of
+    /// MSRs KVM refused (left at their reset values).
+    pub fn restore(&mut self, s: &MachineState) -> Result<usize, LinuxError> {
+        if s.vcpus.len() != self.vcpus.len() {
+            return Err(LinuxError::VcpuCount {
+                got: s.vcpus.len(),
+                want: self.vcpus.len(),
+            });
+        }
+        self.vm.set_pit2(&s.pit).map_err(kvm_err("SET_PIT2"))?;
+        let mut clock = s.clock;
+        clock.flags = 0;
+        self.vm.set_clock(&clock).map_err(kvm_err("SET_CLOCK"))?;
+        for c in [&s.pic_master, &s.pic_slave, &s.ioapic] {
+            self.vm.set_irqchip(c).map_err(kvm_err("SET_IRQCHIP"))?;
+        }
+        let mut refused = 0;
+        for (v, st) in self.vcpus.iter().zip(&s.vcpus) {
+            v.set_mp_state(st.mp_state)
+                .map_err(kvm_err("SET_MP_STATE"))?;
+            v.set_sregs(&st.sregs).map_err(kvm_err("SET_SREGS"))?;
+            v.set_regs(&st.regs).map_err(kvm_err("SET_REGS"))?;
+            v.set_fpu(&st.fpu).map_err(kvm_err("SET_FPU"))?;
+            sys::linux::set_xsave(v, &st.xsave).map_err(kvm_err("SET_XSAVE"))?;
+            v.set_xcrs(&st.xcrs).map_err(kvm_err("SET_XCRS"))?;
+            v.set_debug_regs(&st.debugregs)
+                .map_err(kvm_err("SET_DEBUGREGS"))?;
+            v.set_lapic(&st.lapic).map_err(kvm_err("SET_LAPIC"))?;
+            refused += write_msrs(v, &st.msrs)?;
+            v.set_vcpu_events(&st.events)
+                .map_err(kvm_err("SET_VCPU_EVENTS"))?;
+        }
+        let console = self.serial.writer().clone();
+        let evt = self
+            .serial
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(LinuxError::Io)?;
+        self.serial = Serial::from_state(&s.serial, IrqTrigger(evt), NoEvents, console)
+            .map_err(|e| LinuxError::BadState(format!("UART state: {e:?}")))?;
+        Ok(refused)
+    }
+}
+
+fn read_msrs(v: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_bindings::kvm_msr_entry>, LinuxError> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < indices.len() {
+        let chunk = &indices[i..(i + 64).min(indices.len())];
+        let entries: Vec<_> = chunk
+            .iter()
+            .map(|&index| kvm_bindings::kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries)
+            .map_err(|e| LinuxError::BadState(format!("MSR list: {e:?}")))?;
+        let n = v.get_msrs(&mut msrs).map_err(kvm_err("GET_MSRS"))?;
+        out.extend_from_slice(&msrs.as_slice()[..n]);
+        // KVM stops at the first MSR it cannot read: skip that one.
+        i += n + usize::from(n < chunk.len());
+    }
+    Ok(out)
+}
+
+fn write_msrs(v: &VcpuFd, entries: &[kvm_bindings::kvm_msr_entry]) -> Result<usize, LinuxError> {
+    let mut refused = 0;
+    let mut i = 0;
+    while i < entries.len() {
+        let chunk = &entries[i..(i + 64).min(entries.len())];
+        let msrs = Msrs::from_entries(chunk)
+            .map_err(|e| LinuxError::BadState(format!("MSR list: {e:?}")))?;
+        let n = v.set_msrs(&msrs).map_err(kvm_err("SET_MSRS"))?;
+        if n < chunk.len() {
+            tracing::debug!(msr = chunk[n].index, "KVM refused MSR");
+            refused += 1;
+            i += n + 1;
+        } else {
+            i += n;
+        }
+    }
+    Ok(refused)
+}
