@@ -30,6 +30,8 @@ pub const PORT_EXIT: u16 = 0x512;
 pub const PORT_CLONE_COUNT: u16 = 0x513;
 const COM1: u16 = 0x3f8;
 const COM1_IRQ: u32 = 4;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const APIC_LVT0: usize = 0x350;
 const APIC_LVT1: usize = 0x360;
 
@@ -240,6 +242,24 @@ impl LinuxVm {
             }
         }
         vcpu.set_lapic(&lapic).map_err(kvm_err("SET_LAPIC"))?;
+        // MTRRs on with write-back as the default type (the reset value, 0, makes all memory
+        // uncacheable), and fast strings.
+        let entries = [
+            kvm_bindings::kvm_msr_entry {
+                index: MSR_MTRR_DEF_TYPE,
+                data: (1 << 11) | 6,
+                ..Default::default()
+            },
+            kvm_bindings::kvm_msr_entry {
+                index: MSR_IA32_MISC_ENABLE,
+                data: 1,
+                ..Default::default()
+            },
+        ];
+        let refused = write_msrs(vcpu, &entries)?;
+        if refused > 0 {
+            tracing::debug!(refused, "boot MSRs refused");
+        }
         Ok(())
     }
 

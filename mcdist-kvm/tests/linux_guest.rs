@@ -1,0 +1,97 @@
+//! A real Linux guest (Debian's kernel, a busybox initramfs built at run time) on KVM: boot
+//! to init with a serial console, and fork it into clones that fetch memory over mcdist.
+//!
+//! These tests need /dev/kvm (they skip, saying why, when it is absent), Debian's
+//! `linux-image-amd64` and `busybox-static` (installed by the CI script), and root for network
+//! namespaces and userfaultfd.
+
+use std::process::Command;
+use std::time::Duration;
+
+use mcdist_kvm::linux::{
+    expected_sum, find_busybox, find_kernel, init_script, initramfs::build_initramfs, BootOptions,
+    GuestPlan, LinuxExit, LinuxParent,
+};
+use mcdist_kvm::vm::kvm_available;
+
+fn have_kvm() -> bool {
+    let ok = kvm_available();
+    if !ok {
+        eprintln!("skipping: /dev/kvm is not available");
+    }
+    ok
+}
+
+#[test]
+fn initramfs_holds_busybox_init_and_console() {
+    let busybox =
+        std::fs::read(find_busybox().expect("busybox-static is installed")).expect("read busybox");
+    let script = init_script(GuestPlan::Fork { lines: 10 });
+    assert!(script.contains("seek=1296"), "fork port write: {script}");
+    let cpio = build_initramfs(&busybox, &script).expect("initramfs");
+    let find = |name: &[u8]| cpio.windows(name.len()).any(|w| w == name);
+    assert!(find(b"bin/busybox\0"));
+    assert!(find(b"dev/console\0"));
+    assert!(find(b"init\0"));
+    assert!(find(script.as_bytes()));
+    assert!(cpio.len() > busybox.len());
+    assert!(build_initramfs(b"not elf", &script).is_err());
+}
+
+#[test]
+fn boots_debian_kernel_to_init_with_serial_console() {
+    if !have_kvm() {
+        return;
+    }
+    let mut opts = BootOptions::new(GuestPlan::Boot).expect("kernel and busybox installed");
+    opts.echo = Some("guest| ".into());
+    let mut parent = LinuxParent::boot(&opts).expect("load kernel");
+    let exit = parent.run(Duration::from_secs(600)).expect("run");
+    assert_eq!(exit, LinuxExit::Exit(0));
+    let lines = parent.console().lock().expect("console").lines();
+    let booted = lines
+        .iter()
+        .find(|l| l.starts_with("MCDIST-BOOTED "))
+        .unwrap_or_else(|| panic!("no MCDIST-BOOTED line in {lines:?}"));
+    let kernel = find_kernel().expect("kernel");
+    let release = kernel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .expect("vmlinuz-RELEASE");
+    assert!(
+        booted.contains(&format!("kernel={release}")),
+        "{booted} does not name {release}"
+    );
+}
+
+#[test]
+fn forks_two_linux_clones_over_mcdist_in_namespace_hosts() {
+    if !have_kvm() {
+        return;
+    }
+    let lines = 20_000;
+    let out = Command::new(env!("CARGO_BIN_EXE_mcdist-linux"))
+        .args(["fork", "--clones", "2", "--mem-mib", "256"])
+        .args(["--lines", &lines.to_string(), "--timeout-s", "600"])
+        .args(["--group", "239.255.78.9:47191", "--port", "47192"])
+        .output()
+        .expect("run mcdist-linux");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}\n{stderr}");
+    assert!(out.status.success(), "mcdist-linux fork failed: {stderr}");
+    assert!(stdout.contains("MCDIST-LINUX-FORK ok clones=2"));
+    for id in 0..2u32 {
+        let want = format!(
+            "MCDIST-RESULT id={id} n=2 sum={}",
+            expected_sum(lines, id, 2)
+        );
+        assert!(
+            stdout.lines().any(|l| l.contains(&want)),
+            "clone {id} did not print {want}"
+        );
+        let up = format!("MCDIST-CLONE-UP id={id} of=2");
+        assert!(stdout.contains(&up), "clone {id} did not resume: {up}");
+    }
+}
