@@ -299,14 +299,8 @@ impl LinuxVm {
         let vcpu = vcpus.get_mut(idx).ok_or(LinuxError::NoVcpu)?;
         loop {
             if Instant::now() >= deadline {
-                if std::env::var_os("MCDIST_DEBUG").is_some() {
-                    let r = vcpu.get_regs();
-                    let sr = vcpu.get_sregs();
-                    let ev = vcpu.get_vcpu_events();
-                    let mp = vcpu.get_mp_state();
-                    eprintln!("DEBUG regs {r:?}\nsregs {sr:?}\nevents {ev:?}\nmp {mp:?}");
-                }
-                return Err(LinuxError::Timeout);
+                let rip = vcpu.get_regs().map_or(0, |r| r.rip);
+                return Err(LinuxError::Timeout { rip });
             }
             let exit = match vcpu.run() {
                 Ok(e) => e,
