@@ -189,6 +189,10 @@ impl LinuxVm {
             for e in c.as_mut_slice() {
                 if e.function == 1 {
                     e.ebx = (e.ebx & 0x00ff_ffff) | ((i as u32) << 24);
+                    // No CMPXCHG16B: KVM's instruction emulator cannot emulate it, and under
+                    // shadow paging writes to write-tracked pages are emulated (SLUB's
+                    // cmpxchg_double would stop the guest with an internal error).
+                    e.ecx &= !(1 << 13);
                 }
             }
             vcpu.set_cpuid2(&c).map_err(kvm_err("SET_CPUID2"))?;
@@ -294,6 +298,7 @@ impl LinuxVm {
             serial,
             clone_id,
             clone_count,
+            memory,
             ..
         } = self;
         let vcpu = vcpus.get_mut(idx).ok_or(LinuxError::NoVcpu)?;
@@ -348,6 +353,22 @@ impl LinuxVm {
                 VcpuExit::MmioWrite(..) => {}
                 VcpuExit::Shutdown | VcpuExit::SystemEvent(..) => return Ok(LinuxExit::Shutdown),
                 VcpuExit::Hlt => {}
+                VcpuExit::InternalError => {
+                    let (suberror, data) = sys::linux::internal_error(vcpu);
+                    let regs = vcpu.get_regs().map_err(kvm_err("GET_REGS"))?;
+                    let code = vcpu
+                        .translate_gva(regs.rip)
+                        .ok()
+                        .filter(|t| t.valid != 0)
+                        .and_then(|t| {
+                            let mut b = [0u8; 16];
+                            read_mem(memory, t.physical_address, &mut b).then_some(b)
+                        });
+                    return Err(LinuxError::UnexpectedExit(format!(
+                        "KVM internal error {suberror} data {data:x?} at rip {:#x} code {code:02x?}",
+                        regs.rip
+                    )));
+                }
                 other => return Err(LinuxError::UnexpectedExit(format!("{other:?}"))),
             }
         }
@@ -440,6 +461,13 @@ impl LinuxVm {
         self.serial = Serial::from_state(&s.serial, IrqTrigger(evt), NoEvents, console)
             .map_err(|e| LinuxError::BadState(format!("UART state: {e:?}")))?;
         Ok(refused)
+    }
+}
+
+fn read_mem(m: &VmMemory, gpa: u64, buf: &mut [u8]) -> bool {
+    match m {
+        VmMemory::Ram(r) => r.read(gpa, buf).is_ok(),
+        VmMemory::Lazy(l) => l.read(gpa as usize, buf).is_ok(),
     }
 }
 

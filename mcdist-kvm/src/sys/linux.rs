@@ -50,3 +50,13 @@ pub(crate) unsafe fn kick(thread: libc::pthread_t) {
         libc::pthread_kill(thread, kick_signal());
     }
 }
+
+/// The `internal` arm of `kvm_run` after a `KVM_EXIT_INTERNAL_ERROR`: suberror and data words.
+pub(crate) fn internal_error(vcpu: &mut VcpuFd) -> (u32, Vec<u64>) {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: called only right after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, when KVM has
+    // filled the `internal` arm of the union; every bit pattern is a valid u32/u64.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    (internal.suberror, internal.data[..n].to_vec())
+}
