@@ -190,9 +190,11 @@ impl LinuxVm {
                 if e.function == 1 {
                     e.ebx = (e.ebx & 0x00ff_ffff) | ((i as u32) << 24);
                     // No CMPXCHG16B: KVM's instruction emulator cannot emulate it, and under
-                    // shadow paging writes to write-tracked pages are emulated (SLUB's
-                    // cmpxchg_double would stop the guest with an internal error).
-                    e.ecx &= !(1 << 13);
+                    // shadow paging (nested hosts) accesses to write-tracked pages are
+                    // emulated (SLUB's cmpxchg_double would stop the guest with an internal
+                    // error).
+                    // No XSAVE either (XRSTOR is not emulatable); Linux then uses FXSAVE.
+                    e.ecx &= !((1 << 13) | (1 << 26) | (1 << 27));
                 }
             }
             vcpu.set_cpuid2(&c).map_err(kvm_err("SET_CPUID2"))?;
