@@ -194,6 +194,9 @@ impl LinuxVm {
                     // emulated (SLUB's cmpxchg_double would stop the guest with an internal
                     // error).
                     // No XSAVE either (XRSTOR is not emulatable); Linux then uses FXSAVE.
+                    // Where CPUID does not trap (software virtualization without CPUID
+                    // faulting) the guest sees the host's bits, so the kernel command line
+                    // says the same (`noxsave clearcpuid=cx16`).
                     e.ecx &= !((1 << 13) | (1 << 26) | (1 << 27));
                 }
             }
