@@ -369,6 +369,27 @@ impl LinuxVm {
                             let mut b = [0u8; 16];
                             read_mem(memory, t.physical_address, &mut b).then_some(b)
                         });
+                    if code.is_some_and(|c| c[0] == 0xcc) {
+                        // KVM could not emulate an INT3 (it only decodes it; hosts without
+                        // next-RIP support emulate soft interrupts). Deliver it as the CPU
+                        // would: #BP, a trap, with RIP after the instruction.
+                        tracing::debug!(rip = regs.rip, "delivering INT3 as #BP");
+                        if std::env::var_os("MCDIST_TRACE_INT3").is_some() {
+                            eprintln!("int3 at {:#x}", regs.rip);
+                        }
+                        let mut r = regs;
+                        r.rip += 1;
+                        vcpu.set_regs(&r).map_err(kvm_err("SET_REGS"))?;
+                        let mut ev = vcpu.get_vcpu_events().map_err(kvm_err("GET_VCPU_EVENTS"))?;
+                        ev.exception.injected = 1;
+                        ev.exception.nr = 3;
+                        ev.exception.has_error_code = 0;
+                        ev.exception.error_code = 0;
+                        ev.exception.pending = 0;
+                        vcpu.set_vcpu_events(&ev)
+                            .map_err(kvm_err("SET_VCPU_EVENTS"))?;
+                        continue;
+                    }
                     return Err(LinuxError::UnexpectedExit(format!(
                         "KVM internal error {suberror} data {data:x?} at rip {:#x} code {code:02x?}",
                         regs.rip
