@@ -8,6 +8,9 @@
 //! - [`vm`]: a small VMM on kvm-ioctls; [`guest`]: the demo guest program.
 //! - [`descriptor::Descriptor`]: what a clone needs besides memory contents.
 //! - [`clone`]: parent, fork point, tickets, clone, join, kill.
+//! - [`linux`]: a real Linux guest (Debian's kernel, busybox initramfs, 8250 console, in-kernel
+//!   irqchip and PIT) forked at a point its init chooses, with full machine state in the
+//!   descriptor (see `LINUX.md`).
 //!
 //! Linux/x86-64 only; needs `/dev/kvm` and userfaultfd (root, or
 //! `vm.unprivileged_userfaultfd=1`). It does not do live migration, device emulation,
