@@ -196,7 +196,7 @@ impl LinuxVm {
                     // No XSAVE either (XRSTOR is not emulatable); Linux then uses FXSAVE.
                     // Where CPUID does not trap (software virtualization without CPUID
                     // faulting) the guest sees the host's bits, so the kernel command line
-                    // says the same (`noxsave clearcpuid=cx16,smap`).
+                    // says the same (`noxsave clearcpuid=...`, see `CMDLINE`).
                     e.ecx &= !((1 << 13) | (1 << 26) | (1 << 27));
                 }
             }

@@ -189,7 +189,7 @@ pub fn expected_sum(lines: u32, id: u32, n: u32) -> u64 {
 /// Kernel command line used for guests.
 pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 acpi=off pci=off \
     i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd tsc=reliable no_timer_check \
-    mitigations=off random.trust_cpu=on init_on_alloc=0 noxsave clearcpuid=cx16,smap rdinit=/init";
+    mitigations=off random.trust_cpu=on init_on_alloc=0 noxsave clearcpuid=cx16,smap,popcnt,fsgsbase,rdpid,pcid,invpcid rdinit=/init";
 
 /// Options for booting a parent.
 #[derive(Debug, Clone)]
