@@ -369,6 +369,14 @@ impl LinuxVm {
                             let mut b = [0u8; 16];
                             read_mem(memory, t.physical_address, &mut b).then_some(b)
                         });
+                    if code.is_some_and(|c| c[0] == 0x9b) {
+                        // FWAIT that KVM could not emulate: the x87 state here has no pending
+                        // unmasked exception to report, so it completes as a no-op.
+                        let mut r = regs;
+                        r.rip += 1;
+                        vcpu.set_regs(&r).map_err(kvm_err("SET_REGS"))?;
+                        continue;
+                    }
                     if code.is_some_and(|c| c[0] == 0xcc) {
                         // KVM could not emulate an INT3 (it only decodes it; hosts without
                         // next-RIP support emulate soft interrupts). Deliver it as the CPU
