@@ -382,9 +382,6 @@ impl LinuxVm {
                         // next-RIP support emulate soft interrupts). Deliver it as the CPU
                         // would: #BP, a trap, with RIP after the instruction.
                         tracing::debug!(rip = regs.rip, "delivering INT3 as #BP");
-                        if std::env::var_os("MCDIST_TRACE_INT3").is_some() {
-                            eprintln!("int3 at {:#x}", regs.rip);
-                        }
                         let mut r = regs;
                         r.rip += 1;
                         vcpu.set_regs(&r).map_err(kvm_err("SET_REGS"))?;
