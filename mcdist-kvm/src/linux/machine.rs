@@ -369,6 +369,24 @@ impl LinuxVm {
                             let mut b = [0u8; 16];
                             read_mem(memory, t.physical_address, &mut b).then_some(b)
                         });
+                    if let Some((addr, len)) = code.and_then(|c| ldmxcsr_operand(&c, &regs)) {
+                        // LDMXCSR that KVM could not emulate: load MXCSR from memory.
+                        let mut b = [0u8; 4];
+                        let gpa = vcpu
+                            .translate_gva(addr)
+                            .ok()
+                            .filter(|t| t.valid != 0)
+                            .map(|t| t.physical_address);
+                        if gpa.is_some_and(|g| read_mem(memory, g, &mut b)) {
+                            let mut fpu = vcpu.get_fpu().map_err(kvm_err("GET_FPU"))?;
+                            fpu.mxcsr = u32::from_le_bytes(b);
+                            vcpu.set_fpu(&fpu).map_err(kvm_err("SET_FPU"))?;
+                            let mut r = regs;
+                            r.rip += len;
+                            vcpu.set_regs(&r).map_err(kvm_err("SET_REGS"))?;
+                            continue;
+                        }
+                    }
                     if code.is_some_and(|c| c[0] == 0x9b) {
                         // FWAIT that KVM could not emulate: the x87 state here has no pending
                         // unmasked exception to report, so it completes as a no-op.
@@ -495,6 +513,60 @@ impl LinuxVm {
     }
 }
 
+/// If `code` starts with `LDMXCSR m32` (`0f ae /2`, optional REX) with a base register and
+/// displacement (no index register, not RIP-relative), its operand address and length.
+fn ldmxcsr_operand(code: &[u8; 16], regs: &kvm_bindings::kvm_regs) -> Option<(u64, u64)> {
+    let (rex, c) = match code[0] {
+        r @ 0x40..=0x4f => (r, &code[1..]),
+        _ => (0, &code[..]),
+    };
+    if c[0] != 0x0f || c[1] != 0xae {
+        return None;
+    }
+    let modrm = c[2];
+    let (md, reg, rm) = (modrm >> 6, (modrm >> 3) & 7, modrm & 7);
+    if md == 3 || reg != 2 {
+        return None;
+    }
+    let mut len = 3usize;
+    let base = if rm == 4 {
+        let sib = c[3];
+        len += 1;
+        if (sib >> 3) & 7 != 4 || (sib & 7 == 5 && md == 0) {
+            return None; // index register or no base
+        }
+        sib & 7
+    } else if rm == 5 && md == 0 {
+        return None; // RIP-relative
+    } else {
+        rm
+    };
+    let base = base | ((rex & 1) << 3);
+    let r = regs;
+    let gpr = [
+        r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12,
+        r.r13, r.r14, r.r15,
+    ];
+    let disp: i64 = match md {
+        1 => {
+            len += 1;
+            i64::from(c[len - 1] as i8)
+        }
+        2 => {
+            len += 4;
+            i64::from(i32::from_le_bytes([
+                c[len - 4],
+                c[len - 3],
+                c[len - 2],
+                c[len - 1],
+            ]))
+        }
+        _ => 0,
+    };
+    let addr = gpr[usize::from(base)].wrapping_add_signed(disp);
+    Some((addr, (len + usize::from(rex != 0)) as u64))
+}
+
 fn read_mem(m: &VmMemory, gpa: u64, buf: &mut [u8]) -> bool {
     match m {
         VmMemory::Ram(r) => r.read(gpa, buf).is_ok(),
@@ -541,4 +613,50 @@ fn write_msrs(v: &VcpuFd, entries: &[kvm_bindings::kvm_msr_entry]) -> Result<usi
         }
     }
     Ok(refused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ldmxcsr_operand;
+
+    fn code(bytes: &[u8]) -> [u8; 16] {
+        let mut c = [0x90u8; 16];
+        c[..bytes.len()].copy_from_slice(bytes);
+        c
+    }
+
+    #[test]
+    fn decodes_ldmxcsr_operands() {
+        let regs = kvm_bindings::kvm_regs {
+            rsp: 0x1000,
+            rdi: 0x2000,
+            r9: 0x3000,
+            ..Default::default()
+        };
+        // ldmxcsr [rsp+4] (seen in kernel_fpu_begin)
+        assert_eq!(
+            ldmxcsr_operand(&code(&[0x0f, 0xae, 0x54, 0x24, 0x04]), &regs),
+            Some((0x1004, 5))
+        );
+        // ldmxcsr [rdi]
+        assert_eq!(
+            ldmxcsr_operand(&code(&[0x0f, 0xae, 0x17]), &regs),
+            Some((0x2000, 3))
+        );
+        // ldmxcsr [r9-8] (REX.B, disp8)
+        assert_eq!(
+            ldmxcsr_operand(&code(&[0x41, 0x0f, 0xae, 0x51, 0xf8]), &regs),
+            Some((0x2ff8, 5))
+        );
+        // stmxcsr (/3), RIP-relative and register forms are not handled.
+        assert_eq!(
+            ldmxcsr_operand(&code(&[0x0f, 0xae, 0x5c, 0x24, 0x04]), &regs),
+            None
+        );
+        assert_eq!(
+            ldmxcsr_operand(&code(&[0x0f, 0xae, 0x15, 0, 0, 0, 0]), &regs),
+            None
+        );
+        assert_eq!(ldmxcsr_operand(&code(&[0x0f, 0xae, 0xd0]), &regs), None);
+    }
 }
