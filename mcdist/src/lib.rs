@@ -46,6 +46,7 @@ pub mod source;
 pub mod testnet;
 pub mod transport;
 pub mod wire;
+pub mod workingset;
 
 use std::net::SocketAddr;
 

@@ -7,13 +7,15 @@
 //! reports, and answers retries by unicast once most pages have been sent.
 //!
 //! Priorities in [`Server::poll_transmit`]: control (announce, zero map) → demand
-//! → repair (NACKs) → push next to faults → sweep. A page in progress (its
+//! → repair (NACKs) → recorded working-set push ([`crate::workingset`]) → push
+//! next to faults → sweep. A page in progress (its
 //! remaining fragments) finishes first; demand pre-empts push at each page.
 
 use crate::bitmap::PageBitmap;
 use crate::pacing::{RateConfig, RateController, TokenBucket};
 use crate::source::{scan, ImageInfo, PageSource};
 use crate::wire::{self, Announce, Body, Data, Header, HeaderFlags, Kind, Message};
+use crate::workingset::WorkingSet;
 use crate::{Dest, Transmit};
 use rand::{Rng, SeedableRng};
 use std::collections::{HashMap, VecDeque};
@@ -50,6 +52,11 @@ pub struct ServerConfig {
     pub push_window: (u64, u64),
     /// Sweep the whole image in order after demand and push (whole-image distribution).
     pub sweep: bool,
+    /// Record the order of first demand requests and replay it as pushes to
+    /// receivers that join later (later generations of clones).
+    pub working_set_push: bool,
+    /// Most pages the recorded working set holds.
+    pub working_set_max_pages: usize,
     /// The sweep starts only once this many receivers have joined.
     pub sweep_min_clients: usize,
     /// Multicast or unicast fan-out.
@@ -86,6 +93,8 @@ impl Default for ServerConfig {
             push_neighbors: true,
             push_window: (16, 1024),
             sweep: false,
+            working_set_push: true,
+            working_set_max_pages: 1 << 20,
             sweep_min_clients: 0,
             delivery: Delivery::Multicast,
             rate: RateConfig::default(),
@@ -151,6 +160,8 @@ pub struct ServerStats {
     pub push_pages: u64,
     /// Pages sent by the sweep.
     pub sweep_pages: u64,
+    /// Pages pushed by replaying the recorded working set.
+    pub ws_push_pages: u64,
     /// Pages resent in answer to NACKs or retries.
     pub repair_pages: u64,
     /// Pages sent by unicast (end game, fan-out).
@@ -203,6 +214,8 @@ struct Job {
     pfn: u64,
     target: Target,
     flags: u8,
+    /// Pushed by the working-set replay.
+    ws: bool,
 }
 
 #[derive(Debug)]
@@ -273,6 +286,7 @@ pub struct Server {
     push_window: u64,
     sweep_pos: u64,
     sweep_end_announced: bool,
+    working_set: WorkingSet,
     /// Pages multicast since the last rate update.
     interval_group_pages: u64,
     /// Alternates group repairs and unicast answers.
@@ -381,6 +395,7 @@ impl Server {
             push_remaining: 0,
             sweep_pos: 0,
             sweep_end_announced: false,
+            working_set: WorkingSet::new(page_count, cfg.working_set_max_pages),
             interval_group_pages: 0,
             repair_turn: false,
             peers: HashMap::new(),
@@ -437,6 +452,11 @@ impl Server {
     /// Pages sent at least once.
     pub fn pages_ever_sent(&self) -> u64 {
         self.ever_sent.count_ones()
+    }
+
+    /// The recorded working set (order of first demand requests).
+    pub fn working_set(&self) -> &WorkingSet {
+        &self.working_set
     }
 
     /// Announce the end of the session (sent with the next transmits).
@@ -656,6 +676,10 @@ impl Server {
         }
     }
 
+    fn nanos(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.base).as_nanos() as u64
+    }
+
     /// Record that `from` is alive; false if it cannot be tracked (table full).
     fn touch_peer(&mut self, now: Instant, from: SocketAddr) -> bool {
         if let Some(p) = self.peers.get_mut(&from) {
@@ -681,6 +705,9 @@ impl Server {
             },
         );
         self.events.push_back(ServerEvent::ClientJoined(from));
+        if self.cfg.working_set_push {
+            self.working_set.joined(self.nanos(now));
+        }
         true
     }
 
@@ -703,6 +730,7 @@ impl Server {
             pfn,
             target: Target::Peer(to),
             flags,
+            ws: false,
         });
         self.unicast_len += 1;
     }
@@ -721,6 +749,9 @@ impl Server {
             return;
         }
         if !retry {
+            if self.cfg.working_set_push {
+                self.working_set.record(pfn);
+            }
             // A fresh fault: aim the push just past it.
             if self.cfg.push_neighbors {
                 let sequential = pfn >= self.push_cursor.saturating_sub(self.push_window)
@@ -769,6 +800,7 @@ impl Server {
             } else {
                 Data::DEMAND
             },
+            ws: false,
         };
         if nack {
             self.repair.push_back(job);
@@ -832,6 +864,7 @@ impl Server {
                 || !self.repair.is_empty()
                 || self.unicast_len > 0
                 || (self.cfg.push_neighbors && self.push_remaining > 0)
+                || (self.cfg.working_set_push && self.working_set.active())
                 || (self.sweeping() && self.sweep_pos < self.page_count))
     }
 
@@ -974,6 +1007,7 @@ impl Server {
             pfn,
             target: Target::Group,
             flags,
+            ws: false,
         }
     }
 
@@ -1007,6 +1041,9 @@ impl Server {
         if let Some(j) = self.repair.pop_front() {
             return Some(j);
         }
+        if let Some(j) = self.next_working_set_job() {
+            return Some(j);
+        }
         if self.cfg.push_neighbors {
             let end = self
                 .push_cursor
@@ -1036,6 +1073,31 @@ impl Server {
             }
         }
         None
+    }
+
+    /// The next page of the working-set replay: not a zero page, not queued,
+    /// not multicast since the earliest receiver the replay serves joined.
+    fn next_working_set_job(&mut self) -> Option<Job> {
+        if !self.cfg.working_set_push {
+            return None;
+        }
+        let zero_map = &self.info.zero_map;
+        let queued = &self.queued_group;
+        let last = &self.last_group_send;
+        let pfn = self.working_set.next(|pfn, since| {
+            zero_map.get(pfn)
+                || queued.get(pfn)
+                || last
+                    .get(pfn as usize)
+                    .is_some_and(|&t| t != 0 && t - 1 > since)
+        })?;
+        self.queued_group.set(pfn);
+        Some(Job {
+            pfn,
+            target: Target::Group,
+            flags: Data::PUSH,
+            ws: true,
+        })
     }
 
     fn queue_group_announce(&mut self) {
@@ -1198,6 +1260,7 @@ impl Server {
         }
         self.stats.pages_sent += 1;
         match job.flags {
+            _ if job.ws => self.stats.ws_push_pages += 1,
             f if f & Data::DEMAND != 0 => self.stats.demand_pages += 1,
             f if f & Data::PUSH != 0 => self.stats.push_pages += 1,
             f if f & Data::SWEEP != 0 => self.stats.sweep_pages += 1,

@@ -1,0 +1,180 @@
+//! Recorded working-set push.
+//!
+//! Clones of one parent tend to touch the same pages in the same order. The
+//! server records the order of first demand requests of a session (retries and
+//! NACKs excluded, each page once, bounded in size). When a receiver joins after
+//! some order was recorded (a later generation of clones), the server replays
+//! that order as pushes to the group, one page per free transmit slot after
+//! demand and repairs, so the new clones find most of their working set already
+//! present when they fault.
+//!
+//! At most one replay runs at a time. A replay serves every receiver that joined
+//! before it started; receivers joining during a replay start the next one once
+//! it ends. Each replay skips pages the group was sent after the earliest
+//! receiver it serves joined (they already have those), which the server decides
+//! through the `skip` callback of [`WorkingSet::next`].
+//!
+//! The type is pure state: no clock, no I/O. Times are nanoseconds on the
+//! server's own time base.
+
+use crate::bitmap::PageBitmap;
+
+/// Recorded fault order and the replay in progress.
+#[derive(Debug, Clone)]
+pub struct WorkingSet {
+    order: Vec<u64>,
+    seen: PageBitmap,
+    max_pages: usize,
+    replay: Option<Replay>,
+    /// Earliest join time of receivers waiting for the next replay.
+    pending_since: Option<u64>,
+    replays: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Replay {
+    pos: usize,
+    end: usize,
+    since: u64,
+}
+
+impl WorkingSet {
+    /// An empty working set for an image of `page_count` pages, recording at most
+    /// `max_pages` pages.
+    pub fn new(page_count: u64, max_pages: usize) -> WorkingSet {
+        WorkingSet {
+            order: Vec::new(),
+            seen: PageBitmap::new(page_count),
+            max_pages,
+            replay: None,
+            pending_since: None,
+            replays: 0,
+        }
+    }
+
+    /// Record a first demand request for `pfn`. Returns whether it was added
+    /// (false: already recorded, out of range, or the set is full).
+    pub fn record(&mut self, pfn: u64) -> bool {
+        if self.order.len() >= self.max_pages || pfn >= self.seen.len() || self.seen.get(pfn) {
+            return false;
+        }
+        self.seen.set(pfn);
+        self.order.push(pfn);
+        true
+    }
+
+    /// The recorded order.
+    pub fn order(&self) -> &[u64] {
+        &self.order
+    }
+
+    /// Pages recorded.
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// Nothing recorded yet.
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// Replays started so far.
+    pub fn replays_started(&self) -> u64 {
+        self.replays
+    }
+
+    /// A replay is running or waiting to start.
+    pub fn active(&self) -> bool {
+        self.replay.is_some() || self.pending_since.is_some()
+    }
+
+    /// A receiver joined at `now` (nanoseconds on the server's time base). If
+    /// an order was recorded it will be replayed for this receiver: at once if no
+    /// replay is running, else after the running one.
+    pub fn joined(&mut self, now: u64) {
+        if self.order.is_empty() {
+            return;
+        }
+        if self.replay.is_none() {
+            self.start(now);
+        } else {
+            self.pending_since = Some(self.pending_since.map_or(now, |s| s.min(now)));
+        }
+    }
+
+    fn start(&mut self, since: u64) {
+        self.replays += 1;
+        self.replay = Some(Replay {
+            pos: 0,
+            end: self.order.len(),
+            since,
+        });
+    }
+
+    /// The next page to push, if a replay is running. `skip(pfn, since)` tells
+    /// whether a page needs no push (a zero page, a page already queued, or one
+    /// sent to the group after `since`, the earliest join time this replay
+    /// serves).
+    pub fn next(&mut self, mut skip: impl FnMut(u64, u64) -> bool) -> Option<u64> {
+        loop {
+            let r = self.replay.as_mut()?;
+            while r.pos < r.end {
+                let pfn = self.order[r.pos];
+                r.pos += 1;
+                if !skip(pfn, r.since) {
+                    return Some(pfn);
+                }
+            }
+            self.replay = None;
+            let since = self.pending_since.take()?;
+            self.start(since);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_first_requests_once_and_bounded() {
+        let mut ws = WorkingSet::new(100, 3);
+        assert!(ws.record(5));
+        assert!(!ws.record(5));
+        assert!(ws.record(1));
+        assert!(!ws.record(100), "out of range");
+        assert!(ws.record(7));
+        assert!(!ws.record(8), "full");
+        assert_eq!(ws.order(), &[5, 1, 7]);
+    }
+
+    #[test]
+    fn no_replay_without_a_recorded_order() {
+        let mut ws = WorkingSet::new(10, 10);
+        ws.joined(1);
+        assert!(!ws.active());
+        assert_eq!(ws.next(|_, _| false), None);
+    }
+
+    #[test]
+    fn replays_in_order_skipping_and_chains_later_joiners() {
+        let mut ws = WorkingSet::new(10, 10);
+        for p in [3, 1, 4, 9, 2] {
+            ws.record(p);
+        }
+        ws.joined(100);
+        assert_eq!(ws.next(|_, s| s != 100), Some(3));
+        // A page skipped by the caller is passed over.
+        assert_eq!(ws.next(|p, _| p == 1), Some(4));
+        // Two receivers join during the replay: one more replay, from the earliest.
+        ws.joined(300);
+        ws.joined(200);
+        let mut served = Vec::new();
+        while let Some(p) = ws.next(|_, s| s != 100 && s != 200) {
+            served.push(p);
+        }
+        assert_eq!(served, vec![9, 2, 3, 1, 4, 9, 2]);
+        assert_eq!(ws.replays_started(), 2);
+        assert!(!ws.active());
+    }
+}
