@@ -57,6 +57,11 @@ pub struct ServerConfig {
     pub working_set_push: bool,
     /// Most pages the recorded working set holds.
     pub working_set_max_pages: usize,
+    /// Also record pages pushed next to faults, in the order sent. A clone that
+    /// finds a pushed page present never faults on it, so without this the
+    /// pages a generation got from that push are missing from its recorded
+    /// working set (later generations then fault on them).
+    pub working_set_record_push: bool,
     /// The sweep starts only once this many receivers have joined.
     pub sweep_min_clients: usize,
     /// Multicast or unicast fan-out.
@@ -95,6 +100,7 @@ impl Default for ServerConfig {
             sweep: false,
             working_set_push: true,
             working_set_max_pages: 1 << 20,
+            working_set_record_push: true,
             sweep_min_clients: 0,
             delivery: Delivery::Multicast,
             rate: RateConfig::default(),
@@ -1262,7 +1268,12 @@ impl Server {
         match job.flags {
             _ if job.ws => self.stats.ws_push_pages += 1,
             f if f & Data::DEMAND != 0 => self.stats.demand_pages += 1,
-            f if f & Data::PUSH != 0 => self.stats.push_pages += 1,
+            f if f & Data::PUSH != 0 => {
+                self.stats.push_pages += 1;
+                if self.cfg.working_set_push && self.cfg.working_set_record_push {
+                    self.working_set.record(job.pfn);
+                }
+            }
             f if f & Data::SWEEP != 0 => self.stats.sweep_pages += 1,
             _ => self.stats.repair_pages += 1,
         }

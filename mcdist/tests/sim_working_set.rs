@@ -42,8 +42,6 @@ fn run(loss: f64, working_set_push: bool, push_neighbors: bool) -> Generations {
         session_id: Some(0x3e7),
         max_datagram: 1500,
         working_set_push,
-        // Pages a generation gets from the push next to its faults are never
-        // requested, so never recorded: leave that push out to see the replay alone.
         push_neighbors,
         ..ServerConfig::default()
     };
