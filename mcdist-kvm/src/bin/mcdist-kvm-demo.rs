@@ -1,6 +1,11 @@
 //! The mcdist-kvm demo: a parent KVM guest fills a table, forks N clones on this host over
 //! loopback multicast (inside a private network namespace), each clone hashes its slice, and
 //! every result is checked against the host's own computation.
+//!
+//! With `--generations 2` a second generation of clones (same ids, so the same work) starts
+//! against the same memory server after the first has been joined, once with the server's
+//! recorded working-set push and once without, and the demand faults of each generation are
+//! printed side by side.
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
@@ -11,7 +16,7 @@ use mcdist_kvm::clone::{CloneOptions, ThreadLauncher};
 use mcdist_kvm::guest::HashJob;
 use mcdist_kvm::netns::Netns;
 use mcdist_kvm::remote::{connect_fetcher, MemoryServer};
-use mcdist_kvm::Parent;
+use mcdist_kvm::{CloneTicket, Frozen, Parent};
 
 #[derive(Parser, Debug)]
 #[command(about = "Fork KVM clones whose memory arrives lazily over mcdist multicast")]
@@ -34,6 +39,18 @@ struct Args {
     /// Disable the server's neighbour push (pure demand paging).
     #[arg(long)]
     no_push: bool,
+    /// Generations of clones run one after another against the same memory server. With 2
+    /// or more, the run is made twice, without and with working-set push, and compared.
+    #[arg(long, default_value_t = 1)]
+    generations: u32,
+}
+
+/// Demand faults and clones of one generation.
+#[derive(Debug, Default, Clone, Copy)]
+struct GenTotals {
+    demand_faults: u64,
+    pages_pushed: u64,
+    clones: u64,
 }
 
 fn ms(d: Duration) -> String {
@@ -75,11 +92,73 @@ fn run(args: Args) -> Result<(), String> {
         job.table_bytes() >> 20,
         ms(t.elapsed())
     );
+    let ticket = frozen
+        .request_ticket(args.clones)
+        .map_err(|e| e.to_string())?;
+    if args.generations <= 1 {
+        run_server(
+            &args,
+            &frozen,
+            &ticket,
+            1,
+            mcdist::ServerConfig::default().working_set_push,
+            0,
+        )
+        .map(|_| ())
+    } else {
+        let mut rows = Vec::new();
+        for (k, ws) in [false, true].into_iter().enumerate() {
+            println!(
+                "\n=== working-set push {} ===",
+                if ws { "on" } else { "off" }
+            );
+            rows.push((
+                ws,
+                run_server(&args, &frozen, &ticket, args.generations, ws, k as u16)?,
+            ));
+        }
+        println!(
+            "\ndemand faults per generation (sum over {} clones):",
+            args.clones
+        );
+        println!(
+            "{:>16} {:>4} {:>14} {:>12} {:>14}",
+            "working-set push", "gen", "demand faults", "pushed pages", "vs generation 1"
+        );
+        for (ws, gens) in &rows {
+            for (g, t) in gens.iter().enumerate() {
+                let first = gens[0].demand_faults.max(1) as f64;
+                println!(
+                    "{:>16} {:>4} {:>14} {:>12} {:>13.1}x",
+                    if *ws { "on" } else { "off" },
+                    g + 1,
+                    t.demand_faults,
+                    t.pages_pushed,
+                    first / t.demand_faults.max(1) as f64
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts a memory server for `frozen` and runs `generations` generations of the ticket's
+/// clones against it, one after another; returns each generation's totals.
+fn run_server(
+    args: &Args,
+    frozen: &Frozen,
+    ticket: &CloneTicket,
+    generations: u32,
+    working_set_push: bool,
+    run: u16,
+) -> Result<Vec<GenTotals>, String> {
+    let job = *frozen.job();
     let probe = frozen.descriptor(None);
-    let group = SocketAddrV4::new([239, 255, 70, 1].into(), 46001);
-    let listen: SocketAddr = "127.0.0.1:46002".parse().map_err(|e| format!("{e}"))?;
+    let group = SocketAddrV4::new([239, 255, 70, 1].into(), 46001 + 2 * run);
+    let listen = SocketAddr::from(([127, 0, 0, 1], 46002 + 2 * run));
     let scfg = mcdist::ServerConfig {
         push_neighbors: !args.no_push,
+        working_set_push,
         ..Default::default()
     };
     let server = MemoryServer::start(
@@ -101,78 +180,90 @@ fn run(args: Args) -> Result<(), String> {
         listen,
         group
     );
-    let ticket = frozen
-        .request_ticket(args.clones)
-        .map_err(|e| e.to_string())?;
     let launcher = ThreadLauncher {
         make_fetcher: Arc::new(|_id, d: &mcdist_kvm::Descriptor, h| {
             connect_fetcher(d, Some("lo"), h, Duration::from_secs(5))
         }),
         opts: CloneOptions::default(),
     };
-    let t = Instant::now();
-    let results = frozen
-        .clone_vms(&ticket, &desc, &launcher)
-        .join(Duration::from_secs(300));
-    let wall = t.elapsed();
-    println!(
-        "\n{:>3} {:>10} {:>4} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9} {:>9} {:>11} {:>9}",
-        "id",
-        "result",
-        "ok",
-        "faults",
-        "demand",
-        "pushed",
-        "zero",
-        "MiB recv",
-        "p50 µs",
-        "p99 µs",
-        "1st insn ms",
-        "total ms"
-    );
     let mut bad = 0;
-    for (id, r) in &results {
-        match r {
-            Ok(r) => {
-                let ok = r.result == job.expected(*id);
-                bad += usize::from(!ok);
-                let s = &r.stats;
-                println!(
-                    "{:>3} {:>#10x} {:>4} {:>7} {:>7} {:>7} {:>6} {:>9.1} {:>9} {:>9} {:>11} {:>9}",
-                    id,
-                    r.result,
-                    if ok { "yes" } else { "NO" },
-                    s.demand_faults,
-                    s.pages_demand,
-                    s.pages_pushed,
-                    s.zero_pages,
-                    s.bytes_received as f64 / f64::from(1 << 20),
-                    us(s.fault_latency.quantile(0.5)),
-                    us(s.fault_latency.quantile(0.99)),
-                    ms(r.time_to_first_instruction),
-                    ms(r.total)
-                );
-            }
-            Err(e) => {
-                bad += 1;
-                println!("{id:>3} error: {e}");
+    let mut gens = Vec::new();
+    for gen in 1..=generations {
+        let t = Instant::now();
+        let results = frozen
+            .clone_vms(ticket, &desc, &launcher)
+            .join(Duration::from_secs(300));
+        let wall = t.elapsed();
+        println!(
+            "\ngeneration {gen}: {} clones in {} ms",
+            results.len(),
+            ms(wall)
+        );
+        println!(
+            "{:>3} {:>10} {:>4} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9} {:>9} {:>11} {:>9}",
+            "id",
+            "result",
+            "ok",
+            "faults",
+            "demand",
+            "pushed",
+            "zero",
+            "MiB recv",
+            "p50 µs",
+            "p99 µs",
+            "1st insn ms",
+            "total ms"
+        );
+        let mut totals = GenTotals::default();
+        for (id, r) in &results {
+            match r {
+                Ok(r) => {
+                    let ok = r.result == job.expected(*id);
+                    bad += usize::from(!ok);
+                    let s = &r.stats;
+                    totals.demand_faults += s.demand_faults;
+                    totals.pages_pushed += s.pages_pushed;
+                    totals.clones += 1;
+                    println!(
+                        "{:>3} {:>#10x} {:>4} {:>7} {:>7} {:>7} {:>6} {:>9.1} {:>9} {:>9} {:>11} {:>9}",
+                        id,
+                        r.result,
+                        if ok { "yes" } else { "NO" },
+                        s.demand_faults,
+                        s.pages_demand,
+                        s.pages_pushed,
+                        s.zero_pages,
+                        s.bytes_received as f64 / f64::from(1 << 20),
+                        us(s.fault_latency.quantile(0.5)),
+                        us(s.fault_latency.quantile(0.99)),
+                        ms(r.time_to_first_instruction),
+                        ms(r.total)
+                    );
+                }
+                Err(e) => {
+                    bad += 1;
+                    println!("{id:>3} error: {e}");
+                }
             }
         }
+        gens.push(totals);
     }
     let s = server.shutdown().map_err(|e| e.to_string())?;
     println!(
-        "\nserver: {} pages sent ({} demand, {} push), {:.1} MiB, {} zero replies; {} clones in {} ms",
+        "\nserver: {} pages sent ({} demand, {} push, {} working-set push), {:.1} MiB, {} zero replies",
         s.stats.pages_sent,
         s.stats.demand_pages,
         s.stats.push_pages,
+        s.stats.ws_push_pages,
         s.stats.bytes_sent as f64 / f64::from(1 << 20),
         s.stats.zero_replies,
-        results.len(),
-        ms(wall)
     );
     if bad > 0 {
         return Err(format!("{bad} clone(s) failed or computed a wrong result"));
     }
-    println!("all {} results match the host's computation", results.len());
-    Ok(())
+    println!(
+        "all {} results match the host's computation",
+        gens.iter().map(|g| g.clones).sum::<u64>()
+    );
+    Ok(gens)
 }
