@@ -53,7 +53,9 @@ pub struct ServerConfig {
     /// Sweep the whole image in order after demand and push (whole-image distribution).
     pub sweep: bool,
     /// Record the order of first demand requests and replay it as pushes to
-    /// receivers that join later (later generations of clones).
+    /// receivers that join later (later generations of clones). Off by
+    /// default: with it on, a receiver gets pages it did not ask for even with
+    /// `push_neighbors` off.
     pub working_set_push: bool,
     /// Most pages the recorded working set holds.
     pub working_set_max_pages: usize,
@@ -98,7 +100,7 @@ impl Default for ServerConfig {
             push_neighbors: true,
             push_window: (16, 1024),
             sweep: false,
-            working_set_push: true,
+            working_set_push: false,
             working_set_max_pages: 1 << 20,
             working_set_record_push: true,
             sweep_min_clients: 0,
