@@ -127,14 +127,21 @@ fn run(args: Args) -> Result<(), String> {
         );
         for (ws, gens) in &rows {
             for (g, t) in gens.iter().enumerate() {
-                let first = gens[0].demand_faults.max(1) as f64;
+                let ratio = if t.demand_faults == 0 {
+                    "no faults".to_string()
+                } else {
+                    format!(
+                        "{:.1}x",
+                        gens[0].demand_faults as f64 / t.demand_faults as f64
+                    )
+                };
                 println!(
-                    "{:>16} {:>4} {:>14} {:>12} {:>13.1}x",
+                    "{:>16} {:>4} {:>14} {:>12} {:>14}",
                     if *ws { "on" } else { "off" },
                     g + 1,
                     t.demand_faults,
                     t.pages_pushed,
-                    first / t.demand_faults.max(1) as f64
+                    ratio
                 );
             }
         }
