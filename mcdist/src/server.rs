@@ -1084,7 +1084,9 @@ impl Server {
     }
 
     /// The next page of the working-set replay: not a zero page, not queued,
-    /// not multicast since the earliest receiver the replay serves joined.
+    /// not multicast since the earliest receiver the replay serves joined (at
+    /// or after the instant the server took its join: a receiver joins the
+    /// group before it sends its first datagram).
     fn next_working_set_job(&mut self) -> Option<Job> {
         if !self.cfg.working_set_push {
             return None;
@@ -1097,7 +1099,7 @@ impl Server {
                 || queued.get(pfn)
                 || last
                     .get(pfn as usize)
-                    .is_some_and(|&t| t != 0 && t - 1 > since)
+                    .is_some_and(|&t| t != 0 && t - 1 >= since)
         })?;
         self.queued_group.set(pfn);
         Some(Job {
