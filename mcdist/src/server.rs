@@ -1099,7 +1099,8 @@ impl Server {
                 || queued.get(pfn)
                 || last
                     .get(pfn as usize)
-                    .is_some_and(|&t| t != 0 && t - 1 >= since)
+                    // Stored as send time + 1 ns (0: never sent), so `>` is "at or after".
+                    .is_some_and(|&t| t > since)
         })?;
         self.queued_group.set(pfn);
         Some(Job {
