@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mcdist::secure::SecureTransport;
-use mcdist::transport::udp::{UdpConfig, UdpTransport};
+use mcdist::transport::udp::UdpTransport;
 use mcdist::transport::Transport;
 use mcdist::{Client, ClientConfig, ClientEvent, ClientStats, SessionInfo};
 
@@ -79,16 +79,7 @@ impl InlineMcdist {
         join_timeout: Duration,
         tune: impl FnOnce(&mut ClientConfig),
     ) -> Result<Self, RemoteError> {
-        let s = desc.session.as_ref().ok_or(RemoteError::NoSession)?;
-        let mut udp = UdpConfig::new(s.group);
-        udp.iface = iface.map(str::to_string);
-        udp.server = Some(s.server);
-        let transport =
-            UdpTransport::client(&udp).map_err(|e| RemoteError::Transport(e.to_string()))?;
-        let mut cfg = ClientConfig::new(s.server);
-        cfg.expected_digest = Some(desc.digest);
-        cfg.want_zero_map = false;
-        tune(&mut cfg);
+        let (transport, mut cfg) = crate::remote::client_setup(desc, iface, tune)?;
         let mut link = match &cfg.security {
             Some(sec) => Link::Secure(Box::new(SecureTransport::client(transport, sec))),
             None => {

@@ -64,6 +64,27 @@ impl std::fmt::Debug for McdistFetcher {
     }
 }
 
+/// The UDP transport and client configuration for joining the session named in
+/// `desc` on `iface`: the descriptor's digest is required, zero pages come from
+/// the descriptor (no zero map is asked for), and `tune` adjusts the rest.
+pub(crate) fn client_setup(
+    desc: &Descriptor,
+    iface: Option<&str>,
+    tune: impl FnOnce(&mut ClientConfig),
+) -> Result<(UdpTransport, ClientConfig), RemoteError> {
+    let s = desc.session.as_ref().ok_or(RemoteError::NoSession)?;
+    let mut udp = UdpConfig::new(s.group);
+    udp.iface = iface.map(str::to_string);
+    udp.server = Some(s.server);
+    let transport =
+        UdpTransport::client(&udp).map_err(|e| RemoteError::Transport(e.to_string()))?;
+    let mut cfg = ClientConfig::new(s.server);
+    cfg.expected_digest = Some(desc.digest);
+    cfg.want_zero_map = false;
+    tune(&mut cfg);
+    Ok((transport, cfg))
+}
+
 impl McdistFetcher {
     /// Joins the session named in `desc` over UDP multicast on `iface` and delivers pages to
     /// `handle`. Waits up to `join_timeout` for the server's announcement.
@@ -74,16 +95,7 @@ impl McdistFetcher {
         join_timeout: Duration,
         tune: impl FnOnce(&mut ClientConfig),
     ) -> Result<Self, RemoteError> {
-        let s = desc.session.as_ref().ok_or(RemoteError::NoSession)?;
-        let mut udp = UdpConfig::new(s.group);
-        udp.iface = iface.map(str::to_string);
-        udp.server = Some(s.server);
-        let transport =
-            UdpTransport::client(&udp).map_err(|e| RemoteError::Transport(e.to_string()))?;
-        let mut cfg = ClientConfig::new(s.server);
-        cfg.expected_digest = Some(desc.digest);
-        cfg.want_zero_map = false;
-        tune(&mut cfg);
+        let (transport, cfg) = client_setup(desc, iface, tune)?;
         let client = ClientNode::start(cfg, transport, Arc::new(Sink(handle)))?;
         let info = client.wait_session(join_timeout)?;
         let served = info.page_count;
