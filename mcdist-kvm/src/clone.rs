@@ -24,7 +24,7 @@ use crate::lazy::{
     LazyConfig, LazyFailure, LazyHandle, LazyMemory, LazyStats, PageFetcher, SourceFetcher,
     UffdSetupError,
 };
-use crate::source::{PageBits, PageSource};
+use crate::source::{PageBitmap, PageSource};
 use crate::vm::{GuestExit, GuestRam, Vm, VmError, VmMemory};
 
 /// Errors of the clone system.
@@ -242,10 +242,10 @@ impl Parent {
             other => return Err(CloneError::GuestStopped(other)),
         }
         let vcpus = self.vm.capture()?;
-        let zero_map =
-            crate::source::zero_map(&*self.ram).map_err(|e| CloneError::Source(e.to_string()))?;
-        let digest = crate::source::image_digest(&*self.ram)
-            .map_err(|e| CloneError::Source(e.to_string()))?;
+        // One pass over the frozen image: digest and zero map.
+        let mcdist::source::ImageInfo {
+            digest, zero_map, ..
+        } = crate::source::scan(&*self.ram).map_err(|e| CloneError::Source(e.to_string()))?;
         Ok(Frozen {
             _vm: self.vm,
             image: self.ram,
@@ -265,7 +265,7 @@ pub struct Frozen {
     image: Arc<GuestRam>,
     job: HashJob,
     vcpus: Vec<crate::vm::VcpuState>,
-    zero_map: PageBits,
+    zero_map: PageBitmap,
     digest: [u8; 32],
     next_id: u32,
 }
@@ -296,7 +296,7 @@ impl Frozen {
     }
 
     /// Pages listed as zero.
-    pub fn zero_map(&self) -> &PageBits {
+    pub fn zero_map(&self) -> &PageBitmap {
         &self.zero_map
     }
 

@@ -13,7 +13,7 @@ use std::net::{SocketAddr, SocketAddrV4};
 
 use kvm_bindings::{kvm_dtable, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 
-use crate::source::PageBits;
+use crate::source::PageBitmap;
 use crate::vm::VcpuState;
 
 const MAGIC: &[u8; 8] = b"MCDKDESC";
@@ -64,7 +64,7 @@ pub struct Descriptor {
     /// vCPU states at the fork point.
     pub vcpus: Vec<VcpuState>,
     /// Pages that are all zero (filled locally, never fetched).
-    pub zero_map: PageBits,
+    pub zero_map: PageBitmap,
 }
 
 impl Descriptor {
@@ -165,8 +165,10 @@ impl Descriptor {
         }
         let len = usize::try_from(r.u64()?)
             .map_err(|_| DescriptorError::Invalid("zero map length".into()))?;
-        let zero_map = PageBits::from_bytes(pages, r.take(len)?)
-            .ok_or_else(|| DescriptorError::Invalid("zero map length".into()))?;
+        if len as u64 != pages.div_ceil(8) {
+            return Err(DescriptorError::Invalid("zero map length".into()));
+        }
+        let zero_map = PageBitmap::from_bytes(pages, r.take(len)?);
         Ok(Self {
             mem_size,
             page_size,
@@ -407,7 +409,7 @@ mod tests {
             ..Default::default()
         };
         fpu.xmm[15][0] = 0xab;
-        let mut zero_map = PageBits::new(100);
+        let mut zero_map = PageBitmap::new(100);
         zero_map.set(0);
         zero_map.set(99);
         Descriptor {

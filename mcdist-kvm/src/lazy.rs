@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::source::{PageBits, PageSource};
+use crate::source::{PageBitmap, PageSource};
 use crate::sys::{self, AnonMap, EventFd, Install, Uffd};
 
 /// Errors setting up lazy memory.
@@ -226,7 +226,7 @@ impl LazyStats {
 }
 
 struct State {
-    installed: PageBits,
+    installed: PageBitmap,
     pending: HashMap<u64, Pending>,
     stats: LazyStats,
     failure: Option<LazyFailure>,
@@ -240,7 +240,7 @@ struct Pending {
 struct Inner {
     map: AnonMap,
     uffd: Uffd,
-    zero: PageBits,
+    zero: PageBitmap,
     page_size: usize,
     pages: u64,
     state: Mutex<State>,
@@ -456,7 +456,7 @@ impl std::fmt::Debug for LazyMemory {
 impl LazyMemory {
     /// Maps `size` bytes, registers them with a new userfaultfd in missing mode. `zero` lists
     /// the pages known to be all-zero. No thread runs until [`LazyMemory::start`].
-    pub fn new(size: usize, zero: PageBits, cfg: LazyConfig) -> Result<Self, UffdSetupError> {
+    pub fn new(size: usize, zero: PageBitmap, cfg: LazyConfig) -> Result<Self, UffdSetupError> {
         let page_size = cfg.page_size;
         if size == 0 || page_size == 0 || size % page_size != 0 {
             return Err(UffdSetupError::BadSize { size, page_size });
@@ -481,7 +481,7 @@ impl LazyMemory {
                 page_size,
                 pages,
                 state: Mutex::new(State {
-                    installed: PageBits::new(pages),
+                    installed: PageBitmap::new(pages),
                     pending: HashMap::new(),
                     stats: LazyStats::default(),
                     failure: None,

@@ -34,4 +34,4 @@ pub use lazy::{
     FaultWait, InlineFetcher, LazyConfig, LazyHandle, LazyMemory, LazyStats, PageFetcher,
     SourceFetcher,
 };
-pub use source::{PageBits, PageSource};
+pub use source::{PageBitmap, PageSource};

@@ -15,7 +15,7 @@ use mcdist::{ClientConfig, ServerConfig};
 use crate::descriptor::{Descriptor, SessionParams};
 use crate::inline::InlineMcdist;
 use crate::lazy::{LazyHandle, PageFetcher};
-use crate::source::{PageBits, PageSource};
+use crate::source::{PageBitmap, PageSource};
 
 /// Errors connecting lazy memory to mcdist.
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +139,7 @@ impl MemoryServer {
     /// `zero` and `digest` come from the descriptor (no second scan).
     pub fn start(
         image: Arc<dyn PageSource>,
-        zero: &PageBits,
+        zero: &PageBitmap,
         digest: [u8; 32],
         group: SocketAddrV4,
         iface: Option<&str>,
@@ -151,7 +151,7 @@ impl MemoryServer {
         udp.listen = Some(listen);
         let transport =
             UdpTransport::server(&udp).map_err(|e| RemoteError::Transport(e.to_string()))?;
-        let zero_map = mcdist::bitmap::PageBitmap::from_bytes(zero.len(), &zero.to_bytes());
+        let zero_map = zero.clone();
         let info = ImageInfo {
             image_size: image.image_size(),
             page_size: image.page_size(),

@@ -113,7 +113,7 @@ fn missing_server_fails_with_timeout_instead_of_hanging() {
         return;
     }
     let pages = 8;
-    let zero = mcdist_kvm::PageBits::new(pages);
+    let zero = mcdist_kvm::PageBitmap::new(pages);
     let cfg = LazyConfig {
         fetch_timeout: Duration::from_millis(300),
         rerequest_interval: Duration::from_millis(50),

@@ -26,7 +26,7 @@ pub use state::{LinuxDescriptor, MachineState};
 
 use crate::descriptor::{Descriptor, SessionParams};
 use crate::lazy::{LazyConfig, LazyHandle, LazyMemory, LazyStats, PageFetcher, UffdSetupError};
-use crate::source::{PageBits, PageSource};
+use crate::source::{PageBitmap, PageSource};
 use crate::vm::{GuestRam, VcpuState, VmError, VmMemory};
 
 /// Errors of the Linux guest support.
@@ -278,10 +278,10 @@ impl LinuxParent {
         let fork_after = self.booted.elapsed();
         let t = Instant::now();
         let machine = self.vm.capture()?;
-        let zero_map =
-            crate::source::zero_map(&*self.ram).map_err(|e| LinuxError::Source(e.to_string()))?;
-        let digest = crate::source::image_digest(&*self.ram)
-            .map_err(|e| LinuxError::Source(e.to_string()))?;
+        // One pass over the frozen image: digest and zero map.
+        let mcdist::source::ImageInfo {
+            digest, zero_map, ..
+        } = crate::source::scan(&*self.ram).map_err(|e| LinuxError::Source(e.to_string()))?;
         Ok(FrozenLinux {
             _vm: self.vm,
             image: self.ram,
@@ -301,7 +301,7 @@ pub struct FrozenLinux {
     _vm: LinuxVm,
     image: Arc<GuestRam>,
     machine: MachineState,
-    zero_map: PageBits,
+    zero_map: PageBitmap,
     digest: [u8; 32],
     console: Arc<std::sync::Mutex<ConsoleLog>>,
     /// Boot → fork point.
@@ -316,7 +316,7 @@ impl FrozenLinux {
         self.image.clone()
     }
     /// Zero pages.
-    pub fn zero_map(&self) -> &PageBits {
+    pub fn zero_map(&self) -> &PageBitmap {
         &self.zero_map
     }
     /// Image digest.
