@@ -274,7 +274,7 @@ impl Bench {
     }
 
     fn image_digest(&self) -> io::Result<[u8; 32]> {
-        file_digest(&self.image_path())
+        mcdist::source::file_digest(&self.image_path())
     }
 
     /// Run `tool` to `n` receivers with `loss` percent receive loss.
@@ -351,7 +351,7 @@ impl Bench {
             .map_err(|e| format!("hashing the image: {e}"))?;
         let mut bad = 0;
         for o in outputs {
-            match file_digest(o) {
+            match mcdist::source::file_digest(o) {
                 Ok(d) if d == want => {}
                 _ => bad += 1,
             }
@@ -628,12 +628,6 @@ fn children_cpu_secs() -> f64 {
             .unwrap_or(0.0)
     };
     (tick(16) + tick(17)) / 100.0
-}
-
-fn file_digest(p: &Path) -> io::Result<[u8; 32]> {
-    let mut h = blake3::Hasher::new();
-    h.update_reader(std::fs::File::open(p)?)?;
-    Ok(*h.finalize().as_bytes())
 }
 
 fn ip(args: &[&str]) -> io::Result<String> {

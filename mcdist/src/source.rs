@@ -208,6 +208,13 @@ pub fn scan_with_progress(
     })
 }
 
+/// BLAKE3 digest of a whole file, the same digest [`scan`] computes for an image.
+pub fn file_digest(path: &Path) -> io::Result<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(File::open(path)?)?;
+    Ok(*h.finalize().as_bytes())
+}
+
 /// The zero-page map alone.
 pub fn zero_map(source: &dyn PageSource) -> io::Result<PageBitmap> {
     Ok(scan(source)?.zero_map)

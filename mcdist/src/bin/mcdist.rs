@@ -9,7 +9,7 @@ use mcdist::server::{Delivery, ServerConfig, ServerEvent};
 use mcdist::source::{scan_with_progress, FileSource, PageSource};
 use mcdist::transport::udp::{UdpConfig, UdpTransport};
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -405,17 +405,7 @@ impl PageSink for FileSink {
 }
 
 fn verify(path: &Path, expect: &[u8; 32]) -> io::Result<bool> {
-    let mut f = File::open(path)?;
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().as_bytes() == expect)
+    Ok(&mcdist::source::file_digest(path)? == expect)
 }
 
 fn fetch(
