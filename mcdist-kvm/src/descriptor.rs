@@ -190,13 +190,14 @@ impl Descriptor {
     }
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-    pos: usize,
+/// A bounds-checked little-endian reader over descriptor bytes.
+pub(crate) struct Reader<'a> {
+    pub(crate) b: &'a [u8],
+    pub(crate) pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DescriptorError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], DescriptorError> {
         let end = self
             .pos
             .checked_add(n)
@@ -211,16 +212,16 @@ impl<'a> Reader<'a> {
         a.copy_from_slice(self.take(N)?);
         Ok(a)
     }
-    fn u8(&mut self) -> Result<u8, DescriptorError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, DescriptorError> {
         Ok(self.take(1)?[0])
     }
-    fn u16(&mut self) -> Result<u16, DescriptorError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, DescriptorError> {
         Ok(u16::from_le_bytes(self.arr()?))
     }
-    fn u32(&mut self) -> Result<u32, DescriptorError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, DescriptorError> {
         Ok(u32::from_le_bytes(self.arr()?))
     }
-    fn u64(&mut self) -> Result<u64, DescriptorError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, DescriptorError> {
         Ok(u64::from_le_bytes(self.arr()?))
     }
 }

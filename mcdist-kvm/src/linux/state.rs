@@ -20,7 +20,7 @@ use kvm_bindings::{
 use vm_superio::serial::SerialState;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
-use crate::descriptor::{Descriptor, DescriptorError};
+use crate::descriptor::{Descriptor, DescriptorError, Reader};
 
 const MAGIC: &[u8; 8] = b"MCDKLNX1";
 const VERSION: u16 = 1;
@@ -105,38 +105,7 @@ fn put<T: IntoBytes + Immutable + ?Sized>(w: &mut Vec<u8>, v: &T) {
     w.extend_from_slice(b);
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DescriptorError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.b.len())
-            .ok_or(DescriptorError::Truncated(self.pos))?;
-        let s = &self.b[self.pos..end];
-        self.pos = end;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, DescriptorError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, DescriptorError> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Result<u32, DescriptorError> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn u64(&mut self) -> Result<u64, DescriptorError> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(a))
-    }
+impl Reader<'_> {
     fn get<T: FromBytes>(&mut self, what: &str) -> Result<T, DescriptorError> {
         let n = self.u32()? as usize;
         if n != std::mem::size_of::<T>() {
