@@ -300,6 +300,33 @@ impl Frozen {
         &self.zero_map
     }
 
+    /// BLAKE3 digest of the frozen image.
+    pub fn digest(&self) -> [u8; 32] {
+        self.digest
+    }
+
+    /// Starts a memory server for the frozen image (multicast `group` via `iface`,
+    /// requests on `listen`) and returns it with the descriptor clones start from.
+    pub fn serve(
+        &self,
+        group: std::net::SocketAddrV4,
+        iface: Option<&str>,
+        listen: std::net::SocketAddr,
+        cfg: mcdist::ServerConfig,
+    ) -> Result<(crate::remote::MemoryServer, Descriptor), crate::remote::RemoteError> {
+        let server = crate::remote::MemoryServer::start(
+            self.image(),
+            &self.zero_map,
+            self.digest,
+            group,
+            iface,
+            listen,
+            cfg,
+        )?;
+        let desc = self.descriptor(Some(server.session().clone()));
+        Ok((server, desc))
+    }
+
     /// The descriptor clones start from.
     pub fn descriptor(&self, session: Option<SessionParams>) -> Descriptor {
         Descriptor {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use mcdist_kvm::clone::{run_clone, CloneError, CloneOptions, ProcessLauncher};
 use mcdist_kvm::guest::HashJob;
 use mcdist_kvm::netns::{BridgeNet, Netns};
-use mcdist_kvm::remote::{McdistFetcher, MemoryServer};
+use mcdist_kvm::remote::McdistFetcher;
 use mcdist_kvm::vm::kvm_available;
 use mcdist_kvm::{PageFetcher, Parent};
 
@@ -40,20 +40,11 @@ fn laziness_is_real_and_zero_pages_are_never_sent() {
         .expect("boot")
         .run_to_fork()
         .expect("fork");
-    let probe = frozen.descriptor(None);
     let group = SocketAddrV4::new([239, 255, 77, 1].into(), 47001);
     let listen: SocketAddr = "127.0.0.1:47002".parse().expect("addr");
-    let server = MemoryServer::start(
-        frozen.image(),
-        frozen.zero_map(),
-        probe.digest,
-        group,
-        Some("lo"),
-        listen,
-        mcdist::ServerConfig::default(),
-    )
-    .expect("server");
-    let desc = frozen.descriptor(Some(server.session().clone()));
+    let (server, desc) = frozen
+        .serve(group, Some("lo"), listen, mcdist::ServerConfig::default())
+        .expect("server");
     let id = 3;
     let report = run_clone(&desc, id, &CloneOptions::default(), |h| {
         let f = McdistFetcher::connect(&desc, Some("lo"), h, Duration::from_secs(5), |_| {})
@@ -101,20 +92,11 @@ fn clone_fails_clearly_when_its_server_disappears() {
         .expect("boot")
         .run_to_fork()
         .expect("fork");
-    let probe = frozen.descriptor(None);
     let group = SocketAddrV4::new([239, 255, 77, 2].into(), 47011);
     let listen: SocketAddr = "127.0.0.1:47012".parse().expect("addr");
-    let server = MemoryServer::start(
-        frozen.image(),
-        frozen.zero_map(),
-        probe.digest,
-        group,
-        Some("lo"),
-        listen,
-        mcdist::ServerConfig::default(),
-    )
-    .expect("server");
-    let desc = frozen.descriptor(Some(server.session().clone()));
+    let (server, desc) = frozen
+        .serve(group, Some("lo"), listen, mcdist::ServerConfig::default())
+        .expect("server");
     let server = Mutex::new(Some(server));
     let mut opts = CloneOptions::default();
     opts.lazy.fetch_timeout = Duration::from_secs(4);
@@ -153,20 +135,12 @@ fn four_clone_processes_on_four_namespace_hosts() {
         .expect("boot")
         .run_to_fork()
         .expect("fork");
-    let probe = frozen.descriptor(None);
     let group = SocketAddrV4::new([239, 255, 77, 3].into(), 47021);
     let listen = SocketAddr::new(BridgeNet::addr(0).into(), 47022);
-    let server = MemoryServer::start(
-        frozen.image(),
-        frozen.zero_map(),
-        probe.digest,
-        group,
-        Some("eth0"),
-        listen,
-        mcdist::ServerConfig::default(),
-    )
-    .expect("server");
-    let desc = Arc::new(frozen.descriptor(Some(server.session().clone())));
+    let (server, desc) = frozen
+        .serve(group, Some("eth0"), listen, mcdist::ServerConfig::default())
+        .expect("server");
+    let desc = Arc::new(desc);
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("parent.desc");
     desc.save(&path).expect("save descriptor");

@@ -40,20 +40,11 @@ fn serve(job: HashJob, port: u16, cfg: mcdist::ServerConfig) -> Setup {
         .expect("boot")
         .run_to_fork()
         .expect("fork");
-    let probe = frozen.descriptor(None);
     let group = SocketAddrV4::new([239, 255, 78, (port % 200) as u8].into(), port);
     let listen: SocketAddr = format!("127.0.0.1:{}", port + 1).parse().expect("addr");
-    let server = MemoryServer::start(
-        frozen.image(),
-        frozen.zero_map(),
-        probe.digest,
-        group,
-        Some("lo"),
-        listen,
-        cfg,
-    )
-    .expect("server");
-    let desc = frozen.descriptor(Some(server.session().clone()));
+    let (server, desc) = frozen
+        .serve(group, Some("lo"), listen, cfg)
+        .expect("server");
     Setup {
         job,
         _frozen: frozen,

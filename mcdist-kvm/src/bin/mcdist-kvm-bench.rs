@@ -67,7 +67,6 @@ fn serve(job: HashJob, port: u16, push: bool, rate: u64) -> Result<Served, Strin
     let frozen = Parent::boot(job)
         .and_then(|p| p.run_to_fork())
         .map_err(|e| e.to_string())?;
-    let probe = frozen.descriptor(None);
     let group = SocketAddrV4::new([239, 255, 71, 1].into(), port);
     let listen: SocketAddr = format!("127.0.0.1:{}", port + 1)
         .parse()
@@ -84,17 +83,9 @@ fn serve(job: HashJob, port: u16, push: bool, rate: u64) -> Result<Served, Strin
         },
         ..Default::default()
     };
-    let server = MemoryServer::start(
-        frozen.image(),
-        frozen.zero_map(),
-        probe.digest,
-        group,
-        Some("lo"),
-        listen,
-        cfg,
-    )
-    .map_err(|e| e.to_string())?;
-    let desc = frozen.descriptor(Some(server.session().clone()));
+    let (server, desc) = frozen
+        .serve(group, Some("lo"), listen, cfg)
+        .map_err(|e| e.to_string())?;
     Ok(Served {
         frozen,
         server,

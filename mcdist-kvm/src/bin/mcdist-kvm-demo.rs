@@ -15,7 +15,7 @@ use clap::Parser;
 use mcdist_kvm::clone::{CloneOptions, ThreadLauncher};
 use mcdist_kvm::guest::HashJob;
 use mcdist_kvm::netns::Netns;
-use mcdist_kvm::remote::{connect_fetcher, MemoryServer};
+use mcdist_kvm::remote::connect_fetcher;
 use mcdist_kvm::{CloneTicket, Frozen, Parent};
 
 #[derive(Parser, Debug)]
@@ -160,7 +160,6 @@ fn run_server(
     run: u16,
 ) -> Result<Vec<GenTotals>, String> {
     let job = *frozen.job();
-    let probe = frozen.descriptor(None);
     let group = SocketAddrV4::new([239, 255, 70, 1].into(), 46001 + 2 * run);
     let listen = SocketAddr::from(([127, 0, 0, 1], 46002 + 2 * run));
     let scfg = mcdist::ServerConfig {
@@ -168,17 +167,10 @@ fn run_server(
         working_set_push,
         ..Default::default()
     };
-    let server = MemoryServer::start(
-        frozen.image(),
-        frozen.zero_map(),
-        probe.digest,
-        group,
-        Some("lo"),
-        listen,
-        scfg,
-    )
-    .map_err(|e| e.to_string())?;
-    let desc = Arc::new(frozen.descriptor(Some(server.session().clone())));
+    let (server, desc) = frozen
+        .serve(group, Some("lo"), listen, scfg)
+        .map_err(|e| e.to_string())?;
+    let desc = Arc::new(desc);
     println!(
         "descriptor: {} bytes for {} pages ({} zero), server {} group {}",
         desc.encode().len(),
