@@ -143,20 +143,70 @@ pub enum GuestExit {
     Halted,
 }
 
+/// A KVM VM with one memory slot that maps a [`VmMemory`] at guest physical 0, and its vCPUs.
+/// Shared by the demo [`Vm`] and the Linux machine.
+pub(crate) struct VmCore {
+    // Field order matters: vCPUs and the VM close before the memory they use is unmapped.
+    pub(crate) vcpus: Vec<VcpuFd>,
+    pub(crate) vm: VmFd,
+    pub(crate) kvm: Kvm,
+    pub(crate) memory: VmMemory,
+}
+
+/// A failed KVM call while creating a VM: the call's name and its error.
+pub(crate) type KvmCallError = (&'static str, kvm_ioctls::Error);
+
+impl VmCore {
+    /// Opens `/dev/kvm`, creates the VM, runs `devices` (VM-wide devices such as an in-kernel
+    /// irqchip, which must exist before the vCPUs), maps `memory` as slot 0 and creates `vcpus`
+    /// vCPUs with the host's supported CPUID, adjusted per vCPU by `cpuid`.
+    pub(crate) fn new(
+        memory: VmMemory,
+        vcpus: usize,
+        devices: impl FnOnce(&Kvm, &VmFd) -> Result<(), KvmCallError>,
+        cpuid: impl Fn(u64, &mut kvm_bindings::CpuId),
+    ) -> Result<Self, KvmCallError> {
+        let kvm = Kvm::new().map_err(|e| ("open /dev/kvm", e))?;
+        let vm = kvm.create_vm().map_err(|e| ("CREATE_VM", e))?;
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(|e| ("SET_TSS_ADDR", e))?;
+        devices(&kvm, &vm)?;
+        let (addr, size) = memory.host_range();
+        // SAFETY: the mapping is owned by `memory`, which the returned VmCore holds and drops
+        // after the VM and vCPU descriptors (field order), so it outlives every use by KVM.
+        unsafe { sys::set_memory_slot(&vm, 0, 0, size, addr) }
+            .map_err(|e| ("SET_USER_MEMORY_REGION", e))?;
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| ("GET_SUPPORTED_CPUID", e))?;
+        let vcpus = (0..vcpus as u64)
+            .map(|i| {
+                let v = vm.create_vcpu(i).map_err(|e| ("CREATE_VCPU", e))?;
+                let mut c = supported.clone();
+                cpuid(i, &mut c);
+                v.set_cpuid2(&c).map_err(|e| ("SET_CPUID2", e))?;
+                Ok(v)
+            })
+            .collect::<Result<Vec<_>, KvmCallError>>()?;
+        Ok(Self {
+            vcpus,
+            vm,
+            kvm,
+            memory,
+        })
+    }
+}
+
 /// A KVM virtual machine with one memory slot at guest physical 0.
 pub struct Vm {
-    // Field order matters: vCPUs and the VM close before the memory they use is unmapped.
-    vcpus: Vec<VcpuFd>,
-    _vm: VmFd,
-    _kvm: Kvm,
-    memory: VmMemory,
+    core: VmCore,
 }
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vm")
-            .field("vcpus", &self.vcpus.len())
-            .field("memory", &self.memory)
+            .field("vcpus", &self.core.vcpus.len())
+            .field("memory", &self.core.memory)
             .finish()
     }
 }
@@ -164,46 +214,28 @@ impl std::fmt::Debug for Vm {
 impl Vm {
     /// Creates a VM over `memory` with `vcpus` vCPUs (state not yet set).
     pub fn new(memory: VmMemory, vcpus: usize) -> Result<Self, VmError> {
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        let vm = kvm.create_vm().map_err(kvm_err("CREATE_VM"))?;
-        vm.set_tss_address(0xfffb_d000)
-            .map_err(kvm_err("SET_TSS_ADDR"))?;
-        let (addr, size) = memory.host_range();
-        // SAFETY: the mapping is owned by `memory`, which this Vm holds and drops after the VM
-        // and vCPU descriptors (field order), so it outlives every use by KVM.
-        unsafe { sys::set_memory_slot(&vm, 0, 0, size, addr) }
-            .map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
-        let cpuid = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
-        let vcpus = (0..vcpus as u64)
-            .map(|i| {
-                let v = vm.create_vcpu(i).map_err(kvm_err("CREATE_VCPU"))?;
-                v.set_cpuid2(&cpuid).map_err(kvm_err("SET_CPUID2"))?;
-                Ok(v)
-            })
-            .collect::<Result<Vec<_>, VmError>>()?;
-        Ok(Self {
-            vcpus,
-            _vm: vm,
-            _kvm: kvm,
-            memory,
-        })
+        let core = VmCore::new(memory, vcpus, |_, _| Ok(()), |_, _| {}).map_err(
+            |(op, source)| match op {
+                "open /dev/kvm" => VmError::OpenKvm(source),
+                _ => VmError::Kvm { op, source },
+            },
+        )?;
+        Ok(Self { core })
     }
 
     /// The VM's memory.
     pub fn memory(&self) -> &VmMemory {
-        &self.memory
+        &self.core.memory
     }
 
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
-        self.vcpus.len()
+        self.core.vcpus.len()
     }
 
     /// Puts every vCPU in 32-bit flat protected mode (no paging) at `entry`.
     pub fn setup_flat32(&mut self, entry: u64) -> Result<(), VmError> {
-        for v in &mut self.vcpus {
+        for v in &mut self.core.vcpus {
             let mut sregs = v.get_sregs().map_err(kvm_err("GET_SREGS"))?;
             let seg = |selector: u16, type_: u8| kvm_segment {
                 base: 0,
@@ -244,6 +276,7 @@ impl Vm {
     /// Runs vCPU `idx` until the guest asks for clones, reports a result, or halts.
     pub fn run(&mut self, idx: usize) -> Result<GuestExit, VmError> {
         let vcpu = self
+            .core
             .vcpus
             .get_mut(idx)
             .ok_or(VmError::VcpuCount { got: idx, want: 0 })?;
@@ -293,7 +326,8 @@ impl Vm {
 
     /// Captures the state of every vCPU (call while the VM is stopped).
     pub fn capture(&mut self) -> Result<Vec<VcpuState>, VmError> {
-        self.vcpus
+        self.core
+            .vcpus
             .iter_mut()
             .map(|v| {
                 Ok(VcpuState {
@@ -307,13 +341,13 @@ impl Vm {
 
     /// Restores vCPU states (one per vCPU).
     pub fn restore(&mut self, states: &[VcpuState]) -> Result<(), VmError> {
-        if states.len() != self.vcpus.len() {
+        if states.len() != self.core.vcpus.len() {
             return Err(VmError::VcpuCount {
                 got: states.len(),
-                want: self.vcpus.len(),
+                want: self.core.vcpus.len(),
             });
         }
-        for (v, s) in self.vcpus.iter_mut().zip(states) {
+        for (v, s) in self.core.vcpus.iter_mut().zip(states) {
             v.set_sregs(&s.sregs).map_err(kvm_err("SET_SREGS"))?;
             v.set_fpu(&s.fpu).map_err(kvm_err("SET_FPU"))?;
             v.set_regs(&s.regs).map_err(kvm_err("SET_REGS"))?;
@@ -324,6 +358,7 @@ impl Vm {
     /// Sets `rbx` of vCPU 0 (the clone id, fork's return value for the demo guest).
     pub fn set_rbx(&mut self, value: u64) -> Result<(), VmError> {
         let v = self
+            .core
             .vcpus
             .first_mut()
             .ok_or(VmError::VcpuCount { got: 0, want: 1 })?;

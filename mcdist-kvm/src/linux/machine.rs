@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_pit_config, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_superio::serial::NoEvents;
@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::state::{MachineState, VcpuFull};
 use super::{boot::BootInfo, LinuxError};
 use crate::sys;
-use crate::vm::VmMemory;
+use crate::vm::{KvmCallError, VmCore, VmMemory};
 
 /// Guest writes any byte here to ask to be cloned (the fork point).
 pub const PORT_FORK: u16 = 0x510;
@@ -139,12 +139,8 @@ pub enum LinuxExit {
 
 /// A KVM machine running Linux on one memory slot at guest physical 0.
 pub struct LinuxVm {
-    // Field order: vCPUs and the VM close before the memory they use is unmapped.
-    vcpus: Vec<VcpuFd>,
-    vm: VmFd,
-    kvm: Kvm,
     serial: Serial<IrqTrigger, NoEvents, Console>,
-    memory: VmMemory,
+    core: VmCore,
     clone_id: u8,
     clone_count: u8,
 }
@@ -152,8 +148,8 @@ pub struct LinuxVm {
 impl std::fmt::Debug for LinuxVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LinuxVm")
-            .field("vcpus", &self.vcpus.len())
-            .field("memory", &self.memory)
+            .field("vcpus", &self.core.vcpus.len())
+            .field("memory", &self.core.memory)
             .finish()
     }
 }
@@ -161,31 +157,17 @@ impl std::fmt::Debug for LinuxVm {
 impl LinuxVm {
     /// Creates the machine over `memory` with `vcpus` vCPUs; the console writes to `console`.
     pub fn new(memory: VmMemory, vcpus: usize, console: Console) -> Result<Self, LinuxError> {
-        let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
-        let vm = kvm.create_vm().map_err(kvm_err("CREATE_VM"))?;
-        vm.set_tss_address(0xfffb_d000)
-            .map_err(kvm_err("SET_TSS_ADDR"))?;
-        vm.create_irq_chip().map_err(kvm_err("CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(kvm_err("CREATE_PIT2"))?;
-        let (addr, size) = memory.host_range();
-        // SAFETY: the mapping is owned by `memory`, which this LinuxVm holds and drops after
-        // the VM and vCPU descriptors (field order), so it outlives every use by KVM.
-        unsafe { sys::set_memory_slot(&vm, 0, 0, size, addr) }
-            .map_err(kvm_err("SET_USER_MEMORY_REGION"))?;
         let evt = EventFd::new(EFD_NONBLOCK).map_err(LinuxError::Io)?;
-        vm.register_irqfd(&evt, COM1_IRQ)
-            .map_err(kvm_err("IRQFD"))?;
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("GET_SUPPORTED_CPUID"))?;
-        let mut v = Vec::new();
-        for i in 0..vcpus {
-            let vcpu = vm.create_vcpu(i as u64).map_err(kvm_err("CREATE_VCPU"))?;
-            let mut c = cpuid.clone();
+        let devices = |_: &Kvm, vm: &VmFd| -> Result<(), KvmCallError> {
+            vm.create_irq_chip().map_err(|e| ("CREATE_IRQCHIP", e))?;
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            vm.create_pit2(pit).map_err(|e| ("CREATE_PIT2", e))?;
+            vm.register_irqfd(&evt, COM1_IRQ).map_err(|e| ("IRQFD", e))
+        };
+        let cpuid = |i: u64, c: &mut kvm_bindings::CpuId| {
             for e in c.as_mut_slice() {
                 if e.function == 1 {
                     e.ebx = (e.ebx & 0x00ff_ffff) | ((i as u32) << 24);
@@ -200,15 +182,12 @@ impl LinuxVm {
                     e.ecx &= !((1 << 13) | (1 << 26) | (1 << 27));
                 }
             }
-            vcpu.set_cpuid2(&c).map_err(kvm_err("SET_CPUID2"))?;
-            v.push(vcpu);
-        }
+        };
+        let core = VmCore::new(memory, vcpus, devices, cpuid)
+            .map_err(|(op, source)| LinuxError::Kvm { op, source })?;
         Ok(Self {
-            vcpus: v,
-            vm,
-            kvm,
             serial: Serial::new(IrqTrigger(evt), console),
-            memory,
+            core,
             clone_id: 0xff,
             clone_count: 0,
         })
@@ -216,7 +195,7 @@ impl LinuxVm {
 
     /// The machine's memory.
     pub fn memory(&self) -> &VmMemory {
-        &self.memory
+        &self.core.memory
     }
 
     /// Sets what the guest reads on [`PORT_CLONE_ID`] and [`PORT_CLONE_COUNT`].
@@ -227,7 +206,7 @@ impl LinuxVm {
 
     /// Prepares vCPU 0 to enter the kernel loaded by [`super::boot::load_linux`].
     pub fn setup_boot(&mut self, info: &BootInfo) -> Result<(), LinuxError> {
-        let vcpu = self.vcpus.first().ok_or(LinuxError::NoVcpu)?;
+        let vcpu = self.core.vcpus.first().ok_or(LinuxError::NoVcpu)?;
         let mut sregs = vcpu.get_sregs().map_err(kvm_err("GET_SREGS"))?;
         let regs = super::boot::boot_cpu_state(info, &mut sregs);
         vcpu.set_sregs(&sregs).map_err(kvm_err("SET_SREGS"))?;
@@ -299,12 +278,10 @@ impl LinuxVm {
 
     fn run_inner(&mut self, idx: usize, deadline: Instant) -> Result<LinuxExit, LinuxError> {
         let Self {
-            vcpus,
+            core: VmCore { vcpus, memory, .. },
             serial,
             clone_id,
             clone_count,
-            memory,
-            ..
         } = self;
         let vcpu = vcpus.get_mut(idx).ok_or(LinuxError::NoVcpu)?;
         loop {
@@ -428,12 +405,13 @@ impl LinuxVm {
     /// KVM clock and the UART.
     pub fn capture(&mut self) -> Result<MachineState, LinuxError> {
         let msr_list = self
+            .core
             .kvm
             .get_msr_index_list()
             .map_err(kvm_err("GET_MSR_INDEX_LIST"))?;
         let indices: Vec<u32> = msr_list.as_slice().to_vec();
         let mut vcpus = Vec::new();
-        for v in &self.vcpus {
+        for v in &self.core.vcpus {
             vcpus.push(VcpuFull {
                 mp_state: v.get_mp_state().map_err(kvm_err("GET_MP_STATE"))?,
                 regs: v.get_regs().map_err(kvm_err("GET_REGS"))?,
@@ -452,7 +430,8 @@ impl LinuxVm {
                 chip_id: id,
                 ..Default::default()
             };
-            self.vm
+            self.core
+                .vm
                 .get_irqchip(&mut c)
                 .map_err(kvm_err("GET_IRQCHIP"))?;
             Ok(c)
@@ -462,8 +441,8 @@ impl LinuxVm {
             pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
             pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
             ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
-            pit: self.vm.get_pit2().map_err(kvm_err("GET_PIT2"))?,
-            clock: self.vm.get_clock().map_err(kvm_err("GET_CLOCK"))?,
+            pit: self.core.vm.get_pit2().map_err(kvm_err("GET_PIT2"))?,
+            clock: self.core.vm.get_clock().map_err(kvm_err("GET_CLOCK"))?,
             serial: self.serial.state(),
         })
     }
@@ -471,21 +450,27 @@ impl LinuxVm {
     /// Restores a captured machine into this one (same vCPU count). Returns the number of
     /// MSRs KVM refused (left at their reset values).
     pub fn restore(&mut self, s: &MachineState) -> Result<usize, LinuxError> {
-        if s.vcpus.len() != self.vcpus.len() {
+        if s.vcpus.len() != self.core.vcpus.len() {
             return Err(LinuxError::VcpuCount {
                 got: s.vcpus.len(),
-                want: self.vcpus.len(),
+                want: self.core.vcpus.len(),
             });
         }
-        self.vm.set_pit2(&s.pit).map_err(kvm_err("SET_PIT2"))?;
+        self.core.vm.set_pit2(&s.pit).map_err(kvm_err("SET_PIT2"))?;
         let mut clock = s.clock;
         clock.flags = 0;
-        self.vm.set_clock(&clock).map_err(kvm_err("SET_CLOCK"))?;
+        self.core
+            .vm
+            .set_clock(&clock)
+            .map_err(kvm_err("SET_CLOCK"))?;
         for c in [&s.pic_master, &s.pic_slave, &s.ioapic] {
-            self.vm.set_irqchip(c).map_err(kvm_err("SET_IRQCHIP"))?;
+            self.core
+                .vm
+                .set_irqchip(c)
+                .map_err(kvm_err("SET_IRQCHIP"))?;
         }
         let mut refused = 0;
-        for (v, st) in self.vcpus.iter().zip(&s.vcpus) {
+        for (v, st) in self.core.vcpus.iter().zip(&s.vcpus) {
             v.set_mp_state(st.mp_state)
                 .map_err(kvm_err("SET_MP_STATE"))?;
             v.set_sregs(&st.sregs).map_err(kvm_err("SET_SREGS"))?;
