@@ -1,0 +1,213 @@
+//! Per-host sharing: real KVM clones on two namespace hosts of a private bridge, three clones
+//! per host sharing one mcdist client and page cache (real userfaultfd, real multicast).
+
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mcdist_kvm::clone::{CloneOptions, CloneReport};
+use mcdist_kvm::guest::HashJob;
+use mcdist_kvm::netns::{BridgeNet, Netns};
+use mcdist_kvm::vm::kvm_available;
+use mcdist_kvm::{CloneTicket, Descriptor, Frozen, HostCache, Parent};
+
+fn have_kvm_and_uffd() -> bool {
+    if !kvm_available() {
+        eprintln!("skipping: /dev/kvm is not available");
+        return false;
+    }
+    let uffd = std::path::Path::new("/dev/userfaultfd").exists()
+        || std::fs::metadata("/proc/sys/vm/unprivileged_userfaultfd").is_ok();
+    if !uffd {
+        eprintln!("skipping: userfaultfd is not available on this kernel");
+    }
+    uffd
+}
+
+/// Joins the session from inside `host` (the client's socket lives in that namespace).
+fn host_cache(host: &Netns, desc: &Descriptor) -> Arc<HostCache> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            host.enter().expect("enter clone host");
+            HostCache::connect(desc, Some("eth0"), Duration::from_secs(5), |_| {})
+                .expect("host cache joins the session")
+        })
+        .join()
+        .expect("host thread")
+    })
+}
+
+/// Runs `ticket`'s clones on `cache` and checks every result against the host's computation.
+fn run_checked(
+    frozen: &Frozen,
+    ticket: &CloneTicket,
+    desc: &Arc<Descriptor>,
+    cache: &Arc<HostCache>,
+) -> Vec<CloneReport> {
+    let launcher = cache.launcher(CloneOptions::default());
+    frozen
+        .clone_vms(ticket, desc, &launcher)
+        .join(Duration::from_secs(120))
+        .into_iter()
+        .map(|(id, r)| {
+            let r = r.unwrap_or_else(|e| panic!("clone {id}: {e}"));
+            assert_eq!(r.result, frozen.job().expected(id), "clone {id}'s result");
+            assert_eq!(r.stats.zero_pages_received, 0, "clone {id} got a zero page");
+            r
+        })
+        .collect()
+}
+
+/// Server counters once they stopped moving (the server publishes them as it runs).
+fn settled(server: &mcdist_kvm::remote::MemoryServer) -> mcdist::node::ServerSnapshot {
+    let mut last = server.stats();
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = server.stats();
+        if now.stats == last.stats {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
+fn installed(reports: &[CloneReport]) -> u64 {
+    reports.iter().map(|r| r.stats.pages_fetched()).sum()
+}
+
+#[test]
+fn two_hosts_of_three_clones_share_one_client_and_cache_each() {
+    if !have_kvm_and_uffd() {
+        return;
+    }
+    let net = BridgeNet::create(&format!("mcds{}", std::process::id() % 10000), 3).expect("net");
+    net.hosts[0].enter().expect("enter server host");
+    let job = HashJob::new(64 << 20, 0.5, 0.05, 31, 4096);
+    let mut frozen = Parent::boot(job)
+        .expect("boot")
+        .run_to_fork()
+        .expect("fork");
+    let group = SocketAddrV4::new([239, 255, 79, 1].into(), 47101);
+    let listen = SocketAddr::new(BridgeNet::addr(0).into(), 47102);
+    // Demand paging only, so every page on the wire was asked for by some clone.
+    let scfg = mcdist::ServerConfig {
+        push_neighbors: false,
+        ..Default::default()
+    };
+    let (server, desc) = frozen
+        .serve(group, Some("eth0"), listen, scfg)
+        .expect("server");
+    let desc = Arc::new(desc);
+    let nonzero = desc.page_count() - desc.zero_map.count_ones();
+    let hosts = [
+        host_cache(&net.hosts[1], &desc),
+        host_cache(&net.hosts[2], &desc),
+    ];
+    let tickets = [
+        frozen.request_ticket(3).expect("ticket"),
+        frozen.request_ticket(3).expect("ticket"),
+    ];
+
+    // Generation 1: three clones per host, each hashing its own slice, all running at once.
+    let sets: Vec<_> = hosts
+        .iter()
+        .zip(&tickets)
+        .map(|(cache, t)| frozen.clone_vms(t, &desc, &cache.launcher(CloneOptions::default())))
+        .collect();
+    let gen1: Vec<Vec<CloneReport>> = sets
+        .into_iter()
+        .map(|set| {
+            set.join(Duration::from_secs(120))
+                .into_iter()
+                .map(|(id, r)| {
+                    let r = r.unwrap_or_else(|e| panic!("clone {id}: {e}"));
+                    assert_eq!(r.result, job.expected(id), "clone {id}'s result");
+                    assert_eq!(r.stats.zero_pages_received, 0);
+                    r
+                })
+                .collect()
+        })
+        .collect();
+
+    let s1 = settled(&server);
+    eprintln!(
+        "server after generation 1: {} receivers, {} pages sent, {} request datagrams, {} pages asked",
+        s1.clients, s1.stats.pages_sent, s1.stats.requests, s1.stats.pages_requested
+    );
+    // One receiver per host, not one per clone.
+    assert_eq!(s1.clients, 2, "the server must see one receiver per host");
+    let mut st1 = Vec::new();
+    for (h, (cache, reports)) in hosts.iter().zip(&gen1).enumerate() {
+        let st = cache.stats();
+        let cs = cache.client_stats();
+        eprintln!(
+            "host {h}: {st:?}; client received {} pages, {} bytes, {} requests sent; clones installed {}",
+            cs.pages_received,
+            cs.bytes_received,
+            cs.requests_sent,
+            installed(reports)
+        );
+        assert_eq!(st.clones_attached, 3);
+        // Each page arrived once per host, and no more than the image holds.
+        assert_eq!(st.network_pages, cs.pages_received);
+        assert_eq!(cs.duplicates, 0, "a page reached the host twice");
+        assert!(st.network_pages <= nonzero);
+        assert_eq!(cache.resident_bytes(), st.network_pages * 4096);
+        // Every page a clone installed came through the cache.
+        assert_eq!(installed(reports), st.pages_installed());
+        // The host asked the network once for pages its three clones all needed (the guest's
+        // code and mailbox pages at least): the other clones joined the wait or hit the cache.
+        assert!(
+            st.cache_hits + st.joined_waits >= 2 * 2,
+            "clones of one host shared no page: {st:?}"
+        );
+        let faults: u64 = reports.iter().map(|r| r.stats.pages_requested).sum();
+        assert!(
+            st.host_requests < faults,
+            "host requests {} not fewer than clone requests {faults}",
+            st.host_requests
+        );
+        // The host also holds the pages the other host's clones asked for (multicast).
+        assert!(
+            st.network_pages > installed(reports),
+            "the other host's pages were not kept"
+        );
+        st1.push(st);
+    }
+
+    // Generation 2 on host 1: the same six jobs again (its own three and the other host's
+    // three). Every page is already in host 1's cache: no request, no page on the wire.
+    let mut gen2 = run_checked(&frozen, &tickets[0], &desc, &hosts[0]);
+    gen2.extend(run_checked(&frozen, &tickets[1], &desc, &hosts[0]));
+    let s2 = settled(&server);
+    let st = hosts[0].stats();
+    eprintln!(
+        "host 0 after generation 2: {st:?}; clones installed {} (generation 1: {})",
+        installed(&gen2),
+        installed(&gen1[0])
+    );
+    assert_eq!(st.network_pages, st1[0].network_pages, "pages came again");
+    assert_eq!(
+        st.host_requests, st1[0].host_requests,
+        "pages were asked again"
+    );
+    assert_eq!(
+        s2.stats.pages_sent, s1.stats.pages_sent,
+        "the server sent pages again"
+    );
+    assert_eq!(s2.stats.pages_requested, s1.stats.pages_requested);
+    assert!(installed(&gen2) > 0);
+    assert_eq!(st.cache_hits - st1[0].cache_hits, installed(&gen2));
+    // Nine clones installed more pages than crossed the network to their host.
+    let all_installed = installed(&gen1[0]) + installed(&gen2);
+    assert!(
+        all_installed > st.network_pages,
+        "installed {all_installed}, network {}",
+        st.network_pages
+    );
+    assert_eq!(st.clones_attached, 9);
+    drop(hosts);
+    let s = server.shutdown().expect("server stats");
+    assert_eq!(s.stats.zero_replies, 0);
+}
