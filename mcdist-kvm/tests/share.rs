@@ -211,3 +211,57 @@ fn two_hosts_of_three_clones_share_one_client_and_cache_each() {
     let s = server.shutdown().expect("server stats");
     assert_eq!(s.stats.zero_replies, 0);
 }
+
+#[test]
+fn every_clone_of_a_host_fails_clearly_when_the_server_disappears() {
+    if !have_kvm_and_uffd() {
+        return;
+    }
+    let ns = Netns::create(&format!("mcds-gone-{}", std::process::id())).expect("netns");
+    ns.multicast_route("lo").expect("route");
+    ns.enter().expect("enter netns");
+    let job = HashJob::new(16 << 20, 0.5, 0.1, 5, 4096);
+    let mut frozen = Parent::boot(job)
+        .expect("boot")
+        .run_to_fork()
+        .expect("fork");
+    let group = SocketAddrV4::new([239, 255, 79, 2].into(), 47111);
+    let listen: SocketAddr = "127.0.0.1:47112".parse().expect("addr");
+    let (server, desc) = frozen
+        .serve(group, Some("lo"), listen, mcdist::ServerConfig::default())
+        .expect("server");
+    let desc = Arc::new(desc);
+    let cache = HostCache::connect(&desc, Some("lo"), Duration::from_secs(5), |c| {
+        c.give_up_after = Duration::from_secs(2)
+    })
+    .expect("host cache");
+    // The server goes away after the host joined, before any clone faults.
+    server.shutdown().expect("shutdown");
+    let ticket = frozen.request_ticket(3).expect("ticket");
+    let mut opts = CloneOptions::default();
+    opts.lazy.fetch_timeout = Duration::from_secs(6);
+    let results = frozen
+        .clone_vms(&ticket, &desc, &cache.launcher(opts))
+        .join(Duration::from_secs(60));
+    assert_eq!(results.len(), 3);
+    for (id, r) in results {
+        match r {
+            Err(mcdist_kvm::CloneError::MemoryLost { id: i, failure }) => {
+                assert_eq!(i, id);
+                eprintln!("clone {id}: {failure}");
+            }
+            other => panic!("clone {id}: expected a memory-lost error, got {other:?}"),
+        }
+    }
+    // A clone attached after the failure fails at once instead of waiting.
+    let late = frozen.request_ticket(1).expect("ticket");
+    let results = frozen
+        .clone_vms(&late, &desc, &cache.launcher(CloneOptions::default()))
+        .join(Duration::from_secs(60));
+    assert!(
+        matches!(results[0].1, Err(mcdist_kvm::CloneError::MemoryLost { .. })),
+        "late clone: {:?}",
+        results[0].1
+    );
+    assert_eq!(cache.stats().network_pages, 0);
+}
