@@ -18,21 +18,39 @@
 //! A page nobody waits for stays in the cache until a clone faults on it, which then costs
 //! a copy from local memory and no network traffic.
 //!
-//! **Memory.** The cache is a private anonymous mapping of the image size with
-//! `MAP_NORESERVE`, so it only costs the pages actually received (at most the image's
-//! non-zero pages) plus one bit per page for the presence map. Each clone still holds its
-//! own copy of the pages it touched (its guest memory is private, it writes to it), so the
-//! host holds one extra copy of each received page, against one copy per clone per received
-//! page without sharing (each client installs every multicast page into its clone).
+//! **Memory.** The cache is a memfd of the image size mapped shared: sparse, so it only
+//! costs the pages actually received (at most the image's non-zero pages) plus one bit per
+//! page for the presence map. Each clone still holds its own copy of the pages it touched
+//! (its guest memory is private, it writes to it), so the host holds one extra copy of each
+//! received page, against one copy per clone per received page without sharing (each client
+//! installs every multicast page into its clone).
 //!
-//! **Scope.** Clones share a cache when they are threads of one process ([`HostCache`] is
-//! shared through an `Arc`). Clone processes (`mcdist-clone`) each still run their own
-//! client; a per-host cache process serving them over a unix socket with the cache in shared
-//! memory is not implemented.
+//! **Scope.** Clones that are threads of this process attach with [`HostCache::fetcher`].
+//! Clone processes attach over a unix socket ([`HostCache::serve_unix`], the
+//! `mcdist-host-cache` binary; [`connect_host_cache`] on the clone side): the cache process
+//! hands each clone the memfd (`SCM_RIGHTS`), the clone maps it read-only, asks for pages
+//! with 16-byte frames and, told a page is there, installs it with `UFFDIO_COPY` straight
+//! from the shared mapping.
+//!
+//! ```text
+//! hello   cache → clone  56 bytes + memfd: "MDHC", version u32 (1), pages u64,
+//!                        page size u64, image digest [32]
+//! frames  16 bytes each: kind u32, reserved u32, value u64 (little-endian)
+//!         1 Request(pfn)  clone → cache
+//!         2 Ready(pfn)    cache → clone: page pfn is in the shared mapping
+//!         3 Failed        cache → clone: the host's session failed
+//! ```
+//!
+//! Malformed frames (unknown kind, page out of range) are dropped and counted.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use mcdist::node::{ClientNode, NodeError, PageSink};
@@ -62,6 +80,8 @@ pub struct HostCacheStats {
     pub joined_waits: u64,
     /// Pages installed into waiting clones when they arrived.
     pub waiter_installs: u64,
+    /// Frames from clone processes that were dropped (unknown kind, page out of range).
+    pub malformed_frames: u64,
 }
 
 impl HostCacheStats {
@@ -76,14 +96,54 @@ struct State {
     /// Clones waiting for a page, by clone slot.
     waiters: HashMap<u64, Vec<u64>>,
     /// Attached clones by slot.
-    clones: HashMap<u64, LazyHandle>,
+    clones: HashMap<u64, Arc<dyn Attached>>,
     next_slot: u64,
     stats: HostCacheStats,
     failure: Option<String>,
 }
 
+/// A clone attached to the cache: a lazy memory of this process, or a clone process.
+trait Attached: Send + Sync + 'static {
+    /// Page `pfn` just arrived with `data` (also in the cache).
+    fn arrived(&self, cache: &Cache, pfn: u64, data: &[u8]);
+    /// Page `pfn` was already in the cache when the clone asked.
+    fn cached(&self, cache: &Cache, pfn: u64);
+    /// No more pages will come.
+    fn fail(&self, why: &str);
+}
+
+impl Attached for LazyHandle {
+    fn arrived(&self, _cache: &Cache, pfn: u64, data: &[u8]) {
+        self.install(pfn, data);
+    }
+    fn cached(&self, cache: &Cache, pfn: u64) {
+        let mut buf = vec![0u8; cache.page_size];
+        match cache.map.read(pfn as usize * cache.page_size, &mut buf) {
+            Ok(()) => self.install(pfn, &buf),
+            Err(e) => LazyHandle::fail(self, format!("reading cached page {pfn}: {e}")),
+        }
+    }
+    fn fail(&self, why: &str) {
+        LazyHandle::fail(self, why.to_string());
+    }
+}
+
+/// What a clone's request for a page leads to.
+enum Next {
+    /// The page is in the cache: deliver it now.
+    FromCache,
+    /// Ask the host client (first waiter, or a repeated request).
+    Ask,
+    /// Another clone of the host already asked: wait.
+    Wait,
+    /// Detached, failed, or out of range: nothing.
+    Nothing,
+}
+
 struct Cache {
     map: AnonMap,
+    memfd: OwnedFd,
+    digest: [u8; 32],
     page_size: usize,
     pages: u64,
     state: Mutex<State>,
@@ -116,26 +176,87 @@ impl Cache {
             .map_err(|e| format!("storing page {pfn}: {e}"))?;
         self.resident
             .fetch_add(self.page_size as u64, Ordering::Relaxed);
-        let targets: Vec<LazyHandle> = {
+        let targets: Vec<Arc<dyn Attached>> = {
             let mut st = self.lock();
             st.present.set(pfn);
             st.stats.network_pages += 1;
             let slots = st.waiters.remove(&pfn).unwrap_or_default();
-            let targets: Vec<LazyHandle> = slots
+            let targets: Vec<Arc<dyn Attached>> = slots
                 .iter()
                 .filter_map(|s| st.clones.get(s).cloned())
                 .collect();
             st.stats.waiter_installs += targets.len() as u64;
             targets
         };
-        for h in targets {
-            h.install(pfn, data);
+        for t in targets {
+            t.arrived(self, pfn, data);
         }
         Ok(())
     }
 
+    /// Attaches a clone; fails it at once if the session already failed.
+    fn attach(&self, clone: Arc<dyn Attached>) -> u64 {
+        let failure = {
+            let mut st = self.lock();
+            let slot = st.next_slot;
+            st.next_slot += 1;
+            st.stats.clones_attached += 1;
+            match st.failure.clone() {
+                Some(f) => Err((slot, f)),
+                None => {
+                    st.clones.insert(slot, clone.clone());
+                    Ok(slot)
+                }
+            }
+        };
+        match failure {
+            Ok(slot) => slot,
+            Err((slot, why)) => {
+                clone.fail(&why);
+                slot
+            }
+        }
+    }
+
+    fn detach(&self, slot: u64) {
+        let mut st = self.lock();
+        st.clones.remove(&slot);
+        st.waiters.retain(|_, w| {
+            w.retain(|&s| s != slot);
+            !w.is_empty()
+        });
+    }
+
+    /// Clone `slot` asks for page `pfn`.
+    fn request(&self, slot: u64, pfn: u64) -> Next {
+        if pfn >= self.pages {
+            return Next::Nothing;
+        }
+        let mut st = self.lock();
+        if st.failure.is_some() || !st.clones.contains_key(&slot) {
+            return Next::Nothing;
+        }
+        if st.present.get(pfn) {
+            st.stats.cache_hits += 1;
+            return Next::FromCache;
+        }
+        let w = st.waiters.entry(pfn).or_default();
+        if w.is_empty() {
+            w.push(slot);
+            st.stats.host_requests += 1;
+            Next::Ask
+        } else if w.contains(&slot) {
+            st.stats.rerequests += 1;
+            Next::Ask
+        } else {
+            w.push(slot);
+            st.stats.joined_waits += 1;
+            Next::Wait
+        }
+    }
+
     fn failed(&self, why: String) {
-        let clones: Vec<LazyHandle> = {
+        let clones: Vec<Arc<dyn Attached>> = {
             let mut st = self.lock();
             if st.failure.is_none() {
                 st.failure = Some(why.clone());
@@ -143,8 +264,8 @@ impl Cache {
             st.waiters.clear();
             st.clones.values().cloned().collect()
         };
-        for h in clones {
-            h.fail(why.clone());
+        for c in clones {
+            c.fail(&why);
         }
     }
 }
@@ -193,10 +314,12 @@ impl HostCache {
         let page_size = desc.page_size as usize;
         let pages = desc.page_count();
         let size = desc.mem_size as usize;
-        let map = AnonMap::new(size)
+        let (map, memfd) = AnonMap::memfd("mcdist-host-cache", size)
             .map_err(|e| RemoteError::Transport(format!("cannot map the page cache: {e}")))?;
         let cache = Arc::new(Cache {
             map,
+            memfd,
+            digest: desc.digest,
             page_size,
             pages,
             state: Mutex::new(State {
@@ -225,33 +348,15 @@ impl HostCache {
     /// or through the host's client. The clone is detached when the fetcher is dropped (when
     /// its memory stops). A clone attached after the session failed fails at once.
     pub fn fetcher(self: &Arc<Self>, handle: LazyHandle) -> Arc<dyn PageFetcher> {
-        let failure = {
-            let mut st = self.cache.lock();
-            let slot = st.next_slot;
-            st.next_slot += 1;
-            st.stats.clones_attached += 1;
-            match st.failure.clone() {
-                Some(f) => Err((slot, f)),
-                None if handle.page_count() != self.cache.pages => Err((
-                    slot,
-                    format!(
-                        "clone memory has {} pages, the host cache {}",
-                        handle.page_count(),
-                        self.cache.pages
-                    ),
-                )),
-                None => {
-                    st.clones.insert(slot, handle.clone());
-                    Ok(slot)
-                }
-            }
-        };
-        let slot = match failure {
-            Ok(slot) => slot,
-            Err((slot, why)) => {
-                handle.fail(why);
-                slot
-            }
+        let slot = if handle.page_count() == self.cache.pages {
+            self.cache.attach(Arc::new(handle.clone()))
+        } else {
+            handle.fail(format!(
+                "clone memory has {} pages, the host cache {}",
+                handle.page_count(),
+                self.cache.pages
+            ));
+            u64::MAX
         };
         Arc::new(HostFetcher {
             host: self.clone(),
@@ -307,60 +412,303 @@ struct HostFetcher {
 impl PageFetcher for HostFetcher {
     fn request(&self, pfn: u64) {
         let cache = &*self.host.cache;
-        if pfn >= cache.pages {
-            return;
-        }
-        enum Next {
-            FromCache,
-            Ask,
-            Wait,
-        }
-        let next = {
-            let mut st = cache.lock();
-            if st.failure.is_some() || !st.clones.contains_key(&self.slot) {
-                return;
-            }
-            if st.present.get(pfn) {
-                st.stats.cache_hits += 1;
-                Next::FromCache
-            } else {
-                let w = st.waiters.entry(pfn).or_default();
-                if w.is_empty() {
-                    w.push(self.slot);
-                    st.stats.host_requests += 1;
-                    Next::Ask
-                } else if w.contains(&self.slot) {
-                    st.stats.rerequests += 1;
-                    Next::Ask
-                } else {
-                    w.push(self.slot);
-                    st.stats.joined_waits += 1;
-                    Next::Wait
-                }
-            }
-        };
-        match next {
-            Next::FromCache => {
-                let mut buf = vec![0u8; cache.page_size];
-                match cache.map.read(pfn as usize * cache.page_size, &mut buf) {
-                    Ok(()) => self.handle.install(pfn, &buf),
-                    Err(e) => self.handle.fail(format!("reading cached page {pfn}: {e}")),
-                }
-            }
+        match cache.request(self.slot, pfn) {
+            Next::FromCache => self.handle.cached(cache, pfn),
             Next::Ask => self.host.client.request(pfn),
-            Next::Wait => {}
+            Next::Wait | Next::Nothing => {}
         }
     }
 }
 
 impl Drop for HostFetcher {
     fn drop(&mut self) {
-        let mut st = self.host.cache.lock();
-        st.clones.remove(&self.slot);
-        let slot = self.slot;
-        st.waiters.retain(|_, w| {
-            w.retain(|&s| s != slot);
-            !w.is_empty()
-        });
+        self.host.cache.detach(self.slot);
     }
+}
+
+// ---------------------------------------------------------------- clone processes
+
+const HELLO_MAGIC: &[u8; 4] = b"MDHC";
+const HELLO_VERSION: u32 = 1;
+const HELLO_LEN: usize = 56;
+const FRAME_LEN: usize = 16;
+const KIND_REQUEST: u32 = 1;
+const KIND_READY: u32 = 2;
+const KIND_FAILED: u32 = 3;
+
+fn frame(kind: u32, value: u64) -> [u8; FRAME_LEN] {
+    let mut f = [0u8; FRAME_LEN];
+    f[0..4].copy_from_slice(&kind.to_le_bytes());
+    f[8..16].copy_from_slice(&value.to_le_bytes());
+    f
+}
+
+fn parse_frame(f: &[u8; FRAME_LEN]) -> (u32, u64) {
+    let mut k = [0u8; 4];
+    k.copy_from_slice(&f[0..4]);
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&f[8..16]);
+    (u32::from_le_bytes(k), u64::from_le_bytes(v))
+}
+
+/// A clone process attached over a unix socket: told which pages are ready.
+struct ProcessClone {
+    out: Mutex<UnixStream>,
+}
+
+impl ProcessClone {
+    fn send(&self, kind: u32, value: u64) {
+        let mut s = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = s.write_all(&frame(kind, value)) {
+            // The clone went away; its reader detaches it.
+            tracing::debug!(error = %e, "clone process connection lost");
+        }
+    }
+}
+
+impl Attached for ProcessClone {
+    fn arrived(&self, _cache: &Cache, pfn: u64, _data: &[u8]) {
+        self.send(KIND_READY, pfn);
+    }
+    fn cached(&self, _cache: &Cache, pfn: u64) {
+        self.send(KIND_READY, pfn);
+    }
+    fn fail(&self, _why: &str) {
+        self.send(KIND_FAILED, 0);
+    }
+}
+
+/// A [`HostCache`] serving clone processes on a unix socket; stops (and removes the socket)
+/// when dropped.
+#[derive(Debug)]
+pub struct CacheServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CacheServer {
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for CacheServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl HostCache {
+    /// Serves clone processes of this host on a unix socket at `path` (replacing a stale
+    /// socket file). Each connection gets the cache's memfd and is attached as one clone.
+    pub fn serve_unix(self: &Arc<Self>, path: &Path) -> io::Result<CacheServer> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let host = self.clone();
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("mcdist-host-cache".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if stop2.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    match conn {
+                        Ok(c) => {
+                            let host = host.clone();
+                            let spawned = std::thread::Builder::new()
+                                .name("mcdist-host-clone".into())
+                                .spawn(move || host.serve_clone(c));
+                            if let Err(e) = spawned {
+                                tracing::warn!(error = %e, "cannot serve a clone process");
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "accept failed"),
+                    }
+                }
+            })?;
+        Ok(CacheServer {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// One clone process: hello with the memfd, then its requests until it hangs up.
+    fn serve_clone(&self, conn: UnixStream) {
+        let cache = &*self.cache;
+        let mut hello = [0u8; HELLO_LEN];
+        hello[0..4].copy_from_slice(HELLO_MAGIC);
+        hello[4..8].copy_from_slice(&HELLO_VERSION.to_le_bytes());
+        hello[8..16].copy_from_slice(&cache.pages.to_le_bytes());
+        hello[16..24].copy_from_slice(&(cache.page_size as u64).to_le_bytes());
+        hello[24..56].copy_from_slice(&cache.digest);
+        let out = match conn.try_clone() {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot serve a clone process");
+                return;
+            }
+        };
+        if let Err(e) = crate::sys::send_with_fd(&conn, &hello, cache.memfd.as_fd()) {
+            tracing::debug!(error = %e, "clone process left before the hello");
+            return;
+        }
+        let clone = Arc::new(ProcessClone {
+            out: Mutex::new(out),
+        });
+        let slot = cache.attach(clone.clone());
+        let mut conn = conn;
+        let mut f = [0u8; FRAME_LEN];
+        while conn.read_exact(&mut f).is_ok() {
+            match parse_frame(&f) {
+                (KIND_REQUEST, pfn) if pfn < cache.pages => match cache.request(slot, pfn) {
+                    Next::FromCache => clone.cached(cache, pfn),
+                    Next::Ask => self.client.request(pfn),
+                    Next::Wait | Next::Nothing => {}
+                },
+                (kind, value) => {
+                    tracing::debug!(kind, value, "dropping a malformed frame from a clone");
+                    cache.lock().stats.malformed_frames += 1;
+                }
+            }
+        }
+        cache.detach(slot);
+    }
+}
+
+/// Errors attaching a clone process to its host's cache.
+#[derive(Debug, thiserror::Error)]
+pub enum HostCacheError {
+    /// The socket could not be reached or broke during the hello.
+    #[error("host cache socket: {0}")]
+    Io(#[from] io::Error),
+    /// The hello was not what this version expects.
+    #[error("host cache hello: {0}")]
+    Hello(String),
+    /// The cache serves another image.
+    #[error("the host cache serves another image than the descriptor describes")]
+    ImageMismatch,
+}
+
+/// A clone process's fetcher: requests go to the host cache process, pages are installed
+/// straight from the shared mapping when the cache says they are there.
+struct ProcessFetcher {
+    out: Mutex<UnixStream>,
+    handle: LazyHandle,
+    stop: Arc<AtomicBool>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl PageFetcher for ProcessFetcher {
+    fn request(&self, pfn: u64) {
+        let mut s = self.out.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = s.write_all(&frame(KIND_REQUEST, pfn)) {
+            self.handle
+                .fail(format!("the host cache connection broke: {e}"));
+        }
+    }
+}
+
+impl Drop for ProcessFetcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self
+            .out
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .shutdown(std::net::Shutdown::Both);
+        if let Some(t) = self.reader.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Attaches this process's clone memory (`handle`, started from `desc`) to the host cache
+/// process listening at `path`: a clone process's counterpart of [`HostCache::fetcher`].
+pub fn connect_host_cache(
+    path: &Path,
+    desc: &Descriptor,
+    handle: LazyHandle,
+) -> Result<Arc<dyn PageFetcher>, HostCacheError> {
+    let conn = UnixStream::connect(path)?;
+    let mut hello = [0u8; HELLO_LEN];
+    let fd = crate::sys::recv_with_fd(&conn, &mut hello)?
+        .ok_or_else(|| HostCacheError::Hello("no shared memory came with it".into()))?;
+    if &hello[0..4] != HELLO_MAGIC {
+        return Err(HostCacheError::Hello("bad magic".into()));
+    }
+    let mut u4 = [0u8; 4];
+    u4.copy_from_slice(&hello[4..8]);
+    let version = u32::from_le_bytes(u4);
+    if version != HELLO_VERSION {
+        return Err(HostCacheError::Hello(format!("version {version}")));
+    }
+    let mut u8s = [0u8; 8];
+    u8s.copy_from_slice(&hello[8..16]);
+    let pages = u64::from_le_bytes(u8s);
+    u8s.copy_from_slice(&hello[16..24]);
+    let page_size = u64::from_le_bytes(u8s);
+    if pages != desc.page_count()
+        || page_size != u64::from(desc.page_size)
+        || hello[24..56] != desc.digest
+        || handle.page_count() != pages
+    {
+        return Err(HostCacheError::ImageMismatch);
+    }
+    let map = AnonMap::map_shared(fd.as_fd(), desc.mem_size as usize, false)?;
+    drop(fd);
+    let out = conn.try_clone()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (stop, handle) = (stop.clone(), handle.clone());
+        let ps = page_size as usize;
+        let mut conn = conn;
+        std::thread::Builder::new()
+            .name("mcdist-cache-rx".into())
+            .spawn(move || {
+                let mut f = [0u8; FRAME_LEN];
+                loop {
+                    if conn.read_exact(&mut f).is_err() {
+                        if !stop.load(Ordering::SeqCst) {
+                            handle.fail("the host cache closed the connection");
+                        }
+                        return;
+                    }
+                    match parse_frame(&f) {
+                        (KIND_READY, pfn) if pfn < pages => {
+                            let r = map.with_slice(pfn as usize * ps, ps, |page| {
+                                handle.install(pfn, page)
+                            });
+                            if let Err(e) = r {
+                                handle.fail(format!("shared page {pfn}: {e}"));
+                            }
+                        }
+                        (KIND_FAILED, _) => handle.fail("the host's mcdist session failed"),
+                        (kind, value) => {
+                            tracing::debug!(
+                                kind,
+                                value,
+                                "dropping a malformed frame from the host cache"
+                            )
+                        }
+                    }
+                }
+            })?
+    };
+    Ok(Arc::new(ProcessFetcher {
+        out: Mutex::new(out),
+        handle,
+        stop,
+        reader: Some(reader),
+    }))
 }

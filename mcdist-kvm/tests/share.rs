@@ -45,17 +45,7 @@ fn run_checked(
     cache: &Arc<HostCache>,
 ) -> Vec<CloneReport> {
     let launcher = cache.launcher(CloneOptions::default());
-    frozen
-        .clone_vms(ticket, desc, &launcher)
-        .join(Duration::from_secs(120))
-        .into_iter()
-        .map(|(id, r)| {
-            let r = r.unwrap_or_else(|e| panic!("clone {id}: {e}"));
-            assert_eq!(r.result, frozen.job().expected(id), "clone {id}'s result");
-            assert_eq!(r.stats.zero_pages_received, 0, "clone {id} got a zero page");
-            r
-        })
-        .collect()
+    join_checked(frozen.clone_vms(ticket, desc, &launcher), frozen.job())
 }
 
 /// Server counters once they stopped moving (the server publishes them as it runs).
@@ -72,6 +62,59 @@ fn settled(server: &mcdist_kvm::remote::MemoryServer) -> mcdist::node::ServerSna
     last
 }
 
+/// A parent frozen on host 0 of a three-host bridge, serving its image there with demand
+/// paging only (so every page on the wire was asked for by some clone).
+struct Bridge {
+    net: BridgeNet,
+    job: HashJob,
+    frozen: Frozen,
+    server: mcdist_kvm::remote::MemoryServer,
+    desc: Arc<Descriptor>,
+    nonzero: u64,
+}
+
+fn bridge(prefix: &str, seed: u32, port: u16) -> Bridge {
+    let net =
+        BridgeNet::create(&format!("{prefix}{}", std::process::id() % 10000), 3).expect("net");
+    net.hosts[0].enter().expect("enter server host");
+    let job = HashJob::new(64 << 20, 0.5, 0.05, seed, 4096);
+    let frozen = Parent::boot(job)
+        .expect("boot")
+        .run_to_fork()
+        .expect("fork");
+    let group = SocketAddrV4::new([239, 255, 79, (port % 200) as u8].into(), port);
+    let listen = SocketAddr::new(BridgeNet::addr(0).into(), port + 1);
+    let scfg = mcdist::ServerConfig {
+        push_neighbors: false,
+        ..Default::default()
+    };
+    let (server, desc) = frozen
+        .serve(group, Some("eth0"), listen, scfg)
+        .expect("server");
+    let nonzero = desc.page_count() - desc.zero_map.count_ones();
+    Bridge {
+        net,
+        job,
+        frozen,
+        server,
+        desc: Arc::new(desc),
+        nonzero,
+    }
+}
+
+/// Waits for the clones of `set` and checks every result against the host's computation.
+fn join_checked(set: mcdist_kvm::CloneSet, job: &HashJob) -> Vec<CloneReport> {
+    set.join(Duration::from_secs(120))
+        .into_iter()
+        .map(|(id, r)| {
+            let r = r.unwrap_or_else(|e| panic!("clone {id}: {e}"));
+            assert_eq!(r.result, job.expected(id), "clone {id}'s result");
+            assert_eq!(r.stats.zero_pages_received, 0, "clone {id} got a zero page");
+            r
+        })
+        .collect()
+}
+
 fn installed(reports: &[CloneReport]) -> u64 {
     reports.iter().map(|r| r.stats.pages_fetched()).sum()
 }
@@ -81,25 +124,14 @@ fn two_hosts_of_three_clones_share_one_client_and_cache_each() {
     if !have_kvm_and_uffd() {
         return;
     }
-    let net = BridgeNet::create(&format!("mcds{}", std::process::id() % 10000), 3).expect("net");
-    net.hosts[0].enter().expect("enter server host");
-    let job = HashJob::new(64 << 20, 0.5, 0.05, 31, 4096);
-    let mut frozen = Parent::boot(job)
-        .expect("boot")
-        .run_to_fork()
-        .expect("fork");
-    let group = SocketAddrV4::new([239, 255, 79, 1].into(), 47101);
-    let listen = SocketAddr::new(BridgeNet::addr(0).into(), 47102);
-    // Demand paging only, so every page on the wire was asked for by some clone.
-    let scfg = mcdist::ServerConfig {
-        push_neighbors: false,
-        ..Default::default()
-    };
-    let (server, desc) = frozen
-        .serve(group, Some("eth0"), listen, scfg)
-        .expect("server");
-    let desc = Arc::new(desc);
-    let nonzero = desc.page_count() - desc.zero_map.count_ones();
+    let Bridge {
+        net,
+        job,
+        mut frozen,
+        server,
+        desc,
+        nonzero,
+    } = bridge("mcds", 31, 47101);
     let hosts = [
         host_cache(&net.hosts[1], &desc),
         host_cache(&net.hosts[2], &desc),
@@ -115,20 +147,7 @@ fn two_hosts_of_three_clones_share_one_client_and_cache_each() {
         .zip(&tickets)
         .map(|(cache, t)| frozen.clone_vms(t, &desc, &cache.launcher(CloneOptions::default())))
         .collect();
-    let gen1: Vec<Vec<CloneReport>> = sets
-        .into_iter()
-        .map(|set| {
-            set.join(Duration::from_secs(120))
-                .into_iter()
-                .map(|(id, r)| {
-                    let r = r.unwrap_or_else(|e| panic!("clone {id}: {e}"));
-                    assert_eq!(r.result, job.expected(id), "clone {id}'s result");
-                    assert_eq!(r.stats.zero_pages_received, 0);
-                    r
-                })
-                .collect()
-        })
-        .collect();
+    let gen1: Vec<Vec<CloneReport>> = sets.into_iter().map(|s| join_checked(s, &job)).collect();
 
     let s1 = settled(&server);
     eprintln!(
@@ -264,4 +283,127 @@ fn every_clone_of_a_host_fails_clearly_when_the_server_disappears() {
         results[0].1
     );
     assert_eq!(cache.stats().network_pages, 0);
+}
+
+/// A `mcdist-host-cache` process on a namespace host.
+struct CacheProcess {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    socket: std::path::PathBuf,
+}
+
+impl CacheProcess {
+    fn start(host: &Netns, descriptor: &std::path::Path, socket: std::path::PathBuf) -> Self {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", host.name()])
+            .arg(env!("CARGO_BIN_EXE_mcdist-host-cache"))
+            .arg("--descriptor")
+            .arg(descriptor)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--iface", "eth0"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn mcdist-host-cache");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("ready line");
+        assert!(
+            line.starts_with("MCDIST-HOST-CACHE ready"),
+            "host cache did not start: {line:?}"
+        );
+        Self { child, out, socket }
+    }
+
+    /// Closes its standard input and returns the counters it prints on the way out.
+    fn finish(mut self) -> std::collections::HashMap<String, u64> {
+        use std::io::BufRead;
+        drop(self.child.stdin.take());
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("stats line");
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "mcdist-host-cache exited with {status}");
+        line.trim()
+            .strip_prefix("MCDIST-HOST-CACHE ")
+            .unwrap_or_else(|| panic!("not a stats line: {line:?}"))
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.parse().expect("number")))
+            .collect()
+    }
+}
+
+#[test]
+fn clone_processes_share_one_cache_process_per_host() {
+    if !have_kvm_and_uffd() {
+        return;
+    }
+    let Bridge {
+        net,
+        job,
+        mut frozen,
+        server,
+        desc,
+        nonzero,
+    } = bridge("mcdp", 41, 47121);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("parent.desc");
+    desc.save(&path).expect("save descriptor");
+    let caches: Vec<CacheProcess> = (1..=2)
+        .map(|h| CacheProcess::start(&net.hosts[h], &path, dir.path().join(format!("h{h}.sock"))))
+        .collect();
+    let sets: Vec<_> = caches
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let ticket = frozen.request_ticket(3).expect("ticket");
+            let host = net.hosts[i + 1].name().to_string();
+            let launcher = mcdist_kvm::clone::ProcessLauncher {
+                command: |id: u32| {
+                    let mut cmd = std::process::Command::new("ip");
+                    cmd.args(["netns", "exec", &host])
+                        .arg(env!("CARGO_BIN_EXE_mcdist-clone"))
+                        .arg("--descriptor")
+                        .arg(&path)
+                        .args(["--id", &id.to_string()])
+                        .arg("--host-cache")
+                        .arg(&c.socket);
+                    cmd
+                },
+            };
+            frozen.clone_vms(&ticket, &desc, &launcher)
+        })
+        .collect();
+    let per_host: Vec<Vec<CloneReport>> = sets.into_iter().map(|s| join_checked(s, &job)).collect();
+    let s = settled(&server);
+    eprintln!(
+        "server: {} receivers, {} pages sent, {} request datagrams",
+        s.clients, s.stats.pages_sent, s.stats.requests
+    );
+    assert_eq!(s.clients, 2, "the server must see one receiver per host");
+    for (h, (cache, reports)) in caches.into_iter().zip(&per_host).enumerate() {
+        let st = cache.finish();
+        let faults: u64 = reports.iter().map(|r| r.stats.pages_requested).sum();
+        eprintln!(
+            "host {h}: {st:?}; clones installed {}, asked for {faults}",
+            installed(reports)
+        );
+        assert_eq!(st["clones"], 3);
+        assert_eq!(st["duplicates"], 0, "a page reached the host twice");
+        assert_eq!(st["malformed"], 0);
+        assert!(st["network_pages"] <= nonzero);
+        // The host holds the pages the other host's clones asked for too.
+        assert!(st["network_pages"] > installed(reports));
+        // Every page a clone installed came through the host cache process.
+        assert_eq!(installed(reports), st["waiter_installs"] + st["cache_hits"]);
+        assert!(
+            st["cache_hits"] + st["joined"] >= 2 * 2,
+            "no page shared: {st:?}"
+        );
+        assert!(st["host_requests"] < faults);
+    }
+    server.shutdown().expect("server stats");
 }
