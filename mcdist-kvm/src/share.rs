@@ -712,3 +712,83 @@ pub fn connect_host_cache(
         reader: Some(reader),
     }))
 }
+
+/// A running `mcdist-host-cache` process (for launchers, tests and the demo).
+#[derive(Debug)]
+pub struct HostCacheProcess {
+    child: std::process::Child,
+    out: io::BufReader<std::process::ChildStdout>,
+    socket: PathBuf,
+}
+
+impl HostCacheProcess {
+    /// Starts the `mcdist-host-cache` binary `exe` inside network namespace `netns` (with
+    /// `ip netns exec`), joining the session of the descriptor file `descriptor` on `iface`
+    /// and serving clone processes on `socket`; returns once it serves.
+    pub fn start(
+        exe: &Path,
+        netns: &str,
+        descriptor: &Path,
+        socket: PathBuf,
+        iface: &str,
+    ) -> Result<Self, HostCacheError> {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", netns])
+            .arg(exe)
+            .arg("--descriptor")
+            .arg(descriptor)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--iface", iface])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| HostCacheError::Hello("no standard output".into()))?;
+        let mut out = io::BufReader::new(stdout);
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        if !line.starts_with("MCDIST-HOST-CACHE ready") {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(HostCacheError::Hello(format!(
+                "mcdist-host-cache did not start: {:?}",
+                line.trim()
+            )));
+        }
+        Ok(Self { child, out, socket })
+    }
+
+    /// The socket clone processes attach to (`mcdist-clone --host-cache`).
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Closes the process's standard input, which stops it, and returns the counters it
+    /// prints on the way out (`clones`, `network_pages`, `host_requests`, `cache_hits`,
+    /// `joined`, `waiter_installs`, `malformed`, `bytes_received`, `duplicates`,
+    /// `requests_sent`).
+    pub fn finish(mut self) -> Result<HashMap<String, u64>, HostCacheError> {
+        use std::io::BufRead;
+        drop(self.child.stdin.take());
+        let mut line = String::new();
+        self.out.read_line(&mut line)?;
+        let status = self.child.wait()?;
+        let counters = line
+            .trim()
+            .strip_prefix("MCDIST-HOST-CACHE ")
+            .filter(|_| status.success())
+            .ok_or_else(|| {
+                HostCacheError::Hello(format!("mcdist-host-cache ended with {status}: {line:?}"))
+            })?;
+        Ok(counters
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+            .collect())
+    }
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 use mcdist_kvm::clone::{CloneOptions, CloneReport};
 use mcdist_kvm::guest::HashJob;
 use mcdist_kvm::netns::{BridgeNet, Netns};
+use mcdist_kvm::share::HostCacheProcess;
 use mcdist_kvm::vm::kvm_available;
 use mcdist_kvm::{CloneTicket, Descriptor, Frozen, HostCache, Parent};
 
@@ -285,57 +286,6 @@ fn every_clone_of_a_host_fails_clearly_when_the_server_disappears() {
     assert_eq!(cache.stats().network_pages, 0);
 }
 
-/// A `mcdist-host-cache` process on a namespace host.
-struct CacheProcess {
-    child: std::process::Child,
-    out: std::io::BufReader<std::process::ChildStdout>,
-    socket: std::path::PathBuf,
-}
-
-impl CacheProcess {
-    fn start(host: &Netns, descriptor: &std::path::Path, socket: std::path::PathBuf) -> Self {
-        use std::io::BufRead;
-        use std::process::{Command, Stdio};
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", host.name()])
-            .arg(env!("CARGO_BIN_EXE_mcdist-host-cache"))
-            .arg("--descriptor")
-            .arg(descriptor)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--iface", "eth0"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn mcdist-host-cache");
-        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        out.read_line(&mut line).expect("ready line");
-        assert!(
-            line.starts_with("MCDIST-HOST-CACHE ready"),
-            "host cache did not start: {line:?}"
-        );
-        Self { child, out, socket }
-    }
-
-    /// Closes its standard input and returns the counters it prints on the way out.
-    fn finish(mut self) -> std::collections::HashMap<String, u64> {
-        use std::io::BufRead;
-        drop(self.child.stdin.take());
-        let mut line = String::new();
-        self.out.read_line(&mut line).expect("stats line");
-        let status = self.child.wait().expect("wait");
-        assert!(status.success(), "mcdist-host-cache exited with {status}");
-        line.trim()
-            .strip_prefix("MCDIST-HOST-CACHE ")
-            .unwrap_or_else(|| panic!("not a stats line: {line:?}"))
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.parse().expect("number")))
-            .collect()
-    }
-}
-
 #[test]
 fn clone_processes_share_one_cache_process_per_host() {
     if !have_kvm_and_uffd() {
@@ -352,8 +302,17 @@ fn clone_processes_share_one_cache_process_per_host() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("parent.desc");
     desc.save(&path).expect("save descriptor");
-    let caches: Vec<CacheProcess> = (1..=2)
-        .map(|h| CacheProcess::start(&net.hosts[h], &path, dir.path().join(format!("h{h}.sock"))))
+    let caches: Vec<HostCacheProcess> = (1..=2)
+        .map(|h| {
+            HostCacheProcess::start(
+                std::path::Path::new(env!("CARGO_BIN_EXE_mcdist-host-cache")),
+                net.hosts[h].name(),
+                &path,
+                dir.path().join(format!("h{h}.sock")),
+                "eth0",
+            )
+            .expect("mcdist-host-cache")
+        })
         .collect();
     let sets: Vec<_> = caches
         .iter()
@@ -370,7 +329,7 @@ fn clone_processes_share_one_cache_process_per_host() {
                         .arg(&path)
                         .args(["--id", &id.to_string()])
                         .arg("--host-cache")
-                        .arg(&c.socket);
+                        .arg(c.socket());
                     cmd
                 },
             };
@@ -385,7 +344,7 @@ fn clone_processes_share_one_cache_process_per_host() {
     );
     assert_eq!(s.clients, 2, "the server must see one receiver per host");
     for (h, (cache, reports)) in caches.into_iter().zip(&per_host).enumerate() {
-        let st = cache.finish();
+        let st = cache.finish().expect("host cache counters");
         let faults: u64 = reports.iter().map(|r| r.stats.pages_requested).sum();
         eprintln!(
             "host {h}: {st:?}; clones installed {}, asked for {faults}",

@@ -13,18 +13,21 @@
 //! own client (`--share off`); `--share both` runs both and prints a comparison.
 
 use std::net::{SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use mcdist::node::ServerSnapshot;
 use mcdist::ClientStats;
-use mcdist_kvm::clone::{CloneError, CloneOptions, CloneReport, ThreadLauncher};
+use mcdist_kvm::clone::{CloneError, CloneOptions, CloneReport, ProcessLauncher, ThreadLauncher};
 use mcdist_kvm::guest::HashJob;
 use mcdist_kvm::inline::InlineMcdist;
 use mcdist_kvm::lazy::LatencyHistogram;
 use mcdist_kvm::netns::{BridgeNet, Netns};
 use mcdist_kvm::remote::connect_fetcher;
+use mcdist_kvm::share::HostCacheProcess;
 use mcdist_kvm::{CloneTicket, Descriptor, Frozen, HostCache, Parent};
 
 #[derive(Parser, Debug)]
@@ -65,6 +68,12 @@ struct Args {
     /// the other with a fresh memory server each, and print a comparison.
     #[arg(long, value_enum, default_value_t = Share::On)]
     share: Share,
+    /// With --clones-per-host: run every clone as an `mcdist-clone` process and, when
+    /// sharing, one `mcdist-host-cache` process per host (page cache in shared memory, clone
+    /// processes attached over a unix socket), instead of threads of this program. The
+    /// binaries are looked up next to this one.
+    #[arg(long)]
+    processes: bool,
 }
 
 /// Whether the clones of one host share one client and page cache.
@@ -178,7 +187,7 @@ fn run(args: Args) -> Result<(), String> {
                 run_hosts(&args, &frozen, &tickets, net, share, run as u16)?,
             ));
         }
-        print_comparison(&rows);
+        print_comparison(&rows, args.processes);
         return Ok(());
     }
     let ticket = frozen
@@ -379,10 +388,13 @@ fn print_server(s: &ServerSnapshot) {
 /// Socket-level traffic of the clients of one host (one client when shared).
 #[derive(Debug, Default, Clone, Copy)]
 struct HostTraffic {
+    /// Clients whose counters are summed here (clone processes' own clients report none).
     clients: u64,
     bytes_received: u64,
     pages_received: u64,
     requests_sent: u64,
+    /// UDP datagrams the host's sockets received (the namespace's `/proc/net/snmp`).
+    udp_datagrams: u64,
 }
 
 impl HostTraffic {
@@ -397,7 +409,99 @@ impl HostTraffic {
         self.bytes_received += o.bytes_received;
         self.pages_received += o.pages_received;
         self.requests_sent += o.requests_sent;
+        self.udp_datagrams += o.udp_datagrams;
     }
+}
+
+/// UDP datagrams received by sockets of the calling thread's network namespace.
+fn udp_in_datagrams() -> Result<u64, String> {
+    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").map_err(|e| e.to_string())?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next(), udp.next());
+    names
+        .zip(values)
+        .and_then(|(n, v)| {
+            n.split_whitespace()
+                .zip(v.split_whitespace())
+                .find(|(k, _)| *k == "InDatagrams")
+                .and_then(|(_, v)| v.parse().ok())
+        })
+        .ok_or_else(|| "no Udp InDatagrams in /proc/net/snmp".to_string())
+}
+
+/// Where the clone processes find what they need.
+struct ProcessSetup {
+    descriptor: PathBuf,
+    bin_dir: PathBuf,
+}
+
+/// Runs `ticket`'s clones as processes on `host`: each with its own client, or all attached
+/// to one `mcdist-host-cache` process.
+fn run_host_processes(
+    frozen: &Frozen,
+    ticket: &CloneTicket,
+    desc: &Arc<Descriptor>,
+    host: &Netns,
+    share: bool,
+    setup: &ProcessSetup,
+) -> Result<HostResult, String> {
+    let socket = setup
+        .descriptor
+        .with_file_name(format!("{}.sock", host.name()));
+    let cache = if share {
+        Some(
+            HostCacheProcess::start(
+                &setup.bin_dir.join("mcdist-host-cache"),
+                host.name(),
+                &setup.descriptor,
+                socket.clone(),
+                "eth0",
+            )
+            .map_err(|e| format!("host {}: {e}", host.name()))?,
+        )
+    } else {
+        None
+    };
+    let launcher = ProcessLauncher {
+        command: |id: u32| {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", host.name()])
+                .arg(setup.bin_dir.join("mcdist-clone"))
+                .arg("--descriptor")
+                .arg(&setup.descriptor)
+                .args(["--id", &id.to_string()]);
+            if share {
+                c.arg("--host-cache").arg(&socket);
+            } else {
+                c.args(["--iface", "eth0"]);
+            }
+            c
+        },
+    };
+    let results = frozen
+        .clone_vms(ticket, desc, &launcher)
+        .join(Duration::from_secs(300));
+    let mut traffic = HostTraffic::default();
+    if let Some(cache) = cache {
+        let st = cache.finish().map_err(|e| e.to_string())?;
+        let field = |k: &str| st.get(k).copied().unwrap_or(0);
+        traffic.clients = 1;
+        traffic.bytes_received = field("bytes_received");
+        traffic.pages_received = field("network_pages") + field("duplicates");
+        traffic.requests_sent = field("requests_sent");
+        println!(
+            "host cache process: {} pages from the network, {} asked by the host, {} faults served from the cache, {} joined a pending page",
+            field("network_pages"),
+            field("host_requests"),
+            field("cache_hits"),
+            field("joined")
+        );
+    }
+    Ok(HostResult {
+        results,
+        traffic,
+        cache: None,
+    })
 }
 
 /// What one host's clones did.
@@ -414,9 +518,27 @@ fn run_host(
     desc: &Arc<Descriptor>,
     host: &Netns,
     share: bool,
+    processes: Option<&ProcessSetup>,
 ) -> Result<HostResult, String> {
     // Sockets made on this thread, and clone threads it starts, belong to the host.
     host.enter().map_err(|e| e.to_string())?;
+    let udp0 = udp_in_datagrams()?;
+    let mut r = match processes {
+        Some(setup) => run_host_processes(frozen, ticket, desc, host, share, setup)?,
+        None => run_host_threads(frozen, ticket, desc, host, share)?,
+    };
+    r.traffic.udp_datagrams = udp_in_datagrams()?.saturating_sub(udp0);
+    Ok(r)
+}
+
+/// [`run_host`] with the clones as threads of this program.
+fn run_host_threads(
+    frozen: &Frozen,
+    ticket: &CloneTicket,
+    desc: &Arc<Descriptor>,
+    host: &Netns,
+    share: bool,
+) -> Result<HostResult, String> {
     let give_up = |c: &mut mcdist::ClientConfig| c.give_up_after = Duration::from_secs(5);
     let join = Duration::from_secs(5);
     let mut traffic = HostTraffic::default();
@@ -465,8 +587,27 @@ struct HostRun {
     wall: Duration,
     server: ServerSnapshot,
     traffic: HostTraffic,
+    /// Every fault's latency (thread clones).
     latency: LatencyHistogram,
+    /// Each clone's p50 and p99 (clone processes report only these).
+    clone_quantiles: Vec<(Duration, Duration)>,
     installed: u64,
+}
+
+impl HostRun {
+    /// Fault latency p50 and p99 over all faults; for clone processes, which report only
+    /// their own p50 and p99, the median of the clones' p50 and the largest p99.
+    fn quantiles(&self, processes: bool) -> (Option<Duration>, Option<Duration>) {
+        if !processes {
+            return (self.latency.quantile(0.5), self.latency.quantile(0.99));
+        }
+        let mut p50: Vec<Duration> = self.clone_quantiles.iter().map(|q| q.0).collect();
+        p50.sort_unstable();
+        (
+            p50.get(p50.len() / 2).copied(),
+            self.clone_quantiles.iter().map(|q| q.1).max(),
+        )
+    }
 }
 
 /// Starts a memory server on the bridge and runs one ticket per host, all hosts at once.
@@ -489,6 +630,20 @@ fn run_hosts(
         .serve(group, Some("eth0"), listen, scfg)
         .map_err(|e| e.to_string())?;
     let desc = Arc::new(desc);
+    let dir = std::env::temp_dir().join(format!("mcdist-kvm-demo-{}-{run}", std::process::id()));
+    let processes = if args.processes {
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let descriptor = dir.join("parent.desc");
+        desc.save(&descriptor).map_err(|e| e.to_string())?;
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let bin_dir = exe.parent().ok_or("no binary directory")?.to_path_buf();
+        Some(ProcessSetup {
+            descriptor,
+            bin_dir,
+        })
+    } else {
+        None
+    };
     let t = Instant::now();
     let hosts: Vec<Result<HostResult, String>> = std::thread::scope(|s| {
         let running: Vec<_> = tickets
@@ -496,7 +651,8 @@ fn run_hosts(
             .zip(&net.hosts[1..])
             .map(|(ticket, host)| {
                 let desc = &desc;
-                s.spawn(move || run_host(frozen, ticket, desc, host, share))
+                let processes = processes.as_ref();
+                s.spawn(move || run_host(frozen, ticket, desc, host, share, processes))
             })
             .collect();
         running
@@ -508,6 +664,9 @@ fn run_hosts(
             .collect()
     });
     let wall = t.elapsed();
+    if processes.is_some() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     // The server publishes its counters as it runs; let the last ones land. Host clients
     // (and per-clone clients, forgotten only after 10 s of silence) are still counted.
     std::thread::sleep(Duration::from_millis(200));
@@ -518,14 +677,16 @@ fn run_hosts(
         server: snapshot.clone(),
         traffic: HostTraffic::default(),
         latency: LatencyHistogram::default(),
+        clone_quantiles: Vec::new(),
         installed: 0,
     };
     for (h, r) in hosts.into_iter().enumerate() {
         let r = r?;
         println!(
-            "\nhost {}: {} clones, {} client(s) received {} pages ({:.1} MiB) and sent {} request datagrams",
+            "\nhost {}: {} clones; its sockets received {} UDP datagrams; {} client(s) reporting counters received {} pages ({:.1} MiB) and sent {} request datagrams",
             h + 1,
             r.results.len(),
+            r.traffic.udp_datagrams,
             r.traffic.clients,
             r.traffic.pages_received,
             r.traffic.bytes_received as f64 / f64::from(1 << 20),
@@ -545,6 +706,15 @@ fn run_hosts(
         let (b, _, latency) = print_clones(&job, &r.results);
         bad += b;
         run.latency.merge(&latency);
+        run.clone_quantiles.extend(
+            r.results
+                .iter()
+                .filter_map(|(_, r)| r.as_ref().ok())
+                .filter_map(|r| {
+                    let h = &r.stats.fault_latency;
+                    Some((h.quantile(0.5)?, h.quantile(0.99)?))
+                }),
+        );
         run.traffic.sum(&r.traffic);
         run.installed += r
             .results
@@ -571,35 +741,45 @@ fn run_hosts(
 }
 
 /// One row per run: what sharing changed.
-fn print_comparison(rows: &[(bool, HostRun)]) {
+fn print_comparison(rows: &[(bool, HostRun)], processes: bool) {
+    if processes {
+        println!("\n(clone processes: p50 is the median of the clones' p50, p99 the largest p99)");
+    }
     println!(
-        "\n{:>7} {:>9} {:>12} {:>11} {:>11} {:>13} {:>15} {:>9} {:>8} {:>8} {:>8}",
+        "\n{:>7} {:>9} {:>12} {:>11} {:>14} {:>11} {:>15} {:>8} {:>8} {:>8}",
         "sharing",
         "receivers",
         "server pages",
         "server reqs",
+        "host UDP dgrams",
         "host MiB rx",
-        "host pages rx",
         "pages in clones",
-        "host reqs",
         "wall ms",
         "p50 µs",
         "p99 µs"
     );
     for (share, r) in rows {
+        // Clone processes with their own clients report no socket counters.
+        let mib = if r.traffic.clients == 0 {
+            "-".to_string()
+        } else {
+            format!(
+                "{:.1}",
+                r.traffic.bytes_received as f64 / f64::from(1 << 20)
+            )
+        };
         println!(
-            "{:>7} {:>9} {:>12} {:>11} {:>11.1} {:>13} {:>15} {:>9} {:>8} {:>8} {:>8}",
+            "{:>7} {:>9} {:>12} {:>11} {:>14} {:>11} {:>15} {:>8} {:>8} {:>8}",
             if *share { "on" } else { "off" },
             r.server.clients,
             r.server.stats.pages_sent,
             r.server.stats.requests,
-            r.traffic.bytes_received as f64 / f64::from(1 << 20),
-            r.traffic.pages_received,
+            r.traffic.udp_datagrams,
+            mib,
             r.installed,
-            r.traffic.requests_sent,
             ms(r.wall),
-            us(r.latency.quantile(0.5)),
-            us(r.latency.quantile(0.99)),
+            us(r.quantiles(processes).0),
+            us(r.quantiles(processes).1),
         );
     }
 }
