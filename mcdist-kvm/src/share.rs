@@ -28,9 +28,12 @@
 //! **Scope.** Clones that are threads of this process attach with [`HostCache::fetcher`].
 //! Clone processes attach over a unix socket ([`HostCache::serve_unix`], the
 //! `mcdist-host-cache` binary; [`connect_host_cache`] on the clone side): the cache process
-//! hands each clone the memfd (`SCM_RIGHTS`), the clone maps it read-only, asks for pages
-//! with 16-byte frames and, told a page is there, installs it with `UFFDIO_COPY` straight
-//! from the shared mapping.
+//! hands each clone the memfd (`SCM_RIGHTS`) and the clone maps it read-only. The memfd
+//! holds the pages (page `p` at `p × page size`) followed by a presence bitmap (one bit per
+//! page, 64-bit words, set atomically after the page is written). A clone that finds a
+//! page's bit set installs it with `UFFDIO_COPY` straight from the shared mapping, without
+//! asking; otherwise it asks with a 16-byte frame and installs the page, again straight from
+//! the mapping, when the cache says it is there.
 //!
 //! ```text
 //! hello   cache → clone  56 bytes + memfd: "MDHC", version u32 (1), pages u64,
@@ -140,7 +143,13 @@ enum Next {
     Nothing,
 }
 
+/// Where the presence bitmap starts in the cache's memfd, and its size in bytes.
+fn bitmap_layout(pages: u64, page_size: usize) -> (usize, usize) {
+    (pages as usize * page_size, pages.div_ceil(64) as usize * 8)
+}
+
 struct Cache {
+    /// Pages, then the shared presence bitmap ([`bitmap_layout`]).
     map: AnonMap,
     memfd: OwnedFd,
     digest: [u8; 32],
@@ -176,6 +185,11 @@ impl Cache {
             .map_err(|e| format!("storing page {pfn}: {e}"))?;
         self.resident
             .fetch_add(self.page_size as u64, Ordering::Relaxed);
+        // Clone processes may now take the page without asking.
+        let (bits, _) = bitmap_layout(self.pages, self.page_size);
+        self.map
+            .or_u64_release(bits + (pfn / 64) as usize * 8, 1 << (pfn % 64))
+            .map_err(|e| format!("marking page {pfn} present: {e}"))?;
         let targets: Vec<Arc<dyn Attached>> = {
             let mut st = self.lock();
             st.present.set(pfn);
@@ -314,7 +328,8 @@ impl HostCache {
         let page_size = desc.page_size as usize;
         let pages = desc.page_count();
         let size = desc.mem_size as usize;
-        let (map, memfd) = AnonMap::memfd("mcdist-host-cache", size)
+        let (_, bitmap_bytes) = bitmap_layout(pages, page_size);
+        let (map, memfd) = AnonMap::memfd("mcdist-host-cache", size + bitmap_bytes)
             .map_err(|e| RemoteError::Transport(format!("cannot map the page cache: {e}")))?;
         let cache = Arc::new(Cache {
             map,
@@ -604,13 +619,36 @@ pub enum HostCacheError {
 /// straight from the shared mapping when the cache says they are there.
 struct ProcessFetcher {
     out: Mutex<UnixStream>,
+    map: Arc<AnonMap>,
+    pages: u64,
+    page_size: usize,
     handle: LazyHandle,
     stop: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
 }
 
+/// Installs page `pfn` into `handle` straight from the shared mapping.
+fn install_shared(map: &AnonMap, page_size: usize, pfn: u64, handle: &LazyHandle) {
+    let r = map.with_slice(pfn as usize * page_size, page_size, |page| {
+        handle.install(pfn, page)
+    });
+    if let Err(e) = r {
+        handle.fail(format!("shared page {pfn}: {e}"));
+    }
+}
+
 impl PageFetcher for ProcessFetcher {
     fn request(&self, pfn: u64) {
+        if pfn >= self.pages {
+            return;
+        }
+        let (bits, _) = bitmap_layout(self.pages, self.page_size);
+        let word = self.map.load_u64_acquire(bits + (pfn / 64) as usize * 8);
+        if word.is_ok_and(|w| w & (1 << (pfn % 64)) != 0) {
+            // Already in the host cache: no need to ask.
+            install_shared(&self.map, self.page_size, pfn, &self.handle);
+            return;
+        }
         let mut s = self.out.lock().unwrap_or_else(PoisonError::into_inner);
         if let Err(e) = s.write_all(&frame(KIND_REQUEST, pfn)) {
             self.handle
@@ -665,12 +703,13 @@ pub fn connect_host_cache(
     {
         return Err(HostCacheError::ImageMismatch);
     }
-    let map = AnonMap::map_shared(fd.as_fd(), desc.mem_size as usize, false)?;
+    let (bits, bitmap_bytes) = bitmap_layout(pages, page_size as usize);
+    let map = Arc::new(AnonMap::map_shared(fd.as_fd(), bits + bitmap_bytes, false)?);
     drop(fd);
     let out = conn.try_clone()?;
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
-        let (stop, handle) = (stop.clone(), handle.clone());
+        let (stop, handle, map) = (stop.clone(), handle.clone(), map.clone());
         let ps = page_size as usize;
         let mut conn = conn;
         std::thread::Builder::new()
@@ -685,14 +724,7 @@ pub fn connect_host_cache(
                         return;
                     }
                     match parse_frame(&f) {
-                        (KIND_READY, pfn) if pfn < pages => {
-                            let r = map.with_slice(pfn as usize * ps, ps, |page| {
-                                handle.install(pfn, page)
-                            });
-                            if let Err(e) = r {
-                                handle.fail(format!("shared page {pfn}: {e}"));
-                            }
-                        }
+                        (KIND_READY, pfn) if pfn < pages => install_shared(&map, ps, pfn, &handle),
                         (KIND_FAILED, _) => handle.fail("the host's mcdist session failed"),
                         (kind, value) => {
                             tracing::debug!(
@@ -707,6 +739,9 @@ pub fn connect_host_cache(
     };
     Ok(Arc::new(ProcessFetcher {
         out: Mutex::new(out),
+        map,
+        pages,
+        page_size: page_size as usize,
         handle,
         stop,
         reader: Some(reader),

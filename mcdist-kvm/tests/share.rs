@@ -355,13 +355,12 @@ fn clone_processes_share_one_cache_process_per_host() {
         assert!(st["network_pages"] <= nonzero);
         // The host holds the pages the other host's clones asked for too.
         assert!(st["network_pages"] > installed(reports));
-        // Every page a clone installed came through the host cache process.
-        assert_eq!(installed(reports), st["waiter_installs"] + st["cache_hits"]);
-        assert!(
-            st["cache_hits"] + st["joined"] >= 2 * 2,
-            "no page shared: {st:?}"
-        );
-        assert!(st["host_requests"] < faults);
+        // Every page a clone installed came from the host's cache: installed when it arrived,
+        // announced from the cache, or taken by the clone from the shared mapping after seeing
+        // its presence bit (those the cache process does not count).
+        assert!(installed(reports) >= st["waiter_installs"] + st["cache_hits"]);
+        // Pages that several clones needed were asked for once.
+        assert!(st["host_requests"] < faults, "no page shared: {st:?}");
     }
     server.shutdown().expect("server stats");
 }
@@ -462,11 +461,12 @@ fn cache_socket_drops_malformed_frames_and_serves_pages_from_shared_memory() {
     let lazy = mem.stats();
     assert_eq!(lazy.zero_pages, 1);
     assert_eq!(lazy.pages_fetched(), 63);
-    assert_eq!(
-        cache.stats().network_pages,
-        63,
-        "each page crossed the network once"
-    );
+    let st = cache.stats();
+    assert_eq!(st.network_pages, 63, "each page crossed the network once");
+    // Page 7 was already cached: the clone saw its presence bit and took it from the shared
+    // mapping without asking; it asked for the 62 others.
+    assert_eq!(st.cache_hits, 1, "{st:?}");
+    assert_eq!(st.host_requests, 63, "{st:?}");
     drop(mem);
     drop(raw);
     drop(sock);

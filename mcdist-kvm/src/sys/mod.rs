@@ -491,6 +491,42 @@ impl AnonMap {
         Ok(())
     }
 
+    /// Loads the 64-bit word at `offset` (8-aligned) with acquire ordering: for words that
+    /// every process sharing the mapping only accesses atomically (a presence bitmap).
+    pub(crate) fn load_u64_acquire(&self, offset: usize) -> io::Result<u64> {
+        Ok(self
+            .atomic_word(offset)?
+            .load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// Sets `bits` in the 64-bit word at `offset` (8-aligned) with release ordering (fails on
+    /// a read-only mapping).
+    pub(crate) fn or_u64_release(&self, offset: usize, bits: u64) -> io::Result<()> {
+        if !self.writable {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "read-only mapping",
+            ));
+        }
+        self.atomic_word(offset)?
+            .fetch_or(bits, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    fn atomic_word(&self, offset: usize) -> io::Result<&std::sync::atomic::AtomicU64> {
+        check_range(offset, 8, self.len)?;
+        if (self.addr() + offset) % 8 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "unaligned atomic word",
+            ));
+        }
+        // SAFETY: the word is inside the mapping (checked), 8-aligned (checked), lives as
+        // long as `self`, and `AtomicU64` has the layout of `u64`. The words handed out here
+        // are only ever accessed atomically, in this process and in those sharing the memfd.
+        Ok(unsafe { &*(self.ptr.as_ptr().add(offset) as *const std::sync::atomic::AtomicU64) })
+    }
+
     /// Copies bytes into the mapping (fails on a read-only one).
     pub(crate) fn write(&self, offset: usize, data: &[u8]) -> io::Result<()> {
         if !self.writable {
