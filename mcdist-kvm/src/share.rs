@@ -1,5 +1,6 @@
 //! Per-host sharing: one mcdist client and one page cache for every clone of a parent that
-//! runs on this host (in this process).
+//! runs on this host (threads of this process, or clone processes attached over a unix
+//! socket).
 //!
 //! Without sharing, K clones on one host run K clients: K sockets joined to the group, K
 //! receivers at the server, every multicast page received K times, and a page the clones
@@ -44,7 +45,10 @@
 //!         3 Failed        cache → clone: the host's session failed
 //! ```
 //!
-//! Malformed frames (unknown kind, page out of range) are dropped and counted.
+//! Malformed frames (unknown kind, page out of range) are dropped and counted. The socket is
+//! created with mode 0600: whoever can connect gets the memory image. A clone process that
+//! stops reading its frames for a second is cut off (its connection is shut down and it
+//! fails) rather than stalling the host's client.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -466,17 +470,27 @@ fn parse_frame(f: &[u8; FRAME_LEN]) -> (u32, u64) {
     (u32::from_le_bytes(k), u64::from_le_bytes(v))
 }
 
+/// How long a frame to a clone process may wait for room in its socket.
+const SEND_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// A clone process attached over a unix socket: told which pages are ready.
 struct ProcessClone {
     out: Mutex<UnixStream>,
+    dead: AtomicBool,
 }
 
 impl ProcessClone {
     fn send(&self, kind: u32, value: u64) {
+        if self.dead.load(Ordering::SeqCst) {
+            return;
+        }
         let mut s = self.out.lock().unwrap_or_else(PoisonError::into_inner);
         if let Err(e) = s.write_all(&frame(kind, value)) {
-            // The clone went away; its reader detaches it.
+            // Gone, or not reading: cut it off so that it fails instead of waiting, and so
+            // that its reader sees the end and detaches it.
             tracing::debug!(error = %e, "clone process connection lost");
+            self.dead.store(true, Ordering::SeqCst);
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
 }
@@ -527,6 +541,8 @@ impl HostCache {
     pub fn serve_unix(self: &Arc<Self>, path: &Path) -> io::Result<CacheServer> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
+        // Whoever can connect gets the memory image: the owner only.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         let stop = Arc::new(AtomicBool::new(false));
         let host = self.clone();
         let stop2 = stop.clone();
@@ -578,8 +594,13 @@ impl HostCache {
             tracing::debug!(error = %e, "clone process left before the hello");
             return;
         }
+        if let Err(e) = out.set_write_timeout(Some(SEND_TIMEOUT)) {
+            tracing::warn!(error = %e, "cannot serve a clone process");
+            return;
+        }
         let clone = Arc::new(ProcessClone {
             out: Mutex::new(out),
+            dead: AtomicBool::new(false),
         });
         let slot = cache.attach(clone.clone());
         let mut conn = conn;
