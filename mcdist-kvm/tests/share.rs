@@ -409,8 +409,10 @@ fn cache_socket_drops_malformed_frames_and_serves_pages_from_shared_memory() {
         vcpus: Vec::new(),
         zero_map: info.zero_map.clone(),
     };
-    let cache =
-        HostCache::connect(&desc, Some("lo"), Duration::from_secs(5), |_| {}).expect("host cache");
+    let cache = HostCache::connect(&desc, Some("lo"), Duration::from_secs(5), |c| {
+        c.give_up_after = Duration::from_secs(1)
+    })
+    .expect("host cache");
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = cache
         .serve_unix(&dir.path().join("cache.sock"))
@@ -476,7 +478,22 @@ fn cache_socket_drops_malformed_frames_and_serves_pages_from_shared_memory() {
     assert_eq!(st.cache_hits, 1, "{st:?}");
     assert_eq!(st.host_requests, 63, "{st:?}");
     drop(mem);
-    drop(raw);
-    drop(sock);
+
+    // The server goes away; a request that needs it fails the host's session, and every
+    // clone process attached (or attaching later) is told.
     server.shutdown().expect("server");
+    raw.write_all(&frame(1, 10))
+        .expect("request for an uncached page");
+    raw.read_exact(&mut reply).expect("failure notice");
+    assert_eq!(reply, frame(3, 0), "expected Failed");
+    let mut late = UnixStream::connect(sock.path()).expect("connect");
+    late.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    late.read_exact(&mut hello).expect("hello");
+    late.read_exact(&mut reply).expect("failure notice");
+    assert_eq!(
+        reply,
+        frame(3, 0),
+        "a late clone process must be told at once"
+    );
 }
