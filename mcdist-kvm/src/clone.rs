@@ -118,7 +118,8 @@ impl CloneReport {
         )
     }
 
-    /// Parses [`CloneReport::to_line`]; latencies come back as the p50/p99 only.
+    /// Parses [`CloneReport::to_line`]; latencies come back as the p50 and p99 only (the
+    /// histogram's 0.5- and 0.99-quantiles).
     pub fn from_line(line: &str) -> Option<CloneReport> {
         let rest = line.trim().strip_prefix("MCDIST-CLONE ")?;
         let mut get = std::collections::HashMap::new();
@@ -140,6 +141,9 @@ impl CloneReport {
         };
         let (p50, p99) = (f("p50_ns")? as u64, f("p99_ns")? as u64);
         if p50 > 0 || p99 > 0 {
+            // Two samples of the p50 and one of the p99, so that the histogram's 0.5-quantile
+            // is the p50 and its 0.99-quantile the p99 again.
+            stats.fault_latency.record(Duration::from_nanos(p50));
             stats.fault_latency.record(Duration::from_nanos(p50));
             stats.fault_latency.record(Duration::from_nanos(p99));
         }

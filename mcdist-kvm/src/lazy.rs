@@ -433,6 +433,11 @@ impl LazyHandle {
     pub fn is_installed(&self, pfn: u64) -> bool {
         self.inner.lock().installed.get(pfn)
     }
+
+    /// Number of pages of the memory this handle delivers into.
+    pub fn page_count(&self) -> u64 {
+        self.inner.pages
+    }
 }
 
 /// Guest memory whose pages are installed on first touch.

@@ -5,6 +5,8 @@
 //!   locally, pushed pages are installed as they arrive. Per-clone statistics.
 //! - [`inline::InlineMcdist`]: an mcdist client driven by the fault thread itself (one poll
 //!   over the userfaultfd and the client's sockets, no thread hand-off per fault).
+//! - [`share::HostCache`]: one mcdist client and page cache shared by every clone of a parent
+//!   on this host, so a page crosses the network once per host, not once per clone.
 //! - [`vm`]: a small VMM on kvm-ioctls; [`guest`]: the demo guest program.
 //! - [`descriptor::Descriptor`]: what a clone needs besides memory contents.
 //! - [`clone`]: parent, fork point, tickets, clone, join, kill.
@@ -24,6 +26,7 @@ pub mod lazy;
 pub mod linux;
 pub mod netns;
 pub mod remote;
+pub mod share;
 pub mod source;
 mod sys;
 pub mod vm;
@@ -34,4 +37,5 @@ pub use lazy::{
     FaultWait, InlineFetcher, LazyConfig, LazyHandle, LazyMemory, LazyStats, PageFetcher,
     SourceFetcher,
 };
+pub use share::{HostCache, HostCacheStats};
 pub use source::{PageBitmap, PageSource};

@@ -1,14 +1,14 @@
-//! Runs one KVM clone from a descriptor, fetching its memory lazily over mcdist, and prints
-//! a `MCDIST-CLONE ...` report line (exit status 1 and a message on stderr on failure).
+//! Runs one KVM clone from a descriptor, fetching its memory lazily over mcdist (its own
+//! client, or the host's shared page cache with `--host-cache SOCKET`), and prints a
+//! `MCDIST-CLONE ...` report line (exit status 1 and a message on stderr on failure).
 
-use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
 use mcdist_kvm::clone::{run_clone, CloneError, CloneOptions};
-use mcdist_kvm::remote::connect_fetcher;
-use mcdist_kvm::Descriptor;
+use mcdist_kvm::remote::{connect_fetcher, SessionArgs};
+use mcdist_kvm::share::connect_host_cache;
 
 #[derive(Parser, Debug)]
 #[command(about = "Run one mcdist-kvm clone from a descriptor")]
@@ -19,15 +19,12 @@ struct Args {
     /// Clone id (the guest's fork return value).
     #[arg(long)]
     id: u32,
-    /// Multicast group (overrides the descriptor).
+    #[command(flatten)]
+    session: SessionArgs,
+    /// Get pages from this host's `mcdist-host-cache` listening on this unix socket instead
+    /// of running an mcdist client (the group, interface and server options are then unused).
     #[arg(long)]
-    group: Option<SocketAddrV4>,
-    /// Interface for multicast.
-    #[arg(long)]
-    iface: Option<String>,
-    /// Memory server request address (overrides the descriptor).
-    #[arg(long)]
-    server: Option<SocketAddr>,
+    host_cache: Option<PathBuf>,
     /// Give up on a page after this many milliseconds.
     #[arg(long, default_value_t = 10_000)]
     fetch_timeout_ms: u64,
@@ -45,20 +42,14 @@ fn main() {
 }
 
 fn run(args: &Args) -> Result<String, CloneError> {
-    let mut desc = Descriptor::load(&args.descriptor)?;
-    if let Some(s) = desc.session.as_mut() {
-        if let Some(g) = args.group {
-            s.group = g;
-        }
-        if let Some(a) = args.server {
-            s.server = a;
-        }
-    }
+    let desc = args.session.load(&args.descriptor)?;
     let mut opts = CloneOptions::default();
     opts.lazy.fetch_timeout = Duration::from_millis(args.fetch_timeout_ms);
     let give_up = opts.lazy.fetch_timeout;
-    let report = run_clone(&desc, args.id, &opts, |h| {
-        connect_fetcher(&desc, args.iface.as_deref(), h, give_up)
+    let report = run_clone(&desc, args.id, &opts, |h| match &args.host_cache {
+        Some(path) => connect_host_cache(path, &desc, h)
+            .map_err(|e| CloneError::Source(format!("{}: {e}", path.display()))),
+        None => connect_fetcher(&desc, args.session.iface.as_deref(), h, give_up),
     })?;
     Ok(report.to_line())
 }

@@ -1,5 +1,6 @@
-//! Raw system interfaces: anonymous mappings, userfaultfd ioctls, eventfd,
-//! poll and network-namespace switching. All `unsafe` of the crate lives here.
+//! Raw system interfaces: anonymous and shared (memfd) mappings, userfaultfd ioctls, eventfd,
+//! poll, descriptor passing and network-namespace switching. All `unsafe` of the crate lives
+//! here.
 
 use std::ffi::CString;
 use std::io;
@@ -342,11 +343,13 @@ pub(crate) fn poll_readable<const N: usize>(
 
 // ---- anonymous memory ---------------------------------------------------------------------
 
-/// A private anonymous mapping (`MAP_NORESERVE`), unmapped on drop.
+/// A memory mapping, unmapped on drop: private anonymous (`MAP_NORESERVE`), or shared over a
+/// memfd (writable by its creator, read-only in processes it is handed to).
 #[derive(Debug)]
 pub(crate) struct AnonMap {
     ptr: NonNull<u8>,
     len: usize,
+    writable: bool,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; concurrent access is
@@ -376,7 +379,93 @@ impl AnonMap {
         }
         let ptr =
             NonNull::new(p as *mut u8).ok_or_else(|| io::Error::other("mmap returned null"))?;
-        Ok(Self { ptr, len })
+        Ok(Self {
+            ptr,
+            len,
+            writable: true,
+        })
+    }
+
+    /// A new memfd of `len` bytes (sparse: pages are allocated when first written) and a
+    /// writable shared mapping of it.
+    pub(crate) fn memfd(name: &str, len: usize) -> io::Result<(Self, OwnedFd)> {
+        let cname =
+            CString::new(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: `cname` is a valid NUL-terminated string; the result is checked.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let file = std::fs::File::from(fd);
+        file.set_len(len as u64)?;
+        let fd = OwnedFd::from(file);
+        let map = Self::map_shared(fd.as_fd(), len, true)?;
+        Ok((map, fd))
+    }
+
+    /// Maps `len` bytes of the memfd (or file) `fd` shared, read-only unless `writable`.
+    /// Fails if the file is shorter than `len` (touching past its end would raise SIGBUS).
+    pub(crate) fn map_shared(fd: BorrowedFd<'_>, len: usize, writable: bool) -> io::Result<Self> {
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
+        }
+        let size = std::fs::File::from(fd.try_clone_to_owned()?)
+            .metadata()?
+            .len();
+        if size < len as u64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("shared memory holds {size} bytes, {len} expected"),
+            ));
+        }
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: shared mapping of a descriptor we hold, no address hint; the result is
+        // checked, and the file covers the whole length (checked above).
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr =
+            NonNull::new(p as *mut u8).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(Self { ptr, len, writable })
+    }
+
+    /// Lends `len` bytes at `offset` of a **read-only** mapping to `f` (no copy: for example
+    /// straight into `UFFDIO_COPY`). Nothing in this process can write such a mapping; the
+    /// process that shared it must not change a range after it announced it (the host page
+    /// cache writes each page once, before telling anyone it is there).
+    pub(crate) fn with_slice<R>(
+        &self,
+        offset: usize,
+        len: usize,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> io::Result<R> {
+        if self.writable {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "slices are lent from read-only mappings only",
+            ));
+        }
+        check_range(offset, len, self.len)?;
+        // SAFETY: the range is inside the mapping (checked above), the mapping lives as long
+        // as `self`, and it is read-only here, so no write in this process aliases the slice.
+        let s = unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset), len) };
+        Ok(f(s))
     }
 
     pub(crate) fn addr(&self) -> usize {
@@ -402,8 +491,50 @@ impl AnonMap {
         Ok(())
     }
 
-    /// Copies bytes into the mapping.
+    /// Loads the 64-bit word at `offset` (8-aligned) with acquire ordering: for words that
+    /// every process sharing the mapping only accesses atomically (a presence bitmap).
+    pub(crate) fn load_u64_acquire(&self, offset: usize) -> io::Result<u64> {
+        Ok(self
+            .atomic_word(offset)?
+            .load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// Sets `bits` in the 64-bit word at `offset` (8-aligned) with release ordering (fails on
+    /// a read-only mapping).
+    pub(crate) fn or_u64_release(&self, offset: usize, bits: u64) -> io::Result<()> {
+        if !self.writable {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "read-only mapping",
+            ));
+        }
+        self.atomic_word(offset)?
+            .fetch_or(bits, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    fn atomic_word(&self, offset: usize) -> io::Result<&std::sync::atomic::AtomicU64> {
+        check_range(offset, 8, self.len)?;
+        if (self.addr() + offset) % 8 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "unaligned atomic word",
+            ));
+        }
+        // SAFETY: the word is inside the mapping (checked), 8-aligned (checked), lives as
+        // long as `self`, and `AtomicU64` has the layout of `u64`. The words handed out here
+        // are only ever accessed atomically, in this process and in those sharing the memfd.
+        Ok(unsafe { &*(self.ptr.as_ptr().add(offset) as *const std::sync::atomic::AtomicU64) })
+    }
+
+    /// Copies bytes into the mapping (fails on a read-only one).
     pub(crate) fn write(&self, offset: usize, data: &[u8]) -> io::Result<()> {
+        if !self.writable {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "read-only mapping",
+            ));
+        }
         check_range(offset, data.len(), self.len)?;
         // SAFETY: the range is inside the mapping (checked above) and `data` does not overlap it.
         unsafe {
@@ -430,6 +561,79 @@ impl Drop for AnonMap {
             libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len);
         }
     }
+}
+
+// ---- descriptor passing -------------------------------------------------------------------
+
+/// Sends `data` on the unix stream `sock` with `fd` attached (`SCM_RIGHTS`).
+pub(crate) fn send_with_fd(
+    sock: &std::os::unix::net::UnixStream,
+    data: &[u8],
+    fd: BorrowedFd<'_>,
+) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    let fds = [fd.as_raw_fd()];
+    let iov = [io::IoSlice::new(data)];
+    let n = sendmsg::<UnixAddr>(
+        sock.as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    if n < data.len() {
+        use std::io::Write;
+        let mut s: &std::os::unix::net::UnixStream = sock;
+        s.write_all(&data[n..])?;
+    }
+    Ok(())
+}
+
+/// Reads exactly `buf.len()` bytes from the unix stream `sock` and the one descriptor sent
+/// with them (`SCM_RIGHTS`), if any. Extra descriptors are closed.
+pub(crate) fn recv_with_fd(
+    sock: &std::os::unix::net::UnixStream,
+    buf: &mut [u8],
+) -> io::Result<Option<OwnedFd>> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let (n, raw) = {
+        let mut iov = [io::IoSliceMut::new(buf)];
+        let msg = recvmsg::<UnixAddr>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
+        let mut raw = Vec::new();
+        for c in msg.cmsgs().map_err(io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                raw.extend(fds);
+            }
+        }
+        (msg.bytes, raw)
+    };
+    // SAFETY: the kernel just installed these descriptors in this process for us
+    // (SCM_RIGHTS); nothing else owns them.
+    let mut owned: Vec<OwnedFd> = raw
+        .into_iter()
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if n == 0 {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+    }
+    if n < buf.len() {
+        use std::io::Read;
+        let mut s: &std::os::unix::net::UnixStream = sock;
+        s.read_exact(&mut buf[n..])?;
+    }
+    Ok(if owned.is_empty() {
+        None
+    } else {
+        Some(owned.swap_remove(0))
+    })
 }
 
 // ---- network namespaces -------------------------------------------------------------------

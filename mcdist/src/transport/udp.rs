@@ -99,24 +99,35 @@ fn sock_err(what: &'static str) -> impl FnOnce(io::Error) -> UdpSetupError {
     move |source| UdpSetupError::Socket { what, source }
 }
 
-/// Index and MTU of a network interface, read from sysfs.
+/// Index and MTU of a network interface of the calling thread's network namespace.
+///
+/// The index comes from `if_nametoindex` (a socket of the thread's namespace). The MTU comes
+/// from sysfs, which shows the namespace it was mounted in: a thread that entered another
+/// namespace with `setns` may see other interfaces there, so the sysfs MTU is used only when
+/// the index it lists is the same (1500 otherwise).
 pub fn interface_info(name: &str) -> Result<(u32, usize), UdpSetupError> {
     if name.is_empty() || name.contains('/') || name.contains("..") {
         return Err(UdpSetupError::NoSuchInterface(name.to_string()));
     }
+    let index = nix::net::if_::if_nametoindex(name)
+        .map_err(|_| UdpSetupError::NoSuchInterface(name.to_string()))?;
     let base = std::path::Path::new("/sys/class/net").join(name);
     let read = |f: &str| -> Option<String> {
         std::fs::read_to_string(base.join(f))
             .ok()
             .map(|s| s.trim().to_string())
     };
-    let index = read("ifindex")
-        .and_then(|s| s.parse::<u32>().ok())
-        .ok_or_else(|| UdpSetupError::NoSuchInterface(name.to_string()))?;
-    let mtu = read("mtu")
-        .and_then(|s| s.parse::<usize>().ok())
-        .unwrap_or(1500);
-    Ok((index, mtu))
+    let mtu = match read("ifindex").and_then(|s| s.parse::<u32>().ok()) {
+        Some(i) if i == index => read("mtu").and_then(|s| s.parse::<usize>().ok()),
+        _ => {
+            tracing::debug!(
+                name,
+                "sysfs shows another namespace; assuming an MTU of 1500"
+            );
+            None
+        }
+    };
+    Ok((index, mtu.unwrap_or(1500)))
 }
 
 /// Most datagrams moved by one `sendmmsg` or `recvmmsg`.
