@@ -189,7 +189,13 @@ pub fn expected_sum(lines: u32, id: u32, n: u32) -> u64 {
 /// Kernel command line used for guests.
 pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 acpi=off pci=off \
     i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd tsc=reliable no_timer_check \
-    mitigations=off random.trust_cpu=on init_on_alloc=0 noxsave clearcpuid=cx16,smap,popcnt,fsgsbase,rdpid,pcid,invpcid rdinit=/init";
+    mitigations=off random.trust_cpu=on init_on_alloc=0 nowatchdog nosoftlockup \
+    cryptomgr.notests ipv6.disable=1 lsm=capability rodata=off \
+    initcall_blacklist=ftrace_check_for_weak_functions,load_system_certificate_list,\
+tracer_init_tracefs,init_kprobe_trace,slab_sysfs_init,blake2s_mod_init,btf_vmlinux_init,\
+cubictcp_register,bpf_rstat_kfunc_init,init_blk_tracer,perf_event_sysfs_init \
+    noxsave clearcpuid=cx16,smap,popcnt,fsgsbase,rdpid,pcid,invpcid,ssse3,pclmulqdq,aes,sha_ni,\
+gfni,rdrand,rdseed,movbe,110,111 rdinit=/init";
 
 /// Options for booting a parent.
 #[derive(Debug, Clone)]
