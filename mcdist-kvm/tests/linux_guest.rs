@@ -43,8 +43,9 @@ fn initramfs_holds_busybox_init_and_console() {
 }
 
 #[test]
-#[ignore = "boots a whole Linux guest: minutes with hardware virtualization, far longer on a \
-            shadow-paging host; run with `cargo test -p mcdist-kvm --test linux_guest -- --ignored`"]
+#[ignore = "boots a whole Linux guest: needs hardware virtualization (on a PVM host the kernel \
+            reaches /init in minutes but guest system calls fail, see mcdist-kvm/LINUX.md); run \
+            with `cargo test -p mcdist-kvm --test linux_guest -- --ignored`"]
 fn forks_two_linux_clones_over_mcdist_in_namespace_hosts() {
     if !have_kvm() {
         return;

@@ -193,7 +193,7 @@ pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 acpi=off pci=off \
     cryptomgr.notests ipv6.disable=1 lsm=capability rodata=off \
     initcall_blacklist=ftrace_check_for_weak_functions,load_system_certificate_list,\
 tracer_init_tracefs,init_kprobe_trace,slab_sysfs_init,blake2s_mod_init,btf_vmlinux_init,\
-cubictcp_register,bpf_rstat_kfunc_init,init_blk_tracer,perf_event_sysfs_init \
+cubictcp_register,bpf_rstat_kfunc_init,bpf_key_sig_kfuncs_init,init_blk_tracer,perf_event_sysfs_init \
     noxsave clearcpuid=cx16,smap,popcnt,fsgsbase,rdpid,pcid,invpcid,ssse3,pclmulqdq,aes,sha_ni,\
 gfni,rdrand,rdseed,movbe,110,111 rdinit=/init";
 
