@@ -36,6 +36,7 @@
 
 pub mod bitmap;
 pub mod client;
+pub mod fec;
 pub mod node;
 pub mod pacing;
 pub mod reassembly;

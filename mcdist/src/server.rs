@@ -589,7 +589,11 @@ impl Server {
                     self.events.push_back(ServerEvent::ClientLeft(from));
                 }
             }
-            Body::Announce(_) | Body::Data(_) | Body::ZeroMap(_) | Body::End(_) => {
+            Body::Announce(_)
+            | Body::Data(_)
+            | Body::ZeroMap(_)
+            | Body::End(_)
+            | Body::Repair(_) => {
                 self.stats.foreign += 1;
                 tracing::debug!(%from, kind = ?msg.body.kind(), "server ignores server-side message");
             }
