@@ -174,6 +174,15 @@ impl BlockBuilder {
         })
     }
 
+    /// Source symbols of the open block so far.
+    pub fn source_symbols(&self) -> usize {
+        if self.opened.is_some() {
+            self.members.len() * usize::from(self.spp)
+        } else {
+            0
+        }
+    }
+
     /// Source symbols per page and symbol size.
     pub fn geometry(&self) -> (u16, usize) {
         (self.spp, self.t)
@@ -262,10 +271,7 @@ impl FecRx {
         }
     }
 
-    pub fn cached(&self, pfn: u64) -> Option<&Bytes> {
-        self.cache.get(&pfn)
-    }
-
+    #[cfg(test)]
     pub fn open_blocks(&self) -> usize {
         self.blocks.len()
     }
