@@ -293,6 +293,7 @@ pub struct Client {
     /// Sweep frontiers seen, with when, waiting out `fec_nack_delay`.
     fec_frontiers: VecDeque<(Instant, u64)>,
     fec_held_frontier: u64,
+    fec_last_repair: Option<Instant>,
 }
 
 impl std::fmt::Debug for Client {
@@ -353,6 +354,7 @@ impl Client {
             fec: FecRx::new(cfg.fec_max_blocks, cfg.fec_cache_pages),
             fec_frontiers: VecDeque::new(),
             fec_held_frontier: 0,
+            fec_last_repair: None,
             cfg,
         }
     }
@@ -786,6 +788,7 @@ impl Client {
             return;
         }
         let first = r.first_pfn;
+        self.fec_last_repair = Some(now);
         if self.fec.is_done(first) {
             self.stats.fec_repairs_unneeded += 1;
             return;
@@ -995,7 +998,14 @@ impl Client {
     /// With FEC, a sweep frontier takes effect only `fec_nack_delay` after it
     /// was first seen: the repair symbols of the blocks behind it come first.
     fn fec_hold(&mut self, now: Instant, frontier: u64) -> u64 {
-        if !self.fec_active() {
+        // Only while repair symbols actually come: the server sends none while
+        // nobody reports loss, or when loss is beyond what FEC can cover.
+        let repairs_coming = self
+            .fec_last_repair
+            .is_some_and(|t| now.saturating_duration_since(t) <= Duration::from_secs(1));
+        if !self.fec_active() || !repairs_coming {
+            self.fec_frontiers.clear();
+            self.fec_held_frontier = frontier;
             return frontier;
         }
         if self

@@ -7,8 +7,8 @@
 //! reports, and answers retries by unicast once most pages have been sent.
 //!
 //! Priorities in [`Server::poll_transmit`]: control (announce, zero map) → demand
-//! → repair (NACKs) → recorded working-set push ([`crate::workingset`]) → push
-//! next to faults → sweep. A page in progress (its
+//! → repair (NACKs) → FEC repair symbols of closed blocks ([`crate::fec`]) →
+//! recorded working-set push ([`crate::workingset`]) → push next to faults → sweep. A page in progress (its
 //! remaining fragments) finishes first; demand pre-empts push at each page.
 
 use crate::bitmap::PageBitmap;
@@ -1293,9 +1293,16 @@ impl Server {
         } else {
             0.0
         };
-        x.max(self.cfg.fec_min_overhead)
-            .min(self.cfg.fec_max_overhead)
-            .max(0.0)
+        if x > self.cfg.fec_max_overhead {
+            // More loss than the most repair symbols allowed can cover: blocks
+            // would rarely decode, and NACK repair alone costs less.
+            return self
+                .cfg
+                .fec_min_overhead
+                .min(self.cfg.fec_max_overhead)
+                .max(0.0);
+        }
+        x.max(self.cfg.fec_min_overhead).max(0.0)
     }
 
     /// Add a pushed or swept page to the open FEC block (opening one while
