@@ -351,7 +351,7 @@ pub fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
         out.push(("wire", format!("kind10-{n}"), d.to_vec()));
     }
     let mut v = vec![op::FETCH_ALL];
-    for d in fec_down.iter().take(240) {
+    for d in fec_down.iter().take(120) {
         v.extend(datagram_op(0, d));
         v.push(op::POLL);
         v.extend([op::ADVANCE, 0, 2]);
