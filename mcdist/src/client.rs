@@ -777,9 +777,14 @@ impl Client {
     /// One FEC repair symbol: check it against the session, keep it, and decode
     /// its block once enough symbols are in hand.
     fn on_repair(&mut self, now: Instant, datagram: &Bytes, r: wire::Repair<'_>) {
-        let Some(s) = self.session else { return };
+        let (Some(s), Some(a)) = (self.session, self.announce) else {
+            return;
+        };
         let spp = r.symbols_per_page;
-        let fits = crate::fec::symbol_size(s.page_size, spp) == usize::from(r.symbol_size)
+        // The symbol is the announced fragment size: this pins the block's
+        // geometry (and bounds its symbol count) to what the server sends.
+        let fits = r.symbol_size == a.frag_payload
+            && crate::fec::symbol_size(s.page_size, spp) == usize::from(r.symbol_size)
             && crate::reassembly::fragment_slot(s.page_size, spp, spp - 1).is_some()
             && r.first_pfn.saturating_add(u64::from(r.span)) <= s.page_count;
         if !fits {

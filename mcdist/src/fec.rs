@@ -338,8 +338,9 @@ impl FecRx {
         if b.repairs.iter().any(|(e, _)| *e == r.esi) {
             return RepairOutcome::Duplicate;
         }
-        // More repairs than source symbols never help a receiver that missed less than everything.
-        if b.repairs.len() >= r.source_symbols() as usize + 16 {
+        // Bounded memory: a server sends at most `fec_max_overhead` (≤ 1) × K
+        // repairs; more than K (or 256) plus a few are refused.
+        if b.repairs.len() >= (r.source_symbols() as usize).min(256) + 16 {
             return RepairOutcome::Refused;
         }
         b.repairs.push((r.esi, symbol));
