@@ -115,6 +115,11 @@ impl BlockBuilder {
         self.opened
     }
 
+    /// The open block has as many pages as a block may hold.
+    pub fn is_full(&self) -> bool {
+        self.opened.is_some() && self.members.len() >= self.max_pages
+    }
+
     /// Whether `pfn` can join the open block (false: close it first).
     pub fn fits(&self, pfn: u64) -> bool {
         self.opened.is_none()
@@ -523,6 +528,68 @@ mod tests {
             assert_eq!(&page[..], &data[i][..], "page {pfn}");
         }
         assert!(rx.is_done(10));
+    }
+
+    /// The server forms no block and sends no repair while nobody reports
+    /// loss; with a repair fraction set, each block of swept pages is followed
+    /// by `ceil(K × f)` repair symbols before the next block's pages.
+    #[test]
+    fn server_sends_repairs_only_when_asked() {
+        use crate::server::{Server, ServerConfig};
+        use crate::source::MemSource;
+        use crate::wire::{Body, Kind, Message};
+        use std::sync::Arc;
+        let img: Vec<u8> = (0..64 * 4096).map(|i| (i % 251 + 1) as u8).collect();
+        let run = |min: f64| {
+            let cfg = ServerConfig {
+                session_id: Some(7),
+                max_datagram: 1500,
+                sweep: true,
+                fec: true,
+                fec_min_overhead: min,
+                fec_block_pages: 16,
+                ..ServerConfig::default()
+            };
+            let src = Arc::new(MemSource::new(img.clone(), 4096));
+            let t0 = Instant::now();
+            let mut s = Server::new(cfg, src, t0).unwrap();
+            let mut now = t0;
+            let mut buf = vec![0u8; 65_536];
+            let mut kinds = Vec::new();
+            while s.stats().sweep_pages < 64 || kinds.last() != Some(&Kind::Announce) {
+                match s.poll_transmit(now, &mut buf) {
+                    Some(t) => {
+                        let m = Message::parse(&buf[..t.len]).unwrap();
+                        if let Body::Repair(r) = m.body {
+                            assert_eq!(r.source_symbols(), 48);
+                            assert_eq!(r.symbol_size, 1366);
+                        }
+                        kinds.push(m.body.kind());
+                    }
+                    None => now += std::time::Duration::from_millis(1),
+                }
+                assert!(now < t0 + std::time::Duration::from_secs(10));
+            }
+            (kinds, s.stats().clone())
+        };
+        let (kinds, st) = run(0.0);
+        assert!(!kinds.contains(&Kind::Repair));
+        assert_eq!((st.fec_blocks, st.fec_repairs), (0, 0));
+        let (mut kinds, st) = run(0.1);
+        // 4 blocks of 16 pages × 3 fragments, 5 repairs each (ceil(48 × 0.1)).
+        assert_eq!((st.fec_blocks, st.fec_repairs), (4, 20));
+        kinds.retain(|k| *k != Kind::Announce);
+        let data: Vec<usize> = kinds
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| **k == Kind::Data)
+            .map(|(i, _)| i)
+            .collect();
+        for block in 0..4 {
+            // The 5 repairs follow the block's last fragment, before the next block.
+            let last = data[block * 48 + 47];
+            assert!(kinds[last + 1..last + 6].iter().all(|k| *k == Kind::Repair));
+        }
     }
 
     #[test]

@@ -1498,6 +1498,10 @@ impl Server {
             };
             self.page_sent(now, job, dest);
             if page_done_for_all {
+                // A full FEC block's repairs go right after its last page.
+                if fec_slot.is_some() && self.fec.as_ref().is_some_and(|f| f.builder.is_full()) {
+                    self.fec_close();
+                }
                 self.current = None;
                 if job.target == Target::Group {
                     self.queued_group.clear(job.pfn);

@@ -1083,4 +1083,95 @@ mod tests {
         q[l - 2..].copy_from_slice(&1000u16.to_be_bytes());
         assert_eq!(Message::parse(&q).unwrap_err(), WireError::Truncated);
     }
+
+    #[test]
+    fn rejects_bad_repairs() {
+        let good = Repair {
+            first_pfn: 8,
+            span: 10,
+            symbols_per_page: 3,
+            symbol_size: 4,
+            esi: 12,
+            members: &[0b0000_0101, 0b10],
+            symbol: b"abcd",
+        };
+        let emit = |r: Repair<'_>| {
+            let m = Message {
+                session: 1,
+                seq: 1,
+                flags: HeaderFlags(0),
+                body: Body::Repair(r),
+            };
+            let mut buf = vec![0u8; m.buffer_len()];
+            m.emit(&mut buf).unwrap();
+            buf
+        };
+        let ok = emit(good);
+        let Body::Repair(p) = Message::parse(&ok).unwrap().body else {
+            panic!("kind changed");
+        };
+        assert_eq!(p.member_pfns().collect::<Vec<_>>(), vec![8, 10, 17]);
+        assert_eq!(p.source_symbols(), 9);
+        let bad = [
+            Repair {
+                members: &[0b100, 0b10],
+                ..good
+            }, // first page not a member
+            Repair {
+                members: &[0b101, 0b110],
+                ..good
+            }, // bit past the span
+            Repair {
+                span: 0,
+                members: &[],
+                ..good
+            }, // empty span
+            Repair {
+                span: MAX_FEC_SPAN + 8,
+                members: &[1; 129],
+                ..good
+            }, // span too wide
+            Repair {
+                symbols_per_page: 0,
+                ..good
+            },
+            Repair {
+                symbols_per_page: MAX_FRAGMENTS + 1,
+                ..good
+            },
+            Repair {
+                esi: MAX_FEC_ESI + 1,
+                ..good
+            },
+            Repair {
+                symbol_size: 0,
+                symbol: b"",
+                ..good
+            },
+            Repair {
+                first_pfn: u64::MAX - 3,
+                ..good
+            }, // span wraps
+            // 1024 pages of 9 symbols: more than MAX_FEC_SYMBOLS
+            Repair {
+                span: 1024,
+                symbols_per_page: 9,
+                members: &[0xff; 128],
+                ..good
+            },
+        ];
+        for r in bad {
+            assert!(
+                matches!(Message::parse(&emit(r)), Err(WireError::BadField(_))),
+                "{r:?}"
+            );
+        }
+        // A symbol shorter or longer than its stated size.
+        let mut buf = emit(good);
+        buf.pop();
+        assert!(Message::parse(&buf).is_err());
+        let mut buf = emit(good);
+        buf.push(0);
+        assert!(Message::parse(&buf).is_err());
+    }
 }
