@@ -132,7 +132,7 @@ impl Default for ServerConfig {
             fec_block_pages: 64,
             fec_min_overhead: 0.0,
             fec_max_overhead: 0.5,
-            fec_loss_factor: 2.0,
+            fec_loss_factor: 1.5,
             fec_margin: 0.02,
         }
     }
@@ -1293,16 +1293,9 @@ impl Server {
         } else {
             0.0
         };
-        if x > self.cfg.fec_max_overhead {
-            // More loss than the most repair symbols allowed can cover: blocks
-            // would rarely decode, and NACK repair alone costs less.
-            return self
-                .cfg
-                .fec_min_overhead
-                .min(self.cfg.fec_max_overhead)
-                .max(0.0);
-        }
-        x.max(self.cfg.fec_min_overhead).max(0.0)
+        x.max(self.cfg.fec_min_overhead)
+            .min(self.cfg.fec_max_overhead)
+            .max(0.0)
     }
 
     /// Add a pushed or swept page to the open FEC block (opening one while

@@ -53,12 +53,12 @@ fn measure(loss_pct: u32, fec: bool) -> Row {
         // The whole sweep of this small image is over before the first loss
         // report (100 ms), so the adaptive rule alone would never send a repair
         // symbol here: start at the rate it picks for this loss once reports
-        // arrive (`fec_loss_factor` × loss + `fec_margin`, nothing beyond
+        // arrive (`fec_loss_factor` × loss + `fec_margin`, at most
         // `fec_max_overhead`).
         let informed = loss * cfg.fec_loss_factor + cfg.fec_margin;
         let cfg = ServerConfig {
-            fec_min_overhead: if fec && loss > 0.0 && informed <= cfg.fec_max_overhead {
-                informed
+            fec_min_overhead: if fec && loss > 0.0 {
+                informed.min(cfg.fec_max_overhead)
             } else {
                 0.0
             },
