@@ -132,7 +132,7 @@ impl Default for ServerConfig {
             fec_block_pages: 64,
             fec_min_overhead: 0.0,
             fec_max_overhead: 0.5,
-            fec_loss_factor: 1.5,
+            fec_loss_factor: 2.0,
             fec_margin: 0.02,
         }
     }
