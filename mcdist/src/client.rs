@@ -294,6 +294,7 @@ pub struct Client {
     fec_frontiers: VecDeque<(Instant, u64)>,
     fec_held_frontier: u64,
     fec_last_repair: Option<Instant>,
+    fec_given_up: u64,
 }
 
 impl std::fmt::Debug for Client {
@@ -355,6 +356,7 @@ impl Client {
             fec_frontiers: VecDeque::new(),
             fec_held_frontier: 0,
             fec_last_repair: None,
+            fec_given_up: 0,
             cfg,
         }
     }
@@ -815,7 +817,6 @@ impl Client {
                 return;
             }
         }
-        self.stats.fec_blocks_dropped = self.stats.fec_blocks_dropped.max(self.fec.evicted);
         let (present, reasm) = (&self.present, &self.reasm);
         let res = self.fec.try_decode(first, s.page_size, |pfn| {
             if present.get(pfn) {
@@ -841,9 +842,10 @@ impl Client {
             Ok(None) => {}
             Err(()) => {
                 self.fec.finish(first);
-                self.stats.fec_blocks_dropped += 1;
+                self.fec_given_up += 1;
             }
         }
+        self.stats.fec_blocks_dropped = self.fec.evicted + self.fec_given_up;
     }
 
     fn rtt_sample(&mut self, r: Duration) {
