@@ -74,7 +74,6 @@ pub(crate) struct Burst {
 /// The server's block being filled.
 #[derive(Debug)]
 pub(crate) struct BlockBuilder {
-    page_size: usize,
     spp: u16,
     t: usize,
     max_pages: usize,
@@ -95,7 +94,6 @@ impl BlockBuilder {
             .min(wire::MAX_FEC_SYMBOLS as usize / usize::from(spp.max(1)))
             .max(1);
         BlockBuilder {
-            page_size,
             spp,
             t,
             max_pages,
@@ -170,7 +168,6 @@ impl BlockBuilder {
             let i = (p - self.first) as usize;
             members[i / 8] |= 1 << (i % 8);
         }
-        let _ = self.page_size;
         Some(Burst {
             first: self.first,
             span,
