@@ -250,13 +250,30 @@ pub fn reassembly(data: &[u8]) {
 
 /// Datagrams of a short simulated session with some loss: (server-sent, client-sent).
 pub fn captured_session() -> (Vec<Bytes>, Vec<Bytes>) {
-    let cfg = ServerConfig {
+    capture(ServerConfig {
         session_id: Some(SESSION),
         max_datagram: MAX_DATAGRAM,
         sweep: true,
         sweep_min_clients: 2,
         ..ServerConfig::default()
-    };
+    })
+}
+
+/// The same session with FEC repair symbols after every block of swept pages.
+pub fn captured_fec_session() -> (Vec<Bytes>, Vec<Bytes>) {
+    capture(ServerConfig {
+        session_id: Some(SESSION),
+        max_datagram: MAX_DATAGRAM,
+        sweep: true,
+        sweep_min_clients: 2,
+        fec: true,
+        fec_min_overhead: 0.2,
+        fec_block_pages: 16,
+        ..ServerConfig::default()
+    })
+}
+
+fn capture(cfg: ServerConfig) -> (Vec<Bytes>, Vec<Bytes>) {
     let Ok(mut sim) = Sim::new(1, cfg, image(), PAGE_SIZE) else {
         return (Vec::new(), Vec::new());
     };
@@ -325,6 +342,21 @@ pub fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
         v.push(0x41);
     }
     out.push(("reassembly", "three-fragments".into(), v));
+    // FEC: repair datagrams for the wire target, and a client fed a session with them.
+    let (fec_down, _) = captured_fec_session();
+    let repairs = fec_down
+        .iter()
+        .filter(|d| d.get(3) == Some(&(mcdist::wire::Kind::Repair as u8)));
+    for (n, d) in repairs.take(3).enumerate() {
+        out.push(("wire", format!("kind10-{n}"), d.to_vec()));
+    }
+    let mut v = vec![op::FETCH_ALL];
+    for d in fec_down.iter().take(120) {
+        v.extend(datagram_op(0, d));
+        v.push(op::POLL);
+        v.extend([op::ADVANCE, 0, 2]);
+    }
+    out.push(("client", "fec-session-0".into(), v));
     out
 }
 

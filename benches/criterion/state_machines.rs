@@ -7,7 +7,13 @@
 //!   client back to back (request emitted, parsed, page read and emitted,
 //!   parsed and reported ready);
 //! - `fec/raptorq`: RaptorQ encode and decode of a run of 64 pages with 5 %
-//!   repair symbols, per page.
+//!   repair symbols, per page;
+//! - `fec/server_sweep_*`: pages/s of a sweep at MTU 1500 (3 fragments per
+//!   page) without FEC and with FEC blocks of 64 pages and 10 % repair symbols
+//!   (the difference is the encoder's cost per page);
+//! - `fec/client_ingest_*`: pages/s into the client of that sweep without loss
+//!   and without FEC, and with FEC after losing every 20th data datagram (the
+//!   difference is the decoder's cost per page).
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -187,5 +193,108 @@ fn fec(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, server, client, fault_latency, fec);
+const FEC_PAGES: usize = 4096;
+
+fn mtu_sweep_config(fec: bool) -> ServerConfig {
+    ServerConfig {
+        max_datagram: 1472,
+        fec,
+        fec_min_overhead: if fec { 0.1 } else { 0.0 },
+        ..sweep_config()
+    }
+}
+
+/// Every datagram a sweep of `img` sends (announces included).
+fn record_sweep(img: &[u8], cfg: ServerConfig) -> Vec<Bytes> {
+    let source = Arc::new(MemSource::new(img.to_vec(), 4096));
+    let mut s = Server::new(cfg, source, Instant::now()).expect("valid configuration");
+    let mut buf = vec![0u8; 65_536];
+    let mut now = Instant::now();
+    let mut out = Vec::new();
+    loop {
+        match s.poll_transmit(now, &mut buf) {
+            Some(t) => out.push(Bytes::copy_from_slice(&buf[..t.len])),
+            None if s.stats().sweep_pages >= FEC_PAGES as u64 => break,
+            None => now += Duration::from_millis(1),
+        }
+    }
+    out
+}
+
+fn fec_paths(c: &mut Criterion) {
+    let img = image(FEC_PAGES, 4096, 0);
+    let source = Arc::new(MemSource::new(Bytes::from(img.clone()), 4096));
+    let info = scan(source.as_ref()).expect("in-memory image");
+    let mut g = c.benchmark_group("fec");
+    g.throughput(Throughput::Elements(FEC_PAGES as u64));
+    g.sample_size(10);
+    for (name, fec) in [
+        ("server_sweep_pages_nofec", false),
+        ("server_sweep_pages_fec_10pct", true),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    Server::with_info(
+                        mtu_sweep_config(fec),
+                        source.clone(),
+                        info.clone(),
+                        Instant::now(),
+                    )
+                    .expect("valid configuration")
+                },
+                |mut s| {
+                    let mut buf = vec![0u8; 65_536];
+                    let mut now = Instant::now();
+                    loop {
+                        match s.poll_transmit(now, &mut buf) {
+                            Some(t) => {
+                                black_box(&buf[..t.len]);
+                            }
+                            None if s.stats().sweep_pages >= FEC_PAGES as u64 => break,
+                            None => now += Duration::from_millis(1),
+                        }
+                    }
+                    s
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    let plain = record_sweep(&img, mtu_sweep_config(false));
+    let with_fec: Vec<Bytes> = record_sweep(&img, mtu_sweep_config(true))
+        .into_iter()
+        .enumerate()
+        .filter(|(i, d)| d[3] != mcdist::wire::Kind::Data as u8 || i % 20 != 7)
+        .map(|(_, d)| d)
+        .collect();
+    for (name, dgrams) in [
+        ("client_ingest_pages_nofec", &plain),
+        ("client_ingest_pages_fec_5pct_loss", &with_fec),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || Pair::new(img.clone()),
+                |mut p| {
+                    let now = p.now;
+                    let mut ready = 0u64;
+                    for d in dgrams.iter() {
+                        p.client.handle_datagram(now, SERVER_ADDR, d.clone());
+                        while let Some(ev) = p.client.poll_event() {
+                            if matches!(ev, ClientEvent::PageReady { .. }) {
+                                ready += 1;
+                            }
+                        }
+                    }
+                    assert_eq!(ready, FEC_PAGES as u64, "every page arrives or is decoded");
+                    p
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, server, client, fault_latency, fec, fec_paths);
 criterion_main!(benches);

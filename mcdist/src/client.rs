@@ -14,6 +14,7 @@
 //! datagram and reported as a zero-filled `PageReady`.
 
 use crate::bitmap::{coalesce, PageBitmap};
+use crate::fec::{FecRx, Have, RepairOutcome};
 use crate::reassembly::Reassembler;
 use crate::wire::{self, Announce, Body, Data, HeaderFlags, Message};
 use crate::{Dest, SessionInfo, Transmit};
@@ -66,6 +67,13 @@ pub struct ClientConfig {
     /// what is sent. Applied by the drivers ([`crate::node::ClientNode`]);
     /// `None` runs an unauthenticated session.
     pub security: Option<crate::secure::Security>,
+    /// Most FEC blocks being decoded at once (the oldest is dropped).
+    pub fec_max_blocks: usize,
+    /// Received pages kept for decoding FEC blocks (only while the server sends FEC).
+    pub fec_cache_pages: usize,
+    /// While the server sends FEC, gaps are NACKed only once the sweep
+    /// frontier passed them this long ago, so repair symbols get a chance first.
+    pub fec_nack_delay: Duration,
 }
 
 impl ClientConfig {
@@ -90,6 +98,9 @@ impl ClientConfig {
             max_image_pages: 1 << 28,
             seed: 0x636c_6965_6e74,
             security: None,
+            fec_max_blocks: 64,
+            fec_cache_pages: 4096,
+            fec_nack_delay: Duration::from_millis(30),
         }
     }
 }
@@ -204,6 +215,18 @@ pub struct ClientStats {
     pub resumes: u64,
     /// Smoothed round-trip time of demand requests, microseconds.
     pub srtt_us: u64,
+    /// FEC repair symbols received and kept for decoding.
+    pub fec_repairs: u64,
+    /// FEC repair symbols that came after their block was decoded or complete.
+    pub fec_repairs_unneeded: u64,
+    /// FEC repair symbols refused: inconsistent with the session or their block.
+    pub fec_repairs_refused: u64,
+    /// Pages recovered by FEC decoding (also counted in `pages_received`).
+    pub fec_pages: u64,
+    /// FEC blocks decoded.
+    pub fec_blocks_decoded: u64,
+    /// FEC blocks given up (evicted to bound memory, or a member page no longer cached).
+    pub fec_blocks_dropped: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -266,6 +289,12 @@ pub struct Client {
     seq: u64,
     range_buf: Vec<u8>,
     zero_page: Bytes,
+    fec: FecRx,
+    /// Sweep frontiers seen, with when, waiting out `fec_nack_delay`.
+    fec_frontiers: VecDeque<(Instant, u64)>,
+    fec_held_frontier: u64,
+    fec_last_repair: Option<Instant>,
+    fec_given_up: u64,
 }
 
 impl std::fmt::Debug for Client {
@@ -323,6 +352,11 @@ impl Client {
             seq: 0,
             range_buf: Vec::new(),
             zero_page: Bytes::new(),
+            fec: FecRx::new(cfg.fec_max_blocks, cfg.fec_cache_pages),
+            fec_frontiers: VecDeque::new(),
+            fec_held_frontier: 0,
+            fec_last_repair: None,
+            fec_given_up: 0,
             cfg,
         }
     }
@@ -512,6 +546,7 @@ impl Client {
         }
         match msg.body {
             Body::Data(d) => self.on_data(now, &datagram, d),
+            Body::Repair(r) => self.on_repair(now, &datagram, r),
             Body::ZeroMap(z) => self.on_zero_map(now, z),
             Body::End(_) => {
                 let missing = if self.fetch_all {
@@ -703,8 +738,6 @@ impl Client {
                 }
             }
         };
-        self.present.set(d.pfn);
-        self.stats.pages_received += 1;
         match d.flags {
             f if f & Data::DEMAND != 0 => self.stats.demand_pages += 1,
             f if f & Data::PUSH != 0 => self.stats.push_pages += 1,
@@ -714,20 +747,105 @@ impl Client {
             }
             _ => self.stats.repair_pages += 1,
         }
-        if let Some(p) = self.pending.remove(&d.pfn) {
-            self.want_demand.remove(&d.pfn);
-            self.want_retry.remove(&d.pfn);
-            self.want_nack.remove(&d.pfn);
-            self.want_nack_retry.remove(&d.pfn);
-            if let (Some(t0), 0) = (p.first_sent, p.retries) {
+        if self.fec_active() {
+            self.fec.remember(d.pfn, &page);
+        }
+        self.accept_page(now, d.pfn, page, true);
+    }
+
+    /// A page became present (received or decoded): report it once, settle its request.
+    fn accept_page(&mut self, now: Instant, pfn: u64, page: Bytes, rtt_sample: bool) {
+        self.present.set(pfn);
+        self.stats.pages_received += 1;
+        if let Some(p) = self.pending.remove(&pfn) {
+            self.want_demand.remove(&pfn);
+            self.want_retry.remove(&pfn);
+            self.want_nack.remove(&pfn);
+            self.want_nack_retry.remove(&pfn);
+            if let (Some(t0), 0, true) = (p.first_sent, p.retries, rtt_sample) {
                 self.rtt_sample(now.saturating_duration_since(t0));
             }
         }
-        self.events.push_back(ClientEvent::PageReady {
-            pfn: d.pfn,
-            data: page,
-        });
+        self.events
+            .push_back(ClientEvent::PageReady { pfn, data: page });
         self.check_complete();
+    }
+
+    fn fec_active(&self) -> bool {
+        self.announce
+            .is_some_and(|a| a.flags & Announce::FLAG_FEC != 0)
+    }
+
+    /// One FEC repair symbol: check it against the session, keep it, and decode
+    /// its block once enough symbols are in hand.
+    fn on_repair(&mut self, now: Instant, datagram: &Bytes, r: wire::Repair<'_>) {
+        let (Some(s), Some(a)) = (self.session, self.announce) else {
+            return;
+        };
+        let spp = r.symbols_per_page;
+        // The symbol is the announced fragment size: this pins the block's
+        // geometry (and bounds its symbol count) to what the server sends.
+        let fits = r.symbol_size == a.frag_payload
+            && crate::fec::symbol_size(s.page_size, spp) == usize::from(r.symbol_size)
+            && crate::reassembly::fragment_slot(s.page_size, spp, spp - 1).is_some()
+            && r.first_pfn.saturating_add(u64::from(r.span)) <= s.page_count;
+        if !fits {
+            self.stats.fec_repairs_refused += 1;
+            tracing::debug!(first = r.first_pfn, "FEC repair does not fit the session");
+            return;
+        }
+        let first = r.first_pfn;
+        self.fec_last_repair = Some(now);
+        if self.fec.is_done(first) {
+            self.stats.fec_repairs_unneeded += 1;
+            return;
+        }
+        if r.member_pfns().all(|p| self.present.get(p)) {
+            self.fec.finish(first);
+            self.stats.fec_repairs_unneeded += 1;
+            return;
+        }
+        let symbol = datagram.slice(datagram.len() - r.symbol.len()..);
+        match self.fec.add(&r, symbol) {
+            RepairOutcome::Stored => self.stats.fec_repairs += 1,
+            RepairOutcome::Late | RepairOutcome::Duplicate => {
+                self.stats.fec_repairs_unneeded += 1;
+                return;
+            }
+            RepairOutcome::Refused => {
+                self.stats.fec_repairs_refused += 1;
+                return;
+            }
+        }
+        let (present, reasm) = (&self.present, &self.reasm);
+        let res = self.fec.try_decode(first, s.page_size, |pfn| {
+            if present.get(pfn) {
+                return Have::Present;
+            }
+            match reasm.fragments(pfn) {
+                Some((count, it)) if count == spp => Have::Fragments(Box::new(it)),
+                _ => Have::Nothing,
+            }
+        });
+        match res {
+            Ok(Some(pages)) => {
+                self.stats.fec_blocks_decoded += 1;
+                for (pfn, page) in pages {
+                    if self.present.get(pfn) {
+                        continue;
+                    }
+                    self.reasm.forget(pfn);
+                    self.stats.fec_pages += 1;
+                    self.accept_page(now, pfn, page, false);
+                }
+            }
+            Ok(None) => {}
+            Err(()) => {
+                self.fec.finish(first);
+                self.fec_given_up += 1;
+            }
+        }
+        self.stats.fec_blocks_dropped = self.fec.evicted + self.fec_given_up;
     }
 
     fn rtt_sample(&mut self, r: Duration) {
@@ -801,7 +919,7 @@ impl Client {
         // Whole-image scan.
         if self.fetch_all && now >= self.next_scan {
             self.next_scan = now + Duration::from_millis(5);
-            self.scan_for_gaps();
+            self.scan_for_gaps(now);
         }
         // Rate report.
         if now >= self.next_heartbeat {
@@ -825,7 +943,7 @@ impl Client {
         }
     }
 
-    fn scan_for_gaps(&mut self) {
+    fn scan_for_gaps(&mut self, now: Instant) {
         let (Some(s), Some(a)) = (self.session, self.announce) else {
             return;
         };
@@ -845,6 +963,11 @@ impl Client {
             s.page_count
         }
         .min(s.page_count);
+        let frontier = if sweeping || a.sweep_pos != Announce::SWEEP_NONE {
+            self.fec_hold(now, frontier)
+        } else {
+            frontier
+        };
         let mut budget = self.cfg.max_outstanding.saturating_sub(self.pending.len());
         let mut pos = self.scan_pos;
         while budget > 0 && pos < frontier {
@@ -877,6 +1000,36 @@ impl Client {
             // Wrapped: anything still missing gets another pass.
             self.scan_pos = 0;
         }
+    }
+
+    /// With FEC, a sweep frontier takes effect only `fec_nack_delay` after it
+    /// was first seen: the repair symbols of the blocks behind it come first.
+    fn fec_hold(&mut self, now: Instant, frontier: u64) -> u64 {
+        // Only while repair symbols actually come: the server sends none while
+        // nobody reports loss, or when loss is beyond what FEC can cover.
+        let repairs_coming = self
+            .fec_last_repair
+            .is_some_and(|t| now.saturating_duration_since(t) <= Duration::from_secs(1));
+        if !self.fec_active() || !repairs_coming {
+            self.fec_frontiers.clear();
+            self.fec_held_frontier = frontier;
+            return frontier;
+        }
+        if self
+            .fec_frontiers
+            .back()
+            .is_none_or(|&(_, f)| f != frontier)
+        {
+            self.fec_frontiers.push_back((now, frontier));
+        }
+        while let Some(&(t, f)) = self.fec_frontiers.front() {
+            if now.saturating_duration_since(t) < self.cfg.fec_nack_delay {
+                break;
+            }
+            self.fec_held_frontier = self.fec_held_frontier.max(f);
+            self.fec_frontiers.pop_front();
+        }
+        frontier.min(self.fec_held_frontier)
     }
 
     /// When [`Client::handle_timeout`] should run next.

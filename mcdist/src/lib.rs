@@ -17,6 +17,8 @@
 //!   (socket2), unicast fan-out, an in-memory network and a seeded fault injector.
 //! - [`node`]: threaded drivers ([`node::ServerNode`], [`node::ClientNode`]) that
 //!   turn the state machines into socket calls; they hold no protocol logic.
+//! - [`fec`]: RaptorQ repair symbols over pushed and swept pages (off by
+//!   default; `ServerConfig::fec`).
 //! - [`sim`]: a deterministic, virtual-time network for tests.
 //!
 //! ## Polling order (both state machines)
@@ -36,6 +38,7 @@
 
 pub mod bitmap;
 pub mod client;
+pub mod fec;
 pub mod node;
 pub mod pacing;
 pub mod reassembly;

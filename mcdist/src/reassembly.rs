@@ -82,6 +82,27 @@ impl Reassembler {
         self.partial.remove(&pfn);
     }
 
+    /// The fragments held for a page in progress: its fragment count and the
+    /// `(index, payload)` of each fragment received so far.
+    pub fn fragments(&self, pfn: u64) -> Option<(u16, impl Iterator<Item = (u16, &[u8])> + '_)> {
+        let p = self.partial.get(&pfn)?;
+        let page_size = self.page_size;
+        let it = (0..p.count).filter_map(move |i| {
+            let (w, m) = (usize::from(i) / 64, 1u64 << (i % 64));
+            if p.got[w] & m == 0 {
+                return None;
+            }
+            let (start, len) = fragment_slot(page_size, p.count, i)?;
+            Some((i, &p.buf[start..start + len]))
+        });
+        Some((p.count, it))
+    }
+
+    /// Fragments received so far for a page in progress, with its fragment count.
+    pub fn received(&self, pfn: u64) -> Option<(u16, u16)> {
+        self.partial.get(&pfn).map(|p| (p.received, p.count))
+    }
+
     /// Add one fragment. Returns the whole page when this fragment completes it.
     pub fn insert(
         &mut self,

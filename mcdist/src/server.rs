@@ -7,11 +7,12 @@
 //! reports, and answers retries by unicast once most pages have been sent.
 //!
 //! Priorities in [`Server::poll_transmit`]: control (announce, zero map) → demand
-//! → repair (NACKs) → recorded working-set push ([`crate::workingset`]) → push
-//! next to faults → sweep. A page in progress (its
+//! → repair (NACKs) → FEC repair symbols of closed blocks ([`crate::fec`]) →
+//! recorded working-set push ([`crate::workingset`]) → push next to faults → sweep. A page in progress (its
 //! remaining fragments) finishes first; demand pre-empts push at each page.
 
 use crate::bitmap::PageBitmap;
+use crate::fec::{BlockBuilder, Burst};
 use crate::pacing::{RateConfig, RateController, TokenBucket};
 use crate::source::{scan, ImageInfo, PageSource};
 use crate::wire::{self, Announce, Body, Data, Header, HeaderFlags, Kind, Message};
@@ -88,6 +89,19 @@ pub struct ServerConfig {
     /// key. Applied by the drivers ([`crate::node::ServerNode`]), which then
     /// draw a random session id; `None` runs an unauthenticated session.
     pub security: Option<crate::secure::Security>,
+    /// Follow pushed and swept pages with RaptorQ repair symbols
+    /// ([`crate::fec`]); multicast delivery only. Off by default.
+    pub fec: bool,
+    /// Most pages in one FEC block.
+    pub fec_block_pages: usize,
+    /// Repair symbols per source symbol sent even while no receiver reports loss.
+    pub fec_min_overhead: f64,
+    /// Most repair symbols per source symbol.
+    pub fec_max_overhead: f64,
+    /// The repair fraction is this times the 90th-percentile reported loss ...
+    pub fec_loss_factor: f64,
+    /// ... plus this, while any receiver reports loss.
+    pub fec_margin: f64,
 }
 
 impl Default for ServerConfig {
@@ -114,6 +128,12 @@ impl Default for ServerConfig {
             max_pages_per_request: 8192,
             seed: 0x6d63_6469_7374,
             security: None,
+            fec: false,
+            fec_block_pages: 64,
+            fec_min_overhead: 0.0,
+            fec_max_overhead: 0.5,
+            fec_loss_factor: 2.0,
+            fec_margin: 0.02,
         }
     }
 }
@@ -209,6 +229,10 @@ pub struct ServerStats {
     pub slow_receivers: u64,
     /// Unicast answers refused because the receiver's or the server's queue was full.
     pub queue_full: u64,
+    /// FEC blocks closed with repair symbols.
+    pub fec_blocks: u64,
+    /// FEC repair symbols sent (one datagram each).
+    pub fec_repairs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,6 +259,19 @@ struct Current {
     /// The page goes in one datagram to one destination: it is read from the
     /// source straight into the datagram, not through `page_buf`.
     direct: bool,
+    /// Member index in the open FEC block.
+    fec_slot: Option<usize>,
+}
+
+/// Longest an FEC block stays open before its repairs are sent.
+const FEC_MAX_BLOCK_AGE: Duration = Duration::from_millis(20);
+
+#[derive(Debug)]
+struct FecState {
+    builder: BlockBuilder,
+    bursts: VecDeque<Burst>,
+    /// 90th-percentile loss receivers report, parts per thousand.
+    loss_p90: u16,
 }
 
 #[derive(Debug)]
@@ -310,6 +347,7 @@ pub struct Server {
     events: VecDeque<ServerEvent>,
     stats: ServerStats,
     failed: bool,
+    fec: Option<FecState>,
 }
 
 impl std::fmt::Debug for Server {
@@ -351,7 +389,21 @@ impl Server {
             return Err(ConfigError::DatagramTooSmall(cfg.max_datagram));
         }
         let frag_payload = room.min(page_size);
-        let frags = page_size.div_ceil(frag_payload);
+        let mut frags = page_size.div_ceil(frag_payload);
+        let fec_on = cfg.fec && cfg.delivery == Delivery::Multicast;
+        let fec_span =
+            (cfg.fec_block_pages.max(1) * 2).clamp(64, usize::from(wire::MAX_FEC_SPAN)) as u16;
+        if fec_on {
+            // One repair symbol (a fragment's size) and its block header fit a datagram.
+            while frags < usize::from(wire::MAX_FRAGMENTS)
+                && page_size.div_ceil(frags)
+                    + crate::fec::repair_overhead(fec_span)
+                    + cfg.trailer_reserve
+                    > cfg.max_datagram
+            {
+                frags += 1;
+            }
+        }
         if frags > usize::from(wire::MAX_FRAGMENTS) {
             return Err(ConfigError::TooManyFragments {
                 page: page_size,
@@ -417,6 +469,11 @@ impl Server {
             events: VecDeque::new(),
             stats: ServerStats::default(),
             failed: false,
+            fec: fec_on.then(|| FecState {
+                builder: BlockBuilder::new(page_size, frags as u16, cfg.fec_block_pages, fec_span),
+                bursts: VecDeque::new(),
+                loss_p90: 0,
+            }),
             info,
             cfg,
         })
@@ -589,7 +646,11 @@ impl Server {
                     self.events.push_back(ServerEvent::ClientLeft(from));
                 }
             }
-            Body::Announce(_) | Body::Data(_) | Body::ZeroMap(_) | Body::End(_) => {
+            Body::Announce(_)
+            | Body::Data(_)
+            | Body::ZeroMap(_)
+            | Body::End(_)
+            | Body::Repair(_) => {
                 self.stats.foreign += 1;
                 tracing::debug!(%from, kind = ?msg.body.kind(), "server ignores server-side message");
             }
@@ -619,6 +680,24 @@ impl Server {
     /// repairs go by unicast, limited to the rate it reports.
     fn feed_rate_reports(&mut self, now: Instant) {
         let threshold = self.cfg.rate.loss_threshold_permille;
+        if let Some(fec) = self.fec.as_mut() {
+            let recent = Duration::from_secs(2);
+            let mut v: Vec<u16> = self
+                .peers
+                .values()
+                .filter(|p| !p.complete && !p.slow)
+                .map(|p| {
+                    p.report
+                        .filter(|r| now.saturating_duration_since(r.2) <= recent)
+                        .map_or(0, |r| r.1)
+                })
+                .collect();
+            v.sort_unstable();
+            fec.loss_p90 = v
+                .get((v.len() * 9 / 10).min(v.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0);
+        }
         // The median over every receiver heard from recently, finished ones
         // included: they are evidence of what the network delivers.
         // A receiver with no recent report has not complained: it counts as
@@ -871,6 +950,10 @@ impl Server {
                 || !self.demand.is_empty()
                 || !self.repair.is_empty()
                 || self.unicast_len > 0
+                || self
+                    .fec
+                    .as_ref()
+                    .is_some_and(|f| f.builder.is_open() || !f.bursts.is_empty())
                 || (self.cfg.push_neighbors && self.push_remaining > 0)
                 || (self.cfg.working_set_push && self.working_set.active())
                 || (self.sweeping() && self.sweep_pos < self.page_count))
@@ -886,7 +969,9 @@ impl Server {
             t = t.min(self.base);
         }
         if self.has_data_work() {
-            t = t.min(self.bucket.ready_at(self.data_len() as u64));
+            // A repair datagram may be a little longer than a fragment.
+            let need = self.data_len().max(self.fec_repair_ready().unwrap_or(0));
+            t = t.min(self.bucket.ready_at(need as u64));
         }
         Some(t)
     }
@@ -931,6 +1016,10 @@ impl Server {
                 0
             }) | (if self.cfg.sweep && sweep_done {
                 Announce::FLAG_SWEEP_DONE
+            } else {
+                0
+            }) | (if self.fec.is_some() {
+                Announce::FLAG_FEC
             } else {
                 0
             }),
@@ -1071,6 +1160,14 @@ impl Server {
             if let Some(pfn) = found {
                 return Some(self.group_job(pfn, Data::SWEEP));
             }
+            if self
+                .fec
+                .as_ref()
+                .is_some_and(|f| f.builder.is_open() || !f.bursts.is_empty())
+            {
+                // The last block's repairs go before the end-of-sweep announce.
+                return None;
+            }
             if !self.sweep_end_announced {
                 // Tell receivers at once that the sweep passed every page, so they
                 // NACK their last gaps now instead of at the next periodic announce;
@@ -1139,8 +1236,25 @@ impl Server {
         }
         loop {
             if self.current.is_none() {
-                let job = self.next_job()?;
-                if let Err(e) = self.load(job) {
+                if self.fec_block_expired(now) {
+                    self.fec_close();
+                }
+                if let Some(len) = self.fec_repair_ready() {
+                    if !self.bucket.try_take(now, len as u64) {
+                        return None;
+                    }
+                    if let Some(t) = self.emit_repair(buf) {
+                        return Some(t);
+                    }
+                    continue;
+                }
+                let Some(job) = self.next_job() else {
+                    if self.fec_close() {
+                        continue;
+                    }
+                    return None;
+                };
+                if let Err(e) = self.load(now, job) {
                     self.fail_source(e.to_string());
                     return None;
                 }
@@ -1160,7 +1274,119 @@ impl Server {
         }
     }
 
-    fn load(&mut self, job: Job) -> io::Result<()> {
+    fn fec_block_expired(&self, now: Instant) -> bool {
+        self.fec.as_ref().is_some_and(|f| {
+            f.builder
+                .opened_at()
+                .is_some_and(|t| now.saturating_duration_since(t) >= FEC_MAX_BLOCK_AGE)
+        })
+    }
+
+    /// Repair symbols per source symbol for the loss receivers report now.
+    fn fec_fraction(&self) -> f64 {
+        let Some(f) = self.fec.as_ref() else {
+            return 0.0;
+        };
+        let p = f64::from(f.loss_p90) / 1000.0;
+        let x = if p > 0.0 {
+            p * self.cfg.fec_loss_factor + self.cfg.fec_margin
+        } else {
+            0.0
+        };
+        x.max(self.cfg.fec_min_overhead)
+            .min(self.cfg.fec_max_overhead)
+            .max(0.0)
+    }
+
+    /// Add a pushed or swept page to the open FEC block (opening one while
+    /// repairs are due); its member index.
+    fn fec_admit(&mut self, now: Instant, job: &Job) -> Option<usize> {
+        let eligible = job.target == Target::Group
+            && !job.ws
+            && job.flags & (Data::PUSH | Data::SWEEP) != 0
+            && job.flags & Data::ZERO == 0;
+        if !eligible || self.fec.is_none() {
+            return None;
+        }
+        if self.fec.as_ref().is_some_and(|f| !f.builder.fits(job.pfn)) {
+            self.fec_close();
+        }
+        let frac = self.fec_fraction();
+        let fec = self.fec.as_mut()?;
+        if !fec.builder.is_open() && frac <= 0.0 {
+            return None;
+        }
+        Some(fec.builder.admit(now, job.pfn))
+    }
+
+    /// Close the open FEC block and queue its repair symbols; true if any were queued.
+    fn fec_close(&mut self) -> bool {
+        let frac = self.fec_fraction();
+        let Some(fec) = self.fec.as_mut() else {
+            return false;
+        };
+        let k = fec.builder.source_symbols();
+        let repairs = (k as f64 * frac).ceil() as u32;
+        match fec.builder.close(repairs) {
+            Some(b) => {
+                fec.bursts.push_back(b);
+                self.stats.fec_blocks += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Length of the next repair datagram, when one is due: repairs go after
+    /// demand, NACK repairs and unicast answers, before further pushes.
+    fn fec_repair_ready(&self) -> Option<usize> {
+        if !self.demand.is_empty() || !self.repair.is_empty() || self.unicast_len > 0 {
+            return None;
+        }
+        let fec = self.fec.as_ref()?;
+        let b = fec.bursts.front()?;
+        let (_, t) = fec.builder.geometry();
+        Some(crate::fec::repair_overhead(b.span) + t + self.cfg.trailer_reserve)
+    }
+
+    fn emit_repair(&mut self, buf: &mut [u8]) -> Option<Transmit> {
+        let seq = self.next_seq(true);
+        let session = self.session;
+        let fec = self.fec.as_mut()?;
+        let (spp, t) = fec.builder.geometry();
+        let b = fec.bursts.front_mut()?;
+        let pkt = b.packets.pop_front();
+        let res = pkt.and_then(|pkt| {
+            Message {
+                session,
+                seq,
+                flags: HeaderFlags(0),
+                body: Body::Repair(wire::Repair {
+                    first_pfn: b.first,
+                    span: b.span,
+                    symbols_per_page: spp,
+                    symbol_size: t as u16,
+                    esi: pkt.payload_id().encoding_symbol_id(),
+                    members: &b.members,
+                    symbol: pkt.data(),
+                }),
+            }
+            .emit(buf)
+            .ok()
+        });
+        if b.packets.is_empty() {
+            fec.bursts.pop_front();
+        }
+        let len = res?;
+        self.count_sent(len, 0);
+        self.stats.fec_repairs += 1;
+        Some(Transmit {
+            dest: Dest::Group,
+            len,
+        })
+    }
+
+    fn load(&mut self, now: Instant, job: Job) -> io::Result<()> {
         let fanout = match (job.target, self.cfg.delivery) {
             (Target::Group, Delivery::UnicastFanout) => {
                 let mut v: Vec<SocketAddr> = self.peers.keys().copied().collect();
@@ -1174,11 +1400,17 @@ impl Server {
         if !zero && !direct {
             self.source.read_page(job.pfn, &mut self.page_buf)?;
         }
+        let fec_slot = if fanout.is_empty() {
+            self.fec_admit(now, &job)
+        } else {
+            None
+        };
         self.current = Some(Current {
             job,
             fanout,
             next_frag: 0,
             direct,
+            fec_slot,
         });
         Ok(())
     }
@@ -1187,6 +1419,7 @@ impl Server {
         let cur = self.current.as_mut()?;
         let job = cur.job;
         let direct = cur.direct;
+        let fec_slot = cur.fec_slot;
         let dest = match (job.target, cur.fanout.last()) {
             (Target::Peer(p), _) => Dest::Peer(p),
             (Target::Group, Some(p)) => Dest::Peer(*p),
@@ -1241,6 +1474,9 @@ impl Server {
             buf[off..off + (end - start)].copy_from_slice(&self.page_buf[start..end]);
         }
         let len = off + (end - start);
+        if let (Some(m), Some(fec)) = (fec_slot, self.fec.as_mut()) {
+            fec.builder.put(m, idx, &buf[off..len]);
+        }
         self.count_sent(len, end - start);
         // Advance.
         let cur = self.current.as_mut()?;
@@ -1255,6 +1491,10 @@ impl Server {
             };
             self.page_sent(now, job, dest);
             if page_done_for_all {
+                // A full FEC block's repairs go right after its last page.
+                if fec_slot.is_some() && self.fec.as_ref().is_some_and(|f| f.builder.is_full()) {
+                    self.fec_close();
+                }
                 self.current = None;
                 if job.target == Target::Group {
                     self.queued_group.clear(job.pfn);

@@ -90,6 +90,8 @@ pub enum Kind {
     ZeroMap = 8,
     /// Server → group: the session ends.
     End = 9,
+    /// Server → group: one RaptorQ repair symbol for a block of pushed or swept pages.
+    Repair = 10,
 }
 
 impl Kind {
@@ -105,6 +107,7 @@ impl Kind {
             7 => Kind::Leave,
             8 => Kind::ZeroMap,
             9 => Kind::End,
+            10 => Kind::Repair,
             other => return Err(WireError::BadKind(other)),
         })
     }
@@ -351,6 +354,8 @@ impl Announce {
     pub const FLAG_SWEEP: u8 = 0x02;
     /// The sweep has passed every page.
     pub const FLAG_SWEEP_DONE: u8 = 0x04;
+    /// The server follows pushed and swept pages with FEC [`Repair`] symbols.
+    pub const FLAG_FEC: u8 = 0x08;
 
     fn parse(r: &mut Reader<'_>) -> Result<Announce, WireError> {
         let a = Announce {
@@ -563,6 +568,117 @@ pub struct End {
     pub reason: u8,
 }
 
+/// Body of [`Kind::Repair`]: one RaptorQ (RFC 6330) repair symbol for an FEC
+/// block of pages the server multicast by push or sweep.
+///
+/// The block is the member pages of `first_pfn .. first_pfn + span` (bit `i`
+/// of `members`, LSB first, set: page `first_pfn + i` is in the block), in
+/// ascending page order. Each page is `symbols_per_page` source symbols of
+/// `symbol_size` bytes: the page's fragments as sent in [`Data`] datagrams
+/// (`symbols_per_page` is the fragment count), each zero-padded to
+/// `symbol_size`. The block has `K = members × symbols_per_page` source
+/// symbols with ESIs `0..K` in that order; repair symbols have ESIs `>= K`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Repair<'a> {
+    /// First page of the block's span (always a member).
+    pub first_pfn: u64,
+    /// Pages the span covers, `1..=MAX_FEC_SPAN`.
+    pub span: u16,
+    /// Source symbols per page (the page's fragment count), `1..=MAX_FRAGMENTS`.
+    pub symbols_per_page: u16,
+    /// Symbol size in bytes.
+    pub symbol_size: u16,
+    /// Encoding symbol id (RFC 6330), `< 2^24`.
+    pub esi: u32,
+    /// Member bitmap, `ceil(span / 8)` bytes, LSB first; bits past `span` are zero.
+    pub members: &'a [u8],
+    /// The symbol, `symbol_size` bytes.
+    pub symbol: &'a [u8],
+}
+
+/// Widest page span one FEC block may cover.
+pub const MAX_FEC_SPAN: u16 = 1024;
+/// Most source symbols one FEC block may have.
+pub const MAX_FEC_SYMBOLS: u32 = 8192;
+/// Largest encoding symbol id (RFC 6330 ESIs are 24 bits).
+pub const MAX_FEC_ESI: u32 = (1 << 24) - 1;
+
+impl<'a> Repair<'a> {
+    /// Fixed part before the member bitmap.
+    pub const FIXED_LEN: usize = 8 + 2 + 2 + 2 + 4;
+
+    /// Number of member pages.
+    pub fn member_count(&self) -> u32 {
+        self.members.iter().map(|b| b.count_ones()).sum()
+    }
+
+    /// Source symbols in the block (`K`).
+    pub fn source_symbols(&self) -> u32 {
+        self.member_count() * u32::from(self.symbols_per_page)
+    }
+
+    /// The member pages, ascending.
+    pub fn member_pfns(&self) -> impl Iterator<Item = u64> + 'a {
+        let first = self.first_pfn;
+        let members = self.members;
+        (0..members.len() * 8)
+            .filter(move |i| members[i / 8] & (1 << (i % 8)) != 0)
+            .map(move |i| first + i as u64)
+    }
+
+    fn parse(r: &mut Reader<'a>) -> Result<Repair<'a>, WireError> {
+        let first_pfn = r.u64()?;
+        let span = r.u16()?;
+        let symbols_per_page = r.u16()?;
+        let symbol_size = r.u16()?;
+        let esi = r.u32()?;
+        if span == 0 || span > MAX_FEC_SPAN {
+            return Err(WireError::BadField("fec span"));
+        }
+        if symbols_per_page == 0 || symbols_per_page > MAX_FRAGMENTS {
+            return Err(WireError::BadField("fec symbols per page"));
+        }
+        if symbol_size == 0 {
+            return Err(WireError::BadField("fec symbol size"));
+        }
+        if esi > MAX_FEC_ESI || first_pfn.checked_add(u64::from(span)).is_none() {
+            return Err(WireError::BadField("fec symbol id"));
+        }
+        let members = r.take(usize::from(span).div_ceil(8))?;
+        let tail = span % 8;
+        if members[0] & 1 == 0 || (tail != 0 && members[members.len() - 1] >> tail != 0) {
+            return Err(WireError::BadField("fec members"));
+        }
+        let symbol = std::mem::take(&mut r.b);
+        if symbol.len() != usize::from(symbol_size) {
+            return Err(WireError::BadField("fec symbol length"));
+        }
+        let rep = Repair {
+            first_pfn,
+            span,
+            symbols_per_page,
+            symbol_size,
+            esi,
+            members,
+            symbol,
+        };
+        if rep.source_symbols() > MAX_FEC_SYMBOLS {
+            return Err(WireError::BadField("fec block size"));
+        }
+        Ok(rep)
+    }
+
+    fn emit(&self, w: &mut Writer<'_>) -> Result<(), WireError> {
+        w.u64(self.first_pfn)?;
+        w.u16(self.span)?;
+        w.u16(self.symbols_per_page)?;
+        w.u16(self.symbol_size)?;
+        w.u32(self.esi)?;
+        w.put(self.members)?;
+        w.put(self.symbol)
+    }
+}
+
 /// A parsed message body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Body<'a> {
@@ -584,6 +700,8 @@ pub enum Body<'a> {
     ZeroMap(ZeroMap<'a>),
     /// See [`End`].
     End(End),
+    /// See [`Repair`].
+    Repair(Repair<'a>),
 }
 
 impl Body<'_> {
@@ -599,6 +717,7 @@ impl Body<'_> {
             Body::Leave(_) => Kind::Leave,
             Body::ZeroMap(_) => Kind::ZeroMap,
             Body::End(_) => Kind::End,
+            Body::Repair(_) => Kind::Repair,
         }
     }
 }
@@ -691,6 +810,7 @@ impl<'a> Message<'a> {
                 })
             }
             Kind::End => Body::End(End { reason: r.u8()? }),
+            Kind::Repair => Body::Repair(Repair::parse(&mut r)?),
         };
         Ok(Message {
             session: h.session,
@@ -712,6 +832,7 @@ impl<'a> Message<'a> {
                 Body::Leave(_) => 1,
                 Body::ZeroMap(z) => ZeroMap::FIXED_LEN + z.bits.len(),
                 Body::End(_) => 1,
+                Body::Repair(x) => Repair::FIXED_LEN + x.members.len() + x.symbol.len(),
             }
     }
 
@@ -759,6 +880,7 @@ impl<'a> Message<'a> {
                 w.put(z.bits)?;
             }
             Body::End(e) => w.u8(e.reason)?,
+            Body::Repair(x) => x.emit(&mut w)?,
         }
         Ok(len)
     }
@@ -891,6 +1013,15 @@ mod tests {
                 bits: &[1, 2, 3],
             }),
             Body::End(End { reason: 0 }),
+            Body::Repair(Repair {
+                first_pfn: 40,
+                span: 10,
+                symbols_per_page: 3,
+                symbol_size: 4,
+                esi: 30,
+                members: &[0b1111_0111, 0b10],
+                symbol: b"abcd",
+            }),
         ];
         for (i, body) in bodies.into_iter().enumerate() {
             roundtrip(Message {
@@ -951,5 +1082,96 @@ mod tests {
         let l = q.len();
         q[l - 2..].copy_from_slice(&1000u16.to_be_bytes());
         assert_eq!(Message::parse(&q).unwrap_err(), WireError::Truncated);
+    }
+
+    #[test]
+    fn rejects_bad_repairs() {
+        let good = Repair {
+            first_pfn: 8,
+            span: 10,
+            symbols_per_page: 3,
+            symbol_size: 4,
+            esi: 12,
+            members: &[0b0000_0101, 0b10],
+            symbol: b"abcd",
+        };
+        let emit = |r: Repair<'_>| {
+            let m = Message {
+                session: 1,
+                seq: 1,
+                flags: HeaderFlags(0),
+                body: Body::Repair(r),
+            };
+            let mut buf = vec![0u8; m.buffer_len()];
+            m.emit(&mut buf).unwrap();
+            buf
+        };
+        let ok = emit(good);
+        let Body::Repair(p) = Message::parse(&ok).unwrap().body else {
+            panic!("kind changed");
+        };
+        assert_eq!(p.member_pfns().collect::<Vec<_>>(), vec![8, 10, 17]);
+        assert_eq!(p.source_symbols(), 9);
+        let bad = [
+            Repair {
+                members: &[0b100, 0b10],
+                ..good
+            }, // first page not a member
+            Repair {
+                members: &[0b101, 0b110],
+                ..good
+            }, // bit past the span
+            Repair {
+                span: 0,
+                members: &[],
+                ..good
+            }, // empty span
+            Repair {
+                span: MAX_FEC_SPAN + 8,
+                members: &[1; 129],
+                ..good
+            }, // span too wide
+            Repair {
+                symbols_per_page: 0,
+                ..good
+            },
+            Repair {
+                symbols_per_page: MAX_FRAGMENTS + 1,
+                ..good
+            },
+            Repair {
+                esi: MAX_FEC_ESI + 1,
+                ..good
+            },
+            Repair {
+                symbol_size: 0,
+                symbol: b"",
+                ..good
+            },
+            Repair {
+                first_pfn: u64::MAX - 3,
+                ..good
+            }, // span wraps
+            // 1024 pages of 9 symbols: more than MAX_FEC_SYMBOLS
+            Repair {
+                span: 1024,
+                symbols_per_page: 9,
+                members: &[0xff; 128],
+                ..good
+            },
+        ];
+        for r in bad {
+            assert!(
+                matches!(Message::parse(&emit(r)), Err(WireError::BadField(_))),
+                "{r:?}"
+            );
+        }
+        // A symbol shorter or longer than its stated size.
+        let mut buf = emit(good);
+        buf.pop();
+        assert!(Message::parse(&buf).is_err());
+        let mut buf = emit(good);
+        buf.push(0);
+        assert!(Message::parse(&buf).is_err());
     }
 }

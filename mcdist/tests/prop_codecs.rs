@@ -6,7 +6,8 @@ use mcdist::bitmap::{coalesce, PageBitmap};
 use mcdist::reassembly::{fragment_slot, Reassembler};
 use mcdist::wire::{
     encode_ranges, ranges_from_encoded, Announce, Body, Data, End, HeaderFlags, Heartbeat, Join,
-    Leave, Message, PageRange, Request, ZeroMap, HEADER_LEN, MAX_FRAGMENTS, MAX_RANGE_LEN,
+    Leave, Message, PageRange, Repair, Request, ZeroMap, HEADER_LEN, MAX_FEC_ESI, MAX_FEC_SPAN,
+    MAX_FRAGMENTS, MAX_RANGE_LEN,
 };
 use proptest::prelude::*;
 use std::collections::BTreeSet;
@@ -89,6 +90,43 @@ enum Owned {
         bits: Vec<u8>,
     },
     End(u8),
+    Repair {
+        first: u64,
+        span: u16,
+        spp: u16,
+        esi: u32,
+        members: Vec<u8>,
+        symbol: Vec<u8>,
+    },
+}
+
+/// A valid FEC repair: the first page is a member, no bits past the span, at
+/// most 8 symbols per page (so the block stays within `MAX_FEC_SYMBOLS`).
+fn repair() -> impl Strategy<Value = Owned> {
+    (
+        0u64..u64::MAX / 2,
+        1u16..=MAX_FEC_SPAN,
+        1u16..=8,
+        0u32..=MAX_FEC_ESI,
+        proptest::collection::vec(any::<u8>(), 128),
+        proptest::collection::vec(any::<u8>(), 1..1500),
+    )
+        .prop_map(|(first, span, spp, esi, bits, symbol)| {
+            let n = usize::from(span).div_ceil(8);
+            let mut members = bits[..n].to_vec();
+            members[0] |= 1;
+            if span % 8 != 0 {
+                members[n - 1] &= (1u8 << (span % 8)) - 1;
+            }
+            Owned::Repair {
+                first,
+                span,
+                spp,
+                esi,
+                members,
+                symbol,
+            }
+        })
 }
 
 fn owned() -> impl Strategy<Value = Owned> {
@@ -148,6 +186,7 @@ fn owned() -> impl Strategy<Value = Owned> {
                 bits
             }),
         any::<u8>().prop_map(Owned::End),
+        repair(),
     ]
 }
 
@@ -201,6 +240,22 @@ fn body(o: &Owned) -> Body<'_> {
             bits,
         }),
         Owned::End(r) => Body::End(End { reason: *r }),
+        Owned::Repair {
+            first,
+            span,
+            spp,
+            esi,
+            members,
+            symbol,
+        } => Body::Repair(Repair {
+            first_pfn: *first,
+            span: *span,
+            symbols_per_page: *spp,
+            symbol_size: symbol.len() as u16,
+            esi: *esi,
+            members,
+            symbol,
+        }),
     }
 }
 

@@ -1,4 +1,5 @@
-//! Goodput versus loss, kept as a reviewed snapshot (`tests/snapshots/goodput.txt`).
+//! Goodput versus loss, kept as a reviewed snapshot (`tests/snapshots/goodput.txt`,
+//! and with RaptorQ FEC on, `tests/snapshots/goodput_fec.txt`).
 //!
 //! One server sweeps a 1 MiB image (256 pages of 4 KiB, every seventh page zero)
 //! to 16 clients; every client link loses datagrams independently, both ways,
@@ -32,11 +33,13 @@ struct Row {
     sent_per_page: f64,
     nacks_per_client: f64,
     retries_per_client: f64,
+    bytes_per_byte: f64,
 }
 
-fn measure(loss_pct: u32) -> Row {
+fn measure(loss_pct: u32, fec: bool) -> Row {
     let loss = f64::from(loss_pct) / 100.0;
     let (mut done, mut sent, mut nacks, mut retries) = (0.0, 0.0, 0.0, 0.0);
+    let mut bytes = 0.0;
     for seed in SEEDS {
         let img = test_image(PAGES, PS, 7, seed);
         let cfg = ServerConfig {
@@ -44,7 +47,22 @@ fn measure(loss_pct: u32) -> Row {
             max_datagram: 1500,
             sweep: true,
             sweep_min_clients: CLIENTS,
+            fec,
             ..ServerConfig::default()
+        };
+        // The whole sweep of this small image is over before the first loss
+        // report (100 ms), so the adaptive rule alone would never send a repair
+        // symbol here: start at the rate it picks for this loss once reports
+        // arrive (`fec_loss_factor` × loss + `fec_margin`, at most
+        // `fec_max_overhead`).
+        let informed = loss * cfg.fec_loss_factor + cfg.fec_margin;
+        let cfg = ServerConfig {
+            fec_min_overhead: if fec && loss > 0.0 {
+                informed.min(cfg.fec_max_overhead)
+            } else {
+                0.0
+            },
+            ..cfg
         };
         let mut sim = Sim::new(seed, cfg, img, PS).unwrap();
         for _ in 0..CLIENTS {
@@ -64,6 +82,7 @@ fn measure(loss_pct: u32) -> Row {
         }
         done += worst.as_secs_f64() * 1000.0;
         sent += sim.server().stats().pages_sent as f64 / sim.nonzero_pages() as f64;
+        bytes += sim.server().stats().bytes_sent as f64 / (sim.nonzero_pages() as f64 * PS as f64);
     }
     let n = SEEDS.len() as f64;
     let done_ms = done / n;
@@ -74,30 +93,37 @@ fn measure(loss_pct: u32) -> Row {
         sent_per_page: sent / n,
         nacks_per_client: nacks / n / CLIENTS as f64,
         retries_per_client: retries / n / CLIENTS as f64,
+        bytes_per_byte: bytes / n,
     }
 }
 
-fn table(rows: &[Row]) -> String {
+fn table(rows: &[Row], fec: bool) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "# mcdist goodput vs loss: 1 server, {CLIENTS} clients, {PAGES} x {PS} B image, sweep, 1500 B datagrams, virtual time, mean of {} seeds",
+        "# mcdist goodput vs loss: 1 server, {CLIENTS} clients, {PAGES} x {PS} B image, sweep{}, 1500 B datagrams, virtual time, mean of {} seeds",
+        if fec {
+            ", RaptorQ FEC from the first page at the adaptive rule's rate for the link loss"
+        } else {
+            ""
+        },
         SEEDS.len()
     );
     let _ = writeln!(
         s,
-        "# columns: loss_pct  done_ms(slowest client)  goodput_MB/s(per client)  server_pages_sent/nonzero_page  nacked_pages/client  retries/client"
+        "# columns: loss_pct  done_ms(slowest client)  goodput_MB/s(per client)  server_pages_sent/nonzero_page  nacked_pages/client  retries/client  server_bytes/nonzero_image_byte"
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{:>3} {:>10.1} {:>8.2} {:>7.2} {:>8.1} {:>8.1}",
+            "{:>3} {:>10.1} {:>8.2} {:>7.2} {:>8.1} {:>8.1} {:>7.3}",
             r.loss_pct,
             r.done_ms,
             r.goodput_mbps,
             r.sent_per_page,
             r.nacks_per_client,
-            r.retries_per_client
+            r.retries_per_client,
+            r.bytes_per_byte
         );
     }
     s
@@ -109,10 +135,21 @@ fn close(got: f64, want: f64) -> bool {
 
 #[test]
 fn goodput_versus_loss_snapshot() {
-    let rows: Vec<Row> = LOSSES.iter().map(|&l| measure(l)).collect();
-    let text = table(&rows);
+    check_snapshot(false, "tests/snapshots/goodput.txt");
+}
+
+/// The same table with FEC on. Repair symbols are not pages: compare the
+/// bytes column with the table without FEC.
+#[test]
+fn goodput_versus_loss_with_fec_snapshot() {
+    check_snapshot(true, "tests/snapshots/goodput_fec.txt");
+}
+
+fn check_snapshot(fec: bool, file: &str) {
+    let rows: Vec<Row> = LOSSES.iter().map(|&l| measure(l, fec)).collect();
+    let text = table(&rows, fec);
     eprintln!("{text}");
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/goodput.txt");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(file);
     if std::env::var_os("MCDIST_UPDATE_SNAPSHOTS").is_some() {
         std::fs::write(&path, &text).unwrap();
         return;

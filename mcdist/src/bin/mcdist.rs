@@ -82,6 +82,17 @@ enum Cmd {
         /// With --key: authenticate only, send page contents in the clear (trusted networks).
         #[arg(long, requires = "key")]
         auth_only: bool,
+        /// Follow pushed and swept pages with RaptorQ repair symbols, as many
+        /// as the loss receivers report calls for (multicast only).
+        #[arg(long, conflicts_with = "unicast")]
+        fec: bool,
+        /// With --fec: repair symbols per page symbol sent even while no
+        /// receiver reports loss (e.g. 0.08).
+        #[arg(long, requires = "fec", default_value_t = 0.0)]
+        fec_overhead: f64,
+        /// With --fec: most pages per FEC block.
+        #[arg(long, requires = "fec", default_value_t = 64)]
+        fec_block_pages: usize,
     },
     /// Fetch a whole image from a server and verify it.
     Fetch {
@@ -142,6 +153,9 @@ fn main() -> ExitCode {
             timeout,
             key,
             auth_only,
+            fec,
+            fec_overhead,
+            fec_block_pages,
         } => load_security(key.as_deref(), auth_only).and_then(|security| {
             serve(ServeArgs {
                 image,
@@ -156,6 +170,9 @@ fn main() -> ExitCode {
                 unicast,
                 timeout,
                 security,
+                fec,
+                fec_overhead,
+                fec_block_pages,
             })
         }),
         Cmd::Fetch {
@@ -193,6 +210,9 @@ struct ServeArgs {
     unicast: bool,
     timeout: u64,
     security: Option<Security>,
+    fec: bool,
+    fec_overhead: f64,
+    fec_block_pages: usize,
 }
 
 fn load_security(key: Option<&Path>, auth_only: bool) -> Result<Option<Security>, String> {
@@ -275,6 +295,9 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     if a.rate == 0 {
         return Err("--rate must be at least 1 Mbit/s".into());
     }
+    if !(0.0..=1.0).contains(&a.fec_overhead) || a.fec_block_pages == 0 {
+        return Err("--fec-overhead must be within 0..=1 and --fec-block-pages at least 1".into());
+    }
     let source = FileSource::open(&a.image, a.page_size)
         .map_err(|e| format!("cannot open image {}: {e}", a.image.display()))?;
     if source.image_size() == 0 {
@@ -308,6 +331,10 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         },
         session_id: Some(rand::random::<u64>() | 1),
         security: a.security.clone(),
+        fec: a.fec,
+        fec_min_overhead: a.fec_overhead,
+        fec_max_overhead: defaults.fec_max_overhead.max(a.fec_overhead),
+        fec_block_pages: a.fec_block_pages,
         ..defaults
     };
     let image_size = info.image_size;
@@ -368,7 +395,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             let s = &snap.stats;
             let secs = start.elapsed().as_secs_f64();
             println!(
-                "done: {} receivers in {:.2} s; sent {} bytes in {} datagrams = {:.3}x image ({} pages: {} demand, {} push, {} sweep, {} repair, {} unicast); requests {} nacks {} suppressed {} (lockstep {}){}",
+                "done: {} receivers in {:.2} s; sent {} bytes in {} datagrams = {:.3}x image ({} pages: {} demand, {} push, {} sweep, {} repair, {} unicast; {} FEC repair symbols in {} blocks); requests {} nacks {} suppressed {} (lockstep {}){}",
                 done,
                 secs,
                 s.bytes_sent,
@@ -380,6 +407,8 @@ fn serve(a: ServeArgs) -> Result<(), String> {
                 s.sweep_pages,
                 s.repair_pages,
                 s.unicast_pages,
+                s.fec_repairs,
+                s.fec_blocks,
                 s.requests,
                 s.nacks,
                 s.suppressed_lockstep + s.suppressed_queued,
@@ -505,7 +534,7 @@ fn fetch(
         )));
     }
     println!(
-        "fetched {} bytes in {:.2} s ({:.1} MB/s): {} pages received ({} zero local), {} duplicates, {} retries, {} nacks ({} pages), digest ok -> {}{}",
+        "fetched {} bytes in {:.2} s ({:.1} MB/s): {} pages received ({} zero local), {} duplicates, {} retries, {} nacks ({} pages), {} pages recovered by FEC, digest ok -> {}{}",
         session.image_size,
         secs,
         session.image_size as f64 / secs / 1e6,
@@ -515,6 +544,7 @@ fn fetch(
         stats.retries,
         stats.nacks_sent,
         stats.nack_pages,
+        stats.fec_pages,
         out.display(),
         sec
     );

@@ -1,0 +1,610 @@
+//! RaptorQ forward error correction (RFC 6330, the `raptorq` crate) over runs
+//! of pages the server pushes or sweeps.
+//!
+//! **Blocks.** The server groups pages it multicasts by push or sweep, in the
+//! order sent, into blocks of up to `fec_block_pages` pages whose page numbers
+//! lie within [`wire::MAX_FEC_SPAN`] of the block's first page. The pages go
+//! out as ordinary [`wire::Data`] datagrams (the code is systematic); once the
+//! block closes, the server multicasts `R` [`wire::Repair`] datagrams, each
+//! carrying one repair symbol. One repair symbol replaces *any* one lost
+//! symbol of the block, so the same datagram fixes different losses at
+//! different receivers.
+//!
+//! **Symbols.** A page travels in `F` fragments of `ceil(page_size / F)` bytes
+//! (the last may be shorter). The symbol size `T` is that fragment size, and a
+//! page is `F` source symbols: its fragments, each zero-padded to `T`. So a
+//! received fragment is exactly one source symbol, and one repair symbol fills
+//! one datagram the size of a fragment datagram. With 4 KiB pages at MTU 1500
+//! that is `F = 3`, `T = 1366` (two bytes of padding per page); with jumbo
+//! frames or loopback `F = 1`, `T = 4096`. The server keeps the fragment size
+//! small enough that a repair datagram (its header, member bitmap and symbol)
+//! fits the datagram size.
+//!
+//! **How many repairs.** `R = ceil(K × f)` for `K` source symbols, with `f` =
+//! `fec_loss_factor` × the 90th-percentile loss receivers reported (over the
+//! last two seconds, slow receivers left out) + `fec_margin`, at least
+//! `fec_min_overhead` and at most `fec_max_overhead`; `R = 0` (and no block is
+//! formed, so nothing is copied or encoded) while nobody reports loss and no
+//! minimum is set.
+//!
+//! **Receivers** keep the last pages they received (a bounded cache) and a
+//! bounded set of open blocks. When a block's received source symbols (pages
+//! present, fragments of partly received pages) plus its repair symbols reach
+//! `K`, they decode and deliver the missing pages exactly like received ones.
+//! Demand answers and NACK repairs stay plain pages.
+
+use crate::wire::{self, Repair};
+use bytes::{Bytes, BytesMut};
+use raptorq::{
+    EncodingPacket, ObjectTransmissionInformation, PayloadId, SourceBlockDecoder,
+    SourceBlockEncoder,
+};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Instant;
+
+/// Symbol size for pages of `page_size` bytes sent in `frags` fragments.
+pub fn symbol_size(page_size: usize, frags: u16) -> usize {
+    page_size.div_ceil(usize::from(frags.max(1)))
+}
+
+/// Offset and length of fragment `idx` of a page (the part of symbol `idx` that is data).
+fn piece(page_size: usize, frags: u16, idx: u16) -> (usize, usize) {
+    crate::reassembly::fragment_slot(page_size, frags, idx).unwrap_or((0, 0))
+}
+
+fn oti(k: usize, t: usize) -> ObjectTransmissionInformation {
+    ObjectTransmissionInformation::new((k * t) as u64, t as u16, 1, 1, 1)
+}
+
+/// Bytes a repair datagram needs beyond the symbol: header, fixed body and a
+/// member bitmap of `span` pages.
+pub fn repair_overhead(span: u16) -> usize {
+    wire::HEADER_LEN + Repair::FIXED_LEN + usize::from(span).div_ceil(8)
+}
+
+/// A closed block's repair symbols, waiting to be sent.
+#[derive(Debug)]
+pub(crate) struct Burst {
+    pub first: u64,
+    pub span: u16,
+    pub members: Vec<u8>,
+    pub packets: VecDeque<EncodingPacket>,
+}
+
+/// The server's block being filled.
+#[derive(Debug)]
+pub(crate) struct BlockBuilder {
+    spp: u16,
+    t: usize,
+    max_pages: usize,
+    max_span: u16,
+    /// `max_pages × spp × t` bytes: slot `(m × spp + i) × t` holds fragment `i`
+    /// of member `m`; the padding after each fragment is never written, so stays zero.
+    buf: Vec<u8>,
+    first: u64,
+    members: Vec<u64>,
+    opened: Option<Instant>,
+}
+
+impl BlockBuilder {
+    pub fn new(page_size: usize, spp: u16, max_pages: usize, max_span: u16) -> BlockBuilder {
+        let t = symbol_size(page_size, spp);
+        let max_pages = max_pages
+            .clamp(1, usize::from(max_span))
+            .min(wire::MAX_FEC_SYMBOLS as usize / usize::from(spp.max(1)))
+            .max(1);
+        BlockBuilder {
+            spp,
+            t,
+            max_pages,
+            max_span,
+            buf: Vec::new(),
+            first: 0,
+            members: Vec::with_capacity(max_pages),
+            opened: None,
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.opened.is_some()
+    }
+
+    pub fn opened_at(&self) -> Option<Instant> {
+        self.opened
+    }
+
+    /// The open block has as many pages as a block may hold.
+    pub fn is_full(&self) -> bool {
+        self.opened.is_some() && self.members.len() >= self.max_pages
+    }
+
+    /// Whether `pfn` can join the open block (false: close it first).
+    pub fn fits(&self, pfn: u64) -> bool {
+        self.opened.is_none()
+            || (self.members.len() < self.max_pages
+                && pfn > self.members.last().copied().unwrap_or(self.first)
+                && pfn - self.first < u64::from(self.max_span))
+    }
+
+    /// Add `pfn` (opening a block if none is open); returns its member index.
+    /// The caller checked [`BlockBuilder::fits`].
+    pub fn admit(&mut self, now: Instant, pfn: u64) -> usize {
+        if self.opened.is_none() {
+            self.opened = Some(now);
+            self.first = pfn;
+            self.members.clear();
+            let need = self.max_pages * usize::from(self.spp) * self.t;
+            if self.buf.len() != need {
+                self.buf = vec![0; need];
+            }
+        }
+        self.members.push(pfn);
+        self.members.len() - 1
+    }
+
+    /// Store fragment `idx` of member `m`.
+    pub fn put(&mut self, m: usize, idx: u16, data: &[u8]) {
+        let off = (m * usize::from(self.spp) + usize::from(idx)) * self.t;
+        if let Some(dst) = self.buf.get_mut(off..off + data.len().min(self.t)) {
+            dst.copy_from_slice(&data[..dst.len()]);
+        }
+    }
+
+    /// Close the block and encode `repairs` repair symbols (none: nothing to send).
+    pub fn close(&mut self, repairs: u32) -> Option<Burst> {
+        self.opened.take()?;
+        let count = self.members.len();
+        if count == 0 || repairs == 0 {
+            return None;
+        }
+        let k = count * usize::from(self.spp);
+        let data = &self.buf[..k * self.t];
+        let enc = SourceBlockEncoder::new(0, &oti(k, self.t), data);
+        let packets = enc.repair_packets(0, repairs).into();
+        let last = self.members[count - 1];
+        let span = (last - self.first + 1) as u16;
+        let mut members = vec![0u8; usize::from(span).div_ceil(8)];
+        for &p in &self.members {
+            let i = (p - self.first) as usize;
+            members[i / 8] |= 1 << (i % 8);
+        }
+        Some(Burst {
+            first: self.first,
+            span,
+            members,
+            packets,
+        })
+    }
+
+    /// Source symbols of the open block so far.
+    pub fn source_symbols(&self) -> usize {
+        if self.opened.is_some() {
+            self.members.len() * usize::from(self.spp)
+        } else {
+            0
+        }
+    }
+
+    /// Source symbols per page and symbol size.
+    pub fn geometry(&self) -> (u16, usize) {
+        (self.spp, self.t)
+    }
+}
+
+/// What the receiver knows of one page of a block.
+pub(crate) enum Have<'a> {
+    /// The whole page (taken from the cache of received pages).
+    Present,
+    /// Some fragments, as `(index, payload)`.
+    Fragments(Box<dyn Iterator<Item = (u16, &'a [u8])> + 'a>),
+    /// Nothing.
+    Nothing,
+}
+
+#[derive(Debug)]
+struct RxBlock {
+    span: u16,
+    spp: u16,
+    t: u16,
+    members: Vec<u8>,
+    repairs: Vec<(u32, Bytes)>,
+    /// Repairs held at the last failed decoding attempt.
+    tried_with: usize,
+}
+
+/// Why a repair symbol was not used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RepairOutcome {
+    /// Stored; the block may decode now.
+    Stored,
+    /// The block was decoded or given up already.
+    Late,
+    /// Already held (same ESI).
+    Duplicate,
+    /// Contradicts what is known of the block, or too many for it.
+    Refused,
+}
+
+/// A receiver's FEC state: recently received pages and open blocks, both bounded.
+#[derive(Debug)]
+pub(crate) struct FecRx {
+    max_blocks: usize,
+    cache_cap: usize,
+    cache: HashMap<u64, Bytes>,
+    cache_order: VecDeque<u64>,
+    blocks: HashMap<u64, RxBlock>,
+    order: VecDeque<u64>,
+    done: HashSet<u64>,
+    done_order: VecDeque<u64>,
+    /// Blocks evicted unsolved to bound memory.
+    pub evicted: u64,
+}
+
+impl FecRx {
+    pub fn new(max_blocks: usize, cache_cap: usize) -> FecRx {
+        FecRx {
+            max_blocks: max_blocks.max(1),
+            cache_cap,
+            cache: HashMap::new(),
+            cache_order: VecDeque::new(),
+            blocks: HashMap::new(),
+            order: VecDeque::new(),
+            done: HashSet::new(),
+            done_order: VecDeque::new(),
+            evicted: 0,
+        }
+    }
+
+    /// Keep a received page for decoding blocks it belongs to.
+    pub fn remember(&mut self, pfn: u64, page: &Bytes) {
+        if self.cache_cap == 0 {
+            return;
+        }
+        if self.cache.insert(pfn, page.clone()).is_none() {
+            self.cache_order.push_back(pfn);
+            while self.cache.len() > self.cache_cap {
+                match self.cache_order.pop_front() {
+                    Some(old) => {
+                        self.cache.remove(&old);
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub fn open_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Mark a block finished (decoded, complete, or given up): later repairs are dropped.
+    pub fn finish(&mut self, first: u64) {
+        self.blocks.remove(&first);
+        if self.done.insert(first) {
+            self.done_order.push_back(first);
+            while self.done_order.len() > self.max_blocks * 16 {
+                if let Some(old) = self.done_order.pop_front() {
+                    self.done.remove(&old);
+                }
+            }
+        }
+    }
+
+    pub fn is_done(&self, first: u64) -> bool {
+        self.done.contains(&first)
+    }
+
+    /// Store a repair symbol whose fields the caller validated against the session.
+    pub fn add(&mut self, r: &Repair<'_>, symbol: Bytes) -> RepairOutcome {
+        if self.done.contains(&r.first_pfn) {
+            return RepairOutcome::Late;
+        }
+        if let Some(b) = self.blocks.get(&r.first_pfn) {
+            if b.span != r.span
+                || b.spp != r.symbols_per_page
+                || b.t != r.symbol_size
+                || b.members != r.members
+            {
+                return RepairOutcome::Refused;
+            }
+        } else {
+            while self.blocks.len() >= self.max_blocks {
+                let Some(old) = self.order.pop_front() else {
+                    break;
+                };
+                if self.blocks.remove(&old).is_some() {
+                    self.evicted += 1;
+                }
+            }
+            self.blocks.insert(
+                r.first_pfn,
+                RxBlock {
+                    span: r.span,
+                    spp: r.symbols_per_page,
+                    t: r.symbol_size,
+                    members: r.members.to_vec(),
+                    repairs: Vec::new(),
+                    tried_with: 0,
+                },
+            );
+            self.order.push_back(r.first_pfn);
+            if self.order.len() > self.max_blocks * 4 {
+                let live = &self.blocks;
+                self.order.retain(|f| live.contains_key(f));
+            }
+        }
+        let Some(b) = self.blocks.get_mut(&r.first_pfn) else {
+            return RepairOutcome::Refused;
+        };
+        if b.repairs.iter().any(|(e, _)| *e == r.esi) {
+            return RepairOutcome::Duplicate;
+        }
+        // Bounded memory: a server sends at most `fec_max_overhead` (≤ 1) × K
+        // repairs; more than K (or 256) plus a few are refused.
+        if b.repairs.len() >= (r.source_symbols() as usize).min(256) + 16 {
+            return RepairOutcome::Refused;
+        }
+        b.repairs.push((r.esi, symbol));
+        RepairOutcome::Stored
+    }
+
+    /// Try to decode block `first`. `have(pfn)` says what the receiver holds of
+    /// a member page. Returns the missing pages, or `None` when the block cannot
+    /// be decoded yet; `Err(())` when it never can (a page present but no
+    /// longer cached): the block is given up.
+    pub fn try_decode<'a>(
+        &mut self,
+        first: u64,
+        page_size: usize,
+        mut have: impl FnMut(u64) -> Have<'a>,
+    ) -> Result<Option<Vec<(u64, Bytes)>>, ()> {
+        let Some(b) = self.blocks.get(&first) else {
+            return Ok(None);
+        };
+        if b.repairs.len() <= b.tried_with {
+            return Ok(None);
+        }
+        let (spp, t) = (b.spp, usize::from(b.t));
+        let members: Vec<u64> = (0..usize::from(b.span))
+            .filter(|i| b.members[i / 8] & (1 << (i % 8)) != 0)
+            .map(|i| first + i as u64)
+            .collect();
+        let k = members.len() * usize::from(spp);
+        let mut packets: Vec<EncodingPacket> = Vec::with_capacity(k + b.repairs.len());
+        let mut missing = Vec::new();
+        let padded = |esi: usize, data: &[u8]| {
+            let mut v = vec![0u8; t];
+            let n = data.len().min(t);
+            v[..n].copy_from_slice(&data[..n]);
+            EncodingPacket::new(PayloadId::new(0, esi as u32), v)
+        };
+        for (m, &pfn) in members.iter().enumerate() {
+            let base = m * usize::from(spp);
+            match have(pfn) {
+                Have::Present => {
+                    let Some(p) = self.cache.get(&pfn) else {
+                        return Err(());
+                    };
+                    if p.len() != page_size {
+                        return Err(());
+                    }
+                    for i in 0..spp {
+                        let (s, l) = piece(page_size, spp, i);
+                        packets.push(padded(base + usize::from(i), &p[s..s + l]));
+                    }
+                }
+                Have::Fragments(it) => {
+                    missing.push((m, pfn));
+                    for (i, data) in it {
+                        if i < spp {
+                            packets.push(padded(base + usize::from(i), data));
+                        }
+                    }
+                }
+                Have::Nothing => missing.push((m, pfn)),
+            }
+        }
+        if missing.is_empty() {
+            self.finish(first);
+            return Ok(Some(Vec::new()));
+        }
+        let Some(b) = self.blocks.get_mut(&first) else {
+            return Ok(None);
+        };
+        if packets.len() + b.repairs.len() < k {
+            return Ok(None);
+        }
+        b.tried_with = b.repairs.len();
+        for (esi, sym) in &b.repairs {
+            packets.push(EncodingPacket::new(PayloadId::new(0, *esi), sym.to_vec()));
+        }
+        let mut dec = SourceBlockDecoder::new(0, &oti(k, t), (k * t) as u64);
+        let Some(data) = dec.decode(packets) else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(missing.len());
+        for (m, pfn) in missing {
+            let mut page = BytesMut::zeroed(page_size);
+            for i in 0..spp {
+                let (s, l) = piece(page_size, spp, i);
+                let off = (m * usize::from(spp) + usize::from(i)) * t;
+                page[s..s + l].copy_from_slice(&data[off..off + l]);
+            }
+            out.push((pfn, page.freeze()));
+        }
+        self.finish(first);
+        Ok(Some(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pages(n: usize, ps: usize) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|p| (0..ps).map(|i| (i * 31 + p * 7 + i / 251) as u8).collect())
+            .collect()
+    }
+
+    /// Encode a block of pages fragment by fragment, lose some fragments, decode
+    /// with repair symbols: the missing pages come back byte-identical.
+    #[test]
+    fn repairs_restore_lost_fragments() {
+        let ps = 4096;
+        let spp = 3u16;
+        let data = pages(8, ps);
+        let now = Instant::now();
+        let mut b = BlockBuilder::new(ps, spp, 16, 64);
+        let pfns: Vec<u64> = vec![10, 11, 13, 14, 15, 17, 18, 20];
+        for (p, page) in pfns.iter().zip(&data) {
+            assert!(b.fits(*p));
+            let m = b.admit(now, *p);
+            for i in 0..spp {
+                let (s, l) = piece(ps, spp, i);
+                b.put(m, i, &page[s..s + l]);
+            }
+        }
+        let burst = b.close(4).unwrap();
+        assert_eq!(burst.first, 10);
+        assert_eq!(burst.span, 11);
+        let mut rx = FecRx::new(4, 64);
+        // Page 13 lost entirely, page 17 lost its middle fragment; pages present are cached.
+        let mut frags: HashMap<u64, Vec<(u16, Vec<u8>)>> = HashMap::new();
+        for (p, page) in pfns.iter().zip(&data) {
+            match p {
+                13 => {}
+                17 => {
+                    for i in [0u16, 2] {
+                        let (s, l) = piece(ps, spp, i);
+                        frags
+                            .entry(*p)
+                            .or_default()
+                            .push((i, page[s..s + l].to_vec()));
+                    }
+                }
+                _ => rx.remember(*p, &Bytes::from(page.clone())),
+            }
+        }
+        let mut got = None;
+        for pkt in &burst.packets {
+            let r = Repair {
+                first_pfn: burst.first,
+                span: burst.span,
+                symbols_per_page: spp,
+                symbol_size: symbol_size(ps, spp) as u16,
+                esi: pkt.payload_id().encoding_symbol_id(),
+                members: &burst.members,
+                symbol: pkt.data(),
+            };
+            assert_eq!(
+                rx.add(&r, Bytes::copy_from_slice(pkt.data())),
+                RepairOutcome::Stored
+            );
+            let res = rx
+                .try_decode(10, ps, |pfn| match pfn {
+                    13 | 17 => match frags.get(&pfn) {
+                        Some(v) => {
+                            Have::Fragments(Box::new(v.iter().map(|(i, d)| (*i, d.as_slice()))))
+                        }
+                        None => Have::Nothing,
+                    },
+                    _ => Have::Present,
+                })
+                .unwrap();
+            if let Some(out) = res {
+                got = Some(out);
+                break;
+            }
+        }
+        let got = got.expect("4 repairs cover 4 lost symbols");
+        assert_eq!(got.len(), 2);
+        for (pfn, page) in got {
+            let i = pfns.iter().position(|&p| p == pfn).unwrap();
+            assert_eq!(&page[..], &data[i][..], "page {pfn}");
+        }
+        assert!(rx.is_done(10));
+    }
+
+    /// The server forms no block and sends no repair while nobody reports
+    /// loss; with a repair fraction set, each block of swept pages is followed
+    /// by `ceil(K × f)` repair symbols before the next block's pages.
+    #[test]
+    fn server_sends_repairs_only_when_asked() {
+        use crate::server::{Server, ServerConfig};
+        use crate::source::MemSource;
+        use crate::wire::{Body, Kind, Message};
+        use std::sync::Arc;
+        let img: Vec<u8> = (0..64 * 4096).map(|i| (i % 251 + 1) as u8).collect();
+        let run = |min: f64| {
+            let cfg = ServerConfig {
+                session_id: Some(7),
+                max_datagram: 1500,
+                sweep: true,
+                fec: true,
+                fec_min_overhead: min,
+                fec_block_pages: 16,
+                ..ServerConfig::default()
+            };
+            let src = Arc::new(MemSource::new(img.clone(), 4096));
+            let t0 = Instant::now();
+            let mut s = Server::new(cfg, src, t0).unwrap();
+            let mut now = t0;
+            let mut buf = vec![0u8; 65_536];
+            let mut kinds = Vec::new();
+            while s.stats().sweep_pages < 64 || kinds.last() != Some(&Kind::Announce) {
+                match s.poll_transmit(now, &mut buf) {
+                    Some(t) => {
+                        let m = Message::parse(&buf[..t.len]).unwrap();
+                        if let Body::Repair(r) = m.body {
+                            assert_eq!(r.source_symbols(), 48);
+                            assert_eq!(r.symbol_size, 1366);
+                        }
+                        kinds.push(m.body.kind());
+                    }
+                    None => now += std::time::Duration::from_millis(1),
+                }
+                assert!(now < t0 + std::time::Duration::from_secs(10));
+            }
+            (kinds, s.stats().clone())
+        };
+        let (kinds, st) = run(0.0);
+        assert!(!kinds.contains(&Kind::Repair));
+        assert_eq!((st.fec_blocks, st.fec_repairs), (0, 0));
+        let (mut kinds, st) = run(0.1);
+        // 4 blocks of 16 pages × 3 fragments, 5 repairs each (ceil(48 × 0.1)).
+        assert_eq!((st.fec_blocks, st.fec_repairs), (4, 20));
+        kinds.retain(|k| *k != Kind::Announce);
+        let data: Vec<usize> = kinds
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| **k == Kind::Data)
+            .map(|(i, _)| i)
+            .collect();
+        for block in 0..4 {
+            // The 5 repairs follow the block's last fragment, before the next block.
+            let last = data[block * 48 + 47];
+            assert!(kinds[last + 1..last + 6].iter().all(|k| *k == Kind::Repair));
+        }
+    }
+
+    #[test]
+    fn open_blocks_are_bounded() {
+        let mut rx = FecRx::new(2, 0);
+        for first in 0..10u64 {
+            let r = Repair {
+                first_pfn: first * 100,
+                span: 1,
+                symbols_per_page: 1,
+                symbol_size: 4,
+                esi: 1,
+                members: &[1],
+                symbol: b"abcd",
+            };
+            rx.add(&r, Bytes::from_static(b"abcd"));
+        }
+        assert_eq!(rx.open_blocks(), 2);
+        assert_eq!(rx.evicted, 8);
+    }
+}
