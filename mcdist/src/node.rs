@@ -92,6 +92,35 @@ impl PageSink for NullSink {
     }
 }
 
+/// A sink that keeps every page in memory, keyed by page number, and fails the session if a
+/// page is delivered twice (small images and tests).
+#[derive(Debug, Default)]
+pub struct MemorySink(Mutex<std::collections::HashMap<u64, Vec<u8>>>);
+
+impl MemorySink {
+    /// The pages received so far.
+    pub fn pages(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Vec<u8>>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+    /// Number of pages received so far.
+    pub fn len(&self) -> usize {
+        self.pages().len()
+    }
+    /// True when no page has arrived.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl PageSink for MemorySink {
+    fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), String> {
+        if self.pages().insert(pfn, data.to_vec()).is_some() {
+            return Err(format!("page {pfn} delivered twice"));
+        }
+        Ok(())
+    }
+}
+
 // ---------------------------------------------------------------- security
 
 type Secured = (Box<dyn Transport>, Option<SecurityStatsHandle>);

@@ -2,28 +2,14 @@
 //! whole-image fetches and lazy demand requests deliver byte-identical pages.
 
 use mcdist::client::ClientConfig;
-use mcdist::node::{ClientNode, PageSink, ServerNode};
+use mcdist::node::{ClientNode, MemorySink, ServerNode};
 use mcdist::server::ServerConfig;
 use mcdist::source::MemSource;
 use mcdist::transport::fault::{FaultConfig, FaultInjector};
 use mcdist::transport::mem::MemNetwork;
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-
-#[derive(Default)]
-struct Store(Mutex<HashMap<u64, Vec<u8>>>);
-
-impl PageSink for Store {
-    fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), String> {
-        let mut m = self.0.lock().map_err(|e| e.to_string())?;
-        if m.insert(pfn, data.to_vec()).is_some() {
-            return Err(format!("page {pfn} delivered twice"));
-        }
-        Ok(())
-    }
-}
 
 fn image(pages: usize) -> Vec<u8> {
     let mut v = vec![0u8; pages * 4096];
@@ -69,14 +55,14 @@ fn whole_image_to_three_clients_with_loss() {
         );
         let mut c = ClientConfig::new(server_addr);
         c.seed = u64::from(i);
-        let store = Arc::new(Store::default());
+        let store = Arc::new(MemorySink::default());
         let node = ClientNode::start(c, t, store.clone()).unwrap();
         node.fetch_all();
         clients.push((node, store));
     }
     for (node, store) in &clients {
         node.wait_complete(Duration::from_secs(60)).unwrap();
-        let m = store.0.lock().unwrap();
+        let m = store.pages();
         let zero = node.zero_map().expect("zero map");
         for pfn in 0..600u64 {
             let want = &img[pfn as usize * 4096..][..4096];
@@ -112,7 +98,7 @@ fn lazy_requests_are_coalesced_and_served() {
         Arc::new(MemSource::new(img.clone(), 4096)),
     )
     .unwrap();
-    let store = Arc::new(Store::default());
+    let store = Arc::new(MemorySink::default());
     let node = ClientNode::start(
         ClientConfig::new(server_addr),
         net.endpoint(addr("127.0.0.9:9000"), true),
@@ -130,7 +116,7 @@ fn lazy_requests_are_coalesced_and_served() {
         assert!(std::time::Instant::now() < deadline, "pages never arrived");
         std::thread::sleep(Duration::from_millis(2));
     }
-    let m = store.0.lock().unwrap();
+    let m = store.pages();
     assert_eq!(m[&10], img[10 * 4096..11 * 4096]);
     assert_eq!(m[&11], img[11 * 4096..12 * 4096]);
     assert_eq!(m.len(), 2, "only the requested pages arrive without push");
@@ -163,7 +149,7 @@ fn client_fails_clearly_when_the_server_disappears() {
     let node = ClientNode::start(
         c,
         net.endpoint(addr("127.0.0.9:9100"), true),
-        Arc::new(Store::default()),
+        Arc::new(MemorySink::default()),
     )
     .unwrap();
     node.wait_session(Duration::from_secs(10)).unwrap();

@@ -5,7 +5,7 @@
 //! the security counters show each one.
 
 use mcdist::client::{ClientConfig, ClientStats};
-use mcdist::node::{ClientNode, PageSink, ServerNode};
+use mcdist::node::{ClientNode, MemorySink, ServerNode};
 use mcdist::secure::{Protection, Psk, Role, Sealer, Security, SecurityStats, TRAILER_LEN};
 use mcdist::server::ServerConfig;
 use mcdist::source::MemSource;
@@ -14,29 +14,9 @@ use mcdist::transport::mem::{MemNetwork, MemTransport};
 use mcdist::transport::Transport;
 use mcdist::wire::{self, Body, Data, HeaderFlags, Kind, Message};
 use mcdist::Dest;
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-#[derive(Default)]
-struct Store(Mutex<HashMap<u64, Vec<u8>>>);
-
-impl Store {
-    fn len(&self) -> usize {
-        self.0.lock().unwrap().len()
-    }
-}
-
-impl PageSink for Store {
-    fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), String> {
-        let mut m = self.0.lock().map_err(|e| e.to_string())?;
-        if m.insert(pfn, data.to_vec()).is_some() {
-            return Err(format!("page {pfn} delivered twice"));
-        }
-        Ok(())
-    }
-}
 
 const PAGE: usize = 4096;
 
@@ -83,11 +63,11 @@ fn keyed_client<T: Transport>(
     t: T,
     server: SocketAddr,
     sec: Option<Security>,
-) -> (ClientNode, Arc<Store>) {
+) -> (ClientNode, Arc<MemorySink>) {
     let mut c = ClientConfig::new(server);
     c.security = sec;
     c.seed = rand_seed(&t);
-    let store = Arc::new(Store::default());
+    let store = Arc::new(MemorySink::default());
     let node = ClientNode::start(c, t, store.clone()).unwrap();
     (node, store)
 }
@@ -194,7 +174,7 @@ fn attacks_never_reach_the_page_store() {
     });
     c_b2.wait_session(Duration::from_secs(5)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while store_b2.len() < 1 {
+    while store_b2.is_empty() {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -297,7 +277,7 @@ fn attacks_never_reach_the_page_store() {
     // The victim still fetches the whole image, and holds only true pages.
     client.fetch_all();
     client.wait_complete(Duration::from_secs(30)).unwrap();
-    let m = store.0.lock().unwrap();
+    let m = store.pages();
     let zero = client.zero_map().expect("zero map");
     for pfn in 0..pages as u64 {
         let want = &img_b[pfn as usize * PAGE..][..PAGE];
@@ -395,7 +375,7 @@ fn keyed_lossy_fetch(
     let mut stats = Vec::new();
     for (node, store) in &clients {
         node.wait_complete(Duration::from_secs(60)).unwrap();
-        let m = store.0.lock().unwrap();
+        let m = store.pages();
         let zero = node.zero_map().unwrap();
         for pfn in 0..pages as u64 {
             match m.get(&pfn) {
@@ -447,7 +427,7 @@ fn keyed_client_follows_a_restarted_server() {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(client.stats().resumes, 1);
-    let m = store.0.lock().unwrap();
+    let m = store.pages();
     assert!(m[&1][..] == img[PAGE..2 * PAGE]);
     assert!(m[&2][..] == img[2 * PAGE..3 * PAGE]);
 }
