@@ -243,7 +243,10 @@ fn gso_group(runs: &[GsoRun]) -> (usize, usize) {
     (n.max(1), segment)
 }
 
-/// Errors that mean the kernel or the device will not do UDP GSO here.
+/// Errors that mean the kernel or the device will not do UDP GSO here:
+/// no `UDP_SEGMENT` (`ENOPROTOOPT`, `EOPNOTSUPP`), no checksum offload on the
+/// route (`EIO`), or a segment size the route's MTU no longer admits
+/// (`EINVAL` before Linux 6.x, `EMSGSIZE` after).
 fn gso_refused(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
@@ -251,6 +254,7 @@ fn gso_refused(e: &io::Error) -> bool {
             || libc_errno == nix::errno::Errno::EIO as i32
             || libc_errno == nix::errno::Errno::ENOPROTOOPT as i32
             || libc_errno == nix::errno::Errno::EOPNOTSUPP as i32
+            || libc_errno == nix::errno::Errno::EMSGSIZE as i32
     )
 }
 
@@ -471,6 +475,11 @@ impl UdpTransport {
         self.gro.is_some()
     }
 
+    /// How many received GRO buffers held more than one datagram.
+    pub fn coalesced_buffers(&self) -> u64 {
+        self.gro.as_ref().map_or(0, |g| g.coalesced)
+    }
+
     fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>> {
         // Alternate which socket goes first so neither starves.
         self.turn = !self.turn;
@@ -601,6 +610,8 @@ struct Gro {
     raw: Vec<RawMsg>,
     /// (offset in `buf`, length, sender) of datagrams not yet handed out.
     pending: std::collections::VecDeque<(usize, usize, SocketAddr)>,
+    /// Buffers that held more than one datagram.
+    coalesced: u64,
 }
 
 /// Largest UDP payload, and so the largest coalesced GRO buffer.
@@ -614,19 +625,21 @@ impl Gro {
             buf: vec![0u8; GRO_SLOT * GRO_SLOTS * 2],
             raw: Vec::new(),
             pending: std::collections::VecDeque::new(),
+            coalesced: 0,
         }
     }
 
-    /// Cuts message `raw` received at `base` into datagrams of its segment size.
+    /// Cuts message `m` received at `base` into datagrams of its segment
+    /// size; true when it held more than one.
     fn split(
         pending: &mut std::collections::VecDeque<(usize, usize, SocketAddr)>,
         base: usize,
         m: &RawMsg,
-    ) {
+    ) -> bool {
         let from = m.from.unwrap_or_else(unspecified);
         if m.len == 0 || m.segment == 0 || m.len <= m.segment {
             pending.push_back((base, m.len, from));
-            return;
+            return false;
         }
         let mut off = 0;
         while off < m.len {
@@ -634,6 +647,7 @@ impl Gro {
             pending.push_back((base + off, len, from));
             off += len;
         }
+        true
     }
 
     /// Fills the caller's slots from `pending`; returns how many were filled.
@@ -707,7 +721,9 @@ impl UdpTransport {
                 let area = &mut gro.buf[used * GRO_SLOT..(used + GRO_SLOTS) * GRO_SLOT];
                 let n = recv_raw(sock, area, GRO_SLOT, true, &mut gro.raw)?;
                 for (k, m) in gro.raw.iter().enumerate() {
-                    Gro::split(&mut gro.pending, (used + k) * GRO_SLOT, m);
+                    if Gro::split(&mut gro.pending, (used + k) * GRO_SLOT, m) {
+                        gro.coalesced += 1;
+                    }
                 }
                 let _ = n;
                 used += GRO_SLOTS;
@@ -973,6 +989,101 @@ mod tests {
                 None
             }
         }
+    }
+
+    fn tx(len: usize, to: u16) -> Transmit {
+        Transmit {
+            dest: if to == 0 {
+                Dest::Group
+            } else {
+                Dest::Peer(SocketAddr::from((Ipv4Addr::LOCALHOST, to)))
+            },
+            len,
+        }
+    }
+
+    fn runs_of(items: &[Transmit]) -> Vec<(usize, usize, usize)> {
+        let group = SocketAddr::from((Ipv4Addr::new(239, 255, 0, 1), 1));
+        let mut v = Vec::new();
+        gso_runs(
+            items,
+            |d| match d {
+                Dest::Group => group,
+                Dest::Peer(p) => p,
+            },
+            &mut v,
+        );
+        v.iter().map(|r| (r.first, r.count, r.len)).collect()
+    }
+
+    #[test]
+    fn gso_runs_split_on_destination_size_and_short_tail() {
+        let mut items = vec![tx(1400, 0); 5];
+        items.push(tx(700, 0)); // short tail ends the run
+        items.push(tx(1400, 0));
+        items.push(tx(1400, 9)); // another destination
+        items.push(tx(1400, 9));
+        items.push(tx(1500, 9)); // longer: a new run
+        assert_eq!(
+            runs_of(&items),
+            vec![(0, 6, 1400), (6, 1, 1400), (7, 2, 1400), (9, 1, 1500)]
+        );
+        // A run never passes 64 segments nor 64 KiB.
+        let many = vec![tx(100, 0); 70];
+        assert_eq!(runs_of(&many), vec![(0, 64, 100), (64, 6, 100)]);
+        let big = vec![tx(1400, 0); 60];
+        let r = runs_of(&big);
+        assert_eq!(r[0].1, GSO_MAX_BYTES / 1400);
+        assert_eq!(r.iter().map(|x| x.1).sum::<usize>(), 60);
+    }
+
+    #[test]
+    fn gso_groups_share_one_segment_size() {
+        let to = SocketAddr::from((Ipv4Addr::LOCALHOST, 1));
+        let run = |count, len| GsoRun {
+            first: 0,
+            count,
+            len,
+            to,
+        };
+        // Lone datagrams no longer than the segment size ride along.
+        assert_eq!(
+            gso_group(&[run(1, 300), run(4, 1400), run(1, 1400), run(3, 1400)]),
+            (4, 1400)
+        );
+        // A run of another size starts a new group.
+        assert_eq!(gso_group(&[run(4, 1400), run(2, 500)]), (1, 1400));
+        // A lone datagram longer than the segment size too.
+        assert_eq!(gso_group(&[run(2, 500), run(1, 600)]), (1, 500));
+        // A lone datagram longer than a later run's size keeps it out.
+        assert_eq!(gso_group(&[run(1, 900), run(2, 500)]), (1, 0));
+        // Only lone datagrams: no control message.
+        assert_eq!(gso_group(&[run(1, 900), run(1, 500)]), (2, 0));
+    }
+
+    #[test]
+    fn gro_split_cuts_at_the_segment_size() {
+        let from = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 5)));
+        let mut q = std::collections::VecDeque::new();
+        let m = RawMsg {
+            len: 1400 * 3 + 200,
+            from,
+            segment: 1400,
+        };
+        assert!(Gro::split(&mut q, 100, &m));
+        let got: Vec<(usize, usize)> = q.iter().map(|&(o, l, _)| (o, l)).collect();
+        assert_eq!(
+            got,
+            vec![(100, 1400), (1500, 1400), (2900, 1400), (4300, 200)]
+        );
+        q.clear();
+        let one = RawMsg {
+            len: 800,
+            from,
+            segment: 1400,
+        };
+        assert!(!Gro::split(&mut q, 0, &one));
+        assert_eq!(q.len(), 1);
     }
 
     #[test]
