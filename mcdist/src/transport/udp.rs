@@ -14,6 +14,24 @@
 //! Batches go out with one `sendmmsg` and come in with one `recvmmsg` per
 //! socket (through `nix`'s safe wrappers), up to [`MAX_BATCH`] datagrams per
 //! system call.
+//!
+//! With [`UdpConfig::gso`] (on by default), a batch is cut into runs of
+//! datagrams to one destination whose lengths are all equal but for a
+//! shorter last one (at most 64 datagrams and 64 KiB); each run is one
+//! message of the `sendmmsg`, with a `UDP_SEGMENT` control message giving the
+//! segment size, and the kernel splits it into the original datagrams as
+//! late as it can (on a veth and bridge path: at the receiving socket). The
+//! datagrams on the wire are the same as without GSO. The socket option is
+//! probed once; if a send is refused (`EINVAL`, `EIO`, `EMSGSIZE`,
+//! `ENOPROTOOPT`, `EOPNOTSUPP`) GSO is switched off for the transport and the
+//! rest of the batch goes by plain `sendmmsg`.
+//!
+//! With [`UdpConfig::gro`] (on by default), a client's sockets set
+//! `UDP_GRO`: one `recvmmsg` slot may then hold several datagrams of one
+//! flow, and the `UDP_GRO` control message gives their size. Such buffers
+//! are cut back into datagrams and handed out one per caller slot, in order,
+//! so callers see exactly the datagrams that were sent; what does not fit in
+//! one call is handed out by the next.
 
 use super::{Capabilities, Received, Transport, Wake};
 use crate::{Dest, Transmit};
