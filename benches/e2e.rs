@@ -20,6 +20,10 @@ pub enum Tool {
     Mcdist,
     /// mcdist over multicast with FEC repair symbols (when the binary offers `--fec`).
     McdistFec,
+    /// mcdist with UDP GSO on the server and UDP GRO on the receivers (`--gso on`, `--gro on`).
+    McdistGso,
+    /// mcdist with UDP GSO and GRO off (`--gso off`, `--gro off`): one datagram per buffer.
+    McdistNoGso,
     /// mcdist sending to each receiver by unicast.
     McdistUnicast,
     /// mcdist over multicast with a pre-shared key, authenticated only (`--key --auth-only`).
@@ -47,11 +51,28 @@ impl Tool {
         Tool::UdpcastFec,
     ];
 
+    /// Every tool that can be named on the command line: [`Tool::ALL`] and
+    /// variants run only when asked for.
+    pub const NAMED: [Tool; 10] = [
+        Tool::Mcdist,
+        Tool::McdistFec,
+        Tool::McdistGso,
+        Tool::McdistNoGso,
+        Tool::McdistUnicast,
+        Tool::McdistAuth,
+        Tool::McdistEnc,
+        Tool::Uftp,
+        Tool::Udpcast,
+        Tool::UdpcastFec,
+    ];
+
     /// Name used on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
             Tool::Mcdist => "mcdist",
             Tool::McdistFec => "mcdist-fec",
+            Tool::McdistGso => "mcdist-gso",
+            Tool::McdistNoGso => "mcdist-nogso",
             Tool::McdistUnicast => "mcdist-unicast",
             Tool::McdistAuth => "mcdist-auth",
             Tool::McdistEnc => "mcdist-enc",
@@ -63,7 +84,7 @@ impl Tool {
 
     /// Parse a name.
     pub fn from_name(s: &str) -> Option<Tool> {
-        Tool::ALL.into_iter().find(|t| t.name() == s)
+        Tool::NAMED.into_iter().find(|t| t.name() == s)
     }
 
     /// True for the FEC variants.
@@ -75,6 +96,17 @@ impl Tool {
     pub fn missing(self, bench: &Bench) -> Option<String> {
         match self {
             Tool::Mcdist | Tool::McdistUnicast | Tool::McdistAuth | Tool::McdistEnc => None,
+            Tool::McdistGso | Tool::McdistNoGso => {
+                let help = Command::new(&bench.mcdist)
+                    .args(["serve", "--help"])
+                    .output()
+                    .ok()?;
+                if String::from_utf8_lossy(&help.stdout).contains("--gso") {
+                    None
+                } else {
+                    Some("this mcdist binary has no `serve --gso`".into())
+                }
+            }
             Tool::McdistFec => {
                 let help = Command::new(&bench.mcdist)
                     .args(["serve", "--help"])
@@ -305,6 +337,8 @@ impl Bench {
         let outcome = match tool {
             Tool::Mcdist
             | Tool::McdistFec
+            | Tool::McdistGso
+            | Tool::McdistNoGso
             | Tool::McdistUnicast
             | Tool::McdistAuth
             | Tool::McdistEnc => self.run_mcdist(topo, subnet, tool, n, &dir),
@@ -402,6 +436,15 @@ impl Bench {
             if unicast {
                 c.arg("--unicast");
             }
+            match tool {
+                Tool::McdistGso => {
+                    c.args(["--gro", "on"]);
+                }
+                Tool::McdistNoGso => {
+                    c.args(["--gro", "off"]);
+                }
+                _ => {}
+            }
             key_args(&mut c);
             rx.push(spawn_quiet(c, &dir.join(format!("rx{i}.log")))?);
             outs.push(out);
@@ -418,6 +461,15 @@ impl Bench {
         }
         if tool == Tool::McdistFec {
             c.arg("--fec");
+        }
+        match tool {
+            Tool::McdistGso => {
+                c.args(["--gso", "on"]);
+            }
+            Tool::McdistNoGso => {
+                c.args(["--gso", "off"]);
+            }
+            _ => {}
         }
         key_args(&mut c);
         let start = Instant::now();
@@ -804,7 +856,10 @@ pub fn summary(rs: &[RunResult]) -> String {
         }
     }
     for r in rs.iter().filter(|r| r.ok && r.tool != Tool::McdistUnicast) {
-        if r.tool == Tool::Mcdist || r.tool == Tool::McdistFec {
+        if matches!(
+            r.tool,
+            Tool::Mcdist | Tool::McdistFec | Tool::McdistGso | Tool::McdistNoGso
+        ) {
             let _ = writeln!(
                 s,
                 "{} N={} loss {}%: server bytes / image = {:.3}",

@@ -37,7 +37,8 @@ struct Cli {
     /// Receiver count of the loss sweep.
     #[arg(long)]
     loss_receivers: Option<usize>,
-    /// Tools to run, comma separated: mcdist, mcdist-fec, mcdist-unicast, mcdist-auth, mcdist-enc, uftp, udpcast, udpcast-fec.
+    /// Tools to run, comma separated: mcdist, mcdist-fec, mcdist-unicast, mcdist-auth, mcdist-enc, uftp, udpcast, udpcast-fec;
+    /// also mcdist-gso and mcdist-nogso (mcdist with UDP GSO/GRO forced on or off).
     #[arg(long, value_delimiter = ',')]
     tools: Option<Vec<String>>,
     /// Send-rate cap for every tool, Mbit/s.

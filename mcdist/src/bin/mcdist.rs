@@ -38,6 +38,14 @@ enum OnOff {
     Off,
 }
 
+const fn on_off(b: bool) -> OnOff {
+    if b {
+        OnOff::On
+    } else {
+        OnOff::Off
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Serve a file image to a multicast group.
@@ -93,6 +101,10 @@ enum Cmd {
         /// With --fec: most pages per FEC block.
         #[arg(long, requires = "fec", default_value_t = 64)]
         fec_block_pages: usize,
+        /// Send runs of equal-sized datagrams as UDP GSO buffers (falls back
+        /// to one datagram per buffer where the kernel refuses).
+        #[arg(long, value_enum, default_value_t = on_off(mcdist::transport::udp::DEFAULT_GSO))]
+        gso: OnOff,
     },
     /// Fetch a whole image from a server and verify it.
     Fetch {
@@ -121,6 +133,9 @@ enum Cmd {
         /// With --key: authenticate only, send page contents in the clear (trusted networks).
         #[arg(long, requires = "key")]
         auth_only: bool,
+        /// Receive with UDP GRO (coalesced buffers are split back into datagrams).
+        #[arg(long, value_enum, default_value_t = on_off(mcdist::transport::udp::DEFAULT_GRO))]
+        gro: OnOff,
     },
     /// Write a fresh random 256-bit key (64 hex digits) to a new file, mode 0600.
     Keygen {
@@ -156,6 +171,7 @@ fn main() -> ExitCode {
             fec,
             fec_overhead,
             fec_block_pages,
+            gso,
         } => load_security(key.as_deref(), auth_only).and_then(|security| {
             serve(ServeArgs {
                 image,
@@ -173,6 +189,7 @@ fn main() -> ExitCode {
                 fec,
                 fec_overhead,
                 fec_block_pages,
+                gso: gso == OnOff::On,
             })
         }),
         Cmd::Fetch {
@@ -184,8 +201,17 @@ fn main() -> ExitCode {
             unicast,
             key,
             auth_only,
-        } => load_security(key.as_deref(), auth_only)
-            .and_then(|security| fetch(group, iface, server, &out, timeout, unicast, security)),
+            gro,
+        } => load_security(key.as_deref(), auth_only).and_then(|security| {
+            fetch(
+                group,
+                iface,
+                server,
+                &out,
+                (timeout, unicast, gro == OnOff::On),
+                security,
+            )
+        }),
         Cmd::Keygen { out } => keygen(&out),
     };
     match res {
@@ -213,6 +239,7 @@ struct ServeArgs {
     fec: bool,
     fec_overhead: f64,
     fec_block_pages: usize,
+    gso: bool,
 }
 
 fn load_security(key: Option<&Path>, auth_only: bool) -> Result<Option<Security>, String> {
@@ -306,6 +333,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     let mut ucfg = UdpConfig::new(a.group);
     ucfg.iface = Some(a.iface.clone());
     ucfg.listen = Some(a.listen);
+    ucfg.gso = a.gso;
     let transport = UdpTransport::server(&ucfg).map_err(|e| e.to_string())?;
     let pb = bar(source.image_size(), "scanning");
     let ps = source.page_size() as u64;
@@ -442,8 +470,7 @@ fn fetch(
     iface: String,
     server: SocketAddr,
     out: &Path,
-    timeout: u64,
-    unicast: bool,
+    (timeout, unicast, gro): (u64, bool, bool),
     security: Option<Security>,
 ) -> Result<(), String> {
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -458,6 +485,7 @@ fn fetch(
     ucfg.iface = Some(iface);
     ucfg.server = Some(server);
     ucfg.multicast = !unicast;
+    ucfg.gro = gro;
     let transport = UdpTransport::client(&ucfg).map_err(|e| e.to_string())?;
     let start = Instant::now();
     let deadline = Duration::from_secs(timeout.max(1));
