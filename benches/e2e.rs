@@ -341,7 +341,7 @@ impl Bench {
             | Tool::McdistNoGso
             | Tool::McdistUnicast
             | Tool::McdistAuth
-            | Tool::McdistEnc => self.run_mcdist(topo, subnet, tool, n, &dir),
+            | Tool::McdistEnc => self.run_mcdist(topo, subnet, tool, n, loss, &dir),
             Tool::Uftp => self.run_uftp(topo, subnet, n, &dir),
             Tool::Udpcast | Tool::UdpcastFec => self.run_udpcast(topo, subnet, tool, n, &dir),
         };
@@ -407,9 +407,19 @@ impl Bench {
         subnet: u8,
         tool: Tool,
         n: usize,
+        loss: f64,
         dir: &Path,
     ) -> Result<(f64, Vec<PathBuf>), String> {
         let group = format!("239.255.{subnet}.1:7000");
+        // UDP GSO/GRO: forced by the two variants that name it. Otherwise the binary's
+        // default, except under injected loss: the nft rule drops whole GSO buffers (up to 64
+        // datagrams) where a wire would lose single frames, so loss runs send plain datagrams.
+        let offload = match tool {
+            Tool::McdistGso => Some("on"),
+            Tool::McdistNoGso => Some("off"),
+            _ if loss > 0.0 => Some("off"),
+            _ => None,
+        };
         let listen = format!("{}:7001", topo.hosts[0].addr);
         let t = self.run_timeout.as_secs().max(1).to_string();
         let unicast = tool == Tool::McdistUnicast;
@@ -436,14 +446,8 @@ impl Bench {
             if unicast {
                 c.arg("--unicast");
             }
-            match tool {
-                Tool::McdistGso => {
-                    c.args(["--gro", "on"]);
-                }
-                Tool::McdistNoGso => {
-                    c.args(["--gro", "off"]);
-                }
-                _ => {}
+            if let Some(o) = offload {
+                c.args(["--gro", o]);
             }
             key_args(&mut c);
             rx.push(spawn_quiet(c, &dir.join(format!("rx{i}.log")))?);
@@ -462,14 +466,8 @@ impl Bench {
         if tool == Tool::McdistFec {
             c.arg("--fec");
         }
-        match tool {
-            Tool::McdistGso => {
-                c.args(["--gso", "on"]);
-            }
-            Tool::McdistNoGso => {
-                c.args(["--gso", "off"]);
-            }
-            _ => {}
+        if let Some(o) = offload {
+            c.args(["--gso", o]);
         }
         key_args(&mut c);
         let start = Instant::now();
