@@ -25,7 +25,7 @@ use crate::remote::RemoteError;
 
 /// The client's transport: plain UDP, or UDP under mcdist's authentication layer.
 enum Link {
-    Plain(UdpTransport),
+    Plain(Box<UdpTransport>),
     Secure(Box<SecureTransport<UdpTransport>>),
 }
 
@@ -38,7 +38,7 @@ impl Link {
     }
     fn transport(&mut self) -> &mut dyn Transport {
         match self {
-            Link::Plain(t) => t,
+            Link::Plain(t) => &mut **t,
             Link::Secure(t) => &mut **t,
         }
     }
@@ -90,7 +90,7 @@ impl InlineMcdist {
                          on the network"
                     )
                 });
-                Link::Plain(transport)
+                Link::Plain(Box::new(transport))
             }
         };
         cfg.max_datagram = cfg
