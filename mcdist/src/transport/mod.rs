@@ -64,11 +64,7 @@ pub trait Transport: Send + 'static {
     /// default sends them one by one.
     fn send_batch(&mut self, buf: &[u8], slot: usize, items: &[Transmit]) -> io::Result<()> {
         for (i, t) in items.iter().enumerate() {
-            let start = i * slot;
-            let data = buf.get(start..start + t.len.min(slot)).ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidInput, "batch slot out of range")
-            })?;
-            self.send(t.dest, data)?;
+            self.send(t.dest, batch_datagram(buf, slot, i, t.len)?)?;
         }
         Ok(())
     }
@@ -99,6 +95,14 @@ pub trait Transport: Send + 'static {
         }
         Ok(n)
     }
+}
+
+/// Datagram `i` of a send batch: the first `len` bytes (at most `slot`) of
+/// `buf[i * slot..]`.
+pub(crate) fn batch_datagram(buf: &[u8], slot: usize, i: usize, len: usize) -> io::Result<&[u8]> {
+    let start = i * slot;
+    buf.get(start..start + len.min(slot))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "batch slot out of range"))
 }
 
 impl<T: Transport + ?Sized> Transport for Box<T> {

@@ -33,7 +33,7 @@
 //! so callers see exactly the datagrams that were sent; what does not fit in
 //! one call is handed out by the next.
 
-use super::{Capabilities, Received, Transport, Wake};
+use super::{batch_datagram, Capabilities, Received, Transport, Wake};
 use crate::{Dest, Transmit};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -759,19 +759,30 @@ impl UdpTransport {
         }
     }
 
-    /// Runs of datagrams to one destination go out as one UDP GSO buffer
-    /// each, many buffers per `sendmmsg`. On error, returns how many items
-    /// went out before it.
-    fn send_gso(
+    /// Sends `items`, many per `sendmmsg`. With `gso`, runs of datagrams to
+    /// one destination go out as one UDP GSO buffer each; without, every
+    /// datagram is a run of its own and no control message is attached. On
+    /// error, returns how many items went out before it.
+    fn send_runs(
         &mut self,
         buf: &[u8],
         slot: usize,
         items: &[Transmit],
+        gso: bool,
     ) -> Result<(), (usize, io::Error)> {
         use nix::sys::socket::{sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage};
         use std::io::IoSlice;
-        let mut runs = Vec::new();
-        gso_runs(items, |d| self.dest_addr(d), &mut runs);
+        let mut runs = Vec::with_capacity(items.len());
+        if gso {
+            gso_runs(items, |d| self.dest_addr(d), &mut runs);
+        } else {
+            runs.extend(items.iter().enumerate().map(|(i, t)| GsoRun {
+                first: i,
+                count: 1,
+                len: t.len,
+                to: self.dest_addr(t.dest),
+            }));
+        }
         let mut r = 0;
         let mut spins = 0u32;
         while r < runs.len() {
@@ -782,13 +793,7 @@ impl UdpTransport {
             for run in chunk {
                 let mut v = Vec::with_capacity(run.count);
                 for (i, t) in items.iter().enumerate().skip(run.first).take(run.count) {
-                    let start = i * slot;
-                    let data = buf.get(start..start + t.len.min(slot)).ok_or_else(|| {
-                        (
-                            run.first,
-                            io::Error::new(io::ErrorKind::InvalidInput, "batch slot out of range"),
-                        )
-                    })?;
+                    let data = batch_datagram(buf, slot, i, t.len).map_err(|e| (run.first, e))?;
                     v.push(IoSlice::new(data));
                 }
                 iovs.push(v);
@@ -835,75 +840,11 @@ impl UdpTransport {
         }
         Ok(())
     }
-
-    /// One `sendmmsg` per [`MAX_BATCH`] datagrams.
-    fn send_plain(&mut self, buf: &[u8], slot: usize, items: &[Transmit]) -> io::Result<()> {
-        use nix::sys::socket::{sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage};
-        use std::io::IoSlice;
-        use std::os::fd::AsRawFd;
-        let mut done = 0;
-        let mut spins = 0u32;
-        while done < items.len() {
-            let chunk = &items[done..items.len().min(done + MAX_BATCH)];
-            let mut iovs: Vec<[IoSlice<'_>; 1]> = Vec::with_capacity(chunk.len());
-            let mut addrs: Vec<Option<SockaddrStorage>> = Vec::with_capacity(chunk.len());
-            for (k, t) in chunk.iter().enumerate() {
-                let start = (done + k) * slot;
-                let data = buf.get(start..start + t.len.min(slot)).ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidInput, "batch slot out of range")
-                })?;
-                iovs.push([IoSlice::new(data)]);
-                let to = match t.dest {
-                    Dest::Group => self.group,
-                    Dest::Peer(p) => p,
-                };
-                addrs.push(Some(SockaddrStorage::from(to)));
-            }
-            let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(chunk.len(), None);
-            let cmsgs: [ControlMessage<'_>; 0] = [];
-            match sendmmsg(
-                self.ucast.as_raw_fd(),
-                &mut headers,
-                &iovs,
-                &addrs,
-                cmsgs,
-                MsgFlags::empty(),
-            ) {
-                Ok(r) => {
-                    let sent = r.count();
-                    if sent == 0 {
-                        // Nothing went: treat like a full buffer.
-                        spins += 1;
-                        std::thread::sleep(Duration::from_micros(50));
-                    }
-                    done += sent;
-                }
-                Err(nix::errno::Errno::EAGAIN) if spins < 20_000 => {
-                    spins += 1;
-                    std::thread::sleep(Duration::from_micros(50));
-                }
-                Err(nix::errno::Errno::EINTR) => {}
-                // A peer's port closed: that datagram is lost, like any other loss.
-                Err(nix::errno::Errno::ECONNREFUSED) => done += 1,
-                Err(e) => return Err(io::Error::from(e)),
-            }
-            if spins >= 20_000 {
-                return Err(io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    "send buffer stayed full for a second",
-                ));
-            }
-        }
-        Ok(())
-    }
 }
 
 impl Transport for UdpTransport {
     fn send(&mut self, dest: Dest, data: &[u8]) -> io::Result<()> {
-        let to = match dest {
-            Dest::Group => self.group,
-            Dest::Peer(p) => p,
-        };
+        let to = self.dest_addr(dest);
         let mut spins = 0u32;
         loop {
             match self.ucast.send_to(data, to) {
@@ -955,16 +896,15 @@ impl Transport for UdpTransport {
     }
 
     fn send_batch(&mut self, buf: &[u8], slot: usize, items: &[Transmit]) -> io::Result<()> {
-        if !self.gso {
-            return self.send_plain(buf, slot, items);
-        }
-        match self.send_gso(buf, slot, items) {
+        let gso = self.gso;
+        match self.send_runs(buf, slot, items, gso) {
             Ok(()) => Ok(()),
-            Err((done, e)) if gso_refused(&e) => {
+            Err((done, e)) if gso && gso_refused(&e) => {
                 tracing::info!(error = %e, "UDP GSO refused; falling back to sendmmsg");
                 self.gso = false;
                 let rest = &items[done..];
-                self.send_plain(&buf[(done * slot).min(buf.len())..], slot, rest)
+                self.send_runs(&buf[(done * slot).min(buf.len())..], slot, rest, false)
+                    .map_err(|(_, e)| e)
             }
             Err((_, e)) => Err(e),
         }
