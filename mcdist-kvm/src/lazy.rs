@@ -246,6 +246,8 @@ struct Inner {
     state: Mutex<State>,
     failed: AtomicBool,
     first_fault_ns: AtomicU64,
+    /// Installs between their `UFFDIO_COPY` (which wakes the faulting vCPU) and their count.
+    installing: AtomicU64,
     created: Instant,
 }
 
@@ -273,9 +275,13 @@ impl Inner {
             self.lock().stats.zero_pages_received += 1;
             return;
         }
+        // The copy wakes the faulting vCPU before the page is counted below; `installing`
+        // lets a reader of the statistics wait for that count (see `LazyMemory::stats`).
+        self.installing.fetch_add(1, Ordering::SeqCst);
         let res = self.uffd.copy(self.page_addr(pfn), data);
         let now = Instant::now();
         let mut st = self.lock();
+        self.installing.fetch_sub(1, Ordering::SeqCst);
         match res {
             Ok(outcome) => {
                 st.installed.set(pfn);
@@ -440,6 +446,9 @@ impl LazyHandle {
     }
 }
 
+/// How long [`LazyMemory::stats`] waits for installs under way to be counted.
+pub const STATS_SETTLE: Duration = Duration::from_millis(100);
+
 /// Guest memory whose pages are installed on first touch.
 pub struct LazyMemory {
     inner: Arc<Inner>,
@@ -493,6 +502,7 @@ impl LazyMemory {
                 }),
                 failed: AtomicBool::new(false),
                 first_fault_ns: AtomicU64::new(0),
+                installing: AtomicU64::new(0),
                 created: Instant::now(),
             }),
             cfg,
@@ -591,9 +601,20 @@ impl LazyMemory {
         self.inner.map.write(offset, data)
     }
 
-    /// A snapshot of the statistics.
+    /// A snapshot of the statistics. A page install wakes its faulting vCPU just before it
+    /// is counted; the snapshot waits (at most [`STATS_SETTLE`]) for installs under way to
+    /// be counted, so that a caller that saw its vCPUs finish sees every page they waited for.
     pub fn stats(&self) -> LazyStats {
-        self.inner.lock().stats.clone()
+        let deadline = Instant::now() + STATS_SETTLE;
+        loop {
+            let st = self.inner.lock();
+            // Counts are taken under the lock, so a zero seen here means none is pending.
+            if self.inner.installing.load(Ordering::SeqCst) == 0 || Instant::now() >= deadline {
+                return st.stats.clone();
+            }
+            drop(st);
+            std::thread::yield_now();
+        }
     }
 
     /// Why the memory failed, if it did.

@@ -87,6 +87,9 @@ pub struct HostCacheStats {
     pub joined_waits: u64,
     /// Pages installed into waiting clones when they arrived.
     pub waiter_installs: u64,
+    /// Requests for pages this cache had already handed to the asking clone (a repeated
+    /// request that crossed the delivery): answered again, not counted as hits.
+    pub stale_requests: u64,
     /// Frames from clone processes that were dropped (unknown kind, page out of range).
     pub malformed_frames: u64,
 }
@@ -98,12 +101,19 @@ impl HostCacheStats {
     }
 }
 
+/// One attached clone and the pages the cache has handed it (installed on arrival or
+/// announced from the cache), so that a repeated request is told apart from a hit.
+struct Slot {
+    clone: Arc<dyn Attached>,
+    served: PageBitmap,
+}
+
 struct State {
     present: PageBitmap,
     /// Clones waiting for a page, by clone slot.
     waiters: HashMap<u64, Vec<u64>>,
     /// Attached clones by slot.
-    clones: HashMap<u64, Arc<dyn Attached>>,
+    clones: HashMap<u64, Slot>,
     next_slot: u64,
     stats: HostCacheStats,
     failure: Option<String>,
@@ -201,7 +211,11 @@ impl Cache {
             let slots = st.waiters.remove(&pfn).unwrap_or_default();
             let targets: Vec<Arc<dyn Attached>> = slots
                 .iter()
-                .filter_map(|s| st.clones.get(s).cloned())
+                .filter_map(|s| {
+                    let slot = st.clones.get_mut(s)?;
+                    slot.served.set(pfn);
+                    Some(slot.clone.clone())
+                })
                 .collect();
             st.stats.waiter_installs += targets.len() as u64;
             targets
@@ -222,7 +236,14 @@ impl Cache {
             match st.failure.clone() {
                 Some(f) => Err((slot, f)),
                 None => {
-                    st.clones.insert(slot, clone.clone());
+                    let served = PageBitmap::new(self.pages);
+                    st.clones.insert(
+                        slot,
+                        Slot {
+                            clone: clone.clone(),
+                            served,
+                        },
+                    );
                     Ok(slot)
                 }
             }
@@ -250,11 +271,22 @@ impl Cache {
         if pfn >= self.pages {
             return Next::Nothing;
         }
-        let mut st = self.lock();
-        if st.failure.is_some() || !st.clones.contains_key(&slot) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if st.failure.is_some() {
             return Next::Nothing;
         }
+        let Some(clone) = st.clones.get_mut(&slot) else {
+            return Next::Nothing;
+        };
+        if clone.served.get(pfn) {
+            // The clone asked again while the page was on its way to it: answer again
+            // (requests stay idempotent) without counting a second delivery.
+            st.stats.stale_requests += 1;
+            return Next::FromCache;
+        }
         if st.present.get(pfn) {
+            clone.served.set(pfn);
             st.stats.cache_hits += 1;
             return Next::FromCache;
         }
@@ -280,7 +312,7 @@ impl Cache {
                 st.failure = Some(why.clone());
             }
             st.waiters.clear();
-            st.clones.values().cloned().collect()
+            st.clones.values().map(|s| s.clone.clone()).collect()
         };
         for c in clones {
             c.fail(&why);
@@ -826,7 +858,7 @@ impl HostCacheProcess {
 
     /// Closes the process's standard input, which stops it, and returns the counters it
     /// prints on the way out (`clones`, `network_pages`, `host_requests`, `cache_hits`,
-    /// `joined`, `waiter_installs`, `malformed`, `bytes_received`, `duplicates`,
+    /// `joined`, `waiter_installs`, `stale_requests`, `malformed`, `bytes_received`, `duplicates`,
     /// `requests_sent`).
     pub fn finish(mut self) -> Result<HashMap<String, u64>, HostCacheError> {
         use std::io::BufRead;

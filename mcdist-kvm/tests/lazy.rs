@@ -133,3 +133,27 @@ fn missing_server_fails_with_timeout_instead_of_hanging() {
         other => panic!("expected a fetch timeout, got {other:?}"),
     }
 }
+
+#[test]
+fn statistics_count_every_page_a_reader_has_waited_for() {
+    if !uffd_available() {
+        return;
+    }
+    // `UFFDIO_COPY` wakes the reader before the installing thread counts the page; a
+    // snapshot taken right after the read returns must still count it.
+    let pages = 16384;
+    let img = image(pages);
+    let src: Arc<dyn PageSource> = Arc::new(MemSource::new(img.clone(), PAGE));
+    let zero = zero_map(&*src).expect("zero map");
+    let mut mem = LazyMemory::new(pages * PAGE, zero, LazyConfig::default()).expect("lazy memory");
+    mem.start(Arc::new(SourceFetcher::new(src.clone(), mem.handle())))
+        .expect("start");
+    let mut out = vec![0u8; PAGE];
+    let mut fetched = 0;
+    for p in (0..pages).filter(|p| p % 3 != 0) {
+        mem.read(p * PAGE, &mut out).expect("read");
+        fetched += 1;
+        let s = mem.stats();
+        assert_eq!(s.pages_demand, fetched, "after reading page {p}: {s:?}");
+    }
+}

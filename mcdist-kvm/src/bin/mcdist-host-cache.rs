@@ -74,18 +74,24 @@ fn run(args: &Args) -> Result<(), String> {
     drop(server);
     let st = cache.stats();
     let cs = cache.client_stats();
-    println!(
-        "MCDIST-HOST-CACHE clones={} network_pages={} host_requests={} cache_hits={} joined={} waiter_installs={} malformed={} bytes_received={} duplicates={} requests_sent={}",
+    // The parent may be gone already (it closed our input and stopped reading): then the
+    // counters have nobody to go to, which is not worth a panic.
+    writeln!(
+        out,
+        "MCDIST-HOST-CACHE clones={} network_pages={} host_requests={} cache_hits={} joined={} waiter_installs={} stale_requests={} malformed={} bytes_received={} duplicates={} requests_sent={}",
         st.clones_attached,
         st.network_pages,
         st.host_requests,
         st.cache_hits,
         st.joined_waits,
         st.waiter_installs,
+        st.stale_requests,
         st.malformed_frames,
         cs.bytes_received,
         cs.duplicates,
         cs.requests_sent
-    );
+    )
+    .and_then(|()| out.flush())
+    .map_err(|e| format!("cannot report the counters: {e}"))?;
     Ok(())
 }
