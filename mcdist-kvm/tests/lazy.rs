@@ -30,18 +30,23 @@ fn image(pages: usize) -> Vec<u8> {
     v
 }
 
+/// Lazy memory of `pages` pages of [`image`], each fetched on the fault thread from memory.
+fn served_from_memory(pages: usize) -> LazyMemory {
+    let src: Arc<dyn PageSource> = Arc::new(MemSource::new(image(pages), PAGE));
+    let zero = zero_map(&*src).expect("zero map");
+    let mut mem = LazyMemory::new(pages * PAGE, zero, LazyConfig::default()).expect("lazy memory");
+    mem.start(Arc::new(SourceFetcher::new(src, mem.handle())))
+        .expect("start");
+    mem
+}
+
 #[test]
 fn faults_fetch_pages_and_fill_zero_pages_locally() {
     if !uffd_available() {
         return;
     }
     let pages = 64;
-    let img = image(pages);
-    let src: Arc<dyn PageSource> = Arc::new(MemSource::new(img.clone(), PAGE));
-    let zero = zero_map(&*src).expect("zero map");
-    let mut mem = LazyMemory::new(pages * PAGE, zero, LazyConfig::default()).expect("lazy memory");
-    mem.start(Arc::new(SourceFetcher::new(src.clone(), mem.handle())))
-        .expect("start");
+    let mem = served_from_memory(pages);
     // Touch half of the pages from two threads at once.
     let mem = Arc::new(mem);
     let threads: Vec<_> = (0..2)
@@ -142,12 +147,7 @@ fn statistics_count_every_page_a_reader_has_waited_for() {
     // `UFFDIO_COPY` wakes the reader before the installing thread counts the page; a
     // snapshot taken right after the read returns must still count it.
     let pages = 16384;
-    let img = image(pages);
-    let src: Arc<dyn PageSource> = Arc::new(MemSource::new(img.clone(), PAGE));
-    let zero = zero_map(&*src).expect("zero map");
-    let mut mem = LazyMemory::new(pages * PAGE, zero, LazyConfig::default()).expect("lazy memory");
-    mem.start(Arc::new(SourceFetcher::new(src.clone(), mem.handle())))
-        .expect("start");
+    let mem = served_from_memory(pages);
     let mut out = vec![0u8; PAGE];
     let mut fetched = 0;
     for p in (0..pages).filter(|p| p % 3 != 0) {
