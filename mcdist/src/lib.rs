@@ -17,6 +17,7 @@
 //!   (socket2), unicast fan-out, an in-memory network and a seeded fault injector.
 //! - [`node`]: threaded drivers ([`node::ServerNode`], [`node::ClientNode`]) that
 //!   turn the state machines into socket calls; they hold no protocol logic.
+//! - [`digest`]: the image digest built page by page as pages arrive.
 //! - [`fec`]: RaptorQ repair symbols over pushed and swept pages (off by
 //!   default; `ServerConfig::fec`).
 //! - [`sim`]: a deterministic, virtual-time network for tests.
@@ -38,6 +39,7 @@
 
 pub mod bitmap;
 pub mod client;
+pub mod digest;
 pub mod fec;
 pub mod node;
 pub mod pacing;

@@ -78,6 +78,9 @@ pub trait PageSink: Send + Sync + 'static {
     /// data (zero pages from the session's zero map are not delivered).
     /// Returning an error fails the session.
     fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), String>;
+    /// The client joined a session (or found its server again after a restart with the
+    /// same image); called before any page of that session is delivered.
+    fn session_started(&self, _info: &SessionInfo) {}
     /// The session failed.
     fn failed(&self, _error: &NodeError) {}
 }
@@ -695,6 +698,7 @@ fn client_loop<T: Transport>(
             changed = true;
             match e {
                 ClientEvent::SessionStarted(s) | ClientEvent::SessionResumed(s) => {
+                    sink.session_started(&s);
                     let _ = shared.present.set(AtomicBitmap::new(s.page_count));
                     lock(&shared.state).session = Some(s);
                 }

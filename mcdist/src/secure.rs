@@ -56,7 +56,7 @@
 
 use crate::transport::{Capabilities, Received, Transport, Wake};
 use crate::wire::{self, HeaderFlags, Kind};
-use crate::Dest;
+use crate::{Dest, Transmit};
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 use std::collections::HashMap;
 use std::fmt;
@@ -828,7 +828,13 @@ pub struct SecureTransport<T> {
     sealer: Sealer,
     group_sealer: Sealer,
     opener: Opener,
-    out: Vec<u8>,
+    /// Sealed datagrams of a batch send, and their lengths.
+    batch_out: Vec<u8>,
+    batch_items: Vec<Transmit>,
+    /// What the inner transport received in a batch, before opening.
+    batch_recv: Vec<Received>,
+    /// The opened datagram of a single `recv`.
+    batch_got: Vec<Received>,
     stats: SecurityStatsHandle,
 }
 
@@ -882,7 +888,10 @@ impl<T: Transport> SecureTransport<T> {
             sealer,
             group_sealer,
             opener,
-            out: Vec::with_capacity(65_536),
+            batch_out: Vec::new(),
+            batch_items: Vec::new(),
+            batch_recv: Vec::new(),
+            batch_got: Vec::new(),
             stats: SecurityStatsHandle::default(),
         }
     }
@@ -906,52 +915,105 @@ impl<T: Transport> SecureTransport<T> {
 
 impl<T: Transport> Transport for SecureTransport<T> {
     fn send(&mut self, dest: Dest, data: &[u8]) -> io::Result<()> {
-        self.out.clear();
-        self.out.extend_from_slice(data);
-        self.out.resize(data.len() + TRAILER_LEN, 0);
-        let sealer = match dest {
-            Dest::Group => &mut self.group_sealer,
-            Dest::Peer(_) => &mut self.sealer,
-        };
-        let n = sealer
-            .seal(&mut self.out, data.len())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let r = self.inner.send(dest, &self.out[..n]);
+        self.send_batch(
+            data,
+            data.len(),
+            &[Transmit {
+                dest,
+                len: data.len(),
+            }],
+        )
+    }
+
+    fn recv(&mut self, buf: &mut [u8], timeout: Option<Duration>) -> io::Result<Option<Received>> {
+        let mut got = std::mem::take(&mut self.batch_got);
+        got.clear();
+        let slot = buf.len();
+        let r = self
+            .recv_batch(buf, slot, &mut got, timeout)
+            .map(|_| got.first().copied());
+        self.batch_got = got;
+        r
+    }
+
+    /// Seals the batch into one buffer of slots `TRAILER_LEN` larger and hands it to the
+    /// inner transport's batch send (one `sendmmsg`, and GSO runs, on UDP): a run of
+    /// equal-sized datagrams stays a run of equal-sized sealed datagrams.
+    fn send_batch(&mut self, buf: &[u8], slot: usize, items: &[Transmit]) -> io::Result<()> {
+        let sealed_slot = slot + TRAILER_LEN;
+        self.batch_out.clear();
+        self.batch_out.resize(sealed_slot * items.len(), 0);
+        self.batch_items.clear();
+        for (i, t) in items.iter().enumerate() {
+            let data = crate::transport::batch_datagram(buf, slot, i, t.len)?;
+            let out = &mut self.batch_out[i * sealed_slot..(i + 1) * sealed_slot];
+            out[..data.len()].copy_from_slice(data);
+            let sealer = match t.dest {
+                Dest::Group => &mut self.group_sealer,
+                Dest::Peer(_) => &mut self.sealer,
+            };
+            let n = sealer
+                .seal(out, data.len())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            self.batch_items.push(Transmit {
+                dest: t.dest,
+                len: n,
+            });
+        }
+        let r = self
+            .inner
+            .send_batch(&self.batch_out, sealed_slot, &self.batch_items);
         self.publish();
         r
     }
 
-    fn recv(&mut self, buf: &mut [u8], timeout: Option<Duration>) -> io::Result<Option<Received>> {
+    /// Receives a batch from the inner transport and opens each datagram in its slot;
+    /// datagrams that do not authenticate are dropped (counted) and the ones after them
+    /// move up a slot, so that datagram `i` of the result is still at `buf[i * slot..]`.
+    fn recv_batch(
+        &mut self,
+        buf: &mut [u8],
+        slot: usize,
+        out: &mut Vec<Received>,
+        timeout: Option<Duration>,
+    ) -> io::Result<usize> {
         let deadline = timeout.map(|t| Instant::now() + t);
+        let base = out.len();
         let mut drops = 0;
         loop {
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            self.batch_recv.clear();
+            let n = self
+                .inner
+                .recv_batch(buf, slot, &mut self.batch_recv, remaining)?;
+            if n == 0 {
+                break;
+            }
             let now = Instant::now();
-            let remaining = deadline.map(|d| d.saturating_duration_since(now));
-            let Some(r) = self.inner.recv(buf, remaining)? else {
-                if drops > 0 {
-                    self.publish();
-                }
-                return Ok(None);
-            };
-            let now = Instant::now();
-            let len = r.len.min(buf.len());
-            match self.opener.open(now, r.from, &mut buf[..len]) {
-                Ok(n) => {
-                    self.publish();
-                    return Ok(Some(Received {
-                        len: n,
-                        from: r.from,
-                    }));
-                }
-                Err(_) => {
-                    drops += 1;
-                    if drops >= MAX_DROPS_PER_RECV {
-                        self.publish();
-                        return Ok(None);
+            let mut kept = 0;
+            for (i, r) in self.batch_recv.iter().enumerate() {
+                let len = r.len.min(slot);
+                let at = i * slot;
+                match self.opener.open(now, r.from, &mut buf[at..at + len]) {
+                    Ok(plain) => {
+                        if kept != i {
+                            buf.copy_within(at..at + plain, kept * slot);
+                        }
+                        out.push(Received {
+                            len: plain,
+                            from: r.from,
+                        });
+                        kept += 1;
                     }
+                    Err(_) => drops += 1,
                 }
             }
+            if kept > 0 || drops >= MAX_DROPS_PER_RECV {
+                break;
+            }
         }
+        self.publish();
+        Ok(out.len() - base)
     }
 
     fn waker(&self) -> Arc<dyn Wake> {
@@ -1045,6 +1107,69 @@ mod tests {
         o.open(Instant::now(), addr(), &mut a).unwrap();
         assert_eq!(o.current_session(), Some(session));
         o
+    }
+
+    #[test]
+    fn batches_are_sealed_and_opened_in_their_slots_and_forgeries_dropped() {
+        use crate::transport::mem::MemNetwork;
+        let net = MemNetwork::new(4096);
+        let (sa, ca, ra): (SocketAddr, SocketAddr, SocketAddr) = (
+            "10.0.0.1:1".parse().unwrap(),
+            "10.0.0.2:1".parse().unwrap(),
+            "10.0.0.3:1".parse().unwrap(),
+        );
+        let sec = sec(Protection::Encrypted);
+        let mut server = SecureTransport::server(net.endpoint(sa, false), &sec, 9);
+        let mut client = SecureTransport::client(net.endpoint(ca, true), &sec);
+        let mut rogue = net.endpoint(ra, false);
+        // Plaintexts of a batch: the announce, then pages 1..=3 of 1000 bytes each.
+        let strip = |mut v: Vec<u8>| {
+            v.truncate(v.len() - TRAILER_LEN);
+            v
+        };
+        let msgs: Vec<Vec<u8>> = std::iter::once(strip(announce_msg(9)))
+            .chain((1..=3).map(|p| strip(data_msg(9, p + 1, p, &[p as u8; 1000]))))
+            .collect();
+        let slot = msgs.iter().map(Vec::len).max().unwrap();
+        let send = |t: &mut SecureTransport<_>, part: &[Vec<u8>]| {
+            let mut buf = vec![0u8; slot * part.len()];
+            let items: Vec<Transmit> = part
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    buf[i * slot..i * slot + m.len()].copy_from_slice(m);
+                    Transmit {
+                        dest: Dest::Group,
+                        len: m.len(),
+                    }
+                })
+                .collect();
+            t.send_batch(&buf, slot, &items).unwrap();
+        };
+        send(&mut server, &msgs[..2]);
+        // A forgery in the middle of the stream: an unsealed copy of page 2.
+        rogue.send(Dest::Peer(ca), &msgs[2]).unwrap();
+        send(&mut server, &msgs[2..]);
+        let rslot = 2048;
+        let mut buf = vec![0u8; rslot * 8];
+        let mut got = Vec::new();
+        let n = client
+            .recv_batch(&mut buf, rslot, &mut got, Some(Duration::from_secs(1)))
+            .unwrap();
+        assert_eq!(n, 4, "{got:?}");
+        for (i, (r, m)) in got.iter().zip(&msgs).enumerate() {
+            assert_eq!(r.from, sa);
+            // The sealed header differs only in its flag byte.
+            assert_eq!(r.len, m.len(), "datagram {i}");
+            assert_eq!(
+                buf[i * rslot + 5..i * rslot + r.len],
+                m[5..],
+                "datagram {i}"
+            );
+        }
+        let st = client.stats_handle().get();
+        assert_eq!((st.opened, st.unauthenticated), (4, 1), "{st:?}");
+        assert_eq!(server.stats_handle().get().sealed, 4);
     }
 
     #[test]

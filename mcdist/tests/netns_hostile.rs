@@ -6,6 +6,8 @@
 //!   flood is measured in the same run and printed (not asserted).
 //! - `mcdist serve`: a nonexistent image, an unreadable one, and an image that
 //!   changes size while served all end in a clear error.
+//! - `mcdist fetch` of pages that do not match the announced digest (the image changed
+//!   under the server): refused, and the copy removed.
 //! - `mcdist fetch` onto a full disk: a clear error and no partial file left.
 
 use mcdist::testnet::{unavailable, write_test_image, Topology};
@@ -342,6 +344,36 @@ fn serve_detects_an_image_changing_size() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "server kept serving a changed image");
     assert!(e.contains("changed size"), "stderr: {e}");
+}
+
+#[test]
+fn fetch_rejects_pages_that_do_not_match_the_announced_digest() {
+    if let Some(why) = unavailable() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("image");
+    write_test_image(&img, 2, None, 0).unwrap();
+    let topo = Topology::create("mchd", 2, 65).expect("building the namespace topology");
+    let group = "239.255.65.2:7000";
+    let listen = format!("{}:7001", topo.hosts[0].addr);
+    let mut server = serve(&topo, &img, group, &listen);
+    // Same size, other contents: the announce still carries the old digest, and every page
+    // the receiver gets is what the file holds now.
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 4096], 4096 * 100).unwrap();
+    drop(f);
+    let out = dir.path().join("copy");
+    let (ok, text, _) = fetch(&topo, 1, group, &listen, &out);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        !ok,
+        "fetch accepted a copy that does not match the digest: {text}"
+    );
+    assert!(text.contains("does not match the image digest"), "{text}");
+    assert!(!out.exists(), "the mismatching copy was left behind");
 }
 
 #[test]

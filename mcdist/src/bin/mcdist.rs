@@ -2,19 +2,22 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use mcdist::bitmap::PageBitmap;
 use mcdist::client::ClientConfig;
+use mcdist::digest::PageDigest;
 use mcdist::node::{ClientNode, NodeError, PageSink, ServerNode};
 use mcdist::secure::{Protection, Psk, Security, SecurityStats};
 use mcdist::server::{Delivery, ServerConfig, ServerEvent};
 use mcdist::source::{scan_with_progress, FileSource, PageSource};
 use mcdist::transport::udp::{UdpConfig, UdpTransport};
+use mcdist::SessionInfo;
 use std::fs::File;
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Multicast memory-image distribution (SnowFlock's mcdist protocol).
@@ -448,20 +451,62 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     }
 }
 
+/// Writes pages at their place in the output file and hashes each as it lands, so the
+/// copy is checked against the image digest without reading it back.
 struct FileSink {
     file: File,
+    digest: Mutex<Option<PageDigest>>,
+}
+
+impl FileSink {
+    fn digest(&self) -> std::sync::MutexGuard<'_, Option<PageDigest>> {
+        self.digest.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Hashes the session's zero pages (filled locally, never delivered), a few at a time
+    /// so that pages arriving meanwhile are not held up.
+    fn add_zero_pages(&self, zero: &PageBitmap) {
+        let zeros: Vec<u64> = (0..zero.len()).filter(|&p| zero.get(p)).collect();
+        for run in zeros.chunks(256) {
+            if let Some(d) = self.digest().as_mut() {
+                for &pfn in run {
+                    d.add_zero_page(pfn);
+                }
+            }
+        }
+    }
 }
 
 impl PageSink for FileSink {
+    fn session_started(&self, info: &SessionInfo) {
+        let mut d = self.digest();
+        // A resumed session (same image) keeps the pages hashed so far.
+        let same = d
+            .as_ref()
+            .is_some_and(|d| d.page_count() == info.page_count);
+        if !same {
+            *d = PageDigest::new(info.image_size, info.page_size);
+        }
+    }
+
     fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), String> {
         // Pages are page_size long; the tail past the image is cut off at the end.
         self.file
             .write_all_at(data, pfn * data.len() as u64)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        if let Some(d) = self.digest().as_mut() {
+            d.add_page(pfn, data);
+        }
+        Ok(())
     }
 }
 
-fn verify(path: &Path, expect: &[u8; 32]) -> io::Result<bool> {
+/// Whether the fetched copy has the image's digest: from the pages hashed as they arrived
+/// when the page size allows it, otherwise by reading the file back.
+fn verify(sink: &FileSink, path: &Path, expect: &[u8; 32]) -> io::Result<bool> {
+    if let Some(got) = sink.digest().as_ref().and_then(PageDigest::finalize) {
+        return Ok(&got == expect);
+    }
     Ok(&mcdist::source::file_digest(path)? == expect)
 }
 
@@ -503,7 +548,10 @@ fn fetch(
             msg
         }
     };
-    let sink = Arc::new(FileSink { file });
+    let sink = Arc::new(FileSink {
+        file,
+        digest: Mutex::new(None),
+    });
     let node =
         ClientNode::start(ccfg, transport, sink.clone()).map_err(|e| cleanup(e.to_string()))?;
     let session = node
@@ -520,10 +568,15 @@ fn fetch(
     node.fetch_all();
     let pb = bar(session.image_size, "fetching");
     let total_pages = session.page_count.max(1);
+    let mut zeros_hashed = false;
     loop {
         match node.wait_complete(Duration::from_millis(100)) {
             Ok(()) => break,
             Err(NodeError::Timeout(..)) => {
+                if let (false, Some(zero)) = (zeros_hashed, node.zero_map()) {
+                    sink.add_zero_pages(zero);
+                    zeros_hashed = true;
+                }
                 let have = node.pages_present();
                 pb.set_position(
                     (have.saturating_mul(session.image_size) / total_pages).min(session.image_size),
@@ -548,7 +601,12 @@ fn fetch(
         .set_len(session.image_size)
         .and_then(|_| sink.file.sync_data())
         .map_err(|e| cleanup(format!("flushing {}: {e}", out.display())))?;
-    let ok = verify(out, &session.digest)
+    if !zeros_hashed {
+        if let Some(zero) = node.zero_map() {
+            sink.add_zero_pages(zero);
+        }
+    }
+    let ok = verify(&sink, out, &session.digest)
         .map_err(|e| cleanup(format!("re-reading {}: {e}", out.display())))?;
     node.leave(ok);
     let secs = start.elapsed().as_secs_f64();

@@ -1,0 +1,217 @@
+//! The image digest computed page by page, in whatever order pages arrive.
+//!
+//! A session names its image by the BLAKE3 hash of the whole image. A receiver that checks
+//! its copy by hashing it once complete reads the whole image a second time, after the
+//! last page, and every receiver on a host does so at the same moment. BLAKE3 is a tree
+//! hash: each page-aligned page (for page sizes that are a power of two of at least one
+//! BLAKE3 chunk, 1 KiB) is a complete subtree of the image's tree. [`PageDigest`] hashes
+//! each page into its subtree's chaining value when the page arrives, while it is still in
+//! the cache, and at the end merges the chaining values the way BLAKE3's tree does
+//! (`blake3::hazmat`), giving exactly `blake3::hash(image)`.
+//!
+//! Memory: 32 bytes per page (1/128 of the image at 4 KiB pages) plus one bit per page.
+
+use crate::bitmap::PageBitmap;
+use blake3::hazmat::{self, ChainingValue, HasherExt, Mode};
+
+/// BLAKE3's chunk length: the smallest subtree.
+const CHUNK_LEN: usize = 1024;
+
+/// BLAKE3 of an image built from its pages in any order.
+///
+/// ```
+/// use mcdist::digest::PageDigest;
+/// let image: Vec<u8> = (0..5 * 4096 + 100).map(|i| (i % 251) as u8).collect();
+/// let mut d = PageDigest::new(image.len() as u64, 4096).expect("4 KiB pages");
+/// for pfn in [3u64, 0, 5, 1, 4, 2] {
+///     let start = pfn as usize * 4096;
+///     d.add_page(pfn, &image[start..(start + 4096).min(image.len())]);
+/// }
+/// assert_eq!(d.finalize(), Some(*blake3::hash(&image).as_bytes()));
+/// ```
+#[derive(Clone)]
+pub struct PageDigest {
+    image_size: u64,
+    page_size: usize,
+    cvs: Vec<ChainingValue>,
+    have: PageBitmap,
+    /// An image of at most one page is the tree's root: its bytes are kept to hash at the end.
+    single: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for PageDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageDigest")
+            .field("image_size", &self.image_size)
+            .field("page_size", &self.page_size)
+            .field("missing", &self.missing())
+            .finish()
+    }
+}
+
+impl PageDigest {
+    /// A digest of an image of `image_size` bytes in pages of `page_size` bytes (the last
+    /// page may be shorter). `None` when `page_size` is not a power of two of at least
+    /// 1 KiB: such pages are not subtrees of BLAKE3's tree (hash the whole image instead).
+    pub fn new(image_size: u64, page_size: usize) -> Option<Self> {
+        if page_size < CHUNK_LEN || !page_size.is_power_of_two() {
+            return None;
+        }
+        let pages = image_size.div_ceil(page_size as u64);
+        let count = usize::try_from(pages).ok()?;
+        Some(Self {
+            image_size,
+            page_size,
+            cvs: if pages > 1 {
+                vec![[0u8; 32]; count]
+            } else {
+                Vec::new()
+            },
+            have: PageBitmap::new(pages),
+            single: None,
+        })
+    }
+
+    /// Number of pages of the image.
+    pub fn page_count(&self) -> u64 {
+        self.have.len()
+    }
+
+    /// Pages not added yet.
+    pub fn missing(&self) -> u64 {
+        self.have.len() - self.have.count_ones()
+    }
+
+    /// Bytes of page `pfn` that belong to the image (the last page may be short).
+    fn page_len(&self, pfn: u64) -> usize {
+        let start = pfn * self.page_size as u64;
+        (self.image_size - start).min(self.page_size as u64) as usize
+    }
+
+    /// Adds page `pfn`. `data` may be a whole page even where the image ends inside the last
+    /// page: bytes past the image are left out. Out-of-range pages and short data are
+    /// ignored (returns false); adding a page again replaces it.
+    pub fn add_page(&mut self, pfn: u64, data: &[u8]) -> bool {
+        if pfn >= self.have.len() {
+            return false;
+        }
+        let len = self.page_len(pfn);
+        let Some(data) = data.get(..len) else {
+            return false;
+        };
+        if self.have.len() == 1 {
+            self.single = Some(data.to_vec());
+        } else {
+            let mut h = blake3::Hasher::new();
+            h.set_input_offset(pfn * self.page_size as u64);
+            h.update(data);
+            self.cvs[pfn as usize] = h.finalize_non_root();
+        }
+        self.have.set(pfn);
+        true
+    }
+
+    /// Adds page `pfn` as all zero (a page of the session's zero map, filled locally).
+    pub fn add_zero_page(&mut self, pfn: u64) -> bool {
+        // One page of zeros; `add_page` takes the image's part of it.
+        thread_local!(static ZEROS: Vec<u8> = vec![0u8; 1 << 16]);
+        if self.page_size <= 1 << 16 {
+            ZEROS.with(|z| self.add_page(pfn, &z[..self.page_size]))
+        } else {
+            self.add_page(pfn, &vec![0u8; self.page_size])
+        }
+    }
+
+    /// The image's BLAKE3 hash, once every page was added (`None` before).
+    pub fn finalize(&self) -> Option<[u8; 32]> {
+        if !self.have.is_full() {
+            return None;
+        }
+        if self.have.len() <= 1 {
+            let data = self.single.as_deref().unwrap_or_default();
+            return Some(*blake3::hash(data).as_bytes());
+        }
+        let split = hazmat::left_subtree_len(self.image_size);
+        let left = self.subtree(0, split);
+        let right = self.subtree(split, self.image_size - split);
+        Some(*hazmat::merge_subtrees_root(&left, &right, Mode::Hash).as_bytes())
+    }
+
+    /// Chaining value of the subtree of `len` bytes at `offset` (page aligned; `len` is a
+    /// power-of-two multiple of the page size, or what is left of the image).
+    fn subtree(&self, offset: u64, len: u64) -> ChainingValue {
+        if len <= self.page_size as u64 {
+            return self.cvs[(offset / self.page_size as u64) as usize];
+        }
+        // Left subtrees are a power of two of chunks, at least one page long here.
+        let split = hazmat::left_subtree_len(len);
+        let left = self.subtree(offset, split);
+        let right = self.subtree(offset + split, len - split);
+        hazmat::merge_subtrees_non_root(&left, &right, Mode::Hash)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn any_order_gives_the_image_hash() {
+        for &(len, page) in &[
+            (0usize, 4096usize),
+            (1, 4096),
+            (4096, 4096),
+            (4097, 4096),
+            (3 * 4096, 4096),
+            (17 * 4096 + 1000, 4096),
+            (64 * 4096, 4096),
+            (5 * 1024 + 7, 1024),
+            (9 * 65536, 65536),
+        ] {
+            let img = image(len);
+            let mut d = PageDigest::new(len as u64, page).expect("power of two");
+            let pages = len.div_ceil(page) as u64;
+            // Reverse order, with whole last pages (padding past the image).
+            for pfn in (0..pages).rev() {
+                let start = pfn as usize * page;
+                let mut buf = vec![0u8; page];
+                let end = (start + page).min(len);
+                buf[..end - start].copy_from_slice(&img[start..end]);
+                assert!(d.add_page(pfn, &buf));
+            }
+            assert_eq!(d.missing(), 0);
+            assert_eq!(
+                d.finalize(),
+                Some(*blake3::hash(&img).as_bytes()),
+                "{len} bytes in pages of {page}"
+            );
+        }
+    }
+
+    #[test]
+    fn incomplete_wrong_or_unsupported_input_gives_no_digest() {
+        assert!(PageDigest::new(4096, 4000).is_none());
+        assert!(PageDigest::new(4096, 512).is_none());
+        let img = image(4 * 4096);
+        let mut d = PageDigest::new(img.len() as u64, 4096).expect("digest");
+        for pfn in 0..3 {
+            d.add_page(pfn, &img[pfn as usize * 4096..][..4096]);
+        }
+        assert_eq!(d.finalize(), None);
+        assert!(!d.add_page(4, &img[..4096]), "out of range");
+        assert!(!d.add_page(3, &img[..100]), "short page");
+        assert_eq!(d.missing(), 1);
+        // Zero pages hash like zeros; a wrong page gives another digest.
+        d.add_zero_page(3);
+        let mut zeroed = img.clone();
+        zeroed[3 * 4096..].fill(0);
+        assert_eq!(d.finalize(), Some(*blake3::hash(&zeroed).as_bytes()));
+        assert_ne!(d.finalize(), Some(*blake3::hash(&img).as_bytes()));
+    }
+}
