@@ -33,7 +33,10 @@ const CHUNK_LEN: usize = 1024;
 pub struct PageDigest {
     image_size: u64,
     page_size: usize,
+    /// Chaining value of the subtree that starts at each page: one page, or a run of
+    /// `1 << span` pages added together ([`PageDigest::add_run`]).
     cvs: Vec<ChainingValue>,
+    span: Vec<u8>,
     have: PageBitmap,
     /// An image of at most one page is the tree's root: its bytes are kept to hash at the end.
     single: Option<Vec<u8>>,
@@ -67,6 +70,11 @@ impl PageDigest {
             } else {
                 Vec::new()
             },
+            span: if pages > 1 {
+                vec![0; count]
+            } else {
+                Vec::new()
+            },
             have: PageBitmap::new(pages),
             single: None,
         })
@@ -90,7 +98,8 @@ impl PageDigest {
 
     /// Adds page `pfn`. `data` may be a whole page even where the image ends inside the last
     /// page: bytes past the image are left out. Out-of-range pages and short data are
-    /// ignored (returns false); adding a page again replaces it.
+    /// ignored (returns false); a page already added keeps its first contents (returns
+    /// true: a session delivers each page of one image, whose contents do not change).
     pub fn add_page(&mut self, pfn: u64, data: &[u8]) -> bool {
         if pfn >= self.have.len() {
             return false;
@@ -99,16 +108,76 @@ impl PageDigest {
         let Some(data) = data.get(..len) else {
             return false;
         };
+        if self.have.get(pfn) {
+            return true;
+        }
         if self.have.len() == 1 {
             self.single = Some(data.to_vec());
         } else {
-            let mut h = blake3::Hasher::new();
-            h.set_input_offset(pfn * self.page_size as u64);
-            h.update(data);
-            self.cvs[pfn as usize] = h.finalize_non_root();
+            self.cvs[pfn as usize] = self.chaining_value(pfn, data);
+            self.span[pfn as usize] = 0;
         }
         self.have.set(pfn);
         true
+    }
+
+    /// Adds the pages `first`, `first + 1`, … held back to back in `data` (whole pages;
+    /// the last may run past the end of the image). Aligned runs of 2, 4, … pages are
+    /// hashed as one subtree, which BLAKE3 does several chunks at a time: faster than page
+    /// by page. Returns false, adding nothing, when the run does not fit the image or
+    /// `data` is not whole pages.
+    pub fn add_run(&mut self, first: u64, data: &[u8]) -> bool {
+        let ps = self.page_size;
+        let n = (data.len() / ps) as u64;
+        if data.len() % ps != 0 || first.checked_add(n).is_none_or(|end| end > self.have.len()) {
+            return false;
+        }
+        let mut pfn = first;
+        while pfn < first + n {
+            let e = self.run_exponent(pfn, first + n - pfn);
+            let at = (pfn - first) as usize * ps;
+            let k = 1u64 << e;
+            if e == 0 || (pfn..pfn + k).any(|p| self.have.get(p)) {
+                self.add_page(pfn, &data[at..at + ps]);
+                pfn += 1;
+                continue;
+            }
+            let bytes = &data[at..at + k as usize * ps];
+            self.cvs[pfn as usize] = self.chaining_value(pfn, bytes);
+            self.span[pfn as usize] = e;
+            for p in pfn..pfn + k {
+                self.have.set(p);
+            }
+            pfn += k;
+        }
+        true
+    }
+
+    /// The largest `e` such that the `1 << e` pages from `pfn` are aligned to their count,
+    /// at most `left`, whole pages of the image, and not the whole image (the tree's root).
+    fn run_exponent(&self, pfn: u64, left: u64) -> u8 {
+        let mut e = 0u8;
+        loop {
+            let k = 2u64 << e;
+            let end = (pfn + k) * self.page_size as u64;
+            if e >= 62
+                || pfn % k != 0
+                || k > left
+                || end > self.image_size
+                || end == self.image_size && pfn == 0
+            {
+                return e;
+            }
+            e += 1;
+        }
+    }
+
+    /// Chaining value of `data`, the subtree starting at page `pfn` (not the root).
+    fn chaining_value(&self, pfn: u64, data: &[u8]) -> ChainingValue {
+        let mut h = blake3::Hasher::new();
+        h.set_input_offset(pfn * self.page_size as u64);
+        h.update(data);
+        h.finalize_non_root()
     }
 
     /// Adds page `pfn` as all zero (a page of the session's zero map, filled locally).
@@ -140,8 +209,12 @@ impl PageDigest {
     /// Chaining value of the subtree of `len` bytes at `offset` (page aligned; `len` is a
     /// power-of-two multiple of the page size, or what is left of the image).
     fn subtree(&self, offset: u64, len: u64) -> ChainingValue {
-        if len <= self.page_size as u64 {
-            return self.cvs[(offset / self.page_size as u64) as usize];
+        let ps = self.page_size as u64;
+        let pfn = (offset / ps) as usize;
+        // A run added whole is exactly one of these subtrees (aligned runs of a power of two
+        // of pages are nodes of BLAKE3's tree).
+        if len <= ps || len == ps << self.span[pfn] {
+            return self.cvs[pfn];
         }
         // Left subtrees are a power of two of chunks, at least one page long here.
         let split = hazmat::left_subtree_len(len);
@@ -191,6 +264,47 @@ mod tests {
                 Some(*blake3::hash(&img).as_bytes()),
                 "{len} bytes in pages of {page}"
             );
+        }
+    }
+
+    #[test]
+    fn runs_and_single_pages_mix_in_any_order() {
+        let page = 4096;
+        for &len in &[2 * page, 16 * page, 37 * page + 5, 64 * page, 100 * page] {
+            let img = image(len);
+            let pages = len.div_ceil(page) as u64;
+            let mut padded = img.clone();
+            padded.resize(pages as usize * page, 0);
+            let whole =
+                |first: u64, n: u64| &padded[first as usize * page..(first + n) as usize * page];
+            let mut d = PageDigest::new(len as u64, page).expect("digest");
+            // Runs from odd places (3..19 crosses several alignments), a run over the end,
+            // singles, and a run over pages already added.
+            let mid = pages / 2;
+            assert!(d.add_run(
+                3.min(pages - 1),
+                whole(3.min(pages - 1), (16).min(pages - 3.min(pages - 1)))
+            ));
+            assert!(d.add_run(mid, whole(mid, pages - mid)));
+            for p in (0..pages).rev() {
+                assert!(d.add_page(p, whole(p, 1)));
+            }
+            assert!(d.add_run(0, whole(0, pages)));
+            assert_eq!(
+                d.finalize(),
+                Some(*blake3::hash(&img).as_bytes()),
+                "{len} bytes"
+            );
+            // One run of the whole image (the root cannot be a run; it is split).
+            let mut d = PageDigest::new(len as u64, page).expect("digest");
+            assert!(d.add_run(0, whole(0, pages)));
+            assert_eq!(
+                d.finalize(),
+                Some(*blake3::hash(&img).as_bytes()),
+                "{len} bytes, one run"
+            );
+            assert!(!d.add_run(pages, whole(0, 1)), "past the end");
+            assert!(!d.add_run(0, &padded[..page + 1]), "not whole pages");
         }
     }
 

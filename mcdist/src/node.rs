@@ -694,8 +694,13 @@ fn client_loop<T: Transport>(
                 .map_err(io_err("sending"))?;
         }
         let mut changed = false;
+        // Whether something a waiter of `wait_for` looks at changed (not pages or stats,
+        // which are read without waiting): waking the waiting thread for every batch of
+        // pages costs a context switch each time.
+        let mut wake = false;
         while let Some(e) = client.poll_event() {
             changed = true;
+            wake |= !matches!(e, ClientEvent::PageReady { .. });
             match e {
                 ClientEvent::SessionStarted(s) | ClientEvent::SessionResumed(s) => {
                     sink.session_started(&s);
@@ -736,10 +741,13 @@ fn client_loop<T: Transport>(
             let mut st = lock(&shared.state);
             st.stats = client.stats().clone();
             st.pages_present = client.pages_present();
-            if leaving && client.leave_sent() {
+            if leaving && client.leave_sent() && !st.left {
                 st.left = true;
+                wake = true;
             }
-            shared.cond.notify_all();
+            if wake {
+                shared.cond.notify_all();
+            }
         }
         let wait = client
             .poll_timeout()

@@ -1,8 +1,10 @@
 //! Property tests of the pure parts: wire codecs (emit → parse identity, parse
 //! of arbitrary or mutated bytes never panics), NACK range encoding, the page
-//! bitmap and its zero-map chunking, and fragment reassembly of interleaved pages.
+//! bitmap and its zero-map chunking, fragment reassembly of interleaved pages, and the
+//! image digest built from pages in any order.
 
 use mcdist::bitmap::{coalesce, PageBitmap};
+use mcdist::digest::PageDigest;
 use mcdist::reassembly::{fragment_slot, Reassembler};
 use mcdist::wire::{
     encode_ranges, ranges_from_encoded, Announce, Body, Data, End, HeaderFlags, Heartbeat, Join,
@@ -401,5 +403,34 @@ proptest! {
         }
         prop_assert!(done.iter().all(|&d| d == 1));
         prop_assert_eq!(r.in_progress(), 0);
+    }
+
+    /// The digest built from pages and runs of pages, added in any order and more than
+    /// once, is BLAKE3 of the image, for every image length and page size.
+    #[test]
+    fn page_digest_is_the_image_hash(len in 0usize..300_000, pow in 10u32..14, cuts in proptest::collection::vec((any::<u64>(), 0u64..40), 0..30), seed in any::<u64>()) {
+        let ps = 1usize << pow;
+        let img: Vec<u8> = (0..len).map(|i| ((i as u64).wrapping_mul(seed | 1) >> 7) as u8).collect();
+        let pages = len.div_ceil(ps) as u64;
+        let mut padded = img.clone();
+        padded.resize(pages as usize * ps, 0xee);
+        let mut d = PageDigest::new(len as u64, ps).unwrap();
+        // Runs at arbitrary places first, then every page in a shuffled order.
+        for (at, n) in cuts {
+            if pages == 0 { break; }
+            let first = at % pages;
+            let n = n.min(pages - first);
+            prop_assert!(d.add_run(first, &padded[first as usize * ps..(first + n) as usize * ps]));
+        }
+        let mut order: Vec<u64> = (0..pages).collect();
+        let mut s = seed | 1;
+        for i in (1..order.len()).rev() {
+            s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+            order.swap(i, (s % (i as u64 + 1)) as usize);
+        }
+        for p in order {
+            prop_assert!(d.add_page(p, &padded[p as usize * ps..(p as usize + 1) * ps]));
+        }
+        prop_assert_eq!(d.finalize(), Some(*blake3::hash(&img).as_bytes()));
     }
 }

@@ -452,15 +452,53 @@ fn serve(a: ServeArgs) -> Result<(), String> {
 }
 
 /// Writes pages at their place in the output file and hashes each as it lands, so the
-/// copy is checked against the image digest without reading it back.
+/// copy is checked against the image digest without reading it back. Pages that arrive in
+/// order (a sweep) are gathered into aligned runs, written with one call and hashed as one
+/// BLAKE3 subtree.
 struct FileSink {
     file: File,
-    digest: Mutex<Option<PageDigest>>,
+    state: Mutex<SinkState>,
+}
+
+#[derive(Default)]
+struct SinkState {
+    digest: Option<PageDigest>,
+    /// Pages per run (aligned to it), from the page size: runs of at most 256 KiB.
+    run_pages: u64,
+    /// The run being gathered: pages `first..first + n` back to back.
+    first: u64,
+    n: u64,
+    buf: Vec<u8>,
+}
+
+/// Largest run of pages written and hashed at once.
+const RUN_BYTES: usize = 256 << 10;
+
+impl SinkState {
+    /// Writes and hashes the run gathered so far.
+    fn flush(&mut self, file: &File) -> io::Result<()> {
+        if self.n == 0 {
+            return Ok(());
+        }
+        let ps = self.buf.len() as u64 / self.n;
+        file.write_all_at(&self.buf, self.first * ps)?;
+        if let Some(d) = self.digest.as_mut() {
+            d.add_run(self.first, &self.buf);
+        }
+        self.n = 0;
+        self.buf.clear();
+        Ok(())
+    }
 }
 
 impl FileSink {
-    fn digest(&self) -> std::sync::MutexGuard<'_, Option<PageDigest>> {
-        self.digest.lock().unwrap_or_else(PoisonError::into_inner)
+    fn state(&self) -> std::sync::MutexGuard<'_, SinkState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes out the run gathered so far (before the file is sized and checked).
+    fn flush(&self) -> io::Result<()> {
+        self.state().flush(&self.file)
     }
 
     /// Hashes the session's zero pages (filled locally, never delivered), a few at a time
@@ -468,7 +506,7 @@ impl FileSink {
     fn add_zero_pages(&self, zero: &PageBitmap) {
         let zeros: Vec<u64> = (0..zero.len()).filter(|&p| zero.get(p)).collect();
         for run in zeros.chunks(256) {
-            if let Some(d) = self.digest().as_mut() {
+            if let Some(d) = self.state().digest.as_mut() {
                 for &pfn in run {
                     d.add_zero_page(pfn);
                 }
@@ -479,23 +517,35 @@ impl FileSink {
 
 impl PageSink for FileSink {
     fn session_started(&self, info: &SessionInfo) {
-        let mut d = self.digest();
+        let mut st = self.state();
         // A resumed session (same image) keeps the pages hashed so far.
-        let same = d
+        let same = st
+            .digest
             .as_ref()
             .is_some_and(|d| d.page_count() == info.page_count);
         if !same {
-            *d = PageDigest::new(info.image_size, info.page_size);
+            st.digest = PageDigest::new(info.image_size, info.page_size);
         }
+        st.run_pages = (RUN_BYTES / info.page_size.max(1)).max(1) as u64;
     }
 
     fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), String> {
         // Pages are page_size long; the tail past the image is cut off at the end.
-        self.file
-            .write_all_at(data, pfn * data.len() as u64)
-            .map_err(|e| e.to_string())?;
-        if let Some(d) = self.digest().as_mut() {
-            d.add_page(pfn, data);
+        let mut st = self.state();
+        let st = &mut *st;
+        let run = st.run_pages.max(1);
+        let follows = st.n > 0
+            && pfn == st.first + st.n
+            && pfn % run != 0
+            && st.buf.len() == st.n as usize * data.len();
+        if !follows {
+            st.flush(&self.file).map_err(|e| e.to_string())?;
+            st.first = pfn;
+        }
+        st.buf.extend_from_slice(data);
+        st.n += 1;
+        if (pfn + 1) % run == 0 {
+            st.flush(&self.file).map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -504,7 +554,7 @@ impl PageSink for FileSink {
 /// Whether the fetched copy has the image's digest: from the pages hashed as they arrived
 /// when the page size allows it, otherwise by reading the file back.
 fn verify(sink: &FileSink, path: &Path, expect: &[u8; 32]) -> io::Result<bool> {
-    if let Some(got) = sink.digest().as_ref().and_then(PageDigest::finalize) {
+    if let Some(got) = sink.state().digest.as_ref().and_then(PageDigest::finalize) {
         return Ok(&got == expect);
     }
     Ok(&mcdist::source::file_digest(path)? == expect)
@@ -550,7 +600,7 @@ fn fetch(
     };
     let sink = Arc::new(FileSink {
         file,
-        digest: Mutex::new(None),
+        state: Mutex::default(),
     });
     let node =
         ClientNode::start(ccfg, transport, sink.clone()).map_err(|e| cleanup(e.to_string()))?;
@@ -597,8 +647,8 @@ fn fetch(
         }
     }
     pb.finish_and_clear();
-    sink.file
-        .set_len(session.image_size)
+    sink.flush()
+        .and_then(|()| sink.file.set_len(session.image_size))
         .and_then(|_| sink.file.sync_data())
         .map_err(|e| cleanup(format!("flushing {}: {e}", out.display())))?;
     if !zeros_hashed {
