@@ -512,7 +512,20 @@ impl Client {
 
     /// Feed one received datagram.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: Bytes) {
-        let msg = match Message::parse(&datagram) {
+        self.handle(now, from, &datagram, Some(&datagram));
+    }
+
+    /// Feed one received datagram held in the caller's buffer (a batch receive buffer that
+    /// is reused). Only what the client keeps is copied: a page that arrived whole, or a
+    /// repair symbol; a fragment goes straight into its page.
+    pub fn handle_datagram_slice(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        self.handle(now, from, datagram, None);
+    }
+
+    /// `owned`, when the caller has one, is `datagram` as `Bytes`: kept parts are sliced
+    /// from it instead of copied.
+    fn handle(&mut self, now: Instant, from: SocketAddr, datagram: &[u8], owned: Option<&Bytes>) {
+        let msg = match Message::parse(datagram) {
             Ok(m) => m,
             Err(e) => {
                 self.stats.malformed += 1;
@@ -545,8 +558,8 @@ impl Client {
             self.max_group_seq = Some(self.max_group_seq.map_or(msg.seq, |m| m.max(msg.seq)));
         }
         match msg.body {
-            Body::Data(d) => self.on_data(now, &datagram, d),
-            Body::Repair(r) => self.on_repair(now, &datagram, r),
+            Body::Data(d) => self.on_data(now, owned, d),
+            Body::Repair(r) => self.on_repair(now, owned, r),
             Body::ZeroMap(z) => self.on_zero_map(now, z),
             Body::End(_) => {
                 let missing = if self.fetch_all {
@@ -692,7 +705,7 @@ impl Client {
         }
     }
 
-    fn on_data(&mut self, now: Instant, datagram: &Bytes, d: Data<'_>) {
+    fn on_data(&mut self, now: Instant, owned: Option<&Bytes>, d: Data<'_>) {
         let Some(s) = self.session else { return };
         if d.pfn >= s.page_count {
             self.stats.out_of_range += 1;
@@ -718,9 +731,8 @@ impl Client {
                 self.stats.malformed += 1;
                 return;
             }
-            // Zero-copy: slice the page out of the received datagram.
-            let off = datagram.len() - d.payload.len();
-            datagram.slice(off..)
+            // Zero-copy when the datagram is owned: slice the page out of it.
+            keep(owned, d.payload)
         } else {
             match self
                 .reasm
@@ -778,7 +790,7 @@ impl Client {
 
     /// One FEC repair symbol: check it against the session, keep it, and decode
     /// its block once enough symbols are in hand.
-    fn on_repair(&mut self, now: Instant, datagram: &Bytes, r: wire::Repair<'_>) {
+    fn on_repair(&mut self, now: Instant, owned: Option<&Bytes>, r: wire::Repair<'_>) {
         let (Some(s), Some(a)) = (self.session, self.announce) else {
             return;
         };
@@ -805,7 +817,7 @@ impl Client {
             self.stats.fec_repairs_unneeded += 1;
             return;
         }
-        let symbol = datagram.slice(datagram.len() - r.symbol.len()..);
+        let symbol = keep(owned, r.symbol);
         match self.fec.add(&r, symbol) {
             RepairOutcome::Stored => self.stats.fec_repairs += 1,
             RepairOutcome::Late | RepairOutcome::Duplicate => {
@@ -1250,5 +1262,14 @@ impl Client {
             dest: Dest::Peer(self.cfg.server),
             len,
         })
+    }
+}
+
+/// `part` of a received datagram as `Bytes`: a slice of `owned` (the datagram) when there is
+/// one, else a copy.
+fn keep(owned: Option<&Bytes>, part: &[u8]) -> Bytes {
+    match owned {
+        Some(b) => b.slice_ref(part),
+        None => Bytes::copy_from_slice(part),
     }
 }

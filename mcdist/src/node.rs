@@ -12,7 +12,6 @@ use crate::server::{ConfigError, Server, ServerConfig, ServerEvent, ServerStats}
 use crate::source::{ImageInfo, PageSource};
 use crate::transport::{Received, Transport, Wake};
 use crate::{SessionInfo, Transmit};
-use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use std::io;
 use std::net::SocketAddr;
@@ -773,8 +772,7 @@ fn client_loop<T: Transport>(
             let at = Instant::now();
             for (i, r) in received.iter().enumerate() {
                 let start = i * slot;
-                let datagram = Bytes::copy_from_slice(&inbuf[start..start + r.len.min(slot)]);
-                client.handle_datagram(at, r.from, datagram);
+                client.handle_datagram_slice(at, r.from, &inbuf[start..start + r.len.min(slot)]);
             }
             budget = budget.saturating_sub(n);
             timeout = Some(Duration::ZERO);
