@@ -180,9 +180,14 @@ pub fn client(data: &[u8]) {
         match code % 5 {
             op::DATAGRAM => {
                 let Some(len) = ops.u16() else { break };
-                let Some(_) = ops.byte() else { break };
-                let d = Bytes::copy_from_slice(ops.bytes(usize::from(len)));
-                c.handle_datagram(now, server, d);
+                let Some(how) = ops.byte() else { break };
+                let d = ops.bytes(usize::from(len));
+                // Both entry points: an owned datagram, and one in a reused buffer.
+                if how & 1 == 0 {
+                    c.handle_datagram(now, server, Bytes::copy_from_slice(d));
+                } else {
+                    c.handle_datagram_slice(now, server, d);
+                }
             }
             op::ADVANCE => {
                 let Some(steps) = ops.u16() else { break };
