@@ -112,6 +112,10 @@ impl PageSource for GuestRam {
             })?;
         self.map.read(off, buf)
     }
+    fn read_pages(&self, first: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        // Guest RAM is whole pages: a run is one copy.
+        self.read_page(first, buf)
+    }
 }
 
 /// Memory a [`Vm`] runs on.

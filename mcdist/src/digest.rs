@@ -191,6 +191,41 @@ impl PageDigest {
         }
     }
 
+    /// Takes what `other`, a digest of the same image, has and this one lacks: digests built
+    /// by several threads over disjoint parts of an image merge into one. A run `other`
+    /// added whole moves as one piece, and is left out if this digest has any of its pages.
+    pub fn absorb(&mut self, other: &PageDigest) {
+        if other.image_size != self.image_size || other.page_size != self.page_size {
+            return;
+        }
+        let mut p = 0;
+        while p < other.have.len() {
+            if !other.have.get(p) {
+                p += 1;
+                continue;
+            }
+            // A run other added whole moves as one subtree (its pages have no values of
+            // their own); a page moves alone.
+            let k = if self.have.len() > 1 {
+                1u64 << other.span[p as usize]
+            } else {
+                1
+            };
+            if (p..p + k).all(|q| !self.have.get(q)) {
+                if self.have.len() > 1 {
+                    self.cvs[p as usize] = other.cvs[p as usize];
+                    self.span[p as usize] = other.span[p as usize];
+                } else {
+                    self.single.clone_from(&other.single);
+                }
+                for q in p..p + k {
+                    self.have.set(q);
+                }
+            }
+            p += k;
+        }
+    }
+
     /// The image's BLAKE3 hash, once every page was added (`None` before).
     pub fn finalize(&self) -> Option<[u8; 32]> {
         if !self.have.is_full() {

@@ -5,11 +5,13 @@
 //! here. [`scan`] computes the image digest and zero-page map in one pass.
 
 use crate::bitmap::PageBitmap;
+use crate::digest::PageDigest;
 use bytes::Bytes;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A read-only, page-addressed image.
 pub trait PageSource: Send + Sync + 'static {
@@ -19,6 +21,16 @@ pub trait PageSource: Send + Sync + 'static {
     fn image_size(&self) -> u64;
     /// Fill `buf` (exactly `page_size` bytes) with page `pfn`.
     fn read_page(&self, pfn: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Fill `buf` (a whole number of pages) with the pages from `first` on, back to back.
+    /// Sources that can read a run at once (one positional read, one copy) override this;
+    /// the default reads page by page.
+    fn read_pages(&self, first: u64, buf: &mut [u8]) -> io::Result<()> {
+        let ps = self.page_size();
+        for (i, page) in buf.chunks_mut(ps.max(1)).enumerate() {
+            self.read_page(first + i as u64, page)?;
+        }
+        Ok(())
+    }
     /// Number of pages.
     fn page_count(&self) -> u64 {
         self.image_size().div_ceil(self.page_size() as u64)
@@ -67,14 +79,16 @@ impl PageSource for MemSource {
         self.data.len() as u64
     }
     fn read_page(&self, pfn: u64, buf: &mut [u8]) -> io::Result<()> {
-        let start = usize::try_from(pfn)
+        self.read_pages(pfn, buf)
+    }
+    fn read_pages(&self, first: u64, buf: &mut [u8]) -> io::Result<()> {
+        let start = usize::try_from(first)
             .ok()
             .and_then(|p| p.checked_mul(self.page_size))
             .filter(|&s| s < self.data.len())
-            .ok_or_else(|| bad_page(pfn))?;
-        let end = (start + self.page_size).min(self.data.len());
-        let n = end - start;
-        buf[..n].copy_from_slice(&self.data[start..end]);
+            .ok_or_else(|| bad_page(first))?;
+        let n = buf.len().min(self.data.len() - start);
+        buf[..n].copy_from_slice(&self.data[start..start + n]);
         buf[n..].fill(0);
         Ok(())
     }
@@ -123,11 +137,14 @@ impl PageSource for FileSource {
         self.size
     }
     fn read_page(&self, pfn: u64, buf: &mut [u8]) -> io::Result<()> {
-        let off = pfn
+        self.read_pages(pfn, buf)
+    }
+    fn read_pages(&self, first: u64, buf: &mut [u8]) -> io::Result<()> {
+        let off = first
             .checked_mul(self.page_size as u64)
             .filter(|&o| o < self.size)
-            .ok_or_else(|| bad_page(pfn))?;
-        let n = (self.size - off).min(self.page_size as u64) as usize;
+            .ok_or_else(|| bad_page(first))?;
+        let n = (self.size - off).min(buf.len() as u64) as usize;
         let mut done = 0;
         while done < n {
             match self.file.read_at(&mut buf[done..n], off + done as u64) {
@@ -178,7 +195,108 @@ pub fn scan(source: &dyn PageSource) -> io::Result<ImageInfo> {
 }
 
 /// [`scan`] with a progress callback (pages done).
+///
+/// The image is read in runs of pages ([`PageSource::read_pages`], up to [`SCAN_RUN_BYTES`]
+/// each) by one thread per core (at most [`SCAN_MAX_THREADS`]); each run is hashed as a
+/// BLAKE3 subtree ([`PageDigest`]) and the subtrees are merged into the image's digest.
+/// Page sizes that are not a power of two of at least 1 KiB are hashed in one pass.
 pub fn scan_with_progress(
+    source: &dyn PageSource,
+    progress: &mut dyn FnMut(u64),
+) -> io::Result<ImageInfo> {
+    let ps = source.page_size();
+    let size = source.image_size();
+    let count = source.page_count();
+    let Some(mut digest) = PageDigest::new(size, ps) else {
+        return scan_sequential(source, progress);
+    };
+    let run = (SCAN_RUN_BYTES / ps.max(1)).max(1) as u64;
+    let runs = count.div_ceil(run);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, SCAN_MAX_THREADS)
+        .min(usize::try_from(runs).unwrap_or(1).max(1));
+    let next = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
+    // Each worker takes the next run until none is left: its own digest parts and zero pages.
+    let work = |tick: &mut dyn FnMut()| -> io::Result<(PageDigest, Vec<u64>)> {
+        let mut d = PageDigest::new(size, ps).ok_or_else(|| io::Error::other("page size"))?;
+        let mut zeros = Vec::new();
+        let mut buf = vec![0u8; run as usize * ps];
+        loop {
+            let r = next.fetch_add(1, Ordering::Relaxed);
+            if r >= runs {
+                return Ok((d, zeros));
+            }
+            let first = r * run;
+            let n = run.min(count - first);
+            let buf = &mut buf[..n as usize * ps];
+            source.read_pages(first, buf)?;
+            for (i, page) in buf.chunks(ps).enumerate() {
+                if is_zero(page) {
+                    zeros.push(first + i as u64);
+                }
+            }
+            d.add_run(first, buf);
+            done.fetch_add(n, Ordering::Relaxed);
+            tick();
+        }
+    };
+    let mut zero_map = PageBitmap::new(count);
+    let mut absorb = |(d, zeros): (PageDigest, Vec<u64>)| {
+        digest.absorb(&d);
+        for p in zeros {
+            zero_map.set(p);
+        }
+    };
+    std::thread::scope(|scope| -> io::Result<()> {
+        let helpers: Vec<_> = (1..threads)
+            .map(|_| scope.spawn(|| work(&mut || {})))
+            .collect();
+        // This thread works too, and reports progress between its runs.
+        let mut last = 0;
+        let mine = work(&mut || {
+            let now = done.load(Ordering::Relaxed);
+            if now >= last + 4096 {
+                last = now;
+                progress(now);
+            }
+        });
+        let mut first_err = None;
+        match mine {
+            Ok(part) => absorb(part),
+            Err(e) => first_err = Some(e),
+        }
+        for h in helpers {
+            match h.join() {
+                Ok(Ok(part)) => absorb(part),
+                Ok(Err(e)) => first_err = first_err.or(Some(e)),
+                Err(_) => {
+                    first_err = first_err.or(Some(io::Error::other("a scan thread panicked")))
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    })?;
+    progress(count);
+    let digest = digest
+        .finalize()
+        .ok_or_else(|| io::Error::other("scan left pages out of the digest"))?;
+    Ok(ImageInfo {
+        image_size: size,
+        page_size: ps,
+        digest,
+        zero_map,
+    })
+}
+
+/// Largest run of pages [`scan_with_progress`] reads and hashes at once.
+pub const SCAN_RUN_BYTES: usize = 256 << 10;
+/// Most threads [`scan_with_progress`] uses.
+pub const SCAN_MAX_THREADS: usize = 8;
+
+/// One pass, page by page, on this thread (page sizes [`PageDigest`] cannot split).
+fn scan_sequential(
     source: &dyn PageSource,
     progress: &mut dyn FnMut(u64),
 ) -> io::Result<ImageInfo> {
@@ -262,5 +380,100 @@ mod tests {
         assert!(file.read_page(4, &mut buf).is_err());
         std::fs::write(&p, [1u8; 10]).unwrap();
         assert!(file.check_unchanged().is_err());
+    }
+
+    /// A source that only reads page by page (the trait's default `read_pages`).
+    struct PageByPage(MemSource);
+
+    impl PageSource for PageByPage {
+        fn page_size(&self) -> usize {
+            self.0.page_size()
+        }
+        fn image_size(&self) -> u64 {
+            self.0.image_size()
+        }
+        fn read_page(&self, pfn: u64, buf: &mut [u8]) -> io::Result<()> {
+            self.0.read_page(pfn, buf)
+        }
+    }
+
+    #[test]
+    fn scan_in_runs_matches_one_pass_for_every_source_and_size() {
+        let dir = tempfile::tempdir().unwrap();
+        for &(len, ps) in &[
+            (0usize, 4096usize),
+            (100, 4096),
+            (4096, 4096),
+            (64 * 4096, 4096),
+            (300 * 4096 + 123, 4096),
+            (1000 * 1024, 1024),
+            (70 * 4096, 6000),
+        ] {
+            // Zero pages at every 7th page, the rest patterned.
+            let data: Vec<u8> = (0..len)
+                .map(|i| {
+                    if (i / 4096) % 7 == 3 {
+                        0
+                    } else {
+                        (i % 253) as u8 | 1
+                    }
+                })
+                .collect();
+            let p = dir.path().join(format!("img-{len}-{ps}"));
+            std::fs::write(&p, &data).unwrap();
+            let mem = MemSource::new(data.clone(), ps);
+            let file = FileSource::open(&p, ps).unwrap();
+            let slow = PageByPage(mem.clone());
+            let one_pass = scan_sequential(&mem, &mut |_| {}).unwrap();
+            assert_eq!(one_pass.digest, *blake3::hash(&data).as_bytes());
+            let mut seen = Vec::new();
+            for (name, src) in [
+                ("mem", &mem as &dyn PageSource),
+                ("file", &file),
+                ("page by page", &slow),
+            ] {
+                seen.clear();
+                let got = scan_with_progress(src, &mut |n| seen.push(n)).unwrap();
+                assert_eq!(
+                    got.digest, one_pass.digest,
+                    "{name}: {len} bytes, pages of {ps}"
+                );
+                assert_eq!(
+                    got.zero_map, one_pass.zero_map,
+                    "{name}: {len} bytes, pages of {ps}"
+                );
+                assert_eq!(
+                    seen.last(),
+                    Some(&src.page_count()),
+                    "{name}: progress ends at the page count"
+                );
+                assert!(
+                    seen.windows(2).all(|w| w[0] <= w[1]),
+                    "{name}: progress goes forward"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn read_pages_reads_runs_and_refuses_pages_past_the_end() {
+        let data: Vec<u8> = (0..3 * 4096 + 10).map(|i| (i / 4096) as u8 + 1).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, &data).unwrap();
+        let file = FileSource::open(&p, 4096).unwrap();
+        let mem = MemSource::new(data, 4096);
+        for src in [&file as &dyn PageSource, &mem] {
+            let mut buf = vec![0xffu8; 3 * 4096];
+            src.read_pages(1, &mut buf).unwrap();
+            assert!(buf[..4096].iter().all(|&b| b == 2));
+            assert!(buf[4096..8192].iter().all(|&b| b == 3));
+            assert!(buf[8192..8202].iter().all(|&b| b == 4));
+            assert!(
+                buf[8202..].iter().all(|&b| b == 0),
+                "the tail past the image reads as zero"
+            );
+            assert!(src.read_pages(4, &mut buf[..4096]).is_err());
+        }
     }
 }
