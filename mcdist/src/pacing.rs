@@ -96,6 +96,21 @@ pub struct RateConfig {
     pub interval: Duration,
     /// Loss (parts per thousand) above which the rate backs off.
     pub loss_threshold_permille: u16,
+    /// How far behind its rate the sender may catch up at once: the token bucket's depth,
+    /// as time at the current rate (at least 64 KiB). A sender that shares its CPU with
+    /// other work is often not scheduled for a few milliseconds; with a shallow bucket the
+    /// sending time it missed is lost for good. A deeper one lets it catch up with a burst
+    /// that long at the link's speed, which receivers' socket buffers and switch queues
+    /// must absorb.
+    pub burst: Duration,
+}
+
+impl RateConfig {
+    /// Token bucket depth in bytes at `rate` bytes/s: [`RateConfig::burst`] of traffic,
+    /// at least 64 KiB.
+    pub fn burst_bytes(&self, rate: u64) -> u64 {
+        ((rate as f64 * self.burst.as_secs_f64()) as u64).max(64 * 1024)
+    }
 }
 
 impl Default for RateConfig {
@@ -106,6 +121,7 @@ impl Default for RateConfig {
             initial: 40_000_000,
             interval: Duration::from_millis(50),
             loss_threshold_permille: 20,
+            burst: Duration::from_millis(8),
         }
     }
 }
@@ -271,6 +287,7 @@ mod tests {
             initial: 100_000,
             interval: Duration::from_millis(10),
             loss_threshold_permille: 20,
+            ..RateConfig::default()
         };
         let mut c = RateController::new(t0, cfg);
         c.report(10_000, 300);
@@ -289,6 +306,7 @@ mod tests {
             initial: 1_000_000,
             interval: Duration::from_millis(10),
             loss_threshold_permille: 20,
+            ..RateConfig::default()
         }
     }
 
@@ -381,7 +399,7 @@ mod tests {
         #[test]
         fn controller_stays_in_bounds(reports in proptest::collection::vec((0u64..1_000_000_000, 0u16..1000), 0..100)) {
             let t0 = Instant::now();
-            let cfg = RateConfig { floor: 5000, cap: 50_000_000, initial: 1_000_000, interval: Duration::from_millis(1), loss_threshold_permille: 20 };
+            let cfg = RateConfig { floor: 5000, cap: 50_000_000, initial: 1_000_000, interval: Duration::from_millis(1), loss_threshold_permille: 20, ..RateConfig::default() };
             let mut c = RateController::new(t0, cfg);
             for (i, (r, l)) in reports.into_iter().enumerate() {
                 c.report(r, l);

@@ -425,7 +425,7 @@ impl Server {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(cfg.seed);
         let session = cfg.session_id.unwrap_or_else(|| rng.random::<u64>() | 1);
         let rate = RateController::new(now, cfg.rate);
-        let bucket = TokenBucket::new(now, rate.rate(), burst_for(rate.rate()));
+        let bucket = TokenBucket::new(now, rate.rate(), cfg.rate.burst_bytes(rate.rate()));
         let nonzero_pages = page_count - info.zero_map.count_ones();
         Ok(Server {
             push_window: cfg.push_window.0.max(1),
@@ -903,7 +903,7 @@ impl Server {
         }
         if self.rate.update(now) {
             let r = self.rate.rate();
-            self.bucket.set_rate(now, r, burst_for(r));
+            self.bucket.set_rate(now, r, self.cfg.rate.burst_bytes(r));
         }
         if now >= self.next_housekeeping {
             self.next_housekeeping = now + Duration::from_millis(250);
@@ -1538,8 +1538,3 @@ impl Server {
 const MAX_QUEUED_PER_PEER: usize = 1024;
 /// Most unicast answers queued in all.
 const MAX_QUEUED_UNICAST: usize = 65_536;
-
-fn burst_for(rate: u64) -> u64 {
-    // About 2 ms of traffic, at least 64 KiB.
-    (rate / 500).max(64 * 1024)
-}

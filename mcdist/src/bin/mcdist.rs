@@ -74,6 +74,11 @@ enum Cmd {
         /// Highest send rate in Mbit/s (the rate follows receivers below it).
         #[arg(long, default_value_t = 1000)]
         rate: u64,
+        /// How far behind its rate the server may catch up at once, in milliseconds of
+        /// traffic (when it was not scheduled for a while). Lower it for switches with
+        /// shallow buffers; higher lets a busy host keep its rate.
+        #[arg(long, value_name = "MS", default_value_t = 8)]
+        burst_ms: u64,
         /// Push pages ahead of requests (neighbours of faults and a whole-image sweep).
         #[arg(long, value_enum, default_value_t = OnOff::On)]
         push: OnOff,
@@ -165,6 +170,7 @@ fn main() -> ExitCode {
             clients,
             exit_when_done,
             rate,
+            burst_ms,
             push,
             page_size,
             unicast,
@@ -184,6 +190,7 @@ fn main() -> ExitCode {
                 clients,
                 exit_when_done,
                 rate,
+                burst_ms,
                 push: push == OnOff::On,
                 page_size,
                 unicast,
@@ -234,6 +241,7 @@ struct ServeArgs {
     clients: Option<usize>,
     exit_when_done: bool,
     rate: u64,
+    burst_ms: u64,
     push: bool,
     page_size: usize,
     unicast: bool,
@@ -325,6 +333,9 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     if a.rate == 0 {
         return Err("--rate must be at least 1 Mbit/s".into());
     }
+    if a.burst_ms > 1000 {
+        return Err("--burst-ms must be at most 1000".into());
+    }
     if !(0.0..=1.0).contains(&a.fec_overhead) || a.fec_block_pages == 0 {
         return Err("--fec-overhead must be within 0..=1 and --fec-block-pages at least 1".into());
     }
@@ -358,6 +369,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             cap,
             initial: defaults.rate.initial.min(cap),
             floor: defaults.rate.floor.min(cap),
+            burst: Duration::from_millis(a.burst_ms),
             ..defaults.rate
         },
         session_id: Some(rand::random::<u64>() | 1),
