@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 pub enum Tool {
     /// mcdist over multicast.
     Mcdist,
+    /// mcdist over multicast from another build (`--baseline PATH`), to compare two builds
+    /// in the same run.
+    McdistBase,
     /// mcdist over multicast with FEC repair symbols (when the binary offers `--fec`).
     McdistFec,
     /// mcdist with UDP GSO on the server and UDP GRO on the receivers (`--gso on`, `--gro on`).
@@ -53,8 +56,9 @@ impl Tool {
 
     /// Every tool that can be named on the command line: [`Tool::ALL`] and
     /// variants run only when asked for.
-    pub const NAMED: [Tool; 10] = [
+    pub const NAMED: [Tool; 11] = [
         Tool::Mcdist,
+        Tool::McdistBase,
         Tool::McdistFec,
         Tool::McdistGso,
         Tool::McdistNoGso,
@@ -70,6 +74,7 @@ impl Tool {
     pub fn name(self) -> &'static str {
         match self {
             Tool::Mcdist => "mcdist",
+            Tool::McdistBase => "mcdist-base",
             Tool::McdistFec => "mcdist-fec",
             Tool::McdistGso => "mcdist-gso",
             Tool::McdistNoGso => "mcdist-nogso",
@@ -96,6 +101,11 @@ impl Tool {
     pub fn missing(self, bench: &Bench) -> Option<String> {
         match self {
             Tool::Mcdist | Tool::McdistUnicast | Tool::McdistAuth | Tool::McdistEnc => None,
+            Tool::McdistBase => match &bench.baseline {
+                Some(p) if p.is_file() => None,
+                Some(p) => Some(format!("baseline binary {} not found", p.display())),
+                None => Some("needs --baseline PATH (another mcdist build)".into()),
+            },
             Tool::McdistGso | Tool::McdistNoGso => {
                 let help = Command::new(&bench.mcdist)
                     .args(["serve", "--help"])
@@ -190,6 +200,8 @@ impl WorkDir {
 pub struct RunResult {
     /// Tool.
     pub tool: Tool,
+    /// Which repetition of the configuration this is (1-based).
+    pub rep: usize,
     /// Receivers.
     pub receivers: usize,
     /// Injected receive loss, percent.
@@ -253,6 +265,8 @@ impl RunResult {
 pub struct Bench {
     /// The mcdist binary.
     pub mcdist: PathBuf,
+    /// Another mcdist build, run as `mcdist-base`.
+    pub baseline: Option<PathBuf>,
     /// Image size in bytes.
     pub image_bytes: u64,
     /// Send-rate cap, Mbit/s, for every tool.
@@ -313,6 +327,7 @@ impl Bench {
     pub fn run(&self, topo: &Topology, subnet: u8, tool: Tool, n: usize, loss: f64) -> RunResult {
         let mut r = RunResult {
             tool,
+            rep: 1,
             receivers: n,
             loss_percent: loss,
             secs: 0.0,
@@ -336,6 +351,7 @@ impl Bench {
         let cpu_before = children_cpu_secs();
         let outcome = match tool {
             Tool::Mcdist
+            | Tool::McdistBase
             | Tool::McdistFec
             | Tool::McdistGso
             | Tool::McdistNoGso
@@ -435,11 +451,17 @@ impl Bench {
                 }
             }
         };
+        let bin = match (tool, &self.baseline) {
+            (Tool::McdistBase, Some(b)) => b,
+            _ => &self.mcdist,
+        }
+        .to_string_lossy()
+        .into_owned();
         let mut outs = Vec::new();
         let mut rx = Vec::new();
         for i in 1..=n {
             let out = dir.join(format!("out{i}"));
-            let mut c = topo.command(i, &self.mcdist.to_string_lossy());
+            let mut c = topo.command(i, &bin);
             c.args(["fetch", "--group", &group, "--iface", &topo.hosts[i].iface])
                 .args(["--server", &listen, "--timeout", &t, "--out"])
                 .arg(&out);
@@ -453,7 +475,7 @@ impl Bench {
             rx.push(spawn_quiet(c, &dir.join(format!("rx{i}.log")))?);
             outs.push(out);
         }
-        let mut c = topo.command(0, &self.mcdist.to_string_lossy());
+        let mut c = topo.command(0, &bin);
         c.args(["serve", "--image"])
             .arg(self.image_path())
             .args(["--group", &group, "--iface", &topo.hosts[0].iface])
@@ -777,13 +799,14 @@ fn set_loss(topo: &Topology, n: usize, loss: f64) -> io::Result<()> {
 /// Results as CSV.
 pub fn to_csv(rs: &[RunResult]) -> String {
     let mut s = String::from(
-        "tool,receivers,loss_percent,seconds,mb_per_s,cpu_seconds,server_bytes,image_bytes,server_bytes_per_image_byte,ok,note\n",
+        "tool,rep,receivers,loss_percent,seconds,mb_per_s,cpu_seconds,server_bytes,image_bytes,server_bytes_per_image_byte,ok,note\n",
     );
     for r in rs {
         let _ = writeln!(
             s,
-            "{},{},{},{:.3},{:.2},{:.2},{},{},{:.4},{},\"{}\"",
+            "{},{},{},{},{:.3},{:.2},{:.2},{},{},{:.4},{},\"{}\"",
             r.tool.name(),
+            r.rep,
             r.receivers,
             r.loss_percent,
             r.secs,
@@ -800,6 +823,54 @@ pub fn to_csv(rs: &[RunResult]) -> String {
 }
 
 /// Results as a Markdown table.
+/// One result per configuration (tool, receivers, loss), in the order first run: the
+/// median time, CPU time and server bytes of its successful repetitions (every field of the
+/// single run when there was one). A configuration with a failed repetition is marked
+/// failed, with the count in its note.
+pub fn medians(rs: &[RunResult]) -> Vec<RunResult> {
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    }
+    let mut out: Vec<RunResult> = Vec::new();
+    for r in rs {
+        let same = |o: &RunResult| {
+            o.tool == r.tool && o.receivers == r.receivers && o.loss_percent == r.loss_percent
+        };
+        if out.iter().any(same) {
+            continue;
+        }
+        let all: Vec<&RunResult> = rs.iter().filter(|o| same(o)).collect();
+        let good: Vec<&RunResult> = all.iter().copied().filter(|o| o.ok).collect();
+        let mut m = (*good.first().unwrap_or(&r)).clone();
+        if !good.is_empty() {
+            m.secs = median(good.iter().map(|o| o.secs).collect());
+            m.cpu_secs = median(good.iter().map(|o| o.cpu_secs).collect());
+            m.server_bytes = median(good.iter().map(|o| o.server_bytes as f64).collect()) as u64;
+        }
+        m.rep = all.len();
+        if good.len() < all.len() {
+            m.ok = false;
+            let why = all
+                .iter()
+                .find(|o| !o.ok)
+                .map_or(String::new(), |o| o.note.clone());
+            m.note = format!(
+                "{} of {} runs failed: {why}",
+                all.len() - good.len(),
+                all.len()
+            );
+        }
+        out.push(m);
+    }
+    out
+}
+
+/// The markdown table of `rs` (one row per result).
 pub fn to_markdown(rs: &[RunResult]) -> String {
     let mut s = String::from(
         "| tool | N | loss % | time s | MB/s per receiver | CPU s (all processes) | server bytes / image | ok |\n|---|---:|---:|---:|---:|---:|---:|---|\n",
@@ -853,10 +924,26 @@ pub fn summary(rs: &[RunResult]) -> String {
             );
         }
     }
+    for m in rs.iter().filter(|r| r.ok && r.tool == Tool::Mcdist) {
+        if let Some(b) = find(rs, Tool::McdistBase, m.receivers, m.loss_percent).filter(|b| b.ok) {
+            let _ = writeln!(
+                s,
+                "N={} loss {}%: mcdist {:.2} s, {:.2} CPU s vs mcdist-base {:.2} s, {:.2} CPU s = {:.2}x time, {:.2}x CPU",
+                m.receivers,
+                m.loss_percent,
+                m.secs,
+                m.cpu_secs,
+                b.secs,
+                b.cpu_secs,
+                m.secs / b.secs.max(1e-9),
+                m.cpu_secs / b.cpu_secs.max(1e-9)
+            );
+        }
+    }
     for r in rs.iter().filter(|r| r.ok && r.tool != Tool::McdistUnicast) {
         if matches!(
             r.tool,
-            Tool::Mcdist | Tool::McdistFec | Tool::McdistGso | Tool::McdistNoGso
+            Tool::Mcdist | Tool::McdistBase | Tool::McdistFec | Tool::McdistGso | Tool::McdistNoGso
         ) {
             let _ = writeln!(
                 s,

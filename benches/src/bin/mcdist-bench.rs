@@ -22,6 +22,14 @@ struct Cli {
     /// The mcdist binary (default: next to this program).
     #[arg(long)]
     mcdist: Option<PathBuf>,
+    /// Another mcdist build, run as the tool `mcdist-base` right after `mcdist` in every
+    /// configuration, so that two builds are compared in the same run.
+    #[arg(long, value_name = "PATH")]
+    baseline: Option<PathBuf>,
+    /// Run every configuration this many times, the tools taking turns in each round;
+    /// the table reports medians (every run is in results.csv).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=50))]
+    reps: u32,
     /// Small, fast smoke run: 16 MiB, N = 1, 2, 4, loss 0 and 5 %.
     #[arg(long)]
     quick: bool,
@@ -38,7 +46,8 @@ struct Cli {
     #[arg(long)]
     loss_receivers: Option<usize>,
     /// Tools to run, comma separated: mcdist, mcdist-fec, mcdist-unicast, mcdist-auth, mcdist-enc, uftp, udpcast, udpcast-fec;
-    /// also mcdist-gso and mcdist-nogso (mcdist with UDP GSO/GRO forced on or off).
+    /// also mcdist-gso and mcdist-nogso (mcdist with UDP GSO/GRO forced on or off) and
+    /// mcdist-base (the --baseline build).
     #[arg(long, value_delimiter = ',')]
     tools: Option<Vec<String>>,
     /// Send-rate cap for every tool, Mbit/s.
@@ -109,6 +118,14 @@ fn main() -> ExitCode {
         }
         None => Tool::ALL.to_vec(),
     };
+    let mut tools = tools;
+    if cli.baseline.is_some() && !tools.contains(&Tool::McdistBase) {
+        let at = tools
+            .iter()
+            .position(|t| *t == Tool::Mcdist)
+            .map_or(0, |i| i + 1);
+        tools.insert(at, Tool::McdistBase);
+    }
     let work = match e2e::WorkDir::new(cli.work_dir.as_deref()) {
         Ok(w) => w,
         Err(e) => {
@@ -118,6 +135,7 @@ fn main() -> ExitCode {
     };
     let bench = Bench {
         mcdist,
+        baseline: cli.baseline.clone(),
         image_bytes: size_mib << 20,
         rate_mbit: cli.rate_mbit,
         mtu: cli.mtu,
@@ -179,14 +197,17 @@ fn main() -> ExitCode {
             plan.extend(losses.iter().copied().filter(|l| *l > 0.0));
         }
         for &loss in &plan {
-            for &tool in &available {
-                if tool.fec() && loss == 0.0 && !receivers.is_empty() && n != loss_n {
-                    // FEC variants matter under loss; loss-free they run at the loss sweep's N only.
-                    continue;
+            for rep in 1..=cli.reps as usize {
+                for &tool in &available {
+                    if tool.fec() && loss == 0.0 && !receivers.is_empty() && n != loss_n {
+                        // FEC variants matter under loss; loss-free they run at the loss sweep's N only.
+                        continue;
+                    }
+                    let mut r = bench.run(&topo, 60 + k as u8, tool, n, loss);
+                    r.rep = rep;
+                    println!("{}", r.table_row());
+                    results.push(r);
                 }
-                let r = bench.run(&topo, 60 + k as u8, tool, n, loss);
-                println!("{}", r.table_row());
-                results.push(r);
             }
         }
         drop(topo);
@@ -198,15 +219,34 @@ fn main() -> ExitCode {
     let csv = cli.out.join("results.csv");
     let svg = cli.out.join("results.svg");
     let md = cli.out.join("results.md");
+    // One row per configuration (medians when it ran more than once); every run in the CSV.
+    let table = e2e::medians(&results);
+    let markdown = if cli.reps > 1 {
+        format!(
+            "Medians of {} runs per configuration:\n\n{}\nEvery run:\n\n{}",
+            cli.reps,
+            e2e::to_markdown(&table),
+            e2e::to_markdown(&results)
+        )
+    } else {
+        e2e::to_markdown(&table)
+    };
     let res = std::fs::write(&csv, e2e::to_csv(&results))
-        .and_then(|_| std::fs::write(&svg, e2e::to_svg(&results, size_mib, loss_n)))
-        .and_then(|_| std::fs::write(&md, e2e::to_markdown(&results)));
+        .and_then(|_| std::fs::write(&svg, e2e::to_svg(&table, size_mib, loss_n)))
+        .and_then(|_| std::fs::write(&md, markdown));
     if let Err(e) = res {
         eprintln!("mcdist-bench: writing results: {e}");
         return ExitCode::FAILURE;
     }
     println!();
-    print!("{}", e2e::summary(&results));
+    if cli.reps > 1 {
+        println!("medians of {} runs:", cli.reps);
+        println!("{}", RunResult::table_header());
+        for r in &table {
+            println!("{}", r.table_row());
+        }
+    }
+    print!("{}", e2e::summary(&table));
     println!(
         "wrote {}, {}, {}",
         csv.display(),
