@@ -823,6 +823,54 @@ pub fn to_csv(rs: &[RunResult]) -> String {
 }
 
 /// Results as a Markdown table.
+/// Results read back from [`to_csv`]'s output (also from files written before the `rep`
+/// column existed).
+pub fn from_csv(text: &str) -> Result<Vec<RunResult>, String> {
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().ok_or("empty file")?.split(',').collect();
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .ok_or_else(|| format!("no column {name:?}"))
+    };
+    let (tool, n, loss, secs, cpu, sb, ib, ok) = (
+        col("tool")?,
+        col("receivers")?,
+        col("loss_percent")?,
+        col("seconds")?,
+        col("cpu_seconds")?,
+        col("server_bytes")?,
+        col("image_bytes")?,
+        col("ok")?,
+    );
+    let rep = col("rep").ok();
+    let note = col("note")?;
+    let mut out = Vec::new();
+    for (i, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        // The note is last and quoted; it may hold commas.
+        let f: Vec<&str> = line.splitn(header.len(), ',').collect();
+        let bad = |what: &str| format!("line {}: bad {what}", i + 2);
+        let get = |c: usize| f.get(c).copied().ok_or_else(|| bad("field count"));
+        out.push(RunResult {
+            tool: Tool::from_name(get(tool)?).ok_or_else(|| bad("tool"))?,
+            rep: match rep {
+                Some(c) => get(c)?.parse().map_err(|_| bad("rep"))?,
+                None => 1,
+            },
+            receivers: get(n)?.parse().map_err(|_| bad("receivers"))?,
+            loss_percent: get(loss)?.parse().map_err(|_| bad("loss_percent"))?,
+            secs: get(secs)?.parse().map_err(|_| bad("seconds"))?,
+            server_bytes: get(sb)?.parse().map_err(|_| bad("server_bytes"))?,
+            cpu_secs: get(cpu)?.parse().map_err(|_| bad("cpu_seconds"))?,
+            image_bytes: get(ib)?.parse().map_err(|_| bad("image_bytes"))?,
+            ok: get(ok)?.parse().map_err(|_| bad("ok"))?,
+            note: get(note)?.trim_matches('"').to_string(),
+        });
+    }
+    Ok(out)
+}
+
 /// One result per configuration (tool, receivers, loss), in the order first run: the
 /// median time, CPU time and server bytes of its successful repetitions (every field of the
 /// single run when there was one). A configuration with a failed repetition is marked
@@ -853,7 +901,7 @@ pub fn medians(rs: &[RunResult]) -> Vec<RunResult> {
             m.server_bytes = median(good.iter().map(|o| o.server_bytes as f64).collect()) as u64;
         }
         m.rep = all.len();
-        if good.len() < all.len() {
+        if good.len() < all.len() && all.len() > 1 {
             m.ok = false;
             let why = all
                 .iter()
@@ -1143,12 +1191,15 @@ pub fn to_svg(rs: &[RunResult], size_mib: u64, loss_n: usize) -> String {
         },
     ];
     let (w, h) = (440.0, 300.0);
+    // The legend under the panels: as many entries to a row as the width holds.
+    let per_row = ((2.0 * w - 20.0) / 140.0_f64).floor().max(1.0) as usize;
+    let legend_rows = Tool::ALL.len().div_ceil(per_row);
     let mut out = String::new();
     let _ = writeln!(
         out,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif">"#,
         2.0 * w,
-        2.0 * h + 30.0
+        2.0 * h + 14.0 + 16.0 * legend_rows as f64
     );
     let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
     for (i, p) in panels.iter().enumerate() {
@@ -1157,8 +1208,8 @@ pub fn to_svg(rs: &[RunResult], size_mib: u64, loss_n: usize) -> String {
         panel_svg(&mut out, p, ox, oy, w, h);
     }
     for (ti, t) in Tool::ALL.iter().enumerate() {
-        let x = 20.0 + ti as f64 * 140.0;
-        let y = 2.0 * h + 16.0;
+        let x = 20.0 + (ti % per_row) as f64 * 140.0;
+        let y = 2.0 * h + 16.0 + (ti / per_row) as f64 * 16.0;
         let _ = writeln!(
             out,
             r#"<rect x="{x:.1}" y="{:.1}" width="14" height="4" fill="{}"/><text x="{:.1}" y="{:.1}" font-size="11">{}</text>"#,
@@ -1171,4 +1222,64 @@ pub fn to_svg(rs: &[RunResult], size_mib: u64, loss_n: usize) -> String {
     }
     out.push_str("</svg>\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(tool: Tool, rep: usize, secs: f64, ok: bool) -> RunResult {
+        RunResult {
+            tool,
+            rep,
+            receivers: 8,
+            loss_percent: 5.0,
+            secs,
+            server_bytes: (secs * 1000.0) as u64,
+            cpu_secs: secs * 2.0,
+            image_bytes: 1 << 20,
+            ok,
+            note: if ok {
+                String::new()
+            } else {
+                "timed out, twice".into()
+            },
+        }
+    }
+
+    #[test]
+    fn csv_round_trips_and_medians_take_the_middle_of_good_runs() {
+        let rs = vec![
+            run(Tool::Mcdist, 1, 3.0, true),
+            run(Tool::Uftp, 1, 9.0, true),
+            run(Tool::Mcdist, 2, 1.0, true),
+            run(Tool::Uftp, 2, 0.0, false),
+            run(Tool::Mcdist, 3, 2.0, true),
+            run(Tool::Uftp, 3, 7.0, true),
+        ];
+        let back = from_csv(&to_csv(&rs)).expect("parse");
+        assert_eq!(back.len(), rs.len());
+        for (a, b) in rs.iter().zip(&back) {
+            assert_eq!(
+                (a.tool, a.rep, a.receivers, a.ok),
+                (b.tool, b.rep, b.receivers, b.ok)
+            );
+            assert_eq!(
+                (a.server_bytes, a.image_bytes),
+                (b.server_bytes, b.image_bytes)
+            );
+            assert!((a.secs - b.secs).abs() < 1e-3 && (a.cpu_secs - b.cpu_secs).abs() < 1e-2);
+            assert_eq!(a.note, b.note.replace('\'', "\""));
+        }
+        let m = medians(&back);
+        assert_eq!(m.len(), 2);
+        assert_eq!((m[0].tool, m[0].rep, m[0].ok), (Tool::Mcdist, 3, true));
+        assert!((m[0].secs - 2.0).abs() < 1e-9 && (m[0].cpu_secs - 4.0).abs() < 1e-9);
+        // A failed repetition marks the configuration; the median is of the good runs.
+        assert_eq!((m[1].tool, m[1].ok), (Tool::Uftp, false));
+        assert!((m[1].secs - 8.0).abs() < 1e-9, "{}", m[1].secs);
+        assert!(m[1].note.starts_with("1 of 3 runs failed"), "{}", m[1].note);
+        assert!(from_csv("tool,receivers\nmcdist,1\n").is_err());
+        assert!(from_csv("").is_err());
+    }
 }

@@ -71,10 +71,38 @@ struct Cli {
     /// Directory for the image and received copies (default: /dev/shm, else the system temp dir).
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// Run nothing: read a results.csv written earlier and write its plot and table again
+    /// (results.svg and results.md next to it; --size-mib and --loss-receivers label the plot).
+    #[arg(long, value_name = "CSV")]
+    replot: Option<PathBuf>,
+}
+
+/// `--replot`: the plot and table of an earlier run's CSV.
+fn replot(csv: &std::path::Path, size_mib: u64, loss_n: usize) -> Result<(), String> {
+    let text = std::fs::read_to_string(csv).map_err(|e| format!("{}: {e}", csv.display()))?;
+    let results = e2e::from_csv(&text).map_err(|e| format!("{}: {e}", csv.display()))?;
+    let table = e2e::medians(&results);
+    let dir = csv.parent().unwrap_or(std::path::Path::new("."));
+    let (svg, md) = (dir.join("results.svg"), dir.join("results.md"));
+    std::fs::write(&svg, e2e::to_svg(&table, size_mib, loss_n))
+        .and_then(|_| std::fs::write(&md, e2e::to_markdown(&table)))
+        .map_err(|e| format!("writing {}: {e}", dir.display()))?;
+    println!("wrote {}, {}", svg.display(), md.display());
+    Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(csv) = &cli.replot {
+        let size = cli.size_mib.unwrap_or(256);
+        return match replot(csv, size, cli.loss_receivers.unwrap_or(8)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mcdist-bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(why) = unavailable() {
         eprintln!("mcdist-bench: cannot build namespaces: {why}");
         return ExitCode::FAILURE;
