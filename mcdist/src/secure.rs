@@ -52,7 +52,10 @@
 //! wraps any [`Transport`] with them, and the threaded drivers in
 //! [`crate::node`] apply it when a config carries a [`Security`].
 //! The wrapper reports a `max_datagram` [`TRAILER_LEN`] bytes smaller than the
-//! transport's, so the state machines leave room for the trailer.
+//! transport's, so the state machines leave room for the trailer. It seals a
+//! whole send batch into one buffer and opens a received batch in place, so the
+//! wrapped transport's batching (`sendmmsg`, UDP GSO runs of equal-sized
+//! datagrams, `recvmmsg`, GRO) serves keyed sessions as it serves plain ones.
 
 use crate::transport::{Capabilities, Received, Transport, Wake};
 use crate::wire::{self, HeaderFlags, Kind};
