@@ -68,7 +68,7 @@ fn run(args: &[&str]) -> io::Result<()> {
 
 impl Topology {
     /// Build `n` hosts named `<tag><pid>h<i>` on a bridge. `tag` must be short
-    /// (names are limited to 15 characters); `subnet` picks 198.18.<subnet>.0/24.
+    /// (names are limited to 15 characters); `subnet` picks `198.18.<subnet>.0/24`.
     pub fn create(tag: &str, n: usize, subnet: u8) -> io::Result<Topology> {
         let pid = std::process::id() % 100_000;
         let bridge_ns = format!("{tag}{pid}br");
