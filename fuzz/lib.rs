@@ -237,6 +237,11 @@ pub fn reassembly(data: &[u8]) {
     let Some(pow) = ops.byte() else { return };
     let page_size = 1usize << (9 + u32::from(pow % 6));
     let mut r = Reassembler::new(page_size, 4);
+    // Every fill sent for (page, fragment count, index): a completed page holds in each
+    // fragment's slot one of the fills sent for it, never bytes of another page (page
+    // buffers are handed back and reused).
+    let mut sent: std::collections::HashMap<(u64, u16, u16), std::collections::HashSet<u8>> =
+        std::collections::HashMap::new();
     while let (Some(pfn), Some(index), Some(count), Some(fill)) =
         (ops.byte(), ops.u16(), ops.u16(), ops.byte())
     {
@@ -245,9 +250,27 @@ pub fn reassembly(data: &[u8]) {
             Some((_, l)) if fill % 8 != 0 => l,
             _ => usize::from(fill) * 17,
         };
+        let pfn = u64::from(pfn % 16);
+        sent.entry((pfn, count, index)).or_default().insert(fill);
         let payload = vec![fill; len];
-        if let Ok(Some(page)) = r.insert(u64::from(pfn % 16), index, count, &payload) {
+        if let Ok(Some(page)) = r.insert(pfn, index, count, &payload) {
             assert_eq!(page.len(), page_size);
+            if count > 1 {
+                for i in 0..count {
+                    let (st, l) =
+                        fragment_slot(page_size, count, i).expect("a complete page's slot");
+                    let b = page[st];
+                    assert!(page[st..st + l].iter().all(|&x| x == b), "slot {i} mixed");
+                    assert!(
+                        sent.get(&(pfn, count, i)).is_some_and(|f| f.contains(&b)),
+                        "slot {i} of page {pfn} holds bytes never sent for it"
+                    );
+                }
+            }
+            // Give most pages back, as the client does once its sink has them.
+            if fill % 4 != 0 {
+                r.recycle(page);
+            }
         }
         assert!(r.in_progress() <= 4);
     }

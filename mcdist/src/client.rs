@@ -515,6 +515,13 @@ impl Client {
         self.handle(now, from, &datagram, Some(&datagram));
     }
 
+    /// Hands back the data of a [`ClientEvent::PageReady`] once the caller is done with it
+    /// (optional): the buffer of a reassembled page then serves a later page instead of a
+    /// fresh allocation.
+    pub fn recycle_page(&mut self, data: Bytes) {
+        self.reasm.recycle(data);
+    }
+
     /// Feed one received datagram held in the caller's buffer (a batch receive buffer that
     /// is reused). Only what the client keeps is copied: a page that arrived whole, or a
     /// repair symbol; a fragment goes straight into its page.

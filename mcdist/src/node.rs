@@ -723,6 +723,7 @@ fn client_loop<T: Transport>(
                     if let Some(b) = shared.present.get() {
                         b.set(pfn);
                     }
+                    client.recycle_page(data);
                 }
                 ClientEvent::Complete => lock(&shared.state).complete = true,
                 ClientEvent::Failed(err) => {

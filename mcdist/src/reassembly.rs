@@ -27,9 +27,52 @@ pub enum FragmentError {
 #[derive(Debug)]
 struct Partial {
     buf: BytesMut,
-    got: Vec<u64>,
+    got: Got,
     received: u16,
     count: u16,
+}
+
+/// Which fragments of a page arrived: inline for up to 256 fragments (every page that
+/// fits a 64 KiB datagram budget, and 4 KiB pages at any MTU), on the heap beyond.
+#[derive(Debug)]
+enum Got {
+    Inline([u64; 4]),
+    Heap(Vec<u64>),
+}
+
+impl Got {
+    fn new(count: u16) -> Got {
+        let words = usize::from(count).div_ceil(64);
+        if words <= 4 {
+            Got::Inline([0; 4])
+        } else {
+            Got::Heap(vec![0; words])
+        }
+    }
+    fn words(&mut self) -> &mut [u64] {
+        match self {
+            Got::Inline(w) => w,
+            Got::Heap(w) => w,
+        }
+    }
+    fn get(&self, i: u16) -> bool {
+        let w = match self {
+            Got::Inline(w) => &w[..],
+            Got::Heap(w) => &w[..],
+        };
+        w.get(usize::from(i) / 64)
+            .is_some_and(|x| x & (1 << (i % 64)) != 0)
+    }
+    /// Marks fragment `i`; false when it was marked already.
+    fn set(&mut self, i: u16) -> bool {
+        match self.words().get_mut(usize::from(i) / 64) {
+            Some(x) if *x & (1 << (i % 64)) == 0 => {
+                *x |= 1 << (i % 64);
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Bounded fragment reassembly.
@@ -40,7 +83,13 @@ pub struct Reassembler {
     partial: HashMap<u64, Partial>,
     order: VecDeque<u64>,
     evicted: u64,
+    /// Page buffers to reuse ([`Reassembler::recycle`]): every byte of a page is written by
+    /// its fragments before the page completes, so a reused buffer needs no clearing.
+    pool: Vec<BytesMut>,
 }
+
+/// Most page buffers a [`Reassembler`] keeps for reuse.
+const POOL_PAGES: usize = 64;
 
 /// Offset and length of fragment `index` of `count` in a page of `page_size`.
 pub fn fragment_slot(page_size: usize, count: u16, index: u16) -> Option<(usize, usize)> {
@@ -64,6 +113,7 @@ impl Reassembler {
             partial: HashMap::new(),
             order: VecDeque::new(),
             evicted: 0,
+            pool: Vec::new(),
         }
     }
 
@@ -79,7 +129,26 @@ impl Reassembler {
 
     /// Forget a page (e.g. it arrived whole by another path).
     pub fn forget(&mut self, pfn: u64) {
-        self.partial.remove(&pfn);
+        if let Some(p) = self.partial.remove(&pfn) {
+            self.keep(p.buf);
+        }
+    }
+
+    /// Hands back a page this reassembler completed, once its user is done with it: when no
+    /// other reference to it is left, its buffer serves a later page instead of a new
+    /// allocation. Anything else is dropped.
+    pub fn recycle(&mut self, page: Bytes) {
+        if page.len() == self.page_size && self.pool.len() < POOL_PAGES {
+            if let Ok(buf) = page.try_into_mut() {
+                self.keep(buf);
+            }
+        }
+    }
+
+    fn keep(&mut self, buf: BytesMut) {
+        if buf.len() == self.page_size && self.pool.len() < POOL_PAGES {
+            self.pool.push(buf);
+        }
     }
 
     /// The fragments held for a page in progress: its fragment count and the
@@ -88,8 +157,7 @@ impl Reassembler {
         let p = self.partial.get(&pfn)?;
         let page_size = self.page_size;
         let it = (0..p.count).filter_map(move |i| {
-            let (w, m) = (usize::from(i) / 64, 1u64 << (i % 64));
-            if p.got[w] & m == 0 {
+            if !p.got.get(i) {
                 return None;
             }
             let (start, len) = fragment_slot(page_size, p.count, i)?;
@@ -123,18 +191,23 @@ impl Reassembler {
             while self.partial.len() >= self.max_partial {
                 match self.order.pop_front() {
                     Some(old) => {
-                        if self.partial.remove(&old).is_some() {
+                        if let Some(p) = self.partial.remove(&old) {
                             self.evicted += 1;
+                            self.keep(p.buf);
                         }
                     }
                     None => break,
                 }
             }
+            let buf = self
+                .pool
+                .pop()
+                .unwrap_or_else(|| BytesMut::zeroed(self.page_size));
             self.partial.insert(
                 pfn,
                 Partial {
-                    buf: BytesMut::zeroed(self.page_size),
-                    got: vec![0; usize::from(count).div_ceil(64)],
+                    buf,
+                    got: Got::new(count),
                     received: 0,
                     count,
                 },
@@ -150,11 +223,9 @@ impl Reassembler {
         if p.count != count {
             return Err(FragmentError::CountMismatch);
         }
-        let (w, m) = (usize::from(index) / 64, 1u64 << (index % 64));
-        if p.got[w] & m != 0 {
+        if !p.got.set(index) {
             return Ok(None);
         }
-        p.got[w] |= m;
         p.received += 1;
         p.buf[start..start + len].copy_from_slice(payload);
         if p.received == p.count {
@@ -230,5 +301,38 @@ mod tests {
         }
         assert_eq!(r.in_progress(), 3);
         assert_eq!(r.evicted(), 97);
+    }
+
+    #[test]
+    fn recycled_buffers_are_reused_and_never_leak_old_contents() {
+        let ps = 4096;
+        let mut r = Reassembler::new(ps, 4);
+        let page = |b: u8| vec![b; ps];
+        let insert_all = |r: &mut Reassembler, pfn: u64, data: &[u8], order: &[u16]| {
+            let mut out = None;
+            for &i in order {
+                let (s, l) = fragment_slot(ps, 3, i).unwrap();
+                if let Some(p) = r.insert(pfn, i, 3, &data[s..s + l]).unwrap() {
+                    out = Some(p);
+                }
+            }
+            out.expect("complete")
+        };
+        let first = insert_all(&mut r, 1, &page(0xaa), &[0, 1, 2]);
+        let addr = first.as_ptr();
+        r.recycle(first);
+        // The next page lands in the same buffer, its fragments in another order, and
+        // holds only its own bytes.
+        let second = insert_all(&mut r, 2, &page(0x55), &[2, 0, 1]);
+        assert_eq!(second.as_ptr(), addr, "the buffer was not reused");
+        assert!(second.iter().all(|&b| b == 0x55));
+        // A page still referenced elsewhere is not taken back; a foreign size is ignored.
+        let held = second.clone();
+        r.recycle(second);
+        r.recycle(Bytes::from(vec![1u8; 100]));
+        let third = insert_all(&mut r, 3, &page(0x11), &[1, 2, 0]);
+        assert_ne!(third.as_ptr(), held.as_ptr());
+        assert!(held.iter().all(|&b| b == 0x55), "a held page changed");
+        assert!(third.iter().all(|&b| b == 0x11));
     }
 }
