@@ -13,7 +13,6 @@ use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use mcdist::secure::SecureTransport;
 use mcdist::transport::udp::UdpTransport;
 use mcdist::transport::Transport;
@@ -175,7 +174,10 @@ impl InlineMcdist {
     fn drain_events(&mut self, handle: &LazyHandle) {
         while let Some(e) = self.client.poll_event() {
             match e {
-                ClientEvent::PageReady { pfn, data } => handle.install(pfn, &data),
+                ClientEvent::PageReady { pfn, data } => {
+                    handle.install(pfn, &data);
+                    self.client.recycle_page(data);
+                }
                 ClientEvent::Failed(err) => {
                     handle.fail(format!("mcdist session failed: {err}"));
                     self.dead = true;
@@ -204,9 +206,10 @@ impl InlineMcdist {
         for _ in 0..256 {
             match self.link.transport().recv(&mut self.inbuf, wait) {
                 Ok(Some(r)) => {
-                    let datagram = Bytes::copy_from_slice(&self.inbuf[..r.len]);
                     let now = Instant::now();
-                    self.client.handle_datagram(now, r.from, datagram);
+                    let len = r.len.min(self.inbuf.len());
+                    self.client
+                        .handle_datagram_slice(now, r.from, &self.inbuf[..len]);
                     self.drain_events(handle);
                     wait = Some(Duration::ZERO);
                 }
