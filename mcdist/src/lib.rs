@@ -23,12 +23,14 @@
 //! - [`sim`]: a deterministic, virtual-time network for tests.
 //!
 //! ## Polling order (both state machines)
-//! 1. Feed input: `handle_datagram(now, from, bytes)` for each received datagram,
+//! 1. Feed input: `handle_datagram(now, from, bytes)` for each received datagram
+//!    (`Client::handle_datagram_slice` for one in a reused receive buffer),
 //!    local requests (`Client::request_page`), and `handle_timeout(now)` once
 //!    `now >= poll_timeout()`.
 //! 2. Drain `poll_transmit(now, buf)` until it returns `None`, sending each
 //!    [`Transmit`] to its [`Dest`].
-//! 3. Drain `poll_event()`.
+//! 3. Drain `poll_event()` (a client's `PageReady` data may be handed back with
+//!    `Client::recycle_page` once stored, so its buffer serves a later page).
 //! 4. Sleep until `poll_timeout()` or the next input.
 //!
 //! ## What mcdist does not do
