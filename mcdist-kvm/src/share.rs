@@ -236,12 +236,11 @@ impl Cache {
             match st.failure.clone() {
                 Some(f) => Err((slot, f)),
                 None => {
-                    let served = PageBitmap::new(self.pages);
                     st.clones.insert(
                         slot,
                         Slot {
                             clone: clone.clone(),
-                            served,
+                            served: PageBitmap::new(self.pages),
                         },
                     );
                     Ok(slot)

@@ -138,10 +138,8 @@ impl Reassembler {
     /// other reference to it is left, its buffer serves a later page instead of a new
     /// allocation. Anything else is dropped.
     pub fn recycle(&mut self, page: Bytes) {
-        if page.len() == self.page_size && self.pool.len() < POOL_PAGES {
-            if let Ok(buf) = page.try_into_mut() {
-                self.keep(buf);
-            }
+        if let Ok(buf) = page.try_into_mut() {
+            self.keep(buf);
         }
     }
 

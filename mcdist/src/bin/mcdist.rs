@@ -475,8 +475,8 @@ struct FileSink {
 #[derive(Default)]
 struct SinkState {
     digest: Option<PageDigest>,
-    /// Pages per run (aligned to it), from the page size: runs of at most 256 KiB.
-    run_pages: u64,
+    /// The session's zero pages were hashed.
+    zeros_hashed: bool,
     /// The run being gathered: pages `first..first + n` back to back.
     first: u64,
     n: u64,
@@ -513,13 +513,17 @@ impl FileSink {
         self.state().flush(&self.file)
     }
 
-    /// Hashes the session's zero pages (filled locally, never delivered), a few at a time
-    /// so that pages arriving meanwhile are not held up.
-    fn add_zero_pages(&self, zero: &PageBitmap) {
-        let zeros: Vec<u64> = (0..zero.len()).filter(|&p| zero.get(p)).collect();
-        for run in zeros.chunks(256) {
+    /// Hashes the session's zero pages (filled locally, never delivered) once the zero map
+    /// is known, the first time it is called with one; a few pages per lock, so that pages
+    /// arriving meanwhile are not held up.
+    fn add_zero_pages(&self, zero: Option<&PageBitmap>) {
+        let Some(zero) = zero else { return };
+        if std::mem::replace(&mut self.state().zeros_hashed, true) {
+            return;
+        }
+        for start in (0..zero.len()).step_by(1024) {
             if let Some(d) = self.state().digest.as_mut() {
-                for &pfn in run {
+                for pfn in (start..(start + 1024).min(zero.len())).filter(|&p| zero.get(p)) {
                     d.add_zero_page(pfn);
                 }
             }
@@ -537,15 +541,16 @@ impl PageSink for FileSink {
             .is_some_and(|d| d.page_count() == info.page_count);
         if !same {
             st.digest = PageDigest::new(info.image_size, info.page_size);
+            st.zeros_hashed = false;
         }
-        st.run_pages = (RUN_BYTES / info.page_size.max(1)).max(1) as u64;
     }
 
     fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), String> {
         // Pages are page_size long; the tail past the image is cut off at the end.
         let mut st = self.state();
         let st = &mut *st;
-        let run = st.run_pages.max(1);
+        // Pages per run (runs are aligned to it): at most RUN_BYTES.
+        let run = (RUN_BYTES / data.len().max(1)).max(1) as u64;
         let follows = st.n > 0
             && pfn == st.first + st.n
             && pfn % run != 0
@@ -630,15 +635,11 @@ fn fetch(
     node.fetch_all();
     let pb = bar(session.image_size, "fetching");
     let total_pages = session.page_count.max(1);
-    let mut zeros_hashed = false;
     loop {
         match node.wait_complete(Duration::from_millis(100)) {
             Ok(()) => break,
             Err(NodeError::Timeout(..)) => {
-                if let (false, Some(zero)) = (zeros_hashed, node.zero_map()) {
-                    sink.add_zero_pages(zero);
-                    zeros_hashed = true;
-                }
+                sink.add_zero_pages(node.zero_map());
                 let have = node.pages_present();
                 pb.set_position(
                     (have.saturating_mul(session.image_size) / total_pages).min(session.image_size),
@@ -663,11 +664,7 @@ fn fetch(
         .and_then(|()| sink.file.set_len(session.image_size))
         .and_then(|_| sink.file.sync_data())
         .map_err(|e| cleanup(format!("flushing {}: {e}", out.display())))?;
-    if !zeros_hashed {
-        if let Some(zero) = node.zero_map() {
-            sink.add_zero_pages(zero);
-        }
-    }
+    sink.add_zero_pages(node.zero_map());
     let ok = verify(&sink, out, &session.digest)
         .map_err(|e| cleanup(format!("re-reading {}: {e}", out.display())))?;
     node.leave(ok);
