@@ -51,6 +51,7 @@ pub mod server;
 pub mod sim;
 pub mod source;
 pub mod testnet;
+pub mod timer;
 pub mod transport;
 pub mod wire;
 pub mod workingset;
