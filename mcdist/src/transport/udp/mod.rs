@@ -1,0 +1,194 @@
+//! Real UDP transport: IPv4 multicast with socket2, polled with mio.
+//!
+//! The server has one socket bound to its request address; it sends group
+//! traffic from it with `IP_MULTICAST_TTL` (1 by default), `IP_MULTICAST_LOOP`
+//! and the egress interface pinned with `SO_BINDTODEVICE`. A client has two
+//! sockets: one bound to the group address and port (joined on the named
+//! interface by index) for multicast, and one ephemeral unicast socket for its
+//! requests and the server's unicast replies.
+//!
+//! [`UdpTransport::watch_readable`] adds other descriptors (a userfaultfd, an
+//! eventfd) to the same poll, so one thread can wait for datagrams and for its
+//! own events in a single `recv`.
+//!
+//! Batches go out with one `sendmmsg` and come in with one `recvmmsg` per
+//! socket (through `nix`'s safe wrappers), up to [`MAX_BATCH`] datagrams per
+//! system call.
+//!
+//! With [`UdpConfig::gso`] (on by default), a batch is cut into runs of
+//! datagrams to one destination whose lengths are all equal but for a
+//! shorter last one (at most 64 datagrams and 64 KiB); each run is one
+//! message of the `sendmmsg`, with a `UDP_SEGMENT` control message giving the
+//! segment size, and the kernel splits it into the original datagrams as
+//! late as it can (on a veth and bridge path: at the receiving socket). The
+//! datagrams on the wire are the same as without GSO. The socket option is
+//! probed once; if a send is refused (`EINVAL`, `EIO`, `EMSGSIZE`,
+//! `ENOPROTOOPT`, `EOPNOTSUPP`) GSO is switched off for the transport and the
+//! rest of the batch goes by plain `sendmmsg`.
+//!
+//! With [`UdpConfig::gro`] (on by default), a client's sockets set
+//! `UDP_GRO`: one `recvmmsg` slot may then hold several datagrams of one
+//! flow, and the `UDP_GRO` control message gives their size. Such buffers
+//! are cut back into datagrams and handed out one per caller slot, in order,
+//! so callers see exactly the datagrams that were sent; what does not fit in
+//! one call is handed out by the next.
+//!
+//! One module per concern: `setup` (configuration, interface lookup,
+//! socket options, the GSO/GRO probes), `send` (batch send: `sendmmsg`, GSO
+//! runs, the fallback when GSO is refused), `recv` (batch receive:
+//! `recvmmsg`, GRO buffers cut back into datagrams). This file holds the
+//! transport itself and its [`Transport`] implementation.
+
+mod recv;
+mod send;
+mod setup;
+
+pub use setup::{interface_info, UdpConfig, UdpSetupError, DEFAULT_GRO, DEFAULT_GSO};
+
+use super::{Capabilities, Received, Transport, Wake};
+use crate::{Dest, Transmit};
+use mio::net::UdpSocket;
+use mio::{Events, Poll, Token, Waker};
+use recv::Gro;
+use send::gso_refused;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Most datagrams moved by one `sendmmsg` or `recvmmsg`.
+pub const MAX_BATCH: usize = 64;
+
+const MCAST: Token = Token(0);
+const UCAST: Token = Token(1);
+const WAKE: Token = Token(2);
+/// Tokens of descriptors added by [`UdpTransport::watch_readable`] start here.
+const WATCH_BASE: usize = 16;
+
+struct MioWaker(Waker);
+
+impl Wake for MioWaker {
+    fn wake(&self) {
+        if let Err(e) = self.0.wake() {
+            tracing::debug!(error = %e, "waking the transport failed");
+        }
+    }
+}
+
+/// A UDP multicast transport.
+pub struct UdpTransport {
+    poll: Poll,
+    events: Events,
+    waker: Arc<MioWaker>,
+    mcast: Option<UdpSocket>,
+    ucast: UdpSocket,
+    group: SocketAddr,
+    caps: Capabilities,
+    turn: bool,
+    watched: AtomicUsize,
+    /// Group sends use UDP GSO (configured and accepted by the kernel).
+    gso: bool,
+    /// Receives use UDP GRO.
+    gro: Option<Gro>,
+}
+
+impl std::fmt::Debug for UdpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpTransport")
+            .field("group", &self.group)
+            .field("local", &self.ucast.local_addr().ok())
+            .finish()
+    }
+}
+
+impl Transport for UdpTransport {
+    fn send(&mut self, dest: Dest, data: &[u8]) -> io::Result<()> {
+        let to = self.dest_addr(dest);
+        let mut spins = 0u32;
+        loop {
+            match self.ucast.send_to(data, to) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && spins < 20_000 => {
+                    spins += 1;
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A peer's port closed: the datagram is lost, like any other loss.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn recv(&mut self, buf: &mut [u8], timeout: Option<Duration>) -> io::Result<Option<Received>> {
+        if self.gro.is_some() {
+            // A GRO buffer holds several datagrams: take them one at a time.
+            let mut one = Vec::with_capacity(1);
+            let slot = buf.len();
+            self.recv_batch(buf, slot, &mut one, timeout)?;
+            return Ok(one.pop());
+        }
+        if let Some(r) = self.try_recv(buf)? {
+            return Ok(Some(r));
+        }
+        if timeout == Some(Duration::ZERO) {
+            return Ok(None);
+        }
+        match self.poll.poll(&mut self.events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        self.try_recv(buf)
+    }
+
+    fn waker(&self) -> Arc<dyn Wake> {
+        self.waker.clone()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.ucast.local_addr()
+    }
+
+    fn send_batch(&mut self, buf: &[u8], slot: usize, items: &[Transmit]) -> io::Result<()> {
+        let gso = self.gso;
+        match self.send_runs(buf, slot, items, gso) {
+            Ok(()) => Ok(()),
+            Err((done, e)) if gso && gso_refused(&e) => {
+                tracing::info!(error = %e, "UDP GSO refused; falling back to sendmmsg");
+                self.gso = false;
+                let rest = &items[done..];
+                self.send_runs(&buf[(done * slot).min(buf.len())..], slot, rest, false)
+                    .map_err(|(_, e)| e)
+            }
+            Err((_, e)) => Err(e),
+        }
+    }
+
+    fn recv_batch(
+        &mut self,
+        buf: &mut [u8],
+        slot: usize,
+        out: &mut Vec<Received>,
+        timeout: Option<Duration>,
+    ) -> io::Result<usize> {
+        let n = self.try_recv_batch(buf, slot, out)?;
+        if n > 0 || timeout == Some(Duration::ZERO) {
+            return Ok(n);
+        }
+        match self.poll.poll(&mut self.events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(0),
+            Err(e) => return Err(e),
+        }
+        self.try_recv_batch(buf, slot, out)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,266 @@
+//! Batch receive: `recvmmsg` on each socket (alternating which goes first so
+//! neither starves), and with UDP GRO, coalesced buffers cut back at their
+//! segment size into the datagrams that were sent, handed out one per caller
+//! slot in order; what does not fit waits for the next call.
+
+use super::{UdpTransport, MAX_BATCH};
+use crate::transport::Received;
+use mio::net::UdpSocket;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+
+impl UdpTransport {
+    pub(super) fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>> {
+        // Alternate which socket goes first so neither starves.
+        self.turn = !self.turn;
+        for pass in 0..2 {
+            let use_mcast = (pass == 0) == self.turn;
+            let sock = if use_mcast {
+                match &self.mcast {
+                    Some(m) => m,
+                    None => continue,
+                }
+            } else {
+                &self.ucast
+            };
+            match sock.recv_from(buf) {
+                Ok((len, from)) => return Ok(Some(Received { len, from })),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // ICMP errors from earlier sends surface here; they are not fatal.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// One datagram taken by `recvmmsg`: its length (0 when truncated or not
+/// from IPv4), its sender, and the GRO segment size when the kernel
+/// coalesced several datagrams into it.
+
+pub(super) struct RawMsg {
+    pub(super) len: usize,
+    pub(super) from: Option<SocketAddr>,
+    pub(super) segment: usize,
+}
+
+/// `recvmmsg` on one socket without waiting; message `i` lands at `buf[i * slot..]`.
+/// With `gro`, each message's `UDP_GRO` control message gives its segment size.
+fn recv_raw(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    slot: usize,
+    gro: bool,
+    out: &mut Vec<RawMsg>,
+) -> io::Result<usize> {
+    use nix::sys::socket::{
+        recvmmsg, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage,
+    };
+    use std::io::IoSliceMut;
+    let n = (buf.len() / slot.max(1)).min(MAX_BATCH);
+    if n == 0 {
+        return Ok(0);
+    }
+    let cmsg = gro.then(|| nix::cmsg_space!(i32));
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(n, cmsg);
+    let mut iovs: Vec<[IoSliceMut<'_>; 1]> = buf
+        .chunks_exact_mut(slot)
+        .take(n)
+        .map(|c| [IoSliceMut::new(c)])
+        .collect();
+    let res = recvmmsg(
+        sock.as_raw_fd(),
+        &mut headers,
+        iovs.iter_mut(),
+        MsgFlags::MSG_DONTWAIT,
+        None,
+    );
+    let results = match res {
+        Ok(r) => r,
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => return Ok(0),
+        // ICMP errors from earlier sends surface here; they are not fatal.
+        Err(nix::errno::Errno::ECONNREFUSED) => return Ok(0),
+        Err(e) => return Err(io::Error::from(e)),
+    };
+    let mut got = 0;
+    for m in results {
+        let from = m.address.and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|s| SocketAddr::V4(SocketAddrV4::from(*s)))
+        });
+        let mut segment = 0;
+        if gro {
+            if let Ok(cmsgs) = m.cmsgs() {
+                for c in cmsgs {
+                    if let ControlMessageOwned::UdpGroSegments(s) = c {
+                        segment = usize::try_from(s).unwrap_or(0);
+                    }
+                }
+            }
+        }
+        got += 1;
+        // Truncated or not IPv4: keep the slot (indices must match) but mark it empty.
+        let ok = from.is_some() && !m.flags.contains(MsgFlags::MSG_TRUNC);
+        out.push(RawMsg {
+            len: if ok { m.bytes.min(slot) } else { 0 },
+            from,
+            segment,
+        });
+    }
+    Ok(got)
+}
+
+fn unspecified() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))
+}
+
+/// `recvmmsg` on one socket without waiting; datagram `i` lands at `buf[i * slot..]`.
+fn recv_many(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    slot: usize,
+    raw: &mut Vec<RawMsg>,
+    out: &mut Vec<Received>,
+) -> io::Result<usize> {
+    raw.clear();
+    let got = recv_raw(sock, buf, slot, false, raw)?;
+    out.extend(raw.drain(..).map(|m| Received {
+        len: m.len,
+        from: m.from.unwrap_or_else(unspecified),
+    }));
+    Ok(got)
+}
+
+/// Receive buffers for UDP GRO: coalesced buffers land in `buf`, are cut
+/// into their datagrams (`pending`, in arrival order) and copied out to the
+/// caller's slots; what does not fit waits for the next call.
+pub(super) struct Gro {
+    buf: Vec<u8>,
+    raw: Vec<RawMsg>,
+    /// (offset in `buf`, length, sender) of datagrams not yet handed out.
+    pending: std::collections::VecDeque<(usize, usize, SocketAddr)>,
+    /// Buffers that held more than one datagram.
+    pub(super) coalesced: u64,
+}
+
+/// Largest UDP payload, and so the largest coalesced GRO buffer.
+const GRO_SLOT: usize = 65_536;
+/// GRO receive slots per socket and call.
+const GRO_SLOTS: usize = 8;
+
+impl Gro {
+    pub(super) fn new() -> Gro {
+        Gro {
+            buf: vec![0u8; GRO_SLOT * GRO_SLOTS * 2],
+            raw: Vec::new(),
+            pending: std::collections::VecDeque::new(),
+            coalesced: 0,
+        }
+    }
+
+    /// Cuts message `m` received at `base` into datagrams of its segment
+    /// size; true when it held more than one.
+    pub(super) fn split(
+        pending: &mut std::collections::VecDeque<(usize, usize, SocketAddr)>,
+        base: usize,
+        m: &RawMsg,
+    ) -> bool {
+        let from = m.from.unwrap_or_else(unspecified);
+        if m.len == 0 || m.segment == 0 || m.len <= m.segment {
+            pending.push_back((base, m.len, from));
+            return false;
+        }
+        let mut off = 0;
+        while off < m.len {
+            let len = m.segment.min(m.len - off);
+            pending.push_back((base + off, len, from));
+            off += len;
+        }
+        true
+    }
+
+    /// Fills the caller's slots from `pending`; returns how many were filled.
+    fn hand_out(&mut self, buf: &mut [u8], slot: usize, out: &mut Vec<Received>) -> usize {
+        let mut n = 0;
+        for dst in buf.chunks_exact_mut(slot.max(1)) {
+            let Some((off, len, from)) = self.pending.pop_front() else {
+                break;
+            };
+            if len <= dst.len() {
+                dst[..len].copy_from_slice(&self.buf[off..off + len]);
+                out.push(Received { len, from });
+            } else {
+                // Does not fit the caller's slot: dropped like a truncated datagram.
+                out.push(Received {
+                    len: 0,
+                    from: unspecified(),
+                });
+            }
+            n += 1;
+        }
+        n
+    }
+}
+
+impl UdpTransport {
+    fn sockets(&self, mcast_first: bool) -> impl Iterator<Item = &UdpSocket> {
+        let (a, b) = if mcast_first {
+            (self.mcast.as_ref(), Some(&self.ucast))
+        } else {
+            (Some(&self.ucast), self.mcast.as_ref())
+        };
+        a.into_iter().chain(b)
+    }
+
+    pub(super) fn try_recv_batch(
+        &mut self,
+        buf: &mut [u8],
+        slot: usize,
+        out: &mut Vec<Received>,
+    ) -> io::Result<usize> {
+        self.turn = !self.turn;
+        if let Some(mut gro) = self.gro.take() {
+            let r = self.try_recv_gro(&mut gro, buf, slot, out);
+            self.gro = Some(gro);
+            return r;
+        }
+        let mut total = 0;
+        let mut raw = Vec::new();
+        for sock in self.sockets(self.turn) {
+            let start = total * slot;
+            if start >= buf.len() {
+                break;
+            }
+            total += recv_many(sock, &mut buf[start..], slot, &mut raw, out)?;
+        }
+        Ok(total)
+    }
+
+    fn try_recv_gro(
+        &self,
+        gro: &mut Gro,
+        buf: &mut [u8],
+        slot: usize,
+        out: &mut Vec<Received>,
+    ) -> io::Result<usize> {
+        if gro.pending.is_empty() {
+            let mut used = 0;
+            for sock in self.sockets(self.turn) {
+                gro.raw.clear();
+                let area = &mut gro.buf[used * GRO_SLOT..(used + GRO_SLOTS) * GRO_SLOT];
+                let n = recv_raw(sock, area, GRO_SLOT, true, &mut gro.raw)?;
+                for (k, m) in gro.raw.iter().enumerate() {
+                    if Gro::split(&mut gro.pending, (used + k) * GRO_SLOT, m) {
+                        gro.coalesced += 1;
+                    }
+                }
+                let _ = n;
+                used += GRO_SLOTS;
+            }
+        }
+        Ok(gro.hand_out(buf, slot, out))
+    }
+}

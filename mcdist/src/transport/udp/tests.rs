@@ -1,0 +1,154 @@
+//! Tests of GSO run cutting, GRO splitting and the watched-descriptor wake-up.
+
+use super::recv::{Gro, RawMsg};
+use super::send::{gso_group, gso_runs, GsoRun, GSO_MAX_BYTES};
+use super::*;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixDatagram;
+use std::time::Instant;
+
+fn lo_client() -> Option<UdpTransport> {
+    let mut cfg = UdpConfig::new(SocketAddrV4::new(Ipv4Addr::new(239, 255, 77, 3), 47_001));
+    cfg.iface = Some("lo".into());
+    match UdpTransport::client(&cfg) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            eprintln!("skipping: no loopback multicast socket here: {e}");
+            None
+        }
+    }
+}
+
+fn tx(len: usize, to: u16) -> Transmit {
+    Transmit {
+        dest: if to == 0 {
+            Dest::Group
+        } else {
+            Dest::Peer(SocketAddr::from((Ipv4Addr::LOCALHOST, to)))
+        },
+        len,
+    }
+}
+
+fn runs_of(items: &[Transmit]) -> Vec<(usize, usize, usize)> {
+    let group = SocketAddr::from((Ipv4Addr::new(239, 255, 0, 1), 1));
+    let mut v = Vec::new();
+    gso_runs(
+        items,
+        |d| match d {
+            Dest::Group => group,
+            Dest::Peer(p) => p,
+        },
+        &mut v,
+    );
+    v.iter().map(|r| (r.first, r.count, r.len)).collect()
+}
+
+#[test]
+fn gso_runs_split_on_destination_size_and_short_tail() {
+    let mut items = vec![tx(1400, 0); 5];
+    items.push(tx(700, 0)); // short tail ends the run
+    items.push(tx(1400, 0));
+    items.push(tx(1400, 9)); // another destination
+    items.push(tx(1400, 9));
+    items.push(tx(1500, 9)); // longer: a new run
+    assert_eq!(
+        runs_of(&items),
+        vec![(0, 6, 1400), (6, 1, 1400), (7, 2, 1400), (9, 1, 1500)]
+    );
+    // A run never passes 64 segments nor 64 KiB.
+    let many = vec![tx(100, 0); 70];
+    assert_eq!(runs_of(&many), vec![(0, 64, 100), (64, 6, 100)]);
+    let big = vec![tx(1400, 0); 60];
+    let r = runs_of(&big);
+    assert_eq!(r[0].1, GSO_MAX_BYTES / 1400);
+    assert_eq!(r.iter().map(|x| x.1).sum::<usize>(), 60);
+}
+
+#[test]
+fn gso_groups_share_one_segment_size() {
+    let to = SocketAddr::from((Ipv4Addr::LOCALHOST, 1));
+    let run = |count, len| GsoRun {
+        first: 0,
+        count,
+        len,
+        to,
+    };
+    // Lone datagrams no longer than the segment size ride along.
+    assert_eq!(
+        gso_group(&[run(1, 300), run(4, 1400), run(1, 1400), run(3, 1400)]),
+        (4, 1400)
+    );
+    // A run of another size starts a new group.
+    assert_eq!(gso_group(&[run(4, 1400), run(2, 500)]), (1, 1400));
+    // A lone datagram longer than the segment size too.
+    assert_eq!(gso_group(&[run(2, 500), run(1, 600)]), (1, 500));
+    // A lone datagram longer than a later run's size keeps it out.
+    assert_eq!(gso_group(&[run(1, 900), run(2, 500)]), (1, 0));
+    // Only lone datagrams: no control message.
+    assert_eq!(gso_group(&[run(1, 900), run(1, 500)]), (2, 0));
+}
+
+#[test]
+fn gro_split_cuts_at_the_segment_size() {
+    let from = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 5)));
+    let mut q = std::collections::VecDeque::new();
+    let m = RawMsg {
+        len: 1400 * 3 + 200,
+        from,
+        segment: 1400,
+    };
+    assert!(Gro::split(&mut q, 100, &m));
+    let got: Vec<(usize, usize)> = q.iter().map(|&(o, l, _)| (o, l)).collect();
+    assert_eq!(
+        got,
+        vec![(100, 1400), (1500, 1400), (2900, 1400), (4300, 200)]
+    );
+    q.clear();
+    let one = RawMsg {
+        len: 800,
+        from,
+        segment: 1400,
+    };
+    assert!(!Gro::split(&mut q, 0, &one));
+    assert_eq!(q.len(), 1);
+}
+
+#[test]
+fn watched_descriptor_ends_a_blocking_recv() {
+    let Some(mut t) = lo_client() else { return };
+    let (a, b) = UnixDatagram::pair().expect("socket pair");
+    a.set_nonblocking(true).expect("non-blocking");
+    t.watch_readable(a.as_fd()).expect("watch");
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        b.send(b"x").map(|_| b)
+    });
+    let mut buf = [0u8; 2048];
+    let t0 = Instant::now();
+    let limit = Duration::from_secs(30);
+    let r = t.recv(&mut buf, Some(limit)).expect("recv");
+    assert!(r.is_none(), "no datagram was sent");
+    assert!(t0.elapsed() < limit, "recv waited for its timeout");
+    let _b = writer.join().expect("writer").expect("write");
+    let mut one = [0u8; 8];
+    assert_eq!(a.recv(&mut one).expect("readable"), 1);
+}
+
+#[test]
+fn datagrams_still_arrive_with_a_watched_descriptor() {
+    let Some(mut t) = lo_client() else { return };
+    let (a, _b) = UnixDatagram::pair().expect("socket pair");
+    t.watch_readable(a.as_fd()).expect("watch");
+    let to = t.local_addr().expect("local");
+    let to = SocketAddr::from((Ipv4Addr::LOCALHOST, to.port()));
+    let s = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    s.send_to(b"page", to).expect("send");
+    let mut buf = [0u8; 2048];
+    let r = t
+        .recv(&mut buf, Some(Duration::from_secs(30)))
+        .expect("recv")
+        .expect("a datagram");
+    assert_eq!(&buf[..r.len], b"page");
+}
