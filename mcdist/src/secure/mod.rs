@@ -21,7 +21,7 @@
 //! | −24                 | 8    | sender counter (starts at 1, never repeats) |
 //! | −16                 | 16   | GCM tag                                    |
 //!
-//! The header's [`HeaderFlags::AUTH`] bit (and [`HeaderFlags::ENCRYPTED`] when the
+//! The header's [`HeaderFlags::AUTH`](crate::wire::HeaderFlags::AUTH) bit (and [`HeaderFlags::ENCRYPTED`](crate::wire::HeaderFlags::ENCRYPTED) when the
 //! body is encrypted) is set; both are covered by the tag.
 //!
 //! ## Keys and nonces
@@ -49,7 +49,7 @@
 //! - joins above [`Security::joins_per_second`] per source address.
 //!
 //! [`Sealer`] and [`Opener`] are the pure parts (no I/O); [`SecureTransport`]
-//! wraps any [`Transport`] with them, and the threaded drivers in
+//! wraps any [`Transport`](crate::transport::Transport) with them, and the threaded drivers in
 //! [`crate::node`] apply it when a config carries a [`Security`].
 //! The wrapper reports a `max_datagram` [`TRAILER_LEN`] bytes smaller than the
 //! transport's, so the state machines leave room for the trailer. It seals a

@@ -241,7 +241,7 @@ impl UdpTransport {
         })
     }
 
-    /// Adds `fd` to the descriptors [`Transport::recv`] waits on: when it
+    /// Adds `fd` to the descriptors [`Transport::recv`](crate::transport::Transport::recv) waits on: when it
     /// becomes readable and no datagram is waiting, `recv` returns `Ok(None)`
     /// at once, so the caller can serve `fd` (for example a userfaultfd) and
     /// the sockets from one thread without a hand-off.
