@@ -12,7 +12,7 @@
 //! ```
 
 use mcdist::client::ClientConfig;
-use mcdist::node::{ClientNode, PageSink, ServerNode};
+use mcdist::node::{ClientNode, PageSink, ServerNode, SinkError};
 use mcdist::secure::{Psk, Security};
 use mcdist::server::ServerConfig;
 use mcdist::source::MemSource;
@@ -148,12 +148,22 @@ impl Store {
 }
 
 impl PageSink for Store {
-    fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), String> {
-        let start = usize::try_from(pfn).map_err(|e| e.to_string())? * data.len();
+    fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), SinkError> {
         let mut m = self.mem.lock().unwrap_or_else(PoisonError::into_inner);
+        let size = m.len();
+        let does_not_fit = || SinkError::DoesNotFit {
+            pfn,
+            len: data.len(),
+            pages: (size / data.len().max(1)) as u64,
+            page_size: data.len(),
+        };
+        let start = usize::try_from(pfn)
+            .ok()
+            .and_then(|p| p.checked_mul(data.len()))
+            .ok_or_else(does_not_fit)?;
         // The last page may reach past the image end.
         let end = (start + data.len()).min(m.len());
-        let dst = m.get_mut(start..end).ok_or("page past the end")?;
+        let dst = m.get_mut(start..end).ok_or_else(does_not_fit)?;
         let n = dst.len();
         dst.copy_from_slice(&data[..n]);
         Ok(())

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mcdist::node::{ClientNode, NodeError, PageSink, ServerNode, ServerSnapshot};
+use mcdist::node::{ClientNode, NodeError, PageSink, ServerNode, ServerSnapshot, SinkError};
 use mcdist::source::ImageInfo;
 use mcdist::transport::udp::{UdpConfig, UdpTransport};
 use mcdist::{ClientConfig, ServerConfig};
@@ -42,7 +42,7 @@ pub enum RemoteError {
 struct Sink(LazyHandle);
 
 impl PageSink for Sink {
-    fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), String> {
+    fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), SinkError> {
         self.0.install(pfn, data);
         Ok(())
     }

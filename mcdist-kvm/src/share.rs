@@ -60,7 +60,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use mcdist::node::{ClientNode, NodeError, PageSink};
+use mcdist::node::{ClientNode, NodeError, PageSink, SinkError};
 use mcdist::{ClientConfig, ClientStats};
 
 use crate::clone::{CloneLauncher, CloneOptions, ThreadLauncher};
@@ -180,14 +180,14 @@ impl Cache {
     }
 
     /// A page arrived: store it once, then install it into every clone waiting for it.
-    fn arrived(&self, pfn: u64, data: &[u8]) -> Result<(), String> {
+    fn arrived(&self, pfn: u64, data: &[u8]) -> Result<(), SinkError> {
         if pfn >= self.pages || data.len() != self.page_size {
-            return Err(format!(
-                "page {pfn} of {} bytes does not fit a cache of {} pages of {} bytes",
-                data.len(),
-                self.pages,
-                self.page_size
-            ));
+            return Err(SinkError::DoesNotFit {
+                pfn,
+                len: data.len(),
+                pages: self.pages,
+                page_size: self.page_size,
+            });
         }
         if self.lock().present.get(pfn) {
             return Ok(());
@@ -196,14 +196,20 @@ impl Cache {
         // readers copy a page out only after seeing it present under the lock.
         self.map
             .write(pfn as usize * self.page_size, data)
-            .map_err(|e| format!("storing page {pfn}: {e}"))?;
+            .map_err(|source| SinkError::Io {
+                what: "writing the page to the cache",
+                source,
+            })?;
         self.resident
             .fetch_add(self.page_size as u64, Ordering::Relaxed);
         // Clone processes may now take the page without asking.
         let (bits, _) = bitmap_layout(self.pages, self.page_size);
         self.map
             .or_u64_release(bits + (pfn / 64) as usize * 8, 1 << (pfn % 64))
-            .map_err(|e| format!("marking page {pfn} present: {e}"))?;
+            .map_err(|source| SinkError::Io {
+                what: "marking the page present",
+                source,
+            })?;
         let targets: Vec<Arc<dyn Attached>> = {
             let mut st = self.lock();
             st.present.set(pfn);
@@ -322,7 +328,7 @@ impl Cache {
 struct Sink(Arc<Cache>);
 
 impl PageSink for Sink {
-    fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), String> {
+    fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), SinkError> {
         self.0.arrived(pfn, data)
     }
     fn failed(&self, error: &NodeError) {

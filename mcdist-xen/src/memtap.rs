@@ -22,6 +22,7 @@ use crate::ring::BackRing;
 use crate::sys::{self, EventFd};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use mcdist::bitmap::PageBitmap;
+use mcdist::node::SinkError;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -149,11 +150,14 @@ impl PageInbox {
     }
 
     /// Hand page `pfn` to Memtap.
-    pub fn deliver(&self, pfn: u64, data: &[u8]) -> Result<(), String> {
+    pub fn deliver(&self, pfn: u64, data: &[u8]) -> Result<(), SinkError> {
         self.tx
             .send((pfn, data.to_vec()))
-            .map_err(|_| "memtap has stopped".to_string())?;
-        self.wake.signal().map_err(|e| e.to_string())
+            .map_err(|_| SinkError::Stopped)?;
+        self.wake.signal().map_err(|source| SinkError::Io {
+            what: "waking memtap",
+            source,
+        })
     }
 
     /// Tell Memtap the source failed; its loop returns [`MemtapError::SourceFailed`].
@@ -168,7 +172,7 @@ impl PageInbox {
 }
 
 impl mcdist::node::PageSink for PageInbox {
-    fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), String> {
+    fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), SinkError> {
         self.deliver(pfn, data)
     }
 

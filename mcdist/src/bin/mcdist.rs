@@ -5,7 +5,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mcdist::bitmap::PageBitmap;
 use mcdist::client::ClientConfig;
 use mcdist::digest::PageDigest;
-use mcdist::node::{ClientNode, NodeError, PageSink, ServerNode};
+use mcdist::node::{ClientNode, NodeError, PageSink, ServerNode, SinkError};
 use mcdist::secure::{Protection, Psk, Security, SecurityStats};
 use mcdist::server::{Delivery, ServerConfig, ServerEvent};
 use mcdist::source::{scan_with_progress, FileSource, PageSource};
@@ -545,7 +545,7 @@ impl PageSink for FileSink {
         }
     }
 
-    fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), String> {
+    fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), SinkError> {
         // Pages are page_size long; the tail past the image is cut off at the end.
         let mut st = self.state();
         let st = &mut *st;
@@ -556,15 +556,22 @@ impl PageSink for FileSink {
             && pfn % run != 0
             && st.buf.len() == st.n as usize * data.len();
         if !follows {
-            st.flush(&self.file).map_err(|e| e.to_string())?;
+            st.flush(&self.file).map_err(write_err)?;
             st.first = pfn;
         }
         st.buf.extend_from_slice(data);
         st.n += 1;
         if (pfn + 1) % run == 0 {
-            st.flush(&self.file).map_err(|e| e.to_string())?;
+            st.flush(&self.file).map_err(write_err)?;
         }
         Ok(())
+    }
+}
+
+fn write_err(source: io::Error) -> SinkError {
+    SinkError::Io {
+        what: "writing the output file",
+        source,
     }
 }
 

@@ -40,7 +40,6 @@ impl UdpTransport {
 /// One datagram taken by `recvmmsg`: its length (0 when truncated or not
 /// from IPv4), its sender, and the GRO segment size when the kernel
 /// coalesced several datagrams into it.
-
 pub(super) struct RawMsg {
     pub(super) len: usize,
     pub(super) from: Option<SocketAddr>,

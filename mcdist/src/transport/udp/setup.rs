@@ -77,8 +77,15 @@ impl UdpConfig {
 #[derive(Debug, Error)]
 pub enum UdpSetupError {
     /// The named interface does not exist.
-    #[error("network interface {0:?} does not exist")]
-    NoSuchInterface(String),
+    #[error("network interface {name:?} does not exist")]
+    NoSuchInterface {
+        /// The name asked for.
+        name: String,
+        /// What the kernel said, when it was asked (a name that cannot be an
+        /// interface's is refused before).
+        #[source]
+        source: Option<io::Error>,
+    },
     /// The group address is not IPv4 multicast.
     #[error("{0} is not an IPv4 multicast group address")]
     NotMulticast(Ipv4Addr),
@@ -112,10 +119,16 @@ fn sock_err(what: &'static str) -> impl FnOnce(io::Error) -> UdpSetupError {
 /// the index it lists is the same (1500 otherwise).
 pub fn interface_info(name: &str) -> Result<(u32, usize), UdpSetupError> {
     if name.is_empty() || name.contains('/') || name.contains("..") {
-        return Err(UdpSetupError::NoSuchInterface(name.to_string()));
+        return Err(UdpSetupError::NoSuchInterface {
+            name: name.to_string(),
+            source: None,
+        });
     }
-    let index = nix::net::if_::if_nametoindex(name)
-        .map_err(|_| UdpSetupError::NoSuchInterface(name.to_string()))?;
+    let index =
+        nix::net::if_::if_nametoindex(name).map_err(|e| UdpSetupError::NoSuchInterface {
+            name: name.to_string(),
+            source: Some(io::Error::from(e)),
+        })?;
     let base = std::path::Path::new("/sys/class/net").join(name);
     let read = |f: &str| -> Option<String> {
         std::fs::read_to_string(base.join(f))
@@ -172,7 +185,10 @@ fn new_socket(cfg: &UdpConfig) -> Result<Socket, UdpSetupError> {
     if let Some(name) = &cfg.iface {
         s.bind_device(Some(name.as_bytes()))
             .map_err(|e| match e.raw_os_error() {
-                Some(19) => UdpSetupError::NoSuchInterface(name.clone()),
+                Some(19) => UdpSetupError::NoSuchInterface {
+                    name: name.clone(),
+                    source: Some(e),
+                },
                 _ => UdpSetupError::Socket {
                     what: "binding to the interface (SO_BINDTODEVICE)",
                     source: e,

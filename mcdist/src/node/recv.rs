@@ -1,0 +1,76 @@
+//! The receive turn both driver threads share: wait until the state
+//! machine's next deadline (capped) for the first datagrams, then take what
+//! is waiting without waiting again, at most [`RECV_BUDGET`] datagrams per
+//! turn, and hand each to the state machine where it lies in the receive
+//! buffer (slot `i` holds datagram `i` of a `recv_batch`, one `recvmmsg` on UDP).
+
+use super::{io_err, NodeError};
+use crate::transport::{Received, Transport};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Receive buffer slot: the largest UDP payload, rounded up. A server on
+/// another link may send larger datagrams than this host's MTU suggests.
+const RECV_SLOT: usize = 65_536;
+/// Most datagrams taken in one `recv_batch`.
+const RECV_BATCH: usize = 32;
+/// Most datagrams one receive turn takes before the loop serves its timers
+/// and sends again.
+const RECV_BUDGET: usize = 256;
+
+/// How long to wait for datagrams: until `deadline` (the state machine's next
+/// timer), at most `cap`.
+pub(super) fn wait_until(deadline: Option<Instant>, now: Instant, cap: Duration) -> Duration {
+    deadline
+        .map_or(cap, |t| t.saturating_duration_since(now))
+        .min(cap)
+}
+
+/// The receive buffer of one driver thread and the lengths and senders of
+/// its last batch.
+pub(super) struct Inbox {
+    buf: Vec<u8>,
+    received: Vec<Received>,
+}
+
+impl Inbox {
+    /// Room for one batch of `transport`'s size (at most [`RECV_BATCH`]).
+    pub(super) fn new<T: Transport>(transport: &T) -> Inbox {
+        let batch = transport.capabilities().batch.clamp(1, RECV_BATCH);
+        Inbox {
+            buf: vec![0u8; RECV_SLOT * batch],
+            received: Vec::with_capacity(batch),
+        }
+    }
+
+    /// One receive turn: waits up to `wait` for the first batch, then takes
+    /// batches without waiting until none is left or [`RECV_BUDGET`]
+    /// datagrams were taken. Each datagram goes to `handle(at, from, bytes)`,
+    /// `at` being when its batch arrived.
+    pub(super) fn receive<T: Transport>(
+        &mut self,
+        transport: &mut T,
+        wait: Duration,
+        mut handle: impl FnMut(Instant, SocketAddr, &[u8]),
+    ) -> Result<(), NodeError> {
+        let mut budget = RECV_BUDGET;
+        let mut timeout = Some(wait);
+        while budget > 0 {
+            self.received.clear();
+            let n = transport
+                .recv_batch(&mut self.buf, RECV_SLOT, &mut self.received, timeout)
+                .map_err(io_err("receiving"))?;
+            if n == 0 {
+                break;
+            }
+            let at = Instant::now();
+            for (i, r) in self.received.iter().enumerate() {
+                let start = i * RECV_SLOT;
+                handle(at, r.from, &self.buf[start..start + r.len.min(RECV_SLOT)]);
+            }
+            budget = budget.saturating_sub(n);
+            timeout = Some(Duration::ZERO);
+        }
+        Ok(())
+    }
+}
