@@ -167,6 +167,9 @@ impl Drop for ServerNode {
         let _ = self.stop_thread();
     }
 }
+
+/// The server thread: timers, sends, events, snapshot, one receive turn;
+/// until `stop`, then the end of session goes out once.
 fn server_loop<T: Transport>(
     mut server: Server,
     transport: &mut T,
