@@ -379,3 +379,6 @@ impl Server {
         self.close();
     }
 }
+
+#[cfg(test)]
+mod tests;
