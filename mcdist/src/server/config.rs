@@ -1,0 +1,225 @@
+//! Settings and what makes them valid.
+//!
+//! Rule owned here: a [`ServerConfig`] is checked once, against the image's page
+//! size, when the server is built; the check yields the datagram [`Geometry`]
+//! (fragment size and count) every later emit relies on. Defaults live here too.
+
+use crate::pacing::RateConfig;
+use crate::wire;
+use std::io;
+use std::time::Duration;
+use thiserror::Error;
+
+/// How group traffic reaches receivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// One datagram to the multicast group.
+    Multicast,
+    /// One datagram per known receiver (networks without multicast; also the
+    /// baseline mcdist is compared against).
+    UnicastFanout,
+}
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Session id; `None` draws a random one.
+    pub session_id: Option<u64>,
+    /// Largest datagram to send (UDP payload bytes). Pages larger than what fits are fragmented.
+    pub max_datagram: usize,
+    /// Bytes at the end of each datagram left free for an authentication trailer.
+    pub trailer_reserve: usize,
+    /// Requests for a page multicast less than this long ago are ignored.
+    pub lockstep_window: Duration,
+    /// Push the pages that follow a fault.
+    pub push_neighbors: bool,
+    /// Smallest and largest push window (pages); the window doubles while faults stay sequential.
+    pub push_window: (u64, u64),
+    /// Sweep the whole image in order after demand and push (whole-image distribution).
+    pub sweep: bool,
+    /// Record the order of first demand requests and replay it as pushes to
+    /// receivers that join later (later generations of clones). Off by
+    /// default: with it on, a receiver gets pages it did not ask for even with
+    /// `push_neighbors` off.
+    pub working_set_push: bool,
+    /// Most pages the recorded working set holds.
+    pub working_set_max_pages: usize,
+    /// Also record pages pushed next to faults, in the order sent. A clone that
+    /// finds a pushed page present never faults on it, so without this the
+    /// pages a generation got from that push are missing from its recorded
+    /// working set (later generations then fault on them).
+    pub working_set_record_push: bool,
+    /// The sweep starts only once this many receivers have joined.
+    pub sweep_min_clients: usize,
+    /// Multicast or unicast fan-out.
+    pub delivery: Delivery,
+    /// Pacing.
+    pub rate: RateConfig,
+    /// Fraction of non-zero pages sent at least once after which retries go unicast.
+    pub endgame_fraction: f64,
+    /// A receiver silent this long is forgotten.
+    pub client_timeout: Duration,
+    /// Period of the group announce.
+    pub announce_interval: Duration,
+    /// Most receivers tracked at once.
+    pub max_clients: usize,
+    /// Pages per second one source address may request (token bucket; burst = 1/4 s).
+    pub per_source_page_rate: u64,
+    /// Most pages one request datagram may make the server consider.
+    pub max_pages_per_request: u64,
+    /// Seed for the server's randomness (session id).
+    pub seed: u64,
+    /// Authenticate (and by default encrypt) every datagram under a pre-shared
+    /// key. Applied by the drivers ([`crate::node::ServerNode`]), which then
+    /// draw a random session id; `None` runs an unauthenticated session.
+    pub security: Option<crate::secure::Security>,
+    /// Follow pushed and swept pages with RaptorQ repair symbols
+    /// ([`crate::fec`]); multicast delivery only. Off by default.
+    pub fec: bool,
+    /// Most pages in one FEC block.
+    pub fec_block_pages: usize,
+    /// Repair symbols per source symbol sent even while no receiver reports loss.
+    pub fec_min_overhead: f64,
+    /// Most repair symbols per source symbol.
+    pub fec_max_overhead: f64,
+    /// The repair fraction is this times the 90th-percentile reported loss ...
+    pub fec_loss_factor: f64,
+    /// ... plus this, while any receiver reports loss.
+    pub fec_margin: f64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            session_id: None,
+            max_datagram: 65_507,
+            trailer_reserve: 0,
+            lockstep_window: Duration::from_millis(5),
+            push_neighbors: true,
+            push_window: (16, 1024),
+            sweep: false,
+            working_set_push: false,
+            working_set_max_pages: 1 << 20,
+            working_set_record_push: true,
+            sweep_min_clients: 0,
+            delivery: Delivery::Multicast,
+            rate: RateConfig::default(),
+            endgame_fraction: 0.95,
+            client_timeout: Duration::from_secs(10),
+            announce_interval: Duration::from_millis(200),
+            max_clients: 4096,
+            per_source_page_rate: 400_000,
+            max_pages_per_request: 8192,
+            seed: 0x6d63_6469_7374,
+            security: None,
+            fec: false,
+            fec_block_pages: 64,
+            fec_min_overhead: 0.0,
+            fec_max_overhead: 0.5,
+            fec_loss_factor: 2.0,
+            fec_margin: 0.02,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// FEC runs only over multicast.
+    pub(super) fn fec_enabled(&self) -> bool {
+        self.fec && self.delivery == Delivery::Multicast
+    }
+
+    /// Pages covered by one FEC block's member map.
+    pub(super) fn fec_span(&self) -> u16 {
+        (self.fec_block_pages.max(1) * 2).clamp(64, usize::from(wire::MAX_FEC_SPAN)) as u16
+    }
+}
+
+/// Invalid server configuration or image.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The datagram size leaves no room for page data.
+    #[error("max datagram of {0} bytes is too small (need at least 128)")]
+    DatagramTooSmall(usize),
+    /// A page would need more fragments than the wire allows.
+    #[error("page size {page} needs {frags} fragments at this datagram size (max {max})")]
+    TooManyFragments {
+        /// Page size.
+        page: usize,
+        /// Fragments needed.
+        frags: usize,
+        /// Allowed.
+        max: u16,
+    },
+    /// Page size is not a power of two.
+    #[error("page size {0} is not a power of two between 512 and 2 MiB")]
+    BadPageSize(usize),
+    /// Reading the image failed.
+    #[error("reading the image: {0}")]
+    Source(#[from] io::Error),
+}
+
+/// How a page is cut into datagrams: fixed for the session.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Geometry {
+    pub(super) page_size: usize,
+    /// Page bytes per fragment (the last fragment may be shorter).
+    pub(super) frag_payload: usize,
+    /// Fragments per page.
+    pub(super) frag_count: u16,
+    /// Bytes left free at the end of each datagram.
+    pub(super) trailer_reserve: usize,
+}
+
+impl Geometry {
+    /// Check `cfg` against `page_size` and cut pages into equal fragments that
+    /// fit a datagram (and, with FEC on, so one repair symbol fits one too).
+    pub(super) fn new(cfg: &ServerConfig, page_size: usize) -> Result<Geometry, ConfigError> {
+        if !page_size.is_power_of_two() || !(512..=(1 << 21)).contains(&page_size) {
+            return Err(ConfigError::BadPageSize(page_size));
+        }
+        let room = cfg
+            .max_datagram
+            .saturating_sub(wire::HEADER_LEN + wire::DATA_FIXED_LEN + cfg.trailer_reserve);
+        if cfg.max_datagram < 128 || room < 64 {
+            return Err(ConfigError::DatagramTooSmall(cfg.max_datagram));
+        }
+        let frag_payload = room.min(page_size);
+        let mut frags = page_size.div_ceil(frag_payload);
+        if cfg.fec_enabled() {
+            // One repair symbol (a fragment's size) and its block header fit a datagram.
+            while frags < usize::from(wire::MAX_FRAGMENTS)
+                && page_size.div_ceil(frags)
+                    + crate::fec::repair_overhead(cfg.fec_span())
+                    + cfg.trailer_reserve
+                    > cfg.max_datagram
+            {
+                frags += 1;
+            }
+        }
+        if frags > usize::from(wire::MAX_FRAGMENTS) {
+            return Err(ConfigError::TooManyFragments {
+                page: page_size,
+                frags,
+                max: wire::MAX_FRAGMENTS,
+            });
+        }
+        Ok(Geometry {
+            page_size,
+            // Equalise fragment sizes so the last one is not tiny.
+            frag_payload: page_size.div_ceil(frags),
+            frag_count: frags as u16,
+            trailer_reserve: cfg.trailer_reserve,
+        })
+    }
+
+    /// Length of a full data fragment's datagram.
+    pub(super) fn data_len(&self) -> usize {
+        wire::HEADER_LEN + wire::DATA_FIXED_LEN + self.frag_payload + self.trailer_reserve
+    }
+
+    /// Page bytes `start..end` carried by fragment `idx`.
+    pub(super) fn fragment(&self, idx: u16) -> (usize, usize) {
+        let start = usize::from(idx) * self.frag_payload;
+        (start, (start + self.frag_payload).min(self.page_size))
+    }
+}

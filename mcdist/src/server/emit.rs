@@ -1,0 +1,322 @@
+//! Turning jobs and control messages into datagrams.
+//!
+//! Rules owned here: control messages (announce, zero-map chunks, end) go
+//! before any data; a page in progress finishes (all its fragments, and every
+//! receiver of a unicast fan-out) before the next job starts; group and unicast
+//! datagrams carry separate sequence numbers (unicast ones with
+//! [`wire::SEQ_UNICAST_BIT`]) so receivers measure group loss alone; a page that
+//! fits one datagram to one destination is read from the source straight into it.
+
+use super::schedule::{Job, Target};
+use super::{Delivery, Server, ServerConfig};
+use crate::bitmap::PageBitmap;
+use crate::wire::{self, Announce, Body, Header, HeaderFlags, Kind, Message};
+use crate::{Dest, Transmit};
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+/// A control message waiting to go out.
+#[derive(Debug)]
+pub(super) enum Control {
+    Announce(Dest),
+    ZeroMapChunk(SocketAddr, u32),
+    End,
+}
+
+impl Control {
+    fn dest(&self) -> Dest {
+        match *self {
+            Control::Announce(d) => d,
+            Control::ZeroMapChunk(peer, _) => Dest::Peer(peer),
+            Control::End => Dest::Group,
+        }
+    }
+}
+
+/// The page being sent.
+#[derive(Debug)]
+pub(super) struct Current {
+    job: Job,
+    /// Unicast fan-out destinations still to serve (last is current).
+    fanout: Vec<SocketAddr>,
+    next_frag: u16,
+    /// The page goes in one datagram to one destination: it is read from the
+    /// source straight into the datagram, not through `page_buf`.
+    direct: bool,
+    /// Member index in the open FEC block.
+    fec_slot: Option<usize>,
+}
+
+impl Current {
+    /// A zero-page answer (header only).
+    pub(super) fn is_zero(&self) -> bool {
+        self.job.is_zero()
+    }
+}
+
+/// The zero map, cut into chunks that fit a datagram.
+#[derive(Debug)]
+struct ZeroMapChunks {
+    bytes: Vec<u8>,
+    digest: [u8; 32],
+    chunk_bytes: usize,
+    count: u32,
+}
+
+impl ZeroMapChunks {
+    fn new(zero_map: &PageBitmap, cfg: &ServerConfig) -> ZeroMapChunks {
+        let bytes = zero_map.to_bytes();
+        let digest = *blake3::hash(&bytes).as_bytes();
+        let chunk_bytes = cfg
+            .max_datagram
+            .saturating_sub(wire::HEADER_LEN + wire::ZeroMap::FIXED_LEN + cfg.trailer_reserve)
+            .max(8);
+        let count = u32::try_from(bytes.len().div_ceil(chunk_bytes)).unwrap_or(u32::MAX);
+        ZeroMapChunks {
+            bytes,
+            digest,
+            chunk_bytes,
+            count,
+        }
+    }
+
+    fn chunk(&self, chunk: u32) -> wire::ZeroMap<'_> {
+        let start = chunk as usize * self.chunk_bytes;
+        let end = (start + self.chunk_bytes).min(self.bytes.len());
+        wire::ZeroMap {
+            chunk,
+            chunk_count: self.count,
+            start_page: start as u64 * 8,
+            bits: self.bytes.get(start..end).unwrap_or(&[]),
+        }
+    }
+}
+
+/// What is on its way out: control messages, the page in progress, sequence numbers.
+#[derive(Debug)]
+pub(super) struct Outbox {
+    pub(super) control: VecDeque<Control>,
+    pub(super) current: Option<Current>,
+    page_buf: Vec<u8>,
+    seq_group: u64,
+    seq_unicast: u64,
+    zero_map: ZeroMapChunks,
+}
+
+impl Outbox {
+    pub(super) fn new(cfg: &ServerConfig, zero_map: &PageBitmap, page_size: usize) -> Outbox {
+        Outbox {
+            control: VecDeque::new(),
+            current: None,
+            page_buf: vec![0; page_size],
+            seq_group: 0,
+            seq_unicast: 0,
+            zero_map: ZeroMapChunks::new(zero_map, cfg),
+        }
+    }
+
+    pub(super) fn next_seq(&mut self, group: bool) -> u64 {
+        if group {
+            self.seq_group += 1;
+            self.seq_group
+        } else {
+            self.seq_unicast += 1;
+            self.seq_unicast | wire::SEQ_UNICAST_BIT
+        }
+    }
+}
+
+impl Server {
+    /// The session announce as it stands.
+    fn announce(&self) -> Announce {
+        let cfg = &self.cfg;
+        let sweep_done = self.sweep.pos >= self.page_count;
+        let flag = |on: bool, f: u8| if on { f } else { 0 };
+        Announce {
+            image_size: self.info.image_size,
+            page_size: self.geo.page_size as u32,
+            page_count: self.page_count,
+            digest: self.info.digest,
+            zero_count: self.info.zero_map.count_ones(),
+            zero_map_digest: self.out.zero_map.digest,
+            zero_map_chunks: self.out.zero_map.count,
+            sweep_pos: if cfg.sweep {
+                self.sweep.pos
+            } else {
+                Announce::SWEEP_NONE
+            },
+            rate: self.bucket.rate(),
+            flags: flag(cfg.push_neighbors, Announce::FLAG_PUSH)
+                | flag(cfg.sweep, Announce::FLAG_SWEEP)
+                | flag(cfg.sweep && sweep_done, Announce::FLAG_SWEEP_DONE)
+                | flag(self.fec.is_some(), Announce::FLAG_FEC),
+            frag_payload: self.geo.frag_payload as u16,
+        }
+    }
+
+    /// Announce to every receiver: one multicast, or one per receiver in fan-out.
+    pub(super) fn queue_group_announce(&mut self) {
+        match self.cfg.delivery {
+            Delivery::Multicast => self.out.control.push_back(Control::Announce(Dest::Group)),
+            Delivery::UnicastFanout => {
+                for p in self.peers.addrs() {
+                    self.out.control.push_back(Control::Announce(Dest::Peer(p)));
+                }
+            }
+        }
+    }
+
+    /// Announce to one receiver.
+    pub(super) fn queue_announce_to(&mut self, peer: SocketAddr) {
+        self.out
+            .control
+            .push_back(Control::Announce(Dest::Peer(peer)));
+    }
+
+    /// Every zero-map chunk to one receiver.
+    pub(super) fn queue_zero_map(&mut self, peer: SocketAddr) {
+        for c in 0..self.out.zero_map.count {
+            self.out.control.push_back(Control::ZeroMapChunk(peer, c));
+        }
+    }
+
+    /// Announce the end of the session (reason 1 once the source failed).
+    pub(super) fn queue_end(&mut self) {
+        self.out.control.push_back(Control::End);
+    }
+
+    pub(super) fn emit_control(&mut self, c: Control, buf: &mut [u8]) -> Option<Transmit> {
+        let dest = c.dest();
+        let seq = self.out.next_seq(dest == Dest::Group);
+        let body = match c {
+            Control::Announce(_) => Body::Announce(self.announce()),
+            Control::End => Body::End(wire::End {
+                reason: u8::from(self.failed),
+            }),
+            Control::ZeroMapChunk(_, chunk) => Body::ZeroMap(self.out.zero_map.chunk(chunk)),
+        };
+        let m = Message {
+            session: self.session,
+            seq,
+            flags: HeaderFlags(0),
+            body,
+        };
+        let len = m.emit(buf).ok()?;
+        self.stats.count_datagram(len, 0);
+        Some(Transmit { dest, len })
+    }
+
+    /// Make `job` the page in progress: its fan-out list, its bytes (unless
+    /// read straight into the datagram), its FEC block slot.
+    pub(super) fn load(&mut self, now: Instant, job: Job) -> io::Result<()> {
+        let fanout = match (job.target, self.cfg.delivery) {
+            (Target::Group, Delivery::UnicastFanout) => {
+                let mut v = self.peers.addrs();
+                v.sort();
+                v
+            }
+            _ => Vec::new(),
+        };
+        let zero = job.is_zero();
+        let direct = !zero && self.geo.frag_count == 1 && fanout.is_empty();
+        if !zero && !direct {
+            self.source.read_page(job.pfn, &mut self.out.page_buf)?;
+        }
+        let fec_slot = if fanout.is_empty() {
+            self.fec_admit(now, &job)
+        } else {
+            None
+        };
+        self.out.current = Some(Current {
+            job,
+            fanout,
+            next_frag: 0,
+            direct,
+            fec_slot,
+        });
+        Ok(())
+    }
+
+    /// The next fragment of the page in progress.
+    pub(super) fn emit_fragment(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        let cur = self.out.current.as_mut()?;
+        let job = cur.job;
+        let direct = cur.direct;
+        let fec_slot = cur.fec_slot;
+        let dest = match (job.target, cur.fanout.last()) {
+            (Target::Peer(p), _) => Dest::Peer(p),
+            (Target::Group, Some(p)) => Dest::Peer(*p),
+            (Target::Group, None) if self.cfg.delivery == Delivery::UnicastFanout => {
+                // Nobody to fan out to: the page counts as not sent.
+                self.sent.queued_group.clear(job.pfn);
+                self.out.current = None;
+                return None;
+            }
+            (Target::Group, None) => Dest::Group,
+        };
+        let zero = job.is_zero();
+        let (frag_count, idx) = if zero {
+            (1u16, 0u16)
+        } else {
+            (self.geo.frag_count, cur.next_frag)
+        };
+        let (start, end) = if zero { (0, 0) } else { self.geo.fragment(idx) };
+        let seq = self.out.next_seq(dest == Dest::Group);
+        let header = Header {
+            kind: Kind::Data,
+            flags: HeaderFlags(0),
+            session: self.session,
+            seq,
+        };
+        let off = wire::emit_data_header(
+            buf,
+            &header,
+            job.pfn,
+            idx,
+            frag_count,
+            job.flags,
+            end - start,
+        )
+        .ok()?;
+        let len = off + (end - start);
+        if direct {
+            // One copy, source to datagram.
+            if let Err(e) = self.source.read_page(job.pfn, &mut buf[off..len]) {
+                self.fail_source(e.to_string());
+                return None;
+            }
+        } else {
+            buf[off..len].copy_from_slice(&self.out.page_buf[start..end]);
+        }
+        if let Some(m) = fec_slot {
+            self.fec_put(m, idx, &buf[off..len]);
+        }
+        self.stats.count_datagram(len, end - start);
+        // Advance.
+        let cur = self.out.current.as_mut()?;
+        cur.next_frag = idx + 1;
+        if cur.next_frag >= frag_count {
+            cur.next_frag = 0;
+            let page_done_for_all = if cur.fanout.is_empty() {
+                true
+            } else {
+                cur.fanout.pop();
+                cur.fanout.is_empty()
+            };
+            self.page_sent(now, job, dest);
+            if page_done_for_all {
+                // A full FEC block's repairs go right after its last page.
+                if fec_slot.is_some() && self.fec_block_full() {
+                    self.fec_close();
+                }
+                self.out.current = None;
+                if job.target == Target::Group {
+                    self.sent.queued_group.clear(job.pfn);
+                }
+            }
+        }
+        Some(Transmit { dest, len })
+    }
+}

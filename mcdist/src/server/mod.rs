@@ -1,0 +1,384 @@
+//! The sans-IO memory server.
+//!
+//! The server answers demand requests by multicast (so the first request for a
+//! page prefetches it for every sibling), suppresses duplicate requests within a
+//! lockstep window, pushes pages next to recent faults (and optionally sweeps the
+//! whole image), paces itself with a token bucket whose rate follows receivers'
+//! reports, and answers retries by unicast once most pages have been sent.
+//!
+//! Priorities in [`Server::poll_transmit`]: control (announce, zero map) → demand
+//! → repair (NACKs) → FEC repair symbols of closed blocks ([`crate::fec`]) →
+//! recorded working-set push ([`crate::workingset`]) → push next to faults → sweep. A page in progress (its
+//! remaining fragments) finishes first; demand pre-empts push at each page.
+//!
+//! # Polling order
+//! 1. [`Server::handle_datagram`] for each received datagram, and
+//!    [`Server::handle_timeout`] once `now >= poll_timeout()`;
+//! 2. [`Server::poll_transmit`] until it returns `None`, sending each datagram;
+//! 3. [`Server::poll_event`] until it returns `None`;
+//! 4. sleep until [`Server::poll_timeout`] (`None`: until the next datagram) or
+//!    the next datagram.
+//!
+//! # Rooms
+//! One module per rule: `config` (settings, validation, datagram geometry),
+//! `peers` (receiver table, reports, slow receivers, completion), `requests`
+//! (what a request or NACK makes the server do), `schedule` (job priority, push
+//! window, sweep, sent log, end game), `emit` (fragments, control messages,
+//! announce), `fec` (FEC blocks and repair symbols), `stats` (counters and
+//! events). This file holds the [`Server`], its public API and its timers.
+
+mod config;
+mod emit;
+mod fec;
+mod peers;
+mod requests;
+mod schedule;
+mod stats;
+
+pub use config::{ConfigError, Delivery, ServerConfig};
+pub use stats::{ServerEvent, ServerStats};
+
+use crate::pacing::{RateController, TokenBucket};
+use crate::source::{scan, ImageInfo, PageSource};
+use crate::timer::{TimerKind, TimerTable};
+use crate::wire::{Body, Message};
+use crate::workingset::WorkingSet;
+use crate::Transmit;
+use config::Geometry;
+use emit::Outbox;
+use fec::FecState;
+use peers::Peers;
+use rand::{Rng, SeedableRng};
+use schedule::{Push, Queues, SentLog, Sweep};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The server's timers. Sending is not a timer: [`Server::poll_timeout`] adds
+/// the instant the token bucket lets the next datagram out whenever one waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServerTimer {
+    /// Periodic group announce (queued by [`Server::poll_transmit`]).
+    Announce,
+    /// Receiver timeouts and the source check.
+    Housekeeping,
+    /// The rate controller's next update (mirrors [`RateController::next_update`]).
+    RateUpdate,
+}
+
+impl TimerKind for ServerTimer {
+    const ALL: &'static [Self] = &[
+        ServerTimer::Announce,
+        ServerTimer::Housekeeping,
+        ServerTimer::RateUpdate,
+    ];
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Period of the housekeeping timer.
+const HOUSEKEEPING_PERIOD: Duration = Duration::from_millis(250);
+
+/// The sans-IO mcdist server. See the module docs.
+pub struct Server {
+    cfg: ServerConfig,
+    /// The image: page bytes, digest and zero map, and how pages are cut.
+    source: Arc<dyn PageSource>,
+    info: ImageInfo,
+    geo: Geometry,
+    page_count: u64,
+    nonzero_pages: u64,
+    session: u64,
+    /// The instant the server was built; sent-page times count from it.
+    base: Instant,
+    timers: TimerTable<ServerTimer>,
+    /// Receivers (`peers`).
+    peers: Peers,
+    /// Pacing: the bucket every datagram takes from, at the controller's rate.
+    bucket: TokenBucket,
+    rate: RateController,
+    /// What to send next (`schedule`).
+    queues: Queues,
+    sent: SentLog,
+    push: Push,
+    sweep: Sweep,
+    working_set: WorkingSet,
+    /// Control messages and the page in progress (`emit`).
+    out: Outbox,
+    fec: Option<FecState>,
+    events: VecDeque<ServerEvent>,
+    stats: ServerStats,
+    /// The source failed: no more data is sent.
+    failed: bool,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("session", &self.session)
+            .field("page_count", &self.page_count)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl Server {
+    /// Scan `source` (digest and zero map) and build a server.
+    pub fn new(
+        cfg: ServerConfig,
+        source: Arc<dyn PageSource>,
+        now: Instant,
+    ) -> Result<Server, ConfigError> {
+        let info = scan(source.as_ref())?;
+        Server::with_info(cfg, source, info, now)
+    }
+
+    /// Build a server from an already computed [`ImageInfo`] (e.g. from a descriptor).
+    pub fn with_info(
+        cfg: ServerConfig,
+        source: Arc<dyn PageSource>,
+        info: ImageInfo,
+        now: Instant,
+    ) -> Result<Server, ConfigError> {
+        let geo = Geometry::new(&cfg, source.page_size())?;
+        let page_count = source.page_count();
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(cfg.seed);
+        let session = cfg.session_id.unwrap_or_else(|| rng.random::<u64>() | 1);
+        let rate = RateController::new(now, cfg.rate);
+        let bucket = TokenBucket::new(now, rate.rate(), cfg.rate.burst_bytes(rate.rate()));
+        let mut timers = TimerTable::new();
+        timers.set(ServerTimer::Announce, now);
+        timers.set(ServerTimer::Housekeeping, now + HOUSEKEEPING_PERIOD);
+        timers.set(ServerTimer::RateUpdate, rate.next_update());
+        Ok(Server {
+            source,
+            geo,
+            page_count,
+            nonzero_pages: page_count - info.zero_map.count_ones(),
+            session,
+            base: now,
+            timers,
+            peers: Peers::default(),
+            bucket,
+            rate,
+            queues: Queues::default(),
+            sent: SentLog::new(page_count),
+            push: Push::new(cfg.push_window.0),
+            sweep: Sweep::default(),
+            working_set: WorkingSet::new(page_count, cfg.working_set_max_pages),
+            out: Outbox::new(&cfg, &info.zero_map, geo.page_size),
+            fec: FecState::new(&cfg, &geo),
+            events: VecDeque::new(),
+            stats: ServerStats::default(),
+            failed: false,
+            info,
+            cfg,
+        })
+    }
+
+    /// Session id.
+    pub fn session_id(&self) -> u64 {
+        self.session
+    }
+
+    /// The image's digest, size and zero map.
+    pub fn image_info(&self) -> &ImageInfo {
+        &self.info
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// Current paced rate, bytes/s.
+    pub fn rate(&self) -> u64 {
+        self.bucket.rate()
+    }
+
+    /// Number of receivers tracked.
+    pub fn client_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Receivers that reported completion and are still tracked.
+    pub fn completed_clients(&self) -> usize {
+        self.peers.completed()
+    }
+
+    /// Jobs waiting in the demand and repair queues.
+    pub fn queued_jobs(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Pages sent at least once.
+    pub fn pages_ever_sent(&self) -> u64 {
+        self.sent.ever.count_ones()
+    }
+
+    /// The recorded working set (order of first demand requests).
+    pub fn working_set(&self) -> &WorkingSet {
+        &self.working_set
+    }
+
+    /// Announce the end of the session (sent with the next transmits) and stop
+    /// every timer: once the end is sent, [`Server::poll_timeout`] returns
+    /// `None` until a receiver asks for something again.
+    pub fn close(&mut self) {
+        for _ in 0..3 {
+            self.queue_end();
+        }
+        self.timers.stop_all();
+    }
+
+    /// Next event for the embedder.
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.events.pop_front()
+    }
+
+    /// Feed one received datagram.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        let msg = match Message::parse(datagram) {
+            Ok(m) => m,
+            Err(e) => {
+                self.stats.malformed += 1;
+                tracing::debug!(%from, error = %e, "dropping malformed datagram");
+                return;
+            }
+        };
+        if msg.session != self.session && !matches!(msg.body, Body::Join(_)) {
+            self.stats.foreign += 1;
+            tracing::debug!(%from, session = msg.session, "dropping datagram for another session");
+            return;
+        }
+        match msg.body {
+            Body::Join(j) => self.on_join(now, from, j),
+            Body::Request(q) => self.on_request(now, from, q, false),
+            Body::Nack(q) => self.on_request(now, from, q, true),
+            Body::Heartbeat(h) => self.on_heartbeat(now, from, h),
+            Body::Leave(l) => self.on_leave(now, from, l),
+            Body::Announce(_)
+            | Body::Data(_)
+            | Body::ZeroMap(_)
+            | Body::End(_)
+            | Body::Repair(_) => {
+                self.stats.foreign += 1;
+                tracing::debug!(%from, kind = ?msg.body.kind(), "server ignores server-side message");
+            }
+        }
+    }
+
+    /// Advance timers: rate updates, receiver timeouts, source checks.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.timers.is_expired(ServerTimer::RateUpdate, now) {
+            self.feed_rate_reports(now);
+            if self.rate.update(now) {
+                let r = self.rate.rate();
+                self.bucket.set_rate(now, r, self.cfg.rate.burst_bytes(r));
+            }
+            self.timers
+                .set(ServerTimer::RateUpdate, self.rate.next_update());
+        }
+        if self.timers.is_expired(ServerTimer::Housekeeping, now) {
+            self.timers
+                .set(ServerTimer::Housekeeping, now + HOUSEKEEPING_PERIOD);
+            self.expire_peers(now);
+            if !self.failed {
+                if let Err(e) = self.source.check_unchanged() {
+                    self.fail_source(e.to_string());
+                }
+            }
+        }
+    }
+
+    /// When the server next needs [`Server::handle_timeout`] or can send again;
+    /// `None` when no timer is armed and nothing waits to be sent.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let control = (!self.out.control.is_empty()).then_some(self.base);
+        let data = self.has_data_work().then(|| {
+            // A repair datagram may be a little longer than a fragment.
+            let need = self
+                .geo
+                .data_len()
+                .max(self.fec_repair_ready().unwrap_or(0));
+            self.bucket.ready_at(need as u64)
+        });
+        [self.timers.next_timeout(), control, data]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Write the next datagram to send into `buf` (at least `max_datagram` bytes).
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        if self.timers.is_expired(ServerTimer::Announce, now) {
+            self.timers
+                .set(ServerTimer::Announce, now + self.cfg.announce_interval);
+            self.queue_group_announce();
+        }
+        while let Some(c) = self.out.control.pop_front() {
+            if let Some(t) = self.emit_control(c, buf) {
+                return Some(t);
+            }
+        }
+        if self.failed {
+            return None;
+        }
+        loop {
+            if self.out.current.is_none() {
+                if self.fec_block_expired(now) {
+                    self.fec_close();
+                }
+                if let Some(len) = self.fec_repair_ready() {
+                    if !self.bucket.try_take(now, len as u64) {
+                        return None;
+                    }
+                    if let Some(t) = self.emit_repair(buf) {
+                        return Some(t);
+                    }
+                    continue;
+                }
+                let Some(job) = self.next_job() else {
+                    if self.fec_close() {
+                        continue;
+                    }
+                    return None;
+                };
+                if let Err(e) = self.load(now, job) {
+                    self.fail_source(e.to_string());
+                    return None;
+                }
+            }
+            let zero = self.out.current.as_ref().is_some_and(|c| c.is_zero());
+            let need = if zero { 64 } else { self.geo.data_len() as u64 };
+            if !self.bucket.try_take(now, need) {
+                return None;
+            }
+            if let Some(t) = self.emit_fragment(now, buf) {
+                return Some(t);
+            }
+        }
+    }
+
+    /// Nanoseconds since the server was built.
+    fn nanos(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.base).as_nanos() as u64
+    }
+
+    /// The source failed or changed: drop every waiting answer and the page in
+    /// progress, tell the embedder, end the session.
+    fn fail_source(&mut self, msg: String) {
+        tracing::error!(error = %msg, "page source failed; no more data will be sent");
+        self.stats.source_errors += 1;
+        self.failed = true;
+        self.queues.clear();
+        self.out.current = None;
+        self.events.push_back(ServerEvent::SourceFailed(msg));
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,326 @@
+//! The receiver table: who is listening, and what they report.
+//!
+//! Rules owned here: a receiver is tracked from its first datagram (up to
+//! `max_clients`) until it leaves or stays silent for `client_timeout`; each has
+//! its own request rate limit; its rate and loss reports feed the rate
+//! controller once per interval, except a receiver that cannot keep up (loss or
+//! re-asks far above the median's), which is marked slow, left out of pacing and
+//! repaired by unicast at the rate it reports. Completion is counted once per receiver.
+
+use super::{Server, ServerEvent};
+use crate::pacing::TokenBucket;
+use crate::wire;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// A report older than this no longer speaks for the receiver.
+const REPORT_RECENT: Duration = Duration::from_secs(2);
+/// Zero-map requests from one receiver closer together than this are answered once.
+const ZERO_MAP_REPEAT: Duration = Duration::from_millis(100);
+/// Loss (permille) from which a receiver's own reports count as heavy.
+const HEAVY_LOSS_PERMILLE: u16 = 250;
+
+/// A receiver's latest rate and loss report.
+#[derive(Debug, Clone, Copy)]
+struct Report {
+    rx_rate: u64,
+    loss_permille: u16,
+    at: Instant,
+}
+
+#[derive(Debug)]
+struct Peer {
+    last_seen: Instant,
+    last_zero_map: Option<Instant>,
+    complete: bool,
+    tokens: TokenBucket,
+    report: Option<Report>,
+    /// The report arrived since the last rate update.
+    fresh: bool,
+    /// Pages asked for again (NACKs, retries) since the last rate update.
+    nacked: u64,
+    /// Reports loss while most receivers do not: left out of rate control and
+    /// repaired by unicast at a rate it can take.
+    slow: bool,
+}
+
+impl Peer {
+    fn new(now: Instant, page_rate: u64) -> Peer {
+        Peer {
+            last_seen: now,
+            last_zero_map: None,
+            complete: false,
+            tokens: TokenBucket::new(now, page_rate, Peer::request_burst(page_rate)),
+            report: None,
+            fresh: false,
+            nacked: 0,
+            slow: false,
+        }
+    }
+
+    /// A receiver that keeps up may ask for a quarter second of pages at once.
+    fn request_burst(page_rate: u64) -> u64 {
+        (page_rate / 4).max(4096)
+    }
+
+    /// Loss of the latest report if it is recent; a receiver with no recent
+    /// report has not complained and counts as loss-free.
+    fn recent_loss(&self, now: Instant) -> u16 {
+        self.report
+            .filter(|r| now.saturating_duration_since(r.at) <= REPORT_RECENT)
+            .map_or(0, |r| r.loss_permille)
+    }
+}
+
+/// Every receiver the server tracks.
+#[derive(Debug, Default)]
+pub(super) struct Peers {
+    table: HashMap<SocketAddr, Peer>,
+    /// Pages multicast since the last rate update (what a slow receiver missed).
+    group_pages: u64,
+}
+
+impl Peers {
+    pub(super) fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    pub(super) fn contains(&self, addr: &SocketAddr) -> bool {
+        self.table.contains_key(addr)
+    }
+
+    /// Receivers that reported completion.
+    pub(super) fn completed(&self) -> usize {
+        self.table.values().filter(|p| p.complete).count()
+    }
+
+    /// Every tracked receiver, in table order.
+    pub(super) fn addrs(&self) -> Vec<SocketAddr> {
+        self.table.keys().copied().collect()
+    }
+
+    /// `addr` is marked slow.
+    pub(super) fn is_slow(&self, addr: &SocketAddr) -> bool {
+        self.table.get(addr).is_some_and(|p| p.slow)
+    }
+
+    /// `addr` reports heavy loss of its own.
+    pub(super) fn is_lossy(&self, addr: &SocketAddr) -> bool {
+        self.table
+            .get(addr)
+            .and_then(|p| p.report)
+            .is_some_and(|r| r.loss_permille >= HEAVY_LOSS_PERMILLE)
+    }
+
+    /// Take `pages` from `addr`'s request allowance; false when over its rate.
+    pub(super) fn allow(&mut self, now: Instant, addr: &SocketAddr, pages: u64) -> bool {
+        self.table
+            .get_mut(addr)
+            .is_some_and(|p| p.tokens.try_take(now, pages))
+    }
+
+    /// `addr` asked again for `pages` pages.
+    pub(super) fn note_reask(&mut self, addr: &SocketAddr, pages: u64) {
+        if let Some(p) = self.table.get_mut(addr) {
+            p.nacked = p.nacked.saturating_add(pages);
+        }
+    }
+
+    /// One page went to the group.
+    pub(super) fn note_group_page(&mut self) {
+        self.group_pages += 1;
+    }
+
+    /// The 90th percentile of the loss that receivers still fetching at the
+    /// group's pace report, parts per thousand.
+    pub(super) fn loss_p90(&self, now: Instant) -> u16 {
+        let mut v: Vec<u16> = self
+            .table
+            .values()
+            .filter(|p| !p.complete && !p.slow)
+            .map(|p| p.recent_loss(now))
+            .collect();
+        v.sort_unstable();
+        v.get((v.len() * 9 / 10).min(v.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Server {
+    /// Record that `from` is alive; false if it cannot be tracked (table full).
+    pub(super) fn touch_peer(&mut self, now: Instant, from: SocketAddr) -> bool {
+        if let Some(p) = self.peers.table.get_mut(&from) {
+            p.last_seen = now;
+            return true;
+        }
+        if self.peers.len() >= self.cfg.max_clients {
+            self.stats.rate_limited += 1;
+            return false;
+        }
+        let rate = self.cfg.per_source_page_rate.max(1);
+        self.peers.table.insert(from, Peer::new(now, rate));
+        self.events.push_back(ServerEvent::ClientJoined(from));
+        if self.cfg.working_set_push {
+            self.working_set.joined(self.nanos(now));
+        }
+        true
+    }
+
+    /// A receiver joins: it gets the announce, and the zero map when it asks
+    /// (at most once per [`ZERO_MAP_REPEAT`]).
+    pub(super) fn on_join(&mut self, now: Instant, from: SocketAddr, join: wire::Join) {
+        if !self.touch_peer(now, from) {
+            return;
+        }
+        self.queue_announce_to(from);
+        if join.flags & wire::Join::WANT_ZERO_MAP != 0 {
+            let due = self.peers.table.get_mut(&from).is_none_or(|p| {
+                let due = p
+                    .last_zero_map
+                    .is_none_or(|t| now.duration_since(t) >= ZERO_MAP_REPEAT);
+                if due {
+                    p.last_zero_map = Some(now);
+                }
+                due
+            });
+            if due {
+                self.queue_zero_map(from);
+            }
+        }
+    }
+
+    /// A heartbeat carries a report and, at the end, the completion flag.
+    pub(super) fn on_heartbeat(&mut self, now: Instant, from: SocketAddr, h: wire::Heartbeat) {
+        if !self.touch_peer(now, from) {
+            return;
+        }
+        self.note_report(now, from, h.rx_rate, h.loss_permille);
+        if h.flags & wire::Heartbeat::COMPLETE != 0 {
+            self.mark_complete(from);
+        }
+    }
+
+    /// A leave with reason 0 means "done"; any other reason forgets the receiver.
+    pub(super) fn on_leave(&mut self, now: Instant, from: SocketAddr, leave: wire::Leave) {
+        if leave.reason == 0 {
+            if self.touch_peer(now, from) {
+                self.mark_complete(from);
+            }
+        } else if self.peers.table.remove(&from).is_some() {
+            self.events.push_back(ServerEvent::ClientLeft(from));
+        }
+    }
+
+    fn mark_complete(&mut self, from: SocketAddr) {
+        if let Some(p) = self.peers.table.get_mut(&from) {
+            if !p.complete {
+                p.complete = true;
+                self.stats.clients_completed += 1;
+                self.events.push_back(ServerEvent::ClientCompleted(from));
+            }
+        }
+    }
+
+    pub(super) fn note_report(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        rx_rate: u64,
+        loss_permille: u16,
+    ) {
+        if let Some(p) = self.peers.table.get_mut(&from) {
+            p.report = Some(Report {
+                rx_rate,
+                loss_permille,
+                at: now,
+            });
+            p.fresh = true;
+        }
+    }
+
+    /// Forget receivers silent for longer than `client_timeout`.
+    pub(super) fn expire_peers(&mut self, now: Instant) {
+        let timeout = self.cfg.client_timeout;
+        let gone: Vec<SocketAddr> = self
+            .peers
+            .table
+            .iter()
+            .filter(|(_, p)| now.saturating_duration_since(p.last_seen) > timeout)
+            .map(|(a, _)| *a)
+            .collect();
+        for a in gone {
+            self.peers.table.remove(&a);
+            self.events.push_back(ServerEvent::ClientTimedOut(a));
+        }
+    }
+
+    /// Hand one report per receiver to the rate controller, leaving out
+    /// receivers that report loss while the median receiver does not: one slow
+    /// receiver must not pace everyone down. Such a receiver is marked slow; its
+    /// repairs go by unicast, limited to the rate it reports.
+    pub(super) fn feed_rate_reports(&mut self, now: Instant) {
+        let threshold = self.cfg.rate.loss_threshold_permille;
+        self.fec_note_loss(now);
+        // The median over every receiver heard from recently, finished ones
+        // included: they are evidence of what the network delivers.
+        // A receiver with no recent report has not complained: it counts as
+        // loss-free, so one early complainer is not taken for the majority.
+        let mut losses: Vec<u16> = self
+            .peers
+            .table
+            .values()
+            .map(|p| p.recent_loss(now))
+            .collect();
+        if losses.is_empty() {
+            return;
+        }
+        losses.sort_unstable();
+        // The lower median: up to half the receivers (a slow one, or one
+        // reporting false loss) cannot pace everyone down.
+        let median = losses[(losses.len() - 1) / 2];
+        // Loss reports come with heartbeats; repair volume shows a receiver
+        // that cannot keep up sooner: one asking again for far more pages than
+        // the median receiver is an outlier too.
+        let mut nacked: Vec<u64> = self.peers.table.values().map(|p| p.nacked).collect();
+        nacked.sort_unstable();
+        let median_nacked = nacked[(nacked.len() - 1) / 2];
+        let many = losses.len() > 1;
+        let page_size = self.geo.page_size as u64;
+        // Only a receiver missing most of what was multicast in the interval
+        // counts: a lossy link alone does not make a receiver slow.
+        let sent = std::mem::take(&mut self.peers.group_pages);
+        for (addr, p) in self.peers.table.iter_mut() {
+            let nack_outlier =
+                many && p.nacked > (8 * median_nacked).max(64) && p.nacked * 2 > sent;
+            p.nacked = 0;
+            let fresh = p.report.filter(|_| p.fresh);
+            p.fresh = false;
+            let loss_outlier =
+                fresh.is_some_and(|r| r.loss_permille > threshold && median <= threshold && many);
+            if nack_outlier || loss_outlier || (p.slow && fresh.is_none()) {
+                let (rx_rate, loss) = p.report.map_or((0, 0), |r| (r.rx_rate, r.loss_permille));
+                if !p.slow {
+                    p.slow = true;
+                    self.stats.slow_receivers += 1;
+                    tracing::warn!(peer = %addr, loss_permille = loss, rx_rate, "receiver cannot keep up; left out of pacing, repaired by unicast");
+                }
+                let pages = (rx_rate / page_size).max(256);
+                p.tokens.set_rate(now, pages, (pages / 4).max(64));
+                continue;
+            }
+            let Some(r) = fresh else {
+                continue;
+            };
+            if p.slow {
+                p.slow = false;
+                let rate = self.cfg.per_source_page_rate.max(1);
+                p.tokens.set_rate(now, rate, Peer::request_burst(rate));
+            }
+            if !p.complete {
+                self.rate.report(r.rx_rate, r.loss_permille);
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! What a request or NACK makes the server do, one named policy per rule.
+//!
+//! Rules owned here, in the order a page request meets them:
+//! 1. rate limit — each receiver may ask for `per_source_page_rate` pages per second;
+//! 2. zero replies — a zero page is answered to the asker alone, header only;
+//! 3. working-set recording and neighbour push — a first ask (a fault) is
+//!    recorded for later generations and aims the push window just past it;
+//! 4. NACK handling and end game — a retry goes unicast to a slow receiver or in
+//!    unicast fan-out; in the end game a re-ask (or a heavily lossy receiver's
+//!    NACK) goes unicast too; otherwise a NACK is multicast, since siblings
+//!    likely lost the same page;
+//! 5. lockstep suppression — a page already queued for the group, or multicast
+//!    within `lockstep_window`, is not queued again.
+
+use super::schedule::Job;
+use super::{Delivery, Server};
+use crate::wire::{self, Data};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+/// How a page was asked for.
+#[derive(Debug, Clone, Copy)]
+struct Ask {
+    /// In a NACK (a gap the receiver detected) rather than a request.
+    nack: bool,
+    /// Asked before: the answer did not reach the receiver.
+    reask: bool,
+}
+
+impl Ask {
+    /// A NACK or a re-ask: the page was sent and lost.
+    fn retry(self) -> bool {
+        self.nack || self.reask
+    }
+}
+
+impl Server {
+    /// A request (`nack` false) or NACK datagram: rate-limit it, then walk its
+    /// ranges, at most `max_pages_per_request` pages.
+    pub(super) fn on_request(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        q: wire::Request<'_>,
+        nack: bool,
+    ) {
+        if nack {
+            self.stats.nacks += 1;
+        } else {
+            self.stats.requests += 1;
+        }
+        if !self.touch_peer(now, from) {
+            return;
+        }
+        self.note_report(now, from, q.rx_rate, q.loss_permille);
+        let pages = q.ranges.total_pages().min(self.cfg.max_pages_per_request);
+        if !self.peers.allow(now, &from, pages.max(1)) {
+            self.stats.rate_limited += 1;
+            tracing::debug!(%from, pages, "request over the per-source rate limit");
+            return;
+        }
+        let ask = Ask {
+            nack,
+            reask: q.flags & wire::Request::RETRY != 0,
+        };
+        if ask.retry() {
+            self.peers.note_reask(&from, pages);
+        }
+        let mut budget = self.cfg.max_pages_per_request;
+        for r in q.ranges.iter() {
+            if budget == 0 {
+                break;
+            }
+            let end = r.end().min(self.page_count);
+            if r.end() > self.page_count {
+                self.stats.out_of_range += 1;
+            }
+            let mut pfn = r.start;
+            while pfn < end && budget > 0 {
+                self.stats.pages_requested += 1;
+                self.page_requested(now, from, pfn, ask);
+                pfn += 1;
+                budget -= 1;
+            }
+        }
+    }
+
+    fn page_requested(&mut self, now: Instant, from: SocketAddr, pfn: u64, ask: Ask) {
+        if self.info.zero_map.get(pfn) {
+            self.queue_unicast(from, pfn, Data::ZERO);
+            return;
+        }
+        if !ask.retry() {
+            self.record_fault(pfn);
+            self.aim_push(pfn);
+        }
+        if self.repair_by_unicast(from, ask) {
+            self.queue_unicast(from, pfn, Data::REPAIR);
+            return;
+        }
+        if self.suppressed(now, pfn) {
+            return;
+        }
+        self.queue_group_answer(pfn, ask);
+    }
+
+    /// Working-set recording: first asks, in order, for later generations.
+    fn record_fault(&mut self, pfn: u64) {
+        if self.cfg.working_set_push {
+            self.working_set.record(pfn);
+        }
+    }
+
+    /// Neighbour push: a fresh fault aims the push just past it.
+    fn aim_push(&mut self, pfn: u64) {
+        if self.cfg.push_neighbors {
+            self.push.aim(pfn, self.cfg.push_window);
+        }
+    }
+
+    /// NACK handling and end game: whether a retry goes to the asker alone.
+    fn repair_by_unicast(&self, from: SocketAddr, ask: Ask) -> bool {
+        let slow = self.peers.is_slow(&from);
+        // A receiver reporting heavy loss of its own is unlikely to share its gaps
+        // with siblings: in the end game its first NACKs go unicast too.
+        let lossy = self.peers.is_lossy(&from);
+        ask.retry() && (slow || self.cfg.delivery == Delivery::UnicastFanout)
+            || (ask.reask || (ask.nack && lossy)) && self.in_endgame()
+    }
+
+    /// Lockstep suppression: the page is already queued for the group, or was
+    /// multicast within the lockstep window.
+    fn suppressed(&mut self, now: Instant, pfn: u64) -> bool {
+        if self.sent.queued_group.get(pfn) {
+            self.stats.suppressed_queued += 1;
+            return true;
+        }
+        if self
+            .sent
+            .multicast_within(pfn, now, self.base, self.cfg.lockstep_window)
+        {
+            self.stats.suppressed_lockstep += 1;
+            return true;
+        }
+        false
+    }
+
+    /// Multicast the answer: NACKed pages in the repair queue, the rest as demand.
+    fn queue_group_answer(&mut self, pfn: u64, ask: Ask) {
+        self.sent.queued_group.set(pfn);
+        let flags = if ask.retry() {
+            Data::REPAIR
+        } else {
+            Data::DEMAND
+        };
+        let job = Job::group(pfn, flags);
+        if ask.nack {
+            self.queues.push_repair(job);
+        } else {
+            self.queues.push_demand(job);
+        }
+    }
+
+    /// Queue a unicast answer to a tracked receiver, within the queue bounds:
+    /// one source asking again and again cannot grow the queue without limit
+    /// nor fill it for everyone else.
+    fn queue_unicast(&mut self, to: SocketAddr, pfn: u64, flags: u8) {
+        if !self.peers.contains(&to) {
+            return;
+        }
+        if !self.queues.push_unicast(to, pfn, flags) {
+            self.stats.queue_full += 1;
+        }
+    }
+}

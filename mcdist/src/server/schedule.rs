@@ -1,0 +1,356 @@
+//! Which page goes next.
+//!
+//! Rules owned here: jobs are taken in priority order — demand, then group
+//! repairs taking turns with unicast answers (one queue per receiver, served
+//! round-robin, each bounded), then the recorded working-set replay, the push
+//! window next to the latest fault, and the sweep; FEC repair symbols of closed
+//! blocks go between the answers and the working set (see [`Server::poll_transmit`]).
+//! The sent log kept here is what the lockstep window, the end game and the
+//! "not sent yet" skips of push and sweep read.
+
+use super::stats::PageKind;
+use super::Server;
+use crate::bitmap::PageBitmap;
+use crate::wire::Data;
+use crate::Dest;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Most unicast answers queued for one receiver.
+const MAX_QUEUED_PER_PEER: usize = 1024;
+/// Most unicast answers queued in all.
+const MAX_QUEUED_UNICAST: usize = 65_536;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Target {
+    Group,
+    Peer(SocketAddr),
+}
+
+/// One page to send, to the group or to one receiver.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Job {
+    pub(super) pfn: u64,
+    pub(super) target: Target,
+    /// `Data` flags: why the page is sent.
+    pub(super) flags: u8,
+    /// Pushed by the working-set replay.
+    pub(super) ws: bool,
+}
+
+impl Job {
+    pub(super) fn group(pfn: u64, flags: u8) -> Job {
+        Job {
+            pfn,
+            target: Target::Group,
+            flags,
+            ws: false,
+        }
+    }
+
+    /// A zero page: the answer is a header without payload.
+    pub(super) fn is_zero(&self) -> bool {
+        self.flags & Data::ZERO != 0
+    }
+}
+
+/// Answers waiting: demand, group repairs and unicast answers.
+#[derive(Debug, Default)]
+pub(super) struct Queues {
+    demand: VecDeque<Job>,
+    repair: VecDeque<Job>,
+    /// Unicast answers, one queue per receiver, served round-robin so one
+    /// receiver's backlog never delays another's repair.
+    unicast: HashMap<SocketAddr, VecDeque<Job>>,
+    unicast_rr: VecDeque<SocketAddr>,
+    unicast_len: usize,
+    /// Alternates group repairs and unicast answers.
+    repair_turn: bool,
+}
+
+impl Queues {
+    /// Jobs waiting in all queues.
+    pub(super) fn len(&self) -> usize {
+        self.demand.len() + self.repair.len() + self.unicast_len
+    }
+
+    /// Some answer (demand, repair or unicast) waits.
+    pub(super) fn answers_waiting(&self) -> bool {
+        !self.demand.is_empty() || !self.repair.is_empty() || self.unicast_len > 0
+    }
+
+    /// Drop every waiting answer.
+    pub(super) fn clear(&mut self) {
+        self.demand.clear();
+        self.repair.clear();
+        self.unicast.clear();
+        self.unicast_rr.clear();
+        self.unicast_len = 0;
+    }
+
+    pub(super) fn push_demand(&mut self, job: Job) {
+        self.demand.push_back(job);
+    }
+
+    pub(super) fn push_repair(&mut self, job: Job) {
+        self.repair.push_back(job);
+    }
+
+    /// Queue a unicast answer to `to`, within the per-receiver and total
+    /// bounds; false when either is full.
+    pub(super) fn push_unicast(&mut self, to: SocketAddr, pfn: u64, flags: u8) -> bool {
+        let q = self.unicast.entry(to).or_default();
+        if q.len() >= MAX_QUEUED_PER_PEER || self.unicast_len >= MAX_QUEUED_UNICAST {
+            return false;
+        }
+        if q.is_empty() {
+            self.unicast_rr.push_back(to);
+        }
+        q.push_back(Job {
+            pfn,
+            target: Target::Peer(to),
+            flags,
+            ws: false,
+        });
+        self.unicast_len += 1;
+        true
+    }
+
+    /// The next answer: demand first, then group repairs and unicast answers in turn.
+    fn pop(&mut self) -> Option<Job> {
+        if let Some(j) = self.demand.pop_front() {
+            return Some(j);
+        }
+        self.repair_turn = !self.repair_turn;
+        if self.repair_turn || self.unicast_len == 0 {
+            if let Some(j) = self.repair.pop_front() {
+                return Some(j);
+            }
+        }
+        while let Some(peer) = self.unicast_rr.pop_front() {
+            let Some(q) = self.unicast.get_mut(&peer) else {
+                continue;
+            };
+            let Some(j) = q.pop_front() else {
+                self.unicast.remove(&peer);
+                continue;
+            };
+            self.unicast_len -= 1;
+            if q.is_empty() {
+                self.unicast.remove(&peer);
+            } else {
+                self.unicast_rr.push_back(peer);
+            }
+            return Some(j);
+        }
+        self.repair.pop_front()
+    }
+}
+
+/// What was sent, and what is queued for the group.
+#[derive(Debug)]
+pub(super) struct SentLog {
+    /// Pages sent at least once.
+    pub(super) ever: PageBitmap,
+    /// Pages with a group job queued or in progress.
+    pub(super) queued_group: PageBitmap,
+    /// Last multicast of each page: nanoseconds since the server's base + 1 (0: never).
+    last_group_send: Vec<u64>,
+}
+
+impl SentLog {
+    pub(super) fn new(page_count: u64) -> SentLog {
+        SentLog {
+            ever: PageBitmap::new(page_count),
+            queued_group: PageBitmap::new(page_count),
+            last_group_send: vec![0; usize::try_from(page_count).unwrap_or(0)],
+        }
+    }
+
+    /// `pfn` was multicast less than `window` before `now`.
+    pub(super) fn multicast_within(
+        &self,
+        pfn: u64,
+        now: Instant,
+        base: Instant,
+        window: Duration,
+    ) -> bool {
+        let last = self.last_group_send[pfn as usize];
+        last != 0 && now.saturating_duration_since(base + Duration::from_nanos(last - 1)) < window
+    }
+
+    /// `pfn` was multicast at or after `since` (nanoseconds since the base).
+    fn multicast_since(&self, pfn: u64, since: u64) -> bool {
+        self.last_group_send
+            .get(pfn as usize)
+            // Stored as send time + 1 ns (0: never sent), so `>` is "at or after".
+            .is_some_and(|&t| t > since)
+    }
+}
+
+/// The push window next to the latest fault.
+#[derive(Debug)]
+pub(super) struct Push {
+    cursor: u64,
+    remaining: u64,
+    window: u64,
+}
+
+impl Push {
+    pub(super) fn new(min_window: u64) -> Push {
+        Push {
+            cursor: 0,
+            remaining: 0,
+            window: min_window.max(1),
+        }
+    }
+
+    /// A fresh fault on `pfn`: aim the push just past it, doubling the window
+    /// (up to `max`) while faults stay sequential, back to `min` otherwise.
+    pub(super) fn aim(&mut self, pfn: u64, (min, max): (u64, u64)) {
+        let sequential = pfn >= self.cursor.saturating_sub(self.window) && pfn <= self.cursor + 1;
+        self.window = if sequential {
+            (self.window * 2).min(max.max(1))
+        } else {
+            min.max(1)
+        };
+        self.cursor = pfn + 1;
+        self.remaining = self.window;
+    }
+}
+
+/// The in-order sweep over the whole image.
+#[derive(Debug, Default)]
+pub(super) struct Sweep {
+    pub(super) pos: u64,
+    end_announced: bool,
+}
+
+impl Server {
+    /// Most non-zero pages have gone out once: retries go unicast.
+    pub(super) fn in_endgame(&self) -> bool {
+        self.nonzero_pages > 0
+            && self.sent.ever.count_ones() as f64
+                >= self.cfg.endgame_fraction * self.nonzero_pages as f64
+    }
+
+    fn sweeping(&self) -> bool {
+        self.cfg.sweep && self.peers.len() >= self.cfg.sweep_min_clients
+    }
+
+    /// Something to send besides control messages.
+    pub(super) fn has_data_work(&self) -> bool {
+        !self.failed
+            && (self.out.current.is_some()
+                || self.queues.answers_waiting()
+                || self.fec_pending()
+                || (self.cfg.push_neighbors && self.push.remaining > 0)
+                || (self.cfg.working_set_push && self.working_set.active())
+                || (self.sweeping() && self.sweep.pos < self.page_count))
+    }
+
+    /// The first page in `from..end` that is not zero, not sent and not queued;
+    /// returns the position after it (or `end`) and the page.
+    fn next_unsent(&self, from: u64, end: u64) -> (u64, Option<u64>) {
+        let mut pfn = from;
+        while pfn < end {
+            let skip = self.info.zero_map.get(pfn)
+                || self.sent.ever.get(pfn)
+                || self.sent.queued_group.get(pfn);
+            pfn += 1;
+            if !skip {
+                return (pfn, Some(pfn - 1));
+            }
+        }
+        (end.max(from), None)
+    }
+
+    /// Queue-mark `pfn` and make a group job for it.
+    fn group_job(&mut self, pfn: u64, flags: u8) -> Job {
+        self.sent.queued_group.set(pfn);
+        Job::group(pfn, flags)
+    }
+
+    /// The next job in priority order, or `None` when there is nothing to send.
+    pub(super) fn next_job(&mut self) -> Option<Job> {
+        if let Some(j) = self.queues.pop() {
+            return Some(j);
+        }
+        if let Some(j) = self.next_working_set_job() {
+            return Some(j);
+        }
+        if self.cfg.push_neighbors {
+            let end = self
+                .push
+                .cursor
+                .saturating_add(self.push.remaining)
+                .min(self.page_count);
+            let (next, found) = self.next_unsent(self.push.cursor, end);
+            self.push.remaining = self.push.remaining.saturating_sub(next - self.push.cursor);
+            self.push.cursor = next;
+            if let Some(pfn) = found {
+                return Some(self.group_job(pfn, Data::PUSH));
+            }
+            self.push.remaining = 0;
+        }
+        if self.sweeping() {
+            let (next, found) = self.next_unsent(self.sweep.pos, self.page_count);
+            self.sweep.pos = next;
+            if let Some(pfn) = found {
+                return Some(self.group_job(pfn, Data::SWEEP));
+            }
+            if self.fec_pending() {
+                // The last block's repairs go before the end-of-sweep announce.
+                return None;
+            }
+            if !self.sweep.end_announced {
+                // Tell receivers at once that the sweep passed every page, so they
+                // NACK their last gaps now instead of at the next periodic announce;
+                // twice, so that one lost datagram does not cost a whole period.
+                self.sweep.end_announced = true;
+                self.queue_group_announce();
+                self.queue_group_announce();
+            }
+        }
+        None
+    }
+
+    /// The next page of the working-set replay: not a zero page, not queued,
+    /// not multicast since the earliest receiver the replay serves joined (at
+    /// or after the instant the server took its join: a receiver joins the
+    /// group before it sends its first datagram).
+    fn next_working_set_job(&mut self) -> Option<Job> {
+        if !self.cfg.working_set_push {
+            return None;
+        }
+        let zero_map = &self.info.zero_map;
+        let sent = &self.sent;
+        let pfn = self.working_set.next(|pfn, since| {
+            zero_map.get(pfn) || sent.queued_group.get(pfn) || sent.multicast_since(pfn, since)
+        })?;
+        self.sent.queued_group.set(pfn);
+        Some(Job {
+            ws: true,
+            ..Job::group(pfn, Data::PUSH)
+        })
+    }
+
+    /// `job`'s page reached `dest` completely: count it and log the send.
+    pub(super) fn page_sent(&mut self, now: Instant, job: Job, dest: Dest) {
+        if job.is_zero() {
+            self.stats.zero_replies += 1;
+            return;
+        }
+        let unicast = matches!(dest, Dest::Peer(_));
+        let kind = self.stats.count_page(job.flags, job.ws, unicast);
+        if kind == PageKind::Push && self.cfg.working_set_push && self.cfg.working_set_record_push {
+            self.working_set.record(job.pfn);
+        }
+        if job.target == Target::Group {
+            self.peers.note_group_page();
+            self.sent.last_group_send[job.pfn as usize] = self.nanos(now) + 1;
+        }
+        self.sent.ever.set(job.pfn);
+    }
+}

@@ -1,0 +1,169 @@
+//! The server's request policies and its timer table, driven through the public API.
+
+use super::{Server, ServerConfig};
+use crate::source::MemSource;
+use crate::wire::{
+    encode_ranges, ranges_from_encoded, Body, Data, HeaderFlags, Kind, Message, PageRange, Request,
+};
+use crate::Dest;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const SESSION: u64 = 7;
+
+/// One datagram sent: destination, kind, and for data its page and flags.
+type Sent = (Dest, Kind, Option<(u64, u8)>);
+
+/// Eight pages; page 5 is all zero.
+fn server(t0: Instant) -> Server {
+    let mut img: Vec<u8> = (0..8 * 4096).map(|i| (i % 251 + 1) as u8).collect();
+    img[5 * 4096..6 * 4096].fill(0);
+    let cfg = ServerConfig {
+        session_id: Some(SESSION),
+        push_neighbors: false,
+        ..ServerConfig::default()
+    };
+    Server::new(cfg, Arc::new(MemSource::new(img, 4096)), t0).unwrap()
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A request (or NACK) for one page.
+fn ask(kind: Kind, flags: u8, pfn: u64) -> Vec<u8> {
+    let mut raw = Vec::new();
+    encode_ranges(&[PageRange { start: pfn, len: 1 }], &mut raw);
+    let q = Request {
+        rx_rate: 0,
+        loss_permille: 0,
+        flags,
+        ranges: ranges_from_encoded(&raw),
+    };
+    let m = Message {
+        session: SESSION,
+        seq: 1,
+        flags: HeaderFlags(0),
+        body: if kind == Kind::Nack {
+            Body::Nack(q)
+        } else {
+            Body::Request(q)
+        },
+    };
+    let mut buf = vec![0u8; m.buffer_len()];
+    m.emit(&mut buf).unwrap();
+    buf
+}
+
+/// Every datagram the server sends at `now`.
+fn drain(s: &mut Server, now: Instant) -> Vec<Sent> {
+    let mut buf = vec![0u8; 65_536];
+    let mut out = Vec::new();
+    for _ in 0..1000 {
+        let Some(t) = s.poll_transmit(now, &mut buf) else {
+            return out;
+        };
+        let m = Message::parse(&buf[..t.len]).unwrap();
+        let data = match m.body {
+            Body::Data(d) => Some((d.pfn, d.flags)),
+            _ => None,
+        };
+        out.push((t.dest, m.body.kind(), data));
+    }
+    panic!("the server never ran out of datagrams");
+}
+
+fn data(sent: &[Sent]) -> Vec<(Dest, u64, u8)> {
+    sent.iter()
+        .filter_map(|&(d, _, p)| p.map(|(pfn, f)| (d, pfn, f)))
+        .collect()
+}
+
+#[test]
+fn closed_server_reports_no_timeout_once_its_end_is_sent() {
+    let t0 = Instant::now();
+    let mut s = server(t0);
+    assert!(s.poll_timeout().is_some());
+    drain(&mut s, t0);
+    // Idle but open: the announce and housekeeping timers stay armed.
+    assert!(s.poll_timeout().is_some_and(|t| t > t0));
+    s.close();
+    assert_eq!(
+        s.poll_timeout(),
+        Some(t0),
+        "the end messages are due at once"
+    );
+    let sent = drain(&mut s, t0 + Duration::from_secs(1));
+    let kinds: Vec<Kind> = sent.iter().map(|x| x.1).collect();
+    assert_eq!(kinds, vec![Kind::End; 3]);
+    assert_eq!(s.poll_timeout(), None);
+}
+
+#[test]
+fn lockstep_window_suppresses_a_second_ask_then_lets_it_through() {
+    let t0 = Instant::now();
+    let mut s = server(t0);
+    drain(&mut s, t0);
+    s.handle_datagram(t0, addr(1), &ask(Kind::Request, 0, 2));
+    let first = data(&drain(&mut s, t0));
+    assert_eq!(first, vec![(Dest::Group, 2, Data::DEMAND)]);
+    // A sibling faulting on the same page a moment later gets the multicast already sent.
+    s.handle_datagram(t0, addr(2), &ask(Kind::Request, 0, 2));
+    assert!(data(&drain(&mut s, t0)).is_empty());
+    assert_eq!(s.stats().suppressed_lockstep, 1);
+    let later = t0 + ServerConfig::default().lockstep_window;
+    s.handle_datagram(later, addr(2), &ask(Kind::Request, 0, 2));
+    assert_eq!(
+        data(&drain(&mut s, later)),
+        vec![(Dest::Group, 2, Data::DEMAND)]
+    );
+}
+
+#[test]
+fn zero_pages_are_answered_to_the_asker_alone() {
+    let t0 = Instant::now();
+    let mut s = server(t0);
+    drain(&mut s, t0);
+    s.handle_datagram(t0, addr(1), &ask(Kind::Request, 0, 5));
+    assert_eq!(
+        data(&drain(&mut s, t0)),
+        vec![(Dest::Peer(addr(1)), 5, Data::ZERO)]
+    );
+    assert_eq!(s.stats().zero_replies, 1);
+    assert_eq!(s.stats().pages_sent, 0);
+}
+
+#[test]
+fn in_the_end_game_a_reask_goes_unicast_and_a_first_nack_to_the_group() {
+    let t0 = Instant::now();
+    let mut s = server(t0);
+    drain(&mut s, t0);
+    let c = addr(1);
+    // Before the end game, a re-ask is multicast: siblings likely lost it too.
+    s.handle_datagram(t0, c, &ask(Kind::Request, 0, 0));
+    drain(&mut s, t0);
+    let t1 = t0 + Duration::from_millis(10);
+    s.handle_datagram(t1, c, &ask(Kind::Request, Request::RETRY, 0));
+    assert_eq!(
+        data(&drain(&mut s, t1)),
+        vec![(Dest::Group, 0, Data::REPAIR)]
+    );
+    // Every non-zero page sent once: the end game.
+    for pfn in [1, 2, 3, 4, 6, 7] {
+        s.handle_datagram(t1, c, &ask(Kind::Request, 0, pfn));
+    }
+    drain(&mut s, t1);
+    let t2 = t1 + Duration::from_millis(10);
+    s.handle_datagram(t2, c, &ask(Kind::Request, Request::RETRY, 3));
+    s.handle_datagram(t2, c, &ask(Kind::Nack, 0, 4));
+    let mut got = data(&drain(&mut s, t2));
+    got.sort_by_key(|x| x.1);
+    assert_eq!(
+        got,
+        vec![
+            (Dest::Peer(c), 3, Data::REPAIR),
+            (Dest::Group, 4, Data::REPAIR)
+        ]
+    );
+}
