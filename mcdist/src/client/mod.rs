@@ -450,3 +450,6 @@ impl Client {
         self.heartbeat(wire::Heartbeat::COMPLETE, buf)
     }
 }
+
+#[cfg(test)]
+mod tests;
