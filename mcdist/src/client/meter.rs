@@ -7,8 +7,8 @@
 //! awaited fails the session.
 
 use super::{Client, ClientError, Timer};
-use crate::wire::{self, Body, HeaderFlags, Message};
-use crate::{Dest, Transmit};
+use crate::wire::{self, Body};
+use crate::Transmit;
 use std::time::{Duration, Instant};
 
 /// Rate and loss measurement over the current report interval.
@@ -130,7 +130,7 @@ impl Client {
         }
     }
 
-    /// A heartbeat, when one is due.
+    /// A heartbeat, when one is due (`Some(None)`: due, but `buf` too small).
     pub(super) fn emit_due_heartbeat(
         &mut self,
         now: Instant,
@@ -146,21 +146,12 @@ impl Client {
 
     pub(super) fn heartbeat(&mut self, flags: u8, buf: &mut [u8]) -> Option<Transmit> {
         let seq = self.next_seq();
-        let m = Message {
-            session: self.session_id(),
-            seq,
-            flags: HeaderFlags(0),
-            body: Body::Heartbeat(wire::Heartbeat {
-                rx_rate: self.meter.rx_rate,
-                loss_permille: self.meter.loss_permille,
-                have_pages: self.pages_present(),
-                flags,
-            }),
-        };
-        let len = m.emit(buf).ok()?;
-        Some(Transmit {
-            dest: Dest::Peer(self.cfg.server),
-            len,
-        })
+        let body = Body::Heartbeat(wire::Heartbeat {
+            rx_rate: self.meter.rx_rate,
+            loss_permille: self.meter.loss_permille,
+            have_pages: self.pages_present(),
+            flags,
+        });
+        self.to_server(seq, body, buf)
     }
 }

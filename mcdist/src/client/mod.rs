@@ -72,7 +72,7 @@ use gaps::Gaps;
 use meter::Meter;
 use pages::PageSinkFn;
 use requests::{Requests, Want};
-use session::Session;
+use session::{Leave, Session};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -106,13 +106,6 @@ impl TimerKind for Timer {
     fn index(self) -> usize {
         self as usize
     }
-}
-
-/// Leave datagrams still to send.
-#[derive(Debug, Clone, Copy)]
-struct Leave {
-    reason: u8,
-    remaining: u8,
 }
 
 /// The sans-IO mcdist client. See the module docs.
@@ -393,8 +386,20 @@ impl Client {
         self.seq
     }
 
-    fn session_id(&self) -> u64 {
-        self.session.info.map_or(0, |s| s.session_id)
+    /// Write a datagram to the server into `buf`: this session's header with sequence
+    /// number `seq` (from [`Client::next_seq`]) and `body`.
+    fn to_server(&self, seq: u64, body: Body<'_>, buf: &mut [u8]) -> Option<Transmit> {
+        let m = Message {
+            session: self.session.info.map_or(0, |s| s.session_id),
+            seq,
+            flags: HeaderFlags(0),
+            body,
+        };
+        let len = m.emit(buf).ok()?;
+        Some(Transmit {
+            dest: Dest::Peer(self.cfg.server),
+            len,
+        })
     }
 
     /// Write the next datagram to send into `buf`.
@@ -415,34 +420,6 @@ impl Client {
             }
         }
         self.emit_due_heartbeat(now, buf)?
-    }
-
-    /// A leave datagram, when one is due.
-    fn emit_leave(&mut self, now: Instant, buf: &mut [u8]) -> Option<Option<Transmit>> {
-        let l = self.leave.as_mut()?;
-        if l.remaining == 0 || !self.timers.is_expired(Timer::Leave, now) {
-            return None;
-        }
-        l.remaining -= 1;
-        let reason = l.reason;
-        if l.remaining > 0 {
-            self.timers
-                .set(Timer::Leave, now + Duration::from_millis(5));
-        } else {
-            self.timers.stop(Timer::Leave);
-        }
-        let seq = self.next_seq();
-        let m = Message {
-            session: self.session_id(),
-            seq,
-            flags: HeaderFlags(0),
-            body: Body::Leave(wire::Leave { reason }),
-        };
-        let len = m.emit(buf).ok();
-        Some(len.map(|len| Transmit {
-            dest: Dest::Peer(self.cfg.server),
-            len,
-        }))
     }
 
     /// Report completion in heartbeats from now on (after the embedder verified the image).

@@ -9,8 +9,8 @@
 
 use super::{Client, ClientConfig, ClientError, Timer};
 use crate::bitmap::coalesce;
-use crate::wire::{self, Body, HeaderFlags, Message};
-use crate::{Dest, Transmit};
+use crate::wire::{self, Body};
+use crate::Transmit;
 use rand::{Rng, SeedableRng};
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
@@ -321,20 +321,11 @@ impl Client {
             flags: body_flags,
             ranges: wire::ranges_from_encoded(&self.requests.range_buf),
         };
-        let m = Message {
-            session: self.session_id(),
-            seq,
-            flags: HeaderFlags(0),
-            body: if is_nack {
-                Body::Nack(req)
-            } else {
-                Body::Request(req)
-            },
+        let body = if is_nack {
+            Body::Nack(req)
+        } else {
+            Body::Request(req)
         };
-        let len = m.emit(buf).ok()?;
-        Some(Transmit {
-            dest: Dest::Peer(self.cfg.server),
-            len,
-        })
+        self.to_server(seq, body, buf)
     }
 }

@@ -6,16 +6,24 @@
 //! announce of another session id with the same image is a server restart: the session
 //! resumes and every outstanding page is asked again. Another image fails the session; so
 //! does an image other than `expected_digest`, and an `End` while pages are still missing.
+//! Leaving sends three leave datagrams 5 ms apart, even after a failure.
 
 use super::{Client, ClientError, ClientEvent, Timer};
 use crate::bitmap::PageBitmap;
 use crate::reassembly::Reassembler;
-use crate::wire::{self, Announce, Body, HeaderFlags, Message};
-use crate::{Dest, SessionInfo, Transmit};
+use crate::wire::{self, Announce, Body};
+use crate::{SessionInfo, Transmit};
 use std::time::{Duration, Instant};
 
 /// Pages asked for before the session is known, kept to be asked once it is.
 const MAX_EARLY: usize = 65536;
+
+/// Leave datagrams still to send.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Leave {
+    pub(super) reason: u8,
+    pub(super) remaining: u8,
+}
 
 /// What the client knows of the session.
 pub(super) struct Session {
@@ -203,7 +211,7 @@ impl Client {
         }
     }
 
-    /// A join, when one is due.
+    /// A join, when one is due (`Some(None)`: due, but `buf` too small).
     pub(super) fn emit_join(&mut self, now: Instant, buf: &mut [u8]) -> Option<Option<Transmit>> {
         if !self.timers.is_expired(Timer::Join, now) {
             return None;
@@ -217,22 +225,29 @@ impl Client {
                 .set(Timer::Join, now + Duration::from_millis(250));
         }
         let seq = self.next_seq();
-        let m = Message {
-            session: self.session_id(),
-            seq,
-            flags: HeaderFlags(0),
-            body: Body::Join(wire::Join {
-                flags: if self.cfg.want_zero_map {
-                    wire::Join::WANT_ZERO_MAP
-                } else {
-                    0
-                },
-            }),
+        let flags = if self.cfg.want_zero_map {
+            wire::Join::WANT_ZERO_MAP
+        } else {
+            0
         };
-        let len = m.emit(buf).ok();
-        Some(len.map(|len| Transmit {
-            dest: Dest::Peer(self.cfg.server),
-            len,
-        }))
+        Some(self.to_server(seq, Body::Join(wire::Join { flags }), buf))
+    }
+
+    /// A leave datagram, when one is due (`Some(None)`: due, but `buf` too small).
+    pub(super) fn emit_leave(&mut self, now: Instant, buf: &mut [u8]) -> Option<Option<Transmit>> {
+        let l = self.leave.as_mut()?;
+        if l.remaining == 0 || !self.timers.is_expired(Timer::Leave, now) {
+            return None;
+        }
+        l.remaining -= 1;
+        let reason = l.reason;
+        if l.remaining > 0 {
+            self.timers
+                .set(Timer::Leave, now + Duration::from_millis(5));
+        } else {
+            self.timers.stop(Timer::Leave);
+        }
+        let seq = self.next_seq();
+        Some(self.to_server(seq, Body::Leave(wire::Leave { reason }), buf))
     }
 }
