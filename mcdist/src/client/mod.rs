@@ -18,7 +18,7 @@
 //! |---|---|
 //! | settings and defaults | `config` |
 //! | events, failures, counters | `stats` |
-//! | join, announce, zero map, server restart, image change, end | `session` |
+//! | join, announce, zero map, server restart, image change, end, leave | `session` |
 //! | coalescing, retry with backoff and jitter, RTT, request datagrams | `requests` |
 //! | whole-image fetch: gaps behind the sweep become NACKs | `gaps` |
 //! | pages arriving (whole, fragments, zero replies), present once, completion | `pages` |
@@ -35,7 +35,7 @@
 //!    a due join, then requests (demand, retry, NACK, NACK retry), then a due heartbeat.
 //! 3. Drain [`Client::poll_event`]; a `PageReady`'s data may be handed back with
 //!    [`Client::recycle_page`] once stored.
-//! 4. Sleep until [`Client::poll_timeout`] (the earliest armed [`Timer`]; `None` when
+//! 4. Sleep until [`Client::poll_timeout`] (the earliest armed timer; `None` when
 //!    nothing is armed or the session failed) or the next input.
 //!
 //! ## Copies of a page inside the client
@@ -47,7 +47,9 @@
 //! - a fragmented page is copied **once**: each fragment into its place in a (pooled)
 //!   page buffer, which the event then carries without another copy.
 //!
-//! A page recovered by FEC decoding is built by the decoder (not counted above).
+//! [`Client::handle_datagram`] takes its datagram as `Bytes` but runs the same path (it
+//! lends it to [`Client::handle_datagram_slice`]), so the counts above hold for it too. A
+//! page recovered by FEC decoding is built by the decoder (not counted above).
 
 mod config;
 mod fec_rx;
