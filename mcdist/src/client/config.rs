@@ -1,0 +1,87 @@
+//! Client settings and their defaults.
+//!
+//! Rule owned here: every knob of the client (timeouts, backoff bounds, request
+//! budgets, memory bounds, FEC hold-back) has one documented default, chosen in
+//! [`ClientConfig::new`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The server's unicast request address.
+    pub server: SocketAddr,
+    /// Largest datagram to send.
+    pub max_datagram: usize,
+    /// Bytes per datagram left free for an authentication trailer.
+    pub trailer_reserve: usize,
+    /// Retransmission timeout before any round trip was measured.
+    pub initial_rto: Duration,
+    /// Smallest retransmission timeout.
+    pub min_rto: Duration,
+    /// Largest retransmission timeout (backoff cap).
+    pub max_rto: Duration,
+    /// Most retries of one page before the session fails.
+    pub max_retries: u32,
+    /// Server silence (no datagram at all) after which waiting requests fail the session.
+    pub give_up_after: Duration,
+    /// Period of join attempts before the session is known.
+    pub join_interval: Duration,
+    /// Period of heartbeats (receive-rate reports).
+    pub heartbeat_interval: Duration,
+    /// Pages behind the sweep frontier tolerated as reordering before they are NACKed.
+    pub nack_slack_pages: u64,
+    /// Most pages outstanding at once in a whole-image fetch.
+    pub max_outstanding: usize,
+    /// Ask for the zero-page map when joining.
+    pub want_zero_map: bool,
+    /// Refuse sessions serving an image with another digest.
+    pub expected_digest: Option<[u8; 32]>,
+    /// Most fragmented pages in reassembly at once.
+    pub max_partial_pages: usize,
+    /// Largest image (in pages) the client accepts; an announce of a larger one is dropped.
+    pub max_image_pages: u64,
+    /// Seed for retry jitter.
+    pub seed: u64,
+    /// Accept only datagrams authenticated under this pre-shared key, and seal
+    /// what is sent. Applied by the drivers ([`crate::node::ClientNode`]);
+    /// `None` runs an unauthenticated session.
+    pub security: Option<crate::secure::Security>,
+    /// Most FEC blocks being decoded at once (the oldest is dropped).
+    pub fec_max_blocks: usize,
+    /// Received pages kept for decoding FEC blocks (only while the server sends FEC).
+    pub fec_cache_pages: usize,
+    /// While the server sends FEC, gaps are NACKed only once the sweep
+    /// frontier passed them this long ago, so repair symbols get a chance first.
+    pub fec_nack_delay: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults for a server at `server`.
+    pub fn new(server: SocketAddr) -> ClientConfig {
+        ClientConfig {
+            server,
+            max_datagram: 65_507,
+            trailer_reserve: 0,
+            initial_rto: Duration::from_millis(50),
+            min_rto: Duration::from_millis(10),
+            max_rto: Duration::from_secs(1),
+            max_retries: 40,
+            give_up_after: Duration::from_secs(5),
+            join_interval: Duration::from_millis(100),
+            heartbeat_interval: Duration::from_millis(100),
+            nack_slack_pages: 64,
+            max_outstanding: 8192,
+            want_zero_map: true,
+            expected_digest: None,
+            max_partial_pages: 4096,
+            max_image_pages: 1 << 28,
+            seed: 0x636c_6965_6e74,
+            security: None,
+            fec_max_blocks: 64,
+            fec_cache_pages: 4096,
+            fec_nack_delay: Duration::from_millis(30),
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! FEC on the receive side: repair symbols, block decoding and the NACK hold-back.
+//!
+//! Rule owned here: while the server sends FEC, a repair symbol that fits the session is
+//! kept until its block decodes (recovering the missing pages, reported like received ones)
+//! or is given up; and a sweep frontier takes effect for gap NACKs only `fec_nack_delay`
+//! after it was first seen, so repair symbols get a chance before NACKs are sent.
+
+use super::Client;
+use crate::fec::{FecRx, Have, RepairOutcome};
+use crate::wire::{self, Announce};
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Receive-side FEC state.
+pub(super) struct FecState {
+    /// Blocks being decoded and the cache of received pages they may need.
+    pub(super) rx: FecRx,
+    /// Sweep frontiers seen, with when, waiting out `fec_nack_delay`.
+    frontiers: VecDeque<(Instant, u64)>,
+    held_frontier: u64,
+    last_repair: Option<Instant>,
+    given_up: u64,
+}
+
+impl FecState {
+    pub(super) fn new(max_blocks: usize, cache_pages: usize) -> FecState {
+        FecState {
+            rx: FecRx::new(max_blocks, cache_pages),
+            frontiers: VecDeque::new(),
+            held_frontier: 0,
+            last_repair: None,
+            given_up: 0,
+        }
+    }
+}
+
+impl Client {
+    /// The server announces that it sends FEC.
+    pub(super) fn fec_active(&self) -> bool {
+        self.session
+            .announce
+            .is_some_and(|a| a.flags & Announce::FLAG_FEC != 0)
+    }
+
+    /// One FEC repair symbol: check it against the session, keep it, and decode
+    /// its block once enough symbols are in hand.
+    pub(super) fn on_repair(&mut self, now: Instant, r: wire::Repair<'_>) {
+        let (Some(s), Some(a)) = (self.session.info, self.session.announce) else {
+            return;
+        };
+        let spp = r.symbols_per_page;
+        // The symbol is the announced fragment size: this pins the block's
+        // geometry (and bounds its symbol count) to what the server sends.
+        let fits = r.symbol_size == a.frag_payload
+            && crate::fec::symbol_size(s.page_size, spp) == usize::from(r.symbol_size)
+            && crate::reassembly::fragment_slot(s.page_size, spp, spp - 1).is_some()
+            && r.first_pfn.saturating_add(u64::from(r.span)) <= s.page_count;
+        if !fits {
+            self.stats.fec_repairs_refused += 1;
+            tracing::debug!(first = r.first_pfn, "FEC repair does not fit the session");
+            return;
+        }
+        let first = r.first_pfn;
+        self.fec.last_repair = Some(now);
+        if self.fec.rx.is_done(first) {
+            self.stats.fec_repairs_unneeded += 1;
+            return;
+        }
+        if r.member_pfns().all(|p| self.present.get(p)) {
+            self.fec.rx.finish(first);
+            self.stats.fec_repairs_unneeded += 1;
+            return;
+        }
+        let symbol = Bytes::copy_from_slice(r.symbol);
+        match self.fec.rx.add(&r, symbol) {
+            RepairOutcome::Stored => self.stats.fec_repairs += 1,
+            RepairOutcome::Late | RepairOutcome::Duplicate => {
+                self.stats.fec_repairs_unneeded += 1;
+                return;
+            }
+            RepairOutcome::Refused => {
+                self.stats.fec_repairs_refused += 1;
+                return;
+            }
+        }
+        let (present, reasm) = (&self.present, &self.reasm);
+        let res = self.fec.rx.try_decode(first, s.page_size, |pfn| {
+            if present.get(pfn) {
+                return Have::Present;
+            }
+            match reasm.fragments(pfn) {
+                Some((count, it)) if count == spp => Have::Fragments(Box::new(it)),
+                _ => Have::Nothing,
+            }
+        });
+        match res {
+            Ok(Some(pages)) => {
+                self.stats.fec_blocks_decoded += 1;
+                for (pfn, page) in pages {
+                    if self.present.get(pfn) {
+                        continue;
+                    }
+                    self.reasm.forget(pfn);
+                    self.stats.fec_pages += 1;
+                    self.accept_page(now, pfn, page, false);
+                }
+            }
+            Ok(None) => {}
+            Err(()) => {
+                self.fec.rx.finish(first);
+                self.fec.given_up += 1;
+            }
+        }
+        self.stats.fec_blocks_dropped = self.fec.rx.evicted + self.fec.given_up;
+    }
+
+    /// With FEC, a sweep frontier takes effect only `fec_nack_delay` after it
+    /// was first seen: the repair symbols of the blocks behind it come first.
+    pub(super) fn fec_hold(&mut self, now: Instant, frontier: u64) -> u64 {
+        // Only while repair symbols actually come: the server sends none while
+        // nobody reports loss, or when loss is beyond what FEC can cover.
+        let repairs_coming = self
+            .fec
+            .last_repair
+            .is_some_and(|t| now.saturating_duration_since(t) <= Duration::from_secs(1));
+        let active = self.fec_active();
+        let f = &mut self.fec;
+        if !active || !repairs_coming {
+            f.frontiers.clear();
+            f.held_frontier = frontier;
+            return frontier;
+        }
+        if f.frontiers.back().is_none_or(|&(_, x)| x != frontier) {
+            f.frontiers.push_back((now, frontier));
+        }
+        while let Some(&(t, x)) = f.frontiers.front() {
+            if now.saturating_duration_since(t) < self.cfg.fec_nack_delay {
+                break;
+            }
+            f.held_frontier = f.held_frontier.max(x);
+            f.frontiers.pop_front();
+        }
+        frontier.min(f.held_frontier)
+    }
+}

@@ -1,0 +1,157 @@
+//! What the client measures and reports: receive rate, loss, heartbeats and server liveness.
+//!
+//! Rule owned here: every heartbeat interval the client measures its receive rate (bytes
+//! of valid datagrams per second) and its multicast loss (gaps in the group sequence
+//! numbers), and tells the server in every request and in a heartbeat, so the server paces
+//! itself to its slowest receiver. A server silent for `give_up_after` while pages are
+//! awaited fails the session.
+
+use super::{Client, ClientError, Timer};
+use crate::wire::{self, Body};
+use crate::Transmit;
+use std::time::{Duration, Instant};
+
+/// Rate and loss measurement over the current report interval.
+pub(super) struct Meter {
+    /// When the first report is due (heartbeats start once the session is known).
+    pub(super) first_report: Instant,
+    interval_start: Instant,
+    interval_bytes: u64,
+    interval_group_pkts: u64,
+    interval_seq_start: Option<u64>,
+    max_group_seq: Option<u64>,
+    /// Receive rate of the last interval, bytes per second.
+    pub(super) rx_rate: u64,
+    /// Multicast loss of the last interval, per mille.
+    pub(super) loss_permille: u16,
+    /// When the server was last heard from.
+    pub(super) last_server_packet: Instant,
+}
+
+impl Meter {
+    pub(super) fn new(now: Instant, heartbeat_interval: Duration) -> Meter {
+        Meter {
+            first_report: now + heartbeat_interval,
+            interval_start: now,
+            interval_bytes: 0,
+            interval_group_pkts: 0,
+            interval_seq_start: None,
+            max_group_seq: None,
+            rx_rate: 0,
+            loss_permille: 0,
+            last_server_packet: now,
+        }
+    }
+
+    /// One valid datagram of this session, `len` bytes, sequence number `seq`.
+    pub(super) fn datagram(&mut self, now: Instant, len: usize, seq: u64) {
+        self.last_server_packet = now;
+        self.interval_bytes += len as u64;
+        if seq & wire::SEQ_UNICAST_BIT == 0 {
+            self.interval_group_pkts += 1;
+            if self.interval_seq_start.is_none() {
+                self.interval_seq_start = Some(seq.saturating_sub(1));
+            }
+            self.max_group_seq = Some(self.max_group_seq.map_or(seq, |m| m.max(seq)));
+        }
+    }
+
+    /// The server restarted: its sequence numbers start over.
+    pub(super) fn server_restarted(&mut self) {
+        self.interval_seq_start = None;
+        self.max_group_seq = None;
+    }
+
+    /// Close the interval at `now`: measure its rate and loss and start the next one.
+    fn report(&mut self, now: Instant) {
+        let dt = now
+            .saturating_duration_since(self.interval_start)
+            .as_secs_f64();
+        if dt > 0.0 {
+            self.rx_rate = (self.interval_bytes as f64 / dt) as u64;
+        }
+        if let (Some(start), Some(max)) = (self.interval_seq_start, self.max_group_seq) {
+            let expected = max.saturating_sub(start);
+            if expected > 0 {
+                let got = self.interval_group_pkts.min(expected);
+                self.loss_permille = (((expected - got) * 1000) / expected) as u16;
+            }
+        }
+        self.interval_start = now;
+        self.interval_bytes = 0;
+        self.interval_group_pkts = 0;
+        self.interval_seq_start = self.max_group_seq;
+    }
+}
+
+impl Client {
+    /// Fail the session when the server has been silent too long while pages are awaited.
+    /// Returns false when the session failed.
+    pub(super) fn check_liveness(&mut self, now: Instant) -> bool {
+        let silent = now.saturating_duration_since(self.meter.last_server_packet);
+        let waiting = !self.requests.is_empty() || (self.gaps.fetch_all && !self.complete);
+        if self.session.info.is_some() && waiting && silent > self.cfg.give_up_after {
+            self.fail(ClientError::ServerUnresponsive {
+                server: self.cfg.server,
+                silent_ms: silent.as_millis() as u64,
+                outstanding: self.requests.len(),
+            });
+            return false;
+        }
+        true
+    }
+
+    /// The liveness timer: armed while the session is known and pages are awaited, at the
+    /// moment the server's silence becomes too long.
+    pub(super) fn arm_idle_timer(&mut self) {
+        let waiting = !self.requests.is_empty() || self.gaps.fetch_all;
+        if !self.failed && self.session.info.is_some() && waiting {
+            let at =
+                self.meter.last_server_packet + self.cfg.give_up_after + Duration::from_millis(1);
+            self.timers.set(Timer::Idle, at);
+        } else {
+            self.timers.stop(Timer::Idle);
+        }
+    }
+
+    /// Measure the interval when a report is due. The heartbeat itself goes out from
+    /// `poll_transmit`, which re-arms the timer.
+    pub(super) fn measure(&mut self, now: Instant) {
+        let due = if self.session.info.is_some() {
+            self.timers.is_expired(Timer::Report, now)
+        } else {
+            // Before the session is known no report is sent; once the first report was
+            // due, the interval restarts at every timeout so the first report covers only
+            // the time since.
+            now >= self.meter.first_report
+        };
+        if due {
+            self.meter.report(now);
+        }
+    }
+
+    /// A heartbeat, when one is due (`Some(None)`: due, but `buf` too small).
+    pub(super) fn emit_due_heartbeat(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+    ) -> Option<Option<Transmit>> {
+        if !self.timers.is_expired(Timer::Report, now) {
+            return None;
+        }
+        self.timers
+            .set(Timer::Report, now + self.cfg.heartbeat_interval);
+        Some(self.heartbeat(0, buf))
+    }
+
+    pub(super) fn heartbeat(&mut self, flags: u8, buf: &mut [u8]) -> Option<Transmit> {
+        let seq = self.next_seq();
+        let body = Body::Heartbeat(wire::Heartbeat {
+            rx_rate: self.meter.rx_rate,
+            loss_permille: self.meter.loss_permille,
+            have_pages: self.pages_present(),
+            flags,
+        });
+        self.to_server(seq, body, buf)
+    }
+}

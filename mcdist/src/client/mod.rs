@@ -1,0 +1,434 @@
+//! The sans-IO mcdist client.
+//!
+//! The client joins a session, learns its parameters and zero-page map, asks
+//! for pages its embedder faults on ([`Client::request_page`]; concurrent
+//! requests for one page make one request), retries with exponential backoff
+//! and jitter, NACKs gaps it detects in a whole-image fetch, accepts pages it
+//! did not ask for (pushed by the server) and reports its receive rate and loss
+//! so the server can pace itself. Every page that becomes present is reported
+//! exactly once as [`ClientEvent::PageReady`].
+//!
+//! Zero pages listed in the session's zero map are never requested by a
+//! whole-image fetch; they count as present without data (the embedder fills
+//! them locally). A zero page asked for explicitly is answered by a header-only
+//! datagram and reported as a zero-filled `PageReady`.
+//!
+//! ## One rule per module
+//! | rule | module |
+//! |---|---|
+//! | settings and defaults | `config` |
+//! | events, failures, counters | `stats` |
+//! | join, announce, zero map, server restart, image change, end, leave | `session` |
+//! | coalescing, retry with backoff and jitter, RTT, request datagrams | `requests` |
+//! | whole-image fetch: gaps behind the sweep become NACKs | `gaps` |
+//! | pages arriving (whole, fragments, zero replies), present once, completion | `pages` |
+//! | FEC repair symbols, block decoding, NACK hold-back | `fec_rx` |
+//! | receive rate, loss, heartbeats, server liveness | `meter` |
+//! | the timers, the entry points and their order | this file |
+//!
+//! ## Polling order
+//! 1. Feed input: [`Client::handle_datagram_slice`] (or [`Client::handle_datagram`], which
+//!    calls it) for each received datagram, local requests ([`Client::request_page`],
+//!    [`Client::fetch_all`], [`Client::leave`]), and [`Client::handle_timeout`] once
+//!    `now >= poll_timeout()`.
+//! 2. Drain [`Client::poll_transmit`] until it returns `None`: a pending leave first, then
+//!    a due join, then requests (demand, retry, NACK, NACK retry), then a due heartbeat.
+//! 3. Drain [`Client::poll_event`]; a `PageReady`'s data may be handed back with
+//!    [`Client::recycle_page`] once stored.
+//! 4. Sleep until [`Client::poll_timeout`] (the earliest armed timer; `None` when
+//!    nothing is armed or the session failed) or the next input.
+//!
+//! ## Copies of a page inside the client
+//! From the datagram the client is given to the `PageReady` event's data:
+//! - a page that fits in one datagram is copied **once** (from the datagram into the
+//!   event's buffer); [`Client::handle_datagram_borrowed`] copies it **zero** times: the
+//!   caller's sink borrows it where it lies in the datagram (with FEC on, once more into
+//!   the FEC cache);
+//! - a fragmented page is copied **once**: each fragment into its place in a (pooled)
+//!   page buffer, which the event then carries without another copy.
+//!
+//! [`Client::handle_datagram`] takes its datagram as `Bytes` but runs the same path (it
+//! lends it to [`Client::handle_datagram_slice`]), so the counts above hold for it too. A
+//! page recovered by FEC decoding is built by the decoder (not counted above).
+
+mod config;
+mod fec_rx;
+mod gaps;
+mod meter;
+mod pages;
+mod requests;
+mod session;
+mod stats;
+
+pub use config::ClientConfig;
+pub use stats::{ClientError, ClientEvent, ClientStats};
+
+use crate::bitmap::PageBitmap;
+use crate::reassembly::Reassembler;
+use crate::timer::{TimerKind, TimerTable};
+use crate::wire::{self, Body, HeaderFlags, Message};
+use crate::{Dest, SessionInfo, Transmit};
+use bytes::Bytes;
+use fec_rx::FecState;
+use gaps::Gaps;
+use meter::Meter;
+use pages::PageSinkFn;
+use requests::{Requests, Want};
+use session::{Leave, Session};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// The client's timers; [`Client::poll_timeout`] is the earliest armed one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    /// Next join: armed until the session is known and (if asked for) the zero map verified.
+    Join,
+    /// Next rate report and heartbeat: armed once the session is known.
+    Report,
+    /// Next whole-image scan for gaps: armed during a whole-image fetch until complete.
+    Scan,
+    /// Earliest retransmission deadline of an outstanding page.
+    Retry,
+    /// When the server's silence fails the session: armed while pages are awaited.
+    Idle,
+    /// Next leave datagram: armed while leave datagrams remain to be sent.
+    Leave,
+}
+
+impl TimerKind for Timer {
+    const ALL: &'static [Self] = &[
+        Timer::Join,
+        Timer::Report,
+        Timer::Scan,
+        Timer::Retry,
+        Timer::Idle,
+        Timer::Leave,
+    ];
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The sans-IO mcdist client. See the module docs.
+pub struct Client {
+    cfg: ClientConfig,
+    session: Session,
+    requests: Requests,
+    gaps: Gaps,
+    meter: Meter,
+    fec: FecState,
+    timers: TimerTable<Timer>,
+    /// Pages present (received, or known zero).
+    present: PageBitmap,
+    reasm: Reassembler,
+    events: VecDeque<ClientEvent>,
+    stats: ClientStats,
+    complete: bool,
+    failed: bool,
+    leave: Option<Leave>,
+    seq: u64,
+    zero_page: Bytes,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("session", &self.session.info)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl Client {
+    /// A client that will join the session served at `cfg.server`.
+    pub fn new(cfg: ClientConfig, now: Instant) -> Client {
+        let mut timers = TimerTable::new();
+        timers.set(Timer::Join, now);
+        Client {
+            session: Session::new(cfg.join_interval),
+            requests: Requests::new(cfg.seed),
+            gaps: Gaps::default(),
+            meter: Meter::new(now, cfg.heartbeat_interval),
+            fec: FecState::new(cfg.fec_max_blocks, cfg.fec_cache_pages),
+            timers,
+            present: PageBitmap::new(0),
+            reasm: Reassembler::new(4096, cfg.max_partial_pages),
+            events: VecDeque::new(),
+            stats: ClientStats::default(),
+            complete: false,
+            failed: false,
+            leave: None,
+            seq: 0,
+            zero_page: Bytes::new(),
+            cfg,
+        }
+    }
+
+    /// The session, once announced.
+    pub fn session(&self) -> Option<&SessionInfo> {
+        self.session.info.as_ref()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ClientStats {
+        &self.stats
+    }
+
+    /// The zero-page map (empty until received).
+    pub fn zero_map(&self) -> &PageBitmap {
+        &self.session.zero
+    }
+
+    /// True once the zero map was received and verified.
+    pub fn zero_map_complete(&self) -> bool {
+        self.session.zero_map_complete
+    }
+
+    /// True when page `pfn` is present (received, or a known zero page).
+    pub fn has_page(&self, pfn: u64) -> bool {
+        self.present.get(pfn)
+    }
+
+    /// Pages present, zero pages included.
+    pub fn pages_present(&self) -> u64 {
+        self.present.count_ones()
+    }
+
+    /// Pages still awaited.
+    pub fn outstanding(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// True when the session failed.
+    pub fn is_failed(&self) -> bool {
+        self.failed
+    }
+
+    /// True when every page is present.
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    /// Fetch the whole image: NACK gaps behind the server's sweep, or request
+    /// every missing page when the server does not sweep.
+    pub fn fetch_all(&mut self, now: Instant) {
+        self.gaps.fetch_all = true;
+        if !self.complete {
+            self.timers.set(Timer::Scan, now);
+        }
+        self.arm_idle_timer();
+    }
+
+    /// Tell the server this client is done (`ok`) or gave up; sent three times.
+    pub fn leave(&mut self, now: Instant, ok: bool) {
+        self.leave = Some(Leave {
+            reason: u8::from(!ok),
+            remaining: 3,
+        });
+        self.timers.set(Timer::Leave, now);
+    }
+
+    /// True once every leave datagram was handed out.
+    pub fn leave_sent(&self) -> bool {
+        matches!(self.leave, Some(Leave { remaining: 0, .. }))
+    }
+
+    /// Ask for page `pfn`. A page already present or already asked for makes no new request.
+    pub fn request_page(&mut self, now: Instant, pfn: u64) {
+        let _ = now;
+        if self.failed {
+            return;
+        }
+        let Some(s) = self.session.info else {
+            self.session.ask_early(pfn);
+            return;
+        };
+        if pfn >= s.page_count {
+            self.stats.out_of_range += 1;
+            return;
+        }
+        if self.present.get(pfn) {
+            return;
+        }
+        if self.session.zero_map_complete && self.session.zero.get(pfn) {
+            self.deliver_zero(pfn);
+            return;
+        }
+        if self.requests.contains(pfn) {
+            self.stats.coalesced += 1;
+            return;
+        }
+        self.requests.ask(pfn, Want::Demand);
+        self.arm_idle_timer();
+    }
+
+    /// Next event.
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    fn fail(&mut self, e: ClientError) {
+        if self.failed {
+            return;
+        }
+        tracing::warn!(error = %e, "mcdist session failed");
+        self.failed = true;
+        self.requests.clear();
+        // Only leave datagrams may still go out.
+        let leave = self.timers.get(Timer::Leave);
+        self.timers.stop_all();
+        if let Some(at) = leave {
+            self.timers.set(Timer::Leave, at);
+        }
+        self.events.push_back(ClientEvent::Failed(e));
+    }
+
+    /// Feed one received datagram. The same as [`Client::handle_datagram_slice`]: what the
+    /// client keeps of it is copied (see the module docs).
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: Bytes) {
+        self.handle_datagram_slice(now, from, &datagram);
+    }
+
+    /// Hands back the data of a [`ClientEvent::PageReady`] once the caller is done with it
+    /// (optional): the buffer of a reassembled page then serves a later page instead of a
+    /// fresh allocation.
+    pub fn recycle_page(&mut self, data: Bytes) {
+        self.reasm.recycle(data);
+    }
+
+    /// Feed one received datagram held in the caller's buffer (a batch receive buffer that
+    /// is reused). Only what the client keeps is copied: a page that arrived whole, or a
+    /// repair symbol; a fragment goes straight into its page.
+    pub fn handle_datagram_slice(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        self.handle(now, from, datagram, None);
+    }
+
+    /// Like [`Client::handle_datagram_slice`], but a page that arrived whole in this
+    /// datagram is lent to `sink` as `(pfn, bytes)` where it lies in `datagram` (no copy)
+    /// instead of being reported as [`ClientEvent::PageReady`]. Every other page (fragmented,
+    /// zero, FEC-decoded) still comes as `PageReady`; each page is handed out exactly once,
+    /// by one of the two. `sink` runs before the events this datagram queues (such as
+    /// [`ClientEvent::Complete`]) are polled.
+    pub fn handle_datagram_borrowed(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        sink: &mut dyn FnMut(u64, &[u8]),
+    ) {
+        self.handle(now, from, datagram, Some(sink));
+    }
+
+    fn handle(&mut self, now: Instant, from: SocketAddr, datagram: &[u8], sink: PageSinkFn<'_>) {
+        let msg = match Message::parse(datagram) {
+            Ok(m) => m,
+            Err(e) => {
+                self.stats.malformed += 1;
+                tracing::debug!(%from, error = %e, "dropping malformed datagram");
+                return;
+            }
+        };
+        if let Body::Announce(a) = msg.body {
+            self.on_announce(now, msg.session, a);
+            self.arm_idle_timer();
+            return;
+        }
+        let Some(s) = self.session.info else {
+            self.stats.foreign += 1;
+            return;
+        };
+        if msg.session != s.session_id {
+            self.stats.foreign += 1;
+            tracing::debug!(%from, session = msg.session, "dropping datagram of another session");
+            return;
+        }
+        self.stats.datagrams_received += 1;
+        self.stats.bytes_received += datagram.len() as u64;
+        self.meter.datagram(now, datagram.len(), msg.seq);
+        match msg.body {
+            Body::Data(d) => self.on_data(now, d, sink),
+            Body::Repair(r) => self.on_repair(now, r),
+            Body::ZeroMap(z) => self.on_zero_map(now, z),
+            Body::End(_) => self.on_end(s),
+            _ => {
+                self.stats.foreign += 1;
+            }
+        }
+        self.arm_idle_timer();
+    }
+
+    /// Advance timers: retries, liveness, NACK scans, rate reports.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.failed {
+            return;
+        }
+        if !self.expire_requests(now) || !self.check_liveness(now) {
+            return;
+        }
+        if self.gaps.fetch_all && self.timers.is_expired(Timer::Scan, now) {
+            self.timers.set(Timer::Scan, now + Duration::from_millis(5));
+            self.scan_for_gaps(now);
+        }
+        self.measure(now);
+        self.arm_idle_timer();
+    }
+
+    /// When [`Client::handle_timeout`] should run next: the earliest armed timer, or `None`
+    /// when nothing is armed or the session failed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.failed {
+            return None;
+        }
+        self.timers.next_timeout()
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    /// Write a datagram to the server into `buf`: this session's header with sequence
+    /// number `seq` (from [`Client::next_seq`]) and `body`.
+    fn to_server(&self, seq: u64, body: Body<'_>, buf: &mut [u8]) -> Option<Transmit> {
+        let m = Message {
+            session: self.session.info.map_or(0, |s| s.session_id),
+            seq,
+            flags: HeaderFlags(0),
+            body,
+        };
+        let len = m.emit(buf).ok()?;
+        Some(Transmit {
+            dest: Dest::Peer(self.cfg.server),
+            len,
+        })
+    }
+
+    /// Write the next datagram to send into `buf`.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        if let Some(t) = self.emit_leave(now, buf) {
+            return t;
+        }
+        if self.failed {
+            return None;
+        }
+        if let Some(t) = self.emit_join(now, buf) {
+            return t;
+        }
+        self.session.info?;
+        for want in Want::ORDER {
+            if let Some(t) = self.emit_requests(now, want, buf) {
+                return Some(t);
+            }
+        }
+        self.emit_due_heartbeat(now, buf)?
+    }
+
+    /// Report completion in heartbeats from now on (after the embedder verified the image).
+    pub fn completion_heartbeat(&mut self, buf: &mut [u8]) -> Option<Transmit> {
+        self.heartbeat(wire::Heartbeat::COMPLETE, buf)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,143 @@
+//! Pages arriving: whole, in fragments, as zero replies; each becomes present once.
+//!
+//! Rule owned here: a data datagram for a page in the image that is not yet present makes
+//! it present (a whole page at once, a fragmented one when its last fragment is in), settles
+//! its request (a first-try answer is a round-trip sample) and reports it exactly once;
+//! duplicates are counted and dropped. A zero page (in the verified zero map, or answered
+//! by a header-only zero reply) is reported as a shared zero-filled buffer. The session is
+//! complete when every page, zero pages included, is present.
+
+use super::{Client, ClientEvent};
+use crate::wire::Data;
+use bytes::Bytes;
+use std::time::Instant;
+
+/// Where a page that arrived whole in one datagram goes: borrowed by a sink, or copied
+/// into a [`ClientEvent::PageReady`].
+pub(super) type PageSinkFn<'a> = Option<&'a mut dyn FnMut(u64, &[u8])>;
+
+impl Client {
+    pub(super) fn on_data(&mut self, now: Instant, d: Data<'_>, sink: PageSinkFn<'_>) {
+        let Some(s) = self.session.info else { return };
+        if d.pfn >= s.page_count {
+            self.stats.out_of_range += 1;
+            return;
+        }
+        if d.flags & Data::ZERO != 0 {
+            if self.present.get(d.pfn) {
+                self.stats.duplicates += 1;
+                return;
+            }
+            self.stats.zero_replies += 1;
+            self.requests.answered_zero(d.pfn);
+            self.deliver_zero(d.pfn);
+            self.check_complete();
+            return;
+        }
+        if self.present.get(d.pfn) {
+            self.stats.duplicates += 1;
+            return;
+        }
+        let page = if d.frag_count == 1 {
+            if d.payload.len() != s.page_size {
+                self.stats.malformed += 1;
+                return;
+            }
+            if let Some(sink) = sink {
+                // The page is lent to the sink where it lies in the datagram.
+                self.count_data(&d);
+                if self.fec_active() {
+                    self.fec
+                        .rx
+                        .remember(d.pfn, &Bytes::copy_from_slice(d.payload));
+                }
+                sink(d.pfn, d.payload);
+                self.page_present(now, d.pfn, true);
+                self.check_complete();
+                return;
+            }
+            // The one copy of a page that arrived whole.
+            Bytes::copy_from_slice(d.payload)
+        } else {
+            // Each fragment is copied once, into its place in the page.
+            match self
+                .reasm
+                .insert(d.pfn, d.frag_index, d.frag_count, d.payload)
+            {
+                Ok(Some(p)) => p,
+                Ok(None) => {
+                    self.stats.fragments_evicted = self.reasm.evicted();
+                    return;
+                }
+                Err(e) => {
+                    self.stats.malformed += 1;
+                    tracing::debug!(error = %e, pfn = d.pfn, "bad fragment");
+                    return;
+                }
+            }
+        };
+        self.count_data(&d);
+        if self.fec_active() {
+            self.fec.rx.remember(d.pfn, &page);
+        }
+        self.accept_page(now, d.pfn, page, true);
+    }
+
+    /// Count a page by why the server sent it.
+    fn count_data(&mut self, d: &Data<'_>) {
+        match d.flags {
+            f if f & Data::DEMAND != 0 => self.stats.demand_pages += 1,
+            f if f & Data::PUSH != 0 => self.stats.push_pages += 1,
+            f if f & Data::SWEEP != 0 => {
+                self.stats.sweep_pages += 1;
+                self.gaps.swept(d.pfn);
+            }
+            _ => self.stats.repair_pages += 1,
+        }
+    }
+
+    /// A page became present (received or decoded): report it once, settle its request.
+    pub(super) fn accept_page(&mut self, now: Instant, pfn: u64, page: Bytes, rtt_sample: bool) {
+        self.page_present(now, pfn, rtt_sample);
+        self.events
+            .push_back(ClientEvent::PageReady { pfn, data: page });
+        self.check_complete();
+    }
+
+    /// Mark a received page present and settle its request.
+    fn page_present(&mut self, now: Instant, pfn: u64, rtt_sample: bool) {
+        self.present.set(pfn);
+        self.stats.pages_received += 1;
+        if let Some(rtt) = self.requests.settle(pfn, rtt_sample.then_some(now)) {
+            self.rtt_sample(rtt);
+        }
+    }
+
+    pub(super) fn deliver_zero(&mut self, pfn: u64) {
+        if self.present.set(pfn) {
+            if self.zero_page.len() != self.page_size() {
+                self.zero_page = Bytes::from(vec![0u8; self.page_size()]);
+            }
+            self.events.push_back(ClientEvent::PageReady {
+                pfn,
+                data: self.zero_page.clone(),
+            });
+        }
+    }
+
+    fn page_size(&self) -> usize {
+        self.session.info.map_or(4096, |s| s.page_size)
+    }
+
+    pub(super) fn check_complete(&mut self) {
+        if self.complete || !self.session.zero_map_complete {
+            return;
+        }
+        let Some(s) = self.session.info else { return };
+        if self.pages_present() >= s.page_count {
+            self.complete = true;
+            self.timers.stop(super::Timer::Scan);
+            self.events.push_back(ClientEvent::Complete);
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! The session: joining, the announce, the zero-page map, server restarts and image changes.
+//!
+//! Rule owned here: the client joins (first retries quickly, then backs off to once a
+//! second) until an announce of a plausible size names the session, and keeps asking (every
+//! 250 ms) until the zero-page map arrived and matches the announced digest and count. An
+//! announce of another session id with the same image is a server restart: the session
+//! resumes and every outstanding page is asked again. Another image fails the session; so
+//! does an image other than `expected_digest`, and an `End` while pages are still missing.
+//! Leaving sends three leave datagrams 5 ms apart, even after a failure.
+
+use super::{Client, ClientError, ClientEvent, Timer};
+use crate::bitmap::PageBitmap;
+use crate::reassembly::Reassembler;
+use crate::wire::{self, Announce, Body};
+use crate::{SessionInfo, Transmit};
+use std::time::{Duration, Instant};
+
+/// Pages asked for before the session is known, kept to be asked once it is.
+const MAX_EARLY: usize = 65536;
+
+/// Leave datagrams still to send.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Leave {
+    pub(super) reason: u8,
+    pub(super) remaining: u8,
+}
+
+/// What the client knows of the session.
+pub(super) struct Session {
+    /// The session's parameters, once announced.
+    pub(super) info: Option<SessionInfo>,
+    /// The latest announce of this session.
+    pub(super) announce: Option<Announce>,
+    /// Zero pages (complete once `zero_map_complete`).
+    pub(super) zero: PageBitmap,
+    /// Zero-map chunks received.
+    zero_chunks: PageBitmap,
+    /// The zero map was received and verified.
+    pub(super) zero_map_complete: bool,
+    /// Pages asked for before the session was known.
+    early: Vec<u64>,
+    /// Delay before the next join while the session is unknown.
+    join_backoff: Duration,
+}
+
+impl Session {
+    pub(super) fn new(join_interval: Duration) -> Session {
+        Session {
+            info: None,
+            announce: None,
+            zero: PageBitmap::new(0),
+            zero_chunks: PageBitmap::new(0),
+            zero_map_complete: false,
+            early: Vec::new(),
+            // The first join is retried quickly (a lost join must not make a
+            // late joiner), then backs off to one a second.
+            join_backoff: (join_interval / 4).max(Duration::from_millis(1)),
+        }
+    }
+
+    /// Remember a page asked for before the session is known.
+    pub(super) fn ask_early(&mut self, pfn: u64) {
+        if self.early.len() < MAX_EARLY {
+            self.early.push(pfn);
+        }
+    }
+}
+
+impl Client {
+    pub(super) fn on_announce(&mut self, now: Instant, session_id: u64, a: Announce) {
+        // The announce sizes what the client allocates (page bitmaps, zero-map
+        // chunk set): refuse sizes beyond the configured bound, and chunk counts
+        // no server would use for this many pages.
+        if a.page_count > self.cfg.max_image_pages
+            || u64::from(a.zero_map_chunks) > a.page_count.div_ceil(64) + 1
+        {
+            self.stats.malformed += 1;
+            tracing::debug!(
+                pages = a.page_count,
+                chunks = a.zero_map_chunks,
+                "dropping announce of an implausible size"
+            );
+            return;
+        }
+        let info = SessionInfo {
+            session_id,
+            image_size: a.image_size,
+            page_size: a.page_size as usize,
+            page_count: a.page_count,
+            digest: a.digest,
+            zero_count: a.zero_count,
+        };
+        match self.session.info {
+            None => self.start_session(now, info, a),
+            Some(old) if old.session_id == session_id => {
+                self.meter.last_server_packet = now;
+                self.session.announce = Some(a);
+            }
+            Some(old) => {
+                if old.digest == a.digest
+                    && old.image_size == a.image_size
+                    && old.page_size == info.page_size
+                {
+                    tracing::info!(
+                        old = old.session_id,
+                        new = session_id,
+                        "server restarted with the same image; resuming"
+                    );
+                    self.stats.resumes += 1;
+                    self.session.info = Some(info);
+                    self.session.announce = Some(a);
+                    self.meter.last_server_packet = now;
+                    self.meter.server_restarted();
+                    self.requests.resend_all();
+                    self.events.push_back(ClientEvent::SessionResumed(info));
+                } else {
+                    self.fail(ClientError::ImageChanged {
+                        old: crate::hex(&old.digest),
+                        new: crate::hex(&a.digest),
+                    });
+                }
+            }
+        }
+    }
+
+    fn start_session(&mut self, now: Instant, info: SessionInfo, a: Announce) {
+        if let Some(exp) = self.cfg.expected_digest {
+            if exp != a.digest {
+                self.fail(ClientError::WrongImage {
+                    expected: crate::hex(&exp),
+                    got: crate::hex(&a.digest),
+                });
+                return;
+            }
+        }
+        let s = &mut self.session;
+        s.info = Some(info);
+        s.announce = Some(a);
+        s.zero = PageBitmap::new(a.page_count);
+        s.zero_chunks = PageBitmap::new(u64::from(a.zero_map_chunks));
+        s.zero_map_complete = a.zero_map_chunks == 0 && a.zero_count == 0;
+        self.present = PageBitmap::new(a.page_count);
+        self.reasm = Reassembler::new(info.page_size, self.cfg.max_partial_pages);
+        self.meter.last_server_packet = now;
+        // Heartbeats go out only once the session is known; the first one is due when it
+        // was due at construction.
+        self.timers.set(Timer::Report, self.meter.first_report);
+        self.events.push_back(ClientEvent::SessionStarted(info));
+        for pfn in std::mem::take(&mut self.session.early) {
+            self.request_page(now, pfn);
+        }
+        if self.cfg.want_zero_map && !self.session.zero_map_complete {
+            self.timers.set(Timer::Join, now + self.cfg.join_interval);
+        } else {
+            self.timers.stop(Timer::Join);
+        }
+    }
+
+    pub(super) fn on_zero_map(&mut self, now: Instant, z: wire::ZeroMap<'_>) {
+        let Some(a) = self.session.announce else {
+            return;
+        };
+        let s = &mut self.session;
+        if s.zero_map_complete || z.chunk_count != a.zero_map_chunks {
+            return;
+        }
+        if !s.zero_chunks.set(u64::from(z.chunk)) {
+            return;
+        }
+        s.zero.or_bytes_at(z.start_page, z.bits);
+        if !s.zero_chunks.is_full() {
+            return;
+        }
+        let digest = *blake3::hash(&s.zero.to_bytes()).as_bytes();
+        if digest == a.zero_map_digest && s.zero.count_ones() == a.zero_count {
+            s.zero_map_complete = true;
+            self.timers.stop(Timer::Join);
+            // Pages asked for that turn out to be zero are satisfied locally.
+            let zeros: Vec<u64> = self
+                .requests
+                .pfns()
+                .into_iter()
+                .filter(|&p| self.session.zero.get(p))
+                .collect();
+            for pfn in zeros {
+                self.requests.settle(pfn, None);
+                self.deliver_zero(pfn);
+            }
+            self.present.union_with(&self.session.zero);
+            self.check_complete();
+        } else {
+            tracing::debug!("zero map failed verification; asking again");
+            self.stats.malformed += 1;
+            s.zero = PageBitmap::new(s.zero.len());
+            s.zero_chunks = PageBitmap::new(s.zero_chunks.len());
+            if self.cfg.want_zero_map {
+                self.timers.set(Timer::Join, now);
+            }
+        }
+    }
+
+    /// The server ended the session: fail unless nothing is missing.
+    pub(super) fn on_end(&mut self, s: SessionInfo) {
+        let missing = if self.gaps.fetch_all {
+            s.page_count.saturating_sub(self.pages_present())
+        } else {
+            self.requests.len() as u64
+        };
+        if !self.complete && missing > 0 && !self.failed {
+            self.fail(ClientError::ServerEnded { missing });
+        }
+    }
+
+    /// A join, when one is due (`Some(None)`: due, but `buf` too small).
+    pub(super) fn emit_join(&mut self, now: Instant, buf: &mut [u8]) -> Option<Option<Transmit>> {
+        if !self.timers.is_expired(Timer::Join, now) {
+            return None;
+        }
+        if self.session.info.is_none() {
+            self.timers
+                .set(Timer::Join, now + self.session.join_backoff);
+            self.session.join_backoff = (self.session.join_backoff * 2).min(Duration::from_secs(1));
+        } else {
+            self.timers
+                .set(Timer::Join, now + Duration::from_millis(250));
+        }
+        let seq = self.next_seq();
+        let flags = if self.cfg.want_zero_map {
+            wire::Join::WANT_ZERO_MAP
+        } else {
+            0
+        };
+        Some(self.to_server(seq, Body::Join(wire::Join { flags }), buf))
+    }
+
+    /// A leave datagram, when one is due (`Some(None)`: due, but `buf` too small).
+    pub(super) fn emit_leave(&mut self, now: Instant, buf: &mut [u8]) -> Option<Option<Transmit>> {
+        let l = self.leave.as_mut()?;
+        if l.remaining == 0 || !self.timers.is_expired(Timer::Leave, now) {
+            return None;
+        }
+        l.remaining -= 1;
+        let reason = l.reason;
+        if l.remaining > 0 {
+            self.timers
+                .set(Timer::Leave, now + Duration::from_millis(5));
+        } else {
+            self.timers.stop(Timer::Leave);
+        }
+        let seq = self.next_seq();
+        Some(self.to_server(seq, Body::Leave(wire::Leave { reason }), buf))
+    }
+}

@@ -1,0 +1,134 @@
+//! What the client tells its embedder: events, failures and counters.
+//!
+//! Rule owned here: each page becomes present exactly once and is reported once as
+//! [`ClientEvent::PageReady`]; a session ends either [`ClientEvent::Complete`] or
+//! [`ClientEvent::Failed`] with a [`ClientError`] saying why. Counters only count.
+
+use crate::SessionInfo;
+use bytes::Bytes;
+use std::net::SocketAddr;
+use thiserror::Error;
+
+/// Why a session failed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ClientError {
+    /// Nothing heard from the server for too long while pages were outstanding.
+    #[error("server {server} silent for {silent_ms} ms with {outstanding} page(s) outstanding")]
+    ServerUnresponsive {
+        /// Server address.
+        server: SocketAddr,
+        /// How long it was silent.
+        silent_ms: u64,
+        /// Pages still awaited.
+        outstanding: usize,
+    },
+    /// One page went unanswered through every retry.
+    #[error("page {pfn} unanswered after {retries} retries")]
+    PageUnavailable {
+        /// The page.
+        pfn: u64,
+        /// Retries made.
+        retries: u32,
+    },
+    /// The server now serves a different image.
+    #[error("the server's image changed (digest {old} -> {new}); refusing to mix pages")]
+    ImageChanged {
+        /// Digest of the image being fetched.
+        old: String,
+        /// Digest now announced.
+        new: String,
+    },
+    /// The session's image is not the one expected.
+    #[error("session serves image {got}, expected {expected}")]
+    WrongImage {
+        /// Expected digest.
+        expected: String,
+        /// Announced digest.
+        got: String,
+    },
+    /// The server ended the session before the client had what it needed.
+    #[error("the server ended the session with {missing} page(s) missing")]
+    ServerEnded {
+        /// Pages not received.
+        missing: u64,
+    },
+}
+
+/// What the client tells its embedder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// The session's parameters are known.
+    SessionStarted(SessionInfo),
+    /// The server restarted with the same image; outstanding requests were re-sent.
+    SessionResumed(SessionInfo),
+    /// A page became present (exactly once per page).
+    PageReady {
+        /// Page number.
+        pfn: u64,
+        /// Its bytes (`page_size` long).
+        data: Bytes,
+    },
+    /// Every page is present (zero pages included).
+    Complete,
+    /// The session failed; no more pages will arrive.
+    Failed(ClientError),
+}
+
+/// Client counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Unique pages received with data.
+    pub pages_received: u64,
+    /// ... of which answered our or a sibling's demand.
+    pub demand_pages: u64,
+    /// ... pushed next to faults.
+    pub push_pages: u64,
+    /// ... from the sweep.
+    pub sweep_pages: u64,
+    /// ... repairs.
+    pub repair_pages: u64,
+    /// Zero pages answered by the server (header only).
+    pub zero_replies: u64,
+    /// Pages received that were already present.
+    pub duplicates: u64,
+    /// Datagrams received (valid, this session).
+    pub datagrams_received: u64,
+    /// Bytes received (valid datagrams, this session).
+    pub bytes_received: u64,
+    /// Request datagrams sent.
+    pub requests_sent: u64,
+    /// Pages asked for in first requests.
+    pub pages_requested: u64,
+    /// Page re-requests after a timeout.
+    pub retries: u64,
+    /// NACK datagrams sent.
+    pub nacks_sent: u64,
+    /// Pages NACKed.
+    pub nack_pages: u64,
+    /// Requests coalesced into one already outstanding.
+    pub coalesced: u64,
+    /// Datagrams that failed to parse or were refused.
+    pub malformed: u64,
+    /// Datagrams of another session or kind.
+    pub foreign: u64,
+    /// Page numbers outside the image.
+    pub out_of_range: u64,
+    /// Fragmented pages evicted from reassembly.
+    pub fragments_evicted: u64,
+    /// Times the server restarted with the same image.
+    pub resumes: u64,
+    /// Smoothed round-trip time of demand requests, microseconds.
+    pub srtt_us: u64,
+    /// FEC repair symbols received and kept for decoding.
+    pub fec_repairs: u64,
+    /// FEC repair symbols that came after their block was decoded or complete.
+    pub fec_repairs_unneeded: u64,
+    /// FEC repair symbols refused: inconsistent with the session or their block.
+    pub fec_repairs_refused: u64,
+    /// Pages recovered by FEC decoding (also counted in `pages_received`).
+    pub fec_pages: u64,
+    /// FEC blocks decoded.
+    pub fec_blocks_decoded: u64,
+    /// FEC blocks given up (evicted to bound memory, or a member page no longer cached).
+    pub fec_blocks_dropped: u64,
+}

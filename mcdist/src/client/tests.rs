@@ -1,0 +1,128 @@
+//! The borrowed page path hands out the same pages, once each, as the event path.
+
+use super::{Client, ClientConfig, ClientEvent};
+use crate::{Dest, MemSource, Server, ServerConfig};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const PAGE: usize = 4096;
+const PAGES: u64 = 96;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn image() -> Vec<u8> {
+    let mut img = vec![0u8; PAGE * PAGES as usize];
+    for (i, page) in img.chunks_mut(PAGE).enumerate() {
+        if i % 7 != 3 {
+            page.iter_mut()
+                .enumerate()
+                .for_each(|(j, b)| *b = (i * 31 + j) as u8 | 1);
+        }
+    }
+    img
+}
+
+/// Pages one client handed out: `(pfn -> bytes)` and how many came through the sink.
+#[derive(Default)]
+struct Got {
+    pages: BTreeMap<u64, Vec<u8>>,
+    lent: usize,
+}
+
+impl Got {
+    fn put(&mut self, pfn: u64, data: &[u8]) {
+        assert!(
+            self.pages.insert(pfn, data.to_vec()).is_none(),
+            "page {pfn} twice"
+        );
+    }
+
+    fn drain(&mut self, c: &mut Client) {
+        while let Some(e) = c.poll_event() {
+            if let ClientEvent::PageReady { pfn, data } = e {
+                self.put(pfn, &data);
+            }
+        }
+    }
+}
+
+/// A server sending datagrams of `max_datagram` bytes; client `a` talks to it through
+/// `handle_datagram`, client `b` hears the same datagrams through the borrowed path.
+fn fetch_both(max_datagram: usize) -> (Got, Got, Client, Client) {
+    let img = image();
+    let mut now = Instant::now();
+    let scfg = ServerConfig {
+        max_datagram,
+        sweep: true,
+        ..ServerConfig::default()
+    };
+    let source = Arc::new(MemSource::new(img.clone(), PAGE));
+    let mut server = Server::new(scfg, source, now).expect("server configuration");
+    let mut a = Client::new(ClientConfig::new(addr(1)), now);
+    let mut b = Client::new(ClientConfig::new(addr(1)), now);
+    a.fetch_all(now);
+    b.fetch_all(now);
+    let (mut got_a, mut got_b) = (Got::default(), Got::default());
+    let mut buf = vec![0u8; 65_536];
+    for _ in 0..20_000 {
+        if a.is_complete() || a.is_failed() {
+            break;
+        }
+        now += Duration::from_millis(1);
+        for c in [&mut a, &mut b] {
+            if c.poll_timeout().is_some_and(|t| t <= now) {
+                c.handle_timeout(now);
+            }
+        }
+        while let Some(t) = a.poll_transmit(now, &mut buf) {
+            assert_eq!(t.dest, Dest::Peer(addr(1)));
+            server.handle_datagram(now, addr(2), &buf[..t.len]);
+        }
+        // `b` sends nothing: it must reach the same state from the same input.
+        while b.poll_transmit(now, &mut buf).is_some() {}
+        if server.poll_timeout().is_some_and(|t| t <= now) {
+            server.handle_timeout(now);
+        }
+        while let Some(t) = server.poll_transmit(now, &mut buf) {
+            let d = &buf[..t.len];
+            a.handle_datagram(now, addr(1), bytes::Bytes::copy_from_slice(d));
+            let lent = &mut got_b;
+            b.handle_datagram_borrowed(now, addr(1), d, &mut |pfn, page| {
+                lent.put(pfn, page);
+                lent.lent += 1;
+            });
+        }
+        got_a.drain(&mut a);
+        got_b.drain(&mut b);
+    }
+    assert!(a.is_complete() && b.is_complete(), "fetch did not complete");
+    for (pfn, data) in &got_a.pages {
+        let at = *pfn as usize * PAGE;
+        assert_eq!(data[..], img[at..at + PAGE], "page {pfn}");
+    }
+    (got_a, got_b, a, b)
+}
+
+#[test]
+fn borrowed_whole_pages_match_the_event_path() {
+    let (a, b, ca, cb) = fetch_both(65_507);
+    assert_eq!(a.pages, b.pages);
+    assert_eq!(a.lent, 0);
+    // Every page with data arrived whole and was lent, none copied into an event; the
+    // zero pages of the map are present without data.
+    assert_eq!(b.lent, b.pages.len());
+    assert_eq!(b.pages.len() as u64 + cb.zero_map().count_ones(), PAGES);
+    assert_eq!(ca.stats(), cb.stats());
+}
+
+#[test]
+fn fragmented_pages_still_come_as_events() {
+    let (a, b, ca, cb) = fetch_both(1400);
+    assert_eq!(a.pages, b.pages);
+    assert_eq!(b.lent, 0);
+    assert_eq!(ca.stats(), cb.stats());
+}
