@@ -125,6 +125,25 @@ impl TreeBuilder {
         Ok(())
     }
 
+    /// Takes the pages `other`, a builder of the same image, has and this one lacks:
+    /// builders filled by several threads over disjoint parts of an image merge into one.
+    pub fn absorb(&mut self, other: &TreeBuilder) {
+        if other.layout != self.layout {
+            return;
+        }
+        for pfn in 0..other.have.len() {
+            if other.have.get(pfn) && !self.have.get(pfn) {
+                if let (Some(to), Some(from)) =
+                    (self.cvs.get_mut(pfn as usize), other.cvs.get(pfn as usize))
+                {
+                    *to = *from;
+                }
+                self.single.clone_from(&other.single);
+                self.have.set(pfn);
+            }
+        }
+    }
+
     /// The hash pages and the root, once every data page was added.
     pub fn finish(&self) -> Result<HashTree, IntegrityError> {
         let missing = self.missing();

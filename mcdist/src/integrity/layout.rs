@@ -235,6 +235,23 @@ impl HashLayout {
         }
     }
 
+    /// Every page number once, each hash page before the pages it covers: the levels above
+    /// level 1 (top first), then each level-1 hash page followed by its data pages. A
+    /// sweep in this order lets a receiver verify every page as it arrives, and keeps a
+    /// level-1 page next to its data.
+    pub fn sweep_order(&self) -> impl Iterator<Item = u64> + '_ {
+        let n = self.data_pages;
+        let upper = self.hash_pfn(1, 0).unwrap_or(n);
+        let fan = self.fanout() as u64;
+        let level1 = (0..self.level_pages(1)).flat_map(move |i| {
+            let data = i * fan..((i + 1) * fan).min(n);
+            std::iter::once(upper + i).chain(data)
+        });
+        // An image of at most one page has no hash pages: its page alone.
+        let single = 0..if self.counts.is_empty() { n } else { 0 };
+        (n..upper).chain(level1).chain(single)
+    }
+
     /// Byte offset of data page `pfn` in the image.
     pub(super) fn data_offset(&self, pfn: u64) -> u64 {
         pfn * self.page_size as u64

@@ -31,13 +31,18 @@ fn check_image(img: &[u8], ps: usize) -> Result<HashTree, TestCaseError> {
     let l = tree.layout();
     prop_assert_eq!(tree.root(), *blake3::hash(img).as_bytes());
     check_layout(l)?;
-    // The same tree from chaining values added in reverse order.
+    // The same tree from chaining values added in reverse order by two builders, odd and
+    // even pages, merged into one.
     if l.data_pages() > 1 {
         let mut b = TreeBuilder::new(l.clone()).expect("layout");
+        let mut odd = b.clone();
         for pfn in (0..l.data_pages()).rev() {
             let cv = page_chaining_value(l, pfn, &data_page(img, ps, pfn)).expect("cv");
-            b.add_chaining_value(pfn, cv).expect("data page");
+            let to = if pfn % 2 == 1 { &mut odd } else { &mut b };
+            to.add_chaining_value(pfn, cv).expect("data page");
         }
+        prop_assert_eq!(b.missing(), l.data_pages() / 2);
+        b.absorb(&odd);
         prop_assert_eq!(&b.finish().expect("complete"), &tree);
     }
     let mut v = Verifier::new(l.clone(), tree.root()).expect("verifier");
@@ -144,6 +149,16 @@ fn check_layout(l: &HashLayout) -> Result<(), TestCaseError> {
         );
         prop_assert!(path.windows(2).all(|w| w[0] < w[1]));
     }
+    // The sweep order: every page once, each after the hash page above it.
+    let mut seen = crate::bitmap::PageBitmap::new(l.total_pages());
+    for pfn in l.sweep_order() {
+        prop_assert!(!seen.get(pfn), "page {} twice", pfn);
+        if let Some(slot) = l.parent(pfn).expect("in range") {
+            prop_assert!(seen.get(slot.pfn), "page {} before its parent", pfn);
+        }
+        seen.set(pfn);
+    }
+    prop_assert!(seen.is_full());
     let end = l.total_pages();
     let r = l.locate(end);
     prop_assert!(
