@@ -26,6 +26,25 @@
 //! per-page CVs computed elsewhere), [`Verifier`] checks hash pages top-down, caches them,
 //! and checks data pages below them. No input panics; every refusal is an
 //! [`IntegrityError`].
+//!
+//! ```
+//! use mcdist::integrity::{HashTree, IntegrityError, Verifier};
+//! let image: Vec<u8> = (0..300 * 4096 + 5).map(|i| (i % 251) as u8).collect();
+//! // Server: hash pages from the image; the root is the digest the descriptor carries.
+//! let tree = HashTree::from_image(&image, 4096)?;
+//! assert_eq!(tree.root(), *blake3::hash(&image).as_bytes());
+//! // Receiver: knows only the layout and the root.
+//! let mut v = Verifier::new(tree.layout().clone(), tree.root())?;
+//! let page = &image[200 * 4096..201 * 4096];
+//! let path = v.missing_for(200)?; // top level first
+//! assert!(matches!(v.verify_data_page(200, page), Err(IntegrityError::Missing { .. })));
+//! for pfn in path {
+//!     v.verify_hash_page(pfn, tree.page(pfn).expect("hash page"))?;
+//! }
+//! v.verify_data_page(200, page)?;
+//! assert!(v.verify_data_page(201, page).is_err());
+//! # Ok::<(), IntegrityError>(())
+//! ```
 
 mod builder;
 mod layout;
