@@ -43,6 +43,7 @@ pub mod bitmap;
 pub mod client;
 pub mod digest;
 pub mod fec;
+pub mod integrity;
 pub mod node;
 pub mod pacing;
 pub mod reassembly;
