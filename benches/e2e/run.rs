@@ -3,6 +3,7 @@
 //! verified, logs kept.
 
 use super::netns::{children_cpu_secs, set_loss, tx_bytes};
+use super::runner::Site;
 use super::{RunResult, Tool};
 use mcdist::testnet::Topology;
 use std::io::{self, Write};
@@ -124,8 +125,14 @@ impl Bench {
         }
         let before = tx_bytes(topo);
         let cpu_before = children_cpu_secs();
+        let site = Site {
+            topo,
+            subnet,
+            n,
+            dir: &dir,
+        };
         let outcome = self
-            .launch_plan(topo, subnet, tool, n, loss, &dir)
+            .launch_plan(site, tool, loss)
             .and_then(|plan| self.launch(plan, &dir));
         let after = tx_bytes(topo);
         r.cpu_secs = (children_cpu_secs() - cpu_before).max(0.0);

@@ -9,6 +9,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Where a run happens: the topology, its multicast subnet (`239.255.<subnet>.x`),
+/// the receiver count and the run's scratch directory.
+#[derive(Clone, Copy)]
+pub(super) struct Site<'a> {
+    pub(super) topo: &'a Topology,
+    pub(super) subnet: u8,
+    pub(super) n: usize,
+    pub(super) dir: &'a Path,
+}
+
 /// What one run of a tool starts.
 pub(super) struct Launch {
     /// One receiver per host 1..=N (logs `rx<i>.log`).
@@ -39,15 +49,12 @@ fn write_key(dir: &Path) -> Result<PathBuf, String> {
 }
 
 impl Bench {
-    /// The plan of `tool` to `n` receivers with `loss` percent receive loss.
+    /// The plan of `tool` to the site's receivers with `loss` percent receive loss.
     pub(super) fn launch_plan(
         &self,
-        topo: &Topology,
-        subnet: u8,
+        site: Site<'_>,
         tool: Tool,
-        n: usize,
         loss: f64,
-        dir: &Path,
     ) -> Result<Launch, String> {
         match tool {
             Tool::Mcdist
@@ -57,9 +64,9 @@ impl Bench {
             | Tool::McdistNoGso
             | Tool::McdistUnicast
             | Tool::McdistAuth
-            | Tool::McdistEnc => self.mcdist_plan(topo, subnet, tool, n, loss, dir),
-            Tool::Uftp => self.uftp_plan(topo, subnet, n, dir),
-            Tool::Udpcast | Tool::UdpcastFec => Ok(self.udpcast_plan(topo, subnet, tool, n, dir)),
+            | Tool::McdistEnc => self.mcdist_plan(site, tool, loss),
+            Tool::Uftp => self.uftp_plan(site),
+            Tool::Udpcast | Tool::UdpcastFec => Ok(self.udpcast_plan(site, tool)),
         }
     }
 
@@ -84,15 +91,13 @@ impl Bench {
         Ok((secs, plan.outs))
     }
 
-    fn mcdist_plan(
-        &self,
-        topo: &Topology,
-        subnet: u8,
-        tool: Tool,
-        n: usize,
-        loss: f64,
-        dir: &Path,
-    ) -> Result<Launch, String> {
+    fn mcdist_plan(&self, site: Site<'_>, tool: Tool, loss: f64) -> Result<Launch, String> {
+        let Site {
+            topo,
+            subnet,
+            n,
+            dir,
+        } = site;
         let group = format!("239.255.{subnet}.1:7000");
         // UDP GSO/GRO: forced by the two variants that name it. Otherwise the binary's
         // default, except under injected loss: the nft rule drops whole GSO buffers (up to 64
@@ -168,13 +173,13 @@ impl Bench {
         })
     }
 
-    fn uftp_plan(
-        &self,
-        topo: &Topology,
-        subnet: u8,
-        n: usize,
-        dir: &Path,
-    ) -> Result<Launch, String> {
+    fn uftp_plan(&self, site: Site<'_>) -> Result<Launch, String> {
+        let Site {
+            topo,
+            subnet,
+            n,
+            dir,
+        } = site;
         let public = format!("239.255.{subnet}.1");
         let private = format!("239.255.{subnet}.2");
         let mut outs = Vec::new();
@@ -220,14 +225,13 @@ impl Bench {
         })
     }
 
-    fn udpcast_plan(
-        &self,
-        topo: &Topology,
-        subnet: u8,
-        tool: Tool,
-        n: usize,
-        dir: &Path,
-    ) -> Launch {
+    fn udpcast_plan(&self, site: Site<'_>, tool: Tool) -> Launch {
+        let Site {
+            topo,
+            subnet,
+            n,
+            dir,
+        } = site;
         let rdv = format!("239.255.{subnet}.2");
         let data = format!("239.255.{subnet}.3");
         let t = self.run_timeout.as_secs().max(1).to_string();

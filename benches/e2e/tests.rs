@@ -56,3 +56,14 @@ fn csv_round_trips_and_medians_take_the_middle_of_good_runs() {
     assert!(from_csv("tool,receivers\nmcdist,1\n").is_err());
     assert!(from_csv("").is_err());
 }
+
+#[test]
+fn every_named_tool_parses_back() {
+    for t in Tool::NAMED {
+        assert_eq!(Tool::from_name(t.name()), Some(t));
+    }
+    let mut names: Vec<&str> = Tool::NAMED.iter().map(|t| t.name()).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), Tool::NAMED.len());
+}

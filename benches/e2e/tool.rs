@@ -45,21 +45,24 @@ impl Tool {
         Tool::UdpcastFec,
     ];
 
-    /// Every tool that can be named on the command line: [`Tool::ALL`] and
-    /// variants run only when asked for.
-    pub const NAMED: [Tool; 11] = [
-        Tool::Mcdist,
-        Tool::McdistBase,
-        Tool::McdistFec,
-        Tool::McdistGso,
-        Tool::McdistNoGso,
-        Tool::McdistUnicast,
-        Tool::McdistAuth,
-        Tool::McdistEnc,
-        Tool::Uftp,
-        Tool::Udpcast,
-        Tool::UdpcastFec,
-    ];
+    /// The variants that run only when asked for.
+    pub const EXTRA: [Tool; 3] = [Tool::McdistBase, Tool::McdistGso, Tool::McdistNoGso];
+
+    /// Every tool that can be named on the command line: [`Tool::ALL`], then
+    /// [`Tool::EXTRA`].
+    pub const NAMED: [Tool; 11] = {
+        let mut named = [Tool::Mcdist; 11];
+        let mut i = 0;
+        while i < named.len() {
+            named[i] = if i < Tool::ALL.len() {
+                Tool::ALL[i]
+            } else {
+                Tool::EXTRA[i - Tool::ALL.len()]
+            };
+            i += 1;
+        }
+        named
+    };
 
     /// Name used on the command line and in reports.
     pub fn name(self) -> &'static str {
