@@ -2,13 +2,15 @@
 //! datagram is dropped and counted, nothing panics, nothing grows with an
 //! attacker-chosen number, and honest clients still get byte-identical images.
 
+mod common;
+
 use bytes::Bytes;
 use mcdist::client::{Client, ClientConfig};
 use mcdist::server::ServerConfig;
 use mcdist::sim::{test_image, ClientSpec, Sim};
 use mcdist::wire::{
-    encode_ranges, ranges_from_encoded, Announce, Body, Data, Header, HeaderFlags, Kind, Message,
-    PageRange, Request, HEADER_LEN, MAX_RANGE_LEN, VERSION,
+    Announce, Body, Data, Header, HeaderFlags, Kind, PageRange, Request, HEADER_LEN, MAX_RANGE_LEN,
+    VERSION,
 };
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -18,29 +20,11 @@ const PAGES: usize = 256;
 const SESSION: u64 = 0xbad;
 
 fn emit(session: u64, body: Body<'_>) -> Bytes {
-    let m = Message {
-        session,
-        seq: 1,
-        flags: HeaderFlags(0),
-        body,
-    };
-    let mut buf = vec![0u8; m.buffer_len()];
-    m.emit(&mut buf).unwrap();
-    Bytes::from(buf)
+    common::emit(session, body).into()
 }
 
 fn request(session: u64, flags: u8, ranges: &[PageRange]) -> Bytes {
-    let mut raw = Vec::new();
-    encode_ranges(ranges, &mut raw);
-    emit(
-        session,
-        Body::Request(Request {
-            rx_rate: 0,
-            loss_permille: 0,
-            flags,
-            ranges: ranges_from_encoded(&raw),
-        }),
-    )
+    common::request(session, flags, ranges).into()
 }
 
 /// Datagrams a server must drop, each with the counter it must land in.

@@ -2,46 +2,34 @@
 //! namespaces on a bridge, over real UDP multicast: every output must equal the
 //! input image.
 
-use mcdist::testnet::{unavailable, write_test_image, Topology};
+mod common;
+
+use common::Bridge;
 use std::process::Stdio;
 
 #[test]
 fn serve_and_three_fetches_over_a_bridge() {
-    if let Some(why) = unavailable() {
-        eprintln!("skipping: {why}");
+    let Some(b) = Bridge::new("mcf", 4, 41, 64, Some(8), 1234) else {
         return;
-    }
-    let bin = env!("CARGO_BIN_EXE_mcdist");
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("image");
-    write_test_image(&img, 64, Some(8), 1234).unwrap();
-    let topo = Topology::create("mcf", 4, 41).expect("building the namespace topology");
-    let srv = &topo.hosts[0];
-    let listen = format!("{}:7001", srv.addr);
-    let group = "239.255.41.1:7000";
-    let mut server = topo
-        .command(0, bin)
-        .args(["serve", "--image"])
-        .arg(&img)
-        .args(["--group", group, "--iface", &srv.iface, "--listen", &listen])
+    };
+    let group = &b.group(1);
+    let mut server = b
+        .serve(group)
         .args(["--clients", "3", "--exit-when-done", "--timeout", "120"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let mut fetchers = Vec::new();
     for i in 1..4 {
-        let out = dir.path().join(format!("out{i}"));
-        let child = topo
-            .command(i, bin)
-            .args(["fetch", "--group", group, "--iface", &topo.hosts[i].iface])
-            .args(["--server", &listen, "--timeout", "120", "--out"])
-            .arg(&out)
+        let out = b.path(&format!("out{i}"));
+        let child = b
+            .fetch(i, group, "120", &out)
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
         fetchers.push((out, child));
     }
-    let want = std::fs::read(&img).unwrap();
+    let want = std::fs::read(&b.img).unwrap();
     for (out, child) in fetchers {
         let o = child.wait_with_output().unwrap();
         let text = String::from_utf8_lossy(&o.stdout);

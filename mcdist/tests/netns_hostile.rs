@@ -10,7 +10,10 @@
 //!   under the server): refused, and the copy removed.
 //! - `mcdist fetch` onto a full disk: a clear error and no partial file left.
 
-use mcdist::testnet::{unavailable, write_test_image, Topology};
+mod common;
+
+use common::{Bridge, BIN};
+use mcdist::testnet::unavailable;
 use mcdist::wire::{
     encode_ranges, ranges_from_encoded, Body, HeaderFlags, Join, Message, PageRange, Request,
 };
@@ -20,22 +23,20 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_mcdist");
+/// `serve` arguments for the cases that fail before any traffic (on loopback).
+const LO_ARGS: [&str; 6] = [
+    "--group",
+    "239.255.63.1:7000",
+    "--iface",
+    "lo",
+    "--listen",
+    "127.0.0.1:0",
+];
 
 /// Start `mcdist serve` in host 0 and wait for its "serving" line.
-fn serve(topo: &Topology, img: &Path, group: &str, listen: &str) -> Child {
-    let mut child = topo
-        .command(0, BIN)
-        .args(["serve", "--image"])
-        .arg(img)
-        .args([
-            "--group",
-            group,
-            "--iface",
-            &topo.hosts[0].iface,
-            "--listen",
-            listen,
-        ])
+fn serve(b: &Bridge, group: &str) -> Child {
+    let mut child = b
+        .serve(group)
         .args(["--clients", "1", "--timeout", "120"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -50,27 +51,9 @@ fn serve(topo: &Topology, img: &Path, group: &str, listen: &str) -> Child {
     child
 }
 
-fn fetch(
-    topo: &Topology,
-    host: usize,
-    group: &str,
-    listen: &str,
-    out: &Path,
-) -> (bool, String, Duration) {
+fn fetch(b: &Bridge, host: usize, group: &str, out: &Path) -> (bool, String, Duration) {
     let t0 = Instant::now();
-    let o = topo
-        .command(host, BIN)
-        .args([
-            "fetch",
-            "--group",
-            group,
-            "--iface",
-            &topo.hosts[host].iface,
-        ])
-        .args(["--server", listen, "--timeout", "120", "--out"])
-        .arg(out)
-        .output()
-        .unwrap();
+    let o = b.fetch(host, group, "120", out).output().unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
@@ -159,24 +142,19 @@ fn rogue_flood_helper() {
 
 #[test]
 fn honest_fetch_completes_under_a_request_flood() {
-    if let Some(why) = unavailable() {
-        eprintln!("skipping: {why}");
+    let Some(b) = Bridge::new("mchf", 3, 62, 32, None, 0) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("image");
-    write_test_image(&img, 32, None, 0).unwrap();
-    let want = std::fs::read(&img).unwrap();
-    let topo = Topology::create("mchf", 3, 62).expect("building the namespace topology");
-    let listen = format!("{}:7001", topo.hosts[0].addr);
+    };
+    let want = std::fs::read(&b.img).unwrap();
     let mut times = Vec::new();
     for (round, flood) in [false, true].into_iter().enumerate() {
-        let group = format!("239.255.62.{}:7000", round + 1);
-        let mut server = serve(&topo, &img, &group, &listen);
+        let group = b.group(round + 1);
+        let mut server = serve(&b, &group);
         let rogue = flood.then(|| {
             let me = std::env::current_exe().unwrap();
             let me = me.to_str().unwrap();
-            let child = topo
+            let child = b
+                .topo
                 .command(2, me)
                 .args([
                     "--exact",
@@ -184,7 +162,7 @@ fn honest_fetch_completes_under_a_request_flood() {
                     "--nocapture",
                     "--test-threads=1",
                 ])
-                .env("MCDIST_ROGUE_TARGET", &listen)
+                .env("MCDIST_ROGUE_TARGET", &b.listen)
                 .env("MCDIST_ROGUE_RATE", "50000")
                 .env("MCDIST_ROGUE_SECS", "8")
                 .stdout(Stdio::piped())
@@ -195,8 +173,8 @@ fn honest_fetch_completes_under_a_request_flood() {
             std::thread::sleep(Duration::from_millis(500));
             child
         });
-        let out = dir.path().join(format!("out{round}"));
-        let (ok, text, took) = fetch(&topo, 1, &group, &listen, &out);
+        let out = b.path(&format!("out{round}"));
+        let (ok, text, took) = fetch(&b, 1, &group, &out);
         assert!(ok, "fetch failed (flood {flood}): {text}");
         assert!(
             std::fs::read(&out).unwrap() == want,
@@ -231,14 +209,7 @@ fn serve_error(args: &[&str]) -> String {
     let o = Command::new(BIN)
         .arg("serve")
         .args(args)
-        .args([
-            "--group",
-            "239.255.63.1:7000",
-            "--iface",
-            "lo",
-            "--listen",
-            "127.0.0.1:0",
-        ])
+        .args(LO_ARGS)
         .output()
         .unwrap();
     assert!(!o.status.success(), "serve succeeded with {args:?}");
@@ -282,14 +253,7 @@ fn serve_refuses_missing_and_unreadable_images() {
                 "--image",
             ])
             .arg(&locked)
-            .args([
-                "--group",
-                "239.255.63.1:7000",
-                "--iface",
-                "lo",
-                "--listen",
-                "127.0.0.1:0",
-            ])
+            .args(LO_ARGS)
             .output()
             .unwrap();
         let e = String::from_utf8_lossy(&o.stderr);
@@ -304,27 +268,12 @@ fn serve_refuses_missing_and_unreadable_images() {
 
 #[test]
 fn serve_detects_an_image_changing_size() {
-    if let Some(why) = unavailable() {
-        eprintln!("skipping: {why}");
+    let Some(b) = Bridge::new("mchc", 1, 63, 2, None, 0) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("image");
-    write_test_image(&img, 2, None, 0).unwrap();
-    let topo = Topology::create("mchc", 1, 63).expect("building the namespace topology");
-    let listen = format!("{}:7001", topo.hosts[0].addr);
-    let mut child = topo
-        .command(0, BIN)
-        .args(["serve", "--image"])
-        .arg(&img)
-        .args([
-            "--group",
-            "239.255.63.2:7000",
-            "--iface",
-            &topo.hosts[0].iface,
-            "--listen",
-            &listen,
-        ])
+    };
+    let img = &b.img;
+    let mut child = b
+        .serve(&b.group(2))
         .args(["--timeout", "30"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -336,7 +285,7 @@ fn serve_detects_an_image_changing_size() {
     // Grow the image under the server.
     std::fs::OpenOptions::new()
         .append(true)
-        .open(&img)
+        .open(img)
         .unwrap()
         .write_all(&[7u8; 4096])
         .unwrap();
@@ -348,24 +297,21 @@ fn serve_detects_an_image_changing_size() {
 
 #[test]
 fn fetch_rejects_pages_that_do_not_match_the_announced_digest() {
-    if let Some(why) = unavailable() {
-        eprintln!("skipping: {why}");
+    let Some(b) = Bridge::new("mchd", 2, 65, 2, None, 0) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("image");
-    write_test_image(&img, 2, None, 0).unwrap();
-    let topo = Topology::create("mchd", 2, 65).expect("building the namespace topology");
-    let group = "239.255.65.2:7000";
-    let listen = format!("{}:7001", topo.hosts[0].addr);
-    let mut server = serve(&topo, &img, group, &listen);
+    };
+    let group = &b.group(2);
+    let mut server = serve(&b, group);
     // Same size, other contents: the announce still carries the old digest, and every page
     // the receiver gets is what the file holds now.
-    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&b.img)
+        .unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 4096], 4096 * 100).unwrap();
     drop(f);
-    let out = dir.path().join("copy");
-    let (ok, text, _) = fetch(&topo, 1, group, &listen, &out);
+    let out = b.path("copy");
+    let (ok, text, _) = fetch(&b, 1, group, &out);
     let _ = server.kill();
     let _ = server.wait();
     assert!(
@@ -378,10 +324,9 @@ fn fetch_rejects_pages_that_do_not_match_the_announced_digest() {
 
 #[test]
 fn fetch_onto_a_full_disk_fails_clearly_and_leaves_no_partial_file() {
-    if let Some(why) = unavailable() {
-        eprintln!("skipping: {why}");
+    let Some(b) = Bridge::new("mcdf", 2, 64, 4, None, 0) else {
         return;
-    }
+    };
     if !Command::new("unshare")
         .arg("--version")
         .output()
@@ -390,23 +335,20 @@ fn fetch_onto_a_full_disk_fails_clearly_and_leaves_no_partial_file() {
         eprintln!("skipping: needs unshare (util-linux) for a private small tmpfs");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("image");
-    write_test_image(&img, 4, None, 0).unwrap();
-    let mnt = dir.path().join("small");
+    let mnt = b.path("small");
     std::fs::create_dir(&mnt).unwrap();
-    let topo = Topology::create("mcdf", 2, 64).expect("building the namespace topology");
-    let listen = format!("{}:7001", topo.hosts[0].addr);
-    let group = "239.255.64.1:7000";
-    let mut server = serve(&topo, &img, group, &listen);
+    let group = &b.group(1);
+    let listen = &b.listen;
+    let mut server = serve(&b, group);
     // A 256 KiB tmpfs, private to the fetch's own mount namespace: the 4 MiB
     // image cannot fit. The shell lists the directory after the fetch.
     let script = format!(
         "mount -t tmpfs -o size=256k tmpfs '{m}' && {BIN} fetch --group {group} --iface {i} --server {listen} --timeout 60 --out '{m}/out'; rc=$?; echo \"left: $(ls '{m}')\"; exit $rc",
         m = mnt.display(),
-        i = topo.hosts[1].iface,
+        i = b.topo.hosts[1].iface,
     );
-    let o = topo
+    let o = b
+        .topo
         .command(1, "unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c", &script])
         .output()

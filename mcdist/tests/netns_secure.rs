@@ -3,7 +3,9 @@
 //! the exact image (encrypted and authenticated-only), a receiver without it
 //! gets nothing, and a group-readable key file draws a warning.
 
-use mcdist::testnet::{unavailable, write_test_image, Topology};
+mod common;
+
+use common::{Bridge, BIN};
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
@@ -23,16 +25,11 @@ fn output(mut c: std::process::Child) -> (bool, String, String) {
 
 #[test]
 fn keyed_serve_and_fetch_over_a_bridge() {
-    if let Some(why) = unavailable() {
-        eprintln!("skipping: {why}");
+    let Some(b) = Bridge::new("mcsec", 4, 53, 24, Some(4), 777) else {
         return;
-    }
-    let bin = env!("CARGO_BIN_EXE_mcdist");
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("image");
-    write_test_image(&img, 24, Some(4), 777).unwrap();
-    let key = dir.path().join("key");
-    let st = Command::new(bin)
+    };
+    let key = b.path("key");
+    let st = Command::new(BIN)
         .args(["keygen", "--out"])
         .arg(&key)
         .status()
@@ -41,19 +38,13 @@ fn keyed_serve_and_fetch_over_a_bridge() {
     let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "keygen writes a private key file");
     // The same key in a file others can read.
-    let loose_key = dir.path().join("loose-key");
+    let loose_key = b.path("loose-key");
     std::fs::copy(&key, &loose_key).unwrap();
     std::fs::set_permissions(&loose_key, std::fs::Permissions::from_mode(0o644)).unwrap();
 
-    let topo = Topology::create("mcsec", 4, 53).expect("building the namespace topology");
-    let srv = &topo.hosts[0];
-    let listen = format!("{}:7001", srv.addr);
-    let group = "239.255.53.1:7000";
-    let server = topo
-        .command(0, bin)
-        .args(["serve", "--image"])
-        .arg(&img)
-        .args(["--group", group, "--iface", &srv.iface, "--listen", &listen])
+    let group = &b.group(1);
+    let server = b
+        .serve(group)
         .args(["--clients", "2", "--exit-when-done", "--timeout", "120"])
         .arg("--key")
         .arg(&key)
@@ -63,12 +54,9 @@ fn keyed_serve_and_fetch_over_a_bridge() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     // A receiver without the key: it must never see the session.
-    let keyless_out = dir.path().join("keyless");
-    let keyless = topo
-        .command(3, bin)
-        .args(["fetch", "--group", group, "--iface", &topo.hosts[3].iface])
-        .args(["--server", &listen, "--timeout", "3", "--out"])
-        .arg(&keyless_out)
+    let keyless_out = b.path("keyless");
+    let keyless = b
+        .fetch(3, group, "3", &keyless_out)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -77,19 +65,9 @@ fn keyed_serve_and_fetch_over_a_bridge() {
     let mut fetchers = Vec::new();
     for (i, (k, auth_only)) in [(&key, false), (&loose_key, true)].into_iter().enumerate() {
         let host = i + 1;
-        let out = dir.path().join(format!("out{host}"));
-        let mut cmd = topo.command(host, bin);
-        cmd.args([
-            "fetch",
-            "--group",
-            group,
-            "--iface",
-            &topo.hosts[host].iface,
-        ])
-        .args(["--server", &listen, "--timeout", "120", "--out"])
-        .arg(&out)
-        .arg("--key")
-        .arg(k);
+        let out = b.path(&format!("out{host}"));
+        let mut cmd = b.fetch(host, group, "120", &out);
+        cmd.arg("--key").arg(k);
         if auth_only {
             cmd.arg("--auth-only");
         }
@@ -100,7 +78,7 @@ fn keyed_serve_and_fetch_over_a_bridge() {
             .unwrap();
         fetchers.push((out, auth_only, child));
     }
-    let want = std::fs::read(&img).unwrap();
+    let want = std::fs::read(&b.img).unwrap();
     for (out, auth_only, child) in fetchers {
         let (ok, text, err) = output(child);
         println!("{}", text.trim());

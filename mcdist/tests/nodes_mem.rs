@@ -1,13 +1,15 @@
 //! The threaded drivers over the in-memory network, with injected loss:
 //! whole-image fetches and lazy demand requests deliver byte-identical pages.
 
+mod common;
+
+use common::addr;
 use mcdist::client::ClientConfig;
 use mcdist::node::{ClientNode, MemorySink, ServerNode};
 use mcdist::server::ServerConfig;
 use mcdist::source::MemSource;
 use mcdist::transport::fault::{FaultConfig, FaultInjector};
 use mcdist::transport::mem::MemNetwork;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,10 +22,6 @@ fn image(pages: usize) -> Vec<u8> {
         }
     }
     v
-}
-
-fn addr(s: &str) -> SocketAddr {
-    s.parse().unwrap()
 }
 
 #[test]

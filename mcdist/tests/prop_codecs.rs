@@ -3,6 +3,8 @@
 //! bitmap and its zero-map chunking, fragment reassembly of interleaved pages, and the
 //! image digest built from pages in any order.
 
+mod common;
+
 use mcdist::bitmap::{coalesce, PageBitmap};
 use mcdist::digest::PageDigest;
 use mcdist::reassembly::{fragment_slot, Reassembler};
@@ -315,14 +317,8 @@ proptest! {
         }
         let mut raw = Vec::new();
         encode_ranges(&ranges, &mut raw);
-        let m = Message {
-            session: 9,
-            seq: 1,
-            flags: HeaderFlags(0),
-            body: Body::Nack(Request { rx_rate: 0, loss_permille: 0, flags: 0, ranges: ranges_from_encoded(&raw) }),
-        };
-        let mut buf = vec![0u8; m.buffer_len()];
-        m.emit(&mut buf).unwrap();
+        let nack = Request { rx_rate: 0, loss_permille: 0, flags: 0, ranges: ranges_from_encoded(&raw) };
+        let buf = common::emit(9, Body::Nack(nack));
         let Body::Nack(q) = Message::parse(&buf).unwrap().body else { panic!("kind changed") };
         let back: BTreeSet<u64> = q.ranges.iter().flat_map(|r| r.start..r.end()).collect();
         prop_assert_eq!(back, pages.clone());
@@ -332,16 +328,7 @@ proptest! {
     /// Absurd ranges are refused at parse time, whatever else the datagram holds.
     #[test]
     fn absurd_range_lengths_are_refused(start in any::<u64>(), len in prop_oneof![Just(0u32), (MAX_RANGE_LEN + 1)..]) {
-        let mut raw = Vec::new();
-        encode_ranges(&[PageRange { start, len }], &mut raw);
-        let m = Message {
-            session: 9,
-            seq: 1,
-            flags: HeaderFlags(0),
-            body: Body::Request(Request { rx_rate: 0, loss_permille: 0, flags: 0, ranges: ranges_from_encoded(&raw) }),
-        };
-        let mut buf = vec![0u8; m.buffer_len()];
-        m.emit(&mut buf).unwrap();
+        let buf = common::request(9, 0, &[PageRange { start, len }]);
         prop_assert!(Message::parse(&buf).is_err());
     }
 

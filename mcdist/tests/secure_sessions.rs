@@ -4,6 +4,9 @@
 //! them reaches the client's page store or the server's request handling, and
 //! the security counters show each one.
 
+mod common;
+
+use common::addr;
 use mcdist::client::{ClientConfig, ClientStats};
 use mcdist::node::{ClientNode, MemorySink, ServerNode};
 use mcdist::secure::{Protection, Psk, Role, Sealer, Security, SecurityStats, TRAILER_LEN};
@@ -28,10 +31,6 @@ fn image(pages: usize, salt: u8) -> Vec<u8> {
         }
     }
     v
-}
-
-fn addr(s: &str) -> SocketAddr {
-    s.parse().unwrap()
 }
 
 fn psk() -> Psk {

@@ -3,6 +3,8 @@
 //! the same pages and finds most of them pushed by the server's replay of the
 //! first generation's fault order.
 
+mod common;
+
 use mcdist::server::ServerConfig;
 use mcdist::sim::{test_image, ClientSpec, Sim, Workload};
 use std::time::Duration;
@@ -112,10 +114,7 @@ mod server_direct {
 
     use mcdist::server::{Server, ServerConfig};
     use mcdist::sim::test_image;
-    use mcdist::wire::{
-        encode_ranges, ranges_from_encoded, Body, Data, HeaderFlags, Join, Message, PageRange,
-        Request,
-    };
+    use mcdist::wire::{Body, Data, Join, Message, PageRange};
     use mcdist::{Dest, MemSource};
     use std::net::SocketAddr;
     use std::sync::Arc;
@@ -123,30 +122,8 @@ mod server_direct {
 
     const PS: usize = 4096;
 
-    fn emit(session: u64, body: Body<'_>) -> Vec<u8> {
-        let m = Message {
-            session,
-            seq: 1,
-            flags: HeaderFlags(0),
-            body,
-        };
-        let mut buf = vec![0u8; m.buffer_len()];
-        m.emit(&mut buf).expect("buffer sized by buffer_len");
-        buf
-    }
-
     fn request(session: u64, pfn: u64) -> Vec<u8> {
-        let mut raw = Vec::new();
-        encode_ranges(&[PageRange { start: pfn, len: 1 }], &mut raw);
-        emit(
-            session,
-            Body::Request(Request {
-                rx_rate: 0,
-                loss_permille: 0,
-                flags: 0,
-                ranges: ranges_from_encoded(&raw),
-            }),
-        )
+        crate::common::request(session, 0, &[PageRange { start: pfn, len: 1 }])
     }
 
     /// Group data pages the server sends now, as (pfn, flags), until it has nothing more.
@@ -211,7 +188,11 @@ mod server_direct {
 
         // Generation 2 joins later: the replay pushes the order, zero pages left out.
         now += Duration::from_secs(1);
-        server.handle_datagram(now, b, &emit(sid, Body::Join(Join { flags: 0 })));
+        server.handle_datagram(
+            now,
+            b,
+            &crate::common::emit(sid, Body::Join(Join { flags: 0 })),
+        );
         // Before the replay gets far, the new clone faults on a page late in the order.
         server.handle_datagram(now, b, &request(sid, 33));
         let sent = drain(&mut server, now);

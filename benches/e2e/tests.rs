@@ -1,0 +1,69 @@
+//! CSV round trip and medians.
+
+use super::*;
+
+fn run(tool: Tool, rep: usize, secs: f64, ok: bool) -> RunResult {
+    RunResult {
+        tool,
+        rep,
+        receivers: 8,
+        loss_percent: 5.0,
+        secs,
+        server_bytes: (secs * 1000.0) as u64,
+        cpu_secs: secs * 2.0,
+        image_bytes: 1 << 20,
+        ok,
+        note: if ok {
+            String::new()
+        } else {
+            "timed out, twice".into()
+        },
+    }
+}
+
+#[test]
+fn csv_round_trips_and_medians_take_the_middle_of_good_runs() {
+    let rs = vec![
+        run(Tool::Mcdist, 1, 3.0, true),
+        run(Tool::Uftp, 1, 9.0, true),
+        run(Tool::Mcdist, 2, 1.0, true),
+        run(Tool::Uftp, 2, 0.0, false),
+        run(Tool::Mcdist, 3, 2.0, true),
+        run(Tool::Uftp, 3, 7.0, true),
+    ];
+    let back = from_csv(&to_csv(&rs)).expect("parse");
+    assert_eq!(back.len(), rs.len());
+    for (a, b) in rs.iter().zip(&back) {
+        assert_eq!(
+            (a.tool, a.rep, a.receivers, a.ok),
+            (b.tool, b.rep, b.receivers, b.ok)
+        );
+        assert_eq!(
+            (a.server_bytes, a.image_bytes),
+            (b.server_bytes, b.image_bytes)
+        );
+        assert!((a.secs - b.secs).abs() < 1e-3 && (a.cpu_secs - b.cpu_secs).abs() < 1e-2);
+        assert_eq!(a.note, b.note.replace('\'', "\""));
+    }
+    let m = medians(&back);
+    assert_eq!(m.len(), 2);
+    assert_eq!((m[0].tool, m[0].rep, m[0].ok), (Tool::Mcdist, 3, true));
+    assert!((m[0].secs - 2.0).abs() < 1e-9 && (m[0].cpu_secs - 4.0).abs() < 1e-9);
+    // A failed repetition marks the configuration; the median is of the good runs.
+    assert_eq!((m[1].tool, m[1].ok), (Tool::Uftp, false));
+    assert!((m[1].secs - 8.0).abs() < 1e-9, "{}", m[1].secs);
+    assert!(m[1].note.starts_with("1 of 3 runs failed"), "{}", m[1].note);
+    assert!(from_csv("tool,receivers\nmcdist,1\n").is_err());
+    assert!(from_csv("").is_err());
+}
+
+#[test]
+fn every_named_tool_parses_back() {
+    for t in Tool::NAMED {
+        assert_eq!(Tool::from_name(t.name()), Some(t));
+    }
+    let mut names: Vec<&str> = Tool::NAMED.iter().map(|t| t.name()).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), Tool::NAMED.len());
+}

@@ -1,0 +1,140 @@
+//! The tools the bench compares, their names, and whether each can run here.
+
+use super::Bench;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Something that distributes a file to N receivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tool {
+    /// mcdist over multicast.
+    Mcdist,
+    /// mcdist over multicast from another build (`--baseline PATH`), to compare two builds
+    /// in the same run.
+    McdistBase,
+    /// mcdist over multicast with FEC repair symbols (when the binary offers `--fec`).
+    McdistFec,
+    /// mcdist with UDP GSO on the server and UDP GRO on the receivers (`--gso on`, `--gro on`).
+    McdistGso,
+    /// mcdist with UDP GSO and GRO off (`--gso off`, `--gro off`): one datagram per buffer.
+    McdistNoGso,
+    /// mcdist sending to each receiver by unicast.
+    McdistUnicast,
+    /// mcdist over multicast with a pre-shared key, authenticated only (`--key --auth-only`).
+    McdistAuth,
+    /// mcdist over multicast with a pre-shared key, encrypted (`--key`).
+    McdistEnc,
+    /// uftp / uftpd (Debian package `uftp`).
+    Uftp,
+    /// udp-sender / udp-receiver (Debian package `udpcast`).
+    Udpcast,
+    /// udpcast with its FEC (`--fec 8x8/128`).
+    UdpcastFec,
+}
+
+impl Tool {
+    /// Every tool, in table order.
+    pub const ALL: [Tool; 8] = [
+        Tool::Mcdist,
+        Tool::McdistFec,
+        Tool::McdistUnicast,
+        Tool::McdistAuth,
+        Tool::McdistEnc,
+        Tool::Uftp,
+        Tool::Udpcast,
+        Tool::UdpcastFec,
+    ];
+
+    /// The variants that run only when asked for.
+    pub const EXTRA: [Tool; 3] = [Tool::McdistBase, Tool::McdistGso, Tool::McdistNoGso];
+
+    /// Every tool that can be named on the command line: [`Tool::ALL`], then
+    /// [`Tool::EXTRA`].
+    pub const NAMED: [Tool; 11] = {
+        let mut named = [Tool::Mcdist; 11];
+        let mut i = 0;
+        while i < named.len() {
+            named[i] = if i < Tool::ALL.len() {
+                Tool::ALL[i]
+            } else {
+                Tool::EXTRA[i - Tool::ALL.len()]
+            };
+            i += 1;
+        }
+        named
+    };
+
+    /// Name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tool::Mcdist => "mcdist",
+            Tool::McdistBase => "mcdist-base",
+            Tool::McdistFec => "mcdist-fec",
+            Tool::McdistGso => "mcdist-gso",
+            Tool::McdistNoGso => "mcdist-nogso",
+            Tool::McdistUnicast => "mcdist-unicast",
+            Tool::McdistAuth => "mcdist-auth",
+            Tool::McdistEnc => "mcdist-enc",
+            Tool::Uftp => "uftp",
+            Tool::Udpcast => "udpcast",
+            Tool::UdpcastFec => "udpcast-fec",
+        }
+    }
+
+    /// Parse a name.
+    pub fn from_name(s: &str) -> Option<Tool> {
+        Tool::NAMED.into_iter().find(|t| t.name() == s)
+    }
+
+    /// True for the FEC variants.
+    pub fn fec(self) -> bool {
+        matches!(self, Tool::McdistFec | Tool::UdpcastFec)
+    }
+
+    /// Why this tool cannot run here, if it cannot.
+    pub fn missing(self, bench: &Bench) -> Option<String> {
+        match self {
+            Tool::Mcdist | Tool::McdistUnicast | Tool::McdistAuth | Tool::McdistEnc => None,
+            Tool::McdistBase => match &bench.baseline {
+                Some(p) if p.is_file() => None,
+                Some(p) => Some(format!("baseline binary {} not found", p.display())),
+                None => Some("needs --baseline PATH (another mcdist build)".into()),
+            },
+            Tool::McdistGso | Tool::McdistNoGso => lacks_serve_flag(bench, "--gso"),
+            Tool::McdistFec => lacks_serve_flag(bench, "--fec"),
+            Tool::Uftp => ["uftp", "uftpd"]
+                .iter()
+                .find(|p| !on_path(p))
+                .map(|p| format!("`{p}` not installed (Debian package uftp)")),
+            Tool::Udpcast | Tool::UdpcastFec => ["udp-sender", "udp-receiver"]
+                .iter()
+                .find(|p| !on_path(p))
+                .map(|p| format!("`{p}` not installed (Debian package udpcast)")),
+        }
+    }
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+}
+
+/// The `mcdist` binary in the directory of the running program, if there is one.
+pub fn mcdist_next_to_me() -> Option<PathBuf> {
+    let me = std::env::current_exe().ok()?;
+    let p = me.parent()?.join("mcdist");
+    p.is_file().then_some(p)
+}
+
+/// `None` when `mcdist serve --help` offers `flag` (or cannot be asked), else why the tool cannot run.
+fn lacks_serve_flag(bench: &Bench, flag: &str) -> Option<String> {
+    let help = Command::new(&bench.mcdist)
+        .args(["serve", "--help"])
+        .output()
+        .ok()?;
+    if String::from_utf8_lossy(&help.stdout).contains(flag) {
+        None
+    } else {
+        Some(format!("this mcdist binary has no `serve {flag}`"))
+    }
+}

@@ -1,0 +1,354 @@
+//! The driver: virtual time, the event queue, and the step loop that flushes
+//! every node's transmits onto the links, advances to the next instant that
+//! matters and feeds datagrams and timeouts back in.
+
+use super::node::{ClientState, SimClient, Workload};
+use super::{page_matches, Sim, SimError};
+use crate::bitmap::PageBitmap;
+use crate::client::ClientEvent;
+use crate::Dest;
+use bytes::Bytes;
+use std::cmp::Ordering;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Node {
+    Server,
+    Client(usize),
+}
+
+#[derive(Debug)]
+pub(super) struct Ev {
+    at: Instant,
+    seq: u64,
+    to: Node,
+    from: SocketAddr,
+    data: Bytes,
+    /// Already passed the receiver's queue.
+    queued: bool,
+}
+
+impl PartialEq for Ev {
+    fn eq(&self, o: &Self) -> bool {
+        self.at == o.at && self.seq == o.seq
+    }
+}
+impl Eq for Ev {}
+impl PartialOrd for Ev {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Ev {
+    fn cmp(&self, o: &Self) -> Ordering {
+        // Min-heap on (time, insertion order).
+        o.at.cmp(&self.at).then(o.seq.cmp(&self.seq))
+    }
+}
+
+impl Sim {
+    pub(super) fn push(
+        &mut self,
+        at: Instant,
+        to: Node,
+        from: SocketAddr,
+        data: Bytes,
+        queued: bool,
+    ) {
+        self.ev_seq += 1;
+        self.queue.push(Ev {
+            at,
+            seq: self.ev_seq,
+            to,
+            from,
+            data,
+            queued,
+        });
+    }
+
+    /// Run until every client is settled (finished, failed or crashed) or until
+    /// `limit` of virtual time has passed since the simulation began. Returns
+    /// true when every client settled.
+    pub fn drive(&mut self, limit: Duration) -> Result<bool, SimError> {
+        let deadline = self.base + limit;
+        loop {
+            if self.all_settled() {
+                return Ok(true);
+            }
+            if !self.step(deadline)? {
+                return Ok(self.all_settled());
+            }
+        }
+    }
+
+    /// Run until `at` (virtual time since the simulation began), whatever the clients do.
+    pub fn run_until(&mut self, at: Duration) -> Result<(), SimError> {
+        let deadline = self.base + at;
+        while self.step(deadline)? {}
+        Ok(())
+    }
+
+    /// True when every client is finished, failed or crashed.
+    pub fn all_settled(&self) -> bool {
+        self.clients.iter().all(SimClient::settled)
+    }
+
+    /// One step: flush outputs, advance to the next instant that matters, feed
+    /// inputs. Returns false when the deadline was reached.
+    fn step(&mut self, deadline: Instant) -> Result<bool, SimError> {
+        self.steps += 1;
+        self.flush();
+        let mut next = deadline;
+        if let Some(ev) = self.queue.peek() {
+            next = next.min(ev.at);
+        }
+        if let Some(t) = self.server.poll_timeout() {
+            next = next.min(t);
+        }
+        for c in &self.clients {
+            match c.state {
+                ClientState::Waiting => next = next.min(self.base + c.spec.start_at),
+                ClientState::Running => {
+                    if let Some(t) = c.client.poll_timeout() {
+                        next = next.min(t);
+                    }
+                    if let Some(t) = c.next_fault_at {
+                        next = next.min(t);
+                    }
+                    if let Some(t) = c.spec.crash_at {
+                        next = next.min(self.base + t);
+                    }
+                }
+                ClientState::Crashed => {}
+            }
+        }
+        if next >= deadline && self.queue.peek().is_none_or(|e| e.at > deadline) {
+            self.now = self.now.max(deadline);
+            self.fire_timers();
+            self.flush();
+            return Ok(false);
+        }
+        if next <= self.now {
+            // Something wants to run now; time must still move after a
+            // bounded number of steps at one instant.
+            if self.steps > 200_000 {
+                return Err(SimError::Stalled {
+                    at: self.elapsed(),
+                    who: self.stale_node(),
+                });
+            }
+        } else {
+            self.now = next;
+            self.steps = 0;
+        }
+        // Deliver datagrams due now.
+        while self.queue.peek().is_some_and(|e| e.at <= self.now) {
+            let Some(ev) = self.queue.pop() else { break };
+            self.deliver(ev);
+        }
+        self.fire_timers();
+        Ok(true)
+    }
+
+    fn stale_node(&self) -> String {
+        if self.server.poll_timeout().is_some_and(|t| t <= self.now) {
+            return "server".into();
+        }
+        for (i, c) in self.clients.iter().enumerate() {
+            if c.state == ClientState::Running
+                && (c.client.poll_timeout().is_some_and(|t| t <= self.now)
+                    || c.next_fault_at.is_some_and(|t| t <= self.now))
+            {
+                return format!("client {i}");
+            }
+        }
+        "event queue".into()
+    }
+
+    fn fire_timers(&mut self) {
+        let now = self.now;
+        if self.server.poll_timeout().is_some_and(|t| t <= now) {
+            self.server.handle_timeout(now);
+        }
+        for i in 0..self.clients.len() {
+            let c = &mut self.clients[i];
+            match c.state {
+                ClientState::Waiting if self.base + c.spec.start_at <= now => {
+                    c.state = ClientState::Running;
+                    c.started_at = Some(now);
+                    c.busy_until = now;
+                    if c.spec.workload == Workload::FetchAll {
+                        c.client.fetch_all(now);
+                    }
+                    if let Workload::Faults { .. } = c.spec.workload {
+                        c.next_fault_at = Some(now);
+                    }
+                }
+                ClientState::Running => {}
+                _ => continue,
+            }
+            if c.spec.crash_at.is_some_and(|t| self.base + t <= now) {
+                c.state = ClientState::Crashed;
+                continue;
+            }
+            if c.client.poll_timeout().is_some_and(|t| t <= now) {
+                c.client.handle_timeout(now);
+            }
+            if c.next_fault_at.is_some_and(|t| t <= now) {
+                c.next_fault_at = None;
+                c.next_fault(now);
+            }
+            self.drain_client_events(i);
+        }
+    }
+
+    fn drain_client_events(&mut self, i: usize) {
+        let now = self.now;
+        let elapsed = self.elapsed();
+        let page_size = self.page_size;
+        let c = &mut self.clients[i];
+        while let Some(e) = c.client.poll_event() {
+            match e {
+                ClientEvent::SessionStarted(s) => {
+                    c.ready = PageBitmap::new(s.page_count);
+                    c.image = self
+                        .images
+                        .iter()
+                        .rev()
+                        .find(|(d, _)| *d == s.digest)
+                        .map(|(_, img)| img.clone());
+                }
+                ClientEvent::SessionResumed(_) => c.resumes += 1,
+                ClientEvent::PageReady { pfn, data } => {
+                    if !c.ready.set(pfn) {
+                        c.double_ready += 1;
+                    }
+                    let ok = c
+                        .image
+                        .as_ref()
+                        .is_some_and(|img| page_matches(img, page_size, pfn, &data));
+                    if !ok {
+                        c.mismatches.push(pfn);
+                    }
+                    if let Workload::Faults { pages, .. } = &c.spec.workload {
+                        if c.fault_started.is_some() && pages.get(c.fault_idx) == Some(&pfn) {
+                            c.fault_resolved(now);
+                        }
+                    }
+                }
+                ClientEvent::Complete => {
+                    if c.spec.workload == Workload::FetchAll && c.finished_after.is_none() {
+                        c.finished_after = c.started_at.map(|s| now.duration_since(s));
+                        c.client.leave(now, true);
+                    }
+                }
+                ClientEvent::Failed(err) => {
+                    if c.failed.is_none() {
+                        c.failed = Some((elapsed, err));
+                    }
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, ev: Ev) {
+        let now = self.now;
+        match ev.to {
+            Node::Server => {
+                self.server.handle_datagram(now, ev.from, &ev.data);
+            }
+            Node::Client(i) => {
+                let c = &mut self.clients[i];
+                if c.state != ClientState::Running {
+                    return;
+                }
+                if let (Some(cap), false) = (c.spec.rx_capacity, ev.queued) {
+                    let rate = cap.bytes_per_sec.max(1) as f64;
+                    let start = c.busy_until.max(now);
+                    let backlog = start.duration_since(now).as_secs_f64() * rate;
+                    let len = ev.data.len() as f64;
+                    if backlog + len > cap.queue_bytes as f64 {
+                        c.rx_overflows += 1;
+                        return;
+                    }
+                    let done = start + Duration::from_secs_f64(len / rate);
+                    c.busy_until = done;
+                    if done > now {
+                        self.push(done, ev.to, ev.from, ev.data, true);
+                        return;
+                    }
+                }
+                c.rx_datagrams += 1;
+                c.client.handle_datagram(now, ev.from, ev.data);
+                self.drain_client_events(i);
+            }
+        }
+    }
+
+    /// Hand every pending transmit of every node to the links.
+    fn flush(&mut self) {
+        let now = self.now;
+        let mut buf = std::mem::take(&mut self.buf);
+        while let Some(t) = self.server.poll_transmit(now, &mut buf) {
+            let data = Bytes::copy_from_slice(&buf[..t.len]);
+            self.capture(true, &data);
+            match t.dest {
+                Dest::Group => {
+                    self.group_datagrams += 1;
+                    for i in 0..self.clients.len() {
+                        if self.clients[i].state == ClientState::Running {
+                            self.send_down(i, data.clone());
+                        }
+                    }
+                }
+                Dest::Peer(a) => {
+                    self.server_unicast_datagrams += 1;
+                    match self.by_addr.get(&a).copied() {
+                        Some(i) if self.clients[i].state == ClientState::Running => {
+                            self.send_down(i, data)
+                        }
+                        _ => self.undeliverable += 1,
+                    }
+                }
+            }
+        }
+        while let Some(e) = self.server.poll_event() {
+            self.server_events.push((self.elapsed(), e));
+        }
+        for i in 0..self.clients.len() {
+            if self.clients[i].state != ClientState::Running {
+                continue;
+            }
+            while let Some(t) = self.clients[i].client.poll_transmit(now, &mut buf) {
+                self.client_datagrams += 1;
+                let data = Bytes::copy_from_slice(&buf[..t.len]);
+                self.capture(false, &data);
+                if t.dest != Dest::Peer(Sim::SERVER_ADDR) {
+                    self.undeliverable += 1;
+                    continue;
+                }
+                let from = self.clients[i].addr;
+                let (arrivals, n) = self.clients[i].up.transmit();
+                for d in arrivals.iter().take(n).flatten() {
+                    self.push(now + *d, Node::Server, from, data.clone(), false);
+                }
+            }
+            self.drain_client_events(i);
+        }
+        self.buf = buf;
+    }
+
+    fn send_down(&mut self, i: usize, data: Bytes) {
+        let (arrivals, n) = self.clients[i].down.transmit();
+        for d in arrivals.iter().take(n).flatten() {
+            self.push(
+                self.now + *d,
+                Node::Client(i),
+                Sim::SERVER_ADDR,
+                data.clone(),
+                false,
+            );
+        }
+    }
+}

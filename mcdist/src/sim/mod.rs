@@ -1,0 +1,176 @@
+//! A deterministic, virtual-time network for testing the sans-IO state machines.
+//!
+//! [`Sim`] drives one [`Server`] and many [`Client`]s directly, in the style of
+//! quinn's `tests/util.rs` and smoltcp's `netsim`: time is virtual (a base
+//! [`Instant`] plus offsets), datagrams travel through an event queue, and every
+//! link has its own seeded random generator for loss (Bernoulli or
+//! Gilbert–Elliott bursts), duplication, reordering and delay jitter. A client
+//! may have a bounded receive capacity (a slow receiver whose queue overflows
+//! drops datagrams). The same seed always gives the same run.
+//!
+//! Each simulated client keeps track of the pages it was handed and checks each
+//! one, as it arrives, byte for byte against the image of the session it joined;
+//! [`Sim::verify`] then checks completeness (zero pages included).
+//!
+//! Topology: the server's group traffic reaches every started, live client over
+//! that client's own downlink (so loss is independent per client); unicast goes
+//! over the same downlink; client requests go over the client's uplink.
+//!
+//! What it does not model: bandwidth of the links themselves (the server paces
+//! itself; receivers may be given a capacity), IP fragmentation, or the kernel.
+//!
+//! | module     | owns                                                              |
+//! |------------|-------------------------------------------------------------------|
+//! | `link`     | links and loss models ([`LinkConfig`], [`Loss`], [`RxCapacity`])  |
+//! | `node`     | simulated clients ([`ClientSpec`], [`Workload`], [`SimClient`])   |
+//! | `driver`   | virtual time, the event queue, the step loop ([`Sim::drive`])     |
+//! | `scenario` | adding clients, restarts, crashes, injection, recording           |
+//! | `check`    | [`Sim::verify`], [`SimError`], test images                        |
+
+use crate::client::Client;
+use crate::server::{Server, ServerConfig, ServerEvent};
+use crate::source::MemSource;
+use bytes::Bytes;
+use driver::Ev;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+mod check;
+mod driver;
+mod link;
+mod node;
+mod scenario;
+
+pub use check::{page_matches, test_image, SimError};
+pub use link::{LinkConfig, LinkStats, Loss, RxCapacity};
+pub use node::{ClientSpec, ClientState, SimClient, Workload};
+pub use scenario::Recorded;
+
+/// The simulated network, server and clients. See the module docs.
+pub struct Sim {
+    base: Instant,
+    now: Instant,
+    seed: u64,
+    server: Server,
+    server_image: Bytes,
+    images: Vec<([u8; 32], Bytes)>,
+    page_size: usize,
+    clients: Vec<SimClient>,
+    by_addr: HashMap<SocketAddr, usize>,
+    queue: BinaryHeap<Ev>,
+    ev_seq: u64,
+    buf: Vec<u8>,
+    /// Server events with their virtual time since start.
+    pub server_events: Vec<(Duration, ServerEvent)>,
+    /// Datagrams sent to addresses nobody listens on.
+    pub undeliverable: u64,
+    /// Group datagrams the server sent (each counts once, whatever the receiver count).
+    pub group_datagrams: u64,
+    /// Unicast datagrams the server sent.
+    pub server_unicast_datagrams: u64,
+    /// Datagrams all clients sent.
+    pub client_datagrams: u64,
+    steps: u64,
+    record: Option<(usize, Vec<Recorded>)>,
+}
+
+impl std::fmt::Debug for Sim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sim")
+            .field("elapsed", &self.elapsed())
+            .field("clients", &self.clients.len())
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sim {
+    /// The simulated server's address.
+    pub const SERVER_ADDR: SocketAddr =
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 7000);
+
+    /// A simulation serving `image` in pages of `page_size` with `cfg`, seeded by `seed`.
+    pub fn new(
+        seed: u64,
+        cfg: ServerConfig,
+        image: impl Into<Bytes>,
+        page_size: usize,
+    ) -> Result<Sim, SimError> {
+        let base = Instant::now();
+        let image = image.into();
+        let server = Server::new(
+            cfg,
+            Arc::new(MemSource::new(image.clone(), page_size)),
+            base,
+        )?;
+        Ok(Sim {
+            base,
+            now: base,
+            seed,
+            server,
+            server_image: image.clone(),
+            images: vec![(*blake3::hash(&image).as_bytes(), image)],
+            page_size,
+            clients: Vec::new(),
+            by_addr: HashMap::new(),
+            queue: BinaryHeap::new(),
+            ev_seq: 0,
+            buf: vec![0u8; 65_536],
+            server_events: Vec::new(),
+            undeliverable: 0,
+            group_datagrams: 0,
+            server_unicast_datagrams: 0,
+            client_datagrams: 0,
+            steps: 0,
+            record: None,
+        })
+    }
+
+    /// Current virtual time.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// Virtual time since the simulation began.
+    pub fn elapsed(&self) -> Duration {
+        self.now.duration_since(self.base)
+    }
+
+    /// The server state machine.
+    pub fn server(&self) -> &Server {
+        &self.server
+    }
+
+    /// Mutable access to the server (e.g. to close it).
+    pub fn server_mut(&mut self) -> &mut Server {
+        &mut self.server
+    }
+
+    /// The clients.
+    pub fn clients(&self) -> &[SimClient] {
+        &self.clients
+    }
+
+    /// One client.
+    pub fn client(&self, i: usize) -> &SimClient {
+        &self.clients[i]
+    }
+
+    /// Mutable access to one client's state machine.
+    pub fn client_mut(&mut self, i: usize) -> &mut Client {
+        &mut self.clients[i].client
+    }
+
+    /// The image the server currently serves.
+    pub fn image(&self) -> &Bytes {
+        &self.server_image
+    }
+
+    /// Pages of the current image that are not all zero.
+    pub fn nonzero_pages(&self) -> u64 {
+        let z = self.server.image_info().zero_map.count_ones();
+        self.server.image_info().zero_map.len() - z
+    }
+}

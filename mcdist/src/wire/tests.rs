@@ -1,0 +1,232 @@
+//! Round trips and rejections of the wire codecs.
+
+use super::*;
+
+fn roundtrip(m: Message<'_>) {
+    let mut buf = vec![0u8; m.buffer_len()];
+    let n = m.emit(&mut buf).unwrap();
+    assert_eq!(n, buf.len());
+    let p = Message::parse(&buf).unwrap();
+    assert_eq!(p, m);
+}
+
+#[test]
+fn every_kind_roundtrips() {
+    let ann = Announce {
+        image_size: 10_000,
+        page_size: 4096,
+        page_count: 3,
+        digest: [7; 32],
+        zero_count: 1,
+        zero_map_digest: [9; 32],
+        zero_map_chunks: 1,
+        sweep_pos: 2,
+        rate: 1_000_000,
+        flags: Announce::FLAG_PUSH,
+        frag_payload: 1400,
+    };
+    let mut raw = Vec::new();
+    encode_ranges(
+        &[
+            PageRange { start: 5, len: 3 },
+            PageRange { start: 100, len: 1 },
+        ],
+        &mut raw,
+    );
+    let bodies = [
+        Body::Announce(ann),
+        Body::Data(Data {
+            pfn: 42,
+            frag_index: 1,
+            frag_count: 3,
+            flags: Data::PUSH,
+            payload: b"hello",
+        }),
+        Body::Request(Request {
+            rx_rate: 5,
+            loss_permille: 12,
+            flags: Request::RETRY,
+            ranges: ranges_from_encoded(&raw),
+        }),
+        Body::Nack(Request {
+            rx_rate: 0,
+            loss_permille: 0,
+            flags: 0,
+            ranges: ranges_from_encoded(&raw),
+        }),
+        Body::Join(Join { flags: 1 }),
+        Body::Heartbeat(Heartbeat {
+            rx_rate: 9,
+            loss_permille: 3,
+            have_pages: 77,
+            flags: Heartbeat::COMPLETE,
+        }),
+        Body::Leave(Leave { reason: 0 }),
+        Body::ZeroMap(ZeroMap {
+            chunk: 0,
+            chunk_count: 2,
+            start_page: 64,
+            bits: &[1, 2, 3],
+        }),
+        Body::End(End { reason: 0 }),
+        Body::Repair(Repair {
+            first_pfn: 40,
+            span: 10,
+            symbols_per_page: 3,
+            symbol_size: 4,
+            esi: 30,
+            members: &[0b1111_0111, 0b10],
+            symbol: b"abcd",
+        }),
+    ];
+    for (i, body) in bodies.into_iter().enumerate() {
+        roundtrip(Message {
+            session: 0xdead_beef,
+            seq: i as u64,
+            flags: HeaderFlags(0),
+            body,
+        });
+    }
+}
+
+#[test]
+fn rejects_bad_headers() {
+    assert_eq!(Message::parse(b"MD").unwrap_err(), WireError::Truncated);
+    let mut buf = [0u8; 40];
+    buf[0..2].copy_from_slice(b"XX");
+    assert_eq!(Message::parse(&buf).unwrap_err(), WireError::BadMagic);
+    buf[0..2].copy_from_slice(&MAGIC);
+    buf[2] = 9;
+    assert_eq!(Message::parse(&buf).unwrap_err(), WireError::BadVersion(9));
+    buf[2] = VERSION;
+    buf[3] = 200;
+    assert_eq!(Message::parse(&buf).unwrap_err(), WireError::BadKind(200));
+}
+
+#[test]
+fn rejects_bad_fragments_and_ranges() {
+    let mut buf = vec![0u8; 64];
+    let m = Message {
+        session: 1,
+        seq: 1,
+        flags: HeaderFlags(0),
+        body: Body::Data(Data {
+            pfn: 1,
+            frag_index: 0,
+            frag_count: 1,
+            flags: 0,
+            payload: &[],
+        }),
+    };
+    let n = m.emit(&mut buf).unwrap();
+    // frag_index (offset 32) = 5 >= frag_count 1
+    buf[HEADER_LEN + 9] = 5;
+    assert!(matches!(
+        Message::parse(&buf[..n]),
+        Err(WireError::BadField(_))
+    ));
+    // a request claiming 1000 ranges but carrying none
+    let mut q = vec![0u8; HEADER_LEN + Request::FIXED_LEN];
+    Header {
+        kind: Kind::Request,
+        flags: HeaderFlags(0),
+        session: 1,
+        seq: 1,
+    }
+    .emit(&mut q)
+    .unwrap();
+    let l = q.len();
+    q[l - 2..].copy_from_slice(&1000u16.to_be_bytes());
+    assert_eq!(Message::parse(&q).unwrap_err(), WireError::Truncated);
+}
+
+#[test]
+fn rejects_bad_repairs() {
+    let good = Repair {
+        first_pfn: 8,
+        span: 10,
+        symbols_per_page: 3,
+        symbol_size: 4,
+        esi: 12,
+        members: &[0b0000_0101, 0b10],
+        symbol: b"abcd",
+    };
+    let emit = |r: Repair<'_>| {
+        let m = Message {
+            session: 1,
+            seq: 1,
+            flags: HeaderFlags(0),
+            body: Body::Repair(r),
+        };
+        let mut buf = vec![0u8; m.buffer_len()];
+        m.emit(&mut buf).unwrap();
+        buf
+    };
+    let ok = emit(good);
+    let Body::Repair(p) = Message::parse(&ok).unwrap().body else {
+        panic!("kind changed");
+    };
+    assert_eq!(p.member_pfns().collect::<Vec<_>>(), vec![8, 10, 17]);
+    assert_eq!(p.source_symbols(), 9);
+    let bad = [
+        Repair {
+            members: &[0b100, 0b10],
+            ..good
+        }, // first page not a member
+        Repair {
+            members: &[0b101, 0b110],
+            ..good
+        }, // bit past the span
+        Repair {
+            span: 0,
+            members: &[],
+            ..good
+        }, // empty span
+        Repair {
+            span: MAX_FEC_SPAN + 8,
+            members: &[1; 129],
+            ..good
+        }, // span too wide
+        Repair {
+            symbols_per_page: 0,
+            ..good
+        },
+        Repair {
+            symbols_per_page: MAX_FRAGMENTS + 1,
+            ..good
+        },
+        Repair {
+            esi: MAX_FEC_ESI + 1,
+            ..good
+        },
+        Repair {
+            symbol_size: 0,
+            symbol: b"",
+            ..good
+        },
+        Repair {
+            first_pfn: u64::MAX - 3,
+            ..good
+        }, // span wraps
+        // 1024 pages of 9 symbols: more than MAX_FEC_SYMBOLS
+        Repair {
+            span: 1024,
+            symbols_per_page: 9,
+            members: &[0xff; 128],
+            ..good
+        },
+    ];
+    for r in bad {
+        assert!(
+            matches!(Message::parse(&emit(r)), Err(WireError::BadField(_))),
+            "{r:?}"
+        );
+    }
+    // A symbol shorter or longer than its stated size.
+    let mut buf = emit(good);
+    buf.pop();
+    assert!(Message::parse(&buf).is_err());
+    let mut buf = emit(good);
+    buf.push(0);
+    assert!(Message::parse(&buf).is_err());
+}
