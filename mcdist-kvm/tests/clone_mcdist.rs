@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use mcdist_kvm::clone::{run_clone, CloneError, CloneOptions, ProcessLauncher};
 use mcdist_kvm::guest::HashJob;
 use mcdist_kvm::netns::{BridgeNet, Netns};
-use mcdist_kvm::remote::McdistFetcher;
 use mcdist_kvm::vm::kvm_available;
+use mcdist_kvm::McdistFetcher;
 use mcdist_kvm::{PageFetcher, Parent};
 
 fn have_kvm() -> bool {
@@ -48,7 +48,7 @@ fn laziness_is_real_and_zero_pages_are_never_sent() {
     let id = 3;
     let report = run_clone(&desc, id, &CloneOptions::default(), |h| {
         let f = McdistFetcher::connect(&desc, Some("lo"), h, Duration::from_secs(5), |_| {})
-            .map_err(|e| CloneError::Source(e.to_string()))?;
+            .map_err(CloneError::Session)?;
         Ok(Arc::new(f) as Arc<dyn PageFetcher>)
     })
     .expect("clone");
@@ -105,7 +105,7 @@ fn clone_fails_clearly_when_its_server_disappears() {
         let f = McdistFetcher::connect(&desc, Some("lo"), h, Duration::from_secs(5), |c| {
             c.give_up_after = Duration::from_secs(2)
         })
-        .map_err(|e| CloneError::Source(e.to_string()))?;
+        .map_err(CloneError::Session)?;
         // The server goes away after the clone joined, before its first fault.
         if let Some(s) = server.lock().expect("lock").take() {
             s.shutdown().expect("shutdown");

@@ -10,8 +10,8 @@ use mcdist_kvm::clone::{run_clone, CloneError, CloneOptions, CloneReport};
 use mcdist_kvm::guest::HashJob;
 use mcdist_kvm::inline::InlineMcdist;
 use mcdist_kvm::netns::Netns;
-use mcdist_kvm::remote::MemoryServer;
 use mcdist_kvm::vm::kvm_available;
+use mcdist_kvm::MemoryServer;
 use mcdist_kvm::{Descriptor, FaultWait, Frozen, LazyMemory, Parent};
 
 fn have_kvm() -> bool {
@@ -62,7 +62,7 @@ fn inline_clone(
     run_clone(desc, id, opts, |h| {
         Ok(
             InlineMcdist::connect(desc, Some("lo"), &h, Duration::from_secs(5), tune)
-                .map_err(|e| CloneError::Source(e.to_string()))?
+                .map_err(CloneError::Session)?
                 .into_fetcher(),
         )
     })
@@ -143,7 +143,7 @@ fn lockstep_inline_clones_share_multicast_replies() {
                             Duration::from_secs(5),
                             |_| {},
                         )
-                        .map_err(|e| CloneError::Source(e.to_string()))?;
+                        .map_err(CloneError::Session)?;
                         // Wait for the other clone (bounded: a failed join must not hang).
                         joined.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let t0 = Instant::now();
@@ -235,7 +235,7 @@ fn inline_clone_fails_clearly_when_its_server_disappears() {
         let f = InlineMcdist::connect(desc, Some("lo"), &h, Duration::from_secs(5), |c| {
             c.give_up_after = Duration::from_secs(2)
         })
-        .map_err(|e| CloneError::Source(e.to_string()))?;
+        .map_err(CloneError::Session)?;
         // The server goes away after the clone joined, before its first fault.
         if let Some(s) = server.lock().expect("lock").take() {
             s.shutdown().expect("shutdown");

@@ -50,7 +50,7 @@ fn run_checked(
 }
 
 /// Server counters once they stopped moving (the server publishes them as it runs).
-fn settled(server: &mcdist_kvm::remote::MemoryServer) -> mcdist::node::ServerSnapshot {
+fn settled(server: &mcdist_kvm::MemoryServer) -> mcdist::node::ServerSnapshot {
     let mut last = server.stats();
     for _ in 0..50 {
         std::thread::sleep(Duration::from_millis(100));
@@ -69,7 +69,7 @@ struct Bridge {
     net: BridgeNet,
     job: HashJob,
     frozen: Frozen,
-    server: mcdist_kvm::remote::MemoryServer,
+    server: mcdist_kvm::MemoryServer,
     desc: Arc<Descriptor>,
     nonzero: u64,
 }
@@ -392,7 +392,7 @@ fn cache_socket_drops_malformed_frames_and_serves_pages_from_shared_memory() {
     }
     let src = Arc::new(mcdist_kvm::source::MemSource::new(image.clone(), PAGE));
     let info = mcdist_kvm::source::scan(&*src).expect("scan");
-    let server = mcdist_kvm::remote::MemoryServer::start(
+    let server = mcdist_kvm::MemoryServer::start(
         src,
         &info.zero_map,
         info.digest,

@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use mcdist::node::ServerSnapshot;
 use mcdist::ClientStats;
+use mcdist_kvm::clone::connect_fetcher;
 use mcdist_kvm::clone::{CloneError, CloneOptions, CloneReport, ProcessLauncher, ThreadLauncher};
 use mcdist_kvm::guest::HashJob;
 use mcdist_kvm::inline::InlineMcdist;
 use mcdist_kvm::lazy::LatencyHistogram;
 use mcdist_kvm::netns::{BridgeNet, Netns};
-use mcdist_kvm::remote::connect_fetcher;
 use mcdist_kvm::share::HostCacheProcess;
 use mcdist_kvm::{CloneTicket, Descriptor, Frozen, HostCache, Parent};
 
@@ -560,7 +560,7 @@ fn run_host_threads(
     let launcher = ThreadLauncher {
         make_fetcher: Arc::new(move |_id, d: &Descriptor, h| {
             let f = InlineMcdist::connect(d, Some("eth0"), &h, join, give_up)
-                .map_err(|e| CloneError::Source(e.to_string()))?;
+                .map_err(CloneError::Session)?;
             handles
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)

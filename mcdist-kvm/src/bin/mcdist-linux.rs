@@ -21,8 +21,8 @@ use mcdist_kvm::linux::{
     LinuxError, LinuxExit, LinuxParent,
 };
 use mcdist_kvm::netns::BridgeNet;
-use mcdist_kvm::remote::{McdistFetcher, MemoryServer};
 use mcdist_kvm::{LazyConfig, PageFetcher};
+use mcdist_kvm::{McdistFetcher, MemoryServer};
 
 #[derive(Parser, Debug)]
 #[command(about = "Boot a real Linux guest on KVM and clone it over mcdist")]
