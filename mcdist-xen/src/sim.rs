@@ -211,16 +211,16 @@ impl Drop for SimXen {
 /// The hypervisor's reaction to the pager's notifications: consume responses
 /// and resume vCPUs (`vm_event_resume`).
 fn xen_loop(shared: &Shared) {
+    let poll_failed = |e: std::io::Error| {
+        shared
+            .lock()
+            .report
+            .violations
+            .push(format!("simulator poll failed: {e}"));
+    };
     let poll = match Readable::new(&[shared.to_xen.as_raw_fd()]) {
         Ok(p) => p,
-        Err(e) => {
-            shared
-                .lock()
-                .report
-                .violations
-                .push(format!("simulator poll failed: {e}"));
-            return;
-        }
+        Err(e) => return poll_failed(e),
     };
     while !shared.stop.load(Ordering::Acquire) {
         match poll.wait(Duration::from_millis(20)) {
@@ -228,14 +228,7 @@ fn xen_loop(shared: &Shared) {
                 let _ = event::drain(&shared.to_xen);
             }
             Ok(_) => {}
-            Err(e) => {
-                shared
-                    .lock()
-                    .report
-                    .violations
-                    .push(format!("simulator poll failed: {e}"));
-                return;
-            }
+            Err(e) => return poll_failed(e),
         }
         let mut mem = shared.lock();
         let mem = &mut *mem;
