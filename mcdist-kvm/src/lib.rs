@@ -38,7 +38,7 @@ pub mod vm;
 pub use clone::{
     connect_fetcher, CloneError, CloneReport, CloneSet, CloneTicket, Frozen, MemoryServer, Parent,
 };
-pub use descriptor::{Descriptor, SessionParams};
+pub use descriptor::{Descriptor, DescriptorFile, SessionParams};
 pub use lazy::{
     FaultWait, InlineFetcher, LazyConfig, LazyHandle, LazyMemory, LazyStats, PageFetcher,
     SourceFetcher,

@@ -22,6 +22,7 @@ use mcdist_kvm::guest::HashJob;
 use mcdist_kvm::inline::InlineMcdist;
 use mcdist_kvm::netns::Netns;
 use mcdist_kvm::source::FileSource;
+use mcdist_kvm::DescriptorFile;
 use mcdist_kvm::{Descriptor, FaultWait, Frozen, PageFetcher, PageSource, Parent, SourceFetcher};
 use mcdist_kvm::{McdistFetcher, MemoryServer};
 

@@ -21,6 +21,7 @@ use mcdist_kvm::linux::{
     LinuxError, LinuxExit, LinuxParent,
 };
 use mcdist_kvm::netns::BridgeNet;
+use mcdist_kvm::DescriptorFile;
 use mcdist_kvm::{LazyConfig, PageFetcher};
 use mcdist_kvm::{McdistFetcher, MemoryServer};
 

@@ -53,20 +53,11 @@ impl CloneLauncher for LocalLauncher {
     fn launch(&self, desc: &Arc<Descriptor>, id: u32) -> Result<RunningClone, CloneError> {
         let desc = desc.clone();
         let me = self.clone();
-        let killed = Arc::new(AtomicBool::new(false));
-        let handle = std::thread::Builder::new()
-            .name(format!("clone-{id}"))
-            .spawn(move || {
-                run_clone(&desc, id, &me.opts, |h| {
-                    Ok(Arc::new(SourceFetcher::new(me.source.clone(), h)) as Arc<dyn PageFetcher>)
-                })
+        spawn_thread(id, move || {
+            run_clone(&desc, id, &me.opts, |h| {
+                Ok(Arc::new(SourceFetcher::new(me.source.clone(), h)) as Arc<dyn PageFetcher>)
             })
-            .map_err(|source| CloneError::Spawn {
-                id,
-                what: "thread",
-                source,
-            })?;
-        Ok(RunningClone::Thread { handle, killed })
+        })
     }
 }
 
@@ -89,17 +80,29 @@ where
         let desc = desc.clone();
         let mk = self.make_fetcher.clone();
         let opts = self.opts.clone();
-        let killed = Arc::new(AtomicBool::new(false));
-        let handle = std::thread::Builder::new()
-            .name(format!("clone-{id}"))
-            .spawn(move || run_clone(&desc, id, &opts, |h| mk(id, &desc, h)))
-            .map_err(|source| CloneError::Spawn {
-                id,
-                what: "thread",
-                source,
-            })?;
-        Ok(RunningClone::Thread { handle, killed })
+        spawn_thread(id, move || {
+            run_clone(&desc, id, &opts, |h| mk(id, &desc, h))
+        })
     }
+}
+
+/// Runs clone `id` as a thread of this process.
+fn spawn_thread(
+    id: u32,
+    body: impl FnOnce() -> Result<CloneReport, CloneError> + Send + 'static,
+) -> Result<RunningClone, CloneError> {
+    let handle = std::thread::Builder::new()
+        .name(format!("clone-{id}"))
+        .spawn(body)
+        .map_err(|source| CloneError::Spawn {
+            id,
+            what: "thread",
+            source,
+        })?;
+    Ok(RunningClone::Thread {
+        handle,
+        killed: Arc::new(AtomicBool::new(false)),
+    })
 }
 
 /// Clones as child processes; `command(id)` builds the command line (for example

@@ -8,12 +8,7 @@ use crate::lazy::LazyStats;
 impl CloneReport {
     /// One-line text form printed by `mcdist-clone`.
     pub fn to_line(&self) -> String {
-        let q = |x: f64| {
-            self.stats
-                .fault_latency
-                .quantile(x)
-                .map_or(0, |d| d.as_nanos())
-        };
+        let q = |x: f64| self.stats.fault_latency.quantile_ns(x);
         format!(
             "MCDIST-CLONE id={} result={} faults={} requested={} demand={} pushed={} zero={} dup={} zero_recv={} bytes={} p50_ns={} p99_ns={} first_ns={} total_ns={}",
             self.id,

@@ -28,6 +28,10 @@ impl LatencyHistogram {
         let idx = ((s.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
         Some(Duration::from_nanos(s[idx]))
     }
+    /// The `q`-quantile in nanoseconds, 0 without samples (for report lines).
+    pub fn quantile_ns(&self, q: f64) -> u128 {
+        self.quantile(q).map_or(0, |d| d.as_nanos())
+    }
     /// Counts per power-of-two bucket: `(upper bound, count)` for non-empty buckets.
     pub fn buckets(&self) -> Vec<(Duration, u64)> {
         let mut b = [0u64; 64];

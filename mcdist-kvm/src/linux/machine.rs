@@ -148,8 +148,8 @@ pub struct LinuxVm {
 impl std::fmt::Debug for LinuxVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LinuxVm")
-            .field("vcpus", &self.core.vcpus.len())
-            .field("memory", &self.core.memory)
+            .field("core", &self.core)
+            .field("clone_id", &self.clone_id)
             .finish()
     }
 }
@@ -309,19 +309,10 @@ impl LinuxVm {
                 }
                 VcpuExit::IoOut(PORT_FORK, _) => {
                     // Complete the port write so the captured state resumes after it.
-                    vcpu.set_kvm_immediate_exit(1);
-                    let r = vcpu.run().map(|_| ());
-                    vcpu.set_kvm_immediate_exit(0);
-                    match r {
-                        Err(e) if e.errno() == libc::EINTR => {}
-                        Ok(()) => {}
-                        Err(source) => {
-                            return Err(LinuxError::Kvm {
-                                op: "RUN (complete I/O)",
-                                source,
-                            })
-                        }
-                    }
+                    crate::vm::complete_io(vcpu).map_err(|source| LinuxError::Kvm {
+                        op: "RUN (complete I/O)",
+                        source,
+                    })?;
                     return Ok(LinuxExit::Fork);
                 }
                 VcpuExit::IoOut(PORT_EXIT, data) => {

@@ -401,12 +401,7 @@ impl LinuxCloneReport {
 
     /// One-line summary (`MCDIST-LINUX-CLONE k=v ...`).
     pub fn to_line(&self) -> String {
-        let q = |x: f64| {
-            self.stats
-                .fault_latency
-                .quantile(x)
-                .map_or(0, |d| d.as_nanos())
-        };
+        let q = |x: f64| self.stats.fault_latency.quantile_ns(x);
         format!(
             "MCDIST-LINUX-CLONE id={} exit={} sum={} pages={} fetched={} demand={} pushed={} zero={} faults={} p50_ns={} p99_ns={} resume_ns={} first_line_ns={} total_ns={} msrs_refused={}",
             self.id,

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use mcdist_kvm::descriptor::DescriptorError;
 use mcdist_kvm::Descriptor;
+use mcdist_kvm::DescriptorFile;
 
 /// The mcdist session (the descriptor's, unless overridden) and the interface to join it on.
 #[derive(Debug, Clone, Default, clap::Args)]

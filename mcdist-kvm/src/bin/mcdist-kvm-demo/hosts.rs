@@ -14,6 +14,7 @@ use mcdist_kvm::inline::InlineMcdist;
 use mcdist_kvm::lazy::LatencyHistogram;
 use mcdist_kvm::netns::{BridgeNet, Netns};
 use mcdist_kvm::share::HostCacheProcess;
+use mcdist_kvm::DescriptorFile;
 use mcdist_kvm::{CloneTicket, Descriptor, Frozen, HostCache};
 
 use crate::report::{ms, print_clones, print_server};

@@ -21,6 +21,7 @@ use mcdist_kvm::clone::connect_fetcher;
 use mcdist_kvm::clone::{CloneOptions, ThreadLauncher};
 use mcdist_kvm::guest::HashJob;
 use mcdist_kvm::netns::{BridgeNet, Netns};
+use mcdist_kvm::DescriptorFile;
 use mcdist_kvm::{CloneTicket, Frozen, Parent};
 
 mod hosts;
