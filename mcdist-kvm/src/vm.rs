@@ -28,7 +28,11 @@ pub enum VmError {
     /// Guest memory could not be mapped or accessed.
     #[error("guest memory: {0}")]
     Memory(std::io::Error),
-    /// The guest stopped in a way the VMM does not handle.
+    /// The guest accessed an I/O port the VMM does not emulate.
+    #[error("unexpected guest exit: port I/O on {0:#x}")]
+    UnexpectedPort(u16),
+    /// The guest stopped in a way the VMM does not handle (KVM's exit, as text: it borrows
+    /// the vCPU's run area).
     #[error("unexpected guest exit: {0}")]
     UnexpectedExit(String),
     /// The vCPU state does not fit this VM.
@@ -325,7 +329,7 @@ impl Vm {
                 }
                 VcpuExit::Hlt => return Ok(GuestExit::Halted),
                 VcpuExit::IoOut(port, _) | VcpuExit::IoIn(port, _) => {
-                    return Err(VmError::UnexpectedExit(format!("port I/O on {port:#x}")))
+                    return Err(VmError::UnexpectedPort(port))
                 }
                 other => return Err(VmError::UnexpectedExit(format!("{other:?}"))),
             }

@@ -335,7 +335,7 @@ fn clone(
         let f = McdistFetcher::connect(&desc.base, iface, h, Duration::from_secs(5), |c| {
             c.give_up_after = give_up
         })
-        .map_err(|e| LinuxError::Source(e.to_string()))?;
+        .map_err(LinuxError::Session)?;
         Ok(Arc::new(f) as Arc<dyn PageFetcher>)
     })?;
     for l in &report.console {

@@ -484,7 +484,7 @@ impl LinuxVm {
             .try_clone()
             .map_err(LinuxError::Io)?;
         self.serial = Serial::from_state(&s.serial, IrqTrigger(evt), NoEvents, console)
-            .map_err(|e| LinuxError::BadState(format!("UART state: {e:?}")))?;
+            .map_err(LinuxError::UartState)?;
         Ok(refused)
     }
 }
@@ -562,8 +562,7 @@ fn read_msrs(v: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_bindings::kvm_msr_en
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries)
-            .map_err(|e| LinuxError::BadState(format!("MSR list: {e:?}")))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(LinuxError::MsrList)?;
         let n = v.get_msrs(&mut msrs).map_err(kvm_err("GET_MSRS"))?;
         out.extend_from_slice(&msrs.as_slice()[..n]);
         // KVM stops at the first MSR it cannot read: skip that one.
@@ -577,8 +576,7 @@ fn write_msrs(v: &VcpuFd, entries: &[kvm_bindings::kvm_msr_entry]) -> Result<usi
     let mut i = 0;
     while i < entries.len() {
         let chunk = &entries[i..(i + 64).min(entries.len())];
-        let msrs = Msrs::from_entries(chunk)
-            .map_err(|e| LinuxError::BadState(format!("MSR list: {e:?}")))?;
+        let msrs = Msrs::from_entries(chunk).map_err(LinuxError::MsrList)?;
         let n = v.set_msrs(&msrs).map_err(kvm_err("SET_MSRS"))?;
         if n < chunk.len() {
             tracing::debug!(msr = chunk[n].index, "KVM refused MSR");
