@@ -19,9 +19,11 @@ pub(super) trait Driver {
     fn request(&mut self, pfn: u64, handle: &LazyHandle);
     /// Waits at most `timeout` for the next event. `Ok(false)`: stop.
     fn wait(&mut self, timeout: Duration, handle: &LazyHandle) -> std::io::Result<bool>;
-    /// Whether the loop keeps polling without sleeping while a reply is due (only worth it
-    /// when the replies arrive on this thread).
-    fn spins_for_reply(&self) -> bool;
+    /// Whether the replies arrive on this thread (in [`Driver::wait`]): then the loop keeps
+    /// polling without sleeping while a reply is due, and does not sleep right after faults
+    /// (the driver's readiness may be edge-triggered). Otherwise `wait` sleeps in a
+    /// level-triggered poll that returns at once while faults are pending.
+    fn inline(&self) -> bool;
 }
 
 /// A fetcher with its own thread: the fault thread hands it requests and sleeps in `poll`.
@@ -70,7 +72,7 @@ impl Driver for Threaded {
         Ok(!stop)
     }
 
-    fn spins_for_reply(&self) -> bool {
+    fn inline(&self) -> bool {
         false
     }
 }
@@ -93,7 +95,7 @@ impl Driver for Inline {
         Ok(true)
     }
 
-    fn spins_for_reply(&self) -> bool {
+    fn inline(&self) -> bool {
         true
     }
 }
@@ -110,7 +112,8 @@ pub(super) fn run(
     let tick = cfg
         .rerequest_interval
         .clamp(Duration::from_millis(1), Duration::from_secs(1));
-    let reply_spin = if driver.spins_for_reply() {
+    let inline = driver.inline();
+    let reply_spin = if inline {
         cfg.reply_spin
     } else {
         Duration::ZERO
@@ -150,7 +153,7 @@ pub(super) fn run(
         let spin_for_reply = !reply_spin.is_zero()
             && last_request.is_some_and(|t| t.elapsed() < reply_spin)
             && inner.has_pending();
-        let timeout = if got || spin_for_reply || cfg.wait == FaultWait::Spin {
+        let timeout = if (got && inline) || spin_for_reply || cfg.wait == FaultWait::Spin {
             Duration::ZERO
         } else {
             tick.saturating_sub(since)
