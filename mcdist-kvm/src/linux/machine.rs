@@ -3,7 +3,7 @@
 //! ports. Full machine state capture and restore for clones.
 
 use std::io::Write;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
@@ -254,26 +254,7 @@ impl LinuxVm {
     /// Runs vCPU `idx` until the guest forks, exits or shuts down, or `deadline` passes.
     pub fn run(&mut self, idx: usize, deadline: Instant) -> Result<LinuxExit, LinuxError> {
         sys::linux::install_kick_handler().map_err(LinuxError::Io)?;
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
-        let me = sys::linux::current_thread();
-        let kicker = std::thread::spawn(move || {
-            let mut wait = deadline.saturating_duration_since(Instant::now());
-            loop {
-                match stop_rx.recv_timeout(wait) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        // SAFETY: the vCPU thread `me` joins this thread before it returns
-                        // from `run`, so it is alive whenever this kick is sent.
-                        unsafe { sys::linux::kick(me) };
-                        wait = Duration::from_millis(20);
-                    }
-                    _ => return,
-                }
-            }
-        });
-        let r = self.run_inner(idx, deadline);
-        let _ = stop_tx.send(());
-        let _ = kicker.join();
-        r
+        sys::linux::kicked_after(deadline, || self.run_inner(idx, deadline))
     }
 
     fn run_inner(&mut self, idx: usize, deadline: Instant) -> Result<LinuxExit, LinuxError> {
