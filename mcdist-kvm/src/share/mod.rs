@@ -141,7 +141,6 @@ struct Slot {
 }
 
 struct State {
-    present: PageBitmap,
     /// Clones waiting for a page, by clone slot.
     waiters: HashMap<u64, Vec<u64>>,
     /// Attached clones by slot.
@@ -196,6 +195,20 @@ fn bitmap_layout(pages: u64, page_size: usize) -> (usize, usize) {
     (pages as usize * page_size, pages.div_ceil(64) as usize * 8)
 }
 
+/// Offset of the presence word of page `pfn` in the cache's memfd, and its bit.
+fn presence_bit(pages: u64, page_size: usize, pfn: u64) -> (usize, u64) {
+    let (bits, _) = bitmap_layout(pages, page_size);
+    (bits + (pfn / 64) as usize * 8, 1 << (pfn % 64))
+}
+
+/// Whether page `pfn` is in the cache mapped at `map`: the presence bitmap in the memfd is the
+/// one record of it, for the cache process and the clone processes alike (acquire: the page's
+/// bytes, written before the bit, are visible once the bit is).
+fn is_present(map: &AnonMap, pages: u64, page_size: usize, pfn: u64) -> bool {
+    let (word, bit) = presence_bit(pages, page_size, pfn);
+    map.load_u64_acquire(word).is_ok_and(|w| w & bit != 0)
+}
+
 struct Cache {
     /// Pages, then the shared presence bitmap ([`bitmap_layout`]).
     map: AnonMap,
@@ -213,6 +226,10 @@ impl Cache {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn is_present(&self, pfn: u64) -> bool {
+        is_present(&self.map, self.pages, self.page_size, pfn)
+    }
+
     /// A page arrived: store it once, then install it into every clone waiting for it.
     fn arrived(&self, pfn: u64, data: &[u8]) -> Result<(), CacheStoreError> {
         if pfn >= self.pages || data.len() != self.page_size {
@@ -223,24 +240,23 @@ impl Cache {
                 page_size: self.page_size,
             });
         }
-        if self.lock().present.get(pfn) {
+        if self.is_present(pfn) {
             return Ok(());
         }
         // Only the client thread writes, once per page, before the page is marked present;
-        // readers copy a page out only after seeing it present under the lock.
+        // readers copy a page out only after seeing its presence bit.
         self.map
             .write(pfn as usize * self.page_size, data)
             .map_err(|source| CacheStoreError::Store { pfn, source })?;
         self.resident
             .fetch_add(self.page_size as u64, Ordering::Relaxed);
         // Clone processes may now take the page without asking.
-        let (bits, _) = bitmap_layout(self.pages, self.page_size);
+        let (word, bit) = presence_bit(self.pages, self.page_size, pfn);
         self.map
-            .or_u64_release(bits + (pfn / 64) as usize * 8, 1 << (pfn % 64))
+            .or_u64_release(word, bit)
             .map_err(|source| CacheStoreError::Store { pfn, source })?;
         let targets: Vec<Arc<dyn Attached>> = {
             let mut st = self.lock();
-            st.present.set(pfn);
             st.stats.network_pages += 1;
             let slots = st.waiters.remove(&pfn).unwrap_or_default();
             let targets: Vec<Arc<dyn Attached>> = slots
@@ -318,7 +334,7 @@ impl Cache {
             st.stats.stale_requests += 1;
             return Next::FromCache;
         }
-        if st.present.get(pfn) {
+        if self.is_present(pfn) {
             clone.served.set(pfn);
             st.stats.cache_hits += 1;
             return Next::FromCache;
@@ -406,7 +422,6 @@ impl HostCache {
             page_size,
             pages,
             state: Mutex::new(State {
-                present: PageBitmap::new(pages),
                 waiters: HashMap::new(),
                 clones: HashMap::new(),
                 next_slot: 0,
@@ -475,7 +490,7 @@ impl HostCache {
 
     /// Whether page `pfn` is in the cache.
     pub fn is_cached(&self, pfn: u64) -> bool {
-        self.cache.lock().present.get(pfn)
+        self.cache.is_present(pfn)
     }
 }
 

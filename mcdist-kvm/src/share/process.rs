@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::{bitmap_layout, Attached, Cache, CacheFailure, HostCache, Next};
+use super::{bitmap_layout, is_present, Attached, Cache, CacheFailure, HostCache, Next};
 use crate::descriptor::Descriptor;
 use crate::lazy::{LazyHandle, PageFetcher};
 use crate::sys::AnonMap;
@@ -274,9 +274,7 @@ impl PageFetcher for ProcessFetcher {
         if pfn >= self.pages {
             return;
         }
-        let (bits, _) = bitmap_layout(self.pages, self.page_size);
-        let word = self.map.load_u64_acquire(bits + (pfn / 64) as usize * 8);
-        if word.is_ok_and(|w| w & (1 << (pfn % 64)) != 0) {
+        if is_present(&self.map, self.pages, self.page_size, pfn) {
             // Already in the host cache: no need to ask.
             install_shared(&self.map, self.page_size, pfn, &self.handle);
             return;
