@@ -31,9 +31,69 @@ pub enum DescriptorError {
     /// Ended early.
     #[error("descriptor truncated at byte {0}")]
     Truncated(usize),
-    /// A field is inconsistent.
-    #[error("invalid descriptor: {0}")]
-    Invalid(String),
+    /// Memory size and page size do not fit together.
+    #[error(
+        "invalid descriptor: memory size {mem_size} is not a multiple of page size {page_size}"
+    )]
+    Sizes {
+        /// Memory size.
+        mem_size: u64,
+        /// Page size.
+        page_size: u32,
+    },
+    /// The server address is not UTF-8.
+    #[error("invalid descriptor: server address is not UTF-8")]
+    ServerNotUtf8(#[source] std::str::Utf8Error),
+    /// The server address does not parse.
+    #[error("invalid descriptor: bad server address {text:?}")]
+    ServerAddress {
+        /// What the descriptor holds.
+        text: String,
+        /// Why it does not parse.
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    /// Unknown session flag.
+    #[error("invalid descriptor: session flag {0}")]
+    SessionFlag(u8),
+    /// No vCPU state.
+    #[error("invalid descriptor: no vCPUs")]
+    NoVcpus,
+    /// The zero map does not cover the memory.
+    #[error("invalid descriptor: zero map of {map} pages for {memory} pages of memory")]
+    ZeroMapPages {
+        /// Pages in the zero map.
+        map: u64,
+        /// Pages of memory.
+        memory: u64,
+    },
+    /// A length field does not match what follows or what this build expects.
+    #[error("invalid descriptor: {what}: bad length")]
+    Length {
+        /// Which field.
+        what: &'static str,
+    },
+    /// A fixed-size state has another size than this build's.
+    #[error("invalid descriptor: {what}: {got} bytes, this build expects {expected}")]
+    StateSize {
+        /// Which state.
+        what: &'static str,
+        /// Its size in the descriptor.
+        got: usize,
+        /// Its size here.
+        expected: usize,
+    },
+    /// The full machine state does not match the base descriptor's vCPUs.
+    #[error("invalid descriptor: {states} full vCPU states for {vcpus} vCPUs")]
+    VcpuStates {
+        /// Full states.
+        states: usize,
+        /// vCPUs of the base descriptor.
+        vcpus: usize,
+    },
+    /// More MSRs than any vCPU has.
+    #[error("invalid descriptor: {0} MSRs")]
+    TooManyMsrs(usize),
     /// Reading or writing the file failed.
     #[error("descriptor I/O: {0}")]
     Io(#[from] std::io::Error),
@@ -67,14 +127,36 @@ pub struct Descriptor {
     pub zero_map: PageBitmap,
 }
 
+/// A descriptor kept in a file: what [`Descriptor`] and
+/// [`crate::linux::LinuxDescriptor`] share.
+pub trait DescriptorFile: Sized {
+    /// Serializes the descriptor.
+    fn encode(&self) -> Vec<u8>;
+
+    /// Parses a descriptor.
+    fn decode(bytes: &[u8]) -> Result<Self, DescriptorError>;
+
+    /// Writes the descriptor to a file.
+    fn save(&self, path: &std::path::Path) -> Result<(), DescriptorError> {
+        Ok(std::fs::write(path, self.encode())?)
+    }
+
+    /// Reads a descriptor file.
+    fn load(path: &std::path::Path) -> Result<Self, DescriptorError> {
+        Self::decode(&std::fs::read(path)?)
+    }
+}
+
 impl Descriptor {
     /// Pages of guest memory.
     pub fn page_count(&self) -> u64 {
         self.mem_size / u64::from(self.page_size)
     }
+}
 
+impl DescriptorFile for Descriptor {
     /// Serializes the descriptor.
-    pub fn encode(&self) -> Vec<u8> {
+    fn encode(&self) -> Vec<u8> {
         let mut w = Vec::with_capacity(4096 + self.zero_map.len() as usize / 8);
         w.extend_from_slice(MAGIC);
         w.extend_from_slice(&VERSION.to_le_bytes());
@@ -107,21 +189,15 @@ impl Descriptor {
     }
 
     /// Parses a descriptor.
-    pub fn decode(bytes: &[u8]) -> Result<Self, DescriptorError> {
-        let mut r = Reader { b: bytes, pos: 0 };
-        if r.take(8)? != MAGIC {
-            return Err(DescriptorError::BadMagic);
-        }
-        let version = r.u16()?;
-        if version != VERSION {
-            return Err(DescriptorError::UnsupportedVersion(version));
-        }
+    fn decode(bytes: &[u8]) -> Result<Self, DescriptorError> {
+        let mut r = Reader::open(bytes, MAGIC, VERSION)?;
         let mem_size = r.u64()?;
         let page_size = r.u32()?;
         if page_size == 0 || mem_size == 0 || mem_size % u64::from(page_size) != 0 {
-            return Err(DescriptorError::Invalid(format!(
-                "memory size {mem_size} is not a multiple of page size {page_size}"
-            )));
+            return Err(DescriptorError::Sizes {
+                mem_size,
+                page_size,
+            });
         }
         let mut digest = [0u8; 32];
         digest.copy_from_slice(r.take(32)?);
@@ -131,22 +207,22 @@ impl Descriptor {
                 let ip = r.take(4)?;
                 let group = SocketAddrV4::new([ip[0], ip[1], ip[2], ip[3]].into(), r.u16()?);
                 let n = r.u8()? as usize;
-                let s = std::str::from_utf8(r.take(n)?)
-                    .map_err(|_| DescriptorError::Invalid("server address is not UTF-8".into()))?;
-                let server = s
-                    .parse()
-                    .map_err(|_| DescriptorError::Invalid(format!("bad server address {s:?}")))?;
+                let s = std::str::from_utf8(r.take(n)?).map_err(DescriptorError::ServerNotUtf8)?;
+                let server = s.parse().map_err(|source| DescriptorError::ServerAddress {
+                    text: s.to_string(),
+                    source,
+                })?;
                 Some(SessionParams {
                     group,
                     server,
                     session_id: r.u64()?,
                 })
             }
-            f => return Err(DescriptorError::Invalid(format!("session flag {f}"))),
+            f => return Err(DescriptorError::SessionFlag(f)),
         };
         let n = r.u16()? as usize;
         if n == 0 {
-            return Err(DescriptorError::Invalid("no vCPUs".into()));
+            return Err(DescriptorError::NoVcpus);
         }
         let mut vcpus = Vec::with_capacity(n);
         for _ in 0..n {
@@ -158,15 +234,15 @@ impl Descriptor {
         }
         let pages = r.u64()?;
         if pages != mem_size / u64::from(page_size) {
-            return Err(DescriptorError::Invalid(format!(
-                "zero map of {pages} pages for {} pages of memory",
-                mem_size / u64::from(page_size)
-            )));
+            return Err(DescriptorError::ZeroMapPages {
+                map: pages,
+                memory: mem_size / u64::from(page_size),
+            });
         }
-        let len = usize::try_from(r.u64()?)
-            .map_err(|_| DescriptorError::Invalid("zero map length".into()))?;
+        let len =
+            usize::try_from(r.u64()?).map_err(|_| DescriptorError::Length { what: "zero map" })?;
         if len as u64 != pages.div_ceil(8) {
-            return Err(DescriptorError::Invalid("zero map length".into()));
+            return Err(DescriptorError::Length { what: "zero map" });
         }
         let zero_map = PageBitmap::from_bytes(pages, r.take(len)?);
         Ok(Self {
@@ -178,16 +254,6 @@ impl Descriptor {
             zero_map,
         })
     }
-
-    /// Writes the descriptor to a file.
-    pub fn save(&self, path: &std::path::Path) -> Result<(), DescriptorError> {
-        Ok(std::fs::write(path, self.encode())?)
-    }
-
-    /// Reads a descriptor file.
-    pub fn load(path: &std::path::Path) -> Result<Self, DescriptorError> {
-        Self::decode(&std::fs::read(path)?)
-    }
 }
 
 /// A bounds-checked little-endian reader over descriptor bytes.
@@ -197,6 +263,19 @@ pub(crate) struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// A reader after the `magic` and `version` that open a descriptor of one kind.
+    pub(crate) fn open(b: &'a [u8], magic: &[u8], version: u16) -> Result<Self, DescriptorError> {
+        let mut r = Reader { b, pos: 0 };
+        if r.take(magic.len())? != magic {
+            return Err(DescriptorError::BadMagic);
+        }
+        let v = r.u16()?;
+        if v != version {
+            return Err(DescriptorError::UnsupportedVersion(v));
+        }
+        Ok(r)
+    }
+
     pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], DescriptorError> {
         let end = self
             .pos

@@ -1,6 +1,6 @@
 //! An mcdist client driven by the fault thread itself.
 //!
-//! [`crate::remote::McdistFetcher`] runs a [`mcdist::node::ClientNode`]: a fault goes from
+//! [`crate::threaded::McdistFetcher`] runs a [`mcdist::node::ClientNode`]: a fault goes from
 //! the fault thread to the client's I/O thread (channel + wake-up), the request goes out, the
 //! multicast reply wakes the I/O thread, which installs the page. [`InlineMcdist`] drives the
 //! sans-IO [`mcdist::Client`] on the fault thread: the fault thread sends the request at once,
@@ -20,7 +20,7 @@ use mcdist::{Client, ClientConfig, ClientEvent, ClientStats, SessionInfo};
 
 use crate::descriptor::Descriptor;
 use crate::lazy::{InlineFetcher, LazyHandle, PageFetcher};
-use crate::remote::RemoteError;
+use crate::session::{check_image, client_setup, SessionError, SessionLost};
 
 /// The client's transport: plain UDP, or UDP under mcdist's authentication layer.
 enum Link {
@@ -77,8 +77,8 @@ impl InlineMcdist {
         handle: &LazyHandle,
         join_timeout: Duration,
         tune: impl FnOnce(&mut ClientConfig),
-    ) -> Result<Self, RemoteError> {
-        let (transport, mut cfg) = crate::remote::client_setup(desc, iface, tune)?;
+    ) -> Result<Self, SessionError> {
+        let (transport, mut cfg) = client_setup(desc, iface, tune)?;
         let mut link = match &cfg.security {
             Some(sec) => Link::Secure(Box::new(SecureTransport::client(transport, sec))),
             None => {
@@ -121,27 +121,21 @@ impl InlineMcdist {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(RemoteError::Node(mcdist::node::NodeError::Timeout(
+                return Err(SessionError::Node(mcdist::node::NodeError::Timeout(
                     join_timeout,
                     "the server's announce",
                 )));
             }
             me.step(deadline - now, handle);
             if me.dead {
-                let why = if me.client.is_failed() {
-                    "the session failed while joining"
+                return Err(SessionError::JoinFailed(if me.client.is_failed() {
+                    "session"
                 } else {
-                    "the transport failed while joining"
-                };
-                return Err(RemoteError::Transport(why.to_string()));
+                    "transport"
+                }));
             }
         }
-        if me.session.page_count != desc.page_count() {
-            return Err(RemoteError::ImageMismatch {
-                served: me.session.page_count,
-                described: desc.page_count(),
-            });
-        }
+        check_image(desc, me.session.page_count)?;
         Ok(me)
     }
 
@@ -179,7 +173,7 @@ impl InlineMcdist {
                     self.client.recycle_page(data);
                 }
                 ClientEvent::Failed(err) => {
-                    handle.fail(format!("mcdist session failed: {err}"));
+                    handle.fail(SessionLost::Client(err));
                     self.dead = true;
                 }
                 ClientEvent::SessionStarted(_)
@@ -215,7 +209,7 @@ impl InlineMcdist {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    handle.fail(format!("mcdist receive failed: {e}"));
+                    handle.fail(SessionLost::Receive(e));
                     self.dead = true;
                     return;
                 }

@@ -9,7 +9,10 @@
 //!   on this host, so a page crosses the network once per host, not once per clone.
 //! - [`vm`]: a small VMM on kvm-ioctls; [`guest`]: the demo guest program.
 //! - [`descriptor::Descriptor`]: what a clone needs besides memory contents.
-//! - [`clone`]: parent, fork point, tickets, clone, join, kill.
+//! - [`clone`]: parent, fork point, tickets, clone, join, kill; the memory server
+//!   ([`clone::MemoryServer`]) and the clone factory ([`clone::connect_fetcher`]).
+//! - [`session`]: joining the session a descriptor names (a leaf module);
+//!   [`threaded::McdistFetcher`]: an mcdist client on its own thread.
 //! - [`linux`]: a real Linux guest (Debian's kernel, busybox initramfs, 8250 console, in-kernel
 //!   irqchip and PIT) forked at a point its init chooses, with full machine state in the
 //!   descriptor (see `LINUX.md`).
@@ -25,17 +28,22 @@ pub mod inline;
 pub mod lazy;
 pub mod linux;
 pub mod netns;
-pub mod remote;
+pub mod session;
 pub mod share;
 pub mod source;
 mod sys;
+pub mod threaded;
 pub mod vm;
 
-pub use clone::{CloneError, CloneReport, CloneSet, CloneTicket, Frozen, Parent};
-pub use descriptor::{Descriptor, SessionParams};
+pub use clone::{
+    connect_fetcher, CloneError, CloneReport, CloneSet, CloneTicket, Frozen, MemoryServer, Parent,
+};
+pub use descriptor::{Descriptor, DescriptorFile, SessionParams};
 pub use lazy::{
     FaultWait, InlineFetcher, LazyConfig, LazyHandle, LazyMemory, LazyStats, PageFetcher,
     SourceFetcher,
 };
+pub use session::SessionError;
 pub use share::{HostCache, HostCacheStats};
 pub use source::{PageBitmap, PageSource};
+pub use threaded::McdistFetcher;

@@ -28,7 +28,11 @@ pub enum VmError {
     /// Guest memory could not be mapped or accessed.
     #[error("guest memory: {0}")]
     Memory(std::io::Error),
-    /// The guest stopped in a way the VMM does not handle.
+    /// The guest accessed an I/O port the VMM does not emulate.
+    #[error("unexpected guest exit: port I/O on {0:#x}")]
+    UnexpectedPort(u16),
+    /// The guest stopped in a way the VMM does not handle (KVM's exit, as text: it borrows
+    /// the vCPU's run area).
     #[error("unexpected guest exit: {0}")]
     UnexpectedExit(String),
     /// The vCPU state does not fit this VM.
@@ -157,6 +161,27 @@ pub(crate) struct VmCore {
     pub(crate) memory: VmMemory,
 }
 
+/// Completes the port I/O the vCPU exited on without running guest code, so that a state
+/// captured now resumes after the instruction.
+pub(crate) fn complete_io(vcpu: &mut VcpuFd) -> Result<(), kvm_ioctls::Error> {
+    vcpu.set_kvm_immediate_exit(1);
+    let r = vcpu.run().map(|_| ());
+    vcpu.set_kvm_immediate_exit(0);
+    match r {
+        Err(e) if e.errno() == libc::EINTR => Ok(()),
+        r => r,
+    }
+}
+
+impl std::fmt::Debug for VmCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmCore")
+            .field("vcpus", &self.vcpus.len())
+            .field("memory", &self.memory)
+            .finish()
+    }
+}
+
 /// A failed KVM call while creating a VM: the call's name and its error.
 pub(crate) type KvmCallError = (&'static str, kvm_ioctls::Error);
 
@@ -202,17 +227,9 @@ impl VmCore {
 }
 
 /// A KVM virtual machine with one memory slot at guest physical 0.
+#[derive(Debug)]
 pub struct Vm {
     core: VmCore,
-}
-
-impl std::fmt::Debug for Vm {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vm")
-            .field("vcpus", &self.core.vcpus.len())
-            .field("memory", &self.core.memory)
-            .finish()
-    }
 }
 
 impl Vm {
@@ -298,19 +315,10 @@ impl Vm {
             match exit {
                 VcpuExit::IoOut(PORT_CLONE_ME, _) => {
                     // Complete the port write so the captured state resumes after it.
-                    vcpu.set_kvm_immediate_exit(1);
-                    let r = vcpu.run().map(|_| ());
-                    vcpu.set_kvm_immediate_exit(0);
-                    match r {
-                        Err(e) if e.errno() == libc::EINTR => {}
-                        Ok(()) => {}
-                        Err(e) => {
-                            return Err(VmError::Kvm {
-                                op: "RUN (complete I/O)",
-                                source: e,
-                            })
-                        }
-                    }
+                    complete_io(vcpu).map_err(|source| VmError::Kvm {
+                        op: "RUN (complete I/O)",
+                        source,
+                    })?;
                     return Ok(GuestExit::CloneMe);
                 }
                 VcpuExit::IoOut(PORT_RESULT, data) => {
@@ -321,7 +329,7 @@ impl Vm {
                 }
                 VcpuExit::Hlt => return Ok(GuestExit::Halted),
                 VcpuExit::IoOut(port, _) | VcpuExit::IoIn(port, _) => {
-                    return Err(VmError::UnexpectedExit(format!("port I/O on {port:#x}")))
+                    return Err(VmError::UnexpectedPort(port))
                 }
                 other => return Err(VmError::UnexpectedExit(format!("{other:?}"))),
             }

@@ -5,16 +5,11 @@ use std::time::Duration;
 
 use mcdist_kvm::clone::{CloneOptions, LocalLauncher};
 use mcdist_kvm::guest::HashJob;
-use mcdist_kvm::vm::kvm_available;
-use mcdist_kvm::{Descriptor, Parent};
+use mcdist_kvm::Descriptor;
+use mcdist_kvm::DescriptorFile;
 
-fn have_kvm() -> bool {
-    let ok = kvm_available();
-    if !ok {
-        eprintln!("skipping: /dev/kvm is not available");
-    }
-    ok
-}
+mod common;
+use common::{fork, have_kvm};
 
 #[test]
 fn parent_forks_clones_that_compute_correct_slices() {
@@ -22,10 +17,7 @@ fn parent_forks_clones_that_compute_correct_slices() {
         return;
     }
     let job = HashJob::new(32 << 20, 0.5, 0.05, 42, 4096);
-    let mut frozen = Parent::boot(job)
-        .expect("boot")
-        .run_to_fork()
-        .expect("fork");
+    let mut frozen = fork(job);
     let desc = frozen.descriptor(None);
     // The descriptor round-trips and stays small.
     let bytes = desc.encode();

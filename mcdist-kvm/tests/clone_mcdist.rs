@@ -8,24 +8,13 @@ use std::time::{Duration, Instant};
 
 use mcdist_kvm::clone::{run_clone, CloneError, CloneOptions, ProcessLauncher};
 use mcdist_kvm::guest::HashJob;
-use mcdist_kvm::netns::{BridgeNet, Netns};
-use mcdist_kvm::remote::McdistFetcher;
-use mcdist_kvm::vm::kvm_available;
-use mcdist_kvm::{PageFetcher, Parent};
+use mcdist_kvm::netns::BridgeNet;
+use mcdist_kvm::DescriptorFile;
+use mcdist_kvm::McdistFetcher;
+use mcdist_kvm::PageFetcher;
 
-fn have_kvm() -> bool {
-    let ok = kvm_available();
-    if !ok {
-        eprintln!("skipping: /dev/kvm is not available");
-    }
-    ok
-}
-
-fn loopback_ns(tag: &str) -> Netns {
-    let ns = Netns::create(&format!("mcdk-{tag}-{}", std::process::id())).expect("netns");
-    ns.multicast_route("lo").expect("route");
-    ns
-}
+mod common;
+use common::{fork, have_kvm, loopback_ns};
 
 #[test]
 fn laziness_is_real_and_zero_pages_are_never_sent() {
@@ -36,10 +25,7 @@ fn laziness_is_real_and_zero_pages_are_never_sent() {
     ns.enter().expect("enter netns");
     let mem = 256u64 << 20;
     let job = HashJob::new(mem, 0.5, 0.10, 9, 4096);
-    let frozen = Parent::boot(job)
-        .expect("boot")
-        .run_to_fork()
-        .expect("fork");
+    let frozen = fork(job);
     let group = SocketAddrV4::new([239, 255, 77, 1].into(), 47001);
     let listen: SocketAddr = "127.0.0.1:47002".parse().expect("addr");
     let (server, desc) = frozen
@@ -48,7 +34,7 @@ fn laziness_is_real_and_zero_pages_are_never_sent() {
     let id = 3;
     let report = run_clone(&desc, id, &CloneOptions::default(), |h| {
         let f = McdistFetcher::connect(&desc, Some("lo"), h, Duration::from_secs(5), |_| {})
-            .map_err(|e| CloneError::Source(e.to_string()))?;
+            .map_err(CloneError::Session)?;
         Ok(Arc::new(f) as Arc<dyn PageFetcher>)
     })
     .expect("clone");
@@ -88,10 +74,7 @@ fn clone_fails_clearly_when_its_server_disappears() {
     let ns = loopback_ns("gone");
     ns.enter().expect("enter netns");
     let job = HashJob::new(16 << 20, 0.5, 0.1, 5, 4096);
-    let frozen = Parent::boot(job)
-        .expect("boot")
-        .run_to_fork()
-        .expect("fork");
+    let frozen = fork(job);
     let group = SocketAddrV4::new([239, 255, 77, 2].into(), 47011);
     let listen: SocketAddr = "127.0.0.1:47012".parse().expect("addr");
     let (server, desc) = frozen
@@ -105,7 +88,7 @@ fn clone_fails_clearly_when_its_server_disappears() {
         let f = McdistFetcher::connect(&desc, Some("lo"), h, Duration::from_secs(5), |c| {
             c.give_up_after = Duration::from_secs(2)
         })
-        .map_err(|e| CloneError::Source(e.to_string()))?;
+        .map_err(CloneError::Session)?;
         // The server goes away after the clone joined, before its first fault.
         if let Some(s) = server.lock().expect("lock").take() {
             s.shutdown().expect("shutdown");
@@ -131,10 +114,7 @@ fn four_clone_processes_on_four_namespace_hosts() {
     // Host 0 runs the parent and its memory server; hosts 1..=4 run one clone process each.
     net.hosts[0].enter().expect("enter server host");
     let job = HashJob::new(64 << 20, 0.5, 0.1, 77, 4096);
-    let mut frozen = Parent::boot(job)
-        .expect("boot")
-        .run_to_fork()
-        .expect("fork");
+    let mut frozen = fork(job);
     let group = SocketAddrV4::new([239, 255, 77, 3].into(), 47021);
     let listen = SocketAddr::new(BridgeNet::addr(0).into(), 47022);
     let (server, desc) = frozen

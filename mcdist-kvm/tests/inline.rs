@@ -1,7 +1,6 @@
 //! The inline fault loop: real KVM clones whose fault thread drives the mcdist client itself
 //! (real userfaultfd, real UDP multicast in a network namespace this test creates).
 
-use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -9,49 +8,10 @@ use mcdist::secure::{Psk, Security};
 use mcdist_kvm::clone::{run_clone, CloneError, CloneOptions, CloneReport};
 use mcdist_kvm::guest::HashJob;
 use mcdist_kvm::inline::InlineMcdist;
-use mcdist_kvm::netns::Netns;
-use mcdist_kvm::remote::MemoryServer;
-use mcdist_kvm::vm::kvm_available;
-use mcdist_kvm::{Descriptor, FaultWait, Frozen, LazyMemory, Parent};
+use mcdist_kvm::{Descriptor, FaultWait, LazyMemory};
 
-fn have_kvm() -> bool {
-    let ok = kvm_available();
-    if !ok {
-        eprintln!("skipping: /dev/kvm is not available");
-    }
-    ok
-}
-
-fn loopback_ns(tag: &str) -> Netns {
-    let ns = Netns::create(&format!("mcdk-{tag}-{}", std::process::id())).expect("netns");
-    ns.multicast_route("lo").expect("route");
-    ns
-}
-
-struct Setup {
-    job: HashJob,
-    _frozen: Frozen,
-    server: MemoryServer,
-    desc: Descriptor,
-}
-
-fn serve(job: HashJob, port: u16, cfg: mcdist::ServerConfig) -> Setup {
-    let frozen = Parent::boot(job)
-        .expect("boot")
-        .run_to_fork()
-        .expect("fork");
-    let group = SocketAddrV4::new([239, 255, 78, (port % 200) as u8].into(), port);
-    let listen: SocketAddr = format!("127.0.0.1:{}", port + 1).parse().expect("addr");
-    let (server, desc) = frozen
-        .serve(group, Some("lo"), listen, cfg)
-        .expect("server");
-    Setup {
-        job,
-        _frozen: frozen,
-        server,
-        desc,
-    }
-}
+mod common;
+use common::{have_kvm, loopback_ns, serve};
 
 fn inline_clone(
     desc: &Descriptor,
@@ -62,7 +22,7 @@ fn inline_clone(
     run_clone(desc, id, opts, |h| {
         Ok(
             InlineMcdist::connect(desc, Some("lo"), &h, Duration::from_secs(5), tune)
-                .map_err(|e| CloneError::Source(e.to_string()))?
+                .map_err(CloneError::Session)?
                 .into_fetcher(),
         )
     })
@@ -143,7 +103,7 @@ fn lockstep_inline_clones_share_multicast_replies() {
                             Duration::from_secs(5),
                             |_| {},
                         )
-                        .map_err(|e| CloneError::Source(e.to_string()))?;
+                        .map_err(CloneError::Session)?;
                         // Wait for the other clone (bounded: a failed join must not hang).
                         joined.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let t0 = Instant::now();
@@ -235,7 +195,7 @@ fn inline_clone_fails_clearly_when_its_server_disappears() {
         let f = InlineMcdist::connect(desc, Some("lo"), &h, Duration::from_secs(5), |c| {
             c.give_up_after = Duration::from_secs(2)
         })
-        .map_err(|e| CloneError::Source(e.to_string()))?;
+        .map_err(CloneError::Session)?;
         // The server goes away after the clone joined, before its first fault.
         if let Some(s) = server.lock().expect("lock").take() {
             s.shutdown().expect("shutdown");

@@ -6,16 +6,10 @@ use std::time::Duration;
 use mcdist_kvm::lazy::{LazyConfig, LazyFailure, LazyMemory, PageFetcher, SourceFetcher};
 use mcdist_kvm::source::{zero_map, MemSource, PageSource};
 
-const PAGE: usize = 4096;
+mod common;
+use common::uffd_available;
 
-fn uffd_available() -> bool {
-    let ok = std::path::Path::new("/dev/userfaultfd").exists()
-        || std::fs::metadata("/proc/sys/vm/unprivileged_userfaultfd").is_ok();
-    if !ok {
-        eprintln!("skipping: userfaultfd is not available on this kernel");
-    }
-    ok
-}
+const PAGE: usize = 4096;
 
 fn image(pages: usize) -> Vec<u8> {
     let mut v = vec![0u8; pages * PAGE];

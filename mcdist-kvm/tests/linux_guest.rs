@@ -12,15 +12,9 @@ use mcdist_kvm::linux::{
     expected_sum, find_busybox, find_kernel, init_script, initramfs::build_initramfs, GuestPlan,
     PORT_CLONE_ID, PORT_FORK,
 };
-use mcdist_kvm::vm::kvm_available;
 
-fn have_kvm() -> bool {
-    let ok = kvm_available();
-    if !ok {
-        eprintln!("skipping: /dev/kvm is not available");
-    }
-    ok
-}
+mod common;
+use common::have_kvm;
 
 #[test]
 fn initramfs_holds_busybox_init_and_console() {

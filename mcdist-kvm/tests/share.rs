@@ -9,21 +9,11 @@ use mcdist_kvm::clone::{CloneOptions, CloneReport};
 use mcdist_kvm::guest::HashJob;
 use mcdist_kvm::netns::{BridgeNet, Netns};
 use mcdist_kvm::share::HostCacheProcess;
-use mcdist_kvm::vm::kvm_available;
-use mcdist_kvm::{CloneTicket, Descriptor, Frozen, HostCache, Parent};
+use mcdist_kvm::DescriptorFile;
+use mcdist_kvm::{CloneTicket, Descriptor, Frozen, HostCache};
 
-fn have_kvm_and_uffd() -> bool {
-    if !kvm_available() {
-        eprintln!("skipping: /dev/kvm is not available");
-        return false;
-    }
-    let uffd = std::path::Path::new("/dev/userfaultfd").exists()
-        || std::fs::metadata("/proc/sys/vm/unprivileged_userfaultfd").is_ok();
-    if !uffd {
-        eprintln!("skipping: userfaultfd is not available on this kernel");
-    }
-    uffd
-}
+mod common;
+use common::{fork, have_kvm_and_uffd};
 
 /// Joins the session from inside `host` (the client's socket lives in that namespace).
 fn host_cache(host: &Netns, desc: &Descriptor) -> Arc<HostCache> {
@@ -50,7 +40,7 @@ fn run_checked(
 }
 
 /// Server counters once they stopped moving (the server publishes them as it runs).
-fn settled(server: &mcdist_kvm::remote::MemoryServer) -> mcdist::node::ServerSnapshot {
+fn settled(server: &mcdist_kvm::MemoryServer) -> mcdist::node::ServerSnapshot {
     let mut last = server.stats();
     for _ in 0..50 {
         std::thread::sleep(Duration::from_millis(100));
@@ -69,7 +59,7 @@ struct Bridge {
     net: BridgeNet,
     job: HashJob,
     frozen: Frozen,
-    server: mcdist_kvm::remote::MemoryServer,
+    server: mcdist_kvm::MemoryServer,
     desc: Arc<Descriptor>,
     nonzero: u64,
 }
@@ -79,10 +69,7 @@ fn bridge(prefix: &str, seed: u32, port: u16) -> Bridge {
         BridgeNet::create(&format!("{prefix}{}", std::process::id() % 10000), 3).expect("net");
     net.hosts[0].enter().expect("enter server host");
     let job = HashJob::new(64 << 20, 0.5, 0.05, seed, 4096);
-    let frozen = Parent::boot(job)
-        .expect("boot")
-        .run_to_fork()
-        .expect("fork");
+    let frozen = fork(job);
     let group = SocketAddrV4::new([239, 255, 79, (port % 200) as u8].into(), port);
     let listen = SocketAddr::new(BridgeNet::addr(0).into(), port + 1);
     let scfg = mcdist::ServerConfig {
@@ -241,10 +228,7 @@ fn every_clone_of_a_host_fails_clearly_when_the_server_disappears() {
     ns.multicast_route("lo").expect("route");
     ns.enter().expect("enter netns");
     let job = HashJob::new(16 << 20, 0.5, 0.1, 5, 4096);
-    let mut frozen = Parent::boot(job)
-        .expect("boot")
-        .run_to_fork()
-        .expect("fork");
+    let mut frozen = fork(job);
     let group = SocketAddrV4::new([239, 255, 79, 2].into(), 47111);
     let listen: SocketAddr = "127.0.0.1:47112".parse().expect("addr");
     let (server, desc) = frozen
@@ -392,7 +376,7 @@ fn cache_socket_drops_malformed_frames_and_serves_pages_from_shared_memory() {
     }
     let src = Arc::new(mcdist_kvm::source::MemSource::new(image.clone(), PAGE));
     let info = mcdist_kvm::source::scan(&*src).expect("scan");
-    let server = mcdist_kvm::remote::MemoryServer::start(
+    let server = mcdist_kvm::MemoryServer::start(
         src,
         &info.zero_map,
         info.digest,

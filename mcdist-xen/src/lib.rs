@@ -41,6 +41,7 @@
 
 pub mod abi;
 pub mod descriptor;
+mod event;
 pub mod hypervisor;
 #[cfg(test)]
 mod layout_tests;
@@ -54,7 +55,8 @@ pub mod xen;
 pub use descriptor::{DescriptorError, XenDescriptor};
 pub use hypervisor::{EvictOutcome, Hypervisor, HypervisorError, PageBuf};
 pub use memtap::{
-    InboxReceiver, Memtap, MemtapConfig, MemtapError, MemtapStats, PageFetcher, PageInbox,
+    InboxError, InboxReceiver, Memtap, MemtapConfig, MemtapError, MemtapStats, PageFetcher,
+    PageInbox,
 };
 pub use sim::{SimGuest, SimGuestError, SimReport, SimXen};
 #[cfg(feature = "xen")]

@@ -19,7 +19,9 @@
 use crate::abi::{self, VmEvent};
 use crate::hypervisor::{EvictOutcome, Hypervisor, HypervisorError, PageBuf};
 use crate::ring::BackRing;
-use crate::sys::{self, EventFd};
+use std::os::fd::AsRawFd;
+
+use crate::event::{self, EventFd, Readable};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use mcdist::bitmap::PageBitmap;
 use mcdist::node::SinkError;
@@ -36,12 +38,13 @@ pub enum MemtapError {
     #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
     /// The page source (the mcdist session) failed.
-    #[error("domain {domid}: the page source failed: {message}")]
+    #[error("domain {domid}: the page source failed: {source}")]
     SourceFailed {
         /// The domain.
         domid: u32,
         /// Why.
-        message: String,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
     },
     /// The hypervisor asked for a gfn outside the image.
     #[error(
@@ -112,6 +115,17 @@ impl<T: PageFetcher + ?Sized> PageFetcher for Arc<T> {
     }
 }
 
+/// Why a page could not be handed to Memtap.
+#[derive(Debug, Error)]
+pub enum InboxError {
+    /// Memtap has stopped (its receiver is gone).
+    #[error("memtap has stopped")]
+    Stopped,
+    /// Waking Memtap's loop failed.
+    #[error("waking memtap: {0}")]
+    Wake(#[source] std::io::Error),
+}
+
 /// Where pages arrive for Memtap: the mcdist client's `PageSink`.
 ///
 /// The client's I/O thread hands each page over (a copy, through a channel)
@@ -119,7 +133,7 @@ impl<T: PageFetcher + ?Sized> PageFetcher for Arc<T> {
 pub struct PageInbox {
     tx: Sender<(u64, Vec<u8>)>,
     wake: EventFd,
-    failure: Mutex<Option<String>>,
+    failure: Mutex<Option<Arc<dyn std::error::Error + Send + Sync>>>,
 }
 
 impl std::fmt::Debug for PageInbox {
@@ -143,41 +157,44 @@ impl PageInbox {
         let (tx, rx) = crossbeam_channel::unbounded();
         let inbox = Arc::new(PageInbox {
             tx,
-            wake: EventFd::new()?,
+            wake: event::event_fd()?,
             failure: Mutex::new(None),
         });
         Ok((inbox.clone(), InboxReceiver { inbox, rx }))
     }
 
     /// Hand page `pfn` to Memtap.
-    pub fn deliver(&self, pfn: u64, data: &[u8]) -> Result<(), SinkError> {
+    pub fn deliver(&self, pfn: u64, data: &[u8]) -> Result<(), InboxError> {
         self.tx
             .send((pfn, data.to_vec()))
-            .map_err(|_| SinkError::Stopped)?;
-        self.wake.signal().map_err(|source| SinkError::Io {
-            what: "waking memtap",
-            source,
-        })
+            .map_err(|_| InboxError::Stopped)?;
+        event::signal(&self.wake).map_err(InboxError::Wake)
     }
 
     /// Tell Memtap the source failed; its loop returns [`MemtapError::SourceFailed`].
-    pub fn fail(&self, message: String) {
+    pub fn fail(&self, why: impl Into<Box<dyn std::error::Error + Send + Sync>>) {
         let mut f = self.failure.lock().unwrap_or_else(PoisonError::into_inner);
         if f.is_none() {
-            *f = Some(message);
+            *f = Some(Arc::from(why.into()));
         }
         drop(f);
-        let _ = self.wake.signal();
+        let _ = event::signal(&self.wake);
     }
 }
 
 impl mcdist::node::PageSink for PageInbox {
     fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), SinkError> {
-        self.deliver(pfn, data)
+        self.deliver(pfn, data).map_err(|e| match e {
+            InboxError::Stopped => SinkError::Stopped,
+            InboxError::Wake(source) => SinkError::Io {
+                what: "waking memtap",
+                source,
+            },
+        })
     }
 
     fn failed(&self, error: &mcdist::node::NodeError) {
-        self.fail(error.to_string())
+        self.fail(error.clone())
     }
 }
 
@@ -380,7 +397,13 @@ impl<H: Hypervisor> Memtap<H> {
         if self.cfg.fetch_all && !self.is_complete() {
             self.fetcher.fetch_all();
         }
-        let timeout = i32::try_from(self.cfg.poll_interval.as_millis()).unwrap_or(i32::MAX);
+        let timeout = self.cfg.poll_interval;
+        let poll = Readable::new(&[self.hv.event_fd(), self.inbox.inbox.wake.as_raw_fd()])
+            .map_err(|source| MemtapError::Local {
+                domid,
+                what: "polling the event channel",
+                source,
+            })?;
         while !stop.load(Ordering::Acquire) {
             if self.cfg.exit_when_complete && self.waiting.is_empty() && self.is_complete() {
                 self.fill_zero_pages()?;
@@ -390,25 +413,20 @@ impl<H: Hypervisor> Memtap<H> {
                     break;
                 }
             }
-            let fds = [self.hv.event_fd(), self.inbox.inbox.wake.raw()];
-            let ready = sys::poll_readable(&fds, timeout).map_err(|source| MemtapError::Local {
+            let ready = poll.wait(timeout).map_err(|source| MemtapError::Local {
                 domid,
                 what: "polling the event channel",
                 source,
             })?;
-            if ready[0] {
+            if ready & 1 != 0 {
                 self.hv.ack_event()?;
             }
-            if ready[1] {
-                self.inbox
-                    .inbox
-                    .wake
-                    .drain()
-                    .map_err(|source| MemtapError::Local {
-                        domid,
-                        what: "reading the inbox eventfd",
-                        source,
-                    })?;
+            if ready & 2 != 0 {
+                event::drain(&self.inbox.inbox.wake).map_err(|source| MemtapError::Local {
+                    domid,
+                    what: "reading the inbox eventfd",
+                    source,
+                })?;
             }
             self.step()?;
         }
@@ -419,7 +437,7 @@ impl<H: Hypervisor> Memtap<H> {
     /// publish responses and notify. [`Memtap::run`] calls this after each wake-up.
     pub fn step(&mut self) -> Result<(), MemtapError> {
         let domid = self.domid();
-        if let Some(msg) = self
+        if let Some(source) = self
             .inbox
             .inbox
             .failure
@@ -427,10 +445,7 @@ impl<H: Hypervisor> Memtap<H> {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
         {
-            return Err(MemtapError::SourceFailed {
-                domid,
-                message: msg,
-            });
+            return Err(MemtapError::SourceFailed { domid, source });
         }
         self.drain_inbox()?;
         loop {

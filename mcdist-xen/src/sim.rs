@@ -23,12 +23,12 @@
 //! guest physmap.
 
 use crate::abi::{self, VmEvent};
+use crate::event::{self, EventFd, Readable};
 use crate::hypervisor::{EvictOutcome, Hypervisor, HypervisorError, PageBuf};
 use crate::ring::{FrontRing, RingPage};
-use crate::sys::{self, EventFd};
 use std::collections::HashSet;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -38,9 +38,12 @@ use thiserror::Error;
 /// A fake guest's access failed.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum SimGuestError {
-    /// The simulated domain crashed (paging fault with no ring).
-    #[error("domain crashed: {0}")]
-    Crashed(String),
+    /// The simulated domain crashed: a paging fault on `gfn` with no ring in place.
+    #[error("domain crashed: paging gfn {gfn:#x} yet no ring in place")]
+    Crashed {
+        /// The gfn whose fault crashed the domain.
+        gfn: u64,
+    },
     /// The vCPU stayed paused longer than the test allows.
     #[error("vcpu {vcpu} still paused on gfn {gfn:#x} after {waited:?}")]
     Timeout {
@@ -68,7 +71,7 @@ struct SimMem {
     paused: HashSet<u32>,
     front: Option<FrontRing>,
     enabled: bool,
-    crashed: Option<String>,
+    crashed: Option<u64>,
     report: SimReport,
 }
 
@@ -173,8 +176,8 @@ impl SimXen {
                 report: SimReport::default(),
             }),
             cond: Condvar::new(),
-            to_pager: EventFd::new()?,
-            to_xen: EventFd::new()?,
+            to_pager: event::event_fd()?,
+            to_xen: event::event_fd()?,
             stop: AtomicBool::new(false),
         });
         Ok((
@@ -192,7 +195,7 @@ impl SimXen {
 
     fn stop_thread(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
-        let _ = self.shared.to_xen.signal();
+        let _ = event::signal(&self.shared.to_xen);
         if let Some(t) = self.xen_thread.take() {
             let _ = t.join();
         }
@@ -208,20 +211,24 @@ impl Drop for SimXen {
 /// The hypervisor's reaction to the pager's notifications: consume responses
 /// and resume vCPUs (`vm_event_resume`).
 fn xen_loop(shared: &Shared) {
+    let poll_failed = |e: std::io::Error| {
+        shared
+            .lock()
+            .report
+            .violations
+            .push(format!("simulator poll failed: {e}"));
+    };
+    let poll = match Readable::new(&[shared.to_xen.as_raw_fd()]) {
+        Ok(p) => p,
+        Err(e) => return poll_failed(e),
+    };
     while !shared.stop.load(Ordering::Acquire) {
-        match sys::poll_readable(&[shared.to_xen.raw()], 20) {
-            Ok(r) if r[0] => {
-                let _ = shared.to_xen.drain();
+        match poll.wait(Duration::from_millis(20)) {
+            Ok(r) if r & 1 != 0 => {
+                let _ = event::drain(&shared.to_xen);
             }
             Ok(_) => {}
-            Err(e) => {
-                shared
-                    .lock()
-                    .report
-                    .violations
-                    .push(format!("simulator poll failed: {e}"));
-                return;
-            }
+            Err(e) => return poll_failed(e),
         }
         let mut mem = shared.lock();
         let mem = &mut *mem;
@@ -337,21 +344,17 @@ impl Hypervisor for SimXen {
     }
 
     fn event_fd(&self) -> RawFd {
-        self.shared.to_pager.raw()
+        self.shared.to_pager.as_raw_fd()
     }
 
     fn ack_event(&mut self) -> Result<bool, HypervisorError> {
-        self.shared
-            .to_pager
-            .drain()
+        event::drain(&self.shared.to_pager)
             .map_err(|e| HypervisorError::new(self.shared.domid, "xenevtchn_pending", e))
     }
 
     fn notify(&mut self) -> Result<(), HypervisorError> {
         self.shared.lock().report.notifications += 1;
-        self.shared
-            .to_xen
-            .signal()
+        event::signal(&self.shared.to_xen)
             .map_err(|e| HypervisorError::new(self.shared.domid, "xenevtchn_notify", e))
     }
 
@@ -409,17 +412,16 @@ impl SimGuest {
         let mut mem = self.shared.lock();
         let mut faults = 0u32;
         loop {
-            if let Some(c) = &mem.crashed {
-                return Err(SimGuestError::Crashed(c.clone()));
+            if let Some(c) = mem.crashed {
+                return Err(SimGuestError::Crashed { gfn: c });
             }
             if mem.state[g] == PageState::Present {
                 return Ok(mem.data[g * ps..(g + 1) * ps].to_vec());
             }
             if !mem.enabled {
-                let why = format!("paging gfn {gfn:#x} yet no ring in place");
-                mem.crashed = Some(why.clone());
+                mem.crashed = Some(gfn);
                 self.shared.cond.notify_all();
-                return Err(SimGuestError::Crashed(why));
+                return Err(SimGuestError::Crashed { gfn });
             }
             if faults > 0 {
                 mem.report.refaults += 1;
@@ -443,7 +445,7 @@ impl SimGuest {
             }
             mem.report.requests_raised += 1;
             mem.paused.insert(vcpu);
-            let _ = self.shared.to_pager.signal();
+            let _ = event::signal(&self.shared.to_pager);
             while mem.paused.contains(&vcpu) {
                 mem = self.wait(mem, start, timeout).ok_or_else(timed_out)?;
             }

@@ -349,7 +349,7 @@ fn a_fault_after_paging_is_disabled_crashes_the_simulated_domain() {
     assert!(d.iter().all(|b| *b == mcdist_xen::sim::STALE_BYTE));
     m.shutdown().expect("shutdown disables paging");
     match guest.touch(1, 6, TOUCH_TIMEOUT) {
-        Err(SimGuestError::Crashed(why)) => assert!(why.contains("no ring")),
+        Err(e @ SimGuestError::Crashed { .. }) => assert!(e.to_string().contains("no ring")),
         other => panic!("expected a crash, got {other:?}"),
     }
 }

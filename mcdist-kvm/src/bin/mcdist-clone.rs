@@ -6,9 +6,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+#[path = "common/session_args.rs"]
+mod session_args;
+use mcdist_kvm::clone::connect_fetcher;
 use mcdist_kvm::clone::{run_clone, CloneError, CloneOptions};
-use mcdist_kvm::remote::{connect_fetcher, SessionArgs};
 use mcdist_kvm::share::connect_host_cache;
+use session_args::SessionArgs;
 
 #[derive(Parser, Debug)]
 #[command(about = "Run one mcdist-kvm clone from a descriptor")]
@@ -47,8 +50,9 @@ fn run(args: &Args) -> Result<String, CloneError> {
     opts.lazy.fetch_timeout = Duration::from_millis(args.fetch_timeout_ms);
     let give_up = opts.lazy.fetch_timeout;
     let report = run_clone(&desc, args.id, &opts, |h| match &args.host_cache {
-        Some(path) => connect_host_cache(path, &desc, h)
-            .map_err(|e| CloneError::Source(format!("{}: {e}", path.display()))),
+        Some(path) => {
+            connect_host_cache(path, &desc, h).map_err(|e| CloneError::Attach(Box::new(e)))
+        }
         None => connect_fetcher(&desc, args.session.iface.as_deref(), h, give_up),
     })?;
     Ok(report.to_line())

@@ -11,8 +11,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use mcdist_kvm::remote::SessionArgs;
+#[path = "common/session_args.rs"]
+mod session_args;
 use mcdist_kvm::HostCache;
+use session_args::SessionArgs;
 
 #[derive(Parser, Debug)]
 #[command(

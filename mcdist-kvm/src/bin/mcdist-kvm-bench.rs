@@ -21,9 +21,10 @@ use mcdist_kvm::clone::{run_clone, CloneError, CloneOptions, CloneReport};
 use mcdist_kvm::guest::HashJob;
 use mcdist_kvm::inline::InlineMcdist;
 use mcdist_kvm::netns::Netns;
-use mcdist_kvm::remote::{McdistFetcher, MemoryServer};
 use mcdist_kvm::source::FileSource;
+use mcdist_kvm::DescriptorFile;
 use mcdist_kvm::{Descriptor, FaultWait, Frozen, PageFetcher, PageSource, Parent, SourceFetcher};
+use mcdist_kvm::{McdistFetcher, MemoryServer};
 
 #[derive(Parser, Debug)]
 #[command(about = "Fault latency and clone start measurements for mcdist-kvm")]
@@ -123,14 +124,9 @@ fn mcdist_fetcher(
     let join = Duration::from_secs(5);
     let give_up = |c: &mut mcdist::ClientConfig| c.give_up_after = Duration::from_secs(5);
     let f: Arc<dyn PageFetcher> = if inline {
-        InlineMcdist::connect(desc, Some("lo"), &h, join, give_up)
-            .map_err(|e| CloneError::Source(e.to_string()))?
-            .into_fetcher()
+        InlineMcdist::connect(desc, Some("lo"), &h, join, give_up)?.into_fetcher()
     } else {
-        Arc::new(
-            McdistFetcher::connect(desc, Some("lo"), h, join, give_up)
-                .map_err(|e| CloneError::Source(e.to_string()))?,
-        )
+        Arc::new(McdistFetcher::connect(desc, Some("lo"), h, join, give_up)?)
     };
     Ok(f)
 }

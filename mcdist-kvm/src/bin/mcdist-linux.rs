@@ -21,8 +21,9 @@ use mcdist_kvm::linux::{
     LinuxError, LinuxExit, LinuxParent,
 };
 use mcdist_kvm::netns::BridgeNet;
-use mcdist_kvm::remote::{McdistFetcher, MemoryServer};
+use mcdist_kvm::DescriptorFile;
 use mcdist_kvm::{LazyConfig, PageFetcher};
+use mcdist_kvm::{McdistFetcher, MemoryServer};
 
 #[derive(Parser, Debug)]
 #[command(about = "Boot a real Linux guest on KVM and clone it over mcdist")]
@@ -334,7 +335,7 @@ fn clone(
         let f = McdistFetcher::connect(&desc.base, iface, h, Duration::from_secs(5), |c| {
             c.give_up_after = give_up
         })
-        .map_err(|e| LinuxError::Source(e.to_string()))?;
+        .map_err(LinuxError::Session)?;
         Ok(Arc::new(f) as Arc<dyn PageFetcher>)
     })?;
     for l in &report.console {

@@ -71,7 +71,7 @@ pub fn load_linux(
     initrd: &[u8],
     cmdline: &str,
 ) -> Result<BootInfo, LinuxError> {
-    let bad = |m: &str| LinuxError::BadKernel(m.to_string());
+    let bad = LinuxError::BadKernel;
     if bzimage.len() < 0x1000 {
         return Err(bad("file too small for a bzImage"));
     }
@@ -80,7 +80,7 @@ pub fn load_linux(
     }
     let version = le16(bzimage, VERSION);
     if version < 0x020c {
-        return Err(bad(&format!("boot protocol {version:#x} < 2.12")));
+        return Err(LinuxError::OldBootProtocol(version));
     }
     if bzimage[XLOADFLAGS] & 1 == 0 {
         return Err(bad("kernel has no 64-bit entry point (XLF_KERNEL_64)"));
@@ -198,7 +198,7 @@ fn decompress_payload(bzimage: &[u8], kernel_off: usize) -> Option<Vec<u8>> {
 /// Loads an ELF64 kernel's `PT_LOAD` segments at their physical addresses; returns the
 /// physical entry point.
 fn load_elf(ram: &GuestRam, elf: &[u8]) -> Result<u64, LinuxError> {
-    let bad = |m: &str| LinuxError::BadKernel(format!("vmlinux: {m}"));
+    let bad = LinuxError::BadVmlinux;
     let u64_at = |o: usize| -> Result<u64, LinuxError> {
         let b = elf.get(o..o + 8).ok_or_else(|| bad("truncated"))?;
         let mut a = [0u8; 8];

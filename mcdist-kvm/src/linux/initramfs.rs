@@ -85,7 +85,7 @@ impl Cpio {
 /// `sh`, and `init_script` as `/init`.
 pub fn build_initramfs(busybox: &[u8], init_script: &str) -> Result<Vec<u8>, LinuxError> {
     if busybox.len() < 4 || &busybox[..4] != b"\x7fELF" {
-        return Err(LinuxError::BadBusybox("not an ELF file".into()));
+        return Err(LinuxError::BadBusybox("not an ELF file"));
     }
     let mut c = Cpio::new();
     for d in [

@@ -3,7 +3,7 @@
 //! ports. Full machine state capture and restore for clones.
 
 use std::io::Write;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
@@ -148,8 +148,8 @@ pub struct LinuxVm {
 impl std::fmt::Debug for LinuxVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LinuxVm")
-            .field("vcpus", &self.core.vcpus.len())
-            .field("memory", &self.core.memory)
+            .field("core", &self.core)
+            .field("clone_id", &self.clone_id)
             .finish()
     }
 }
@@ -254,26 +254,7 @@ impl LinuxVm {
     /// Runs vCPU `idx` until the guest forks, exits or shuts down, or `deadline` passes.
     pub fn run(&mut self, idx: usize, deadline: Instant) -> Result<LinuxExit, LinuxError> {
         sys::linux::install_kick_handler().map_err(LinuxError::Io)?;
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
-        let me = sys::linux::current_thread();
-        let kicker = std::thread::spawn(move || {
-            let mut wait = deadline.saturating_duration_since(Instant::now());
-            loop {
-                match stop_rx.recv_timeout(wait) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        // SAFETY: the vCPU thread `me` joins this thread before it returns
-                        // from `run`, so it is alive whenever this kick is sent.
-                        unsafe { sys::linux::kick(me) };
-                        wait = Duration::from_millis(20);
-                    }
-                    _ => return,
-                }
-            }
-        });
-        let r = self.run_inner(idx, deadline);
-        let _ = stop_tx.send(());
-        let _ = kicker.join();
-        r
+        sys::linux::kicked_after(deadline, || self.run_inner(idx, deadline))
     }
 
     fn run_inner(&mut self, idx: usize, deadline: Instant) -> Result<LinuxExit, LinuxError> {
@@ -309,19 +290,10 @@ impl LinuxVm {
                 }
                 VcpuExit::IoOut(PORT_FORK, _) => {
                     // Complete the port write so the captured state resumes after it.
-                    vcpu.set_kvm_immediate_exit(1);
-                    let r = vcpu.run().map(|_| ());
-                    vcpu.set_kvm_immediate_exit(0);
-                    match r {
-                        Err(e) if e.errno() == libc::EINTR => {}
-                        Ok(()) => {}
-                        Err(source) => {
-                            return Err(LinuxError::Kvm {
-                                op: "RUN (complete I/O)",
-                                source,
-                            })
-                        }
-                    }
+                    crate::vm::complete_io(vcpu).map_err(|source| LinuxError::Kvm {
+                        op: "RUN (complete I/O)",
+                        source,
+                    })?;
                     return Ok(LinuxExit::Fork);
                 }
                 VcpuExit::IoOut(PORT_EXIT, data) => {
@@ -493,7 +465,7 @@ impl LinuxVm {
             .try_clone()
             .map_err(LinuxError::Io)?;
         self.serial = Serial::from_state(&s.serial, IrqTrigger(evt), NoEvents, console)
-            .map_err(|e| LinuxError::BadState(format!("UART state: {e:?}")))?;
+            .map_err(LinuxError::UartState)?;
         Ok(refused)
     }
 }
@@ -571,8 +543,7 @@ fn read_msrs(v: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_bindings::kvm_msr_en
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries)
-            .map_err(|e| LinuxError::BadState(format!("MSR list: {e:?}")))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(LinuxError::MsrList)?;
         let n = v.get_msrs(&mut msrs).map_err(kvm_err("GET_MSRS"))?;
         out.extend_from_slice(&msrs.as_slice()[..n]);
         // KVM stops at the first MSR it cannot read: skip that one.
@@ -586,8 +557,7 @@ fn write_msrs(v: &VcpuFd, entries: &[kvm_bindings::kvm_msr_entry]) -> Result<usi
     let mut i = 0;
     while i < entries.len() {
         let chunk = &entries[i..(i + 64).min(entries.len())];
-        let msrs = Msrs::from_entries(chunk)
-            .map_err(|e| LinuxError::BadState(format!("MSR list: {e:?}")))?;
+        let msrs = Msrs::from_entries(chunk).map_err(LinuxError::MsrList)?;
         let n = v.set_msrs(&msrs).map_err(kvm_err("SET_MSRS"))?;
         if n < chunk.len() {
             tracing::debug!(msr = chunk[n].index, "KVM refused MSR");

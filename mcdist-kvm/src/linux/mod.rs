@@ -25,7 +25,9 @@ pub use machine::{
 pub use state::{LinuxDescriptor, MachineState};
 
 use crate::descriptor::{Descriptor, SessionParams};
-use crate::lazy::{LazyConfig, LazyHandle, LazyMemory, LazyStats, PageFetcher, UffdSetupError};
+use crate::lazy::{
+    LazyConfig, LazyFailure, LazyHandle, LazyMemory, LazyStats, PageFetcher, UffdSetupError,
+};
 use crate::source::{PageBitmap, PageSource};
 use crate::vm::{GuestRam, VcpuState, VmError, VmMemory};
 
@@ -42,13 +44,28 @@ pub enum LinuxError {
     },
     /// The kernel image cannot be booted.
     #[error("bad kernel image: {0}")]
-    BadKernel(String),
+    BadKernel(&'static str),
+    /// The kernel's boot protocol is older than 2.12.
+    #[error("bad kernel image: boot protocol {0:#x} < 2.12")]
+    OldBootProtocol(u16),
+    /// The uncompressed kernel (vmlinux) cannot be loaded.
+    #[error("bad kernel image: vmlinux: {0}")]
+    BadVmlinux(&'static str),
     /// The busybox binary is unusable.
     #[error("bad busybox binary: {0}")]
-    BadBusybox(String),
+    BadBusybox(&'static str),
     /// No kernel or busybox was found.
     #[error("{0} not found (install Debian's linux-image-amd64 and busybox-static)")]
-    Missing(String),
+    Missing(&'static str),
+    /// The kernel or busybox file could not be read.
+    #[error("{}: {source} (install Debian's linux-image-amd64 and busybox-static)", path.display())]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Guest memory is too small for kernel and initramfs.
     #[error("{0} bytes of guest memory are too few for this kernel")]
     TooLittleMemory(u64),
@@ -63,15 +80,29 @@ pub enum LinuxError {
         /// vCPUs in the machine.
         want: usize,
     },
-    /// Captured state is unusable.
-    #[error("bad machine state: {0}")]
-    BadState(String),
+    /// The captured UART state is unusable.
+    #[error("bad machine state: UART state: {0}")]
+    UartState(#[source] vm_superio::serial::Error<std::io::Error>),
+    /// An MSR list does not fit KVM's array.
+    #[error("bad machine state: MSR list: {0}")]
+    MsrList(#[source] vmm_sys_util::fam::Error),
     /// The guest stopped in a way the VMM does not handle.
     #[error("unexpected guest exit: {0}")]
     UnexpectedExit(String),
-    /// The guest did what its script should not (exited before forking...).
-    #[error("guest: {0}")]
-    Guest(String),
+    /// The guest stopped before its fork point.
+    #[error("guest: stopped before forking: {0:?}")]
+    StoppedBeforeFork(LinuxExit),
+    /// A clone stopped without its exit code.
+    #[error("guest: clone {id} stopped: {exit:?}")]
+    CloneStopped {
+        /// Clone id.
+        id: u32,
+        /// How it stopped.
+        exit: LinuxExit,
+    },
+    /// Clone ids are one byte in the guest.
+    #[error("guest: clone id {0} > 255")]
+    CloneId(u32),
     /// The run deadline passed.
     #[error("the guest did not finish before its deadline (vCPU at rip {rip:#x})")]
     Timeout {
@@ -89,13 +120,16 @@ pub enum LinuxError {
     Uffd(#[from] UffdSetupError),
     /// The clone's memory stopped arriving.
     #[error("lost the memory source: {0}")]
-    MemoryLost(String),
+    MemoryLost(#[source] LazyFailure),
     /// Descriptor problem.
     #[error(transparent)]
     Descriptor(#[from] crate::descriptor::DescriptorError),
-    /// Connecting to the page source failed.
+    /// Connecting to the mcdist session failed.
     #[error("page source: {0}")]
-    Source(String),
+    Session(#[from] crate::session::SessionError),
+    /// Scanning the frozen image failed.
+    #[error("page source: {0}")]
+    Scan(#[source] std::io::Error),
 }
 
 /// Finds Debian's kernel: `$MCDIST_KERNEL`, else the newest `/boot/vmlinuz-*`.
@@ -104,7 +138,7 @@ pub fn find_kernel() -> Result<PathBuf, LinuxError> {
         return Ok(PathBuf::from(p));
     }
     let mut v: Vec<PathBuf> = std::fs::read_dir("/boot")
-        .map_err(|_| LinuxError::Missing("/boot".into()))?
+        .map_err(|_| LinuxError::Missing("/boot"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.file_name()
@@ -114,7 +148,7 @@ pub fn find_kernel() -> Result<PathBuf, LinuxError> {
         .collect();
     v.sort();
     v.pop()
-        .ok_or_else(|| LinuxError::Missing("a kernel in /boot/vmlinuz-*".into()))
+        .ok_or(LinuxError::Missing("a kernel in /boot/vmlinuz-*"))
 }
 
 /// Finds a static busybox: `$MCDIST_BUSYBOX`, else `/bin/busybox` (busybox-static).
@@ -127,7 +161,7 @@ pub fn find_busybox() -> Result<PathBuf, LinuxError> {
             return Ok(PathBuf::from(p));
         }
     }
-    Err(LinuxError::Missing("busybox".into()))
+    Err(LinuxError::Missing("busybox"))
 }
 
 /// What the guest's init does.
@@ -240,10 +274,14 @@ pub struct LinuxParent {
 impl LinuxParent {
     /// Loads kernel and initramfs and sets up the boot vCPU.
     pub fn boot(opts: &BootOptions) -> Result<Self, LinuxError> {
-        let kernel = std::fs::read(&opts.kernel)
-            .map_err(|e| LinuxError::Missing(format!("{}: {e}", opts.kernel.display())))?;
-        let busybox = std::fs::read(&opts.busybox)
-            .map_err(|e| LinuxError::Missing(format!("{}: {e}", opts.busybox.display())))?;
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|source| LinuxError::Unreadable {
+                path: path.clone(),
+                source,
+            })
+        };
+        let kernel = read(&opts.kernel)?;
+        let busybox = read(&opts.busybox)?;
         let initrd = initramfs::build_initramfs(&busybox, &init_script(opts.plan))?;
         let ram = Arc::new(GuestRam::new(opts.mem_size as usize)?);
         let cmdline = format!("{CMDLINE} {}", opts.extra_cmdline);
@@ -275,11 +313,7 @@ impl LinuxParent {
     pub fn run_to_fork(mut self, timeout: Duration) -> Result<FrozenLinux, LinuxError> {
         match self.run(timeout)? {
             LinuxExit::Fork => {}
-            other => {
-                return Err(LinuxError::Guest(format!(
-                    "stopped before forking: {other:?}"
-                )))
-            }
+            other => return Err(LinuxError::StoppedBeforeFork(other)),
         }
         let fork_after = self.booted.elapsed();
         let t = Instant::now();
@@ -287,7 +321,7 @@ impl LinuxParent {
         // One pass over the frozen image: digest and zero map.
         let mcdist::source::ImageInfo {
             digest, zero_map, ..
-        } = crate::source::scan(&*self.ram).map_err(|e| LinuxError::Source(e.to_string()))?;
+        } = crate::source::scan(&*self.ram).map_err(LinuxError::Scan)?;
         Ok(FrozenLinux {
             _vm: self.vm,
             image: self.ram,
@@ -401,12 +435,7 @@ impl LinuxCloneReport {
 
     /// One-line summary (`MCDIST-LINUX-CLONE k=v ...`).
     pub fn to_line(&self) -> String {
-        let q = |x: f64| {
-            self.stats
-                .fault_latency
-                .quantile(x)
-                .map_or(0, |d| d.as_nanos())
-        };
+        let q = |x: f64| self.stats.fault_latency.quantile_ns(x);
         format!(
             "MCDIST-LINUX-CLONE id={} exit={} sum={} pages={} fetched={} demand={} pushed={} zero={} faults={} p50_ns={} p99_ns={} resume_ns={} first_line_ns={} total_ns={} msrs_refused={}",
             self.id,
@@ -466,18 +495,17 @@ pub fn run_linux_clone(
         console,
     )?;
     let msrs_refused = vm.restore(&desc.machine)?;
-    let clone_id =
-        u8::try_from(id).map_err(|_| LinuxError::Guest(format!("clone id {id} > 255")))?;
+    let clone_id = u8::try_from(id).map_err(|_| LinuxError::CloneId(id))?;
     vm.set_clone_identity(clone_id, desc.clone_count);
     let time_to_resume = t0.elapsed();
     let exit = vm.run(0, t0 + timeout);
     let total = t0.elapsed();
     if let Some(f) = mem.failure() {
-        return Err(LinuxError::MemoryLost(f.to_string()));
+        return Err(LinuxError::MemoryLost(f));
     }
     let exit_code = match exit? {
         LinuxExit::Exit(c) => c,
-        other => return Err(LinuxError::Guest(format!("clone {id} stopped: {other:?}"))),
+        other => return Err(LinuxError::CloneStopped { id, exit: other }),
     };
     drop(vm);
     let log = log.lock().unwrap_or_else(|p| p.into_inner());

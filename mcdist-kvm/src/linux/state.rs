@@ -20,7 +20,7 @@ use kvm_bindings::{
 use vm_superio::serial::SerialState;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
-use crate::descriptor::{Descriptor, DescriptorError, Reader};
+use crate::descriptor::{Descriptor, DescriptorError, DescriptorFile, Reader};
 
 const MAGIC: &[u8; 8] = b"MCDKLNX1";
 const VERSION: u16 = 1;
@@ -106,22 +106,22 @@ fn put<T: IntoBytes + Immutable + ?Sized>(w: &mut Vec<u8>, v: &T) {
 }
 
 impl Reader<'_> {
-    fn get<T: FromBytes>(&mut self, what: &str) -> Result<T, DescriptorError> {
+    fn get<T: FromBytes>(&mut self, what: &'static str) -> Result<T, DescriptorError> {
         let n = self.u32()? as usize;
         if n != std::mem::size_of::<T>() {
-            return Err(DescriptorError::Invalid(format!(
-                "{what}: {n} bytes, this build expects {}",
-                std::mem::size_of::<T>()
-            )));
+            return Err(DescriptorError::StateSize {
+                what,
+                got: n,
+                expected: std::mem::size_of::<T>(),
+            });
         }
-        T::read_from_bytes(self.take(n)?)
-            .map_err(|_| DescriptorError::Invalid(format!("{what}: bad length")))
+        T::read_from_bytes(self.take(n)?).map_err(|_| DescriptorError::Length { what })
     }
 }
 
-impl LinuxDescriptor {
+impl DescriptorFile for LinuxDescriptor {
     /// Serializes the descriptor.
-    pub fn encode(&self) -> Vec<u8> {
+    fn encode(&self) -> Vec<u8> {
         let base = self.base.encode();
         let mut w = Vec::with_capacity(base.len() + 16 * 1024);
         w.extend_from_slice(MAGIC);
@@ -171,25 +171,17 @@ impl LinuxDescriptor {
     }
 
     /// Parses a descriptor.
-    pub fn decode(bytes: &[u8]) -> Result<Self, DescriptorError> {
-        let mut r = Reader { b: bytes, pos: 0 };
-        if r.take(8)? != MAGIC {
-            return Err(DescriptorError::BadMagic);
-        }
-        let version = r.u16()?;
-        if version != VERSION {
-            return Err(DescriptorError::UnsupportedVersion(version));
-        }
-        let n = usize::try_from(r.u64()?)
-            .map_err(|_| DescriptorError::Invalid("base length".into()))?;
+    fn decode(bytes: &[u8]) -> Result<Self, DescriptorError> {
+        let mut r = Reader::open(bytes, MAGIC, VERSION)?;
+        let n = usize::try_from(r.u64()?).map_err(|_| DescriptorError::Length { what: "base" })?;
         let base = Descriptor::decode(r.take(n)?)?;
         let clone_count = r.u8()?;
         let nv = r.u16()? as usize;
         if nv != base.vcpus.len() {
-            return Err(DescriptorError::Invalid(format!(
-                "{nv} full vCPU states for {} vCPUs",
-                base.vcpus.len()
-            )));
+            return Err(DescriptorError::VcpuStates {
+                states: nv,
+                vcpus: base.vcpus.len(),
+            });
         }
         let mut vcpus = Vec::with_capacity(nv);
         for i in 0..nv {
@@ -204,7 +196,7 @@ impl LinuxDescriptor {
             let events = r.get("vcpu_events")?;
             let nm = r.u32()? as usize;
             if nm > 4096 {
-                return Err(DescriptorError::Invalid(format!("{nm} MSRs")));
+                return Err(DescriptorError::TooManyMsrs(nm));
             }
             let mut msrs = Vec::with_capacity(nm);
             for _ in 0..nm {
@@ -259,15 +251,5 @@ impl LinuxDescriptor {
                 serial,
             },
         })
-    }
-
-    /// Writes the descriptor to a file.
-    pub fn save(&self, path: &std::path::Path) -> Result<(), DescriptorError> {
-        Ok(std::fs::write(path, self.encode())?)
-    }
-
-    /// Reads a descriptor file.
-    pub fn load(path: &std::path::Path) -> Result<Self, DescriptorError> {
-        Self::decode(&std::fs::read(path)?)
     }
 }

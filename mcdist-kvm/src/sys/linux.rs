@@ -1,7 +1,8 @@
 //! KVM calls that kvm-ioctls marks unsafe and that the Linux guest support needs, and the
 //! signal used to kick a vCPU thread out of `KVM_RUN`.
 
-use std::sync::Once;
+use std::sync::{mpsc, Once};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_xsave;
 use kvm_ioctls::VcpuFd;
@@ -32,23 +33,30 @@ pub(crate) fn install_kick_handler() -> std::io::Result<()> {
     res
 }
 
-/// The calling thread's pthread id, for [`kick`].
-pub(crate) fn current_thread() -> libc::pthread_t {
+/// Runs `body` on the calling thread while a helper thread sends it [`kick_signal`] from
+/// `deadline` on, every 20 ms, until `body` returns (a blocked `KVM_RUN` then returns `EINTR`).
+/// The helper is a scoped thread: it is joined before this returns (also when `body` panics:
+/// the stop channel's sender is dropped while unwinding, which ends the helper), so it never
+/// signals a thread that has gone.
+pub(crate) fn kicked_after<R>(deadline: Instant, body: impl FnOnce() -> R) -> R {
     // SAFETY: pthread_self has no preconditions and cannot fail.
-    unsafe { libc::pthread_self() }
-}
-
-/// Sends [`kick_signal`] to `thread`.
-///
-/// # Safety
-///
-/// `thread` must be a thread of this process that has not exited yet (a pthread id is not
-/// valid after its thread is joined or detached and gone).
-pub(crate) unsafe fn kick(thread: libc::pthread_t) {
-    // SAFETY: forwarded from the contract: `thread` is alive; the signal has a handler.
-    unsafe {
-        libc::pthread_kill(thread, kick_signal());
-    }
+    let me = unsafe { libc::pthread_self() };
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    std::thread::scope(move |s| {
+        s.spawn(move || {
+            let mut wait = deadline.saturating_duration_since(Instant::now());
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(wait) {
+                // SAFETY: `me` runs `body` inside this scope, which joins this thread before
+                // `me` can return from `kicked_after`, so `me` is alive; the signal's handler
+                // is installed by `install_kick_handler`.
+                unsafe { libc::pthread_kill(me, kick_signal()) };
+                wait = Duration::from_millis(20);
+            }
+        });
+        let r = body();
+        let _ = stop_tx.send(());
+        r
+    })
 }
 
 /// The `internal` arm of `kvm_run` after a `KVM_EXIT_INTERNAL_ERROR`: suberror and data words.

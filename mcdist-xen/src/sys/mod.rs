@@ -1,10 +1,9 @@
 //! Everything `unsafe` in mcdist-xen: page-sized anonymous mappings, the raw
-//! view of a vm_event shared ring page, eventfd/poll, and (feature `xen`) the
+//! view of a vm_event shared ring page, and (feature `xen`) the
 //! FFI to libxenctrl, libxenevtchn and libxenforeignmemory.
 
 use crate::abi::{self, VmEvent};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU32, Ordering};
 
@@ -193,88 +192,4 @@ impl RawRing {
         }
         fence(Ordering::SeqCst);
     }
-}
-
-/// A non-blocking, close-on-exec eventfd.
-pub(crate) struct EventFd {
-    fd: OwnedFd,
-}
-
-impl EventFd {
-    /// Create one.
-    pub(crate) fn new() -> io::Result<EventFd> {
-        // SAFETY: plain syscall; the result is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(EventFd { fd })
-    }
-
-    /// Add one to the counter (wakes pollers).
-    pub(crate) fn signal(&self) -> io::Result<()> {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to our own fd.
-        let n = unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        if n == 8 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        // Counter saturated: pollers are awake anyway.
-        if e.kind() == io::ErrorKind::WouldBlock {
-            Ok(())
-        } else {
-            Err(e)
-        }
-    }
-
-    /// Reset the counter; returns whether it was signalled.
-    pub(crate) fn drain(&self) -> io::Result<bool> {
-        let mut v: u64 = 0;
-        // SAFETY: reads 8 bytes into a live u64 from our own fd.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-        if n == 8 {
-            return Ok(true);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::WouldBlock {
-            Ok(false)
-        } else {
-            Err(e)
-        }
-    }
-
-    /// The descriptor, for polling.
-    pub(crate) fn raw(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-}
-
-/// Wait until one of `fds` is readable or `timeout_ms` passes; returns which are.
-pub(crate) fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>> {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    loop {
-        // SAFETY: `pfds` is a live array of `pfds.len()` pollfd structs.
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
-        if n >= 0 {
-            break;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-    Ok(pfds
-        .iter()
-        .map(|p| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0)
-        .collect())
 }

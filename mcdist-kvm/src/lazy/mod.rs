@@ -10,12 +10,21 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+
 use crate::source::{PageBitmap, PageSource};
-use crate::sys::{self, AnonMap, EventFd, Install, Uffd};
+use crate::sys::{AnonMap, Uffd};
+
+mod coord;
+mod fault_loop;
+mod stats;
+
+use coord::{Inner, PageData, State};
+pub use stats::{LatencyHistogram, LazyStats};
 
 /// Errors setting up lazy memory.
 #[derive(Debug, thiserror::Error)]
@@ -58,8 +67,35 @@ pub enum UffdSetupError {
     AlreadyStarted,
 }
 
+/// A page provider's error, as handed to [`LazyHandle::fail`].
+pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The userfaultfd operation that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UffdOp {
+    /// `UFFDIO_COPY` of a page.
+    Copy(u64),
+    /// `UFFDIO_ZEROPAGE` of a page.
+    ZeroPage(u64),
+    /// Reading a fault event.
+    Read,
+    /// Waiting for events.
+    Poll,
+}
+
+impl std::fmt::Display for UffdOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UffdOp::Copy(pfn) => write!(f, "UFFDIO_COPY page {pfn}"),
+            UffdOp::ZeroPage(pfn) => write!(f, "UFFDIO_ZEROPAGE page {pfn}"),
+            UffdOp::Read => f.write_str("read"),
+            UffdOp::Poll => f.write_str("poll"),
+        }
+    }
+}
+
 /// Why lazy memory stopped serving faults from its fetcher.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LazyFailure {
     /// No page arrived for a fault within the fetch timeout.
     #[error("page {pfn} did not arrive within {timeout:?}: the memory server is unreachable")]
@@ -71,10 +107,25 @@ pub enum LazyFailure {
     },
     /// The fetcher reported a failure (for example the session ended).
     #[error("page source failed: {0}")]
-    Source(String),
+    Source(#[source] Arc<dyn std::error::Error + Send + Sync>),
     /// A userfaultfd operation failed.
-    #[error("userfaultfd error: {0}")]
-    Uffd(String),
+    #[error("userfaultfd error: {op}: {source}")]
+    Uffd {
+        /// What failed.
+        op: UffdOp,
+        /// The OS error.
+        #[source]
+        source: Arc<io::Error>,
+    },
+}
+
+impl LazyFailure {
+    pub(crate) fn uffd(op: UffdOp, source: io::Error) -> Self {
+        LazyFailure::Uffd {
+            op,
+            source: Arc::new(source),
+        }
+    }
 }
 
 /// Asks some page provider for a page. Implementations deliver the page later (or at once)
@@ -151,261 +202,6 @@ impl Default for LazyConfig {
     }
 }
 
-/// Fault latencies (fault event read → page installed), in nanoseconds.
-#[derive(Debug, Clone, Default)]
-pub struct LatencyHistogram {
-    samples: Vec<u64>,
-}
-
-impl LatencyHistogram {
-    /// Adds one sample.
-    pub fn record(&mut self, d: Duration) {
-        self.samples
-            .push(d.as_nanos().min(u128::from(u64::MAX)) as u64);
-    }
-    /// Number of samples.
-    pub fn count(&self) -> usize {
-        self.samples.len()
-    }
-    /// The `q`-quantile (0.0..=1.0), or `None` without samples.
-    pub fn quantile(&self, q: f64) -> Option<Duration> {
-        if self.samples.is_empty() {
-            return None;
-        }
-        let mut s = self.samples.clone();
-        s.sort_unstable();
-        let idx = ((s.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
-        Some(Duration::from_nanos(s[idx]))
-    }
-    /// Counts per power-of-two bucket: `(upper bound, count)` for non-empty buckets.
-    pub fn buckets(&self) -> Vec<(Duration, u64)> {
-        let mut b = [0u64; 64];
-        for &s in &self.samples {
-            b[(64 - s.max(1).leading_zeros()) as usize - 1] += 1;
-        }
-        b.iter()
-            .enumerate()
-            .filter(|(_, &c)| c > 0)
-            .map(|(i, &c)| (Duration::from_nanos(1u64 << (i + 1).min(63)), c))
-            .collect()
-    }
-    /// Merges another histogram into this one.
-    pub fn merge(&mut self, other: &LatencyHistogram) {
-        self.samples.extend_from_slice(&other.samples);
-    }
-}
-
-/// Per-clone lazy-memory statistics.
-#[derive(Debug, Clone, Default)]
-pub struct LazyStats {
-    /// Fault events for pages that had to be fetched.
-    pub demand_faults: u64,
-    /// Distinct pages requested from the fetcher.
-    pub pages_requested: u64,
-    /// Pages installed because a fault asked for them.
-    pub pages_demand: u64,
-    /// Pages installed before any fault asked (pushed or prefetched).
-    pub pages_pushed: u64,
-    /// Zero pages filled locally.
-    pub zero_pages: u64,
-    /// Deliveries of pages already present (`EEXIST` or repeated delivery).
-    pub duplicates: u64,
-    /// Deliveries for pages that the zero map lists as zero (should stay 0).
-    pub zero_pages_received: u64,
-    /// Page bytes delivered by the fetcher.
-    pub bytes_received: u64,
-    /// Fault latency, fault read → page installed, for fetched pages.
-    pub fault_latency: LatencyHistogram,
-}
-
-impl LazyStats {
-    /// Pages whose contents came from the fetcher.
-    pub fn pages_fetched(&self) -> u64 {
-        self.pages_demand + self.pages_pushed
-    }
-}
-
-struct State {
-    installed: PageBitmap,
-    pending: HashMap<u64, Pending>,
-    stats: LazyStats,
-    failure: Option<LazyFailure>,
-}
-
-struct Pending {
-    faults: Vec<Instant>,
-    last_request: Instant,
-}
-
-struct Inner {
-    map: AnonMap,
-    uffd: Uffd,
-    zero: PageBitmap,
-    page_size: usize,
-    pages: u64,
-    state: Mutex<State>,
-    failed: AtomicBool,
-    first_fault_ns: AtomicU64,
-    /// Installs between their `UFFDIO_COPY` (which wakes the faulting vCPU) and their count.
-    installing: AtomicU64,
-    created: Instant,
-}
-
-impl Inner {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves consistent data (plain counters and sets).
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Whether some fault waits for its page.
-    fn has_pending(&self) -> bool {
-        !self.lock().pending.is_empty()
-    }
-
-    fn page_addr(&self, pfn: u64) -> usize {
-        self.map.addr() + pfn as usize * self.page_size
-    }
-
-    fn install(&self, pfn: u64, data: &[u8]) {
-        if pfn >= self.pages || data.len() != self.page_size {
-            tracing::debug!(pfn, len = data.len(), "dropping out-of-range page delivery");
-            return;
-        }
-        if self.zero.get(pfn) {
-            self.lock().stats.zero_pages_received += 1;
-            return;
-        }
-        // The copy wakes the faulting vCPU before the page is counted below; `installing`
-        // lets a reader of the statistics wait for that count (see `LazyMemory::stats`).
-        self.installing.fetch_add(1, Ordering::SeqCst);
-        let res = self.uffd.copy(self.page_addr(pfn), data);
-        let now = Instant::now();
-        let mut st = self.lock();
-        self.installing.fetch_sub(1, Ordering::SeqCst);
-        match res {
-            Ok(outcome) => {
-                st.installed.set(pfn);
-                st.stats.bytes_received += data.len() as u64;
-                let waiters = st.pending.remove(&pfn);
-                match (outcome, waiters) {
-                    (_, Some(p)) => {
-                        st.stats.pages_demand += 1;
-                        for t in p.faults {
-                            st.stats
-                                .fault_latency
-                                .record(now.saturating_duration_since(t));
-                        }
-                    }
-                    (Install::Done, None) => st.stats.pages_pushed += 1,
-                    (Install::AlreadyPresent, None) => st.stats.duplicates += 1,
-                }
-            }
-            Err(e) => self.fail_locked(
-                &mut st,
-                LazyFailure::Uffd(format!("UFFDIO_COPY page {pfn}: {e}")),
-            ),
-        }
-    }
-
-    fn fail_locked(&self, st: &mut State, f: LazyFailure) {
-        if st.failure.is_none() {
-            tracing::warn!(error = %f, "lazy memory failed");
-            st.failure = Some(f);
-        }
-        self.failed.store(true, Ordering::SeqCst);
-        // Unblock every waiting vCPU with a zero page; the owner sees the failure and
-        // discards the clone's result.
-        let pending: Vec<u64> = st.pending.drain().map(|(p, _)| p).collect();
-        for pfn in pending {
-            let _ = self.uffd.zeropage(self.page_addr(pfn), self.page_size);
-        }
-    }
-
-    /// Handles one fault at `addr`. Returns the page to request, if any.
-    fn on_fault(&self, addr: u64, t0: Instant) -> Option<u64> {
-        let base = self.map.addr() as u64;
-        if addr < base || addr >= base + self.map.len() as u64 {
-            return None;
-        }
-        let _ = self.first_fault_ns.compare_exchange(
-            0,
-            t0.duration_since(self.created).as_nanos().max(1) as u64,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        );
-        let pfn = (addr - base) / self.page_size as u64;
-        let page_addr = self.page_addr(pfn);
-        if self.zero.get(pfn) || self.failed.load(Ordering::SeqCst) {
-            match self.uffd.zeropage(page_addr, self.page_size) {
-                Ok(Install::Done) if !self.failed.load(Ordering::SeqCst) => {
-                    self.lock().stats.zero_pages += 1
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let mut st = self.lock();
-                    self.fail_locked(&mut st, LazyFailure::Uffd(format!("UFFDIO_ZEROPAGE: {e}")));
-                }
-            }
-            return None;
-        }
-        let mut st = self.lock();
-        if st.installed.get(pfn) {
-            drop(st);
-            let _ = self.uffd.wake(page_addr, self.page_size);
-            return None;
-        }
-        st.stats.demand_faults += 1;
-        match st.pending.get_mut(&pfn) {
-            Some(p) => {
-                p.faults.push(t0);
-                None
-            }
-            None => {
-                st.pending.insert(
-                    pfn,
-                    Pending {
-                        faults: vec![t0],
-                        last_request: t0,
-                    },
-                );
-                st.stats.pages_requested += 1;
-                Some(pfn)
-            }
-        }
-    }
-
-    /// Fails on timed-out faults and returns pages due for a repeated request.
-    fn check_pending(&self, cfg: &LazyConfig) -> Vec<u64> {
-        let now = Instant::now();
-        let mut st = self.lock();
-        let mut again = Vec::new();
-        let mut timed_out = None;
-        for (&pfn, p) in st.pending.iter_mut() {
-            if let Some(&first) = p.faults.first() {
-                if now.duration_since(first) > cfg.fetch_timeout {
-                    timed_out = Some(pfn);
-                    break;
-                }
-            }
-            if now.duration_since(p.last_request) >= cfg.rerequest_interval {
-                p.last_request = now;
-                again.push(pfn);
-            }
-        }
-        if let Some(pfn) = timed_out {
-            self.fail_locked(
-                &mut st,
-                LazyFailure::FetchTimeout {
-                    pfn,
-                    timeout: cfg.fetch_timeout,
-                },
-            );
-            return Vec::new();
-        }
-        again
-    }
-}
-
 /// A cloneable handle used by page fetchers to deliver pages into [`LazyMemory`].
 #[derive(Clone)]
 pub struct LazyHandle {
@@ -424,15 +220,21 @@ impl LazyHandle {
     /// Installs page `pfn` (demanded or pushed). Safe to call from any thread, any number of
     /// times; deliveries for present pages are counted as duplicates.
     pub fn install(&self, pfn: u64, data: &[u8]) {
-        self.inner.install(pfn, data)
+        self.inner.install(pfn, PageData::Bytes(data))
+    }
+
+    /// Installs page `pfn` from `len` bytes at `offset` of `map` (see [`LazyHandle::install`]).
+    pub(crate) fn install_mapped(&self, pfn: u64, map: &AnonMap, offset: usize, len: usize) {
+        self.inner
+            .install(pfn, PageData::Mapped { map, offset, len })
     }
 
     /// Reports that no more pages will come; waiting and later faults get zero pages and the
     /// memory is marked failed.
-    pub fn fail(&self, reason: impl Into<String>) {
+    pub fn fail(&self, reason: impl Into<SourceError>) {
         let mut st = self.inner.lock();
         self.inner
-            .fail_locked(&mut st, LazyFailure::Source(reason.into()));
+            .fail_locked(&mut st, LazyFailure::Source(Arc::from(reason.into())));
     }
 
     /// Whether page `pfn` is installed.
@@ -486,7 +288,8 @@ impl LazyMemory {
         let uffd = Uffd::open().map_err(UffdSetupError::Open)?;
         uffd.register_missing(map.addr(), size)
             .map_err(UffdSetupError::Register)?;
-        let stop = Arc::new(EventFd::new().map_err(UffdSetupError::Thread)?);
+        let stop =
+            Arc::new(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(UffdSetupError::Thread)?);
         Ok(Self {
             inner: Arc::new(Inner {
                 map,
@@ -528,16 +331,9 @@ impl LazyMemory {
         if let Some(driver) = fetcher.take_inline() {
             return self.start_inline_keeping(driver, Some(fetcher));
         }
-        let inner = self.inner.clone();
-        let cfg = self.cfg.clone();
-        let stop = self.stop.clone();
-        let stop_flag = self.stop_flag.clone();
-        let t = std::thread::Builder::new()
-            .name("mcdist-uffd".into())
-            .spawn(move || fault_loop(&inner, &cfg, &stop, &stop_flag, &*fetcher))
+        let mut driver = fault_loop::Threaded::new(fetcher, &self.inner, &self.stop, self.cfg.wait)
             .map_err(UffdSetupError::Thread)?;
-        self.thread = Some(t);
-        Ok(())
+        self.spawn(move |h, cfg, stop| fault_loop::run(h, cfg, stop, &mut driver))
     }
 
     /// Starts the fault thread with `driver` running on it: faults become requests and
@@ -555,17 +351,25 @@ impl LazyMemory {
             return Err(UffdSetupError::AlreadyStarted);
         }
         driver
-            .watch(&[self.inner.uffd.fd(), self.stop.fd()])
+            .watch(&[self.inner.uffd.fd(), crate::sys::event_fd(&self.stop)])
             .map_err(UffdSetupError::Thread)?;
-        let inner = self.inner.clone();
+        let mut driver = fault_loop::Inline {
+            driver,
+            _keep: keep,
+        };
+        self.spawn(move |h, cfg, stop| fault_loop::run(h, cfg, stop, &mut driver))
+    }
+
+    fn spawn(
+        &mut self,
+        body: impl FnOnce(LazyHandle, &LazyConfig, &AtomicBool) + Send + 'static,
+    ) -> Result<(), UffdSetupError> {
+        let handle = self.handle();
         let cfg = self.cfg.clone();
         let stop_flag = self.stop_flag.clone();
         let t = std::thread::Builder::new()
             .name("mcdist-uffd".into())
-            .spawn(move || {
-                let _keep = keep;
-                inline_loop(inner, &cfg, &stop_flag, driver.as_mut())
-            })
+            .spawn(move || body(handle, &cfg, &stop_flag))
             .map_err(UffdSetupError::Thread)?;
         self.thread = Some(t);
         Ok(())
@@ -638,7 +442,7 @@ impl LazyMemory {
                 continue;
             }
             source.read_page(pfn, &mut buf)?;
-            self.inner.install(pfn, &buf);
+            self.inner.install(pfn, PageData::Bytes(&buf));
         }
         Ok(())
     }
@@ -646,7 +450,7 @@ impl LazyMemory {
     /// Stops the fault thread (waits for it). Pages keep their contents.
     pub fn stop(&mut self) {
         self.stop_flag.store(true, Ordering::SeqCst);
-        let _ = self.stop.signal();
+        let _ = self.stop.write(1);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -656,122 +460,6 @@ impl LazyMemory {
 impl Drop for LazyMemory {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-fn fault_loop(
-    inner: &Inner,
-    cfg: &LazyConfig,
-    stop: &EventFd,
-    stop_flag: &AtomicBool,
-    fetcher: &dyn PageFetcher,
-) {
-    let tick_ms = (cfg.rerequest_interval.as_millis().clamp(1, 1000)) as i32;
-    let mut last_check = Instant::now();
-    loop {
-        if stop_flag.load(Ordering::SeqCst) {
-            return;
-        }
-        if cfg.wait == FaultWait::Block {
-            match sys::poll_readable([inner.uffd.raw(), stop.raw()], tick_ms) {
-                Ok([_, true]) => return,
-                Ok(_) => {}
-                Err(e) => {
-                    let mut st = inner.lock();
-                    inner.fail_locked(&mut st, LazyFailure::Uffd(format!("poll: {e}")));
-                    return;
-                }
-            }
-        }
-        let mut got = false;
-        loop {
-            match inner.uffd.read_fault() {
-                Ok(Some(addr)) => {
-                    got = true;
-                    let t0 = Instant::now();
-                    if let Some(pfn) = inner.on_fault(addr, t0) {
-                        fetcher.request(pfn);
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let mut st = inner.lock();
-                    inner.fail_locked(&mut st, LazyFailure::Uffd(format!("read: {e}")));
-                    return;
-                }
-            }
-        }
-        if !got && cfg.wait == FaultWait::Spin {
-            std::hint::spin_loop();
-        }
-        if last_check.elapsed() >= Duration::from_millis(tick_ms as u64) {
-            last_check = Instant::now();
-            for pfn in inner.check_pending(cfg) {
-                fetcher.request(pfn);
-            }
-        }
-    }
-}
-
-/// The fault thread with an inline driver: read faults, request, let the driver wait for
-/// replies (and for the next fault: it watches the userfaultfd), repeat.
-fn inline_loop(
-    inner: Arc<Inner>,
-    cfg: &LazyConfig,
-    stop_flag: &AtomicBool,
-    driver: &mut dyn InlineFetcher,
-) {
-    let handle = LazyHandle { inner };
-    let inner = &*handle.inner;
-    let tick = cfg
-        .rerequest_interval
-        .clamp(Duration::from_millis(1), Duration::from_secs(1));
-    let mut last_check = Instant::now();
-    let mut last_request: Option<Instant> = None;
-    loop {
-        if stop_flag.load(Ordering::SeqCst) {
-            return;
-        }
-        let mut got = false;
-        loop {
-            match inner.uffd.read_fault() {
-                Ok(Some(addr)) => {
-                    got = true;
-                    let t0 = Instant::now();
-                    if let Some(pfn) = inner.on_fault(addr, t0) {
-                        driver.request(pfn, &handle);
-                        last_request = Some(t0);
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let mut st = inner.lock();
-                    inner.fail_locked(&mut st, LazyFailure::Uffd(format!("read: {e}")));
-                    return;
-                }
-            }
-        }
-        let since = last_check.elapsed();
-        if since >= tick {
-            last_check = Instant::now();
-            for pfn in inner.check_pending(cfg) {
-                driver.request(pfn, &handle);
-            }
-        }
-        let spin_for_reply = !cfg.reply_spin.is_zero()
-            && last_request.is_some_and(|t| t.elapsed() < cfg.reply_spin)
-            && inner.has_pending();
-        let timeout = if got || spin_for_reply || cfg.wait == FaultWait::Spin {
-            Duration::ZERO
-        } else {
-            tick.saturating_sub(since)
-        };
-        if spin_for_reply && !got {
-            // Let a thread queued on this core (often the server, on a small host) run
-            // instead of spinning through its time slice.
-            std::thread::yield_now();
-        }
-        driver.poll(timeout, &handle);
     }
 }
 

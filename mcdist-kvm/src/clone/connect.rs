@@ -1,0 +1,46 @@
+//! The clone factory: connects a clone's lazy memory to the session its descriptor names (for
+//! [`crate::clone::run_clone`] and [`crate::clone::ThreadLauncher`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::descriptor::Descriptor;
+use crate::inline::InlineMcdist;
+use crate::lazy::{LazyHandle, PageFetcher};
+use crate::threaded::McdistFetcher;
+
+use super::CloneError;
+
+/// How long a clone waits for the server's announce.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects a clone's lazy memory to the session in `desc`. A server silent for `give_up`
+/// fails the clone.
+///
+/// The clone's fault thread drives the mcdist client itself ([`InlineMcdist`]), which is
+/// faster than a client thread fed by the fault thread ([`McdistFetcher`], still available):
+/// see the crate README's measurements.
+pub fn connect_fetcher(
+    desc: &Descriptor,
+    iface: Option<&str>,
+    handle: LazyHandle,
+    give_up: Duration,
+) -> Result<Arc<dyn PageFetcher>, CloneError> {
+    let f = InlineMcdist::connect(desc, iface, &handle, JOIN_TIMEOUT, |c| {
+        c.give_up_after = give_up
+    })?;
+    Ok(f.into_fetcher())
+}
+
+/// [`connect_fetcher`] with the threaded client ([`McdistFetcher`]).
+pub fn connect_threaded_fetcher(
+    desc: &Descriptor,
+    iface: Option<&str>,
+    handle: LazyHandle,
+    give_up: Duration,
+) -> Result<Arc<dyn PageFetcher>, CloneError> {
+    let f = McdistFetcher::connect(desc, iface, handle, JOIN_TIMEOUT, |c| {
+        c.give_up_after = give_up
+    })?;
+    Ok(Arc::new(f))
+}

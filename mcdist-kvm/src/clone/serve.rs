@@ -1,0 +1,75 @@
+//! The parent side of a session: an mcdist server for a frozen image
+//! ([`crate::clone::Frozen::serve`]).
+
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+
+use mcdist::node::{ServerNode, ServerSnapshot};
+use mcdist::source::ImageInfo;
+use mcdist::transport::udp::{UdpConfig, UdpTransport};
+use mcdist::ServerConfig;
+
+use crate::descriptor::SessionParams;
+use crate::session::SessionError;
+use crate::source::{PageBitmap, PageSource};
+
+/// An mcdist server for a frozen image.
+pub struct MemoryServer {
+    node: ServerNode,
+    session: SessionParams,
+}
+
+impl std::fmt::Debug for MemoryServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryServer")
+            .field("session", &self.session)
+            .finish()
+    }
+}
+
+impl MemoryServer {
+    /// Serves `image` on multicast `group` via `iface`, taking requests on `listen`.
+    /// `zero` and `digest` come from the descriptor (no second scan).
+    pub fn start(
+        image: Arc<dyn PageSource>,
+        zero: &PageBitmap,
+        digest: [u8; 32],
+        group: SocketAddrV4,
+        iface: Option<&str>,
+        listen: SocketAddr,
+        cfg: ServerConfig,
+    ) -> Result<Self, SessionError> {
+        let mut udp = UdpConfig::new(group);
+        udp.iface = iface.map(str::to_string);
+        udp.listen = Some(listen);
+        let transport = UdpTransport::server(&udp).map_err(SessionError::Transport)?;
+        let info = ImageInfo {
+            image_size: image.image_size(),
+            page_size: image.page_size(),
+            digest,
+            zero_map: zero.clone(),
+        };
+        let node = ServerNode::start_with_info(cfg, transport, image, info)?;
+        let session = SessionParams {
+            group,
+            server: listen,
+            session_id: node.session_id(),
+        };
+        Ok(Self { node, session })
+    }
+
+    /// Session parameters for the descriptor.
+    pub fn session(&self) -> &SessionParams {
+        &self.session
+    }
+
+    /// Server statistics.
+    pub fn stats(&self) -> ServerSnapshot {
+        self.node.stats()
+    }
+
+    /// Stops the server.
+    pub fn shutdown(self) -> Result<ServerSnapshot, SessionError> {
+        Ok(self.node.shutdown()?)
+    }
+}

@@ -1,0 +1,224 @@
+//! The fault coordinator of one clone's memory: the one owner of "is page p present, is it
+//! requested, who waits for it". Faults ask it what to request ([`Inner::on_fault`]),
+//! deliveries go through it into the guest ([`Inner::install`]), and the fault loop asks it
+//! which requests are due again ([`Inner::check_pending`]).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use super::{LazyConfig, LazyFailure, LazyStats, UffdOp};
+use crate::source::PageBitmap;
+use crate::sys::{AnonMap, Install, Uffd};
+
+/// The bytes of a delivered page: a buffer of the deliverer, or a page of a mapping others
+/// may write (the host page cache), which is handed to `UFFDIO_COPY` without a slice.
+#[derive(Clone, Copy)]
+pub(crate) enum PageData<'a> {
+    /// A buffer.
+    Bytes(&'a [u8]),
+    /// `len` bytes at `offset` of a mapping.
+    Mapped {
+        /// The mapping.
+        map: &'a AnonMap,
+        /// Where the page starts.
+        offset: usize,
+        /// Its length.
+        len: usize,
+    },
+}
+
+impl PageData<'_> {
+    fn len(&self) -> usize {
+        match self {
+            PageData::Bytes(b) => b.len(),
+            PageData::Mapped { len, .. } => *len,
+        }
+    }
+
+    fn copy_into(&self, uffd: &Uffd, dst: usize) -> std::io::Result<Install> {
+        match *self {
+            PageData::Bytes(b) => uffd.copy(dst, b),
+            PageData::Mapped { map, offset, len } => uffd.copy_from_map(dst, map, offset, len),
+        }
+    }
+}
+
+pub(super) struct State {
+    pub(super) installed: PageBitmap,
+    pub(super) pending: HashMap<u64, Pending>,
+    pub(super) stats: LazyStats,
+    pub(super) failure: Option<LazyFailure>,
+}
+
+pub(super) struct Pending {
+    pub(super) faults: Vec<Instant>,
+    pub(super) last_request: Instant,
+}
+
+pub(super) struct Inner {
+    pub(super) map: AnonMap,
+    pub(super) uffd: Uffd,
+    pub(super) zero: PageBitmap,
+    pub(super) page_size: usize,
+    pub(super) pages: u64,
+    pub(super) state: Mutex<State>,
+    pub(super) failed: AtomicBool,
+    pub(super) first_fault_ns: AtomicU64,
+    /// Installs between their `UFFDIO_COPY` (which wakes the faulting vCPU) and their count.
+    pub(super) installing: AtomicU64,
+    pub(super) created: Instant,
+}
+
+impl Inner {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (plain counters and sets).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether some fault waits for its page.
+    pub(super) fn has_pending(&self) -> bool {
+        !self.lock().pending.is_empty()
+    }
+
+    pub(super) fn page_addr(&self, pfn: u64) -> usize {
+        self.map.addr() + pfn as usize * self.page_size
+    }
+
+    pub(super) fn install(&self, pfn: u64, data: PageData<'_>) {
+        if pfn >= self.pages || data.len() != self.page_size {
+            tracing::debug!(pfn, len = data.len(), "dropping out-of-range page delivery");
+            return;
+        }
+        if self.zero.get(pfn) {
+            self.lock().stats.zero_pages_received += 1;
+            return;
+        }
+        // The copy wakes the faulting vCPU before the page is counted below; `installing`
+        // lets a reader of the statistics wait for that count (see `LazyMemory::stats`).
+        self.installing.fetch_add(1, Ordering::SeqCst);
+        let res = data.copy_into(&self.uffd, self.page_addr(pfn));
+        let now = Instant::now();
+        let mut st = self.lock();
+        self.installing.fetch_sub(1, Ordering::SeqCst);
+        match res {
+            Ok(outcome) => {
+                st.installed.set(pfn);
+                st.stats.bytes_received += data.len() as u64;
+                let waiters = st.pending.remove(&pfn);
+                match (outcome, waiters) {
+                    (_, Some(p)) => {
+                        st.stats.pages_demand += 1;
+                        for t in p.faults {
+                            st.stats
+                                .fault_latency
+                                .record(now.saturating_duration_since(t));
+                        }
+                    }
+                    (Install::Done, None) => st.stats.pages_pushed += 1,
+                    (Install::AlreadyPresent, None) => st.stats.duplicates += 1,
+                }
+            }
+            Err(e) => self.fail_locked(&mut st, LazyFailure::uffd(UffdOp::Copy(pfn), e)),
+        }
+    }
+
+    pub(super) fn fail_locked(&self, st: &mut State, f: LazyFailure) {
+        if st.failure.is_none() {
+            tracing::warn!(error = %f, "lazy memory failed");
+            st.failure = Some(f);
+        }
+        self.failed.store(true, Ordering::SeqCst);
+        // Unblock every waiting vCPU with a zero page; the owner sees the failure and
+        // discards the clone's result.
+        let pending: Vec<u64> = st.pending.drain().map(|(p, _)| p).collect();
+        for pfn in pending {
+            let _ = self.uffd.zeropage(self.page_addr(pfn), self.page_size);
+        }
+    }
+
+    /// Handles one fault at `addr`. Returns the page to request, if any.
+    pub(super) fn on_fault(&self, addr: u64, t0: Instant) -> Option<u64> {
+        let base = self.map.addr() as u64;
+        if addr < base || addr >= base + self.map.len() as u64 {
+            return None;
+        }
+        let _ = self.first_fault_ns.compare_exchange(
+            0,
+            t0.duration_since(self.created).as_nanos().max(1) as u64,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+        let pfn = (addr - base) / self.page_size as u64;
+        let page_addr = self.page_addr(pfn);
+        if self.zero.get(pfn) || self.failed.load(Ordering::SeqCst) {
+            match self.uffd.zeropage(page_addr, self.page_size) {
+                Ok(Install::Done) if !self.failed.load(Ordering::SeqCst) => {
+                    self.lock().stats.zero_pages += 1
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let mut st = self.lock();
+                    self.fail_locked(&mut st, LazyFailure::uffd(UffdOp::ZeroPage(pfn), e));
+                }
+            }
+            return None;
+        }
+        let mut st = self.lock();
+        if st.installed.get(pfn) {
+            drop(st);
+            let _ = self.uffd.wake(page_addr, self.page_size);
+            return None;
+        }
+        st.stats.demand_faults += 1;
+        match st.pending.get_mut(&pfn) {
+            Some(p) => {
+                p.faults.push(t0);
+                None
+            }
+            None => {
+                st.pending.insert(
+                    pfn,
+                    Pending {
+                        faults: vec![t0],
+                        last_request: t0,
+                    },
+                );
+                st.stats.pages_requested += 1;
+                Some(pfn)
+            }
+        }
+    }
+
+    /// Fails on timed-out faults and returns pages due for a repeated request.
+    pub(super) fn check_pending(&self, cfg: &LazyConfig) -> Vec<u64> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let mut again = Vec::new();
+        let mut timed_out = None;
+        for (&pfn, p) in st.pending.iter_mut() {
+            if let Some(&first) = p.faults.first() {
+                if now.duration_since(first) > cfg.fetch_timeout {
+                    timed_out = Some(pfn);
+                    break;
+                }
+            }
+            if now.duration_since(p.last_request) >= cfg.rerequest_interval {
+                p.last_request = now;
+                again.push(pfn);
+            }
+        }
+        if let Some(pfn) = timed_out {
+            self.fail_locked(
+                &mut st,
+                LazyFailure::FetchTimeout {
+                    pfn,
+                    timeout: cfg.fetch_timeout,
+                },
+            );
+            return Vec::new();
+        }
+        again
+    }
+}
