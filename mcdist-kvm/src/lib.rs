@@ -20,11 +20,13 @@
 
 pub mod clone;
 pub mod descriptor;
+pub mod fuse;
 pub mod guest;
 pub mod inline;
 pub mod lazy;
 pub mod linux;
 pub mod netns;
+pub mod qemu;
 pub mod remote;
 pub mod share;
 pub mod source;
