@@ -12,7 +12,7 @@ export DEBIAN_FRONTEND=noninteractive
 missing=()
 command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
 command -v fusermount3 >/dev/null || missing+=(fuse3)
-[ -x /bin/busybox ] && /bin/busybox --help 2>/dev/null | head -1 | grep -q . || missing+=(busybox-static)
+[ -x /bin/busybox ] || missing+=(busybox-static)
 command -v ip >/dev/null || missing+=(iproute2)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "installing ${missing[*]}" >&2
@@ -20,7 +20,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-cache="${MCDIST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mcdist}"
+cache="${MCDIST_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/mcdist}"
 dest="$cache/kernel"
 existing=$(ls "$dest"/boot/vmlinuz-*-cloud-amd64 2>/dev/null | sort | tail -1 || true)
 if [ -z "$existing" ]; then

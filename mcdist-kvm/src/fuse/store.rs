@@ -20,6 +20,8 @@ struct ReadJob {
 }
 
 type Job = Arc<Mutex<ReadJob>>;
+/// Puts an unasked page (byte offset, contents) into the page cache; true when stored.
+type Storer = Box<dyn Fn(u64, &[u8]) -> bool + Send + Sync>;
 
 #[derive(Default)]
 struct Inner {
@@ -67,7 +69,7 @@ pub struct PageStore {
     /// Counters.
     pub counters: FuseCounters,
     requester: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
-    storer: OnceLock<Box<dyn Fn(u64, &[u8]) -> bool + Send + Sync>>,
+    storer: OnceLock<Storer>,
 }
 
 impl std::fmt::Debug for PageStore {
