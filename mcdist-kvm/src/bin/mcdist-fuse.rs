@@ -39,6 +39,9 @@ struct Args {
     /// Write the counters as JSON here on exit.
     #[arg(long)]
     stats: Option<PathBuf>,
+    /// Fetch the whole image before mounting (baseline for comparisons).
+    #[arg(long)]
+    eager: bool,
     /// Seconds to wait for the server's announce.
     #[arg(long, default_value_t = 30)]
     join_timeout: u64,
@@ -68,6 +71,7 @@ fn run(a: Args) -> Result<(), String> {
         security,
         unicast: a.unicast,
         join_timeout: Duration::from_secs(a.join_timeout.max(1)),
+        eager: a.eager,
     };
     let host = HostFile::start(&desc, &a.mount, &a.name, &opts).map_err(|e| e.to_string())?;
     println!(

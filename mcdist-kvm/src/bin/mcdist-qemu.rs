@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use mcdist::secure::{Psk, Security};
 use mcdist_kvm::qemu::clone::{check_host, run_clone, CloneSpec};
 use mcdist_kvm::qemu::descriptor::QemuDescriptor;
-use mcdist_kvm::qemu::fork::{fork, print_table, serve, ForkOptions};
+use mcdist_kvm::qemu::fork::{fork, print_table, serve, ForkOptions, MemoryMode};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -46,6 +46,10 @@ enum Cmd {
         /// Replies by unicast to each host instead of multicast.
         #[arg(long)]
         unicast: bool,
+        /// Where clones get memory: lazy (mcdist-fuse), eager (whole image fetched to each
+        /// host first), local (the parent's own RAM file; the ideal).
+        #[arg(long, value_enum, default_value = "lazy")]
+        memory: MemoryMode,
         /// Work folder (default: a fresh temporary one).
         #[arg(long)]
         workdir: Option<PathBuf>,
@@ -152,6 +156,7 @@ fn run(cli: Cli) -> Result<bool, String> {
             table_mib,
             key,
             unicast,
+            memory,
             workdir,
             kill_server_at_resume,
             clone_timeout,
@@ -167,6 +172,7 @@ fn run(cli: Cli) -> Result<bool, String> {
                 table_mib,
                 key,
                 unicast,
+                memory,
                 workdir,
                 fuse_bin: sibling("mcdist-fuse"),
                 self_bin: std::env::current_exe().map_err(|e| e.to_string())?,

@@ -52,6 +52,8 @@ pub struct HostFileOptions {
     pub unicast: bool,
     /// How long to wait for the server's announce.
     pub join_timeout: Duration,
+    /// Fetch the whole image before mounting (the eager baseline).
+    pub eager: bool,
 }
 
 /// A running lazy file and its client.
@@ -92,6 +94,10 @@ impl HostFile {
                 want: desc.session_id,
                 got: info.session_id,
             });
+        }
+        if opts.eager {
+            client.fetch_all();
+            client.wait_complete(Duration::from_secs(3600))?;
         }
         let c = client.clone();
         store.set_requester(move |pfn| c.request(pfn));

@@ -72,6 +72,17 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> ForkError {
     move |source| ForkError::Io { what, source }
 }
 
+/// Where clones get their memory from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MemoryMode {
+    /// A lazy FUSE file per host, pages fetched on first touch (the point of mcdist).
+    Lazy,
+    /// The whole image fetched to each host with mcdist first, then the clones start.
+    Eager,
+    /// The parent's RAM file itself, already local (the ideal, for comparison).
+    Local,
+}
+
 /// Options of `fork`.
 #[derive(Debug, Clone)]
 pub struct ForkOptions {
@@ -87,6 +98,8 @@ pub struct ForkOptions {
     pub key: Option<PathBuf>,
     /// Unicast replies instead of multicast.
     pub unicast: bool,
+    /// Where clones get their memory from.
+    pub memory: MemoryMode,
     /// Work folder.
     pub workdir: PathBuf,
     /// The `mcdist-fuse` binary.
@@ -260,6 +273,7 @@ pub fn fork(o: &ForkOptions) -> Result<ForkReport, ForkError> {
 
     let mut fuses = Vec::new();
     let mut files = Vec::new();
+    let start = Instant::now();
     for h in 0..o.hosts {
         let dir = o.workdir.join(format!("host{h}"));
         let mnt = dir.join("mnt");
@@ -276,11 +290,19 @@ pub fn fork(o: &ForkOptions) -> Result<ForkReport, ForkError> {
             .arg("--stats")
             .arg(&stats);
         key_args(&mut cmd, o);
-        fuses.push(Helper::start(cmd, "mcdist-fuse", "mounted")?);
-        files.push((mnt.join("memory"), stats, dir));
+        if o.memory == MemoryMode::Eager {
+            cmd.arg("--eager");
+        }
+        if o.memory != MemoryMode::Local {
+            fuses.push(Helper::start(cmd, "mcdist-fuse", "mounted")?);
+        }
+        let file = match o.memory {
+            MemoryMode::Local => parent.ram.clone(),
+            _ => mnt.join("memory"),
+        };
+        files.push((file, stats, dir));
     }
-
-    let start = Instant::now();
+    let hosts_ready = start.elapsed().as_secs_f64();
     let (resumed_tx, resumed_rx) = std::sync::mpsc::channel::<()>();
     let outcomes: Vec<CloneOutcome> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..o.clones)
@@ -338,6 +360,9 @@ pub fn fork(o: &ForkOptions) -> Result<ForkReport, ForkError> {
         "resume_ms_p50": (p50(&mut resume) * 10.0).round() / 10.0,
         "first_line_ms_p50": (p50(&mut first) * 10.0).round() / 10.0,
         "wall_s": (wall * 100.0).round() / 100.0,
+        "hosts_ready_s": (hosts_ready * 100.0).round() / 100.0,
+        "memory": format!("{:?}", o.memory).to_lowercase(),
+        "unicast": o.unicast,
         "fuse_reads": host_field("reads"),
         "fuse_page_reads": host_field("page_reads"),
         "fuse_max_read": host_field("max_read"),
