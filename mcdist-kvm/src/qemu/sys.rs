@@ -101,6 +101,42 @@ mod tests {
         assert_eq!(p[allow].k, SECCOMP_RET_ALLOW);
     }
 
+    const PROBE: &str = "MCDIST_MADVISE_PROBE";
+
+    /// Run as a child: `madvise` on an unaligned address fails with EINVAL unless the filter
+    /// answers it first.
+    #[test]
+    fn madvise_hugepage_is_a_no_op_under_the_filter() {
+        if std::env::var_os(PROBE).is_some() {
+            let addr = 1usize as *mut libc::c_void;
+            // SAFETY: madvise on an unaligned address changes nothing; it only returns.
+            let huge = unsafe { libc::madvise(addr, 4096, libc::MADV_HUGEPAGE) };
+            // SAFETY: as above.
+            let normal = unsafe { libc::madvise(addr, 4096, libc::MADV_NORMAL) };
+            assert_eq!((huge, normal), (0, -1));
+            return;
+        }
+        let probe = |filtered: bool| {
+            let mut c = Command::new(std::env::current_exe().unwrap());
+            c.args([
+                "--exact",
+                "qemu::sys::tests::madvise_hugepage_is_a_no_op_under_the_filter",
+            ])
+            .env(PROBE, "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+            if filtered {
+                neutralise_madvise_hugepage(&mut c);
+            }
+            c.status().unwrap().success()
+        };
+        assert!(probe(true), "MADV_HUGEPAGE answered 0 under the filter");
+        assert!(
+            !probe(false),
+            "without the filter the unaligned madvise fails"
+        );
+    }
+
     #[test]
     fn filtered_child_still_runs() {
         let mut c = Command::new("true");
