@@ -108,8 +108,8 @@ mod tests {
     #[test]
     fn madvise_hugepage_is_a_no_op_under_the_filter() {
         if std::env::var_os(PROBE).is_some() {
-            let addr = 1usize as *mut libc::c_void;
-            // SAFETY: madvise on an unaligned address changes nothing; it only returns.
+            let addr = std::ptr::dangling_mut::<libc::c_void>(); // address 1: unaligned
+                                                                 // SAFETY: madvise on an unaligned address changes nothing; it only returns.
             let huge = unsafe { libc::madvise(addr, 4096, libc::MADV_HUGEPAGE) };
             // SAFETY: as above.
             let normal = unsafe { libc::madvise(addr, 4096, libc::MADV_NORMAL) };
