@@ -39,6 +39,10 @@ struct Args {
     /// Write the counters as JSON here on exit.
     #[arg(long)]
     stats: Option<PathBuf>,
+    /// Answer READs from this local copy of the image instead of the network (the baseline
+    /// for READ latency).
+    #[arg(long, conflicts_with_all = ["key", "unicast", "eager", "netns"])]
+    local_image: Option<PathBuf>,
     /// Fetch the whole image before mounting (baseline for comparisons).
     #[arg(long)]
     eager: bool,
@@ -73,7 +77,11 @@ fn run(a: Args) -> Result<(), String> {
         join_timeout: Duration::from_secs(a.join_timeout.max(1)),
         eager: a.eager,
     };
-    let host = HostFile::start(&desc, &a.mount, &a.name, &opts).map_err(|e| e.to_string())?;
+    let host = match &a.local_image {
+        Some(img) => HostFile::start_local(&desc, img, &a.mount, &a.name),
+        None => HostFile::start(&desc, &a.mount, &a.name, &opts),
+    }
+    .map_err(|e| e.to_string())?;
     println!(
         "mcdist-fuse: {} ({} bytes, session {:016x}) mounted",
         host.mount.file().display(),
@@ -86,7 +94,9 @@ fn run(a: Args) -> Result<(), String> {
     let stats = host.stats_json();
     let HostFile { mount, client } = host;
     let unmounted = mount.unmount();
-    client.leave(true);
+    if let Some(c) = client {
+        c.leave(true);
+    }
     let text = stats.to_string();
     println!("mcdist-fuse: {sig:?}, unmounted; {text}");
     if let Some(p) = &a.stats {

@@ -47,7 +47,8 @@ enum Cmd {
         #[arg(long)]
         unicast: bool,
         /// Where clones get memory: lazy (mcdist-fuse), eager (whole image fetched to each
-        /// host first), local (the parent's own RAM file; the ideal).
+        /// host first), local (the parent's own RAM file; the ideal), fuse-local (a FUSE file
+        /// answering READs from the parent's RAM file; the READ latency baseline).
         #[arg(long, value_enum, default_value = "lazy")]
         memory: MemoryMode,
         /// Work folder (default: a fresh temporary one).

@@ -39,6 +39,15 @@ pub enum HostFileError {
     /// FUSE failed.
     #[error(transparent)]
     Fuse(#[from] FuseError),
+    /// The local image cannot be read.
+    #[error("{path}: {source}")]
+    Image {
+        /// The image.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Options of a host's lazy file.
@@ -61,8 +70,8 @@ pub struct HostFileOptions {
 pub struct HostFile {
     /// The mount (unmounted on drop).
     pub mount: LazyMount,
-    /// The host's one mcdist client.
-    pub client: Arc<ClientNode>,
+    /// The host's one mcdist client (`None` when pages come from a local file).
+    pub client: Option<Arc<ClientNode>>,
 }
 
 impl HostFile {
@@ -102,7 +111,54 @@ impl HostFile {
         let c = client.clone();
         store.set_requester(move |pfn| c.request(pfn));
         let mount = LazyMount::mount(mountpoint, name, store)?;
-        Ok(Self { mount, client })
+        Ok(Self {
+            mount,
+            client: Some(client),
+        })
+    }
+
+    /// The same file with every missing page read from the local `image` on the READ path
+    /// (no network): the baseline for READ latency.
+    pub fn start_local(
+        desc: &QemuDescriptor,
+        image: &Path,
+        mountpoint: &Path,
+        name: &str,
+    ) -> Result<Self, HostFileError> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::open(image).map_err(|source| HostFileError::Image {
+            path: image.to_path_buf(),
+            source,
+        })?;
+        let store = Arc::new(PageStore::new(
+            desc.mem_bytes,
+            desc.page_size,
+            desc.zero_map()?,
+        ));
+        let sink = Arc::downgrade(&store);
+        let ps = desc.page_size;
+        store.set_requester(move |pfn| {
+            let Some(store) = sink.upgrade() else { return };
+            let mut buf = vec![0u8; ps];
+            match file.read_at(&mut buf, pfn * ps as u64) {
+                Ok(n) => {
+                    buf.truncate(n);
+                    let _ = mcdist::node::PageSink::page_ready(store.as_ref(), pfn, &buf);
+                }
+                Err(e) => mcdist::node::PageSink::failed(
+                    store.as_ref(),
+                    &NodeError::Io {
+                        context: "reading the local image",
+                        message: e.to_string(),
+                    },
+                ),
+            }
+        });
+        let mount = LazyMount::mount(mountpoint, name, store)?;
+        Ok(Self {
+            mount,
+            client: None,
+        })
     }
 
     /// Counters as one JSON object.
@@ -111,7 +167,7 @@ impl HostFile {
         let c = &store.counters;
         let lat = store.latencies();
         let (p50, p99) = super::percentiles(&lat).unwrap_or((0, 0));
-        let cs = self.client.stats();
+        let cs = self.client.as_ref().map(|c| c.stats()).unwrap_or_default();
         serde_json::json!({
             "reads": c.reads.load(Ordering::Relaxed),
             "page_reads": c.page_reads.load(Ordering::Relaxed),

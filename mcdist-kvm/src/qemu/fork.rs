@@ -81,6 +81,8 @@ pub enum MemoryMode {
     Eager,
     /// The parent's RAM file itself, already local (the ideal, for comparison).
     Local,
+    /// A FUSE file per host answering READs from the local RAM file (READ latency baseline).
+    FuseLocal,
 }
 
 /// Options of `fork`.
@@ -285,13 +287,19 @@ pub fn fork(o: &ForkOptions) -> Result<ForkReport, ForkError> {
             .arg(&desc_path)
             .arg("--mount")
             .arg(&mnt)
-            .arg("--netns")
-            .arg(net.hosts[h + 1].name())
             .arg("--stats")
             .arg(&stats);
-        key_args(&mut cmd, o);
-        if o.memory == MemoryMode::Eager {
-            cmd.arg("--eager");
+        match o.memory {
+            MemoryMode::FuseLocal => {
+                cmd.arg("--local-image").arg(&parent.ram);
+            }
+            _ => {
+                cmd.arg("--netns").arg(net.hosts[h + 1].name());
+                key_args(&mut cmd, o);
+                if o.memory == MemoryMode::Eager {
+                    cmd.arg("--eager");
+                }
+            }
         }
         if o.memory != MemoryMode::Local {
             fuses.push(Helper::start(cmd, "mcdist-fuse", "mounted")?);
@@ -361,7 +369,7 @@ pub fn fork(o: &ForkOptions) -> Result<ForkReport, ForkError> {
         "first_line_ms_p50": (p50(&mut first) * 10.0).round() / 10.0,
         "wall_s": (wall * 100.0).round() / 100.0,
         "hosts_ready_s": (hosts_ready * 100.0).round() / 100.0,
-        "memory": format!("{:?}", o.memory).to_lowercase(),
+        "memory": format!("{:?}", o.memory),
         "unicast": o.unicast,
         "fuse_reads": host_field("reads"),
         "fuse_page_reads": host_field("page_reads"),
