@@ -23,11 +23,13 @@
 
 pub mod clone;
 pub mod descriptor;
+pub mod fuse;
 pub mod guest;
 pub mod inline;
 pub mod lazy;
 pub mod linux;
 pub mod netns;
+pub mod qemu;
 pub mod session;
 pub mod share;
 pub mod source;
