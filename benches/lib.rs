@@ -97,7 +97,13 @@ impl Pair {
             ..unpaced_server_config()
         };
         let source = Arc::new(MemSource::new(image, 4096));
-        let server = Server::new(cfg, source, now).expect("valid bench server configuration");
+        let server = Server::with_info(
+            cfg,
+            source.clone(),
+            mcdist::source::scan(source.as_ref()).expect("an in-memory image scans"),
+            now,
+        )
+        .expect("valid bench server configuration");
         let mut ccfg = ClientConfig::new(SERVER_ADDR);
         ccfg.max_datagram = 8192;
         let client = Client::new(ccfg, now);

@@ -12,7 +12,7 @@
 //! ```
 
 use mcdist::client::ClientConfig;
-use mcdist::node::{ClientNode, PageSink, ServerNode, SinkError};
+use mcdist::node::{ClientNode, NodeConfig, PageSink, ServerNode, SinkError};
 use mcdist::secure::{Psk, Security};
 use mcdist::server::ServerConfig;
 use mcdist::source::MemSource;
@@ -262,21 +262,25 @@ fn once(
             initial: 400_000_000,
             ..defaults.rate
         },
-        security: mode.security(psk),
         ..defaults
     };
     let source = Arc::new(MemSource::new(img.bytes.clone(), 4096));
     let transport = UdpTransport::server(&ucfg).map_err(|e| e.to_string())?;
-    let server = ServerNode::start_with_info(scfg, transport, source, img.info.clone())
-        .map_err(|e| e.to_string())?;
+    let server = ServerNode::start_with_info(
+        NodeConfig::new(scfg, mode.security(psk)),
+        transport,
+        source,
+        img.info.clone(),
+    )
+    .map_err(|e| e.to_string())?;
     let mut nodes = Vec::new();
     for i in 0..clients {
         let t = UdpTransport::client(&ucfg).map_err(|e| e.to_string())?;
         let mut c = ClientConfig::new(listen);
         c.seed = (rep * 100 + i) as u64;
-        c.security = mode.security(psk);
         let store = Arc::new(Store::new(img.bytes.len()));
-        let node = ClientNode::start(c, t, store.clone()).map_err(|e| e.to_string())?;
+        let node = ClientNode::start(NodeConfig::new(c, mode.security(psk)), t, store.clone())
+            .map_err(|e| e.to_string())?;
         nodes.push((node, store));
     }
     let start = Instant::now();

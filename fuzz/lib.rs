@@ -123,7 +123,12 @@ pub fn server(data: &[u8]) {
         ..ServerConfig::default()
     };
     let source = Arc::new(MemSource::new(image(), PAGE_SIZE));
-    let Ok(mut s) = Server::new(cfg, source, t0) else {
+    let Ok(mut s) = Server::with_info(
+        cfg,
+        source.clone(),
+        mcdist::source::scan(source.as_ref()).expect("an in-memory image scans"),
+        t0,
+    ) else {
         return;
     };
     let mut now = t0;

@@ -75,7 +75,13 @@ fn client(c: &mut Criterion) {
     // Record every data datagram of a sweep once.
     let img = image(PAGES, 4096, 0);
     let source = Arc::new(MemSource::new(img.clone(), 4096));
-    let mut s = Server::new(sweep_config(), source, Instant::now()).expect("valid configuration");
+    let mut s = Server::with_info(
+        sweep_config(),
+        source.clone(),
+        mcdist::source::scan(source.as_ref()).expect("an in-memory image scans"),
+        Instant::now(),
+    )
+    .expect("valid configuration");
     let mut buf = vec![0u8; 65_536];
     let mut now = Instant::now();
     let mut dgrams = Vec::with_capacity(PAGES);
@@ -207,7 +213,13 @@ fn mtu_sweep_config(fec: bool) -> ServerConfig {
 /// Every datagram a sweep of `img` sends (announces included).
 fn record_sweep(img: &[u8], cfg: ServerConfig) -> Vec<Bytes> {
     let source = Arc::new(MemSource::new(img.to_vec(), 4096));
-    let mut s = Server::new(cfg, source, Instant::now()).expect("valid configuration");
+    let mut s = Server::with_info(
+        cfg,
+        source.clone(),
+        mcdist::source::scan(source.as_ref()).expect("an in-memory image scans"),
+        Instant::now(),
+    )
+    .expect("valid configuration");
     let mut buf = vec![0u8; 65_536];
     let mut now = Instant::now();
     let mut out = Vec::new();

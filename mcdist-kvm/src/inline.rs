@@ -13,7 +13,7 @@ use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use mcdist::secure::SecureTransport;
+use mcdist::secure::{SecureTransport, Security};
 use mcdist::transport::udp::UdpTransport;
 use mcdist::transport::Transport;
 use mcdist::{Client, ClientConfig, ClientEvent, ClientStats, SessionInfo};
@@ -78,8 +78,21 @@ impl InlineMcdist {
         join_timeout: Duration,
         tune: impl FnOnce(&mut ClientConfig),
     ) -> Result<Self, SessionError> {
+        Self::connect_keyed(desc, iface, handle, join_timeout, None, tune)
+    }
+
+    /// [`InlineMcdist::connect`] to a keyed session: with `security`, only datagrams
+    /// authenticated under its key reach the client, and what it sends is sealed.
+    pub fn connect_keyed(
+        desc: &Descriptor,
+        iface: Option<&str>,
+        handle: &LazyHandle,
+        join_timeout: Duration,
+        security: Option<&Security>,
+        tune: impl FnOnce(&mut ClientConfig),
+    ) -> Result<Self, SessionError> {
         let (transport, mut cfg) = client_setup(desc, iface, tune)?;
-        let mut link = match &cfg.security {
+        let mut link = match security {
             Some(sec) => Link::Secure(Box::new(SecureTransport::client(transport, sec))),
             None => {
                 static ONCE: std::sync::Once = std::sync::Once::new();

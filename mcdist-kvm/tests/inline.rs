@@ -148,13 +148,20 @@ fn inline_keyed_session_serves_a_clone() {
     let ns = loopback_ns("inlk");
     ns.enter().expect("enter netns");
     let psk = Psk::generate();
-    let cfg = mcdist::ServerConfig {
-        security: Some(Security::new(psk.clone())),
-        ..no_push()
-    };
+    let cfg = mcdist::node::NodeConfig::new(no_push(), Some(Security::new(psk.clone())));
     let s = serve(HashJob::new(16 << 20, 0.9, 0.1, 2, 4096), 47121, cfg);
-    let r = inline_clone(&s.desc, 0, &CloneOptions::default(), |c| {
-        c.security = Some(Security::new(psk))
+    let key = Security::new(psk);
+    let r = run_clone(&s.desc, 0, &CloneOptions::default(), |h| {
+        Ok(InlineMcdist::connect_keyed(
+            &s.desc,
+            Some("lo"),
+            &h,
+            Duration::from_secs(5),
+            Some(&key),
+            |_| {},
+        )
+        .map_err(CloneError::Session)?
+        .into_fetcher())
     })
     .expect("clone");
     assert_eq!(r.result, s.job.expected(0));

@@ -10,6 +10,11 @@
 //! application-level fragmentation of pages larger than a datagram.
 //!
 //! ## Layers
+//! The protocol core lives in the `mcdist-proto` crate (`mcdist/proto/`): wire
+//! format, state machines, integrity, FEC, pacing and the simulator, with no
+//! sockets, threads or clock, and none of this crate's I/O dependencies (socket2,
+//! mio, nix, clap, indicatif, tracing-subscriber). This crate re-exports each of
+//! its modules under the same path and adds the drivers.
 //! - [`wire`]: versioned, checked packet views and representations.
 //! - [`server::Server`] and [`client::Client`]: **sans-IO** state machines. They
 //!   read no clock and do no network I/O; time is a parameter (see below).
@@ -39,66 +44,15 @@
 //! group must reach the receivers (one L2 segment, or a multicast-routed network).
 #![forbid(unsafe_code)]
 
-pub mod bitmap;
-pub mod client;
-pub mod digest;
-pub mod fec;
-pub mod integrity;
 pub mod node;
-pub mod pacing;
-pub mod reassembly;
 pub mod secure;
-pub mod server;
-pub mod sim;
-pub mod source;
 pub mod testnet;
-pub mod timer;
 pub mod transport;
-pub mod wire;
-pub mod workingset;
 
-use std::net::SocketAddr;
-
-pub use client::{Client, ClientConfig, ClientEvent, ClientStats};
-pub use server::{Server, ServerConfig, ServerEvent, ServerStats};
-pub use source::{FileSource, MemSource, PageSource};
-
-/// Where a datagram produced by `poll_transmit` goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Dest {
-    /// The session's multicast group (or, in unicast fan-out, every receiver).
-    Group,
-    /// One peer by unicast.
-    Peer(SocketAddr),
-}
-
-/// A datagram written by `poll_transmit` into the caller's buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Transmit {
-    /// Destination.
-    pub dest: Dest,
-    /// Number of bytes written at the start of the buffer.
-    pub len: usize,
-}
-
-/// Facts about a session, learned from the server's announce.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SessionInfo {
-    /// Session id.
-    pub session_id: u64,
-    /// Image size in bytes.
-    pub image_size: u64,
-    /// Page size in bytes.
-    pub page_size: usize,
-    /// Number of pages.
-    pub page_count: u64,
-    /// BLAKE3 digest of the image.
-    pub digest: [u8; 32],
-    /// Number of all-zero pages.
-    pub zero_count: u64,
-}
-
-/// Format a digest as lowercase hex.
-pub fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use mcdist_proto::{
+    bitmap, client, digest, fec, hex, integrity, pacing, reassembly, server, sim, source, timer,
+    wire, workingset, Dest, SessionInfo, Transmit,
+};
+pub use mcdist_proto::{Client, ClientConfig, ClientEvent, ClientStats};
+pub use mcdist_proto::{FileSource, MemSource, PageSource};
+pub use mcdist_proto::{Server, ServerConfig, ServerEvent, ServerStats};

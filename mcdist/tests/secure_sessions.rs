@@ -8,7 +8,7 @@ mod common;
 
 use common::addr;
 use mcdist::client::{ClientConfig, ClientStats};
-use mcdist::node::{ClientNode, MemorySink, ServerNode};
+use mcdist::node::{ClientNode, MemorySink, NodeConfig, ServerNode};
 use mcdist::secure::{Protection, Psk, Role, Sealer, Security, SecurityStats, TRAILER_LEN};
 use mcdist::server::ServerConfig;
 use mcdist::source::MemSource;
@@ -47,11 +47,10 @@ fn keyed_server(
     let cfg = ServerConfig {
         sweep,
         push_neighbors: sweep,
-        security: sec,
         ..ServerConfig::default()
     };
     ServerNode::start(
-        cfg,
+        NodeConfig::new(cfg, sec),
         net.endpoint(at, false),
         Arc::new(MemSource::new(img, PAGE)),
     )
@@ -64,10 +63,9 @@ fn keyed_client<T: Transport>(
     sec: Option<Security>,
 ) -> (ClientNode, Arc<MemorySink>) {
     let mut c = ClientConfig::new(server);
-    c.security = sec;
     c.seed = rand_seed(&t);
     let store = Arc::new(MemorySink::default());
-    let node = ClientNode::start(c, t, store.clone()).unwrap();
+    let node = ClientNode::start(NodeConfig::new(c, sec), t, store.clone()).unwrap();
     (node, store)
 }
 
@@ -325,7 +323,6 @@ fn keyed_whole_image_fetch_with_loss_in_both_modes() {
         let cfg = ServerConfig {
             sweep: true,
             sweep_min_clients: 2,
-            security: Some(sec.clone()),
             ..ServerConfig::default()
         };
         let faults = |i: u16| FaultConfig {
@@ -356,7 +353,7 @@ fn keyed_lossy_fetch(
     let net = MemNetwork::new(1500);
     let srv = addr("127.0.0.1:7001");
     let server = ServerNode::start(
-        cfg,
+        NodeConfig::new(cfg, Some(sec.clone())),
         net.endpoint(srv, false),
         Arc::new(MemSource::new(img.clone(), PAGE)),
     )
@@ -440,7 +437,6 @@ fn keyed_fetch_with_fec_repairs() {
     let cfg = ServerConfig {
         sweep: true,
         sweep_min_clients: 2,
-        security: Some(sec.clone()),
         fec: true,
         fec_min_overhead: 0.2,
         fec_block_pages: 16,

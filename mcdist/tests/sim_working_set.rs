@@ -161,7 +161,13 @@ mod server_direct {
             ..ServerConfig::default()
         };
         let t0 = Instant::now();
-        let mut server = Server::new(cfg, source, t0).expect("valid configuration");
+        let mut server = Server::with_info(
+            cfg,
+            source.clone(),
+            mcdist::source::scan(source.as_ref()).expect("an in-memory image scans"),
+            t0,
+        )
+        .expect("valid configuration");
         let zero = server.image_info().zero_map.clone();
         let sid = server.session_id();
         let a: SocketAddr = "10.0.0.2:9000".parse().expect("address");

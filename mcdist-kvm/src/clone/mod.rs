@@ -288,7 +288,7 @@ impl Frozen {
         group: std::net::SocketAddrV4,
         iface: Option<&str>,
         listen: std::net::SocketAddr,
-        cfg: mcdist::ServerConfig,
+        cfg: impl Into<mcdist::node::NodeConfig<mcdist::ServerConfig>>,
     ) -> Result<(MemoryServer, Descriptor), SessionError> {
         let server = MemoryServer::start(
             self.image(),

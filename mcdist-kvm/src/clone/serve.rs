@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
-use mcdist::node::{ServerNode, ServerSnapshot};
+use mcdist::node::{NodeConfig, ServerNode, ServerSnapshot};
 use mcdist::source::ImageInfo;
 use mcdist::transport::udp::{UdpConfig, UdpTransport};
 use mcdist::ServerConfig;
@@ -37,7 +37,7 @@ impl MemoryServer {
         group: SocketAddrV4,
         iface: Option<&str>,
         listen: SocketAddr,
-        cfg: ServerConfig,
+        cfg: impl Into<NodeConfig<ServerConfig>>,
     ) -> Result<Self, SessionError> {
         let mut udp = UdpConfig::new(group);
         udp.iface = iface.map(str::to_string);

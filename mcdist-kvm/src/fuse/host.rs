@@ -93,10 +93,13 @@ impl HostFile {
         let transport = UdpTransport::client(&ucfg)?;
         let mut ccfg = ClientConfig::new(server);
         ccfg.seed = rand::random();
-        ccfg.security = opts.security.clone();
         ccfg.expected_digest = Some(digest);
         let store = Arc::new(PageStore::new(desc.mem_bytes, desc.page_size, zero));
-        let client = Arc::new(ClientNode::start(ccfg, transport, store.clone())?);
+        let client = Arc::new(ClientNode::start(
+            mcdist::node::NodeConfig::new(ccfg, opts.security.clone()),
+            transport,
+            store.clone(),
+        )?);
         let info = client.wait_session(opts.join_timeout)?;
         if info.session_id != desc.session_id {
             return Err(HostFileError::Session {

@@ -446,7 +446,6 @@ pub fn serve(
     let source = FileSource::open(image, desc.page_size).map_err(io("opening the image"))?;
     let cfg = ServerConfig {
         session_id: Some(desc.session_id),
-        security,
         delivery: if unicast {
             Delivery::UnicastFanout
         } else {
@@ -454,7 +453,11 @@ pub fn serve(
         },
         ..ServerConfig::default()
     };
-    let node = ServerNode::start(cfg, transport, std::sync::Arc::new(source))?;
+    let node = ServerNode::start(
+        mcdist::node::NodeConfig::new(cfg, security),
+        transport,
+        std::sync::Arc::new(source),
+    )?;
     if node.image_info().digest != desc.image_digest()? {
         return Err(ForkError::ImageChanged(image.to_path_buf()));
     }

@@ -58,7 +58,11 @@ pub struct Served {
 
 /// Forks `job` and serves it on `lo`: group 239.255.78.(`port` mod 200):`port`, requests on
 /// 127.0.0.1:`port` + 1.
-pub fn serve(job: HashJob, port: u16, cfg: mcdist::ServerConfig) -> Served {
+pub fn serve(
+    job: HashJob,
+    port: u16,
+    cfg: impl Into<mcdist::node::NodeConfig<mcdist::ServerConfig>>,
+) -> Served {
     let frozen = fork(job);
     let group = SocketAddrV4::new([239, 255, 78, (port % 200) as u8].into(), port);
     let listen: SocketAddr = format!("127.0.0.1:{}", port + 1).parse().expect("addr");

@@ -5,7 +5,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mcdist::bitmap::PageBitmap;
 use mcdist::client::ClientConfig;
 use mcdist::digest::PageDigest;
-use mcdist::node::{ClientNode, NodeError, PageSink, ServerNode, SinkError};
+use mcdist::node::{ClientNode, NodeConfig, NodeError, PageSink, ServerNode, SinkError};
 use mcdist::secure::{Protection, Psk, Security, SecurityStats};
 use mcdist::server::{Delivery, ServerConfig, ServerEvent};
 use mcdist::source::{scan_with_progress, FileSource, PageSource};
@@ -373,7 +373,6 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             ..defaults.rate
         },
         session_id: Some(rand::random::<u64>() | 1),
-        security: a.security.clone(),
         fec: a.fec,
         fec_min_overhead: a.fec_overhead,
         fec_max_overhead: defaults.fec_max_overhead.max(a.fec_overhead),
@@ -384,8 +383,13 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     let zero = info.zero_map.count_ones();
     let pages = info.zero_map.len();
     let digest = mcdist::hex(&info.digest);
-    let node = ServerNode::start_with_info(cfg, transport, Arc::new(source), info)
-        .map_err(|e| e.to_string())?;
+    let node = ServerNode::start_with_info(
+        NodeConfig::new(cfg, a.security.clone()),
+        transport,
+        Arc::new(source),
+        info,
+    )
+    .map_err(|e| e.to_string())?;
     let label = security_label(a.security.as_ref());
     println!(
         "serving {} ({} bytes, {} pages, {} zero) session {:016x} digest {} on {} via {}, requests at {}, security {label}",
@@ -610,7 +614,6 @@ fn fetch(
     let deadline = Duration::from_secs(timeout.max(1));
     let mut ccfg = ClientConfig::new(server);
     ccfg.seed = rand::random();
-    ccfg.security = security;
     let file = File::create(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     let cleanup = |msg: String| -> String {
         // Only a regular file is ours to remove: `--out /dev/...` must never
@@ -626,8 +629,8 @@ fn fetch(
         file,
         state: Mutex::default(),
     });
-    let node =
-        ClientNode::start(ccfg, transport, sink.clone()).map_err(|e| cleanup(e.to_string()))?;
+    let node = ClientNode::start(NodeConfig::new(ccfg, security), transport, sink.clone())
+        .map_err(|e| cleanup(e.to_string()))?;
     let session = node
         .wait_session(deadline.min(Duration::from_secs(30)))
         .map_err(|e| match e {

@@ -5,7 +5,7 @@
 //! receive turn. A page the sink refuses fails the session and sends a leave.
 
 use super::recv::{wait_until, Inbox};
-use super::{io_err, lock, secure_transport, NodeError, PageSink};
+use super::{io_err, lock, secure_transport, NodeConfig, NodeError, PageSink};
 use crate::client::{Client, ClientConfig, ClientEvent, ClientStats};
 use crate::secure::{SecureTransport, SecurityStats, SecurityStatsHandle};
 use crate::transport::{Transport, Wake};
@@ -85,15 +85,19 @@ impl std::fmt::Debug for ClientNode {
 
 impl ClientNode {
     /// Start a client; pages go to `sink`. `cfg.max_datagram` is lowered to
-    /// what the transport carries. With `cfg.security` set, only datagrams
+    /// what the transport carries. With a key in `cfg.security`, only datagrams
     /// authenticated under its key reach the client.
     pub fn start<T: Transport>(
-        mut cfg: ClientConfig,
+        cfg: impl Into<NodeConfig<ClientConfig>>,
         transport: T,
         sink: Arc<dyn PageSink>,
     ) -> Result<ClientNode, NodeError> {
+        let NodeConfig {
+            protocol: mut cfg,
+            security,
+        } = cfg.into();
         let (mut transport, security) =
-            secure_transport(cfg.security.as_ref(), transport, SecureTransport::client);
+            secure_transport(security.as_ref(), transport, SecureTransport::client);
         cfg.max_datagram = cfg.max_datagram.min(transport.capabilities().max_datagram);
         let local_addr = transport.local_addr().map_err(io_err("local address"))?;
         let waker = transport.waker();

@@ -86,6 +86,38 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 // ---------------------------------------------------------------- security
 
+/// A driver's settings: the state machine's own settings plus what the driver
+/// applies around it (the protocol core never sees keys).
+///
+/// Every `ServerConfig` or `ClientConfig` converts into an unkeyed `NodeConfig`, so
+/// `ServerNode::start(cfg, ...)` runs an unauthenticated session;
+/// `NodeConfig::new(cfg, Some(security))` runs a keyed one.
+#[derive(Debug, Clone)]
+pub struct NodeConfig<C> {
+    /// The state machine's settings.
+    pub protocol: C,
+    /// Authenticate (and by default encrypt) every datagram under a pre-shared
+    /// key; `None` runs an unauthenticated session. A keyed server draws a
+    /// random session id unless one is configured.
+    pub security: Option<Security>,
+}
+
+impl<C> NodeConfig<C> {
+    /// Settings `protocol`, keyed by `security` when it is `Some`.
+    pub fn new(protocol: C, security: Option<Security>) -> Self {
+        NodeConfig { protocol, security }
+    }
+}
+
+impl<C> From<C> for NodeConfig<C> {
+    fn from(protocol: C) -> Self {
+        NodeConfig {
+            protocol,
+            security: None,
+        }
+    }
+}
+
 type Secured = (Box<dyn Transport>, Option<SecurityStatsHandle>);
 
 fn warn_unauthenticated() {

@@ -5,7 +5,7 @@
 //! to stop, when it sends the end of session.
 
 use super::recv::{wait_until, Inbox};
-use super::{io_err, lock, secure_transport, NodeError};
+use super::{io_err, lock, secure_transport, NodeConfig, NodeError};
 use crate::secure::{SecureTransport, SecurityStats, SecurityStatsHandle};
 use crate::server::{Server, ServerConfig, ServerEvent, ServerStats};
 use crate::source::{ImageInfo, PageSource};
@@ -57,7 +57,7 @@ impl ServerNode {
     /// Scan `source` and serve it on `transport`. `cfg.max_datagram` is lowered
     /// to what the transport carries.
     pub fn start<T: Transport>(
-        cfg: ServerConfig,
+        cfg: impl Into<NodeConfig<ServerConfig>>,
         transport: T,
         source: Arc<dyn PageSource>,
     ) -> Result<ServerNode, NodeError> {
@@ -65,25 +65,28 @@ impl ServerNode {
         ServerNode::start_with_info(cfg, transport, source, info)
     }
 
-    /// Serve with an already computed [`ImageInfo`]. With `cfg.security` set,
+    /// Serve with an already computed [`ImageInfo`]. With a key in `cfg.security`,
     /// every datagram is sealed and a fresh random session id is drawn unless
     /// one is configured.
     pub fn start_with_info<T: Transport>(
-        mut cfg: ServerConfig,
+        cfg: impl Into<NodeConfig<ServerConfig>>,
         transport: T,
         source: Arc<dyn PageSource>,
         info: ImageInfo,
     ) -> Result<ServerNode, NodeError> {
-        if cfg.security.is_some() && cfg.session_id.is_none() {
+        let NodeConfig {
+            protocol: mut cfg,
+            security,
+        } = cfg.into();
+        if security.is_some() && cfg.session_id.is_none() {
             cfg.session_id = Some(rand::random::<u64>() | 1);
         }
         let session = cfg.session_id;
-        let (mut transport, security) =
-            secure_transport(cfg.security.as_ref(), transport, |t, sec| {
-                SecureTransport::server(t, sec, session.unwrap_or(0))
-            });
+        let (mut transport, security) = secure_transport(security.as_ref(), transport, |t, sec| {
+            SecureTransport::server(t, sec, session.unwrap_or(0))
+        });
         cfg.max_datagram = cfg.max_datagram.min(transport.capabilities().max_datagram);
-        let server = Server::with_info(cfg, source, info.clone(), Instant::now())?;
+        let server = Server::with_info(cfg, source.clone(), info.clone(), Instant::now())?;
         let session_id = server.session_id();
         let local_addr = transport.local_addr().map_err(io_err("local address"))?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -95,7 +98,7 @@ impl ServerNode {
             let stats = stats.clone();
             std::thread::Builder::new()
                 .name("mcdist-server".into())
-                .spawn(move || server_loop(server, &mut transport, &stop, &stats, &ev_tx))
+                .spawn(move || server_loop(server, source, &mut transport, &stop, &stats, &ev_tx))
                 .map_err(io_err("spawning the server thread"))?
         };
         Ok(ServerNode {
@@ -170,8 +173,12 @@ impl Drop for ServerNode {
 
 /// The server thread: timers, sends, events, snapshot, one receive turn;
 /// until `stop`, then the end of session goes out once.
+/// How often the server thread checks that the image has not changed under it.
+const SOURCE_CHECK_PERIOD: Duration = Duration::from_millis(250);
+
 fn server_loop<T: Transport>(
     mut server: Server,
+    source: Arc<dyn PageSource>,
     transport: &mut T,
     stop: &AtomicBool,
     stats: &Mutex<ServerSnapshot>,
@@ -187,6 +194,7 @@ fn server_loop<T: Transport>(
     let mut inbox = Inbox::new(transport);
     let mut last_snapshot = Instant::now();
     let mut closing: Option<Instant> = None;
+    let mut next_source_check = Instant::now() + SOURCE_CHECK_PERIOD;
     loop {
         let now = Instant::now();
         if stop.load(Ordering::SeqCst) && closing.is_none() {
@@ -195,6 +203,13 @@ fn server_loop<T: Transport>(
         }
         if server.poll_timeout().is_some_and(|t| t <= now) {
             server.handle_timeout(now);
+        }
+        // Change detection is the driver's: the state machine never stats the image.
+        if now >= next_source_check {
+            next_source_check = now + SOURCE_CHECK_PERIOD;
+            if let Err(e) = source.check_unchanged() {
+                server.source_failed(e);
+            }
         }
         let mut sent = 0;
         'send: while sent < 256 {

@@ -549,7 +549,13 @@ mod tests {
             };
             let src = Arc::new(MemSource::new(img.clone(), 4096));
             let t0 = Instant::now();
-            let mut s = Server::new(cfg, src, t0).unwrap();
+            let mut s = Server::with_info(
+                cfg,
+                src.clone(),
+                crate::source::scan(src.as_ref()).expect("an in-memory image scans"),
+                t0,
+            )
+            .unwrap();
             let mut now = t0;
             let mut buf = vec![0u8; 65_536];
             let mut kinds = Vec::new();

@@ -24,7 +24,9 @@ fn server(t0: Instant) -> Server {
         push_neighbors: false,
         ..ServerConfig::default()
     };
-    Server::new(cfg, Arc::new(MemSource::new(img, 4096)), t0).unwrap()
+    let source = Arc::new(MemSource::new(img, 4096));
+    let info = crate::source::scan(source.as_ref()).expect("an in-memory image scans");
+    Server::with_info(cfg, source, info, t0).unwrap()
 }
 
 fn addr(port: u16) -> SocketAddr {

@@ -61,7 +61,13 @@ fn fetch_both(max_datagram: usize) -> (Got, Got, Client, Client) {
         ..ServerConfig::default()
     };
     let source = Arc::new(MemSource::new(img.clone(), PAGE));
-    let mut server = Server::new(scfg, source, now).expect("server configuration");
+    let mut server = Server::with_info(
+        scfg,
+        source.clone(),
+        crate::source::scan(source.as_ref()).expect("an in-memory image scans"),
+        now,
+    )
+    .expect("server configuration");
     let mut a = Client::new(ClientConfig::new(addr(1)), now);
     let mut b = Client::new(ClientConfig::new(addr(1)), now);
     a.fetch_all(now);

@@ -36,10 +36,10 @@ mod schedule;
 mod stats;
 
 pub use config::{ConfigError, Delivery, ServerConfig};
-pub use stats::{ServerEvent, ServerStats};
+pub use stats::{ServerEvent, ServerStats, SourceFailure};
 
 use crate::pacing::{RateController, TokenBucket};
-use crate::source::{scan, ImageInfo, PageSource};
+use crate::source::{ImageInfo, PageSource};
 use crate::timer::{TimerKind, TimerTable};
 use crate::wire::{Body, Message};
 use crate::workingset::WorkingSet;
@@ -125,17 +125,9 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// Scan `source` (digest and zero map) and build a server.
-    pub fn new(
-        cfg: ServerConfig,
-        source: Arc<dyn PageSource>,
-        now: Instant,
-    ) -> Result<Server, ConfigError> {
-        let info = scan(source.as_ref())?;
-        Server::with_info(cfg, source, info, now)
-    }
-
-    /// Build a server from an already computed [`ImageInfo`] (e.g. from a descriptor).
+    /// Build a server from an [`ImageInfo`] the driver computed before (with
+    /// [`crate::source::scan`], or from a descriptor). The state machine reads no
+    /// image itself except the pages it sends, through the source.
     pub fn with_info(
         cfg: ServerConfig,
         source: Arc<dyn PageSource>,
@@ -285,11 +277,6 @@ impl Server {
             self.timers
                 .set(ServerTimer::Housekeeping, now + HOUSEKEEPING_PERIOD);
             self.expire_peers(now);
-            if !self.failed {
-                if let Err(e) = self.source.check_unchanged() {
-                    self.fail_source(e.to_string());
-                }
-            }
         }
     }
 
@@ -347,7 +334,7 @@ impl Server {
                     return None;
                 };
                 if let Err(e) = self.load(now, job) {
-                    self.fail_source(e.to_string());
+                    self.fail_source(e);
                     return None;
                 }
             }
@@ -369,13 +356,24 @@ impl Server {
 
     /// The source failed or changed: drop every waiting answer and the page in
     /// progress, tell the embedder, end the session.
-    fn fail_source(&mut self, msg: String) {
-        tracing::error!(error = %msg, "page source failed; no more data will be sent");
+    /// The driver found the page source broken or changed (for example a file that
+    /// changed size under the server; the state machine itself never touches the
+    /// source's backing store except through [`PageSource::read_pages`]): stop
+    /// sending data, report [`ServerEvent::SourceFailed`] and close.
+    pub fn source_failed(&mut self, error: std::io::Error) {
+        if !self.failed {
+            self.fail_source(error);
+        }
+    }
+
+    fn fail_source(&mut self, error: std::io::Error) {
+        tracing::error!(%error, "page source failed; no more data will be sent");
         self.stats.source_errors += 1;
         self.failed = true;
         self.queues.clear();
         self.out.current = None;
-        self.events.push_back(ServerEvent::SourceFailed(msg));
+        self.events
+            .push_back(ServerEvent::SourceFailed(SourceFailure(Arc::new(error))));
         self.close();
     }
 }

@@ -284,7 +284,7 @@ impl Server {
         if direct {
             // One copy, source to datagram.
             if let Err(e) = self.source.read_page(job.pfn, &mut buf[off..len]) {
-                self.fail_source(e.to_string());
+                self.fail_source(e);
                 return None;
             }
         } else {

@@ -44,10 +44,6 @@ pub struct ClientConfig {
     pub max_image_pages: u64,
     /// Seed for retry jitter.
     pub seed: u64,
-    /// Accept only datagrams authenticated under this pre-shared key, and seal
-    /// what is sent. Applied by the drivers ([`crate::node::ClientNode`]);
-    /// `None` runs an unauthenticated session.
-    pub security: Option<crate::secure::Security>,
     /// Most FEC blocks being decoded at once (the oldest is dropped).
     pub fec_max_blocks: usize,
     /// Received pages kept for decoding FEC blocks (only while the server sends FEC).
@@ -78,7 +74,6 @@ impl ClientConfig {
             max_partial_pages: 4096,
             max_image_pages: 1 << 28,
             seed: 0x636c_6965_6e74,
-            security: None,
             fec_max_blocks: 64,
             fec_cache_pages: 4096,
             fec_nack_delay: Duration::from_millis(30),

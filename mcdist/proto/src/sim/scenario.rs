@@ -7,11 +7,9 @@ use super::node::{ClientSpec, ClientState, SimClient};
 use super::{Sim, SimError};
 use crate::bitmap::PageBitmap;
 use crate::client::Client;
-use crate::server::{Server, ServerConfig};
-use crate::source::MemSource;
+use crate::server::ServerConfig;
 use bytes::Bytes;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// A datagram captured by [`Sim::record`].
@@ -101,11 +99,7 @@ impl Sim {
         image: impl Into<Bytes>,
     ) -> Result<(), SimError> {
         let image = image.into();
-        self.server = Server::new(
-            cfg,
-            Arc::new(MemSource::new(image.clone(), self.page_size)),
-            self.now,
-        )?;
+        self.server = super::serve_image(cfg, image.clone(), self.page_size, self.now)?;
         self.server_image = image.clone();
         self.images.push((*blake3::hash(&image).as_bytes(), image));
         Ok(())

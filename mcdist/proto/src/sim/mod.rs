@@ -100,11 +100,7 @@ impl Sim {
     ) -> Result<Sim, SimError> {
         let base = Instant::now();
         let image = image.into();
-        let server = Server::new(
-            cfg,
-            Arc::new(MemSource::new(image.clone(), page_size)),
-            base,
-        )?;
+        let server = serve_image(cfg, image.clone(), page_size, base)?;
         Ok(Sim {
             base,
             now: base,
@@ -173,4 +169,16 @@ impl Sim {
         let z = self.server.image_info().zero_map.count_ones();
         self.server.image_info().zero_map.len() - z
     }
+}
+
+/// A server for `image`, scanned first as a driver would.
+pub(crate) fn serve_image(
+    cfg: ServerConfig,
+    image: Bytes,
+    page_size: usize,
+    now: Instant,
+) -> Result<Server, SimError> {
+    let source = Arc::new(MemSource::new(image, page_size));
+    let info = crate::source::scan(source.as_ref()).map_err(crate::server::ConfigError::from)?;
+    Ok(Server::with_info(cfg, source, info, now)?)
 }

@@ -69,10 +69,6 @@ pub struct ServerConfig {
     pub max_pages_per_request: u64,
     /// Seed for the server's randomness (session id).
     pub seed: u64,
-    /// Authenticate (and by default encrypt) every datagram under a pre-shared
-    /// key. Applied by the drivers ([`crate::node::ServerNode`]), which then
-    /// draw a random session id; `None` runs an unauthenticated session.
-    pub security: Option<crate::secure::Security>,
     /// Follow pushed and swept pages with RaptorQ repair symbols
     /// ([`crate::fec`]); multicast delivery only. Off by default.
     pub fec: bool,
@@ -111,7 +107,6 @@ impl Default for ServerConfig {
             per_source_page_rate: 400_000,
             max_pages_per_request: 8192,
             seed: 0x6d63_6469_7374,
-            security: None,
             fec: false,
             fec_block_pages: 64,
             fec_min_overhead: 0.0,

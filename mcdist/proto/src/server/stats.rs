@@ -19,8 +19,22 @@ pub enum ServerEvent {
     /// A receiver went silent and was forgotten.
     ClientTimedOut(SocketAddr),
     /// The page source failed or changed; the server stopped sending data.
-    SourceFailed(String),
+    SourceFailed(SourceFailure),
 }
+
+/// Why the page source stopped serving: the error its driver or a page read reported.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("page source failed: {0}")]
+pub struct SourceFailure(#[source] pub std::sync::Arc<std::io::Error>);
+
+impl PartialEq for SourceFailure {
+    /// The same failure (one error shared by every copy of the event).
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for SourceFailure {}
 
 /// Server counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
