@@ -164,6 +164,10 @@ impl Client {
         if s.zero_map_complete || z.chunk_count != a.zero_map_chunks {
             return;
         }
+        if !z.fits(a.page_count) {
+            self.stats.malformed += 1;
+            return;
+        }
         if !s.zero_chunks.set(u64::from(z.chunk)) {
             return;
         }
