@@ -182,6 +182,9 @@ pub fn client(data: &[u8]) {
     let mut cfg = ClientConfig::new(server);
     cfg.max_datagram = MAX_DATAGRAM;
     cfg.max_partial_pages = 16;
+    cfg.fec_max_bytes = 1 << 20;
+    // Whatever arrives, the receive buffers stay within their byte budgets.
+    let bound = cfg.max_partial_bytes + cfg.fec_max_bytes / 2;
     let mut c = Client::new(cfg, t0);
     let mut now = t0;
     let mut buf = vec![0u8; 65_536];
@@ -240,6 +243,11 @@ pub fn client(data: &[u8]) {
                 ClientEvent::Complete | ClientEvent::Failed(_) => {}
             }
         }
+        assert!(
+            c.buffered_bytes() <= bound,
+            "{} bytes buffered",
+            c.buffered_bytes()
+        );
     }
 }
 
@@ -285,6 +293,7 @@ pub fn reassembly(data: &[u8]) {
             }
         }
         assert!(r.in_progress() <= 4);
+        assert!(r.held_bytes() <= r.max_held_bytes());
     }
 }
 
