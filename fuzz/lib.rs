@@ -11,11 +11,23 @@
 //! - [`client`]: a [`Client`] likewise, with page requests and whole-image fetches;
 //!   every page it hands over is exactly one page long and handed over once.
 //! - [`reassembly`]: arbitrary fragments into a bounded [`Reassembler`].
+//! - [`opener`]: the secure `Opener` on sealed datagrams, replayed and mutated: only
+//!   datagrams exactly as sealed are accepted, each once.
+//! - [`integrity`]: hash-page and data-page verification; only genuine pages verify.
+//! - [`descriptor`]: the clone descriptor parser (mcdist-xen's).
 //!
 //! Inputs of the state-machine targets are a stream of operations (see
 //! [`Ops`]); the seed corpus under `corpus/` holds real datagrams captured from
 //! a simulated session, wrapped as such operations (regenerate with
 //! `MCDIST_WRITE_CORPUS=1 cargo test -p mcdist-fuzz`).
+
+mod descriptor;
+mod integrity;
+mod opener;
+
+pub use descriptor::descriptor;
+pub use integrity::integrity;
+pub use opener::opener;
 
 use bytes::Bytes;
 use mcdist::bitmap::PageBitmap;
@@ -175,6 +187,9 @@ pub fn client(data: &[u8]) {
     let mut cfg = ClientConfig::new(server);
     cfg.max_datagram = MAX_DATAGRAM;
     cfg.max_partial_pages = 16;
+    cfg.fec_max_bytes = 1 << 20;
+    // Whatever arrives, the receive buffers stay within their byte budgets.
+    let bound = cfg.max_partial_bytes + cfg.fec_max_bytes / 2;
     let mut c = Client::new(cfg, t0);
     let mut now = t0;
     let mut buf = vec![0u8; 65_536];
@@ -233,6 +248,11 @@ pub fn client(data: &[u8]) {
                 ClientEvent::Complete | ClientEvent::Failed(_) => {}
             }
         }
+        assert!(
+            c.buffered_bytes() <= bound,
+            "{} bytes buffered",
+            c.buffered_bytes()
+        );
     }
 }
 
@@ -278,6 +298,7 @@ pub fn reassembly(data: &[u8]) {
             }
         }
         assert!(r.in_progress() <= 4);
+        assert!(r.held_bytes() <= r.max_held_bytes());
     }
 }
 
@@ -390,6 +411,13 @@ pub fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
         v.extend([op::ADVANCE, 0, 2]);
     }
     out.push(("client", "fec-session-0".into(), v));
+    for (target, seeds) in [
+        ("opener", opener::seeds()),
+        ("integrity", integrity::seeds()),
+        ("descriptor", descriptor::seeds()),
+    ] {
+        out.extend(seeds.into_iter().map(|(name, v)| (target, name, v)));
+    }
     out
 }
 
@@ -419,6 +447,11 @@ mod tests {
             ("server", server),
             ("client", client),
             ("reassembly", reassembly),
+            ("opener", |d| {
+                opener(d);
+            }),
+            ("integrity", integrity),
+            ("descriptor", descriptor),
         ] {
             let dir = corpus_dir().join(target);
             let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -431,6 +464,15 @@ mod tests {
             }
         }
         assert!(n >= 10, "only {n} corpus files");
+    }
+
+    #[test]
+    fn opener_seeds_accept_genuine_datagrams_only() {
+        // Per mode: the three genuine datagrams are accepted (an announce and two pages at a
+        // client, three pages at a server), forgeries and the replay never; a client requiring
+        // encryption accepts nothing a sealer sent in the clear.
+        let accepted: Vec<usize> = opener::seeds().iter().map(|(_, v)| opener(v)).collect();
+        assert_eq!(accepted, [3, 0, 3, 3, 3, 3, 3, 3]);
     }
 
     #[test]

@@ -118,3 +118,94 @@ fn keyed_serve_and_fetch_over_a_bridge() {
     assert!(err.contains("no announce"), "{err}");
     assert!(!keyless_out.exists());
 }
+
+/// A fetch with the key requires encryption: against a server run with `--auth-only` it
+/// takes none of its (authentic, clear) datagrams and fails at once with one line naming
+/// the mismatch; with `--require-encryption off` the same fetch succeeds.
+#[test]
+fn an_encrypting_fetch_refuses_an_auth_only_server() {
+    let Some(b) = Bridge::new("mcclr", 3, 57, 1, None, 0) else {
+        return;
+    };
+    let key = b.path("key");
+    assert!(Command::new(BIN)
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success());
+    let group = &b.group(1);
+    let server = b
+        .serve(group)
+        .args(["--clients", "1", "--exit-when-done", "--timeout", "120"])
+        .arg("--key")
+        .arg(&key)
+        .arg("--auth-only")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let strict_out = b.path("strict");
+    let strict = b
+        .fetch(1, group, "120", &strict_out)
+        .arg("--key")
+        .arg(&key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (ok, text, err) = output(strict);
+    assert!(
+        !ok,
+        "an encrypting fetch took pages sent in the clear: {text}"
+    );
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("mcdist: error:"))
+        .unwrap_or("");
+    assert!(line.contains("in the clear (--auth-only)"), "{err}");
+    assert!(line.contains("requires encryption"), "{err}");
+    assert_eq!(err.matches("mcdist: error:").count(), 1, "{err}");
+    assert!(!strict_out.exists());
+    let loose_out = b.path("loose");
+    let loose = b
+        .fetch(2, group, "120", &loose_out)
+        .arg("--key")
+        .arg(&key)
+        .args(["--require-encryption", "off"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (ok, text, err) = output(loose);
+    assert!(ok, "fetch without the requirement failed: {text} {err}");
+    assert!(std::fs::read(&loose_out).unwrap() == std::fs::read(&b.img).unwrap());
+    let (ok, text, err) = output(server);
+    assert!(ok, "server failed: {text} {err}");
+}
+
+/// A key file that never ends (`/dev/zero`) or is far too long is refused with one line.
+#[test]
+fn oversized_key_files_are_refused_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big-key");
+    std::fs::write(&big, vec![b'a'; 1 << 20]).unwrap();
+    for key in [std::path::Path::new("/dev/zero"), &big] {
+        if !key.exists() {
+            continue;
+        }
+        let out = Command::new(BIN)
+            .args(["fetch", "--group", "239.255.57.9:7000", "--iface", "lo"])
+            .args(["--server", "127.0.0.1:7001", "--out"])
+            .arg(dir.path().join("out"))
+            .arg("--key")
+            .arg(key)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("is larger than 4096 bytes"), "{err}");
+    }
+}

@@ -143,10 +143,14 @@ impl PageBitmap {
             if byte == 0 {
                 continue;
             }
-            let base = start + (k as u64) * 8;
-            if base >= self.len {
+            // Checked: bits past the end (or past u64::MAX) are ignored.
+            let Some(base) = (k as u64)
+                .checked_mul(8)
+                .and_then(|o| start.checked_add(o))
+                .filter(|&b| b < self.len)
+            else {
                 break;
-            }
+            };
             for bit in 0..8 {
                 if byte & (1 << bit) != 0 {
                     self.set(base + bit);

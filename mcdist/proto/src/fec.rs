@@ -32,6 +32,17 @@
 //! present, fragments of partly received pages) plus its repair symbols reach
 //! `K`, they decode and deliver the missing pages exactly like received ones.
 //! Demand answers and NACK repairs stay plain pages.
+//!
+//! **Receiver memory** is bounded in bytes by one budget `B` (`fec_max_bytes`),
+//! whatever the stream: the page cache holds at most `B / 4` of pages (oldest
+//! dropped first), the open blocks at most `B / 4` of repair symbols and member
+//! bitmaps (the oldest other block is dropped to make room; a symbol that does
+//! not fit even then is refused), and a block is taken only if its source block
+//! (`K × T` bytes) is at most `B / 8`: decoding one holds about four times that at
+//! once (the symbols handed to the decoder, its copy of them, the decoded block and
+//! the recovered pages), so decoding stays within the other `B / 2`. Counts bound
+//! the bookkeeping as before (`fec_max_blocks` open blocks, `fec_cache_pages`
+//! pages).
 
 use crate::wire::{self, Repair};
 use bytes::{Bytes, BytesMut};
@@ -203,6 +214,8 @@ pub(crate) enum Have<'a> {
 
 #[derive(Debug)]
 struct RxBlock {
+    /// Bytes this block holds: its member bitmap and its repair symbols.
+    bytes: usize,
     span: u16,
     spp: u16,
     t: u16,
@@ -230,6 +243,10 @@ pub(crate) enum RepairOutcome {
 pub(crate) struct FecRx {
     max_blocks: usize,
     cache_cap: usize,
+    /// The byte budget `B` (see the module docs).
+    max_bytes: usize,
+    cache_bytes: usize,
+    block_bytes: usize,
     cache: HashMap<u64, Bytes>,
     cache_order: VecDeque<u64>,
     blocks: HashMap<u64, RxBlock>,
@@ -241,10 +258,15 @@ pub(crate) struct FecRx {
 }
 
 impl FecRx {
-    pub fn new(max_blocks: usize, cache_cap: usize) -> FecRx {
+    /// At most `max_blocks` open blocks, `cache_cap` cached pages and `max_bytes` held
+    /// (see the module docs).
+    pub fn new(max_blocks: usize, cache_cap: usize, max_bytes: usize) -> FecRx {
         FecRx {
             max_blocks: max_blocks.max(1),
             cache_cap,
+            max_bytes,
+            cache_bytes: 0,
+            block_bytes: 0,
             cache: HashMap::new(),
             cache_order: VecDeque::new(),
             blocks: HashMap::new(),
@@ -257,19 +279,45 @@ impl FecRx {
 
     /// Keep a received page for decoding blocks it belongs to.
     pub fn remember(&mut self, pfn: u64, page: &Bytes) {
-        if self.cache_cap == 0 {
+        if self.cache_cap == 0 || page.len() > self.max_bytes / 4 {
             return;
         }
-        if self.cache.insert(pfn, page.clone()).is_none() {
-            self.cache_order.push_back(pfn);
-            while self.cache.len() > self.cache_cap {
-                match self.cache_order.pop_front() {
-                    Some(old) => {
-                        self.cache.remove(&old);
+        match self.cache.insert(pfn, page.clone()) {
+            Some(old) => self.cache_bytes -= old.len(),
+            None => self.cache_order.push_back(pfn),
+        }
+        self.cache_bytes += page.len();
+        while self.cache.len() > self.cache_cap || self.cache_bytes > self.max_bytes / 4 {
+            match self.cache_order.pop_front() {
+                Some(old) => {
+                    if let Some(p) = self.cache.remove(&old) {
+                        self.cache_bytes -= p.len();
                     }
-                    None => break,
                 }
+                None => break,
             }
+        }
+    }
+
+    /// Bytes held now: cached pages, and the member bitmaps and repair symbols of open
+    /// blocks (at most half the budget; decoding one block may take the other half).
+    pub fn held_bytes(&self) -> usize {
+        self.cache_bytes + self.block_bytes
+    }
+
+    /// The largest source block (`K × T` bytes) taken: decoding needs about 4× that.
+    pub fn max_block_bytes(&self) -> usize {
+        self.max_bytes / 8
+    }
+
+    /// Drop an open block, releasing what it holds.
+    fn drop_block(&mut self, first: u64) -> bool {
+        match self.blocks.remove(&first) {
+            Some(b) => {
+                self.block_bytes -= b.bytes;
+                true
+            }
+            None => false,
         }
     }
 
@@ -280,7 +328,7 @@ impl FecRx {
 
     /// Mark a block finished (decoded, complete, or given up): later repairs are dropped.
     pub fn finish(&mut self, first: u64) {
-        self.blocks.remove(&first);
+        self.drop_block(first);
         if self.done.insert(first) {
             self.done_order.push_back(first);
             while self.done_order.len() > self.max_blocks * 16 {
@@ -300,6 +348,11 @@ impl FecRx {
         if self.done.contains(&r.first_pfn) {
             return RepairOutcome::Late;
         }
+        // A source block too large to decode within the budget is never taken.
+        let source_bytes = (r.source_symbols() as usize).saturating_mul(usize::from(r.symbol_size));
+        if source_bytes > self.max_block_bytes() {
+            return RepairOutcome::Refused;
+        }
         if let Some(b) = self.blocks.get(&r.first_pfn) {
             if b.span != r.span
                 || b.spp != r.symbols_per_page
@@ -313,13 +366,15 @@ impl FecRx {
                 let Some(old) = self.order.pop_front() else {
                     break;
                 };
-                if self.blocks.remove(&old).is_some() {
+                if self.drop_block(old) {
                     self.evicted += 1;
                 }
             }
+            self.block_bytes += r.members.len();
             self.blocks.insert(
                 r.first_pfn,
                 RxBlock {
+                    bytes: r.members.len(),
                     span: r.span,
                     spp: r.symbols_per_page,
                     t: r.symbol_size,
@@ -334,7 +389,7 @@ impl FecRx {
                 self.order.retain(|f| live.contains_key(f));
             }
         }
-        let Some(b) = self.blocks.get_mut(&r.first_pfn) else {
+        let Some(b) = self.blocks.get(&r.first_pfn) else {
             return RepairOutcome::Refused;
         };
         if b.repairs.iter().any(|(e, _)| *e == r.esi) {
@@ -345,6 +400,21 @@ impl FecRx {
         if b.repairs.len() >= (r.source_symbols() as usize).min(256) + 16 {
             return RepairOutcome::Refused;
         }
+        // And in bytes: older blocks make room, this one's symbols never exceed it.
+        while self.block_bytes + symbol.len() > self.max_bytes / 4 {
+            let Some(old) = self.order.iter().copied().find(|&f| f != r.first_pfn) else {
+                return RepairOutcome::Refused;
+            };
+            self.order.retain(|&f| f != old);
+            if self.drop_block(old) {
+                self.evicted += 1;
+            }
+        }
+        let Some(b) = self.blocks.get_mut(&r.first_pfn) else {
+            return RepairOutcome::Refused;
+        };
+        b.bytes += symbol.len();
+        self.block_bytes += symbol.len();
         b.repairs.push((r.esi, symbol));
         RepairOutcome::Stored
     }
@@ -469,7 +539,7 @@ mod tests {
         let burst = b.close(4).unwrap();
         assert_eq!(burst.first, 10);
         assert_eq!(burst.span, 11);
-        let mut rx = FecRx::new(4, 64);
+        let mut rx = FecRx::new(4, 64, 64 << 20);
         // Page 13 lost entirely, page 17 lost its middle fragment; pages present are cached.
         let mut frags: HashMap<u64, Vec<(u16, Vec<u8>)>> = HashMap::new();
         for (p, page) in pfns.iter().zip(&data) {
@@ -597,7 +667,7 @@ mod tests {
 
     #[test]
     fn open_blocks_are_bounded() {
-        let mut rx = FecRx::new(2, 0);
+        let mut rx = FecRx::new(2, 0, 64 << 20);
         for first in 0..10u64 {
             let r = Repair {
                 first_pfn: first * 100,

@@ -3,8 +3,12 @@
 //! A page of `page_size` bytes sent in `count` fragments is cut into pieces of
 //! `page_size.div_ceil(count)` bytes (the last one shorter), so each fragment's
 //! offset and length follow from its index alone. Fragments may arrive in any
-//! order and more than once. Memory is bounded: at most `max_partial` pages are
-//! in progress; the oldest is evicted to make room.
+//! order and more than once. Memory is bounded in pages and in bytes: at most
+//! `max_partial` pages, and at most `max_bytes / page_size` page buffers (pages in
+//! progress and buffers kept for reuse together), are held; the oldest page in
+//! progress is evicted to make room. So a stream of fragments, hostile or not, never
+//! makes a reassembler hold more than [`Reassembler::max_held_bytes`] of page buffers
+//! (plus a few words per page in progress).
 
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
@@ -79,6 +83,7 @@ impl Got {
 #[derive(Debug)]
 pub struct Reassembler {
     page_size: usize,
+    /// Most page buffers held (in progress and pooled together).
     max_partial: usize,
     partial: HashMap<u64, Partial>,
     order: VecDeque<u64>,
@@ -107,9 +112,16 @@ pub fn fragment_slot(page_size: usize, count: u16, index: u16) -> Option<(usize,
 impl Reassembler {
     /// A reassembler for pages of `page_size` bytes keeping at most `max_partial` in progress.
     pub fn new(page_size: usize, max_partial: usize) -> Reassembler {
+        Reassembler::with_budget(page_size, max_partial, usize::MAX)
+    }
+
+    /// A reassembler for pages of `page_size` bytes holding at most `max_partial` page
+    /// buffers and at most `max_bytes` of them (at least one page either way).
+    pub fn with_budget(page_size: usize, max_partial: usize, max_bytes: usize) -> Reassembler {
+        let by_bytes = max_bytes / page_size.max(1);
         Reassembler {
             page_size,
-            max_partial: max_partial.max(1),
+            max_partial: max_partial.min(by_bytes).max(1),
             partial: HashMap::new(),
             order: VecDeque::new(),
             evicted: 0,
@@ -125,6 +137,16 @@ impl Reassembler {
     /// Pages in progress.
     pub fn in_progress(&self) -> usize {
         self.partial.len()
+    }
+
+    /// Bytes of page buffers held now (pages in progress and buffers kept for reuse).
+    pub fn held_bytes(&self) -> usize {
+        (self.partial.len() + self.pool.len()) * self.page_size
+    }
+
+    /// The most [`Reassembler::held_bytes`] can ever be.
+    pub fn max_held_bytes(&self) -> usize {
+        self.max_partial * self.page_size
     }
 
     /// Forget a page (e.g. it arrived whole by another path).
@@ -144,7 +166,8 @@ impl Reassembler {
     }
 
     fn keep(&mut self, buf: BytesMut) {
-        if buf.len() == self.page_size && self.pool.len() < POOL_PAGES {
+        let held = self.partial.len() + self.pool.len();
+        if buf.len() == self.page_size && self.pool.len() < POOL_PAGES && held < self.max_partial {
             self.pool.push(buf);
         }
     }
@@ -299,6 +322,30 @@ mod tests {
         }
         assert_eq!(r.in_progress(), 3);
         assert_eq!(r.evicted(), 97);
+    }
+
+    #[test]
+    fn memory_is_bounded_in_bytes_with_recycled_buffers() {
+        let ps = 2 << 20;
+        let mut r = Reassembler::with_budget(ps, 4096, 8 << 20);
+        assert_eq!(r.max_held_bytes(), 8 << 20);
+        let piece = |i: u16| vec![i as u8; fragment_slot(ps, 2, i).unwrap().1];
+        for pfn in 0..100u64 {
+            let done = r.insert(pfn, 0, 2, &piece(0)).unwrap();
+            assert!(done.is_none());
+            if pfn % 3 == 0 {
+                let page = r.insert(pfn, 1, 2, &piece(1)).unwrap().expect("complete");
+                r.recycle(page);
+            }
+            assert!(r.held_bytes() <= r.max_held_bytes(), "{}", r.held_bytes());
+        }
+        assert_eq!(r.held_bytes(), 8 << 20);
+        // 66 pages never completed; at most four buffers are left (in progress or pooled).
+        assert!(r.evicted() >= 66 - 4, "{}", r.evicted());
+        // However small the budget, one page can be reassembled.
+        let mut r = Reassembler::with_budget(ps, 4096, 1);
+        assert!(r.insert(1, 0, 2, &piece(0)).unwrap().is_none());
+        assert!(r.insert(1, 1, 2, &piece(1)).unwrap().is_some());
     }
 
     #[test]

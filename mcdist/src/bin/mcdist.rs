@@ -6,7 +6,7 @@ use mcdist::bitmap::PageBitmap;
 use mcdist::client::ClientConfig;
 use mcdist::digest::PageDigest;
 use mcdist::node::{ClientNode, NodeConfig, NodeError, PageSink, ServerNode, SinkError};
-use mcdist::secure::{Protection, Psk, Security, SecurityStats};
+use mcdist::secure::{Psk, Security, SecurityStats};
 use mcdist::server::{Delivery, ServerConfig, ServerEvent};
 use mcdist::source::{scan_with_progress, FileSource, PageSource};
 use mcdist::transport::udp::{UdpConfig, UdpTransport};
@@ -141,6 +141,10 @@ enum Cmd {
         /// With --key: authenticate only, send page contents in the clear (trusted networks).
         #[arg(long, requires = "key")]
         auth_only: bool,
+        /// With --key: drop datagrams the server sent in the clear and fail, naming the
+        /// mismatch, if it runs --auth-only (default: on unless --auth-only).
+        #[arg(long, value_enum, requires = "key", conflicts_with = "auth_only")]
+        require_encryption: Option<OnOff>,
         /// Receive with UDP GRO (coalesced buffers are split back into datagrams).
         #[arg(long, value_enum, default_value_t = on_off(mcdist::transport::udp::DEFAULT_GRO))]
         gro: OnOff,
@@ -211,8 +215,12 @@ fn main() -> ExitCode {
             unicast,
             key,
             auth_only,
+            require_encryption,
             gro,
-        } => load_security(key.as_deref(), auth_only).and_then(|security| {
+        } => load_security(key.as_deref(), auth_only).and_then(|mut security| {
+            if let (Some(s), Some(r)) = (security.as_mut(), require_encryption) {
+                s.require_encryption = r == OnOff::On;
+            }
             fetch(
                 group,
                 iface,
@@ -253,17 +261,17 @@ struct ServeArgs {
     gso: bool,
 }
 
+/// Why a fetch that requires encryption stops when the server runs --auth-only.
+const CLEAR_SERVER: &str = "sends page contents in the clear (--auth-only) but this fetch \
+    requires encryption: run both with or both without --auth-only";
+
 fn load_security(key: Option<&Path>, auth_only: bool) -> Result<Option<Security>, String> {
     let Some(path) = key else { return Ok(None) };
-    let loaded = Psk::load(path).map_err(|e| e.to_string())?;
-    if let Some(w) = &loaded.permission_warning {
+    let (sec, warning) = Security::from_key_file(path, auth_only).map_err(|e| e.to_string())?;
+    if let Some(w) = warning {
         eprintln!("mcdist: warning: {w}");
     }
-    Ok(Some(if auth_only {
-        Security::auth_only(loaded.psk)
-    } else {
-        Security::new(loaded.psk)
-    }))
+    Ok(Some(sec))
 }
 
 fn keygen(out: &Path) -> Result<(), String> {
@@ -282,32 +290,8 @@ fn keygen(out: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn security_label(s: Option<&Security>) -> &'static str {
-    match s.map(|s| s.protection) {
-        None => "none (unauthenticated)",
-        Some(Protection::Encrypted) => "encrypted (AES-256-GCM)",
-        Some(Protection::AuthOnly) => "authenticated only (AES-256-GCM tag)",
-    }
-}
-
 fn security_summary(s: Option<SecurityStats>) -> String {
-    match s {
-        None => String::new(),
-        Some(s) => format!(
-            "; security: {} sealed, {} opened, dropped {} (bad tag {}, unauthenticated {}, replayed {}, too old {}, other session {}, before session {}, rate limited {}, malformed {})",
-            s.sealed,
-            s.opened,
-            s.dropped(),
-            s.bad_tag,
-            s.unauthenticated,
-            s.replayed,
-            s.too_old,
-            s.other_session,
-            s.before_session,
-            s.rate_limited,
-            s.malformed
-        ),
-    }
+    s.map(|s| format!("; security: {s}")).unwrap_or_default()
 }
 
 fn bar(len: u64, msg: &str) -> ProgressBar {
@@ -390,7 +374,10 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         info,
     )
     .map_err(|e| e.to_string())?;
-    let label = security_label(a.security.as_ref());
+    let label = a
+        .security
+        .as_ref()
+        .map_or("none (unauthenticated)", Security::label);
     println!(
         "serving {} ({} bytes, {} pages, {} zero) session {:016x} digest {} on {} via {}, requests at {}, security {label}",
         a.image.display(),
@@ -631,14 +618,23 @@ fn fetch(
     });
     let node = ClientNode::start(NodeConfig::new(ccfg, security), transport, sink.clone())
         .map_err(|e| cleanup(e.to_string()))?;
-    let session = node
-        .wait_session(deadline.min(Duration::from_secs(30)))
-        .map_err(|e| match e {
-            NodeError::Timeout(..) => cleanup(format!(
-                "no announce from server {server} on group {group}: {e}"
-            )),
-            other => cleanup(other.to_string()),
-        })?;
+    let announce_wait = deadline.min(Duration::from_secs(30));
+    let session = loop {
+        let left = (start + announce_wait).saturating_duration_since(Instant::now());
+        match node.wait_session(left.min(Duration::from_millis(50))) {
+            Ok(s) => break s,
+            Err(NodeError::Timeout(..)) => {
+                if node.security_stats().is_some_and(|s| s.not_encrypted > 0) {
+                    return Err(cleanup(format!("server {server} {CLEAR_SERVER}")));
+                } else if left.is_zero() {
+                    return Err(cleanup(format!(
+                        "no announce from {server} on {group} in {announce_wait:?}"
+                    )));
+                }
+            }
+            Err(other) => return Err(cleanup(other.to_string())),
+        }
+    };
     sink.file
         .set_len(session.image_size)
         .map_err(|e| cleanup(format!("cannot size {}: {e}", out.display())))?;

@@ -34,6 +34,12 @@ pub struct Security {
     pub joins_per_second: u32,
     /// Most senders whose replay state a receiver keeps.
     pub max_peers: usize,
+    /// With [`Protection::Encrypted`], a client drops authentic datagrams that are not
+    /// encrypted (counted in [`SecurityStats::not_encrypted`](super::SecurityStats)), so a
+    /// server misconfigured to send page contents in the clear is refused rather than
+    /// followed. Set by [`Security::new`], clear in [`Security::auth_only`]; ignored with
+    /// [`Protection::AuthOnly`] and by a server (requests carry page numbers, not contents).
+    pub require_encryption: bool,
 }
 
 impl Security {
@@ -46,6 +52,38 @@ impl Security {
             session_switch_after: Duration::from_secs(1),
             joins_per_second: 50,
             max_peers: 8192,
+            require_encryption: true,
+        }
+    }
+
+    /// The settings of a command line's `--key FILE` (see [`Psk::load`]) and
+    /// `--auth-only`, with the key file's permission warning if any.
+    pub fn from_key_file(
+        path: &std::path::Path,
+        auth_only: bool,
+    ) -> Result<(Security, Option<String>), super::KeyError> {
+        let super::LoadedKey {
+            psk,
+            permission_warning,
+        } = Psk::load(path)?;
+        let sec = if auth_only {
+            Security::auth_only(psk)
+        } else {
+            Security::new(psk)
+        };
+        Ok((sec, permission_warning))
+    }
+
+    /// Whether a client drops authentic datagrams that are not encrypted.
+    pub fn requires_encryption(&self) -> bool {
+        self.require_encryption && self.protection == Protection::Encrypted
+    }
+
+    /// What sealing gives, in a few words (for a status line).
+    pub fn label(&self) -> &'static str {
+        match self.protection {
+            Protection::Encrypted => "encrypted (AES-256-GCM)",
+            Protection::AuthOnly => "authenticated only (AES-256-GCM tag)",
         }
     }
 
@@ -53,6 +91,7 @@ impl Security {
     pub fn auth_only(psk: Psk) -> Security {
         Security {
             protection: Protection::AuthOnly,
+            require_encryption: false,
             ..Security::new(psk)
         }
     }

@@ -42,6 +42,17 @@ pub enum KeyError {
         /// The OS error.
         source: io::Error,
     },
+    /// The key file is larger than any key file (a device such as `/dev/zero`, or the
+    /// wrong file).
+    #[error(
+        "key file {path} is larger than {limit} bytes; a key is 32 raw bytes or 64 hex digits"
+    )]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The most bytes a key file may hold.
+        limit: u64,
+    },
     /// The key is neither 32 raw bytes nor 64 hex digits.
     #[error("a key must be 32 raw bytes or 64 hex digits; got {len} bytes")]
     BadFormat {
@@ -49,6 +60,10 @@ pub enum KeyError {
         len: usize,
     },
 }
+
+/// Most bytes a key file may hold: 64 hex digits with generous surrounding whitespace.
+/// Longer files are refused without reading them further.
+pub const MAX_KEY_FILE_LEN: u64 = 4096;
 
 /// A key read from a file, with a warning if the file is readable by others.
 #[derive(Debug)]
@@ -93,9 +108,11 @@ impl Psk {
         Err(KeyError::BadFormat { len: text.len() })
     }
 
-    /// Read a key file (32 raw bytes or 64 hex digits). A file readable by
+    /// Read a key file (32 raw bytes or 64 hex digits, at most [`MAX_KEY_FILE_LEN`]
+    /// bytes: more is refused after reading that many). A file readable by
     /// group or others still loads, with a warning to show the user.
     pub fn load(path: &Path) -> Result<LoadedKey, KeyError> {
+        use std::io::Read;
         use std::os::unix::fs::PermissionsExt;
         let read_err = |source| KeyError::Read {
             path: path.to_path_buf(),
@@ -112,7 +129,18 @@ impl Psk {
                 path.display()
             )
         });
-        let mut data = std::fs::read(path).map_err(read_err)?;
+        // Read at most one byte past the limit (a device or a FIFO has no useful size).
+        let mut data = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_KEY_FILE_LEN + 1).read_to_end(&mut data))
+            .map_err(read_err)?;
+        if data.len() as u64 > MAX_KEY_FILE_LEN {
+            data.fill(0);
+            return Err(KeyError::TooLarge {
+                path: path.to_path_buf(),
+                limit: MAX_KEY_FILE_LEN,
+            });
+        }
         let psk = Psk::parse(&data);
         data.fill(0);
         Ok(LoadedKey {

@@ -46,7 +46,11 @@
 //!   authenticated announce and switches to another session's announce only
 //!   after its current session went quiet ([`Security::session_switch_after`]),
 //!   so packets replayed from an earlier session are dropped;
-//! - joins above [`Security::joins_per_second`] per source address.
+//! - joins above [`Security::joins_per_second`] per source address;
+//! - at a client that requires encryption ([`Security::require_encryption`], the
+//!   default with [`Protection::Encrypted`]): authentic datagrams whose body is not
+//!   encrypted, so a server misconfigured as authenticated-only cannot leak pages to
+//!   it; the tag is checked first, so only a key holder can cause this drop.
 //!
 //! [`Sealer`] and [`Opener`] are the pure parts (no I/O); [`SecureTransport`]
 //! wraps any [`Transport`](crate::transport::Transport) with them, and the threaded drivers in
@@ -63,7 +67,7 @@ mod seal;
 mod transport;
 
 pub use config::{Protection, Role, Security};
-pub use key::{KeyError, LoadedKey, Psk};
+pub use key::{KeyError, LoadedKey, Psk, MAX_KEY_FILE_LEN};
 pub use open::{Opener, Reject, SecurityStats};
 pub use seal::{SealError, Sealer};
 pub use transport::{SecureTransport, SecurityStatsHandle};

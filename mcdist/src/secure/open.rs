@@ -4,7 +4,9 @@
 //! session the receiver takes (a server: its own, plus session-0 joins and
 //! leaves; a client: the session of the first authenticated announce, switched
 //! only after that session went quiet), and, for joins, the source stays under
-//! the join rate. Every drop is counted in [`SecurityStats`].
+//! the join rate; a client that requires encryption
+//! ([`Security::require_encryption`]) also drops authentic datagrams sent in the clear.
+//! Every drop is counted in [`SecurityStats`].
 
 use super::key::{derive_key, nonce};
 use super::replay::ReplayWindow;
@@ -41,6 +43,9 @@ pub struct SecurityStats {
     pub before_session: u64,
     /// Dropped: joins over the per-address rate.
     pub rate_limited: u64,
+    /// Dropped by a client that requires encryption: an authentic datagram whose body
+    /// was not encrypted (the server runs authenticated-only).
+    pub not_encrypted: u64,
 }
 
 impl SecurityStats {
@@ -54,6 +59,30 @@ impl SecurityStats {
             + self.other_session
             + self.before_session
             + self.rate_limited
+            + self.not_encrypted
+    }
+}
+
+impl fmt::Display for SecurityStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} sealed, {} opened, dropped {} (bad tag {}, unauthenticated {}, replayed {}, \
+             too old {}, other session {}, before session {}, rate limited {}, malformed {}, \
+             not encrypted {})",
+            self.sealed,
+            self.opened,
+            self.dropped(),
+            self.bad_tag,
+            self.unauthenticated,
+            self.replayed,
+            self.too_old,
+            self.other_session,
+            self.before_session,
+            self.rate_limited,
+            self.malformed,
+            self.not_encrypted
+        )
     }
 }
 
@@ -84,6 +113,9 @@ pub enum Reject {
     /// Join rate exceeded.
     #[error("rate limited")]
     RateLimited,
+    /// Authentic but not encrypted, at a client that requires encryption.
+    #[error("not encrypted")]
+    NotEncrypted,
 }
 
 /// Compare two tags without an early exit.
@@ -116,6 +148,7 @@ pub struct Opener {
     max_peers: usize,
     switch_after: Duration,
     joins_per_second: u32,
+    require_encryption: bool,
     policy: SessionPolicy,
     peers: HashMap<(u64, u64), Peer>,
     joins: HashMap<SocketAddr, (Instant, u32)>,
@@ -159,6 +192,7 @@ impl Opener {
             max_peers: sec.max_peers.max(1),
             switch_after: sec.session_switch_after,
             joins_per_second: sec.joins_per_second,
+            require_encryption: peer_role == Role::Server && sec.requires_encryption(),
             policy,
             peers: HashMap::new(),
             joins: HashMap::new(),
@@ -202,6 +236,7 @@ impl Opener {
             Err(Reject::OtherSession) => s.other_session += 1,
             Err(Reject::BeforeSession) => s.before_session += 1,
             Err(Reject::RateLimited) => s.rate_limited += 1,
+            Err(Reject::NotEncrypted) => s.not_encrypted += 1,
         }
         if let Err(e) = r {
             tracing::debug!(%from, reason = %e, "dropping datagram");
@@ -271,7 +306,8 @@ impl Opener {
         };
         let (head, rest) = buf.split_at_mut(wire::HEADER_LEN);
         let body = &mut rest[..body_end - wire::HEADER_LEN];
-        if head[4] & HeaderFlags::ENCRYPTED != 0 {
+        let encrypted = head[4] & HeaderFlags::ENCRYPTED != 0;
+        if encrypted {
             key.open_in_place_separate_tag(
                 nonce(counter),
                 Aad::from(&head[..]),
@@ -290,7 +326,13 @@ impl Opener {
                 return Err(Reject::BadTag);
             }
         }
-        // Authentic. Rate-limit joins before they cost the server a reply.
+        // Authentic. A client that requires encryption drops it only now, so that no
+        // forger can make it look as if the server sent page contents in the clear; the
+        // counter is not consumed and the session is not followed.
+        if self.require_encryption && !encrypted {
+            return Err(Reject::NotEncrypted);
+        }
+        // Rate-limit joins before they cost the server a reply.
         if kind == Kind::Join && matches!(self.policy, SessionPolicy::Fixed(_)) {
             if self.joins.len() >= 65_536 {
                 self.joins.clear();

@@ -427,3 +427,83 @@ fn key_file_permissions_are_checked() {
         Err(KeyError::Read { .. })
     ));
 }
+
+#[test]
+fn an_encrypting_client_drops_authentic_clear_datagrams() {
+    let t = Instant::now();
+    let enc = sec(Protection::Encrypted);
+    assert!(enc.requires_encryption());
+    let clear = Security::auth_only(Psk::from_bytes([7; 32]));
+    assert!(!clear.requires_encryption());
+    // A server misconfigured as authenticated-only: its announce is authentic but clear.
+    let mut srv = Sealer::new(&clear, Role::Server);
+    let mut o = Opener::client(&enc);
+    let announce = seal(&mut srv, announce_msg(5));
+    let mut a = announce.clone();
+    assert_eq!(o.open(t, addr(), &mut a), Err(Reject::NotEncrypted));
+    assert_eq!(
+        o.current_session(),
+        None,
+        "a clear announce is not followed"
+    );
+    let mut d = seal(&mut srv, data_msg(5, 2, 0, &[0x42; 64]));
+    assert_eq!(o.open(t, addr(), &mut d), Err(Reject::BeforeSession));
+    // A forged clear datagram is a forgery, not a mismatch: only a key holder can
+    // make the client report one.
+    let mut f = announce.clone();
+    f[wire::HEADER_LEN + 3] ^= 1;
+    assert_eq!(o.open(t, addr(), &mut f), Err(Reject::BadTag));
+    assert_eq!((o.stats().not_encrypted, o.stats().bad_tag), (1, 1));
+    assert!(o.stats().to_string().contains("not encrypted 1"));
+    // The same datagrams open where the requirement is off, and encrypted ones where on.
+    let loose = Security {
+        require_encryption: false,
+        ..enc.clone()
+    };
+    let mut lo = Opener::client(&loose);
+    let mut a = announce.clone();
+    assert!(lo.open(t, addr(), &mut a).is_ok());
+    let mut esrv = Sealer::new(&enc, Role::Server);
+    let mut a = seal(&mut esrv, announce_msg(5));
+    assert!(o.open(t, addr(), &mut a).is_ok());
+    assert_eq!(o.current_session(), Some(5));
+    // Following the session, a clear data datagram is dropped all the same.
+    let mut d = seal(&mut srv, data_msg(5, 3, 0, &[0x42; 64]));
+    assert_eq!(o.open(t, addr(), &mut d), Err(Reject::NotEncrypted));
+    // A server does not require it: an authenticated-only client's requests carry no
+    // page contents.
+    let mut so = Opener::server(&enc, 5);
+    let mut cl = Sealer::new(&clear, Role::Client);
+    let mut r = seal(&mut cl, data_msg(5, 1, 0, b"x"));
+    assert!(so.open(t, addr(), &mut r).is_ok());
+}
+
+#[test]
+fn key_files_are_read_with_a_size_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("big");
+    let mut text = "22".repeat(32);
+    text.push_str(&" ".repeat(MAX_KEY_FILE_LEN as usize - 64));
+    std::fs::write(&p, &text).unwrap();
+    assert_eq!(Psk::load(&p).unwrap().psk, Psk::from_bytes([0x22; 32]));
+    text.push(' ');
+    std::fs::write(&p, &text).unwrap();
+    let e = Psk::load(&p).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            KeyError::TooLarge {
+                limit: MAX_KEY_FILE_LEN,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // A device that never ends is refused after the limit, in one line.
+    let zero = std::path::Path::new("/dev/zero");
+    if zero.exists() {
+        let e = Psk::load(zero).unwrap_err();
+        assert!(matches!(e, KeyError::TooLarge { .. }), "{e}");
+        assert!(!e.to_string().contains('\n'));
+    }
+}

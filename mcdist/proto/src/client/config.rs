@@ -1,8 +1,8 @@
 //! Client settings and their defaults.
 //!
 //! Rule owned here: every knob of the client (timeouts, backoff bounds, request
-//! budgets, memory bounds, FEC hold-back) has one documented default, chosen in
-//! [`ClientConfig::new`].
+//! budgets, memory bounds in pages and in bytes, FEC hold-back) has one documented
+//! default, chosen in [`ClientConfig::new`].
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -40,6 +40,9 @@ pub struct ClientConfig {
     pub expected_digest: Option<[u8; 32]>,
     /// Most fragmented pages in reassembly at once.
     pub max_partial_pages: usize,
+    /// Most bytes of page buffers reassembly holds (with 2 MiB pages this, not
+    /// `max_partial_pages`, is the bound).
+    pub max_partial_bytes: usize,
     /// Largest image (in pages) the client accepts; an announce of a larger one is dropped.
     pub max_image_pages: u64,
     /// Seed for retry jitter.
@@ -48,6 +51,9 @@ pub struct ClientConfig {
     pub fec_max_blocks: usize,
     /// Received pages kept for decoding FEC blocks (only while the server sends FEC).
     pub fec_cache_pages: usize,
+    /// Most bytes FEC receiving holds, decoding included: a quarter for cached pages, a
+    /// quarter for repair symbols, and blocks of at most an eighth (see [`crate::fec`]).
+    pub fec_max_bytes: usize,
     /// While the server sends FEC, gaps are NACKed only once the sweep
     /// frontier passed them this long ago, so repair symbols get a chance first.
     pub fec_nack_delay: Duration,
@@ -72,10 +78,12 @@ impl ClientConfig {
             want_zero_map: true,
             expected_digest: None,
             max_partial_pages: 4096,
+            max_partial_bytes: 32 << 20,
             max_image_pages: 1 << 28,
             seed: 0x636c_6965_6e74,
             fec_max_blocks: 64,
             fec_cache_pages: 4096,
+            fec_max_bytes: 64 << 20,
             fec_nack_delay: Duration::from_millis(30),
         }
     }

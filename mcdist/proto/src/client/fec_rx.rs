@@ -24,9 +24,9 @@ pub(super) struct FecState {
 }
 
 impl FecState {
-    pub(super) fn new(max_blocks: usize, cache_pages: usize) -> FecState {
+    pub(super) fn new(max_blocks: usize, cache_pages: usize, max_bytes: usize) -> FecState {
         FecState {
-            rx: FecRx::new(max_blocks, cache_pages),
+            rx: FecRx::new(max_blocks, cache_pages, max_bytes),
             frontiers: VecDeque::new(),
             held_frontier: 0,
             last_repair: None,

@@ -150,10 +150,10 @@ impl Client {
             requests: Requests::new(cfg.seed),
             gaps: Gaps::default(),
             meter: Meter::new(now, cfg.heartbeat_interval),
-            fec: FecState::new(cfg.fec_max_blocks, cfg.fec_cache_pages),
+            fec: FecState::new(cfg.fec_max_blocks, cfg.fec_cache_pages, cfg.fec_max_bytes),
             timers,
             present: PageBitmap::new(0),
-            reasm: Reassembler::new(4096, cfg.max_partial_pages),
+            reasm: Reassembler::with_budget(4096, cfg.max_partial_pages, cfg.max_partial_bytes),
             events: VecDeque::new(),
             stats: ClientStats::default(),
             complete: false,
@@ -173,6 +173,13 @@ impl Client {
     /// Counters.
     pub fn stats(&self) -> &ClientStats {
         &self.stats
+    }
+
+    /// Bytes held for pages not yet complete: reassembly buffers and what FEC receiving
+    /// keeps. At most `max_partial_bytes` + half of `fec_max_bytes`, whatever arrives
+    /// (decoding a block may take the other half for a moment).
+    pub fn buffered_bytes(&self) -> usize {
+        self.reasm.held_bytes() + self.fec.rx.held_bytes()
     }
 
     /// The zero-page map (empty until received).

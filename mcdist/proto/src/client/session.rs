@@ -140,7 +140,11 @@ impl Client {
         s.zero_chunks = PageBitmap::new(u64::from(a.zero_map_chunks));
         s.zero_map_complete = a.zero_map_chunks == 0 && a.zero_count == 0;
         self.present = PageBitmap::new(a.page_count);
-        self.reasm = Reassembler::new(info.page_size, self.cfg.max_partial_pages);
+        self.reasm = Reassembler::with_budget(
+            info.page_size,
+            self.cfg.max_partial_pages,
+            self.cfg.max_partial_bytes,
+        );
         self.meter.last_server_packet = now;
         // Heartbeats go out only once the session is known; the first one is due when it
         // was due at construction.
@@ -162,6 +166,10 @@ impl Client {
         };
         let s = &mut self.session;
         if s.zero_map_complete || z.chunk_count != a.zero_map_chunks {
+            return;
+        }
+        if !z.fits(a.page_count) {
+            self.stats.malformed += 1;
             return;
         }
         if !s.zero_chunks.set(u64::from(z.chunk)) {

@@ -230,3 +230,72 @@ fn rejects_bad_repairs() {
     buf.push(0);
     assert!(Message::parse(&buf).is_err());
 }
+
+/// The chunks of a map of `pages` pages cut into `chunk_bytes`-byte pieces, as a server
+/// cuts it: `(chunk, count, start_page, bits length)`.
+fn cut(pages: u64, chunk_bytes: u64) -> Vec<(u32, u32, u64, usize)> {
+    let total = pages.div_ceil(8);
+    let count = total.div_ceil(chunk_bytes) as u32;
+    (0..count)
+        .map(|c| {
+            let start = u64::from(c) * chunk_bytes;
+            let end = (start + chunk_bytes).min(total);
+            (c, count, start * 8, (end - start) as usize)
+        })
+        .collect()
+}
+
+#[test]
+fn zero_map_chunks_fit_only_where_they_belong() {
+    let bits = vec![0xffu8; 1 << 18];
+    let zm = |(chunk, chunk_count, start_page, len): (u32, u32, u64, usize)| ZeroMap {
+        chunk,
+        chunk_count,
+        start_page,
+        bits: &bits[..len],
+    };
+    for pages in [1u64, 7, 8, 9, 100, 8 * 1400, 8 * 1400 + 1, 30_000, 1 << 20] {
+        for cb in [8u64, 13, 1400, 4096] {
+            let chunks = cut(pages, cb);
+            for &c in &chunks {
+                assert!(zm(c).fits(pages), "{pages} pages, {cb}-byte chunks: {c:?}");
+                let (chunk, count, start, len) = c;
+                // Moved, resized, renumbered, or for another map size: refused.
+                if start > 0 {
+                    assert!(!zm((chunk, count, start - 8, len)).fits(pages));
+                }
+                assert!(!zm((chunk, count, start + 8, len)).fits(pages));
+                // (The first of several chunks alone does not pin the chunk size: one of
+                // another size fits too, and the map's digest then fails.)
+                if chunk > 0 || count == 1 {
+                    assert!(!zm((chunk, count, start, len + 1)).fits(pages));
+                    assert!(!zm((chunk, count, start, len - 1)).fits(pages));
+                }
+                if chunk > 0 {
+                    assert!(!zm((chunk - 1, count, start, len)).fits(pages));
+                }
+                assert!(!zm((chunk, count + 1, start, len)).fits(pages));
+                assert!(!zm(c).fits(pages + 8 * cb * u64::from(count)));
+            }
+        }
+    }
+    assert!(!zm((0, 1, 0, 0)).fits(0));
+}
+
+#[test]
+fn zero_map_page_numbers_never_overflow() {
+    let mut body = vec![0u8; ZeroMap::FIXED_LEN + 4];
+    body[..4].copy_from_slice(&1u32.to_be_bytes());
+    body[4..8].copy_from_slice(&2u32.to_be_bytes());
+    // The last multiple of 8: its 32 bits would run past u64::MAX.
+    body[8..16].copy_from_slice(&(u64::MAX - 7).to_be_bytes());
+    assert!(ZeroMap::parse(&body).is_err());
+    body[8..16].copy_from_slice(&(u64::MAX - 39).to_be_bytes());
+    let z = ZeroMap::parse(&body).unwrap();
+    assert!(!z.fits(u64::MAX));
+    // Applying it to a bitmap is harmless.
+    let mut b = crate::bitmap::PageBitmap::new(64);
+    b.or_bytes_at(z.start_page, &[0xff; 4]);
+    b.or_bytes_at(u64::MAX - 7, &[0xff; 4]);
+    assert_eq!(b.count_ones(), 0);
+}

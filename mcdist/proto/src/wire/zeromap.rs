@@ -38,15 +38,49 @@ impl<'a> ZeroMap<'a> {
         let chunk = read_u32(body, field::CHUNK);
         let chunk_count = read_u32(body, field::CHUNK_COUNT);
         let start_page = read_u64(body, field::START_PAGE);
-        if chunk >= chunk_count || start_page % 8 != 0 {
+        let bits = &body[field::BITS];
+        // The pages the bits describe must be numbers: `start_page + 8 × bits` fits a u64.
+        let end = (bits.len() as u64)
+            .checked_mul(8)
+            .and_then(|n| start_page.checked_add(n));
+        if chunk >= chunk_count || start_page % 8 != 0 || end.is_none() {
             return Err(WireError::BadField("zero map chunk"));
         }
         Ok(ZeroMap {
             chunk,
             chunk_count,
             start_page,
-            bits: &body[field::BITS],
+            bits,
         })
+    }
+
+    /// Whether this chunk lies where a server cuts the map of `page_count` pages: the
+    /// map's `ceil(page_count / 8)` bytes in `chunk_count` chunks of one size (the last
+    /// one shorter), so chunk `i` starts at `i` chunk sizes and ends at the next chunk or
+    /// the map's end. The size is read off the chunk itself (a full chunk's length, or
+    /// the last chunk's start over its index) and must give `chunk_count` chunks. A chunk
+    /// that does not fit is dropped; chunks that each fit but disagree on the size fail the
+    /// map's digest.
+    pub fn fits(&self, page_count: u64) -> bool {
+        let total = page_count.div_ceil(8);
+        let (chunk, count) = (u64::from(self.chunk), u64::from(self.chunk_count));
+        let start = self.start_page / 8;
+        let len = self.bits.len() as u64;
+        let size = if chunk + 1 < count {
+            len
+        } else if chunk > 0 {
+            if start % chunk != 0 {
+                return false;
+            }
+            start / chunk
+        } else {
+            len
+        };
+        size > 0
+            && chunk.checked_mul(size) == Some(start)
+            && start < total
+            && count == total.div_ceil(size)
+            && start.checked_add(len) == Some(total.min(start.saturating_add(size)))
     }
 
     /// Body bytes needed to emit this chunk.

@@ -1,0 +1,6 @@
+//! cargo-fuzz target: see `mcdist_fuzz::opener`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    mcdist_fuzz::opener(data);
+});
