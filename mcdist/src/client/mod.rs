@@ -23,6 +23,7 @@
 //! | whole-image fetch: gaps behind the sweep become NACKs | `gaps` |
 //! | pages arriving (whole, fragments, zero replies), present once, completion | `pages` |
 //! | FEC repair symbols, block decoding, NACK hold-back | `fec_rx` |
+//! | every page verified against the root; hash pages, held pages, failures | `verify` |
 //! | receive rate, loss, heartbeats, server liveness | `meter` |
 //! | the timers, the entry points and their order | this file |
 //!
@@ -59,6 +60,7 @@ mod pages;
 mod requests;
 mod session;
 mod stats;
+mod verify;
 
 pub use config::ClientConfig;
 pub use stats::{ClientError, ClientEvent, ClientStats};
@@ -75,6 +77,7 @@ use meter::Meter;
 use pages::PageSinkFn;
 use requests::{Requests, Want};
 use session::{Leave, Session};
+use verify::Integrity;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -118,8 +121,10 @@ pub struct Client {
     gaps: Gaps,
     meter: Meter,
     fec: FecState,
+    integrity: Integrity,
     timers: TimerTable<Timer>,
-    /// Pages present (received, or known zero).
+    /// Pages present (received, or known zero), and hash pages verified (numbered after
+    /// the data pages).
     present: PageBitmap,
     reasm: Reassembler,
     events: VecDeque<ClientEvent>,
@@ -151,6 +156,7 @@ impl Client {
             gaps: Gaps::default(),
             meter: Meter::new(now, cfg.heartbeat_interval),
             fec: FecState::new(cfg.fec_max_blocks, cfg.fec_cache_pages),
+            integrity: Integrity::default(),
             timers,
             present: PageBitmap::new(0),
             reasm: Reassembler::new(4096, cfg.max_partial_pages),
@@ -190,9 +196,14 @@ impl Client {
         self.present.get(pfn)
     }
 
-    /// Pages present, zero pages included.
+    /// Pages present, zero pages included (hash pages not counted).
     pub fn pages_present(&self) -> u64 {
-        self.present.count_ones()
+        self.present.count_ones() - self.integrity.verified_hash_pages()
+    }
+
+    /// Pages held until the hash page above them arrives.
+    pub fn pages_held(&self) -> usize {
+        self.integrity.held()
     }
 
     /// Pages still awaited.
@@ -251,7 +262,11 @@ impl Client {
         if self.present.get(pfn) {
             return;
         }
-        if self.session.zero_map_complete && self.session.zero.get(pfn) {
+        let zero = self.zero_page_bytes();
+        if self.session.zero_map_complete
+            && self.session.zero.get(pfn)
+            && self.verdict(pfn, &zero) == verify::Verdict::Ok
+        {
             self.deliver_zero(pfn);
             return;
         }
@@ -260,6 +275,8 @@ impl Client {
             return;
         }
         self.requests.ask(pfn, Want::Demand);
+        // The hash pages it needs ride in the same datagram.
+        self.ask_hash_pages(pfn, Want::Demand);
         self.arm_idle_timer();
     }
 
