@@ -106,6 +106,10 @@ impl Client {
 
     /// Count a page by why the server sent it.
     fn count_data(&mut self, d: &Data<'_>) {
+        if d.pfn >= self.data_pages() {
+            // Hash pages are counted once verified.
+            return;
+        }
         match d.flags {
             f if f & Data::DEMAND != 0 => self.stats.demand_pages += 1,
             f if f & Data::PUSH != 0 => self.stats.push_pages += 1,

@@ -196,7 +196,7 @@ impl Requests {
     }
 
     /// Take the first pages of queue `want` that fit `max_ranges` ranges, give each a
-    /// fresh deadline, and encode their ranges. Returns how many pages, or `None` when
+    /// fresh deadline, and encode their ranges. Returns how many data pages, or `None` when
     /// none of them is outstanding any more.
     fn take(
         &mut self,
@@ -204,6 +204,7 @@ impl Requests {
         now: Instant,
         want: Want,
         max_ranges: usize,
+        data_pages: u64,
     ) -> Option<u64> {
         let set = &mut self.want[want.slot()];
         if set.is_empty() {
@@ -245,7 +246,8 @@ impl Requests {
         }
         let list = coalesce(taken.iter().copied());
         wire::encode_ranges(&list, &mut self.range_buf);
-        Some(taken.len() as u64)
+        // Hash pages (numbered after the data pages) ride along uncounted.
+        Some(taken.iter().filter(|&&p| p < data_pages).count() as u64)
     }
 }
 
@@ -292,7 +294,10 @@ impl Client {
             self.cfg.trailer_reserve,
         )
         .max(1);
-        let n = self.requests.take(&self.cfg, now, want, max_ranges)?;
+        let data_pages = self.data_pages();
+        let n = self
+            .requests
+            .take(&self.cfg, now, want, max_ranges, data_pages)?;
         self.arm_retry_timer();
         let (body_flags, is_nack) = match want {
             Want::Demand => {

@@ -233,6 +233,11 @@ impl Client {
     pub(super) fn fill_zero(&mut self, pfn: u64) {
         let zero = self.zero_page_bytes();
         match self.verdict(pfn, &zero) {
+            // A page asked for is reported; the others are filled locally.
+            Verdict::Ok if self.requests.contains(pfn) => {
+                self.requests.settle(pfn, None);
+                self.deliver_zero(pfn);
+            }
             Verdict::Ok => {
                 self.present.set(pfn);
             }
