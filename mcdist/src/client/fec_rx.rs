@@ -85,9 +85,11 @@ impl Client {
                 return;
             }
         }
-        let (present, reasm) = (&self.present, &self.reasm);
+        let (present, reasm, integrity) = (&self.present, &self.reasm, &self.integrity);
         let res = self.fec.rx.try_decode(first, s.page_size, |pfn| {
-            if present.get(pfn) {
+            // A page held for its hash page is in the FEC cache too: it helps decode
+            // (whatever is decoded is verified before it counts).
+            if present.get(pfn) || integrity.is_held(pfn) {
                 return Have::Present;
             }
             match reasm.fragments(pfn) {

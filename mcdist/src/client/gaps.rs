@@ -70,8 +70,9 @@ impl Client {
                 break;
             }
             pos = p + 1;
-            // A listed zero page waits only for the hash pages above it.
-            if !self.session.zero.get(p) && !self.requests.contains(p) {
+            // A listed zero page, or a page held for its hash page, waits only for the
+            // hash pages above it.
+            if !self.session.zero.get(p) && !self.is_held(p) && !self.requests.contains(p) {
                 self.requests.ask(p, Want::Nack);
                 budget -= 1;
             }

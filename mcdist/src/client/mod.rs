@@ -274,6 +274,12 @@ impl Client {
             self.stats.coalesced += 1;
             return;
         }
+        if self.is_held(pfn) {
+            // It arrived; only the hash pages above it are missing.
+            self.ask_hash_pages(pfn, Want::Demand);
+            self.arm_idle_timer();
+            return;
+        }
         self.requests.ask(pfn, Want::Demand);
         // The hash pages it needs ride in the same datagram.
         self.ask_hash_pages(pfn, Want::Demand);

@@ -23,6 +23,8 @@ pub(super) struct Pending {
     deadline: Option<Instant>,
     retries: u32,
     nack: bool,
+    /// It arrived and waits for a hash page above it: no retries meanwhile.
+    parked: bool,
 }
 
 /// Which queue a page waits in before it is sent.
@@ -97,6 +99,7 @@ impl Requests {
                 deadline: None,
                 retries: 0,
                 nack: want == Want::Nack,
+                parked: false,
             },
         );
         self.want[want.slot()].insert(pfn);
@@ -119,6 +122,28 @@ impl Requests {
     /// there (it may ride along in the ranges of a later datagram).
     pub(super) fn answered_zero(&mut self, pfn: u64) {
         self.pending.remove(&pfn);
+    }
+
+    /// `pfn` arrived but waits for a hash page above it: no retry until it is settled or
+    /// [`Requests::unpark`]ed.
+    pub(super) fn park(&mut self, pfn: u64) {
+        if let Some(p) = self.pending.get_mut(&pfn) {
+            p.parked = true;
+            p.deadline = None;
+            self.want.iter_mut().for_each(|w| {
+                w.remove(&pfn);
+            });
+        }
+    }
+
+    /// A parked page failed verification: ask for it again now.
+    pub(super) fn unpark(&mut self, pfn: u64) {
+        if let Some(p) = self.pending.get_mut(&pfn) {
+            if std::mem::take(&mut p.parked) {
+                let want = if p.nack { Want::NackRetry } else { Want::Retry };
+                self.want[want.slot()].insert(pfn);
+            }
+        }
     }
 
     /// Forget every outstanding page (the session failed).

@@ -5,8 +5,8 @@
 //! page (page numbers from `page_count` on, see [`crate::integrity`]) is verified and
 //! cached, never reported; a data page (zero replies and zero-map fills too) is verified
 //! before it becomes present. A page whose hash page above is missing is held, at most
-//! `max_held_pages` of them, and the missing hash pages are asked for; it is verified when
-//! they arrive. A page that does not verify is dropped and counted
+//! `max_held_pages` of them (its hash pages ride in its demand request, or in the NACKs of a
+//! whole-image fetch); it is verified when they arrive. A page that does not verify is dropped and counted
 //! ([`ClientStats::integrity_failures`](super::ClientStats)), and comes again through the
 //! normal retry path; after `max_integrity_failures` failures of one page, or a zero-map
 //! page that is not zero, the session fails with [`ClientError::IntegrityFailure`].
@@ -80,6 +80,11 @@ impl Integrity {
             .as_ref()
             .and_then(|v| v.missing_for(pfn).ok())
             .unwrap_or_default()
+    }
+
+    /// Whether page `pfn` is held for a hash page.
+    pub(super) fn is_held(&self, pfn: u64) -> bool {
+        self.held.contains_key(&pfn)
     }
 
     /// Pages held for a hash page.
@@ -183,8 +188,14 @@ impl Client {
             return;
         }
         self.stats.integrity_held += 1;
+        if how.remember && self.fec_active() {
+            self.fec.rx.remember(pfn, &page);
+        }
         self.integrity.held.insert(pfn, Held { page, how });
-        self.ask_hash_pages(pfn, Want::Demand);
+        self.requests.park(pfn);
+        // The hash pages it needs are asked for by whoever wants the page: a demand
+        // request carries them, and a whole-image fetch NACKs them with its gaps (asking
+        // at once would be suppressed as a lockstep duplicate of the multicast just lost).
     }
 
     /// Queue the hash pages `pfn` needs that are neither verified nor asked for.
@@ -200,6 +211,7 @@ impl Client {
     /// page failed too often.
     pub(super) fn refuse(&mut self, pfn: u64) {
         self.stats.integrity_failures += 1;
+        self.requests.unpark(pfn);
         let n = self.integrity.failures.entry(pfn).or_insert(0);
         *n += 1;
         let failures = *n;
@@ -256,6 +268,11 @@ impl Client {
             self.zero_page = Bytes::from(vec![0u8; ps]);
         }
         self.zero_page.clone()
+    }
+
+    /// Whether page `pfn` is held for a hash page.
+    pub(super) fn is_held(&self, pfn: u64) -> bool {
+        self.integrity.is_held(pfn)
     }
 
     /// Data pages of the session (0 before it is known).
