@@ -149,7 +149,11 @@ fn a_same_session_announce_of_another_image_fails_the_session() {
         flags: real.flags | Announce::FLAG_SWEEP,
         ..real
     };
-    c.handle_datagram(t0, server, common::emit(SESSION, Body::Announce(moved)).into());
+    c.handle_datagram(
+        t0,
+        server,
+        common::emit(SESSION, Body::Announce(moved)).into(),
+    );
     assert!(!c.is_failed());
     // What may not: each of these, announced under the same session id, is a hijack.
     let hijacks = [
@@ -175,10 +179,7 @@ fn a_same_session_announce_of_another_image_fails_the_session() {
             zero_map_digest: [3; 32],
             ..real
         },
-        Announce {
-            flags: 0,
-            ..real
-        },
+        Announce { flags: 0, ..real },
     ];
     for h in hijacks {
         let mut c = joined(t0, server, real);
@@ -196,7 +197,11 @@ fn a_same_session_announce_of_another_image_fails_the_session() {
     // A session without hash pages cannot be verified: refused from the first announce.
     let mut c = Client::new(ClientConfig::new(server), t0);
     let bare = Announce { flags: 0, ..real };
-    c.handle_datagram(t0, server, common::emit(SESSION, Body::Announce(bare)).into());
+    c.handle_datagram(
+        t0,
+        server,
+        common::emit(SESSION, Body::Announce(bare)).into(),
+    );
     assert!(c.is_failed());
     assert!(matches!(
         c.poll_event(),

@@ -77,10 +77,10 @@ use meter::Meter;
 use pages::PageSinkFn;
 use requests::{Requests, Want};
 use session::{Leave, Session};
-use verify::Integrity;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+use verify::Integrity;
 
 /// The client's timers; [`Client::poll_timeout`] is the earliest armed one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,8 +13,8 @@
 
 use super::verify::Verdict;
 use super::{Client, ClientError, ClientEvent, Timer};
-use crate::integrity::HashLayout;
 use crate::bitmap::PageBitmap;
+use crate::integrity::HashLayout;
 use crate::reassembly::Reassembler;
 use crate::wire::{self, Announce, Body};
 use crate::{SessionInfo, Transmit};
@@ -127,7 +127,11 @@ impl Client {
                 self.session.announce = Some(a);
             }
             Some(old) => {
-                if self.session.announce.is_some_and(|cur| same_image(&cur, &a)) {
+                if self
+                    .session
+                    .announce
+                    .is_some_and(|cur| same_image(&cur, &a))
+                {
                     tracing::info!(
                         old = old.session_id,
                         new = session_id,

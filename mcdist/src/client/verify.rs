@@ -57,7 +57,11 @@ pub(super) struct Integrity {
 
 impl Integrity {
     /// A fresh verifier for the image of `layout` whose root is `root`.
-    pub(super) fn start(&mut self, layout: HashLayout, root: [u8; 32]) -> Result<(), IntegrityError> {
+    pub(super) fn start(
+        &mut self,
+        layout: HashLayout,
+        root: [u8; 32],
+    ) -> Result<(), IntegrityError> {
         self.verifier = Some(Verifier::new(layout, root)?);
         self.held.clear();
         self.failures.clear();
@@ -66,12 +70,16 @@ impl Integrity {
 
     /// Data pages plus hash pages (0 before the session is known).
     pub(super) fn total_pages(&self) -> u64 {
-        self.verifier.as_ref().map_or(0, |v| v.layout().total_pages())
+        self.verifier
+            .as_ref()
+            .map_or(0, |v| v.layout().total_pages())
     }
 
     /// Hash pages verified.
     pub(super) fn verified_hash_pages(&self) -> u64 {
-        self.verifier.as_ref().map_or(0, Verifier::verified_hash_pages)
+        self.verifier
+            .as_ref()
+            .map_or(0, Verifier::verified_hash_pages)
     }
 
     /// Hash pages to fetch before `pfn` can be verified.
@@ -117,9 +125,10 @@ impl Integrity {
             return (Vec::new(), false);
         };
         match l.locate(h) {
-            Ok(PageKind::Hash { level: 1, .. }) => {
-                (l.covered(h).map(Iterator::collect).unwrap_or_default(), true)
-            }
+            Ok(PageKind::Hash { level: 1, .. }) => (
+                l.covered(h).map(Iterator::collect).unwrap_or_default(),
+                true,
+            ),
             Ok(PageKind::Hash { level, index }) => {
                 let first = index.saturating_mul(l.fanout() as u64);
                 let n = l.entries(level, index) as u64;

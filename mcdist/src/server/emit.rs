@@ -225,9 +225,10 @@ impl Server {
         let direct = !zero && !hash && self.geo.frag_count == 1 && fanout.is_empty();
         if hash {
             // A hash page, from memory.
-            let page = self.tree.page(job.pfn).ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidInput, "no such hash page")
-            })?;
+            let page = self
+                .tree
+                .page(job.pfn)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no such hash page"))?;
             self.out.page_buf.copy_from_slice(page);
         } else if !zero && !direct {
             self.source.read_page(job.pfn, &mut self.out.page_buf)?;

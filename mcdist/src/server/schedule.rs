@@ -446,7 +446,12 @@ mod sweep_tests {
 
     #[test]
     fn sweep_positions_follow_the_sweep_order() {
-        for (size, ps) in [(0u64, 4096usize), (100, 4096), (300 * 4096 + 5, 4096), (20_000 * 1024, 1024)] {
+        for (size, ps) in [
+            (0u64, 4096usize),
+            (100, 4096),
+            (300 * 4096 + 5, 4096),
+            (20_000 * 1024, 1024),
+        ] {
             let l = HashLayout::new(size, ps).unwrap();
             let order: Vec<u64> = l.sweep_order().collect();
             assert_eq!(order.len() as u64, l.total_pages());

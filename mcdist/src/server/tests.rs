@@ -110,7 +110,10 @@ fn lockstep_window_suppresses_a_second_ask_then_lets_it_through() {
     // The hash page above it (page 8: the eight data pages have one) goes first.
     assert_eq!(
         first,
-        vec![(Dest::Group, 8, Data::DEMAND), (Dest::Group, 2, Data::DEMAND)]
+        vec![
+            (Dest::Group, 8, Data::DEMAND),
+            (Dest::Group, 2, Data::DEMAND)
+        ]
     );
     // A sibling faulting on the same page a moment later gets the multicast already sent.
     s.handle_datagram(t0, addr(2), &ask(Kind::Request, 0, 2));
