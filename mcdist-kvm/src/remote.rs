@@ -191,6 +191,8 @@ impl MemoryServer {
             page_size: image.page_size(),
             digest,
             zero_map,
+            // The server builds the hash pages from the image (their root must be `digest`).
+            hash_tree: None,
         };
         let node = ServerNode::start_with_info(cfg, transport, image, info)?;
         let session = SessionParams {

@@ -72,17 +72,23 @@ impl Session {
 }
 
 /// Whether two announces describe the same image, cut the same way (what may not change
-/// within a session, nor across a server restart that resumes it).
+/// within a session).
 fn same_image(a: &Announce, b: &Announce) -> bool {
-    a.digest == b.digest
-        && a.image_size == b.image_size
-        && a.page_size == b.page_size
-        && a.page_count == b.page_count
+    same_content(a, b)
         && a.zero_count == b.zero_count
         && a.zero_map_digest == b.zero_map_digest
         && a.zero_map_chunks == b.zero_map_chunks
         && a.frag_payload == b.frag_payload
-        && (a.flags ^ b.flags) & Announce::FLAG_HASH_PAGES == 0
+}
+
+/// Whether two announces serve the same image, with hash pages (what a restarted server
+/// must keep for the session to resume; it may cut datagrams otherwise).
+fn same_content(a: &Announce, b: &Announce) -> bool {
+    a.digest == b.digest
+        && a.image_size == b.image_size
+        && a.page_size == b.page_size
+        && a.page_count == b.page_count
+        && (a.flags & b.flags) & Announce::FLAG_HASH_PAGES != 0
 }
 
 impl Client {
@@ -130,7 +136,7 @@ impl Client {
                 if self
                     .session
                     .announce
-                    .is_some_and(|cur| same_image(&cur, &a))
+                    .is_some_and(|cur| same_content(&cur, &a))
                 {
                     tracing::info!(
                         old = old.session_id,
