@@ -6,11 +6,13 @@
 //! and jitter, NACKs gaps it detects in a whole-image fetch, accepts pages it
 //! did not ask for (pushed by the server) and reports its receive rate and loss
 //! so the server can pace itself. Every page that becomes present is reported
-//! exactly once as [`ClientEvent::PageReady`].
+//! exactly once as [`ClientEvent::PageReady`], and only after it was verified against
+//! the image's BLAKE3 root ([`crate::integrity`]; the hash pages it needs are fetched
+//! with it and never reported).
 //!
 //! Zero pages listed in the session's zero map are never requested by a
 //! whole-image fetch; they count as present without data (the embedder fills
-//! them locally). A zero page asked for explicitly is answered by a header-only
+//! them locally) once each verifies as zero. A zero page asked for explicitly is answered by a header-only
 //! datagram and reported as a zero-filled `PageReady`.
 //!
 //! ## One rule per module
@@ -274,13 +276,12 @@ impl Client {
             self.stats.coalesced += 1;
             return;
         }
-        if self.is_held(pfn) {
-            // It arrived; only the hash pages above it are missing.
-            self.ask_hash_pages(pfn, Want::Demand);
-            self.arm_idle_timer();
-            return;
-        }
         self.requests.ask(pfn, Want::Demand);
+        if self.is_held(pfn) {
+            // It arrived and waits for the hash pages above it: asked again only if it
+            // fails verification once they are in.
+            self.requests.park(pfn);
+        }
         // The hash pages it needs ride in the same datagram.
         self.ask_hash_pages(pfn, Want::Demand);
         self.arm_idle_timer();
