@@ -50,8 +50,8 @@ pub mod testnet;
 pub mod transport;
 
 pub use mcdist_proto::{
-    bitmap, client, digest, fec, hex, integrity, pacing, reassembly, server, sim, source, timer,
-    wire, workingset, Dest, SessionInfo, Transmit,
+    bitmap, client, digest, fec, hex, integrity, pacing, parse_digest, reassembly, server, sim,
+    source, timer, wire, workingset, Dest, SessionInfo, Transmit,
 };
 pub use mcdist_proto::{Client, ClientConfig, ClientEvent, ClientStats};
 pub use mcdist_proto::{FileSource, MemSource, PageSource};

@@ -275,6 +275,7 @@ fn absurd_announces_allocate_nothing() {
         image_size: 4096 * 10,
         page_count: 10,
         zero_map_chunks: 1,
+        flags: Announce::FLAG_HASH_PAGES,
         ..huge
     };
     c.handle_datagram(t0, server, emit(SESSION, Body::Announce(ok)));

@@ -9,16 +9,21 @@
 //! - `mcdist fetch` of pages that do not match the announced digest (the image changed
 //!   under the server): refused, and the copy removed.
 //! - `mcdist fetch` onto a full disk: a clear error and no partial file left.
+//! - A hijacker in the test's namespace announces the real session id with its own digest
+//!   and multicasts its own (self-consistent) pages: `mcdist fetch --digest <real>` ends
+//!   with the real image or fails; it never writes the hijacker's image.
 
 mod common;
 
 use common::{Bridge, BIN};
+use mcdist::integrity::HashTree;
 use mcdist::testnet::unavailable;
 use mcdist::wire::{
-    encode_ranges, ranges_from_encoded, Body, HeaderFlags, Join, Message, PageRange, Request,
+    encode_ranges, ranges_from_encoded, Announce, Body, Data, HeaderFlags, Join, Message,
+    PageRange, Request,
 };
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -318,7 +323,12 @@ fn fetch_rejects_pages_that_do_not_match_the_announced_digest() {
         !ok,
         "fetch accepted a copy that does not match the digest: {text}"
     );
-    assert!(text.contains("does not match the image digest"), "{text}");
+    // Each page is verified as it arrives: the changed page never verifies, and the fetch
+    // fails on it (or, failing that, on the whole-image digest).
+    assert!(
+        text.contains("failed verification") || text.contains("does not match the image digest"),
+        "{text}"
+    );
     assert!(!out.exists(), "the mismatching copy was left behind");
 }
 
@@ -374,4 +384,197 @@ fn fetch_onto_a_full_disk_fails_clearly_and_leaves_no_partial_file() {
         .find(|l| l.starts_with("left:"))
         .unwrap_or("left: ?");
     assert_eq!(left.trim(), "left:", "partial file left behind: {text}");
+}
+
+/// Asks `target` to join (session 0) until it answers with an announce: the session id and
+/// the announce.
+fn learn_session(sock: &UdpSocket, target: SocketAddr) -> (u64, Announce) {
+    let mut buf = vec![0u8; 65_536];
+    let join = Message {
+        session: 0,
+        seq: 1,
+        flags: HeaderFlags(0),
+        body: Body::Join(Join { flags: 0 }),
+    };
+    let n = join.emit(&mut buf).unwrap();
+    for _ in 0..50 {
+        sock.send_to(&buf[..n], target).unwrap();
+        let mut rb = vec![0u8; 65_536];
+        if let Ok((k, _)) = sock.recv_from(&mut rb) {
+            if let Ok(Message {
+                session,
+                body: Body::Announce(a),
+                ..
+            }) = Message::parse(&rb[..k])
+            {
+                return (session, a);
+            }
+        }
+    }
+    panic!("no announce for the hijacker");
+}
+
+/// The hijacker, run inside its namespace by re-executing this test binary: it learns the
+/// real session from the server, then for `MCDIST_HIJACK_SECS` seconds multicasts, under
+/// that session id, an announce of its own image (same size and geometry, its own digest)
+/// and every page of that image, hash pages included, fragmented like the server's.
+#[test]
+fn hijack_helper() {
+    let Ok(target) = std::env::var("MCDIST_HIJACK_TARGET") else {
+        // Only meaningful inside the namespace test below.
+        return;
+    };
+    let target: SocketAddr = target.parse().unwrap();
+    let group: SocketAddrV4 = std::env::var("MCDIST_HIJACK_GROUP")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let ifaddr: Ipv4Addr = std::env::var("MCDIST_HIJACK_IFADDR")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let secs: u64 = std::env::var("MCDIST_HIJACK_SECS")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    socket2::SockRef::from(&sock)
+        .set_multicast_if_v4(&ifaddr)
+        .unwrap();
+    sock.set_multicast_ttl_v4(1).unwrap();
+    let (session, real) = learn_session(&sock, target);
+    let ps = real.page_size as usize;
+    let evil: Vec<u8> = (0..real.image_size)
+        .map(|i| (i % 253) as u8 | 0x80)
+        .collect();
+    let tree = HashTree::from_image(&evil, ps).unwrap();
+    let forged = Announce {
+        digest: tree.root(),
+        ..real
+    };
+    let frag = usize::from(real.frag_payload).max(1);
+    let frags = ps.div_ceil(frag) as u16;
+    let mut buf = vec![0u8; 65_536];
+    let mut seq = 1u64;
+    let mut send = |body: Body<'_>, seq: &mut u64| {
+        *seq += 1;
+        let m = Message {
+            session,
+            seq: *seq,
+            flags: HeaderFlags(0),
+            body,
+        };
+        let n = m.emit(&mut buf).unwrap();
+        let _ = sock.send_to(&buf[..n], group);
+    };
+    let t0 = Instant::now();
+    let mut datagrams = 0u64;
+    while t0.elapsed() < Duration::from_secs(secs) {
+        send(Body::Announce(forged), &mut seq);
+        for pfn in tree.layout().sweep_order() {
+            let page: Vec<u8> = match tree.page(pfn) {
+                Some(h) => h.to_vec(),
+                None => {
+                    let at = pfn as usize * ps;
+                    let mut p = evil[at..(at + ps).min(evil.len())].to_vec();
+                    p.resize(ps, 0);
+                    p
+                }
+            };
+            for i in 0..frags {
+                let start = usize::from(i) * frag;
+                let end = (start + frag).min(ps);
+                send(
+                    Body::Data(Data {
+                        pfn,
+                        frag_index: i,
+                        frag_count: frags,
+                        flags: Data::SWEEP,
+                        payload: &page[start..end],
+                    }),
+                    &mut seq,
+                );
+                datagrams += 1;
+                if datagrams % 64 == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            if t0.elapsed() >= Duration::from_secs(secs) {
+                break;
+            }
+        }
+    }
+    println!("hijacker sent {datagrams} forged data datagrams");
+}
+
+#[test]
+fn fetch_with_a_pinned_digest_never_takes_a_hijackers_image() {
+    let Some(b) = Bridge::new("mchj", 3, 66, 2, None, 0) else {
+        return;
+    };
+    let want = std::fs::read(&b.img).unwrap();
+    let real = mcdist::hex(&mcdist::source::file_digest(&b.img).unwrap());
+    let group = b.group(1);
+    let mut server = serve(&b, &group);
+    let me = std::env::current_exe().unwrap();
+    let hijacker = b
+        .topo
+        .command(2, me.to_str().unwrap())
+        .args([
+            "--exact",
+            "hijack_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MCDIST_HIJACK_TARGET", &b.listen)
+        .env("MCDIST_HIJACK_GROUP", &group)
+        .env("MCDIST_HIJACK_IFADDR", b.topo.hosts[2].addr.to_string())
+        .env("MCDIST_HIJACK_SECS", "6")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let the forged announces and pages flow before the fetch joins.
+    std::thread::sleep(Duration::from_millis(300));
+    let out = b.path("copy");
+    let o = b
+        .fetch(1, &group, "60", &out)
+        .args(["--digest", &real])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let h = hijacker.wait_with_output().unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let said = String::from_utf8_lossy(&h.stdout);
+    eprintln!(
+        "{}",
+        said.lines()
+            .find(|l| l.contains("hijacker sent"))
+            .unwrap_or("hijacker said nothing")
+    );
+    assert!(h.status.success(), "hijacker failed: {said}");
+    eprintln!("fetch: {}", text.trim());
+    if o.status.success() {
+        assert!(text.contains("digest ok"), "{text}");
+        assert!(
+            std::fs::read(&out).unwrap() == want,
+            "fetch reported success with another image: {text}"
+        );
+    } else {
+        assert!(!text.contains("digest ok"), "{text}");
+        assert!(!out.exists(), "a refused copy was left behind: {text}");
+        assert!(
+            text.contains("changed")
+                || text.contains("expected")
+                || text.contains("failed verification"),
+            "unclear refusal: {text}"
+        );
+    }
 }

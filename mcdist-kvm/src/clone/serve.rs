@@ -48,6 +48,7 @@ impl MemoryServer {
             page_size: image.page_size(),
             digest,
             zero_map: zero.clone(),
+            hash_tree: None,
         };
         let node = ServerNode::start_with_info(cfg, transport, image, info)?;
         let session = SessionParams {

@@ -119,6 +119,21 @@ impl PageBitmap {
         None
     }
 
+    /// The first set bit at or after `from`, if any.
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        let mut i = from;
+        while i < self.len {
+            let wi = (i / 64) as usize;
+            let w = self.words[wi] & !((1u64 << (i % 64)) - 1);
+            if w != 0 {
+                let bit = (wi as u64) * 64 + u64::from(w.trailing_zeros());
+                return (bit < self.len).then_some(bit);
+            }
+            i = (wi as u64 + 1) * 64;
+        }
+        None
+    }
+
     /// Bytes, LSB first (bit `i` is bit `i % 8` of byte `i / 8`).
     pub fn to_bytes(&self) -> Vec<u8> {
         let n = usize::try_from(self.len.div_ceil(8)).unwrap_or(usize::MAX);

@@ -5,13 +5,14 @@
 //! here. [`scan`] computes the image digest and zero-page map in one pass.
 
 use crate::bitmap::PageBitmap;
-use crate::digest::PageDigest;
+use crate::integrity::{HashLayout, HashTree, TreeBuilder};
 use bytes::Bytes;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// A read-only, page-addressed image.
 pub trait PageSource: Send + Sync + 'static {
@@ -187,6 +188,11 @@ pub struct ImageInfo {
     pub digest: [u8; 32],
     /// Set bit = all-zero page.
     pub zero_map: PageBitmap,
+    /// The image's hash pages ([`crate::integrity`]), whose root is `digest`. `None` when
+    /// not computed (an image described by a descriptor: the server builds it from the
+    /// source) or when the page size cannot carry them (not a power of two of at least
+    /// 1 KiB).
+    pub hash_tree: Option<Arc<HashTree>>,
 }
 
 /// Read every page once: digest and zero-page map.
@@ -197,9 +203,11 @@ pub fn scan(source: &dyn PageSource) -> io::Result<ImageInfo> {
 /// [`scan`] with a progress callback (pages done).
 ///
 /// The image is read in runs of pages ([`PageSource::read_pages`], up to [`SCAN_RUN_BYTES`]
-/// each) by one thread per core (at most [`SCAN_MAX_THREADS`]); each run is hashed as a
-/// BLAKE3 subtree ([`PageDigest`]) and the subtrees are merged into the image's digest.
-/// Page sizes that are not a power of two of at least 1 KiB are hashed in one pass.
+/// each) by one thread per core (at most [`SCAN_MAX_THREADS`]); each worker adds its pages'
+/// chaining values to its own [`TreeBuilder`], the builders are merged with
+/// [`TreeBuilder::absorb`], and the finished [`HashTree`]'s root is the image's digest.
+/// Page sizes that are not a power of two of at least 1 KiB are hashed in one pass, without
+/// hash pages.
 pub fn scan_with_progress(
     source: &dyn PageSource,
     progress: &mut dyn FnMut(u64),
@@ -207,9 +215,10 @@ pub fn scan_with_progress(
     let ps = source.page_size();
     let size = source.image_size();
     let count = source.page_count();
-    let Some(mut digest) = PageDigest::new(size, ps) else {
+    let Ok(layout) = HashLayout::new(size, ps) else {
         return scan_sequential(source, progress);
     };
+    let mut tree = TreeBuilder::new(layout.clone()).map_err(io::Error::other)?;
     let run = (SCAN_RUN_BYTES / ps.max(1)).max(1) as u64;
     let runs = count.div_ceil(run);
     let threads = std::thread::available_parallelism()
@@ -218,15 +227,16 @@ pub fn scan_with_progress(
         .min(usize::try_from(runs).unwrap_or(1).max(1));
     let next = AtomicU64::new(0);
     let done = AtomicU64::new(0);
-    // Each worker takes the next run until none is left: its own digest parts and zero pages.
-    let work = |tick: &mut dyn FnMut()| -> io::Result<(PageDigest, Vec<u64>)> {
-        let mut d = PageDigest::new(size, ps).ok_or_else(|| io::Error::other("page size"))?;
+    // Each worker takes the next run until none is left: its own chaining values and zero
+    // pages.
+    let work = |tick: &mut dyn FnMut()| -> io::Result<(TreeBuilder, Vec<u64>)> {
+        let mut b = TreeBuilder::new(layout.clone()).map_err(io::Error::other)?;
         let mut zeros = Vec::new();
         let mut buf = vec![0u8; run as usize * ps];
         loop {
             let r = next.fetch_add(1, Ordering::Relaxed);
             if r >= runs {
-                return Ok((d, zeros));
+                return Ok((b, zeros));
             }
             let first = r * run;
             let n = run.min(count - first);
@@ -237,14 +247,14 @@ pub fn scan_with_progress(
                     zeros.push(first + i as u64);
                 }
             }
-            d.add_run(first, buf);
+            b.add_pages(first, buf).map_err(io::Error::other)?;
             done.fetch_add(n, Ordering::Relaxed);
             tick();
         }
     };
     let mut zero_map = PageBitmap::new(count);
-    let mut absorb = |(d, zeros): (PageDigest, Vec<u64>)| {
-        digest.absorb(&d);
+    let mut absorb = |(b, zeros): (TreeBuilder, Vec<u64>)| {
+        tree.absorb(&b);
         for p in zeros {
             zero_map.set(p);
         }
@@ -279,15 +289,35 @@ pub fn scan_with_progress(
         first_err.map_or(Ok(()), Err)
     })?;
     progress(count);
-    let digest = digest
-        .finalize()
-        .ok_or_else(|| io::Error::other("scan left pages out of the digest"))?;
+    let tree = tree.finish().map_err(io::Error::other)?;
     Ok(ImageInfo {
         image_size: size,
         page_size: ps,
-        digest,
+        digest: tree.root(),
         zero_map,
+        hash_tree: Some(Arc::new(tree)),
     })
+}
+
+/// The hash pages of `source`'s image, read once (for an [`ImageInfo`] that came without
+/// them).
+pub fn hash_tree(source: &dyn PageSource) -> io::Result<HashTree> {
+    let layout = HashLayout::new(source.image_size(), source.page_size())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut b = TreeBuilder::new(layout).map_err(io::Error::other)?;
+    let ps = source.page_size();
+    let run = (SCAN_RUN_BYTES / ps).max(1) as u64;
+    let count = source.page_count();
+    let mut buf = vec![0u8; run as usize * ps];
+    let mut first = 0;
+    while first < count {
+        let n = run.min(count - first);
+        let buf = &mut buf[..n as usize * ps];
+        source.read_pages(first, buf)?;
+        b.add_pages(first, buf).map_err(io::Error::other)?;
+        first += n;
+    }
+    b.finish().map_err(io::Error::other)
 }
 
 /// Largest run of pages [`scan_with_progress`] reads and hashes at once.
@@ -295,7 +325,7 @@ pub const SCAN_RUN_BYTES: usize = 256 << 10;
 /// Most threads [`scan_with_progress`] uses.
 pub const SCAN_MAX_THREADS: usize = 8;
 
-/// One pass, page by page, on this thread (page sizes [`PageDigest`] cannot split).
+/// One pass, page by page, on this thread (page sizes that are not BLAKE3 subtrees).
 fn scan_sequential(
     source: &dyn PageSource,
     progress: &mut dyn FnMut(u64),
@@ -323,6 +353,7 @@ fn scan_sequential(
         page_size: ps,
         digest: *hasher.finalize().as_bytes(),
         zero_map,
+        hash_tree: None,
     })
 }
 

@@ -1,23 +1,23 @@
 //! `mcdist`: serve a memory image to many receivers by IP multicast, or fetch one.
 
+#[path = "mcdist/sink.rs"]
+mod sink;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use mcdist::bitmap::PageBitmap;
 use mcdist::client::ClientConfig;
-use mcdist::digest::PageDigest;
-use mcdist::node::{ClientNode, NodeConfig, NodeError, PageSink, ServerNode, SinkError};
+use mcdist::node::{ClientNode, NodeConfig, NodeError, ServerNode};
 use mcdist::secure::{Psk, Security, SecurityStats};
 use mcdist::server::{Delivery, ServerConfig, ServerEvent};
 use mcdist::source::{scan_with_progress, FileSource, PageSource};
 use mcdist::transport::udp::{UdpConfig, UdpTransport};
-use mcdist::SessionInfo;
+use sink::{verify, FileSink};
 use std::fs::File;
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Multicast memory-image distribution (SnowFlock's mcdist protocol).
@@ -131,6 +131,10 @@ enum Cmd {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// The image's BLAKE3 digest (64 hex digits, as `serve` prints it): every page is
+        /// verified against it. Without it, against the digest of the first announce.
+        #[arg(long, value_name = "HEX", value_parser = digest_arg)]
+        digest: Option<[u8; 32]>,
         /// Receive by unicast only (the server runs with --unicast).
         #[arg(long)]
         unicast: bool,
@@ -212,6 +216,7 @@ fn main() -> ExitCode {
             server,
             out,
             timeout,
+            digest,
             unicast,
             key,
             auth_only,
@@ -221,14 +226,8 @@ fn main() -> ExitCode {
             if let (Some(s), Some(r)) = (security.as_mut(), require_encryption) {
                 s.require_encryption = r == OnOff::On;
             }
-            fetch(
-                group,
-                iface,
-                server,
-                &out,
-                (timeout, unicast, gro == OnOff::On),
-                security,
-            )
+            let how = (timeout, unicast, gro == OnOff::On);
+            fetch(group, iface, server, &out, how, (security, digest))
         }),
         Cmd::Keygen { out } => keygen(&out),
     };
@@ -454,125 +453,8 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     }
 }
 
-/// Writes pages at their place in the output file and hashes each as it lands, so the
-/// copy is checked against the image digest without reading it back. Pages that arrive in
-/// order (a sweep) are gathered into aligned runs, written with one call and hashed as one
-/// BLAKE3 subtree.
-struct FileSink {
-    file: File,
-    state: Mutex<SinkState>,
-}
-
-#[derive(Default)]
-struct SinkState {
-    digest: Option<PageDigest>,
-    /// The session's zero pages were hashed.
-    zeros_hashed: bool,
-    /// The run being gathered: pages `first..first + n` back to back.
-    first: u64,
-    n: u64,
-    buf: Vec<u8>,
-}
-
-/// Largest run of pages written and hashed at once.
-const RUN_BYTES: usize = 256 << 10;
-
-impl SinkState {
-    /// Writes and hashes the run gathered so far.
-    fn flush(&mut self, file: &File) -> io::Result<()> {
-        if self.n == 0 {
-            return Ok(());
-        }
-        let ps = self.buf.len() as u64 / self.n;
-        file.write_all_at(&self.buf, self.first * ps)?;
-        if let Some(d) = self.digest.as_mut() {
-            d.add_run(self.first, &self.buf);
-        }
-        self.n = 0;
-        self.buf.clear();
-        Ok(())
-    }
-}
-
-impl FileSink {
-    fn state(&self) -> std::sync::MutexGuard<'_, SinkState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Writes out the run gathered so far (before the file is sized and checked).
-    fn flush(&self) -> io::Result<()> {
-        self.state().flush(&self.file)
-    }
-
-    /// Hashes the session's zero pages (filled locally, never delivered) once the zero map
-    /// is known, the first time it is called with one; a few pages per lock, so that pages
-    /// arriving meanwhile are not held up.
-    fn add_zero_pages(&self, zero: Option<&PageBitmap>) {
-        let Some(zero) = zero else { return };
-        if std::mem::replace(&mut self.state().zeros_hashed, true) {
-            return;
-        }
-        for start in (0..zero.len()).step_by(1024) {
-            if let Some(d) = self.state().digest.as_mut() {
-                for pfn in (start..(start + 1024).min(zero.len())).filter(|&p| zero.get(p)) {
-                    d.add_zero_page(pfn);
-                }
-            }
-        }
-    }
-}
-
-impl PageSink for FileSink {
-    fn session_started(&self, info: &SessionInfo) {
-        let mut st = self.state();
-        // A resumed session (same image) keeps the pages hashed so far.
-        let same = st
-            .digest
-            .as_ref()
-            .is_some_and(|d| d.page_count() == info.page_count);
-        if !same {
-            st.digest = PageDigest::new(info.image_size, info.page_size);
-            st.zeros_hashed = false;
-        }
-    }
-
-    fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), SinkError> {
-        // Pages are page_size long; the tail past the image is cut off at the end.
-        let mut st = self.state();
-        let st = &mut *st;
-        // Pages per run (runs are aligned to it): at most RUN_BYTES.
-        let run = (RUN_BYTES / data.len().max(1)).max(1) as u64;
-        let follows = st.n > 0
-            && pfn == st.first + st.n
-            && pfn % run != 0
-            && st.buf.len() == st.n as usize * data.len();
-        if !follows {
-            st.flush(&self.file).map_err(write_err)?;
-            st.first = pfn;
-        }
-        st.buf.extend_from_slice(data);
-        st.n += 1;
-        if (pfn + 1) % run == 0 {
-            st.flush(&self.file).map_err(write_err)?;
-        }
-        Ok(())
-    }
-}
-
-fn write_err(source: io::Error) -> SinkError {
-    SinkError::Io {
-        what: "writing the output file",
-        source,
-    }
-}
-
-/// Whether the fetched copy has the image's digest: from the pages hashed as they arrived
-/// when the page size allows it, otherwise by reading the file back.
-fn verify(sink: &FileSink, path: &Path, expect: &[u8; 32]) -> io::Result<bool> {
-    if let Some(got) = sink.state().digest.as_ref().and_then(PageDigest::finalize) {
-        return Ok(&got == expect);
-    }
-    Ok(&mcdist::source::file_digest(path)? == expect)
+fn digest_arg(s: &str) -> Result<[u8; 32], String> {
+    mcdist::parse_digest(s).ok_or_else(|| "expected 64 hex digits".to_string())
 }
 
 fn fetch(
@@ -581,8 +463,11 @@ fn fetch(
     server: SocketAddr,
     out: &Path,
     (timeout, unicast, gro): (u64, bool, bool),
-    security: Option<Security>,
+    (security, digest): (Option<Security>, Option<[u8; 32]>),
 ) -> Result<(), String> {
+    if digest.is_none() {
+        eprintln!("mcdist: warning: no --digest: pages are verified against the digest of the first announce, which anyone on the network can send");
+    }
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         if !parent.is_dir() {
             return Err(format!(
@@ -601,6 +486,7 @@ fn fetch(
     let deadline = Duration::from_secs(timeout.max(1));
     let mut ccfg = ClientConfig::new(server);
     ccfg.seed = rand::random();
+    ccfg.expected_digest = digest;
     let file = File::create(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     let cleanup = |msg: String| -> String {
         // Only a regular file is ours to remove: `--out /dev/...` must never

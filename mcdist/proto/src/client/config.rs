@@ -36,8 +36,16 @@ pub struct ClientConfig {
     pub max_outstanding: usize,
     /// Ask for the zero-page map when joining.
     pub want_zero_map: bool,
-    /// Refuse sessions serving an image with another digest.
+    /// The image's digest (BLAKE3 root), from a trusted source (a descriptor, `mcdist
+    /// fetch --digest`): sessions serving another image are refused, and every page is
+    /// verified against it. `None` takes the root from the first announce (integrity
+    /// against corruption and against senders other than the announcer, not against a
+    /// forged announce).
     pub expected_digest: Option<[u8; 32]>,
+    /// Most pages held until the hash page above them arrives.
+    pub max_held_pages: usize,
+    /// Most verification failures of one page before the session fails.
+    pub max_integrity_failures: u32,
     /// Most fragmented pages in reassembly at once.
     pub max_partial_pages: usize,
     /// Most bytes of page buffers reassembly holds (with 2 MiB pages this, not
@@ -77,6 +85,8 @@ impl ClientConfig {
             max_outstanding: 8192,
             want_zero_map: true,
             expected_digest: None,
+            max_held_pages: 4096,
+            max_integrity_failures: 16,
             max_partial_pages: 4096,
             max_partial_bytes: 32 << 20,
             max_image_pages: 1 << 28,

@@ -5,6 +5,7 @@
 //! or is given up; and a sweep frontier takes effect for gap NACKs only `fec_nack_delay`
 //! after it was first seen, so repair symbols get a chance before NACKs are sent.
 
+use super::verify::How;
 use super::Client;
 use crate::fec::{FecRx, Have, RepairOutcome};
 use crate::wire::{self, Announce};
@@ -55,7 +56,7 @@ impl Client {
         let fits = r.symbol_size == a.frag_payload
             && crate::fec::symbol_size(s.page_size, spp) == usize::from(r.symbol_size)
             && crate::reassembly::fragment_slot(s.page_size, spp, spp - 1).is_some()
-            && r.first_pfn.saturating_add(u64::from(r.span)) <= s.page_count;
+            && r.first_pfn.saturating_add(u64::from(r.span)) <= self.integrity.total_pages();
         if !fits {
             self.stats.fec_repairs_refused += 1;
             tracing::debug!(first = r.first_pfn, "FEC repair does not fit the session");
@@ -84,9 +85,11 @@ impl Client {
                 return;
             }
         }
-        let (present, reasm) = (&self.present, &self.reasm);
+        let (present, reasm, integrity) = (&self.present, &self.reasm, &self.integrity);
         let res = self.fec.rx.try_decode(first, s.page_size, |pfn| {
-            if present.get(pfn) {
+            // A page held for its hash page is in the FEC cache too: it helps decode
+            // (whatever is decoded is verified before it counts).
+            if present.get(pfn) || integrity.is_held(pfn) {
                 return Have::Present;
             }
             match reasm.fragments(pfn) {
@@ -103,7 +106,7 @@ impl Client {
                     }
                     self.reasm.forget(pfn);
                     self.stats.fec_pages += 1;
-                    self.accept_page(now, pfn, page, false);
+                    self.receive(now, pfn, page, How::default());
                 }
             }
             Ok(None) => {}

@@ -3,7 +3,8 @@
 //! Rule owned here: in a whole-image fetch the client NACKs every missing, non-zero page
 //! behind the sweep frontier (the server's announced sweep position, or the highest swept
 //! page seen, less `nack_slack_pages` of tolerated reordering); when the server does not
-//! sweep, every missing page is asked for. At most `max_outstanding` pages are outstanding;
+//! sweep, every missing page is asked for. The hash pages a missing page needs (a listed
+//! zero page needs nothing else) are NACKed with it. At most `max_outstanding` pages are outstanding;
 //! the scan resumes where it stopped and wraps to catch pages lost again.
 
 use super::requests::Want;
@@ -69,11 +70,15 @@ impl Client {
                 break;
             }
             pos = p + 1;
-            if self.session.zero.get(p) || self.requests.contains(p) {
-                continue;
+            // A listed zero page, or a page held for its hash page, waits only for the
+            // hash pages above it.
+            if !self.session.zero.get(p) && !self.is_held(p) && !self.requests.contains(p) {
+                self.requests.ask(p, Want::Nack);
+                budget -= 1;
             }
-            self.requests.ask(p, Want::Nack);
-            budget -= 1;
+            let before = self.requests.len();
+            self.ask_hash_pages(p, Want::Nack);
+            budget = budget.saturating_sub(self.requests.len() - before);
         }
         self.gaps.scan_pos = pos;
         if self.gaps.scan_pos >= s.page_count && !self.complete && self.requests.is_empty() {

@@ -6,11 +6,13 @@
 //! and jitter, NACKs gaps it detects in a whole-image fetch, accepts pages it
 //! did not ask for (pushed by the server) and reports its receive rate and loss
 //! so the server can pace itself. Every page that becomes present is reported
-//! exactly once as [`ClientEvent::PageReady`].
+//! exactly once as [`ClientEvent::PageReady`], and only after it was verified against
+//! the image's BLAKE3 root ([`crate::integrity`]; the hash pages it needs are fetched
+//! with it and never reported).
 //!
 //! Zero pages listed in the session's zero map are never requested by a
 //! whole-image fetch; they count as present without data (the embedder fills
-//! them locally). A zero page asked for explicitly is answered by a header-only
+//! them locally) once each verifies as zero. A zero page asked for explicitly is answered by a header-only
 //! datagram and reported as a zero-filled `PageReady`.
 //!
 //! ## One rule per module
@@ -23,6 +25,7 @@
 //! | whole-image fetch: gaps behind the sweep become NACKs | `gaps` |
 //! | pages arriving (whole, fragments, zero replies), present once, completion | `pages` |
 //! | FEC repair symbols, block decoding, NACK hold-back | `fec_rx` |
+//! | every page verified against the root; hash pages, held pages, failures | `verify` |
 //! | receive rate, loss, heartbeats, server liveness | `meter` |
 //! | the timers, the entry points and their order | this file |
 //!
@@ -59,6 +62,7 @@ mod pages;
 mod requests;
 mod session;
 mod stats;
+mod verify;
 
 pub use config::ClientConfig;
 pub use stats::{ClientError, ClientEvent, ClientStats};
@@ -78,6 +82,7 @@ use session::{Leave, Session};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+use verify::Integrity;
 
 /// The client's timers; [`Client::poll_timeout`] is the earliest armed one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,8 +123,10 @@ pub struct Client {
     gaps: Gaps,
     meter: Meter,
     fec: FecState,
+    integrity: Integrity,
     timers: TimerTable<Timer>,
-    /// Pages present (received, or known zero).
+    /// Pages present (received, or known zero), and hash pages verified (numbered after
+    /// the data pages).
     present: PageBitmap,
     reasm: Reassembler,
     events: VecDeque<ClientEvent>,
@@ -151,6 +158,7 @@ impl Client {
             gaps: Gaps::default(),
             meter: Meter::new(now, cfg.heartbeat_interval),
             fec: FecState::new(cfg.fec_max_blocks, cfg.fec_cache_pages, cfg.fec_max_bytes),
+            integrity: Integrity::default(),
             timers,
             present: PageBitmap::new(0),
             reasm: Reassembler::with_budget(4096, cfg.max_partial_pages, cfg.max_partial_bytes),
@@ -197,9 +205,14 @@ impl Client {
         self.present.get(pfn)
     }
 
-    /// Pages present, zero pages included.
+    /// Pages present, zero pages included (hash pages not counted).
     pub fn pages_present(&self) -> u64 {
-        self.present.count_ones()
+        self.present.count_ones() - self.integrity.verified_hash_pages()
+    }
+
+    /// Pages held until the hash page above them arrives.
+    pub fn pages_held(&self) -> usize {
+        self.integrity.held()
     }
 
     /// Pages still awaited.
@@ -258,7 +271,11 @@ impl Client {
         if self.present.get(pfn) {
             return;
         }
-        if self.session.zero_map_complete && self.session.zero.get(pfn) {
+        let zero = self.zero_page_bytes();
+        if self.session.zero_map_complete
+            && self.session.zero.get(pfn)
+            && self.verdict(pfn, &zero) == verify::Verdict::Ok
+        {
             self.deliver_zero(pfn);
             return;
         }
@@ -267,6 +284,13 @@ impl Client {
             return;
         }
         self.requests.ask(pfn, Want::Demand);
+        if self.is_held(pfn) {
+            // It arrived and waits for the hash pages above it: asked again only if it
+            // fails verification once they are in.
+            self.requests.park(pfn);
+        }
+        // The hash pages it needs ride in the same datagram.
+        self.ask_hash_pages(pfn, Want::Demand);
         self.arm_idle_timer();
     }
 

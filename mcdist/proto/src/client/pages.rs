@@ -1,12 +1,14 @@
 //! Pages arriving: whole, in fragments, as zero replies; each becomes present once.
 //!
 //! Rule owned here: a data datagram for a page in the image that is not yet present makes
-//! it present (a whole page at once, a fragmented one when its last fragment is in), settles
+//! it present once verified (`verify`; a whole page at once, a fragmented one when its
+//! last fragment is in), settles
 //! its request (a first-try answer is a round-trip sample) and reports it exactly once;
 //! duplicates are counted and dropped. A zero page (in the verified zero map, or answered
 //! by a header-only zero reply) is reported as a shared zero-filled buffer. The session is
 //! complete when every page, zero pages included, is present.
 
+use super::verify::{How, Verdict};
 use super::{Client, ClientEvent};
 use crate::wire::Data;
 use bytes::Bytes;
@@ -19,41 +21,60 @@ pub(super) type PageSinkFn<'a> = Option<&'a mut dyn FnMut(u64, &[u8])>;
 impl Client {
     pub(super) fn on_data(&mut self, now: Instant, d: Data<'_>, sink: PageSinkFn<'_>) {
         let Some(s) = self.session.info else { return };
-        if d.pfn >= s.page_count {
+        if d.pfn >= self.integrity.total_pages() {
             self.stats.out_of_range += 1;
             return;
         }
-        if d.flags & Data::ZERO != 0 {
-            if self.present.get(d.pfn) {
-                self.stats.duplicates += 1;
-                return;
-            }
-            self.stats.zero_replies += 1;
-            self.requests.answered_zero(d.pfn);
-            self.deliver_zero(d.pfn);
-            self.check_complete();
-            return;
-        }
+        let hash = d.pfn >= s.page_count;
         if self.present.get(d.pfn) {
             self.stats.duplicates += 1;
             return;
         }
+        if d.flags & Data::ZERO != 0 {
+            if hash {
+                // Hash pages are never zero replies.
+                self.refuse(d.pfn);
+                return;
+            }
+            self.stats.zero_replies += 1;
+            let zero = self.zero_page_bytes();
+            let how = How {
+                zero: true,
+                ..How::default()
+            };
+            self.receive(now, d.pfn, zero, how);
+            return;
+        }
+        let how = How {
+            rtt: true,
+            zero: false,
+            remember: true,
+        };
         let page = if d.frag_count == 1 {
             if d.payload.len() != s.page_size {
                 self.stats.malformed += 1;
                 return;
             }
-            if let Some(sink) = sink {
-                // The page is lent to the sink where it lies in the datagram.
-                self.count_data(&d);
-                if self.fec_active() {
-                    self.fec
-                        .rx
-                        .remember(d.pfn, &Bytes::copy_from_slice(d.payload));
+            if let (Some(sink), false) = (sink, hash) {
+                // The page is lent to the sink where it lies in the datagram, once verified.
+                match self.verdict(d.pfn, d.payload) {
+                    Verdict::Ok => {
+                        self.count_data(&d);
+                        if self.fec_active() {
+                            self.fec
+                                .rx
+                                .remember(d.pfn, &Bytes::copy_from_slice(d.payload));
+                        }
+                        sink(d.pfn, d.payload);
+                        self.page_present(now, d.pfn, true);
+                        self.check_complete();
+                    }
+                    Verdict::Missing => {
+                        self.count_data(&d);
+                        self.hold(d.pfn, Bytes::copy_from_slice(d.payload), how);
+                    }
+                    Verdict::Bad => self.refuse(d.pfn),
                 }
-                sink(d.pfn, d.payload);
-                self.page_present(now, d.pfn, true);
-                self.check_complete();
                 return;
             }
             // The one copy of a page that arrived whole.
@@ -76,21 +97,27 @@ impl Client {
                 }
             }
         };
-        self.count_data(&d);
-        if self.fec_active() {
-            self.fec.rx.remember(d.pfn, &page);
+        let failures = self.stats.integrity_failures;
+        self.receive(now, d.pfn, page, how);
+        if self.stats.integrity_failures == failures {
+            self.count_data(&d);
         }
-        self.accept_page(now, d.pfn, page, true);
     }
 
     /// Count a page by why the server sent it.
     fn count_data(&mut self, d: &Data<'_>) {
+        if d.pfn >= self.data_pages() {
+            // Hash pages are counted once verified.
+            return;
+        }
         match d.flags {
             f if f & Data::DEMAND != 0 => self.stats.demand_pages += 1,
             f if f & Data::PUSH != 0 => self.stats.push_pages += 1,
             f if f & Data::SWEEP != 0 => {
                 self.stats.sweep_pages += 1;
-                self.gaps.swept(d.pfn);
+                if d.pfn < self.data_pages() {
+                    self.gaps.swept(d.pfn);
+                }
             }
             _ => self.stats.repair_pages += 1,
         }
@@ -105,7 +132,7 @@ impl Client {
     }
 
     /// Mark a received page present and settle its request.
-    fn page_present(&mut self, now: Instant, pfn: u64, rtt_sample: bool) {
+    pub(super) fn page_present(&mut self, now: Instant, pfn: u64, rtt_sample: bool) {
         self.present.set(pfn);
         self.stats.pages_received += 1;
         if let Some(rtt) = self.requests.settle(pfn, rtt_sample.then_some(now)) {
@@ -113,20 +140,12 @@ impl Client {
         }
     }
 
+    /// Report a verified zero page (present once).
     pub(super) fn deliver_zero(&mut self, pfn: u64) {
         if self.present.set(pfn) {
-            if self.zero_page.len() != self.page_size() {
-                self.zero_page = Bytes::from(vec![0u8; self.page_size()]);
-            }
-            self.events.push_back(ClientEvent::PageReady {
-                pfn,
-                data: self.zero_page.clone(),
-            });
+            let data = self.zero_page_bytes();
+            self.events.push_back(ClientEvent::PageReady { pfn, data });
         }
-    }
-
-    fn page_size(&self) -> usize {
-        self.session.info.map_or(4096, |s| s.page_size)
     }
 
     pub(super) fn check_complete(&mut self) {

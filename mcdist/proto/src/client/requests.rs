@@ -23,6 +23,8 @@ pub(super) struct Pending {
     deadline: Option<Instant>,
     retries: u32,
     nack: bool,
+    /// It arrived and waits for a hash page above it: no retries meanwhile.
+    parked: bool,
 }
 
 /// Which queue a page waits in before it is sent.
@@ -97,6 +99,7 @@ impl Requests {
                 deadline: None,
                 retries: 0,
                 nack: want == Want::Nack,
+                parked: false,
             },
         );
         self.want[want.slot()].insert(pfn);
@@ -119,6 +122,28 @@ impl Requests {
     /// there (it may ride along in the ranges of a later datagram).
     pub(super) fn answered_zero(&mut self, pfn: u64) {
         self.pending.remove(&pfn);
+    }
+
+    /// `pfn` arrived but waits for a hash page above it: no retry until it is settled or
+    /// [`Requests::unpark`]ed.
+    pub(super) fn park(&mut self, pfn: u64) {
+        if let Some(p) = self.pending.get_mut(&pfn) {
+            p.parked = true;
+            p.deadline = None;
+            self.want.iter_mut().for_each(|w| {
+                w.remove(&pfn);
+            });
+        }
+    }
+
+    /// A parked page failed verification: ask for it again now.
+    pub(super) fn unpark(&mut self, pfn: u64) {
+        if let Some(p) = self.pending.get_mut(&pfn) {
+            if std::mem::take(&mut p.parked) {
+                let want = if p.nack { Want::NackRetry } else { Want::Retry };
+                self.want[want.slot()].insert(pfn);
+            }
+        }
     }
 
     /// Forget every outstanding page (the session failed).
@@ -196,7 +221,7 @@ impl Requests {
     }
 
     /// Take the first pages of queue `want` that fit `max_ranges` ranges, give each a
-    /// fresh deadline, and encode their ranges. Returns how many pages, or `None` when
+    /// fresh deadline, and encode their ranges. Returns how many data pages, or `None` when
     /// none of them is outstanding any more.
     fn take(
         &mut self,
@@ -204,6 +229,7 @@ impl Requests {
         now: Instant,
         want: Want,
         max_ranges: usize,
+        data_pages: u64,
     ) -> Option<u64> {
         let set = &mut self.want[want.slot()];
         if set.is_empty() {
@@ -245,7 +271,8 @@ impl Requests {
         }
         let list = coalesce(taken.iter().copied());
         wire::encode_ranges(&list, &mut self.range_buf);
-        Some(taken.len() as u64)
+        // Hash pages (numbered after the data pages) ride along uncounted.
+        Some(taken.iter().filter(|&&p| p < data_pages).count() as u64)
     }
 }
 
@@ -292,7 +319,10 @@ impl Client {
             self.cfg.trailer_reserve,
         )
         .max(1);
-        let n = self.requests.take(&self.cfg, now, want, max_ranges)?;
+        let data_pages = self.data_pages();
+        let n = self
+            .requests
+            .take(&self.cfg, now, want, max_ranges, data_pages)?;
         self.arm_retry_timer();
         let (body_flags, is_nack) = match want {
             Want::Demand => {

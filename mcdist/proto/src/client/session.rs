@@ -4,12 +4,17 @@
 //! second) until an announce of a plausible size names the session, and keeps asking (every
 //! 250 ms) until the zero-page map arrived and matches the announced digest and count. An
 //! announce of another session id with the same image is a server restart: the session
-//! resumes and every outstanding page is asked again. Another image fails the session; so
-//! does an image other than `expected_digest`, and an `End` while pages are still missing.
+//! resumes and every outstanding page is asked again. Another image fails the session, and
+//! so does an announce of the same session that differs in digest, size, page size, zero
+//! map or fragment geometry (`ImageChanged`, never a replacement); so does an image other
+//! than `expected_digest`, a session without hash pages, and an `End` while pages are still
+//! missing.
 //! Leaving sends three leave datagrams 5 ms apart, even after a failure.
 
+use super::verify::Verdict;
 use super::{Client, ClientError, ClientEvent, Timer};
 use crate::bitmap::PageBitmap;
+use crate::integrity::HashLayout;
 use crate::reassembly::Reassembler;
 use crate::wire::{self, Announce, Body};
 use crate::{SessionInfo, Transmit};
@@ -66,6 +71,26 @@ impl Session {
     }
 }
 
+/// Whether two announces describe the same image, cut the same way (what may not change
+/// within a session).
+fn same_image(a: &Announce, b: &Announce) -> bool {
+    same_content(a, b)
+        && a.zero_count == b.zero_count
+        && a.zero_map_digest == b.zero_map_digest
+        && a.zero_map_chunks == b.zero_map_chunks
+        && a.frag_payload == b.frag_payload
+}
+
+/// Whether two announces serve the same image, with hash pages (what a restarted server
+/// must keep for the session to resume; it may cut datagrams otherwise).
+fn same_content(a: &Announce, b: &Announce) -> bool {
+    a.digest == b.digest
+        && a.image_size == b.image_size
+        && a.page_size == b.page_size
+        && a.page_count == b.page_count
+        && (a.flags & b.flags) & Announce::FLAG_HASH_PAGES != 0
+}
+
 impl Client {
     pub(super) fn on_announce(&mut self, now: Instant, session_id: u64, a: Announce) {
         // The announce sizes what the client allocates (page bitmaps, zero-map
@@ -93,13 +118,25 @@ impl Client {
         match self.session.info {
             None => self.start_session(now, info, a),
             Some(old) if old.session_id == session_id => {
+                // The same session names the same image, cut the same way: an announce
+                // that says otherwise is not a replacement.
+                if let Some(cur) = self.session.announce {
+                    if !same_image(&cur, &a) {
+                        self.fail(ClientError::ImageChanged {
+                            old: crate::hex(&cur.digest),
+                            new: crate::hex(&a.digest),
+                        });
+                        return;
+                    }
+                }
                 self.meter.last_server_packet = now;
                 self.session.announce = Some(a);
             }
             Some(old) => {
-                if old.digest == a.digest
-                    && old.image_size == a.image_size
-                    && old.page_size == info.page_size
+                if self
+                    .session
+                    .announce
+                    .is_some_and(|cur| same_content(&cur, &a))
                 {
                     tracing::info!(
                         old = old.session_id,
@@ -133,13 +170,26 @@ impl Client {
                 return;
             }
         }
+        // Every page is verified against the pinned root, or the first announce's.
+        let root = self.cfg.expected_digest.unwrap_or(a.digest);
+        let layout = HashLayout::new(a.image_size, info.page_size)
+            .ok()
+            .filter(|l| l.data_pages() == a.page_count && a.flags & Announce::FLAG_HASH_PAGES != 0);
+        let started = layout.map(|l| self.integrity.start(l, root));
+        if !matches!(started, Some(Ok(()))) {
+            self.fail(ClientError::Unverifiable {
+                page_size: a.page_size,
+            });
+            return;
+        }
+        let total = self.integrity.total_pages();
         let s = &mut self.session;
         s.info = Some(info);
         s.announce = Some(a);
         s.zero = PageBitmap::new(a.page_count);
         s.zero_chunks = PageBitmap::new(u64::from(a.zero_map_chunks));
         s.zero_map_complete = a.zero_map_chunks == 0 && a.zero_count == 0;
-        self.present = PageBitmap::new(a.page_count);
+        self.present = PageBitmap::new(total);
         self.reasm = Reassembler::with_budget(
             info.page_size,
             self.cfg.max_partial_pages,
@@ -190,11 +240,22 @@ impl Client {
                 .into_iter()
                 .filter(|&p| self.session.zero.get(p))
                 .collect();
+            let zero = self.zero_page_bytes();
             for pfn in zeros {
-                self.requests.settle(pfn, None);
-                self.deliver_zero(pfn);
+                if self.verdict(pfn, &zero) == Verdict::Ok {
+                    self.requests.settle(pfn, None);
+                    self.deliver_zero(pfn);
+                }
             }
-            self.present.union_with(&self.session.zero);
+            // Listed zero pages are present once verified as zero (now, or when the hash
+            // page above them arrives).
+            let mut p = 0;
+            while let Some(z) = self.session.zero.next_set(p) {
+                p = z + 1;
+                if !self.present.get(z) {
+                    self.fill_zero(z);
+                }
+            }
             self.check_complete();
         } else {
             tracing::debug!("zero map failed verification; asking again");

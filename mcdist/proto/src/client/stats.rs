@@ -46,6 +46,22 @@ pub enum ClientError {
         /// Announced digest.
         got: String,
     },
+    /// One page failed verification against the image's root too often (or a page the
+    /// zero map lists is not zero): someone sends pages that are not the image's.
+    #[error("page {pfn} failed verification against the image's root {failures} time(s)")]
+    IntegrityFailure {
+        /// The page (hash pages are numbered after the data pages).
+        pfn: u64,
+        /// Failures counted.
+        failures: u32,
+    },
+    /// The session's pages cannot be verified: the server sends no hash pages, or the
+    /// page size is not a BLAKE3 subtree.
+    #[error("the session serves no hash pages for pages of {page_size} bytes; its pages cannot be verified")]
+    Unverifiable {
+        /// The announced page size.
+        page_size: u32,
+    },
     /// The server ended the session before the client had what it needed.
     #[error("the server ended the session with {missing} page(s) missing")]
     ServerEnded {
@@ -131,4 +147,12 @@ pub struct ClientStats {
     pub fec_blocks_decoded: u64,
     /// FEC blocks given up (evicted to bound memory, or a member page no longer cached).
     pub fec_blocks_dropped: u64,
+    /// Hash pages received and verified (not counted in `pages_received`).
+    pub hash_pages: u64,
+    /// Pages (data or hash) dropped because they failed verification against the root.
+    pub integrity_failures: u64,
+    /// Pages held until the hash page above them arrived.
+    pub integrity_held: u64,
+    /// Pages dropped because the held-page map was full (asked for again later).
+    pub integrity_held_dropped: u64,
 }

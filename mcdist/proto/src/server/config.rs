@@ -145,9 +145,16 @@ pub enum ConfigError {
         /// Allowed.
         max: u16,
     },
-    /// Page size is not a power of two.
-    #[error("page size {0} is not a power of two between 512 and 2 MiB")]
+    /// Page size is not a power of two between 1 KiB (the smallest page that is a BLAKE3
+    /// subtree, see [`crate::integrity`]) and 2 MiB.
+    #[error("page size {0} is not a power of two between 1024 and 2 MiB")]
     BadPageSize(usize),
+    /// The image's hash pages do not hash to the digest the server was given.
+    #[error("the image does not match its digest (its hash tree root is {})", crate::hex(.root))]
+    DigestMismatch {
+        /// Root of the image's hash tree.
+        root: [u8; 32],
+    },
     /// Reading the image failed.
     #[error("reading the image: {0}")]
     Source(#[from] io::Error),
@@ -169,7 +176,7 @@ impl Geometry {
     /// Check `cfg` against `page_size` and cut pages into equal fragments that
     /// fit a datagram (and, with FEC on, so one repair symbol fits one too).
     pub(super) fn new(cfg: &ServerConfig, page_size: usize) -> Result<Geometry, ConfigError> {
-        if !page_size.is_power_of_two() || !(512..=(1 << 21)).contains(&page_size) {
+        if !page_size.is_power_of_two() || !(1024..=(1 << 21)).contains(&page_size) {
             return Err(ConfigError::BadPageSize(page_size));
         }
         let room = cfg

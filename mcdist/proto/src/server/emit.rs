@@ -132,7 +132,7 @@ impl Server {
     /// The session announce as it stands.
     fn announce(&self) -> Announce {
         let cfg = &self.cfg;
-        let sweep_done = self.sweep.pos >= self.page_count;
+        let sweep_done = self.sweep.pos >= self.total_pages;
         let flag = |on: bool, f: u8| if on { f } else { 0 };
         Announce {
             image_size: self.info.image_size,
@@ -143,7 +143,7 @@ impl Server {
             zero_map_digest: self.out.zero_map.digest,
             zero_map_chunks: self.out.zero_map.count,
             sweep_pos: if cfg.sweep {
-                self.sweep.pos
+                self.sweep_frontier()
             } else {
                 Announce::SWEEP_NONE
             },
@@ -151,7 +151,8 @@ impl Server {
             flags: flag(cfg.push_neighbors, Announce::FLAG_PUSH)
                 | flag(cfg.sweep, Announce::FLAG_SWEEP)
                 | flag(cfg.sweep && sweep_done, Announce::FLAG_SWEEP_DONE)
-                | flag(self.fec.is_some(), Announce::FLAG_FEC),
+                | flag(self.fec.is_some(), Announce::FLAG_FEC)
+                | Announce::FLAG_HASH_PAGES,
             frag_payload: self.geo.frag_payload as u16,
         }
     }
@@ -220,8 +221,16 @@ impl Server {
             _ => Vec::new(),
         };
         let zero = job.is_zero();
-        let direct = !zero && self.geo.frag_count == 1 && fanout.is_empty();
-        if !zero && !direct {
+        let hash = job.pfn >= self.page_count;
+        let direct = !zero && !hash && self.geo.frag_count == 1 && fanout.is_empty();
+        if hash {
+            // A hash page, from memory.
+            let page = self
+                .tree
+                .page(job.pfn)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no such hash page"))?;
+            self.out.page_buf.copy_from_slice(page);
+        } else if !zero && !direct {
             self.source.read_page(job.pfn, &mut self.out.page_buf)?;
         }
         let fec_slot = if fanout.is_empty() {

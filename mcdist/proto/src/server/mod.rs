@@ -38,6 +38,7 @@ mod stats;
 pub use config::{ConfigError, Delivery, ServerConfig};
 pub use stats::{ServerEvent, ServerStats, SourceFailure};
 
+use crate::integrity::HashTree;
 use crate::pacing::{RateController, TokenBucket};
 use crate::source::{ImageInfo, PageSource};
 use crate::timer::{TimerKind, TimerTable};
@@ -88,7 +89,12 @@ pub struct Server {
     source: Arc<dyn PageSource>,
     info: ImageInfo,
     geo: Geometry,
+    /// Data pages; hash pages are numbered from here (see [`crate::integrity`]).
     page_count: u64,
+    /// The image's hash pages, served from memory as pages `page_count..total_pages`.
+    tree: Arc<HashTree>,
+    /// Data pages plus hash pages.
+    total_pages: u64,
     nonzero_pages: u64,
     session: u64,
     /// The instant the server was built; sent-page times count from it.
@@ -128,14 +134,30 @@ impl Server {
     /// Build a server from an [`ImageInfo`] the driver computed before (with
     /// [`crate::source::scan`], or from a descriptor). The state machine reads no
     /// image itself except the pages it sends, through the source.
+    /// When `info` carries no hash tree (or one of another image), the hash pages are
+    /// built from `source` (one read of the image), and their root must be `info.digest`.
     pub fn with_info(
         cfg: ServerConfig,
         source: Arc<dyn PageSource>,
-        info: ImageInfo,
+        mut info: ImageInfo,
         now: Instant,
     ) -> Result<Server, ConfigError> {
         let geo = Geometry::new(&cfg, source.page_size())?;
         let page_count = source.page_count();
+        let tree = match info.hash_tree.take() {
+            Some(t)
+                if t.layout().image_size() == source.image_size()
+                    && t.layout().page_size() == geo.page_size =>
+            {
+                t
+            }
+            _ => Arc::new(crate::source::hash_tree(source.as_ref())?),
+        };
+        if tree.root() != info.digest {
+            return Err(ConfigError::DigestMismatch { root: tree.root() });
+        }
+        info.hash_tree = Some(tree.clone());
+        let total_pages = tree.layout().total_pages();
         let mut rng = rand::rngs::SmallRng::seed_from_u64(cfg.seed);
         let session = cfg.session_id.unwrap_or_else(|| rng.random::<u64>() | 1);
         let rate = RateController::new(now, cfg.rate);
@@ -148,7 +170,9 @@ impl Server {
             source,
             geo,
             page_count,
-            nonzero_pages: page_count - info.zero_map.count_ones(),
+            tree,
+            total_pages,
+            nonzero_pages: total_pages - info.zero_map.count_ones(),
             session,
             base: now,
             timers,
@@ -156,7 +180,7 @@ impl Server {
             bucket,
             rate,
             queues: Queues::default(),
-            sent: SentLog::new(page_count),
+            sent: SentLog::new(total_pages),
             push: Push::new(cfg.push_window.0),
             sweep: Sweep::default(),
             working_set: WorkingSet::new(page_count, cfg.working_set_max_pages),

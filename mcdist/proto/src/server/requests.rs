@@ -71,8 +71,9 @@ impl Server {
             if budget == 0 {
                 break;
             }
-            let end = r.end().min(self.page_count);
-            if r.end() > self.page_count {
+            // Data pages and hash pages.
+            let end = r.end().min(self.total_pages);
+            if r.end() > self.total_pages {
                 self.stats.out_of_range += 1;
             }
             let mut pfn = r.start;
@@ -90,7 +91,8 @@ impl Server {
             self.queue_unicast(from, pfn, Data::ZERO);
             return;
         }
-        if !ask.retry() {
+        let data = pfn < self.page_count;
+        if !ask.retry() && data {
             self.record_fault(pfn);
             self.aim_push(pfn);
         }
@@ -100,6 +102,10 @@ impl Server {
         }
         if self.suppressed(now, pfn) {
             return;
+        }
+        // The hash pages above a data page travel ahead of it.
+        while let Some(h) = self.unsent_hash_above(pfn) {
+            self.queue_group_answer(h, ask);
         }
         self.queue_group_answer(pfn, ask);
     }

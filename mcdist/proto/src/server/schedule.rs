@@ -11,6 +11,7 @@
 use super::stats::PageKind;
 use super::Server;
 use crate::bitmap::PageBitmap;
+use crate::integrity::HashLayout;
 use crate::wire::Data;
 use crate::Dest;
 use std::collections::{HashMap, VecDeque};
@@ -220,7 +221,27 @@ impl Push {
     }
 }
 
-/// The in-order sweep over the whole image.
+/// Page number at position `idx` of `layout`'s sweep order
+/// ([`HashLayout::sweep_order`]): the hash levels above level 1, then each level-1 hash
+/// page followed by the data pages it covers.
+fn sweep_pfn(layout: &HashLayout, idx: u64) -> u64 {
+    let n = layout.data_pages();
+    let Some(upper) = layout.hash_pfn(1, 0) else {
+        return idx;
+    };
+    let Some(k) = idx.checked_sub(upper - n) else {
+        return n + idx;
+    };
+    let fan = layout.fanout() as u64;
+    let (i, r) = (k / (fan + 1), k % (fan + 1));
+    if r == 0 {
+        upper + i
+    } else {
+        i * fan + r - 1
+    }
+}
+
+/// The sweep over the whole image, in sweep order (`pos` counts positions in it).
 #[derive(Debug, Default)]
 pub(super) struct Sweep {
     pub(super) pos: u64,
@@ -247,7 +268,7 @@ impl Server {
                 || self.fec_pending()
                 || (self.cfg.push_neighbors && self.push.remaining > 0)
                 || (self.cfg.working_set_push && self.working_set.active())
-                || (self.sweeping() && self.sweep.pos < self.page_count))
+                || (self.sweeping() && self.sweep.pos < self.total_pages))
     }
 
     /// The first page in `from..end` that is not zero, not sent and not queued;
@@ -264,6 +285,56 @@ impl Server {
             }
         }
         (end.max(from), None)
+    }
+
+    /// The first page at or after position `from` of the sweep order
+    /// ([`crate::integrity::HashLayout::sweep_order`]: each hash page before the pages it
+    /// covers) that is not zero, not sent and not queued; returns the position after it
+    /// (or the end) and the page.
+    fn next_unswept(&self, from: u64) -> (u64, Option<u64>) {
+        let mut pos = from;
+        while pos < self.total_pages {
+            let pfn = sweep_pfn(self.tree.layout(), pos);
+            pos += 1;
+            let skip = self.info.zero_map.get(pfn)
+                || self.sent.ever.get(pfn)
+                || self.sent.queued_group.get(pfn);
+            if !skip {
+                return (pos, Some(pfn));
+            }
+        }
+        (pos.max(from), None)
+    }
+
+    /// The data pages the sweep has passed: what the announce's sweep position says.
+    pub(super) fn sweep_frontier(&self) -> u64 {
+        let layout = self.tree.layout();
+        let n = self.page_count;
+        let pos = self.sweep.pos;
+        let Some(upper) = layout.hash_pfn(1, 0) else {
+            return pos.min(n);
+        };
+        let Some(k) = pos.checked_sub(upper - n) else {
+            return 0;
+        };
+        let fan = layout.fanout() as u64;
+        let (i, r) = (k / (fan + 1), k % (fan + 1));
+        (i * fan + r.saturating_sub(1)).min(n)
+    }
+
+    /// The first hash page above data page `pfn` (top level first) neither sent nor
+    /// queued: demand and push send it ahead of the page, so receivers can verify the page
+    /// as it arrives.
+    pub(super) fn unsent_hash_above(&self, pfn: u64) -> Option<u64> {
+        if pfn >= self.page_count {
+            return None;
+        }
+        self.tree
+            .layout()
+            .path(pfn)
+            .ok()?
+            .into_iter()
+            .find(|&h| !self.sent.ever.get(h) && !self.sent.queued_group.get(h))
     }
 
     /// Queue-mark `pfn` and make a group job for it.
@@ -287,6 +358,15 @@ impl Server {
                 .saturating_add(self.push.remaining)
                 .min(self.page_count);
             let (next, found) = self.next_unsent(self.push.cursor, end);
+            if let Some(h) = found.and_then(|p| self.unsent_hash_above(p)) {
+                // The hash pages above the page go first; the page comes next time.
+                self.push.remaining = self
+                    .push
+                    .remaining
+                    .saturating_sub(next - 1 - self.push.cursor);
+                self.push.cursor = next - 1;
+                return Some(self.group_job(h, Data::PUSH));
+            }
             self.push.remaining = self.push.remaining.saturating_sub(next - self.push.cursor);
             self.push.cursor = next;
             if let Some(pfn) = found {
@@ -295,7 +375,7 @@ impl Server {
             self.push.remaining = 0;
         }
         if self.sweeping() {
-            let (next, found) = self.next_unsent(self.sweep.pos, self.page_count);
+            let (next, found) = self.next_unswept(self.sweep.pos);
             self.sweep.pos = next;
             if let Some(pfn) = found {
                 return Some(self.group_job(pfn, Data::SWEEP));
@@ -344,7 +424,11 @@ impl Server {
         }
         let unicast = matches!(dest, Dest::Peer(_));
         let kind = self.stats.count_page(job.flags, job.ws, unicast);
-        if kind == PageKind::Push && self.cfg.working_set_push && self.cfg.working_set_record_push {
+        if kind == PageKind::Push
+            && self.cfg.working_set_push
+            && self.cfg.working_set_record_push
+            && job.pfn < self.page_count
+        {
             self.working_set.record(job.pfn);
         }
         if job.target == Target::Group {
@@ -352,5 +436,28 @@ impl Server {
             self.sent.last_group_send[job.pfn as usize] = self.nanos(now) + 1;
         }
         self.sent.ever.set(job.pfn);
+    }
+}
+
+#[cfg(test)]
+mod sweep_tests {
+    use super::sweep_pfn;
+    use crate::integrity::HashLayout;
+
+    #[test]
+    fn sweep_positions_follow_the_sweep_order() {
+        for (size, ps) in [
+            (0u64, 4096usize),
+            (100, 4096),
+            (300 * 4096 + 5, 4096),
+            (20_000 * 1024, 1024),
+        ] {
+            let l = HashLayout::new(size, ps).unwrap();
+            let order: Vec<u64> = l.sweep_order().collect();
+            assert_eq!(order.len() as u64, l.total_pages());
+            for (i, &p) in order.iter().enumerate() {
+                assert_eq!(sweep_pfn(&l, i as u64), p, "{size} bytes, position {i}");
+            }
+        }
     }
 }

@@ -72,6 +72,10 @@ impl Announce {
     pub const FLAG_SWEEP_DONE: u8 = 0x04;
     /// The server follows pushed and swept pages with FEC [`Repair`](super::Repair) symbols.
     pub const FLAG_FEC: u8 = 0x08;
+    /// The server serves the image's hash pages ([`crate::integrity`]) as page numbers
+    /// `page_count..`: receivers verify every page against the digest. Receivers refuse
+    /// a session without it.
+    pub const FLAG_HASH_PAGES: u8 = 0x10;
 
     /// Parse and validate an announce body (bytes after the header; trailing bytes are ignored).
     pub fn parse(body: &[u8]) -> Result<Announce, WireError> {
