@@ -258,6 +258,7 @@ fn absurd_announces_allocate_nothing() {
         rate: 0,
         flags: 0,
         frag_payload: 1400,
+        token: [0; 16],
     };
     let many_chunks = Announce {
         image_size: 4096 * 10,

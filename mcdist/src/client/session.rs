@@ -7,11 +7,16 @@
 //! resumes and every outstanding page is asked again. Another image fails the session; so
 //! does an image other than `expected_digest`, and an `End` while pages are still missing.
 //! Leaving sends three leave datagrams 5 ms apart, even after a failure.
+//!
+//! Address validation: the server's unicast announce carries a token for this
+//! client's address; the client echoes it at once in a join (and keeps it in every
+//! join, heartbeat and leave). Until then the server answers nothing but joins, so
+//! joins go on until a token was echoed; a server restart starts this over.
 
 use super::{Client, ClientError, ClientEvent, Timer};
 use crate::bitmap::PageBitmap;
 use crate::reassembly::Reassembler;
-use crate::wire::{self, Announce, Body};
+use crate::wire::{self, Announce, Body, Token, TOKEN_LEN};
 use crate::{SessionInfo, Transmit};
 use std::time::{Duration, Instant};
 
@@ -41,6 +46,10 @@ pub(super) struct Session {
     early: Vec<u64>,
     /// Delay before the next join while the session is unknown.
     join_backoff: Duration,
+    /// The server's address-validation token for this client (zero: none yet).
+    pub(super) token: Token,
+    /// The token was echoed in a join.
+    echoed: bool,
 }
 
 impl Session {
@@ -55,6 +64,8 @@ impl Session {
             // The first join is retried quickly (a lost join must not make a
             // late joiner), then backs off to one a second.
             join_backoff: (join_interval / 4).max(Duration::from_millis(1)),
+            token: [0; TOKEN_LEN],
+            echoed: false,
         }
     }
 
@@ -111,6 +122,10 @@ impl Client {
                     self.session.announce = Some(a);
                     self.meter.last_server_packet = now;
                     self.meter.server_restarted();
+                    // The new instance validates this address anew.
+                    self.session.token = [0; TOKEN_LEN];
+                    self.session.echoed = false;
+                    self.timers.set(Timer::Join, now);
                     self.requests.resend_all();
                     self.events.push_back(ClientEvent::SessionResumed(info));
                 } else {
@@ -121,6 +136,26 @@ impl Client {
                 }
             }
         }
+        self.take_token(now, session_id, a.token);
+    }
+
+    /// Keep the token of a unicast announce of the current session and echo it now.
+    fn take_token(&mut self, now: Instant, session_id: u64, token: Token) {
+        let current = self
+            .session
+            .info
+            .is_some_and(|s| s.session_id == session_id);
+        if self.failed || !current || token == [0; TOKEN_LEN] || token == self.session.token {
+            return;
+        }
+        self.session.token = token;
+        self.session.echoed = false;
+        self.timers.set(Timer::Join, now);
+    }
+
+    /// Joins go on while the token is not echoed or a wanted zero map is missing.
+    fn joins_needed(&self) -> bool {
+        !self.session.echoed || self.cfg.want_zero_map && !self.session.zero_map_complete
     }
 
     fn start_session(&mut self, now: Instant, info: SessionInfo, a: Announce) {
@@ -149,7 +184,7 @@ impl Client {
         for pfn in std::mem::take(&mut self.session.early) {
             self.request_page(now, pfn);
         }
-        if self.cfg.want_zero_map && !self.session.zero_map_complete {
+        if self.joins_needed() {
             self.timers.set(Timer::Join, now + self.cfg.join_interval);
         } else {
             self.timers.stop(Timer::Join);
@@ -174,7 +209,9 @@ impl Client {
         let digest = *blake3::hash(&s.zero.to_bytes()).as_bytes();
         if digest == a.zero_map_digest && s.zero.count_ones() == a.zero_count {
             s.zero_map_complete = true;
-            self.timers.stop(Timer::Join);
+            if !self.joins_needed() {
+                self.timers.stop(Timer::Join);
+            }
             // Pages asked for that turn out to be zero are satisfied locally.
             let zeros: Vec<u64> = self
                 .requests
@@ -221,8 +258,15 @@ impl Client {
                 .set(Timer::Join, now + self.session.join_backoff);
             self.session.join_backoff = (self.session.join_backoff * 2).min(Duration::from_secs(1));
         } else {
-            self.timers
-                .set(Timer::Join, now + Duration::from_millis(250));
+            if self.session.token != [0; TOKEN_LEN] {
+                self.session.echoed = true;
+            }
+            if self.joins_needed() {
+                self.timers
+                    .set(Timer::Join, now + Duration::from_millis(250));
+            } else {
+                self.timers.stop(Timer::Join);
+            }
         }
         let seq = self.next_seq();
         let flags = if self.cfg.want_zero_map {
@@ -230,7 +274,8 @@ impl Client {
         } else {
             0
         };
-        Some(self.to_server(seq, Body::Join(wire::Join { flags }), buf))
+        let token = self.session.token;
+        Some(self.to_server(seq, Body::Join(wire::Join { flags, token }), buf))
     }
 
     /// A leave datagram, when one is due (`Some(None)`: due, but `buf` too small).
@@ -248,6 +293,7 @@ impl Client {
             self.timers.stop(Timer::Leave);
         }
         let seq = self.next_seq();
-        Some(self.to_server(seq, Body::Leave(wire::Leave { reason }), buf))
+        let token = self.session.token;
+        Some(self.to_server(seq, Body::Leave(wire::Leave { reason, token }), buf))
     }
 }

@@ -67,8 +67,9 @@ pub struct ServerConfig {
     pub per_source_page_rate: u64,
     /// Most pages one request datagram may make the server consider.
     pub max_pages_per_request: u64,
-    /// Seed for the server's randomness (session id).
-    pub seed: u64,
+    /// Seed for the server's randomness (session id, address-token secret), for
+    /// simulations and tests only; `None` (the default) draws from the OS RNG.
+    pub seed: Option<u64>,
     /// Authenticate (and by default encrypt) every datagram under a pre-shared
     /// key. Applied by the drivers ([`crate::node::ServerNode`]), which then
     /// draw a random session id; `None` runs an unauthenticated session.
@@ -110,7 +111,7 @@ impl Default for ServerConfig {
             max_clients: 4096,
             per_source_page_rate: 400_000,
             max_pages_per_request: 8192,
-            seed: 0x6d63_6469_7374,
+            seed: None,
             security: None,
             fec: false,
             fec_block_pages: 64,

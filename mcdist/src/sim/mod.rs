@@ -94,11 +94,13 @@ impl Sim {
     /// A simulation serving `image` in pages of `page_size` with `cfg`, seeded by `seed`.
     pub fn new(
         seed: u64,
-        cfg: ServerConfig,
+        mut cfg: ServerConfig,
         image: impl Into<Bytes>,
         page_size: usize,
     ) -> Result<Sim, SimError> {
         let base = Instant::now();
+        // The same seed always gives the same run: the server's too.
+        cfg.seed.get_or_insert(seed ^ 0x5e5e_5e5e);
         let image = image.into();
         let server = Server::new(
             cfg,
