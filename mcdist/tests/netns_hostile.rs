@@ -83,7 +83,10 @@ fn rogue_flood_helper() {
         session: 0,
         seq: 1,
         flags: HeaderFlags(0),
-        body: Body::Join(Join { flags: 0, token: [0; 16] }),
+        body: Body::Join(Join {
+            flags: 0,
+            token: [0; 16],
+        }),
     };
     let n = join.emit(&mut buf).unwrap();
     let mut session = None;

@@ -191,7 +191,13 @@ mod server_direct {
         server.handle_datagram(
             now,
             b,
-            &crate::common::emit(sid, Body::Join(Join { flags: 0, token: [0; 16] })),
+            &crate::common::emit(
+                sid,
+                Body::Join(Join {
+                    flags: 0,
+                    token: [0; 16],
+                }),
+            ),
         );
         // Before the replay gets far, the new clone faults on a page late in the order.
         server.handle_datagram(now, b, &request(sid, 33));

@@ -11,7 +11,8 @@
 //! Address validation: the server's unicast announce carries a token for this
 //! client's address; the client echoes it at once in a join (and keeps it in every
 //! join, heartbeat and leave). Until then the server answers nothing but joins, so
-//! joins go on until a token was echoed; a server restart starts this over.
+//! joins go on (every quarter `join_interval`) until an announce says the address is
+//! validated; a server restart starts this over.
 
 use super::{Client, ClientError, ClientEvent, Timer};
 use crate::bitmap::PageBitmap;
@@ -48,8 +49,8 @@ pub(super) struct Session {
     join_backoff: Duration,
     /// The server's address-validation token for this client (zero: none yet).
     pub(super) token: Token,
-    /// The token was echoed in a join.
-    echoed: bool,
+    /// An announce said the server validated this client's address.
+    validated: bool,
 }
 
 impl Session {
@@ -65,7 +66,7 @@ impl Session {
             // late joiner), then backs off to one a second.
             join_backoff: (join_interval / 4).max(Duration::from_millis(1)),
             token: [0; TOKEN_LEN],
-            echoed: false,
+            validated: false,
         }
     }
 
@@ -124,7 +125,7 @@ impl Client {
                     self.meter.server_restarted();
                     // The new instance validates this address anew.
                     self.session.token = [0; TOKEN_LEN];
-                    self.session.echoed = false;
+                    self.session.validated = false;
                     self.timers.set(Timer::Join, now);
                     self.requests.resend_all();
                     self.events.push_back(ClientEvent::SessionResumed(info));
@@ -136,26 +137,35 @@ impl Client {
                 }
             }
         }
-        self.take_token(now, session_id, a.token);
+        self.take_token(now, session_id, &a);
     }
 
-    /// Keep the token of a unicast announce of the current session and echo it now.
-    fn take_token(&mut self, now: Instant, session_id: u64, token: Token) {
+    /// Keep the token of a unicast announce of the current session and echo it
+    /// now; note when the announce says the address is validated.
+    fn take_token(&mut self, now: Instant, session_id: u64, a: &Announce) {
         let current = self
             .session
             .info
             .is_some_and(|s| s.session_id == session_id);
-        if self.failed || !current || token == [0; TOKEN_LEN] || token == self.session.token {
+        if self.failed || !current || a.token == [0; TOKEN_LEN] {
             return;
         }
-        self.session.token = token;
-        self.session.echoed = false;
-        self.timers.set(Timer::Join, now);
+        if a.token != self.session.token {
+            self.session.token = a.token;
+            self.session.validated = false;
+            self.timers.set(Timer::Join, now);
+        }
+        if a.flags & Announce::FLAG_VALIDATED != 0 && !self.session.validated {
+            self.session.validated = true;
+            if !self.joins_needed() {
+                self.timers.stop(Timer::Join);
+            }
+        }
     }
 
-    /// Joins go on while the token is not echoed or a wanted zero map is missing.
+    /// Joins go on until the address is validated and a wanted zero map arrived.
     fn joins_needed(&self) -> bool {
-        !self.session.echoed || self.cfg.want_zero_map && !self.session.zero_map_complete
+        !self.session.validated || self.cfg.want_zero_map && !self.session.zero_map_complete
     }
 
     fn start_session(&mut self, now: Instant, info: SessionInfo, a: Announce) {
@@ -257,16 +267,15 @@ impl Client {
             self.timers
                 .set(Timer::Join, now + self.session.join_backoff);
             self.session.join_backoff = (self.session.join_backoff * 2).min(Duration::from_secs(1));
+        } else if !self.session.validated {
+            // The token (or the first join's answer) may have been lost.
+            let retry = (self.cfg.join_interval / 4).max(Duration::from_millis(1));
+            self.timers.set(Timer::Join, now + retry);
+        } else if self.joins_needed() {
+            self.timers
+                .set(Timer::Join, now + Duration::from_millis(250));
         } else {
-            if self.session.token != [0; TOKEN_LEN] {
-                self.session.echoed = true;
-            }
-            if self.joins_needed() {
-                self.timers
-                    .set(Timer::Join, now + Duration::from_millis(250));
-            } else {
-                self.timers.stop(Timer::Join);
-            }
+            self.timers.stop(Timer::Join);
         }
         let seq = self.next_seq();
         let flags = if self.cfg.want_zero_map {

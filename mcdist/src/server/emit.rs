@@ -156,7 +156,11 @@ impl Server {
             flags: flag(cfg.push_neighbors, Announce::FLAG_PUSH)
                 | flag(cfg.sweep, Announce::FLAG_SWEEP)
                 | flag(cfg.sweep && sweep_done, Announce::FLAG_SWEEP_DONE)
-                | flag(self.fec.is_some(), Announce::FLAG_FEC),
+                | flag(self.fec.is_some(), Announce::FLAG_FEC)
+                | flag(
+                    matches!(dest, Dest::Peer(p) if self.peers.contains(&p)),
+                    Announce::FLAG_VALIDATED,
+                ),
             frag_payload: self.geo.frag_payload as u16,
             token: match dest {
                 Dest::Peer(p) => self.token_for(p),

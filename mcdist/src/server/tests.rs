@@ -280,7 +280,10 @@ fn control_is_paced_and_its_queue_bounded() {
     }
     assert!(s.stats().queue_full > 0);
     let burst = s.control_bucket.burst();
-    assert!(bytes <= burst, "{bytes} control bytes at one instant, burst {burst}");
+    assert!(
+        bytes <= burst,
+        "{bytes} control bytes at one instant, burst {burst}"
+    );
     assert!(!s.out.control.is_empty(), "the rest waits for the bucket");
     assert!(s.poll_timeout().is_some_and(|t| t > t0));
 }

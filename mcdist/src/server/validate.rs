@@ -64,7 +64,10 @@ impl Validator {
     /// `token` is the one issued to `addr` (compared in constant time).
     pub(super) fn check(&self, session: u64, addr: SocketAddr, token: &Token) -> bool {
         let want = self.token(session, addr);
-        want.iter().zip(token).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        want.iter()
+            .zip(token)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
     }
 
     /// Most control messages queued at once: every zero-map chunk for a few

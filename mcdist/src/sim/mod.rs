@@ -26,6 +26,7 @@
 //! | `driver`   | virtual time, the event queue, the step loop ([`Sim::drive`])     |
 //! | `scenario` | adding clients, restarts, crashes, injection, recording           |
 //! | `check`    | [`Sim::verify`], [`SimError`], test images                        |
+//! | `adversary`| forged sources ([`Sim::spoof`], [`Forgery`]), amplification       |
 
 use crate::client::Client;
 use crate::server::{Server, ServerConfig, ServerEvent};
@@ -37,12 +38,14 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod adversary;
 mod check;
 mod driver;
 mod link;
 mod node;
 mod scenario;
 
+pub use adversary::Forgery;
 pub use check::{page_matches, test_image, SimError};
 pub use link::{LinkConfig, LinkStats, Loss, RxCapacity};
 pub use node::{ClientSpec, ClientState, SimClient, Workload};
@@ -74,6 +77,12 @@ pub struct Sim {
     pub client_datagrams: u64,
     steps: u64,
     record: Option<(usize, Vec<Recorded>)>,
+    /// Bytes the server sent by unicast, per address.
+    unicast_bytes: HashMap<SocketAddr, u64>,
+    /// Group bytes the server sent other than announces.
+    group_data_bytes: u64,
+    /// Bytes forged per source address ([`Sim::spoof`]).
+    spoofed_in: HashMap<SocketAddr, u64>,
 }
 
 impl std::fmt::Debug for Sim {
@@ -127,6 +136,9 @@ impl Sim {
             client_datagrams: 0,
             steps: 0,
             record: None,
+            unicast_bytes: HashMap::new(),
+            group_data_bytes: 0,
+            spoofed_in: HashMap::new(),
         })
     }
 

@@ -77,6 +77,9 @@ impl Announce {
     pub const FLAG_SWEEP_DONE: u8 = 0x04;
     /// The server follows pushed and swept pages with FEC [`Repair`](super::Repair) symbols.
     pub const FLAG_FEC: u8 = 0x08;
+    /// In an announce to one receiver: its address is validated (its token
+    /// came back), so its requests are served.
+    pub const FLAG_VALIDATED: u8 = 0x10;
 
     /// Parse and validate an announce body (bytes after the header; trailing bytes are ignored).
     pub fn parse(body: &[u8]) -> Result<Announce, WireError> {

@@ -55,7 +55,10 @@ fn every_kind_roundtrips() {
             flags: 0,
             ranges: ranges_from_encoded(&raw),
         }),
-        Body::Join(Join { flags: 1, token: [3; 16] }),
+        Body::Join(Join {
+            flags: 1,
+            token: [3; 16],
+        }),
         Body::Heartbeat(Heartbeat {
             rx_rate: 9,
             loss_permille: 3,
@@ -63,7 +66,10 @@ fn every_kind_roundtrips() {
             flags: Heartbeat::COMPLETE,
             token: [5; 16],
         }),
-        Body::Leave(Leave { reason: 0, token: [4; 16] }),
+        Body::Leave(Leave {
+            reason: 0,
+            token: [4; 16],
+        }),
         Body::ZeroMap(ZeroMap {
             chunk: 0,
             chunk_count: 2,
