@@ -156,8 +156,12 @@ impl Client {
             self.timers.set(Timer::Join, now);
         }
         if a.flags & Announce::FLAG_VALIDATED != 0 && !self.session.validated {
+            // The zero map answers the join that validated the address; ask
+            // again a join interval later if it does not all arrive.
             self.session.validated = true;
-            if !self.joins_needed() {
+            if self.joins_needed() {
+                self.timers.set(Timer::Join, now + self.cfg.join_interval);
+            } else {
                 self.timers.stop(Timer::Join);
             }
         }
@@ -269,7 +273,7 @@ impl Client {
             self.session.join_backoff = (self.session.join_backoff * 2).min(Duration::from_secs(1));
         } else if !self.session.validated {
             // The token (or the first join's answer) may have been lost.
-            let retry = (self.cfg.join_interval / 4).max(Duration::from_millis(1));
+            let retry = (self.cfg.join_interval / 16).max(Duration::from_millis(1));
             self.timers.set(Timer::Join, now + retry);
         } else if self.joins_needed() {
             self.timers
