@@ -362,6 +362,7 @@ fn crypto_only() {
                 rate: 0,
                 flags: 0,
                 frag_payload: 4096,
+                token: [0; 16],
             }),
         };
         let mut b = vec![0u8; m.buffer_len() + TRAILER_LEN];

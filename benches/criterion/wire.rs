@@ -109,6 +109,7 @@ fn announce(c: &mut Criterion) {
             rate: 1 << 27,
             flags: Announce::FLAG_PUSH,
             frag_payload: 4096,
+            token: [0; 16],
         }),
     };
     let mut buf = vec![0u8; m.buffer_len()];

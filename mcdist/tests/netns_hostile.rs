@@ -88,7 +88,10 @@ fn rogue_flood_helper() {
         session: 0,
         seq: 1,
         flags: HeaderFlags(0),
-        body: Body::Join(Join { flags: 0 }),
+        body: Body::Join(Join {
+            flags: 0,
+            token: [0; 16],
+        }),
     };
     let n = join.emit(&mut buf).unwrap();
     let mut session = None;
@@ -394,7 +397,10 @@ fn learn_session(sock: &UdpSocket, target: SocketAddr) -> (u64, Announce) {
         session: 0,
         seq: 1,
         flags: HeaderFlags(0),
-        body: Body::Join(Join { flags: 0 }),
+        body: Body::Join(Join {
+            flags: 0,
+            token: [0; mcdist::wire::TOKEN_LEN],
+        }),
     };
     let n = join.emit(&mut buf).unwrap();
     for _ in 0..50 {

@@ -49,6 +49,7 @@ fn announce() -> impl Strategy<Value = Announce> {
                     rate,
                     flags,
                     frag_payload: frag,
+                    token: [0; 16],
                 }
             },
         )
@@ -174,6 +175,7 @@ fn owned() -> impl Strategy<Value = Owned> {
                 loss_permille: l,
                 have_pages: h,
                 flags: f,
+                token: [f; 16],
             })
         }),
         any::<u8>().prop_map(Owned::Leave),
@@ -229,9 +231,15 @@ fn body(o: &Owned) -> Body<'_> {
                 Body::Request(q)
             }
         }
-        Owned::Join(f) => Body::Join(Join { flags: *f }),
+        Owned::Join(f) => Body::Join(Join {
+            flags: *f,
+            token: [*f; 16],
+        }),
         Owned::Heartbeat(h) => Body::Heartbeat(*h),
-        Owned::Leave(r) => Body::Leave(Leave { reason: *r }),
+        Owned::Leave(r) => Body::Leave(Leave {
+            reason: *r,
+            token: [*r; 16],
+        }),
         Owned::ZeroMap {
             chunk,
             count,

@@ -140,6 +140,7 @@ fn a_same_session_announce_of_another_image_fails_the_session() {
         rate: 0,
         flags: Announce::FLAG_HASH_PAGES,
         frag_payload: 1400,
+        token: [0; mcdist::wire::TOKEN_LEN],
     };
     // What may change within a session: the sweep position, the rate, the push flags.
     let mut c = joined(t0, server, real);

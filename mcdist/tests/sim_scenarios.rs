@@ -14,9 +14,10 @@
 
 use mcdist::client::ClientError;
 use mcdist::server::{ServerConfig, ServerEvent};
-use mcdist::sim::{test_image, ClientSpec, LinkConfig, Loss, RxCapacity, Sim, Workload};
+use mcdist::sim::{test_image, ClientSpec, Forgery, LinkConfig, Loss, RxCapacity, Sim, Workload};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
@@ -456,6 +457,153 @@ fn request_storm_sixty_four_lockstep_clients() {
             ));
         }
         let _ = Workload::Idle;
+        Ok(())
+    });
+}
+
+/// `n` addresses for forgeries of kind `k`, none of them a simulated client's.
+fn strangers(k: usize, n: usize) -> Vec<SocketAddr> {
+    (0..n)
+        .map(|i| SocketAddr::from(([10, 66, k as u8, i as u8 + 1], 9000)))
+        .collect()
+}
+
+/// A spoofing adversary forges joins, requests, end-game retries, NACKs,
+/// COMPLETE heartbeats and leaves from addresses it does not own, throughout a
+/// session and after it. Per message type the server sends the forged addresses
+/// at most 3× the bytes forged under them; no forgery makes it send to the group;
+/// no stranger joins, completes or starts the sweep; the honest clients finish.
+#[test]
+fn spoofing_adversary_gets_no_amplification_and_no_say() {
+    for_seeds("spoofing adversary", |seed| {
+        let mut rng = SmallRng::seed_from_u64(seed ^ 0x5b00f);
+        let honest = 3;
+        let session = 0x5b00f + seed;
+        let pages = 512u64;
+        let mut sim = Sim::new(
+            seed,
+            cfg(session, honest),
+            test_image(pages as usize, PS, 5, seed),
+            PS,
+        )
+        .map_err(|e| e.to_string())?;
+        for i in 0..honest {
+            let mut c = ClientSpec::fetch_all(0.02);
+            c.start_at = Duration::from_millis(20 * i as u64);
+            sim.add_client(c);
+        }
+        let kinds: Vec<(Forgery, Vec<SocketAddr>)> = Forgery::ALL
+            .iter()
+            .enumerate()
+            .map(|(k, f)| (*f, strangers(k, 8)))
+            .collect();
+        let forge = |sim: &mut Sim, rng: &mut SmallRng, from_ms: u64, n: usize| {
+            for (f, addrs) in &kinds {
+                for _ in 0..n {
+                    let a = addrs[rng.random_range(0..addrs.len())];
+                    let d = f.datagram(session, rng.random_range(0..pages), pages, rng.random());
+                    let at = Duration::from_micros(rng.random_range(0..400_000));
+                    sim.spoof(a, d, at + Duration::from_millis(from_ms));
+                }
+            }
+        };
+        // Strangers start before the first honest client and keep going.
+        forge(&mut sim, &mut rng, 0, 300);
+        if !sim
+            .drive(Duration::from_secs(120))
+            .map_err(|e| e.to_string())?
+        {
+            return Err("not settled".into());
+        }
+        check(&sim, 0.02)?;
+        // After the session: forgeries alone must not make the server send to the group.
+        let group = sim.group_data_bytes();
+        let t = sim.elapsed();
+        forge(&mut sim, &mut rng, 0, 100);
+        sim.run_until(t + Duration::from_secs(1))
+            .map_err(|e| e.to_string())?;
+        if sim.group_data_bytes() != group {
+            return Err(format!(
+                "forgeries made the server send {} group bytes",
+                sim.group_data_bytes() - group
+            ));
+        }
+        for (f, addrs) in &kinds {
+            let amp = sim.amplification(addrs);
+            if amp > 3.0 {
+                return Err(format!("{f:?}: amplification {amp:.2}"));
+            }
+            if seed == 0 {
+                eprintln!("{f:?}: amplification toward spoofed addresses {amp:.3}");
+            }
+        }
+        let honest_addrs: Vec<SocketAddr> = sim.clients().iter().map(|c| c.addr).collect();
+        for (_, e) in &sim.server_events {
+            let who = match e {
+                ServerEvent::ClientJoined(a) | ServerEvent::ClientCompleted(a) => Some(*a),
+                _ => None,
+            };
+            if who.is_some_and(|a| !honest_addrs.contains(&a)) {
+                return Err(format!("a stranger counted: {e:?}"));
+            }
+        }
+        if sim.server().stats().unvalidated == 0 {
+            return Err("no forgery was dropped as unvalidated".into());
+        }
+        Ok(())
+    });
+}
+
+/// A join recorded from an honest client, token included, replayed against a
+/// new server instance (same session id, same image) validates nothing and
+/// gets at most 3× its bytes.
+#[test]
+fn replayed_join_against_a_new_instance_gets_three_times_at_most() {
+    for_seeds("replayed join", |seed| {
+        let session = 0x7e9 + seed;
+        let img = test_image(64, PS, 5, seed);
+        let mut sim =
+            Sim::new(seed, cfg(session, 0), img.clone(), PS).map_err(|e| e.to_string())?;
+        let c = sim.add_client(ClientSpec::fetch_all(0.0));
+        sim.record(100_000);
+        if !sim
+            .drive(Duration::from_secs(60))
+            .map_err(|e| e.to_string())?
+        {
+            return Err("not settled".into());
+        }
+        let joins: Vec<_> = sim
+            .recorded()
+            .iter()
+            .filter(|r| !r.from_server && r.data.get(3) == Some(&(mcdist::wire::Kind::Join as u8)))
+            .map(|r| r.data.clone())
+            .collect();
+        let with_token = joins
+            .iter()
+            .filter(|d| d[mcdist::wire::HEADER_LEN + 1..][..16] != [0; 16])
+            .count();
+        if with_token == 0 {
+            return Err("no join echoed a token".into());
+        }
+        let addr = sim.client(c).addr;
+        sim.crash_client(c);
+        sim.restart_server(cfg(session, 0), img)
+            .map_err(|e| e.to_string())?;
+        let before = sim.bytes_sent_to(addr);
+        for d in &joins {
+            sim.spoof(addr, d.clone(), Duration::from_millis(1));
+        }
+        let t = sim.elapsed();
+        sim.run_until(t + Duration::from_secs(1))
+            .map_err(|e| e.to_string())?;
+        let out = sim.bytes_sent_to(addr) - before;
+        let inp = sim.bytes_spoofed_from(addr);
+        if out > 3 * inp || sim.server().client_count() != 0 {
+            return Err(format!(
+                "replayed joins: {out} bytes out for {inp} in, {} receivers",
+                sim.server().client_count()
+            ));
+        }
         Ok(())
     });
 }

@@ -126,6 +126,35 @@ mod server_direct {
         crate::common::request(session, 0, &[PageRange { start: pfn, len: 1 }])
     }
 
+    fn join(session: u64, token: [u8; 16]) -> Vec<u8> {
+        crate::common::emit(session, Body::Join(Join { flags: 0, token }))
+    }
+
+    /// Join from `addr` and echo the token of the announce reply: the address
+    /// is validated (nothing else the server sends is looked at).
+    fn validate(server: &mut Server, now: Instant, addr: SocketAddr) {
+        let sid = server.session_id();
+        server.handle_datagram(now, addr, &join(sid, [0; 16]));
+        let mut buf = vec![0u8; 65_536];
+        let mut token = None;
+        for _ in 0..10_000 {
+            let Some(t) = server.poll_transmit(now, &mut buf) else {
+                break;
+            };
+            if let Ok(Message {
+                body: Body::Announce(a),
+                ..
+            }) = Message::parse(&buf[..t.len])
+            {
+                if t.dest == Dest::Peer(addr) {
+                    token = Some(a.token);
+                }
+            }
+        }
+        let token = token.expect("an announce reply with a token");
+        server.handle_datagram(now, addr, &join(sid, token));
+    }
+
     /// Group data pages the server sends now, as (pfn, flags), until it has nothing more.
     fn drain(server: &mut Server, now: Instant) -> Vec<(u64, u8)> {
         let mut buf = vec![0u8; 65_536];
@@ -180,6 +209,8 @@ mod server_direct {
             .find(|&p| zero.get(p))
             .expect("the test image has zero pages");
         let mut now = t0;
+        validate(&mut server, now, a);
+        drain(&mut server, now);
         for (i, &p) in order.iter().enumerate() {
             now += Duration::from_millis(1);
             server.handle_datagram(now, a, &request(sid, p));
@@ -192,13 +223,10 @@ mod server_direct {
         assert_eq!(server.working_set().order(), &order[..]);
         assert_eq!(server.stats().ws_push_pages, 0);
 
-        // Generation 2 joins later: the replay pushes the order, zero pages left out.
+        // Generation 2 joins later (its address validated): the replay pushes
+        // the order, zero pages left out.
         now += Duration::from_secs(1);
-        server.handle_datagram(
-            now,
-            b,
-            &crate::common::emit(sid, Body::Join(Join { flags: 0 })),
-        );
+        validate(&mut server, now, b);
         // Before the replay gets far, the new clone faults on a page late in the order.
         server.handle_datagram(now, b, &request(sid, 33));
         let sent = drain(&mut server, now);

@@ -49,6 +49,7 @@ fn announce_msg(session: u64) -> Vec<u8> {
             rate: 0,
             flags: 0,
             frag_payload: 4096,
+            token: [0; 16],
         }),
     };
     let mut buf = vec![0u8; m.buffer_len() + TRAILER_LEN];
@@ -293,7 +294,10 @@ fn server_takes_its_session_and_rate_limits_joins() {
             session,
             seq: 1,
             flags: HeaderFlags(0),
-            body: Body::Join(wire::Join { flags: 0 }),
+            body: Body::Join(wire::Join {
+                flags: 0,
+                token: [0; 16],
+            }),
         };
         let mut buf = vec![0u8; m.buffer_len() + TRAILER_LEN];
         let n = m.emit(&mut buf).unwrap();

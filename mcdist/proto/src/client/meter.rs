@@ -151,6 +151,7 @@ impl Client {
             loss_permille: self.meter.loss_permille,
             have_pages: self.pages_present(),
             flags,
+            token: self.session.token,
         });
         self.to_server(seq, body, buf)
     }

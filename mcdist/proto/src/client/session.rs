@@ -10,13 +10,19 @@
 //! than `expected_digest`, a session without hash pages, and an `End` while pages are still
 //! missing.
 //! Leaving sends three leave datagrams 5 ms apart, even after a failure.
+//!
+//! Address validation: the server's unicast announce carries a token for this
+//! client's address; the client echoes it at once in a join (and keeps it in every
+//! join, heartbeat and leave). Until then the server answers nothing but joins, so
+//! joins go on (every quarter `join_interval`) until an announce says the address is
+//! validated; a server restart starts this over.
 
 use super::verify::Verdict;
 use super::{Client, ClientError, ClientEvent, Timer};
 use crate::bitmap::PageBitmap;
 use crate::integrity::HashLayout;
 use crate::reassembly::Reassembler;
-use crate::wire::{self, Announce, Body};
+use crate::wire::{self, Announce, Body, Token, TOKEN_LEN};
 use crate::{SessionInfo, Transmit};
 use std::time::{Duration, Instant};
 
@@ -46,6 +52,10 @@ pub(super) struct Session {
     early: Vec<u64>,
     /// Delay before the next join while the session is unknown.
     join_backoff: Duration,
+    /// The server's address-validation token for this client (zero: none yet).
+    pub(super) token: Token,
+    /// An announce said the server validated this client's address.
+    validated: bool,
 }
 
 impl Session {
@@ -60,6 +70,8 @@ impl Session {
             // The first join is retried quickly (a lost join must not make a
             // late joiner), then backs off to one a second.
             join_backoff: (join_interval / 4).max(Duration::from_millis(1)),
+            token: [0; TOKEN_LEN],
+            validated: false,
         }
     }
 
@@ -148,6 +160,10 @@ impl Client {
                     self.session.announce = Some(a);
                     self.meter.last_server_packet = now;
                     self.meter.server_restarted();
+                    // The new instance validates this address anew.
+                    self.session.token = [0; TOKEN_LEN];
+                    self.session.validated = false;
+                    self.timers.set(Timer::Join, now);
                     self.requests.resend_all();
                     self.events.push_back(ClientEvent::SessionResumed(info));
                 } else {
@@ -158,6 +174,39 @@ impl Client {
                 }
             }
         }
+        self.take_token(now, session_id, &a);
+    }
+
+    /// Keep the token of a unicast announce of the current session and echo it
+    /// now; note when the announce says the address is validated.
+    fn take_token(&mut self, now: Instant, session_id: u64, a: &Announce) {
+        let current = self
+            .session
+            .info
+            .is_some_and(|s| s.session_id == session_id);
+        if self.failed || !current || a.token == [0; TOKEN_LEN] {
+            return;
+        }
+        if a.token != self.session.token {
+            self.session.token = a.token;
+            self.session.validated = false;
+            self.timers.set(Timer::Join, now);
+        }
+        if a.flags & Announce::FLAG_VALIDATED != 0 && !self.session.validated {
+            // The zero map answers the join that validated the address; ask
+            // again a join interval later if it does not all arrive.
+            self.session.validated = true;
+            if self.joins_needed() {
+                self.timers.set(Timer::Join, now + self.cfg.join_interval);
+            } else {
+                self.timers.stop(Timer::Join);
+            }
+        }
+    }
+
+    /// Joins go on until the address is validated and a wanted zero map arrived.
+    fn joins_needed(&self) -> bool {
+        !self.session.validated || self.cfg.want_zero_map && !self.session.zero_map_complete
     }
 
     fn start_session(&mut self, now: Instant, info: SessionInfo, a: Announce) {
@@ -203,7 +252,7 @@ impl Client {
         for pfn in std::mem::take(&mut self.session.early) {
             self.request_page(now, pfn);
         }
-        if self.cfg.want_zero_map && !self.session.zero_map_complete {
+        if self.joins_needed() {
             self.timers.set(Timer::Join, now + self.cfg.join_interval);
         } else {
             self.timers.stop(Timer::Join);
@@ -232,7 +281,9 @@ impl Client {
         let digest = *blake3::hash(&s.zero.to_bytes()).as_bytes();
         if digest == a.zero_map_digest && s.zero.count_ones() == a.zero_count {
             s.zero_map_complete = true;
-            self.timers.stop(Timer::Join);
+            if !self.joins_needed() {
+                self.timers.stop(Timer::Join);
+            }
             // Pages asked for that turn out to be zero are satisfied locally.
             let zeros: Vec<u64> = self
                 .requests
@@ -289,9 +340,15 @@ impl Client {
             self.timers
                 .set(Timer::Join, now + self.session.join_backoff);
             self.session.join_backoff = (self.session.join_backoff * 2).min(Duration::from_secs(1));
-        } else {
+        } else if !self.session.validated {
+            // The token (or the first join's answer) may have been lost.
+            let retry = (self.cfg.join_interval / 16).max(Duration::from_millis(1));
+            self.timers.set(Timer::Join, now + retry);
+        } else if self.joins_needed() {
             self.timers
                 .set(Timer::Join, now + Duration::from_millis(250));
+        } else {
+            self.timers.stop(Timer::Join);
         }
         let seq = self.next_seq();
         let flags = if self.cfg.want_zero_map {
@@ -299,7 +356,8 @@ impl Client {
         } else {
             0
         };
-        Some(self.to_server(seq, Body::Join(wire::Join { flags }), buf))
+        let token = self.session.token;
+        Some(self.to_server(seq, Body::Join(wire::Join { flags, token }), buf))
     }
 
     /// A leave datagram, when one is due (`Some(None)`: due, but `buf` too small).
@@ -317,6 +375,7 @@ impl Client {
             self.timers.stop(Timer::Leave);
         }
         let seq = self.next_seq();
-        Some(self.to_server(seq, Body::Leave(wire::Leave { reason }), buf))
+        let token = self.session.token;
+        Some(self.to_server(seq, Body::Leave(wire::Leave { reason, token }), buf))
     }
 }

@@ -67,8 +67,9 @@ pub struct ServerConfig {
     pub per_source_page_rate: u64,
     /// Most pages one request datagram may make the server consider.
     pub max_pages_per_request: u64,
-    /// Seed for the server's randomness (session id).
-    pub seed: u64,
+    /// Seed for the server's randomness (session id, address-token secret), for
+    /// simulations and tests only; `None` (the default) draws from the OS RNG.
+    pub seed: Option<u64>,
     /// Follow pushed and swept pages with RaptorQ repair symbols
     /// ([`crate::fec`]); multicast delivery only. Off by default.
     pub fec: bool,
@@ -106,7 +107,7 @@ impl Default for ServerConfig {
             max_clients: 4096,
             per_source_page_rate: 400_000,
             max_pages_per_request: 8192,
-            seed: 0x6d63_6469_7374,
+            seed: None,
             fec: false,
             fec_block_pages: 64,
             fec_min_overhead: 0.0,

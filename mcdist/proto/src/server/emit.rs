@@ -117,6 +117,11 @@ impl Outbox {
         }
     }
 
+    /// Number of zero-map chunks.
+    pub(super) fn zero_map_chunks(&self) -> u32 {
+        self.zero_map.count
+    }
+
     pub(super) fn next_seq(&mut self, group: bool) -> u64 {
         if group {
             self.seq_group += 1;
@@ -129,8 +134,8 @@ impl Outbox {
 }
 
 impl Server {
-    /// The session announce as it stands.
-    fn announce(&self) -> Announce {
+    /// The session announce as it stands (a token only in one to a peer).
+    fn announce(&self, dest: Dest) -> Announce {
         let cfg = &self.cfg;
         let sweep_done = self.sweep.pos >= self.total_pages;
         let flag = |on: bool, f: u8| if on { f } else { 0 };
@@ -152,32 +157,54 @@ impl Server {
                 | flag(cfg.sweep, Announce::FLAG_SWEEP)
                 | flag(cfg.sweep && sweep_done, Announce::FLAG_SWEEP_DONE)
                 | flag(self.fec.is_some(), Announce::FLAG_FEC)
-                | Announce::FLAG_HASH_PAGES,
+                | Announce::FLAG_HASH_PAGES
+                | flag(
+                    matches!(dest, Dest::Peer(p) if self.peers.contains(&p)),
+                    Announce::FLAG_VALIDATED,
+                ),
             frag_payload: self.geo.frag_payload as u16,
+            token: match dest {
+                Dest::Peer(p) => self.token_for(p),
+                Dest::Group => [0; wire::TOKEN_LEN],
+            },
         }
     }
 
     /// Announce to every receiver: one multicast, or one per receiver in fan-out.
     pub(super) fn queue_group_announce(&mut self) {
         match self.cfg.delivery {
-            Delivery::Multicast => self.out.control.push_back(Control::Announce(Dest::Group)),
+            Delivery::Multicast => {
+                let queued = self
+                    .out
+                    .control
+                    .iter()
+                    .any(|c| matches!(c, Control::Announce(Dest::Group)));
+                if !queued && self.control_room(1) {
+                    self.out.control.push_back(Control::Announce(Dest::Group));
+                }
+            }
             Delivery::UnicastFanout => {
                 for p in self.peers.addrs() {
-                    self.out.control.push_back(Control::Announce(Dest::Peer(p)));
+                    self.queue_announce_to(p);
                 }
             }
         }
     }
 
-    /// Announce to one receiver.
+    /// Announce to one receiver (within the control queue's bound).
     pub(super) fn queue_announce_to(&mut self, peer: SocketAddr) {
-        self.out
-            .control
-            .push_back(Control::Announce(Dest::Peer(peer)));
+        if self.control_room(1) {
+            self.out
+                .control
+                .push_back(Control::Announce(Dest::Peer(peer)));
+        }
     }
 
-    /// Every zero-map chunk to one receiver.
+    /// Every zero-map chunk to one receiver (all or none, within the bound).
     pub(super) fn queue_zero_map(&mut self, peer: SocketAddr) {
+        if !self.control_room(self.out.zero_map.count as usize) {
+            return;
+        }
         for c in 0..self.out.zero_map.count {
             self.out.control.push_back(Control::ZeroMapChunk(peer, c));
         }
@@ -185,14 +212,16 @@ impl Server {
 
     /// Announce the end of the session (reason 1 once the source failed).
     pub(super) fn queue_end(&mut self) {
-        self.out.control.push_back(Control::End);
+        if self.control_room(1) {
+            self.out.control.push_back(Control::End);
+        }
     }
 
     pub(super) fn emit_control(&mut self, c: Control, buf: &mut [u8]) -> Option<Transmit> {
         let dest = c.dest();
         let seq = self.out.next_seq(dest == Dest::Group);
         let body = match c {
-            Control::Announce(_) => Body::Announce(self.announce()),
+            Control::Announce(d) => Body::Announce(self.announce(d)),
             Control::End => Body::End(wire::End {
                 reason: u8::from(self.failed),
             }),

@@ -24,8 +24,8 @@
 //! `peers` (receiver table, reports, slow receivers, completion), `requests`
 //! (what a request or NACK makes the server do), `schedule` (job priority, push
 //! window, sweep, sent log, end game), `emit` (fragments, control messages,
-//! announce), `fec` (FEC blocks and repair symbols), `stats` (counters and
-//! events). This file holds the [`Server`], its public API and its timers.
+//! announce), `fec` (FEC blocks and repair symbols), `validate` (address
+//! tokens, the 3× limit, control pacing), `stats` (counters and events). This file holds the [`Server`], its public API and its timers.
 
 mod config;
 mod emit;
@@ -34,6 +34,7 @@ mod peers;
 mod requests;
 mod schedule;
 mod stats;
+mod validate;
 
 pub use config::{ConfigError, Delivery, ServerConfig};
 pub use stats::{ServerEvent, ServerStats, SourceFailure};
@@ -49,12 +50,13 @@ use config::Geometry;
 use emit::Outbox;
 use fec::FecState;
 use peers::Peers;
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use schedule::{Push, Queues, SentLog, Sweep};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use validate::Validator;
 
 /// The server's timers. Sending is not a timer: [`Server::poll_timeout`] adds
 /// the instant the token bucket lets the next datagram out whenever one waits.
@@ -102,8 +104,12 @@ pub struct Server {
     timers: TimerTable<ServerTimer>,
     /// Receivers (`peers`).
     peers: Peers,
-    /// Pacing: the bucket every datagram takes from, at the controller's rate.
+    /// Pacing: the bucket every data datagram takes from, at the controller's rate.
     bucket: TokenBucket,
+    /// Control datagrams' own bucket (`validate`).
+    control_bucket: TokenBucket,
+    /// Address tokens (`validate`).
+    validator: Validator,
     rate: RateController,
     /// What to send next (`schedule`).
     queues: Queues,
@@ -158,10 +164,18 @@ impl Server {
         }
         info.hash_tree = Some(tree.clone());
         let total_pages = tree.layout().total_pages();
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(cfg.seed);
+        // Session id and token secret: from the OS RNG unless a test seeds them.
+        let mut rng = match cfg.seed {
+            Some(seed) => rand::rngs::StdRng::seed_from_u64(seed),
+            None => rand::rngs::StdRng::from_os_rng(),
+        };
         let session = cfg.session_id.unwrap_or_else(|| rng.random::<u64>() | 1);
+        let mut secret = [0u8; 32];
+        rng.fill_bytes(&mut secret);
         let rate = RateController::new(now, cfg.rate);
         let bucket = TokenBucket::new(now, rate.rate(), cfg.rate.burst_bytes(rate.rate()));
+        let (ctl_rate, ctl_burst) = Server::control_rate(&cfg, rate.rate());
+        let control_bucket = TokenBucket::new(now, ctl_rate, ctl_burst);
         let mut timers = TimerTable::new();
         timers.set(ServerTimer::Announce, now);
         timers.set(ServerTimer::Housekeeping, now + HOUSEKEEPING_PERIOD);
@@ -178,6 +192,8 @@ impl Server {
             timers,
             peers: Peers::default(),
             bucket,
+            control_bucket,
+            validator: Validator::new(secret),
             rate,
             queues: Queues::default(),
             sent: SentLog::new(total_pages),
@@ -270,7 +286,7 @@ impl Server {
             return;
         }
         match msg.body {
-            Body::Join(j) => self.on_join(now, from, j),
+            Body::Join(j) => self.on_join(now, from, j, datagram.len()),
             Body::Request(q) => self.on_request(now, from, q, false),
             Body::Nack(q) => self.on_request(now, from, q, true),
             Body::Heartbeat(h) => self.on_heartbeat(now, from, h),
@@ -293,6 +309,8 @@ impl Server {
             if self.rate.update(now) {
                 let r = self.rate.rate();
                 self.bucket.set_rate(now, r, self.cfg.rate.burst_bytes(r));
+                let (cr, cb) = Server::control_rate(&self.cfg, r);
+                self.control_bucket.set_rate(now, cr, cb);
             }
             self.timers
                 .set(ServerTimer::RateUpdate, self.rate.next_update());
@@ -307,7 +325,11 @@ impl Server {
     /// When the server next needs [`Server::handle_timeout`] or can send again;
     /// `None` when no timer is armed and nothing waits to be sent.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let control = (!self.out.control.is_empty()).then_some(self.base);
+        let control = self
+            .out
+            .control
+            .front()
+            .map(|c| self.control_bucket.ready_at(self.control_len(c)));
         let data = self.has_data_work().then(|| {
             // A repair datagram may be a little longer than a fragment.
             let need = self
@@ -329,7 +351,14 @@ impl Server {
                 .set(ServerTimer::Announce, now + self.cfg.announce_interval);
             self.queue_group_announce();
         }
-        while let Some(c) = self.out.control.pop_front() {
+        while let Some(c) = self.out.control.front() {
+            // Control is paced by its own bucket; data may go while it waits.
+            if !self.control_bucket.try_take(now, self.control_len(c)) {
+                break;
+            }
+            let Some(c) = self.out.control.pop_front() else {
+                break;
+            };
             if let Some(t) = self.emit_control(c, buf) {
                 return Some(t);
             }

@@ -1,7 +1,8 @@
 //! The receiver table: who is listening, and what they report.
 //!
-//! Rules owned here: a receiver is tracked from its first datagram (up to
-//! `max_clients`) until it leaves or stays silent for `client_timeout`; each has
+//! Rules owned here: a receiver is tracked once its address is validated (its
+//! token echoed, see `validate`; up to `max_clients`) until it leaves or stays
+//! silent for `client_timeout`; each has
 //! its own request rate limit; its rate and loss reports feed the rate
 //! controller once per interval, except a receiver that cannot keep up (loss or
 //! re-asks far above the median's), which is marked slow, left out of pacing and
@@ -149,7 +150,8 @@ impl Peers {
 }
 
 impl Server {
-    /// Record that `from` is alive; false if it cannot be tracked (table full).
+    /// Record that the validated address `from` is alive; false if it cannot be
+    /// tracked (table full). Only called once `from` proved it receives there.
     pub(super) fn touch_peer(&mut self, now: Instant, from: SocketAddr) -> bool {
         if let Some(p) = self.peers.table.get_mut(&from) {
             p.last_seen = now;
@@ -168,9 +170,14 @@ impl Server {
         true
     }
 
-    /// A receiver joins: it gets the announce, and the zero map when it asks
-    /// (at most once per [`ZERO_MAP_REPEAT`]).
-    pub(super) fn on_join(&mut self, now: Instant, from: SocketAddr, join: wire::Join) {
+    /// A receiver joins: it gets the announce (with its token); once the join
+    /// echoes the token, it is tracked and gets the zero map when it asks (at
+    /// most once per [`ZERO_MAP_REPEAT`]).
+    pub(super) fn on_join(&mut self, now: Instant, from: SocketAddr, join: wire::Join, len: usize) {
+        if !self.token_valid(from, &join.token) {
+            self.answer_unvalidated_join(from, len);
+            return;
+        }
         if !self.touch_peer(now, from) {
             return;
         }
@@ -193,6 +200,10 @@ impl Server {
 
     /// A heartbeat carries a report and, at the end, the completion flag.
     pub(super) fn on_heartbeat(&mut self, now: Instant, from: SocketAddr, h: wire::Heartbeat) {
+        if !self.token_valid(from, &h.token) {
+            self.drop_unvalidated(from, "heartbeat");
+            return;
+        }
         if !self.touch_peer(now, from) {
             return;
         }
@@ -204,6 +215,10 @@ impl Server {
 
     /// A leave with reason 0 means "done"; any other reason forgets the receiver.
     pub(super) fn on_leave(&mut self, now: Instant, from: SocketAddr, leave: wire::Leave) {
+        if !self.token_valid(from, &leave.token) {
+            self.drop_unvalidated(from, "leave");
+            return;
+        }
         if leave.reason == 0 {
             if self.touch_peer(now, from) {
                 self.mark_complete(from);

@@ -1,6 +1,8 @@
 //! What a request or NACK makes the server do, one named policy per rule.
 //!
 //! Rules owned here, in the order a page request meets them:
+//! 0. validated sources only — a request or NACK from an address that has not
+//!    echoed its token (`validate`) is dropped: no group send, no answer;
 //! 1. rate limit — each receiver may ask for `per_source_page_rate` pages per second;
 //! 2. zero replies — a zero page is answered to the asker alone, header only;
 //! 3. working-set recording and neighbour push — a first ask (a fault) is
@@ -48,6 +50,10 @@ impl Server {
             self.stats.nacks += 1;
         } else {
             self.stats.requests += 1;
+        }
+        if !self.peers.contains(&from) {
+            self.drop_unvalidated(from, "request");
+            return;
         }
         if !self.touch_peer(now, from) {
             return;

@@ -86,8 +86,11 @@ pub struct ServerStats {
     /// Receivers marked slow (loss while most receivers had none): left out of
     /// pacing and repaired by unicast.
     pub slow_receivers: u64,
-    /// Unicast answers refused because the receiver's or the server's queue was full.
+    /// Unicast answers or control messages refused because a queue was full.
     pub queue_full: u64,
+    /// Datagrams dropped because their source address was not validated (or
+    /// their token did not match it), and joins too short to answer.
+    pub unvalidated: u64,
     /// FEC blocks closed with repair symbols.
     pub fec_blocks: u64,
     /// FEC repair symbols sent (one datagram each).

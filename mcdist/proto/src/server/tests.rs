@@ -3,7 +3,8 @@
 use super::{Server, ServerConfig};
 use crate::source::MemSource;
 use crate::wire::{
-    encode_ranges, ranges_from_encoded, Body, Data, HeaderFlags, Kind, Message, PageRange, Request,
+    encode_ranges, ranges_from_encoded, Body, Data, HeaderFlags, Heartbeat, Join, Kind, Message,
+    PageRange, Request, Token,
 };
 use crate::Dest;
 use std::net::SocketAddr;
@@ -76,6 +77,46 @@ fn drain(s: &mut Server, now: Instant) -> Vec<Sent> {
     panic!("the server never ran out of datagrams");
 }
 
+/// A datagram with `body` of this session.
+fn datagram(body: Body<'_>) -> Vec<u8> {
+    let m = Message {
+        session: SESSION,
+        seq: 1,
+        flags: HeaderFlags(0),
+        body,
+    };
+    let mut buf = vec![0u8; m.buffer_len()];
+    let n = m.emit(&mut buf).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+fn join(token: Token) -> Vec<u8> {
+    datagram(Body::Join(Join {
+        flags: Join::WANT_ZERO_MAP,
+        token,
+    }))
+}
+
+/// Join from `from`, read the token of the announce reply, echo it: `from` is validated.
+fn validate(s: &mut Server, now: Instant, from: SocketAddr) -> Token {
+    s.handle_datagram(now, from, &join([0; 16]));
+    let mut buf = vec![0u8; 65_536];
+    let mut token = None;
+    while let Some(t) = s.poll_transmit(now, &mut buf) {
+        if let (Dest::Peer(p), Ok(m)) = (t.dest, Message::parse(&buf[..t.len])) {
+            if let (true, Body::Announce(a)) = (p == from, m.body) {
+                token = Some(a.token);
+            }
+        }
+    }
+    let token = token.expect("an announce with a token");
+    s.handle_datagram(now, from, &join(token));
+    drain(s, now);
+    assert!(s.peers.contains(&from), "{from} validated");
+    token
+}
+
 fn data(sent: &[Sent]) -> Vec<(Dest, u64, u8)> {
     sent.iter()
         .filter_map(|&(d, _, p)| p.map(|(pfn, f)| (d, pfn, f)))
@@ -107,6 +148,8 @@ fn lockstep_window_suppresses_a_second_ask_then_lets_it_through() {
     let t0 = Instant::now();
     let mut s = server(t0);
     drain(&mut s, t0);
+    validate(&mut s, t0, addr(1));
+    validate(&mut s, t0, addr(2));
     s.handle_datagram(t0, addr(1), &ask(Kind::Request, 0, 2));
     let first = data(&drain(&mut s, t0));
     // The hash page above it (page 8: the eight data pages have one) goes first.
@@ -134,6 +177,7 @@ fn zero_pages_are_answered_to_the_asker_alone() {
     let t0 = Instant::now();
     let mut s = server(t0);
     drain(&mut s, t0);
+    validate(&mut s, t0, addr(1));
     s.handle_datagram(t0, addr(1), &ask(Kind::Request, 0, 5));
     assert_eq!(
         data(&drain(&mut s, t0)),
@@ -149,6 +193,7 @@ fn in_the_end_game_a_reask_goes_unicast_and_a_first_nack_to_the_group() {
     let mut s = server(t0);
     drain(&mut s, t0);
     let c = addr(1);
+    validate(&mut s, t0, c);
     // Before the end game, a re-ask is multicast: siblings likely lost it too.
     s.handle_datagram(t0, c, &ask(Kind::Request, 0, 0));
     drain(&mut s, t0);
@@ -175,4 +220,79 @@ fn in_the_end_game_a_reask_goes_unicast_and_a_first_nack_to_the_group() {
             (Dest::Group, 4, Data::REPAIR)
         ]
     );
+}
+
+#[test]
+fn an_unvalidated_address_gets_at_most_three_times_what_it_sent() {
+    let t0 = Instant::now();
+    let mut s = server(t0);
+    drain(&mut s, t0);
+    let stranger = addr(9);
+    let mut buf = vec![0u8; 65_536];
+    let mut sent_in = 0;
+    let mut got = 0;
+    let attacks = [
+        join([0; 16]),
+        join([7; 16]),
+        ask(Kind::Request, 0, 2),
+        ask(Kind::Request, Request::RETRY, 3),
+        ask(Kind::Nack, 0, 4),
+        ask(Kind::Request, 0, 5),
+        datagram(Body::Heartbeat(Heartbeat {
+            rx_rate: 1,
+            loss_permille: 0,
+            have_pages: 8,
+            flags: Heartbeat::COMPLETE,
+            token: [1; 16],
+        })),
+    ];
+    for d in &attacks {
+        sent_in += d.len();
+        s.handle_datagram(t0, stranger, d);
+        while let Some(t) = s.poll_transmit(t0, &mut buf) {
+            assert_eq!(t.dest, Dest::Peer(stranger), "nothing goes to the group");
+            got += t.len;
+        }
+    }
+    assert!(got > 0, "the join is answered");
+    assert!(got <= 3 * sent_in, "{got} bytes out for {sent_in} in");
+    assert_eq!(s.client_count(), 0, "no stranger in the receiver table");
+    assert_eq!(s.completed_clients(), 0);
+    // A join shorter than a third of the reply gets nothing.
+    let short = &join([0; 16])[..50];
+    s.handle_datagram(t0, stranger, short);
+    assert!(s.poll_transmit(t0, &mut buf).is_none());
+    // The token of one address does not validate another, nor another instance.
+    let token = validate(&mut s, t0, addr(1));
+    s.handle_datagram(t0, addr(2), &join(token));
+    assert!(!s.peers.contains(&addr(2)));
+    let mut fresh = server(t0);
+    fresh.handle_datagram(t0, addr(1), &join(token));
+    assert_eq!(fresh.client_count(), 0, "a replayed join validates nothing");
+}
+
+#[test]
+fn control_is_paced_and_its_queue_bounded() {
+    let t0 = Instant::now();
+    let mut s = server(t0);
+    drain(&mut s, t0);
+    let mut buf = vec![0u8; 65_536];
+    let mut bytes = 0;
+    for round in 0..8u16 {
+        for port in 0..5_000u16 {
+            s.handle_datagram(t0, addr(round * 5_000 + port), &join([0; 16]));
+        }
+        assert!(s.out.control.len() <= super::validate::Validator::queue_limit(1));
+        while let Some(t) = s.poll_transmit(t0, &mut buf) {
+            bytes += t.len as u64;
+        }
+    }
+    assert!(s.stats().queue_full > 0);
+    let burst = s.control_bucket.burst();
+    assert!(
+        bytes <= burst,
+        "{bytes} control bytes at one instant, burst {burst}"
+    );
+    assert!(!s.out.control.is_empty(), "the rest waits for the bucket");
+    assert!(s.poll_timeout().is_some_and(|t| t > t0));
 }

@@ -296,6 +296,9 @@ impl Sim {
             match t.dest {
                 Dest::Group => {
                     self.group_datagrams += 1;
+                    if data.get(3) != Some(&(crate::wire::Kind::Announce as u8)) {
+                        self.group_data_bytes += data.len() as u64;
+                    }
                     for i in 0..self.clients.len() {
                         if self.clients[i].state == ClientState::Running {
                             self.send_down(i, data.clone());
@@ -304,6 +307,7 @@ impl Sim {
                 }
                 Dest::Peer(a) => {
                     self.server_unicast_datagrams += 1;
+                    *self.unicast_bytes.entry(a).or_default() += data.len() as u64;
                     match self.by_addr.get(&a).copied() {
                         Some(i) if self.clients[i].state == ClientState::Running => {
                             self.send_down(i, data)

@@ -26,6 +26,7 @@
 //! | `driver`   | virtual time, the event queue, the step loop ([`Sim::drive`])     |
 //! | `scenario` | adding clients, restarts, crashes, injection, recording           |
 //! | `check`    | [`Sim::verify`], [`SimError`], test images                        |
+//! | `adversary`| forged sources ([`Sim::spoof`], [`Forgery`]), amplification       |
 
 use crate::client::Client;
 use crate::server::{Server, ServerConfig, ServerEvent};
@@ -37,12 +38,14 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod adversary;
 mod check;
 mod driver;
 mod link;
 mod node;
 mod scenario;
 
+pub use adversary::Forgery;
 pub use check::{page_matches, test_image, SimError};
 pub use link::{LinkConfig, LinkStats, Loss, RxCapacity};
 pub use node::{ClientSpec, ClientState, SimClient, Workload};
@@ -74,6 +77,12 @@ pub struct Sim {
     pub client_datagrams: u64,
     steps: u64,
     record: Option<(usize, Vec<Recorded>)>,
+    /// Bytes the server sent by unicast, per address.
+    unicast_bytes: HashMap<SocketAddr, u64>,
+    /// Group bytes the server sent other than announces.
+    group_data_bytes: u64,
+    /// Bytes forged per source address ([`Sim::spoof`]).
+    spoofed_in: HashMap<SocketAddr, u64>,
 }
 
 impl std::fmt::Debug for Sim {
@@ -94,11 +103,13 @@ impl Sim {
     /// A simulation serving `image` in pages of `page_size` with `cfg`, seeded by `seed`.
     pub fn new(
         seed: u64,
-        cfg: ServerConfig,
+        mut cfg: ServerConfig,
         image: impl Into<Bytes>,
         page_size: usize,
     ) -> Result<Sim, SimError> {
         let base = Instant::now();
+        // The same seed always gives the same run: the server's too.
+        cfg.seed.get_or_insert(seed ^ 0x5e5e_5e5e);
         let image = image.into();
         let server = serve_image(cfg, image.clone(), page_size, base)?;
         Ok(Sim {
@@ -121,6 +132,9 @@ impl Sim {
             client_datagrams: 0,
             steps: 0,
             record: None,
+            unicast_bytes: HashMap::new(),
+            group_data_bytes: 0,
+            spoofed_in: HashMap::new(),
         })
     }
 

@@ -95,10 +95,12 @@ impl Sim {
     /// the server process restarted. Datagrams in flight reach the new server.
     pub fn restart_server(
         &mut self,
-        cfg: ServerConfig,
+        mut cfg: ServerConfig,
         image: impl Into<Bytes>,
     ) -> Result<(), SimError> {
         let image = image.into();
+        cfg.seed
+            .get_or_insert(self.seed ^ (self.images.len() as u64) << 32);
         self.server = super::serve_image(cfg, image.clone(), self.page_size, self.now)?;
         self.server_image = image.clone();
         self.images.push((*blake3::hash(&image).as_bytes(), image));

@@ -1,7 +1,7 @@
 //! [`Announce`]: the session parameters the server announces.
 
 use super::{
-    check_emit, check_len, put, read_array, read_u16, read_u32, read_u64, Field, WireError,
+    check_emit, check_len, put, read_array, read_u16, read_u32, read_u64, Field, Token, WireError,
 };
 
 /// Byte offsets of the [`Announce`] body fields.
@@ -29,6 +29,8 @@ pub(super) mod field {
     pub const FLAGS: usize = 112;
     /// Largest fragment payload.
     pub const FRAG_PAYLOAD: Field = 113..115;
+    /// Address-validation token for the receiver (unicast replies to a join only).
+    pub const TOKEN: Field = 115..131;
 }
 
 /// Session parameters, announced by the server.
@@ -57,11 +59,14 @@ pub struct Announce {
     pub flags: u8,
     /// Largest page-fragment payload the server sends.
     pub frag_payload: u16,
+    /// In a unicast reply to a join: the token that validates the receiver's
+    /// address once echoed. All zero in group announces.
+    pub token: Token,
 }
 
 impl Announce {
     /// Body length.
-    pub const LEN: usize = field::FRAG_PAYLOAD.end;
+    pub const LEN: usize = field::TOKEN.end;
     /// `sweep_pos` value meaning "no sweep".
     pub const SWEEP_NONE: u64 = u64::MAX;
     /// The server pushes pages next to faults.
@@ -76,6 +81,9 @@ impl Announce {
     /// `page_count..`: receivers verify every page against the digest. Receivers refuse
     /// a session without it.
     pub const FLAG_HASH_PAGES: u8 = 0x10;
+    /// In an announce to one receiver: its address is validated (its token
+    /// came back), so its requests are served.
+    pub const FLAG_VALIDATED: u8 = 0x20;
 
     /// Parse and validate an announce body (bytes after the header; trailing bytes are ignored).
     pub fn parse(body: &[u8]) -> Result<Announce, WireError> {
@@ -92,6 +100,7 @@ impl Announce {
             rate: read_u64(body, field::RATE),
             flags: body[field::FLAGS],
             frag_payload: read_u16(body, field::FRAG_PAYLOAD),
+            token: read_array(body, field::TOKEN),
         };
         if a.page_size == 0 || !a.page_size.is_power_of_two() || a.page_size > (1 << 21) {
             return Err(WireError::BadField("page_size"));
@@ -132,6 +141,7 @@ impl Announce {
         put(body, field::RATE, &self.rate.to_be_bytes());
         body[field::FLAGS] = self.flags;
         put(body, field::FRAG_PAYLOAD, &self.frag_payload.to_be_bytes());
+        put(body, field::TOKEN, &self.token);
         Ok(())
     }
 }

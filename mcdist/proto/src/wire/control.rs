@@ -1,11 +1,24 @@
 //! The session-control messages: [`Join`], [`Heartbeat`], [`Leave`] and [`End`].
+//!
+//! Join, heartbeat and leave carry the client's [`Token`]: the address-validation
+//! token the server handed out in its announce reply to a join (all zero until
+//! the client has one). A join is padded to [`Join::PADDED_LEN`] so the server's
+//! announce reply to a not yet validated address fits three times its size.
 
-use super::{check_emit, check_len, put, read_u16, read_u64, Field, WireError};
+use super::{check_emit, check_len, put, read_array, read_u16, read_u64, Field, WireError};
+
+/// An address-validation token (see the server's `validate` rule).
+pub type Token = [u8; TOKEN_LEN];
+/// Length of a [`Token`].
+pub const TOKEN_LEN: usize = 16;
 
 /// Byte offsets of the [`Join`] body fields.
 pub(super) mod join_field {
+    use super::Field;
     /// Join flags.
     pub const FLAGS: usize = 0;
+    /// Echoed address-validation token.
+    pub const TOKEN: Field = 1..17;
 }
 
 /// Byte offsets of the [`Heartbeat`] body fields.
@@ -19,12 +32,17 @@ pub(super) mod heartbeat_field {
     pub const HAVE_PAGES: Field = 10..18;
     /// Heartbeat flags.
     pub const FLAGS: usize = 18;
+    /// Echoed address-validation token.
+    pub const TOKEN: Field = 19..35;
 }
 
 /// Byte offsets of the [`Leave`] and [`End`] body fields.
 pub(super) mod reason_field {
+    use super::Field;
     /// Why the client leaves or the session ends.
     pub const REASON: usize = 0;
+    /// Echoed address-validation token ([`Leave`](super::Leave) only).
+    pub const TOKEN: Field = 1..17;
 }
 
 /// Body of [`Kind::Join`](super::Kind::Join).
@@ -32,31 +50,42 @@ pub(super) mod reason_field {
 pub struct Join {
     /// Join flags ([`Join::WANT_ZERO_MAP`]).
     pub flags: u8,
+    /// The token of the server's announce reply, echoed (zero: none yet).
+    pub token: Token,
 }
 
 impl Join {
     /// The client wants the zero map.
     pub const WANT_ZERO_MAP: u8 = 0x01;
-    /// Body length.
-    const LEN: usize = join_field::FLAGS + 1;
+    /// Body length (the fixed part; a shorter body is truncated).
+    const LEN: usize = join_field::TOKEN.end;
+    /// Body length as emitted: zero padding makes the whole datagram
+    /// [`Join::PADDED_DATAGRAM`] bytes, as QUIC pads its Initial packets.
+    pub const PADDED_LEN: usize = Self::PADDED_DATAGRAM - super::HEADER_LEN;
+    /// Length of a join datagram as emitted (before any security trailer):
+    /// three times this covers the announce reply and its trailer.
+    pub const PADDED_DATAGRAM: usize = 96;
 
-    /// Parse a join body (trailing bytes are ignored).
+    /// Parse a join body (trailing bytes, the padding, are ignored).
     pub fn parse(body: &[u8]) -> Result<Join, WireError> {
         check_len(body, Self::LEN)?;
         Ok(Join {
             flags: body[join_field::FLAGS],
+            token: read_array(body, join_field::TOKEN),
         })
     }
 
-    /// Body bytes needed to emit this join.
+    /// Body bytes needed to emit this join (padding included).
     pub fn buffer_len(&self) -> usize {
-        Self::LEN
+        Self::PADDED_LEN
     }
 
-    /// Emit the body into the start of `body`.
+    /// Emit the body, zero padded, into the start of `body`.
     pub fn emit(&self, body: &mut [u8]) -> Result<(), WireError> {
-        check_emit(body, Self::LEN)?;
+        check_emit(body, Self::PADDED_LEN)?;
+        body[..Self::PADDED_LEN].fill(0);
         body[join_field::FLAGS] = self.flags;
+        put(body, join_field::TOKEN, &self.token);
         Ok(())
     }
 }
@@ -72,11 +101,13 @@ pub struct Heartbeat {
     pub have_pages: u64,
     /// Heartbeat flags ([`Heartbeat::COMPLETE`]).
     pub flags: u8,
+    /// The client's address-validation token (zero: none yet).
+    pub token: Token,
 }
 
 impl Heartbeat {
     /// Body length.
-    pub const LEN: usize = heartbeat_field::FLAGS + 1;
+    pub const LEN: usize = heartbeat_field::TOKEN.end;
     /// The client holds the whole image and verified it.
     pub const COMPLETE: u8 = 0x01;
 
@@ -88,6 +119,7 @@ impl Heartbeat {
             loss_permille: read_u16(body, heartbeat_field::LOSS_PERMILLE),
             have_pages: read_u64(body, heartbeat_field::HAVE_PAGES),
             flags: body[heartbeat_field::FLAGS],
+            token: read_array(body, heartbeat_field::TOKEN),
         })
     }
 
@@ -111,6 +143,7 @@ impl Heartbeat {
             &self.have_pages.to_be_bytes(),
         );
         body[heartbeat_field::FLAGS] = self.flags;
+        put(body, heartbeat_field::TOKEN, &self.token);
         Ok(())
     }
 }
@@ -120,6 +153,34 @@ impl Heartbeat {
 pub struct Leave {
     /// 0: done, 1: aborted.
     pub reason: u8,
+    /// The client's address-validation token (zero: none yet).
+    pub token: Token,
+}
+
+impl Leave {
+    const LEN: usize = reason_field::TOKEN.end;
+
+    /// Parse a leave body (trailing bytes are ignored).
+    pub fn parse(body: &[u8]) -> Result<Leave, WireError> {
+        check_len(body, Self::LEN)?;
+        Ok(Leave {
+            reason: body[reason_field::REASON],
+            token: read_array(body, reason_field::TOKEN),
+        })
+    }
+
+    /// Body bytes needed to emit this leave.
+    pub fn buffer_len(&self) -> usize {
+        Self::LEN
+    }
+
+    /// Emit the body into the start of `body`.
+    pub fn emit(&self, body: &mut [u8]) -> Result<(), WireError> {
+        check_emit(body, Self::LEN)?;
+        body[reason_field::REASON] = self.reason;
+        put(body, reason_field::TOKEN, &self.token);
+        Ok(())
+    }
 }
 
 /// Body of [`Kind::End`](super::Kind::End).
@@ -129,34 +190,26 @@ pub struct End {
     pub reason: u8,
 }
 
-/// Parse, emit and size of the one-byte reason bodies ([`Leave`], [`End`]).
-macro_rules! reason_body {
-    ($ty:ident, $what:literal) => {
-        impl $ty {
-            const LEN: usize = reason_field::REASON + 1;
+impl End {
+    const LEN: usize = reason_field::REASON + 1;
 
-            #[doc = concat!("Parse ", $what, " body (trailing bytes are ignored).")]
-            pub fn parse(body: &[u8]) -> Result<$ty, WireError> {
-                check_len(body, Self::LEN)?;
-                Ok($ty {
-                    reason: body[reason_field::REASON],
-                })
-            }
+    /// Parse an end body (trailing bytes are ignored).
+    pub fn parse(body: &[u8]) -> Result<End, WireError> {
+        check_len(body, Self::LEN)?;
+        Ok(End {
+            reason: body[reason_field::REASON],
+        })
+    }
 
-            #[doc = concat!("Body bytes needed to emit this ", stringify!($ty), ".")]
-            pub fn buffer_len(&self) -> usize {
-                Self::LEN
-            }
+    /// Body bytes needed to emit this end.
+    pub fn buffer_len(&self) -> usize {
+        Self::LEN
+    }
 
-            /// Emit the body into the start of `body`.
-            pub fn emit(&self, body: &mut [u8]) -> Result<(), WireError> {
-                check_emit(body, Self::LEN)?;
-                body[reason_field::REASON] = self.reason;
-                Ok(())
-            }
-        }
-    };
+    /// Emit the body into the start of `body`.
+    pub fn emit(&self, body: &mut [u8]) -> Result<(), WireError> {
+        check_emit(body, Self::LEN)?;
+        body[reason_field::REASON] = self.reason;
+        Ok(())
+    }
 }
-
-reason_body!(Leave, "a leave");
-reason_body!(End, "an end");

@@ -6,7 +6,7 @@ use super::{read_u64, Field, WireError};
 /// Magic bytes at the start of every mcdist datagram.
 pub const MAGIC: [u8; 2] = *b"MD";
 /// Protocol version carried in every header. Other versions are rejected.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = field::SEQ.end;
 /// Set in the sequence number of datagrams the server sends by unicast, so group

@@ -55,7 +55,7 @@ mod tests;
 mod zeromap;
 
 pub use announce::Announce;
-pub use control::{End, Heartbeat, Join, Leave};
+pub use control::{End, Heartbeat, Join, Leave, Token, TOKEN_LEN};
 pub use data::{emit_data_header, Data, DATA_FIXED_LEN};
 pub use header::{Header, HeaderFlags, Kind, Packet, HEADER_LEN, MAGIC, SEQ_UNICAST_BIT, VERSION};
 pub use ranges::{

@@ -24,6 +24,7 @@ fn every_kind_roundtrips() {
         rate: 1_000_000,
         flags: Announce::FLAG_PUSH,
         frag_payload: 1400,
+        token: [0; 16],
     };
     let mut raw = Vec::new();
     encode_ranges(
@@ -54,14 +55,21 @@ fn every_kind_roundtrips() {
             flags: 0,
             ranges: ranges_from_encoded(&raw),
         }),
-        Body::Join(Join { flags: 1 }),
+        Body::Join(Join {
+            flags: 1,
+            token: [3; 16],
+        }),
         Body::Heartbeat(Heartbeat {
             rx_rate: 9,
             loss_permille: 3,
             have_pages: 77,
             flags: Heartbeat::COMPLETE,
+            token: [5; 16],
         }),
-        Body::Leave(Leave { reason: 0 }),
+        Body::Leave(Leave {
+            reason: 0,
+            token: [4; 16],
+        }),
         Body::ZeroMap(ZeroMap {
             chunk: 0,
             chunk_count: 2,
