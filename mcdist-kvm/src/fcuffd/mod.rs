@@ -42,9 +42,11 @@ use crate::source::{PageBitmap, PageSource};
 use crate::sys::Uffd;
 
 pub mod firecracker_side;
+mod plain;
 mod regions;
 mod vmm;
 
+pub use plain::plain_descriptor;
 pub use regions::{parse_regions, Region};
 pub use vmm::{ServedVmm, VmmEnd, VmmLost, VmmStats};
 
