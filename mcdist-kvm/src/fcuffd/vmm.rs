@@ -13,7 +13,7 @@ use vmm_sys_util::poll::PollContext;
 
 use super::{Backend, HandlerConfig, OnLoss, Region};
 use crate::share::external::{CachedPage, ExternalSlot, ExternalTarget};
-use crate::share::CacheFailure;
+use crate::share::{CacheFailure, HostCache};
 use crate::source::PageBitmap;
 use crate::sys::fcuffd::{read_event, UffdEvent};
 use crate::sys::{Install, Uffd};
@@ -78,10 +78,15 @@ pub struct VmmStats {
     pub removes: u64,
     /// Pages removed by a balloon.
     pub removed_pages: u64,
+    /// Pages installed ahead of any fault: found in the host cache (pushed, or brought by
+    /// another microVM or host) while the microVM had not touched them yet.
+    pub ahead: u64,
 }
 
 struct State {
     removed: PageBitmap,
+    /// Pages installed (or found present) in this microVM.
+    installed: PageBitmap,
     pending: HashMap<u64, (Instant, Instant)>,
     failure: Option<VmmLost>,
     stats: VmmStats,
@@ -126,6 +131,9 @@ impl Vmm {
         let removed = {
             let mut st = self.lock();
             st.pending.remove(&pfn);
+            if pfn < st.installed.len() {
+                st.installed.set(pfn);
+            }
             st.removed.get(pfn)
         };
         for addr in self.regions.iter().filter_map(|r| r.addr_of(pfn)) {
@@ -234,6 +242,7 @@ pub(super) fn start(
         zero,
         state: Mutex::new(State {
             removed: PageBitmap::new(pages),
+            installed: PageBitmap::new(pages),
             pending: HashMap::new(),
             failure: None,
             stats: VmmStats::default(),
@@ -299,6 +308,7 @@ fn run(
     conn: &UnixStream,
 ) -> Result<(), VmmLost> {
     let mut buf = vec![0u8; vmm.page_size];
+    let mut cursor = 0u64;
     loop {
         let events = poll
             .wait_timeout(TICK)
@@ -319,10 +329,49 @@ fn run(
         if let Some(why) = vmm.lock().failure.clone() {
             return Err(why);
         }
-        if let Some(slot) = slot {
+        if let (Some(slot), Backend::Host { cache, .. }) = (slot, backend) {
             due(vmm, slot, cfg)?;
+            if events.iter_readable().next().is_none() {
+                cursor = ahead(vmm, cache, slot, cursor);
+            }
         }
     }
+}
+
+/// Most pages looked at per idle tick for installing ahead of faults.
+const AHEAD_SCAN: u64 = 16 * 1024;
+/// Most pages installed ahead per idle tick (faults wait while they are copied).
+const AHEAD_INSTALL: u64 = 256;
+
+/// Installs pages the host cache holds and this microVM has not touched yet (pushed pages,
+/// pages another microVM of the host or another host asked for), so that touching them later
+/// costs no fault at all; scans from `cursor` and returns where to go on. Only cached pages
+/// are taken: this never asks the network for anything.
+fn ahead(vmm: &Vmm, cache: &HostCache, slot: &ExternalSlot, cursor: u64) -> u64 {
+    let pages = vmm.lock().installed.len();
+    if pages == 0 {
+        return 0;
+    }
+    let mut pfn = cursor % pages;
+    let mut installed = 0;
+    for _ in 0..AHEAD_SCAN.min(pages) {
+        if cache.is_cached(pfn) {
+            let want = {
+                let st = vmm.lock();
+                !st.installed.get(pfn) && !st.removed.get(pfn) && !st.pending.contains_key(&pfn)
+            };
+            if want && vmm.regions.iter().any(|r| r.addr_of(pfn).is_some()) {
+                slot.request(pfn);
+                vmm.lock().stats.ahead += 1;
+                installed += 1;
+                if installed >= AHEAD_INSTALL {
+                    return pfn + 1;
+                }
+            }
+        }
+        pfn = (pfn + 1) % pages;
+    }
+    pfn
 }
 
 /// Whether the microVM closed its end (it sends nothing after the handshake; stray bytes are
@@ -396,6 +445,7 @@ fn remove(vmm: &Vmm, start: u64, end: u64) {
         if let Some((pfn, _)) = vmm.regions.iter().find_map(|r| r.page_of(a)) {
             if !st.removed.get(pfn) {
                 st.removed.set(pfn);
+                st.installed.clear(pfn);
                 st.stats.removed_pages += 1;
             }
         }
