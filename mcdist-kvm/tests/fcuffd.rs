@@ -184,7 +184,13 @@ struct Served {
     desc: Descriptor,
 }
 
-fn serve(ns: &Netns, iface: &str, listen: SocketAddr, group: SocketAddrV4) -> Served {
+fn serve(
+    ns: &Netns,
+    iface: &str,
+    listen: SocketAddr,
+    group: SocketAddrV4,
+    security: Option<mcdist::secure::Security>,
+) -> Served {
     let dir = tempfile::tempdir().expect("tempdir");
     let image = dir.path().join("mem");
     mcdist::testnet::write_test_image(&image, IMAGE_MIB, Some(3), 0).expect("image");
@@ -196,6 +202,7 @@ fn serve(ns: &Netns, iface: &str, listen: SocketAddr, group: SocketAddrV4) -> Se
             ns.enter().expect("enter server host");
             let cfg = mcdist::ServerConfig {
                 push_neighbors: false,
+                security: security.clone(),
                 ..Default::default()
             };
             MemoryServer::start(src.clone(), &zero, digest, group, Some(iface), listen, cfg)
@@ -274,6 +281,7 @@ fn microvms_restore_over_mcdist_with_balloon_and_both_formats() {
         "lo",
         format!("127.0.0.1:{}", port + 1).parse().unwrap(),
         group,
+        None,
     );
     let (h, cache) = handler(&ns, "lo", &s.desc, HandlerConfig::default());
     let sock = s._dir.path().join("uffd.sock");
@@ -322,6 +330,7 @@ fn a_lost_server_kills_the_microvm_instead_of_hanging_it() {
         "lo",
         format!("127.0.0.1:{}", port + 1).parse().unwrap(),
         group,
+        None,
     );
     let cfg = HandlerConfig {
         fetch_timeout: Duration::from_secs(2),
@@ -403,7 +412,7 @@ fn two_hosts_two_microvms_each_restore_one_snapshot_and_measure() {
     let port = 47330;
     let group = SocketAddrV4::new([239, 255, 81, 30].into(), port);
     let listen = SocketAddr::new(BridgeNet::addr(0).into(), port + 1);
-    let s = serve(&net.hosts[0], "eth0", listen, group);
+    let s = serve(&net.hosts[0], "eth0", listen, group, None);
     let mut results = Vec::new();
     let mut children = Vec::new();
     let mut acceptors = Vec::new();
@@ -482,4 +491,102 @@ fn two_hosts_two_microvms_each_restore_one_snapshot_and_measure() {
         pct(&mut l, 0.99),
         l.len()
     );
+}
+
+#[test]
+fn both_region_formats_parse_and_map_pages_to_addresses() {
+    use mcdist_kvm::fcuffd::parse_regions;
+    let cur = serde_json::json!([
+        {"base_host_virt_addr": 0x7f00_0000_0000u64, "size": 8192, "offset": 0,
+         "page_size": 4096, "page_size_kib": 4096},
+        {"base_host_virt_addr": 0x7e00_0000_0000u64, "size": 4096, "offset": 8192,
+         "page_size": 4096, "page_size_kib": 4096}
+    ]);
+    let old = serde_json::json!([
+        {"base_host_virt_addr": 0x7f00_0000_0000u64, "size": 8192, "offset": 0, "page_size_kib": 4},
+        {"base_host_virt_addr": 0x7e00_0000_0000u64, "size": 4096, "offset": 8192, "page_size_kib": 4096}
+    ]);
+    let a = parse_regions(cur, 4096, 3 * 4096).expect("current format");
+    let b = parse_regions(old, 4096, 3 * 4096).expect("legacy format");
+    assert_eq!(a, b);
+    assert_eq!(a[1].page_of(0x7e00_0000_0123), Some((2, 0x7e00_0000_0000)));
+    assert_eq!(a[0].page_of(0x7f00_0000_1fff), Some((1, 0x7f00_0000_1000)));
+    assert_eq!(a[0].addr_of(2), None);
+    assert_eq!(a[1].addr_of(2), Some(0x7e00_0000_0000));
+    let huge = serde_json::json!([{"base_host_virt_addr": 0, "size": 2097152, "offset": 0,
+        "page_size": 2097152}]);
+    assert!(matches!(
+        parse_regions(huge, 4096, 1 << 22),
+        Err(HandshakeError::PageSize {
+            page_size: 2097152,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn the_binary_serves_a_plain_memory_file_and_reports_cli_errors_in_one_line() {
+    let bin = env!("CARGO_BIN_EXE_mcdist-uffd");
+    let out = Command::new(bin)
+        .args([
+            "--socket",
+            "/nonexistent-dir/s",
+            "--group",
+            "239.255.81.40:1",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let out = Command::new(bin)
+        .args(["--socket", "x.sock", "--local", "/nonexistent-image"])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.lines().count() == 1, "{err}");
+    if !runnable() {
+        return;
+    }
+    let ns = common::loopback_ns("fc5");
+    let port = 47340;
+    let group = SocketAddrV4::new([239, 255, 81, 40].into(), port);
+    let listen = format!("127.0.0.1:{}", port + 1);
+    // The session is keyed: the handler gets the key file, as `mcdist serve --key`.
+    let keydir = tempfile::tempdir().expect("tempdir");
+    let key = keydir.path().join("key");
+    std::fs::write(&key, mcdist::secure::Psk::generate().to_hex()).expect("key");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let psk = mcdist::secure::Psk::load(&key).expect("load key").psk;
+    let sec = mcdist::secure::Security::new(psk);
+    let s = serve(&ns, "lo", listen.parse().unwrap(), group, Some(sec));
+    let sock = s._dir.path().join("bin.sock");
+    let digest = mcdist::hex(&s.desc.digest);
+    let mut h = Command::new("ip")
+        .args(["netns", "exec", ns.name(), bin, "--socket"])
+        .arg(&sock)
+        .args([
+            "--group",
+            &group.to_string(),
+            "--server",
+            &listen,
+            "--iface",
+            "lo",
+        ])
+        .args(["--digest", &digest, "--vmms", "1", "--key"])
+        .arg(&key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start mcdist-uffd");
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(h.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    assert!(line.starts_with("MCDIST-UFFD ready"), "{line}");
+    let (st, out) = finish(microvm(&sock, &s.image, 7, 3, &["FC_BALLOON"]));
+    assert!(st.success(), "{out}");
+    let (st, out) = finish(h);
+    assert!(st.success(), "mcdist-uffd: {out}");
+    assert!(out.contains("exited"), "{out}");
 }
