@@ -76,6 +76,15 @@ fn microvm_child() {
     let _conn = mem
         .connect(Path::new(&socket), mem.mappings_json(fmt).as_bytes())
         .expect("handshake");
+    if let Ok(go) = std::env::var("FC_GO") {
+        // Wait (bounded) until the test says go, the memory handed over and untouched.
+        for _ in 0..6000 {
+            if Path::new(&go).exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     let pages = Arc::new(touched(seed, every));
     let image = Arc::new(image);
     let threads: Vec<_> = (0..4)
@@ -122,6 +131,18 @@ fn microvm_child() {
 
 /// Starts a "microVM" child process.
 fn microvm(socket: &Path, image: &Path, seed: u64, every: u64, extra: &[&str]) -> Child {
+    microvm_env(socket, image, seed, every, extra, &[])
+}
+
+/// [`microvm`] with more environment variables.
+fn microvm_env(
+    socket: &Path,
+    image: &Path,
+    seed: u64,
+    every: u64,
+    extra: &[&str],
+    vars: &[(&str, &Path)],
+) -> Child {
     let mut c = Command::new(std::env::current_exe().expect("test binary"));
     c.args([
         "microvm_child",
@@ -137,6 +158,9 @@ fn microvm(socket: &Path, image: &Path, seed: u64, every: u64, extra: &[&str]) -
     .stderr(Stdio::piped());
     for e in extra {
         c.env(e, "1");
+    }
+    for (k, v) in vars {
+        c.env(k, v);
     }
     c.spawn().expect("spawn microVM")
 }
@@ -589,4 +613,43 @@ fn the_binary_serves_a_plain_memory_file_and_reports_cli_errors_in_one_line() {
     let (st, out) = finish(h);
     assert!(st.success(), "mcdist-uffd: {out}");
     assert!(out.contains("exited"), "{out}");
+}
+
+#[test]
+fn pages_another_microvm_brought_are_installed_ahead_of_faults() {
+    if !runnable() {
+        return;
+    }
+    let ns = common::loopback_ns("fc6");
+    let port = 47350;
+    let group = SocketAddrV4::new([239, 255, 81, 50].into(), port);
+    let listen = format!("127.0.0.1:{}", port + 1).parse().unwrap();
+    let s = serve(&ns, "lo", listen, group, None);
+    let (h, _cache) = handler(&ns, "lo", &s.desc, HandlerConfig::default());
+    let sock = s._dir.path().join("ahead.sock");
+    let l = UnixListener::bind(&sock).expect("bind");
+    // B connects first and waits; A then touches the pages B will touch.
+    let go = s._dir.path().join("go");
+    let b = microvm_env(&sock, &s.image, 5, 3, &[], &[("FC_GO", &go)]);
+    let vb = h.handshake(l.accept().expect("accept b").0).expect("b");
+    let a = microvm(&sock, &s.image, 5, 3, &[]);
+    let va = h.handshake(l.accept().expect("accept a").0).expect("a");
+    let (st, out) = finish(a);
+    assert!(st.success(), "{out}");
+    let wanted = nonzero(&s.desc, &touched(5, 3)).len() as u64;
+    for _ in 0..1000 {
+        if vb.stats().ahead >= wanted {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::write(&go, b"go").expect("go");
+    let (st, out) = finish(b);
+    assert!(st.success(), "{out}");
+    let (sa, sb) = (va.stats(), vb.stats());
+    println!("a: {sa:?}\nb: {sb:?}");
+    assert_eq!(sb.ahead, wanted, "{sb:?}");
+    // B faulted only on its zero pages: every other page was there before it touched it.
+    assert_eq!(sb.faults, sb.zero_fills, "{sb:?}");
+    assert_eq!(sa.faults - sa.zero_fills, wanted, "{sa:?}");
 }
