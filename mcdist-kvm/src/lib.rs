@@ -23,6 +23,7 @@
 
 pub mod clone;
 pub mod descriptor;
+pub mod fcuffd;
 pub mod fuse;
 pub mod guest;
 pub mod inline;

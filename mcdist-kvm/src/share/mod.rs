@@ -54,6 +54,7 @@ use crate::session::{check_image, client_setup, SessionError};
 use crate::source::PageBitmap;
 use crate::sys::AnonMap;
 
+pub(crate) mod external;
 pub mod process;
 
 pub use process::{connect_host_cache, CacheServer, HostCacheError, HostCacheProcess};

@@ -5,6 +5,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
+pub(crate) mod fcuffd;
 pub(crate) mod linux;
 mod mem;
 mod uffd;

@@ -51,6 +51,12 @@ fn check(rc: libc::c_int) -> io::Result<()> {
 }
 
 impl Uffd {
+    /// Takes over a userfaultfd created (and its API negotiated) elsewhere, for example one
+    /// received over a unix socket.
+    pub(crate) fn from_owned(fd: OwnedFd) -> Self {
+        Self { fd }
+    }
+
     /// Opens a userfaultfd through the syscall, falling back to `/dev/userfaultfd`, and
     /// negotiates the API. Faults from kernel mode (KVM) are handled, so this needs
     /// privilege when `vm.unprivileged_userfaultfd` is 0.
