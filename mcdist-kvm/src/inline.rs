@@ -13,14 +13,14 @@ use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use mcdist::secure::{SecureTransport, Security};
+use mcdist::secure::SecureTransport;
 use mcdist::transport::udp::UdpTransport;
 use mcdist::transport::Transport;
-use mcdist::{Client, ClientConfig, ClientEvent, ClientStats, SessionInfo};
+use mcdist::{Client, ClientEvent, ClientStats, SessionInfo};
 
 use crate::descriptor::Descriptor;
 use crate::lazy::{InlineFetcher, LazyHandle, PageFetcher};
-use crate::session::{check_image, client_setup, SessionError, SessionLost};
+use crate::session::{check_image, client_setup, ClientSetup, SessionError, SessionLost};
 
 /// The client's transport: plain UDP, or UDP under mcdist's authentication layer.
 enum Link {
@@ -76,23 +76,14 @@ impl InlineMcdist {
         iface: Option<&str>,
         handle: &LazyHandle,
         join_timeout: Duration,
-        tune: impl FnOnce(&mut ClientConfig),
+        tune: impl FnOnce(&mut ClientSetup),
     ) -> Result<Self, SessionError> {
-        Self::connect_keyed(desc, iface, handle, join_timeout, None, tune)
-    }
-
-    /// [`InlineMcdist::connect`] to a keyed session: with `security`, only datagrams
-    /// authenticated under its key reach the client, and what it sends is sealed.
-    pub fn connect_keyed(
-        desc: &Descriptor,
-        iface: Option<&str>,
-        handle: &LazyHandle,
-        join_timeout: Duration,
-        security: Option<&Security>,
-        tune: impl FnOnce(&mut ClientConfig),
-    ) -> Result<Self, SessionError> {
-        let (transport, mut cfg) = client_setup(desc, iface, tune)?;
-        let mut link = match security {
+        let (transport, cfg) = client_setup(desc, iface, tune)?;
+        let mcdist::node::NodeConfig {
+            protocol: mut cfg,
+            security,
+        } = cfg;
+        let mut link = match &security {
             Some(sec) => Link::Secure(Box::new(SecureTransport::client(transport, sec))),
             None => {
                 static ONCE: std::sync::Once = std::sync::Once::new();

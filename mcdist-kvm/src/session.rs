@@ -51,17 +51,21 @@ pub(crate) fn check_image(desc: &Descriptor, served: u64) -> Result<(), SessionE
 /// The UDP transport and client configuration for joining the session named in
 /// `desc` on `iface`: the descriptor's digest is required, zero pages come from
 /// the descriptor (no zero map is asked for), and `tune` adjusts the rest.
+/// A clone-side client's settings: the protocol's and the key (`setup.security`); it
+/// reads and writes as a [`ClientConfig`] (`setup.give_up_after = ...`).
+pub type ClientSetup = mcdist::node::NodeConfig<ClientConfig>;
+
 pub(crate) fn client_setup(
     desc: &Descriptor,
     iface: Option<&str>,
-    tune: impl FnOnce(&mut ClientConfig),
-) -> Result<(UdpTransport, ClientConfig), SessionError> {
+    tune: impl FnOnce(&mut ClientSetup),
+) -> Result<(UdpTransport, ClientSetup), SessionError> {
     let s = desc.session.as_ref().ok_or(SessionError::NoSession)?;
     let mut udp = UdpConfig::new(s.group);
     udp.iface = iface.map(str::to_string);
     udp.server = Some(s.server);
     let transport = UdpTransport::client(&udp).map_err(SessionError::Transport)?;
-    let mut cfg = ClientConfig::new(s.server);
+    let mut cfg = ClientSetup::from(ClientConfig::new(s.server));
     cfg.expected_digest = Some(desc.digest);
     cfg.want_zero_map = false;
     tune(&mut cfg);

@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mcdist::node::{ClientNode, NodeError, PageSink, SinkError};
-use mcdist::ClientConfig;
 
 use crate::descriptor::Descriptor;
 use crate::lazy::{LazyHandle, PageFetcher};
-use crate::session::{check_image, client_setup, SessionError, SessionLost};
+use crate::session::{check_image, client_setup, ClientSetup, SessionError, SessionLost};
 
 /// Delivers the client's pages into one clone's lazy memory.
 struct Sink(LazyHandle);
@@ -47,7 +46,7 @@ impl McdistFetcher {
         iface: Option<&str>,
         handle: LazyHandle,
         join_timeout: Duration,
-        tune: impl FnOnce(&mut ClientConfig),
+        tune: impl FnOnce(&mut ClientSetup),
     ) -> Result<Self, SessionError> {
         let (transport, cfg) = client_setup(desc, iface, tune)?;
         let client = ClientNode::start(cfg, transport, Arc::new(Sink(handle)))?;

@@ -224,11 +224,13 @@ fn serve(
     let server = std::thread::scope(|s| {
         s.spawn(|| {
             ns.enter().expect("enter server host");
-            let cfg = mcdist::ServerConfig {
-                push_neighbors: false,
-                security: security.clone(),
-                ..Default::default()
-            };
+            let cfg = mcdist::node::NodeConfig::new(
+                mcdist::ServerConfig {
+                    push_neighbors: false,
+                    ..Default::default()
+                },
+                security.clone(),
+            );
             MemoryServer::start(src.clone(), &zero, digest, group, Some(iface), listen, cfg)
                 .expect("server")
         })

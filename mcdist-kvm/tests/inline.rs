@@ -17,7 +17,7 @@ fn inline_clone(
     desc: &Descriptor,
     id: u32,
     opts: &CloneOptions,
-    tune: impl FnOnce(&mut mcdist::ClientConfig),
+    tune: impl FnOnce(&mut mcdist_kvm::session::ClientSetup),
 ) -> Result<CloneReport, CloneError> {
     run_clone(desc, id, opts, |h| {
         Ok(
@@ -150,18 +150,8 @@ fn inline_keyed_session_serves_a_clone() {
     let psk = Psk::generate();
     let cfg = mcdist::node::NodeConfig::new(no_push(), Some(Security::new(psk.clone())));
     let s = serve(HashJob::new(16 << 20, 0.9, 0.1, 2, 4096), 47121, cfg);
-    let key = Security::new(psk);
-    let r = run_clone(&s.desc, 0, &CloneOptions::default(), |h| {
-        Ok(InlineMcdist::connect_keyed(
-            &s.desc,
-            Some("lo"),
-            &h,
-            Duration::from_secs(5),
-            Some(&key),
-            |_| {},
-        )
-        .map_err(CloneError::Session)?
-        .into_fetcher())
+    let r = inline_clone(&s.desc, 0, &CloneOptions::default(), |c| {
+        c.security = Some(Security::new(psk))
     })
     .expect("clone");
     assert_eq!(r.result, s.job.expected(0));

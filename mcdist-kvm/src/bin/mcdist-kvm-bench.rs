@@ -122,7 +122,8 @@ fn mcdist_fetcher(
     inline: bool,
 ) -> Result<Arc<dyn PageFetcher>, CloneError> {
     let join = Duration::from_secs(5);
-    let give_up = |c: &mut mcdist::ClientConfig| c.give_up_after = Duration::from_secs(5);
+    let give_up =
+        |c: &mut mcdist_kvm::session::ClientSetup| c.give_up_after = Duration::from_secs(5);
     let f: Arc<dyn PageFetcher> = if inline {
         InlineMcdist::connect(desc, Some("lo"), &h, join, give_up)?.into_fetcher()
     } else {

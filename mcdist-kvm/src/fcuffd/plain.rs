@@ -8,10 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mcdist::node::{ClientNode, NullSink};
-use mcdist::ClientConfig;
 
 use crate::descriptor::{Descriptor, SessionParams};
-use crate::session::{client_setup, SessionError};
+use crate::session::{client_setup, ClientSetup, SessionError};
 use crate::source::PageBitmap;
 
 /// Learns the image served to `group` by the server at `server` (joined on `iface`) and
@@ -25,7 +24,7 @@ pub fn plain_descriptor(
     digest: Option<[u8; 32]>,
     iface: Option<&str>,
     timeout: Duration,
-    tune: impl FnOnce(&mut ClientConfig),
+    tune: impl FnOnce(&mut ClientSetup),
 ) -> Result<Descriptor, SessionError> {
     let session = SessionParams {
         group,

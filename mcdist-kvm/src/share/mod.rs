@@ -45,12 +45,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use mcdist::node::{ClientNode, NodeError, PageSink, SinkError};
-use mcdist::{ClientConfig, ClientStats};
+use mcdist::ClientStats;
 
 use crate::clone::{CloneLauncher, CloneOptions, ThreadLauncher};
 use crate::descriptor::Descriptor;
 use crate::lazy::{LazyHandle, PageFetcher};
-use crate::session::{check_image, client_setup, SessionError};
+use crate::session::{check_image, client_setup, ClientSetup, SessionError};
 use crate::source::PageBitmap;
 use crate::sys::AnonMap;
 
@@ -424,7 +424,7 @@ impl HostCache {
         desc: &Descriptor,
         iface: Option<&str>,
         join_timeout: Duration,
-        tune: impl FnOnce(&mut ClientConfig),
+        tune: impl FnOnce(&mut ClientSetup),
     ) -> Result<Arc<Self>, SessionError> {
         let page_size = desc.page_size as usize;
         let pages = desc.page_count();

@@ -109,6 +109,21 @@ impl<C> NodeConfig<C> {
     }
 }
 
+/// A `NodeConfig` reads and writes as its protocol settings (`cfg.give_up_after = ...`),
+/// so code that tunes a client or server configuration can take either.
+impl<C> std::ops::Deref for NodeConfig<C> {
+    type Target = C;
+    fn deref(&self) -> &C {
+        &self.protocol
+    }
+}
+
+impl<C> std::ops::DerefMut for NodeConfig<C> {
+    fn deref_mut(&mut self) -> &mut C {
+        &mut self.protocol
+    }
+}
+
 impl<C> From<C> for NodeConfig<C> {
     fn from(protocol: C) -> Self {
         NodeConfig {

@@ -174,7 +174,8 @@ pub(crate) fn run_host_threads(
     host: &Netns,
     share: bool,
 ) -> Result<HostResult, String> {
-    let give_up = |c: &mut mcdist::ClientConfig| c.give_up_after = Duration::from_secs(5);
+    let give_up =
+        |c: &mut mcdist_kvm::session::ClientSetup| c.give_up_after = Duration::from_secs(5);
     let join = Duration::from_secs(5);
     let mut traffic = HostTraffic::default();
     if share {
