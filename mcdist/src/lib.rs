@@ -46,13 +46,15 @@
 
 pub mod node;
 pub mod secure;
+pub mod source;
 pub mod testnet;
 pub mod transport;
 
 pub use mcdist_proto::{
     bitmap, client, digest, fec, hex, integrity, pacing, parse_digest, reassembly, server, sim,
-    source, timer, wire, workingset, Dest, SessionInfo, Transmit,
+    timer, wire, workingset, Dest, SessionInfo, Transmit,
 };
 pub use mcdist_proto::{Client, ClientConfig, ClientEvent, ClientStats};
-pub use mcdist_proto::{FileSource, MemSource, PageSource};
+pub use mcdist_proto::{MemSource, PageSource};
 pub use mcdist_proto::{Server, ServerConfig, ServerEvent, ServerStats};
+pub use source::FileSource;

@@ -45,7 +45,7 @@ use std::net::SocketAddr;
 
 pub use client::{Client, ClientConfig, ClientEvent, ClientStats};
 pub use server::{Server, ServerConfig, ServerEvent, ServerStats};
-pub use source::{FileSource, MemSource, PageSource};
+pub use source::{MemSource, PageSource};
 
 /// Where a datagram produced by `poll_transmit` goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
