@@ -52,31 +52,7 @@ pub(crate) fn recv_with_fd(
     sock: &std::os::unix::net::UnixStream,
     buf: &mut [u8],
 ) -> io::Result<Option<OwnedFd>> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
-    let mut space = nix::cmsg_space!([RawFd; 4]);
-    let (n, raw) = {
-        let mut iov = [io::IoSliceMut::new(buf)];
-        let msg = recvmsg::<UnixAddr>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .map_err(io::Error::from)?;
-        let mut raw = Vec::new();
-        for c in msg.cmsgs().map_err(io::Error::from)? {
-            if let ControlMessageOwned::ScmRights(fds) = c {
-                raw.extend(fds);
-            }
-        }
-        (msg.bytes, raw)
-    };
-    // SAFETY: the kernel just installed these descriptors in this process for us
-    // (SCM_RIGHTS); nothing else owns them.
-    let mut owned: Vec<OwnedFd> = raw
-        .into_iter()
-        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        .collect();
+    let (n, fd) = recv_some_with_fd(sock, buf)?;
     if n == 0 {
         return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
     }
@@ -85,11 +61,48 @@ pub(crate) fn recv_with_fd(
         let mut s: &std::os::unix::net::UnixStream = sock;
         s.read_exact(&mut buf[n..])?;
     }
-    Ok(if owned.is_empty() {
+    Ok(fd)
+}
+
+/// One `recvmsg` on `sock` into `buf`: the bytes read and the first descriptor sent with them
+/// (`SCM_RIGHTS`), if any; extra descriptors are closed. End of stream with nothing read is
+/// `UnexpectedEof`.
+pub(crate) fn recv_some_with_fd(
+    sock: &std::os::unix::net::UnixStream,
+    buf: &mut [u8],
+) -> io::Result<(usize, Option<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<UnixAddr>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let mut raw = Vec::new();
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            raw.extend(fds);
+        }
+    }
+    let n = msg.bytes;
+    // SAFETY: the kernel just installed these descriptors in this process for us
+    // (SCM_RIGHTS); nothing else owns them.
+    let mut owned: Vec<OwnedFd> = raw
+        .into_iter()
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if n == 0 && owned.is_empty() {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+    }
+    let fd = if owned.is_empty() {
         None
     } else {
         Some(owned.swap_remove(0))
-    })
+    };
+    Ok((n, fd))
 }
 
 // ---- network namespaces -------------------------------------------------------------------

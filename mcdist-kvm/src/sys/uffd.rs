@@ -9,7 +9,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use super::AnonMap;
 use linux_raw_sys::general::{
     uffd_msg, uffdio_api, uffdio_copy, uffdio_range, uffdio_register, uffdio_zeropage,
-    UFFDIO_REGISTER_MODE_MISSING, UFFD_API, UFFD_EVENT_PAGEFAULT, USERFAULTFD_IOC,
+    UFFDIO_REGISTER_MODE_MISSING, UFFD_API, UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMOVE,
+    USERFAULTFD_IOC,
 };
 use linux_raw_sys::ioctl::{
     UFFDIO_API, UFFDIO_COPY, UFFDIO_REGISTER, UFFDIO_WAKE, UFFDIO_ZEROPAGE,
@@ -189,6 +190,17 @@ impl Uffd {
     /// Reads one event. Returns `Ok(None)` when none is pending, `Ok(Some(addr))` for a page
     /// fault at `addr`, and skips other event kinds.
     pub(crate) fn read_fault(&self) -> io::Result<Option<u64>> {
+        loop {
+            match self.read_event()? {
+                None => return Ok(None),
+                Some(UffdEvent::Fault(addr)) => return Ok(Some(addr)),
+                Some(_) => continue,
+            }
+        }
+    }
+
+    /// Reads one event: `Ok(None)` when none is pending.
+    pub(crate) fn read_event(&self) -> io::Result<Option<UffdEvent>> {
         const MSG_SIZE: usize = std::mem::size_of::<uffd_msg>();
         loop {
             let mut msg = std::mem::MaybeUninit::<uffd_msg>::zeroed();
@@ -217,13 +229,20 @@ impl Uffd {
             // SAFETY: the kernel filled the whole message (checked above); uffd_msg is plain
             // data, valid for any bytes.
             let msg = unsafe { msg.assume_init() };
-            if u32::from(msg.event) != UFFD_EVENT_PAGEFAULT {
-                continue;
-            }
-            // SAFETY: the event is a page fault, so the union holds its page-fault arm (plain
-            // integers, valid for any bytes).
-            let addr = unsafe { msg.arg.pagefault.address };
-            return Ok(Some(addr));
+            let event = u32::from(msg.event);
+            return Ok(Some(if event == UFFD_EVENT_PAGEFAULT {
+                // SAFETY: a page-fault event holds the page-fault arm of the union (integers).
+                UffdEvent::Fault(unsafe { msg.arg.pagefault.address })
+            } else if event == UFFD_EVENT_REMOVE {
+                // SAFETY: a remove event holds the remove arm of the union (integers).
+                let r = unsafe { msg.arg.remove };
+                UffdEvent::Remove {
+                    start: r.start,
+                    end: r.end,
+                }
+            } else {
+                UffdEvent::Other(msg.event)
+            }));
         }
     }
 
@@ -231,4 +250,20 @@ impl Uffd {
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
+}
+
+/// One userfaultfd event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UffdEvent {
+    /// A missing-page fault at this address.
+    Fault(u64),
+    /// `[start, end)` was removed (`madvise(MADV_DONTNEED)`, a balloon inflating).
+    Remove {
+        /// First byte.
+        start: u64,
+        /// One past the last byte.
+        end: u64,
+    },
+    /// Another event kind (fork, remap, unmap), read and ignored.
+    Other(u8),
 }
