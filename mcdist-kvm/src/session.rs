@@ -4,8 +4,9 @@
 //! server ([`crate::clone::MemoryServer`]) build on it.
 
 use mcdist::node::NodeError;
+use mcdist::secure::{KeyError, Protection, Psk, Security};
 use mcdist::transport::udp::{UdpConfig, UdpSetupError, UdpTransport};
-use mcdist::ClientConfig;
+use mcdist::{ClientConfig, SessionInfo};
 
 use crate::descriptor::Descriptor;
 
@@ -32,25 +33,94 @@ pub enum SessionError {
         /// Pages in the descriptor.
         described: u64,
     },
+    /// The descriptor's session is keyed and no key was given.
+    #[error("the descriptor's mcdist session is keyed ({0:?}): give its key with --key FILE")]
+    KeyRequired(Protection),
+    /// A key was given for a session the descriptor says is unkeyed.
+    #[error("the descriptor's mcdist session is not keyed: drop --key")]
+    NotKeyed,
+    /// The key's protection mode differs from the descriptor's.
+    #[error("the descriptor's mcdist session is {described:?}, the key is set up for {given:?}")]
+    ProtectionMismatch {
+        /// The descriptor's mode.
+        described: Protection,
+        /// The mode given.
+        given: Protection,
+    },
+    /// The server announces another session than the descriptor names (a restarted or
+    /// foreign server).
+    #[error("the server announces session {announced:#x}, the descriptor names {described:#x}")]
+    OtherSession {
+        /// Session id announced.
+        announced: u64,
+        /// Session id in the descriptor.
+        described: u64,
+    },
     /// The host page cache could not be mapped.
     #[error("mcdist transport: cannot map the page cache: {0}")]
     CacheMap(#[source] std::io::Error),
 }
 
-/// Checks that the server's image has as many pages as `desc` describes.
-pub(crate) fn check_image(desc: &Descriptor, served: u64) -> Result<(), SessionError> {
-    if served != desc.page_count() {
+/// Checks an announced session against `desc`: its session id (when the descriptor names
+/// one) and its page count (the digest is checked by the client, `expected_digest`).
+pub(crate) fn check_session(desc: &Descriptor, info: &SessionInfo) -> Result<(), SessionError> {
+    if let Some(s) = &desc.session {
+        if info.session_id != s.session_id {
+            return Err(SessionError::OtherSession {
+                announced: info.session_id,
+                described: s.session_id,
+            });
+        }
+    }
+    if info.page_count != desc.page_count() {
         return Err(SessionError::ImageMismatch {
-            served,
+            served: info.page_count,
             described: desc.page_count(),
         });
     }
     Ok(())
 }
 
+/// The one-line warning of a session run without a key.
+pub const UNKEYED_WARNING: &str = "unkeyed mcdist session (no --key): integrity (once per-page \
+    verification lands) but no confidentiality/authentication of the control plane";
+
+/// Loads the pre-shared key at `key` (as `mcdist serve --key`): `auth_only` authenticates
+/// without encrypting. `None`: an unkeyed session.
+pub fn load_security(key: Option<&std::path::Path>, auth_only: bool) -> Result<Option<Security>, KeyError> {
+    let Some(path) = key else { return Ok(None) };
+    let loaded = Psk::load(path)?;
+    if let Some(w) = &loaded.permission_warning {
+        tracing::warn!("{w}");
+    }
+    Ok(Some(if auth_only {
+        Security::auth_only(loaded.psk)
+    } else {
+        Security::new(loaded.psk)
+    }))
+}
+
+/// Checks that `security` fits the session the descriptor names: a keyed session needs a key
+/// of its protection mode, an unkeyed one takes none.
+pub fn check_keyed(desc: &Descriptor, security: Option<&Security>) -> Result<(), SessionError> {
+    let described = desc.session.as_ref().and_then(|s| s.protection);
+    match (described, security) {
+        (None, None) => Ok(()),
+        (Some(p), None) => Err(SessionError::KeyRequired(p)),
+        (None, Some(_)) if desc.session.is_some() => Err(SessionError::NotKeyed),
+        (None, Some(_)) => Ok(()),
+        (Some(d), Some(s)) if d != s.protection => Err(SessionError::ProtectionMismatch {
+            described: d,
+            given: s.protection,
+        }),
+        (Some(_), Some(_)) => Ok(()),
+    }
+}
+
 /// The UDP transport and client configuration for joining the session named in
 /// `desc` on `iface`: the descriptor's digest is required, zero pages come from
-/// the descriptor (no zero map is asked for), and `tune` adjusts the rest.
+/// the descriptor (no zero map is asked for), and `tune` adjusts the rest (the key goes in
+/// `security`; it must fit the descriptor, [`check_keyed`]).
 pub(crate) fn client_setup(
     desc: &Descriptor,
     iface: Option<&str>,
@@ -65,6 +135,7 @@ pub(crate) fn client_setup(
     cfg.expected_digest = Some(desc.digest);
     cfg.want_zero_map = false;
     tune(&mut cfg);
+    check_keyed(desc, cfg.security.as_ref())?;
     Ok((transport, cfg))
 }
 
@@ -81,4 +152,7 @@ pub enum SessionLost {
     /// Receiving failed.
     #[error("mcdist receive failed: {0}")]
     Receive(#[source] std::io::Error),
+    /// The client followed a session other than the descriptor's (a restarted server).
+    #[error("mcdist session changed: {0}")]
+    SessionChanged(#[source] SessionError),
 }

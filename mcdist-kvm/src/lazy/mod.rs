@@ -5,6 +5,10 @@
 //! from a [`PageFetcher`] however many vCPUs fault on them; the fetcher delivers pages through
 //! a [`LazyHandle`], which installs them with `UFFDIO_COPY`. Pages that arrive before anyone
 //! faults on them (pushed pages) are installed the same way; `EEXIST` is normal.
+//!
+//! Fail closed: once the source fails (session lost, page timed out, integrity failure) no
+//! page is installed any more and no fault is resolved; [`LazyMemory::is_failed`] tells the
+//! vCPU runner to kick its vCPUs out of `KVM_RUN` and stop the clone ("memory lost").
 
 use std::collections::HashMap;
 use std::io;
@@ -229,8 +233,9 @@ impl LazyHandle {
             .install(pfn, PageData::Mapped { map, offset, len })
     }
 
-    /// Reports that no more pages will come; waiting and later faults get zero pages and the
-    /// memory is marked failed.
+    /// Reports that no more pages will come: the memory fails closed. No page is installed
+    /// from here on (no zero page, no late page), waiting and later faults stay unresolved,
+    /// and the owner stops the vCPUs ([`LazyMemory::is_failed`]).
     pub fn fail(&self, reason: impl Into<SourceError>) {
         let mut st = self.inner.lock();
         self.inner
@@ -419,6 +424,12 @@ impl LazyMemory {
             drop(st);
             std::thread::yield_now();
         }
+    }
+
+    /// Whether the memory failed (cheap; polled by vCPU runners to stop a clone whose faults
+    /// will not be resolved).
+    pub fn is_failed(&self) -> bool {
+        self.inner.failed.load(Ordering::SeqCst)
     }
 
     /// Why the memory failed, if it did.

@@ -50,7 +50,7 @@ use mcdist::{ClientConfig, ClientStats};
 use crate::clone::{CloneLauncher, CloneOptions, ThreadLauncher};
 use crate::descriptor::Descriptor;
 use crate::lazy::{LazyHandle, PageFetcher};
-use crate::session::{check_image, client_setup, SessionError};
+use crate::session::{check_session, client_setup, SessionError};
 use crate::source::PageBitmap;
 use crate::sys::AnonMap;
 
@@ -64,6 +64,15 @@ pub enum CacheFailure {
     /// The host's mcdist session failed.
     #[error("the host's mcdist session failed: {0}")]
     Session(#[source] NodeError),
+    /// The host's client followed another session than the descriptor's (a restarted
+    /// server): its pages are not the descriptor's image.
+    #[error("the server announces session {announced:#x}, the descriptor names {described:#x}")]
+    OtherSession {
+        /// Session id announced.
+        announced: u64,
+        /// Session id in the descriptor.
+        described: u64,
+    },
     /// A clone's memory does not have as many pages as the cached image.
     #[error("clone memory has {clone} pages, the host cache {cache}")]
     PageCount {
@@ -240,7 +249,8 @@ impl Cache {
                 page_size: self.page_size,
             });
         }
-        if self.is_present(pfn) {
+        if self.is_present(pfn) || self.lock().failure.is_some() {
+            // Fail closed: after a failure nothing enters the cache.
             return Ok(());
         }
         // Only the client thread writes, once per page, before the page is marked present;
@@ -369,9 +379,19 @@ impl Cache {
     }
 }
 
-struct Sink(Arc<Cache>);
+/// The host client's sink: pages into the cache; a session other than the descriptor's
+/// (`1`) fails the cache before any of its pages arrives.
+struct Sink(Arc<Cache>, Option<u64>);
 
 impl PageSink for Sink {
+    fn session_started(&self, info: &mcdist::SessionInfo) {
+        if let Some(pin) = self.1.filter(|p| *p != info.session_id) {
+            self.0.failed(CacheFailure::OtherSession {
+                announced: info.session_id,
+                described: pin,
+            });
+        }
+    }
     fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), SinkError> {
         self.0.arrived(pfn, data).map_err(|e| match e {
             CacheStoreError::Misfit {
@@ -447,9 +467,10 @@ impl HostCache {
             resident: AtomicU64::new(0),
         });
         let (transport, cfg) = client_setup(desc, iface, tune)?;
-        let client = ClientNode::start(cfg, transport, Arc::new(Sink(cache.clone())))?;
+        let pin = desc.session.as_ref().map(|s| s.session_id);
+        let client = ClientNode::start(cfg, transport, Arc::new(Sink(cache.clone(), pin)))?;
         let info = client.wait_session(join_timeout)?;
-        check_image(desc, info.page_count)?;
+        check_session(desc, &info)?;
         Ok(Arc::new(Self { cache, client }))
     }
 
