@@ -13,8 +13,8 @@
 
 use std::net::{SocketAddr, SocketAddrV4};
 
-use mcdist::secure::Protection;
 use kvm_bindings::{kvm_dtable, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
+use mcdist::secure::Protection;
 
 use crate::source::PageBitmap;
 use crate::vm::VcpuState;

@@ -85,19 +85,34 @@ pub(crate) fn check_session(desc: &Descriptor, info: &SessionInfo) -> Result<(),
 pub const UNKEYED_WARNING: &str = "unkeyed mcdist session (no --key): integrity (once per-page \
     verification lands) but no confidentiality/authentication of the control plane";
 
+/// A session key as loaded by [`load_security`].
+#[derive(Debug, Default)]
+pub struct LoadedSecurity {
+    /// The key and mode; `None`: an unkeyed session.
+    pub security: Option<Security>,
+    /// Set when the key file is readable by group or others (for the CLI to print).
+    pub permission_warning: Option<String>,
+}
+
 /// Loads the pre-shared key at `key` (as `mcdist serve --key`): `auth_only` authenticates
-/// without encrypting. `None`: an unkeyed session.
-pub fn load_security(key: Option<&std::path::Path>, auth_only: bool) -> Result<Option<Security>, KeyError> {
-    let Some(path) = key else { return Ok(None) };
+/// without encrypting. No `key`: an unkeyed session. Every binary of this crate that moves
+/// pages loads its key here.
+pub fn load_security(
+    key: Option<&std::path::Path>,
+    auth_only: bool,
+) -> Result<LoadedSecurity, KeyError> {
+    let Some(path) = key else {
+        return Ok(LoadedSecurity::default());
+    };
     let loaded = Psk::load(path)?;
-    if let Some(w) = &loaded.permission_warning {
-        tracing::warn!("{w}");
-    }
-    Ok(Some(if auth_only {
-        Security::auth_only(loaded.psk)
-    } else {
-        Security::new(loaded.psk)
-    }))
+    Ok(LoadedSecurity {
+        security: Some(if auth_only {
+            Security::auth_only(loaded.psk.clone())
+        } else {
+            Security::new(loaded.psk.clone())
+        }),
+        permission_warning: loaded.permission_warning,
+    })
 }
 
 /// Checks that `security` fits the session the descriptor names: a keyed session needs a key

@@ -395,6 +395,18 @@ impl HostCacheProcess {
         socket: PathBuf,
         iface: &str,
     ) -> Result<Self, HostCacheError> {
+        Self::start_with_args(exe, netns, descriptor, socket, iface, &[])
+    }
+
+    /// [`HostCacheProcess::start`] with more arguments for the cache (its `--key FILE`).
+    pub fn start_with_args(
+        exe: &Path,
+        netns: &str,
+        descriptor: &Path,
+        socket: PathBuf,
+        iface: &str,
+        extra: &[std::ffi::OsString],
+    ) -> Result<Self, HostCacheError> {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
         let mut child = Command::new("ip")
@@ -405,6 +417,7 @@ impl HostCacheProcess {
             .arg("--socket")
             .arg(&socket)
             .args(["--iface", iface])
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()?;
