@@ -63,17 +63,26 @@ fn run(args: &Args) -> Result<String, CloneError> {
     let mut opts = CloneOptions::default();
     opts.lazy.fetch_timeout = Duration::from_millis(args.fetch_timeout_ms);
     let give_up = opts.lazy.fetch_timeout;
-    let report = run_clone(&desc, args.id, &opts, |h| match &args.host_cache {
-        Some(path) => {
-            connect_host_cache(path, &desc, h).map_err(|e| CloneError::Attach(Box::new(e)))
+    let report = run_clone(&desc, args.id, &opts, |h| {
+        // Fail closed: a lost memory ends the process with "memory lost: ...".
+        h.exit_process_on_loss()
+            .map_err(|source| CloneError::Spawn {
+                id: args.id,
+                what: "loss watchdog",
+                source,
+            })?;
+        match &args.host_cache {
+            Some(path) => {
+                connect_host_cache(path, &desc, h).map_err(|e| CloneError::Attach(Box::new(e)))
+            }
+            None => connect_fetcher(
+                &desc,
+                args.session.iface.as_deref(),
+                h,
+                give_up,
+                security.as_ref(),
+            ),
         }
-        None => connect_fetcher(
-            &desc,
-            args.session.iface.as_deref(),
-            h,
-            give_up,
-            security.as_ref(),
-        ),
     })?;
     Ok(report.to_line())
 }

@@ -357,6 +357,8 @@ fn clone(
     let lazy = LazyConfig::default();
     let give_up = lazy.fetch_timeout;
     let report = run_linux_clone(&desc, id, lazy, Duration::from_secs(timeout_s), None, |h| {
+        // Fail closed: a lost memory ends the process with "memory lost: ...".
+        h.exit_process_on_loss().map_err(LinuxError::Io)?;
         let f = McdistFetcher::connect(&desc.base, iface, h, Duration::from_secs(5), |c| {
             c.give_up_after = give_up;
             c.security = security;

@@ -242,6 +242,34 @@ impl LazyHandle {
             .fail_locked(&mut st, LazyFailure::Source(Arc::from(reason.into())));
     }
 
+    /// Whether the memory failed (fail closed: nothing is installed any more).
+    pub fn is_failed(&self) -> bool {
+        self.inner.failed.load(Ordering::SeqCst)
+    }
+
+    /// Why the memory failed, if it did.
+    pub fn failure(&self) -> Option<LazyFailure> {
+        self.inner.lock().failure.clone()
+    }
+
+    /// Ends this process once the memory fails: prints one line, "memory lost: ...", on
+    /// standard error and exits with status 1. For clone processes: the exit stops every
+    /// vCPU, also one whose guest access KVM resolves in a way a signal cannot interrupt
+    /// (its fault stays unresolved: no zero or stale page is ever installed).
+    pub fn exit_process_on_loss(&self) -> std::io::Result<()> {
+        let h = self.clone();
+        std::thread::Builder::new()
+            .name("mcdist-loss".into())
+            .spawn(move || loop {
+                if let Some(f) = h.failure() {
+                    eprintln!("memory lost: {f}");
+                    std::process::exit(1);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            })
+            .map(drop)
+    }
+
     /// Whether page `pfn` is installed.
     pub fn is_installed(&self, pfn: u64) -> bool {
         self.inner.lock().installed.get(pfn)
