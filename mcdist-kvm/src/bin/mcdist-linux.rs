@@ -194,8 +194,10 @@ fn fork(
     keys: &KeyArgs,
 ) -> Result<(), CliError> {
     let other = |e: &dyn std::fmt::Display| CliError::Other(e.to_string());
-    let mut scfg = mcdist::ServerConfig::default();
-    scfg.security = keys.security().map_err(CliError::Other)?;
+    let scfg = mcdist::ServerConfig {
+        security: keys.security().map_err(CliError::Other)?,
+        ..Default::default()
+    };
     if clones == 0 {
         return Err(CliError::Other("--clones must be at least 1".into()));
     }
