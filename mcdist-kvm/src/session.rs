@@ -171,3 +171,75 @@ pub enum SessionLost {
     #[error("mcdist session changed: {0}")]
     SessionChanged(#[source] SessionError),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::descriptor::SessionParams;
+    use crate::source::PageBitmap;
+
+    fn desc(protection: Option<Protection>) -> Descriptor {
+        Descriptor {
+            mem_size: 4096,
+            page_size: 4096,
+            digest: [0; 32],
+            session: Some(SessionParams {
+                group: "239.255.1.2:4000".parse().expect("group"),
+                server: "127.0.0.1:4001".parse().expect("server"),
+                session_id: 5,
+                protection,
+            }),
+            vcpus: Vec::new(),
+            zero_map: PageBitmap::new(1),
+        }
+    }
+
+    #[test]
+    fn a_keyed_descriptor_needs_a_key_of_its_mode() {
+        let key = || Security::new(Psk::generate());
+        let e = check_keyed(&desc(Some(Protection::Encrypted)), None).expect_err("no key");
+        assert!(matches!(
+            e,
+            SessionError::KeyRequired(Protection::Encrypted)
+        ));
+        assert!(e.to_string().contains("--key FILE"), "{e}");
+        assert!(check_keyed(&desc(Some(Protection::Encrypted)), Some(&key())).is_ok());
+        assert!(matches!(
+            check_keyed(&desc(Some(Protection::AuthOnly)), Some(&key())),
+            Err(SessionError::ProtectionMismatch { .. })
+        ));
+        assert!(matches!(
+            check_keyed(&desc(None), Some(&key())),
+            Err(SessionError::NotKeyed)
+        ));
+        assert!(check_keyed(&desc(None), None).is_ok());
+    }
+
+    #[test]
+    fn an_announce_of_another_session_is_refused() {
+        let d = desc(None);
+        let info = SessionInfo {
+            session_id: 6,
+            image_size: 4096,
+            page_size: 4096,
+            page_count: 1,
+            digest: [0; 32],
+            zero_count: 0,
+        };
+        assert!(matches!(
+            check_session(&d, &info),
+            Err(SessionError::OtherSession {
+                announced: 6,
+                described: 5
+            })
+        ));
+        assert!(check_session(
+            &d,
+            &SessionInfo {
+                session_id: 5,
+                ..info
+            }
+        )
+        .is_ok());
+    }
+}
