@@ -29,7 +29,10 @@
 //! **Scope.** Clones that are threads of this process attach with [`HostCache::fetcher`].
 //! Clone processes attach over a unix socket ([`HostCache::serve_unix`], the
 //! `mcdist-host-cache` binary; [`connect_host_cache`] on the clone side): the cache process
-//! hands each clone the memfd (`SCM_RIGHTS`) and the clone maps it read-only. The memfd
+//! hands each clone the memfd (`SCM_RIGHTS`) and the clone maps it read-only; the memfd is
+//! sealed (no write, no resize, no new writable mapping, seals fixed), so a compromised clone
+//! can neither change pages or presence bits for its siblings nor truncate the cache under
+//! them, and the socket is the owner's only (see [`HostCache::serve_unix`]). The memfd
 //! holds the pages (page `p` at `p × page size`) followed by a presence bitmap (one bit per
 //! page, 64-bit words, set atomically after the page is written). A clone that finds a
 //! page's bit set installs it with `UFFDIO_COPY` straight from the shared mapping, without
