@@ -30,6 +30,7 @@
 
 use clap::Parser;
 use mcdist::node::ClientNode;
+use mcdist::secure::{Psk, Security};
 use mcdist::transport::udp::{UdpConfig, UdpTransport};
 use mcdist::{ClientConfig, FileSource};
 use mcdist_xen::{Memtap, MemtapConfig, PageInbox, XenDescriptor, XenHypervisor};
@@ -70,6 +71,12 @@ struct Args {
     /// Frozen parent memory image (with --write-descriptor).
     #[arg(long)]
     image: Option<PathBuf>,
+    /// Pre-shared 256-bit key file (32 raw bytes or 64 hex digits), as `mcdist fetch --key`.
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// With --key: the server authenticates only (page contents in the clear).
+    #[arg(long, requires = "key")]
+    auth_only: bool,
 }
 
 fn main() -> ExitCode {
@@ -112,7 +119,35 @@ fn run(args: Args) -> Result<(), String> {
     let (inbox, rx) = PageInbox::new().map_err(|e| format!("inbox: {e}"))?;
     let mut ccfg = ClientConfig::new(server);
     ccfg.expected_digest = Some(desc.digest);
-    let client = Arc::new(ClientNode::start(ccfg, transport, inbox).map_err(|e| e.to_string())?);
+    let security = match &args.key {
+        Some(k) => {
+            let loaded = Psk::load(k).map_err(|e| e.to_string())?;
+            if let Some(w) = &loaded.permission_warning {
+                eprintln!("xen_memtap: warning: {w}");
+            }
+            Some(if args.auth_only {
+                Security::auth_only(loaded.psk)
+            } else {
+                Security::new(loaded.psk)
+            })
+        }
+        None => {
+            eprintln!(
+                "xen_memtap: warning: unkeyed mcdist session (no --key): integrity (every page \
+                 is verified against the descriptor's root) but no confidentiality and no \
+                 authentication of the control plane"
+            );
+            None
+        }
+    };
+    let client = Arc::new(
+        ClientNode::start(
+            mcdist::node::NodeConfig::new(ccfg, security),
+            transport,
+            inbox,
+        )
+        .map_err(|e| e.to_string())?,
+    );
     let info = client
         .wait_session(Duration::from_secs(30))
         .map_err(|e| format!("joining the session: {e}"))?;

@@ -5,6 +5,8 @@
 //! ```text
 //! magic "MCDKDESC" | version u16 (=1) | mem_size u64 | page_size u32 | digest [32]
 //! | session flag u8 [group ip4 (4) port u16 | server: len u8, UTF-8 socket address | session_id u64]
+//!   (flag 0: no session; 1: unkeyed; 2: keyed, encrypted; 3: keyed, authenticated only —
+//!   the descriptor says whether the session is keyed, never the key)
 //! | vcpus u16 | per vCPU: regs (18 x u64) | sregs | fpu
 //! | zero map: pages u64 | byte length u64 | bytes
 //! ```
@@ -12,6 +14,7 @@
 use std::net::{SocketAddr, SocketAddrV4};
 
 use kvm_bindings::{kvm_dtable, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
+use mcdist::secure::Protection;
 
 use crate::source::PageBitmap;
 use crate::vm::VcpuState;
@@ -106,8 +109,11 @@ pub struct SessionParams {
     pub group: SocketAddrV4,
     /// Unicast address the server takes requests on.
     pub server: SocketAddr,
-    /// Session id.
+    /// Session id (clones accept announces of this session only).
     pub session_id: u64,
+    /// Whether the session is keyed, and how (never the key itself). A clone of a keyed
+    /// session needs the key; `None`: unkeyed.
+    pub protection: Option<Protection>,
 }
 
 /// A frozen VM's descriptor.
@@ -166,7 +172,11 @@ impl DescriptorFile for Descriptor {
         match &self.session {
             None => w.push(0),
             Some(s) => {
-                w.push(1);
+                w.push(match s.protection {
+                    None => 1,
+                    Some(Protection::Encrypted) => 2,
+                    Some(Protection::AuthOnly) => 3,
+                });
                 w.extend_from_slice(&s.group.ip().octets());
                 w.extend_from_slice(&s.group.port().to_le_bytes());
                 let server = s.server.to_string();
@@ -203,7 +213,7 @@ impl DescriptorFile for Descriptor {
         digest.copy_from_slice(r.take(32)?);
         let session = match r.u8()? {
             0 => None,
-            1 => {
+            f @ 1..=3 => {
                 let ip = r.take(4)?;
                 let group = SocketAddrV4::new([ip[0], ip[1], ip[2], ip[3]].into(), r.u16()?);
                 let n = r.u8()? as usize;
@@ -216,6 +226,11 @@ impl DescriptorFile for Descriptor {
                     group,
                     server,
                     session_id: r.u64()?,
+                    protection: match f {
+                        1 => None,
+                        2 => Some(Protection::Encrypted),
+                        _ => Some(Protection::AuthOnly),
+                    },
                 })
             }
             f => return Err(DescriptorError::SessionFlag(f)),
@@ -500,6 +515,7 @@ mod tests {
                 group: "239.255.1.2:4000".parse().expect("group"),
                 server: "[::1]:4001".parse().expect("server"),
                 session_id: 0xdead_beef,
+                protection: Some(Protection::AuthOnly),
             }),
             vcpus: vec![VcpuState { regs, sregs, fpu }],
             zero_map,

@@ -20,7 +20,9 @@ use mcdist::{Client, ClientEvent, ClientStats, SessionInfo};
 
 use crate::descriptor::Descriptor;
 use crate::lazy::{InlineFetcher, LazyHandle, PageFetcher};
-use crate::session::{check_image, client_setup, ClientSetup, SessionError, SessionLost};
+use crate::session::{
+    check_session, client_setup, ClientSetup, SessionError, SessionLost, UNKEYED_WARNING,
+};
 
 /// The client's transport: plain UDP, or UDP under mcdist's authentication layer.
 enum Link {
@@ -56,6 +58,8 @@ pub struct InlineMcdist {
     stats: Arc<Mutex<ClientStats>>,
     last_publish: Instant,
     dead: bool,
+    /// The session id the descriptor names: a resume under another id fails the memory.
+    pin: Option<u64>,
 }
 
 impl std::fmt::Debug for InlineMcdist {
@@ -87,12 +91,7 @@ impl InlineMcdist {
             Some(sec) => Link::Secure(Box::new(SecureTransport::client(transport, sec))),
             None => {
                 static ONCE: std::sync::Once = std::sync::Once::new();
-                ONCE.call_once(|| {
-                    tracing::warn!(
-                        "this mcdist session is unauthenticated: pages can be read and forged \
-                         on the network"
-                    )
-                });
+                ONCE.call_once(|| tracing::warn!("{UNKEYED_WARNING}"));
                 Link::Plain(Box::new(transport))
             }
         };
@@ -116,6 +115,7 @@ impl InlineMcdist {
             stats: Arc::new(Mutex::new(ClientStats::default())),
             last_publish: now,
             dead: false,
+            pin: desc.session.as_ref().map(|s| s.session_id),
         };
         let deadline = now + join_timeout;
         loop {
@@ -139,7 +139,7 @@ impl InlineMcdist {
                 }));
             }
         }
-        check_image(desc, me.session.page_count)?;
+        check_session(desc, &me.session)?;
         Ok(me)
     }
 
@@ -180,9 +180,16 @@ impl InlineMcdist {
                     handle.fail(SessionLost::Client(err));
                     self.dead = true;
                 }
-                ClientEvent::SessionStarted(_)
-                | ClientEvent::SessionResumed(_)
-                | ClientEvent::Complete => {}
+                ClientEvent::SessionStarted(info) | ClientEvent::SessionResumed(info) => {
+                    if let Some(pin) = self.pin.filter(|p| *p != info.session_id) {
+                        handle.fail(SessionLost::SessionChanged(SessionError::OtherSession {
+                            announced: info.session_id,
+                            described: pin,
+                        }));
+                        self.dead = true;
+                    }
+                }
+                ClientEvent::Complete => {}
             }
         }
     }

@@ -10,12 +10,22 @@ use mcdist::node::{ClientNode, NodeError, PageSink, SinkError};
 
 use crate::descriptor::Descriptor;
 use crate::lazy::{LazyHandle, PageFetcher};
-use crate::session::{check_image, client_setup, ClientSetup, SessionError, SessionLost};
+use crate::session::{check_session, client_setup, ClientSetup, SessionError, SessionLost};
 
-/// Delivers the client's pages into one clone's lazy memory.
-struct Sink(LazyHandle);
+/// Delivers the client's pages into one clone's lazy memory; a session other than the
+/// descriptor's (`pin`) fails the memory before any of its pages arrives.
+struct Sink(LazyHandle, Option<u64>);
 
 impl PageSink for Sink {
+    fn session_started(&self, info: &mcdist::SessionInfo) {
+        if let Some(pin) = self.1.filter(|p| *p != info.session_id) {
+            self.0
+                .fail(SessionLost::SessionChanged(SessionError::OtherSession {
+                    announced: info.session_id,
+                    described: pin,
+                }));
+        }
+    }
     fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), SinkError> {
         self.0.install(pfn, data);
         Ok(())
@@ -49,9 +59,10 @@ impl McdistFetcher {
         tune: impl FnOnce(&mut ClientSetup),
     ) -> Result<Self, SessionError> {
         let (transport, cfg) = client_setup(desc, iface, tune)?;
-        let client = ClientNode::start(cfg, transport, Arc::new(Sink(handle)))?;
+        let pin = desc.session.as_ref().map(|s| s.session_id);
+        let client = ClientNode::start(cfg, transport, Arc::new(Sink(handle, pin)))?;
         let info = client.wait_session(join_timeout)?;
-        check_image(desc, info.page_count)?;
+        check_session(desc, &info)?;
         Ok(Self { client })
     }
 

@@ -35,6 +35,9 @@ pub enum VmError {
     /// the vCPU's run area).
     #[error("unexpected guest exit: {0}")]
     UnexpectedExit(String),
+    /// The lazy memory failed (fail closed): the vCPU was stopped in an unresolved fault.
+    #[error("memory lost: the vCPU was stopped, its memory source failed")]
+    MemoryLost,
     /// The vCPU state does not fit this VM.
     #[error("vCPU state for {got} vCPUs, VM has {want}")]
     VcpuCount {
@@ -137,6 +140,11 @@ impl VmMemory {
             VmMemory::Ram(r) => (r.map.addr() as u64, r.map.len() as u64),
             VmMemory::Lazy(l) => (l.host_addr(), l.size() as u64),
         }
+    }
+
+    /// Whether the memory failed (lazy memory whose source is lost): its vCPUs must stop.
+    pub(crate) fn is_lost(&self) -> bool {
+        matches!(self, VmMemory::Lazy(l) if l.is_failed())
     }
 }
 
@@ -294,46 +302,20 @@ impl Vm {
         Ok(())
     }
 
-    /// Runs vCPU `idx` until the guest asks for clones, reports a result, or halts.
+    /// Runs vCPU `idx` until the guest asks for clones, reports a result, or halts. On lazy
+    /// memory whose source fails, the vCPU is kicked out of its unresolved fault and the run
+    /// ends with [`VmError::MemoryLost`] (fail closed).
     pub fn run(&mut self, idx: usize) -> Result<GuestExit, VmError> {
-        let vcpu = self
-            .core
-            .vcpus
+        let VmCore { vcpus, memory, .. } = &mut self.core;
+        let vcpu = vcpus
             .get_mut(idx)
             .ok_or(VmError::VcpuCount { got: idx, want: 0 })?;
-        loop {
-            let exit = match vcpu.run() {
-                Ok(e) => e,
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Err(e) => {
-                    return Err(VmError::Kvm {
-                        op: "RUN",
-                        source: e,
-                    })
-                }
-            };
-            match exit {
-                VcpuExit::IoOut(PORT_CLONE_ME, _) => {
-                    // Complete the port write so the captured state resumes after it.
-                    complete_io(vcpu).map_err(|source| VmError::Kvm {
-                        op: "RUN (complete I/O)",
-                        source,
-                    })?;
-                    return Ok(GuestExit::CloneMe);
-                }
-                VcpuExit::IoOut(PORT_RESULT, data) => {
-                    let mut b = [0u8; 4];
-                    let n = data.len().min(4);
-                    b[..n].copy_from_slice(&data[..n]);
-                    return Ok(GuestExit::Result(u32::from_le_bytes(b)));
-                }
-                VcpuExit::Hlt => return Ok(GuestExit::Halted),
-                VcpuExit::IoOut(port, _) | VcpuExit::IoIn(port, _) => {
-                    return Err(VmError::UnexpectedPort(port))
-                }
-                other => return Err(VmError::UnexpectedExit(format!("{other:?}"))),
-            }
+        if !matches!(memory, VmMemory::Lazy(_)) {
+            return run_vcpu(vcpu, memory);
         }
+        sys::linux::install_kick_handler().map_err(VmError::Memory)?;
+        let memory = &*memory;
+        sys::linux::kicked_when(|| memory.is_lost(), || run_vcpu(vcpu, memory))
     }
 
     /// Captures the state of every vCPU (call while the VM is stopped).
@@ -383,4 +365,42 @@ impl Vm {
 /// Whether `/dev/kvm` can be opened here.
 pub fn kvm_available() -> bool {
     Kvm::new().is_ok()
+}
+
+/// The run loop of [`Vm::run`] on one vCPU.
+fn run_vcpu(vcpu: &mut VcpuFd, memory: &VmMemory) -> Result<GuestExit, VmError> {
+    loop {
+        let exit = match vcpu.run() {
+            Ok(e) => e,
+            Err(_) if memory.is_lost() => return Err(VmError::MemoryLost),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => {
+                return Err(VmError::Kvm {
+                    op: "RUN",
+                    source: e,
+                })
+            }
+        };
+        match exit {
+            VcpuExit::IoOut(PORT_CLONE_ME, _) => {
+                // Complete the port write so the captured state resumes after it.
+                complete_io(vcpu).map_err(|source| VmError::Kvm {
+                    op: "RUN (complete I/O)",
+                    source,
+                })?;
+                return Ok(GuestExit::CloneMe);
+            }
+            VcpuExit::IoOut(PORT_RESULT, data) => {
+                let mut b = [0u8; 4];
+                let n = data.len().min(4);
+                b[..n].copy_from_slice(&data[..n]);
+                return Ok(GuestExit::Result(u32::from_le_bytes(b)));
+            }
+            VcpuExit::Hlt => return Ok(GuestExit::Halted),
+            VcpuExit::IoOut(port, _) | VcpuExit::IoIn(port, _) => {
+                return Err(VmError::UnexpectedPort(port))
+            }
+            other => return Err(VmError::UnexpectedExit(format!("{other:?}"))),
+        }
+    }
 }

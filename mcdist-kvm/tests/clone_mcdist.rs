@@ -14,7 +14,7 @@ use mcdist_kvm::McdistFetcher;
 use mcdist_kvm::PageFetcher;
 
 mod common;
-use common::{fork, have_kvm, loopback_ns};
+use common::{assert_child_lost_memory, fork, have_kvm, in_child, loopback_ns};
 
 #[test]
 fn laziness_is_real_and_zero_pages_are_never_sent() {
@@ -71,6 +71,10 @@ fn clone_fails_clearly_when_its_server_disappears() {
     if !have_kvm() {
         return;
     }
+    if !in_child() {
+        assert_child_lost_memory("clone_fails_clearly_when_its_server_disappears");
+        return;
+    }
     let ns = loopback_ns("gone");
     ns.enter().expect("enter netns");
     let job = HashJob::new(16 << 20, 0.5, 0.1, 5, 4096);
@@ -85,6 +89,7 @@ fn clone_fails_clearly_when_its_server_disappears() {
     opts.lazy.fetch_timeout = Duration::from_secs(4);
     let t0 = Instant::now();
     let r = run_clone(&desc, 0, &opts, |h| {
+        h.exit_process_on_loss().expect("watchdog");
         let f = McdistFetcher::connect(&desc, Some("lo"), h, Duration::from_secs(5), |c| {
             c.give_up_after = Duration::from_secs(2)
         })
@@ -97,12 +102,14 @@ fn clone_fails_clearly_when_its_server_disappears() {
     });
     let took = t0.elapsed();
     match r {
-        Err(CloneError::MemoryLost { id: 0, failure }) => {
-            eprintln!("clone failed after {took:?}: {failure}")
+        // Where the vCPU could be kicked out of its fault, the clone returns instead.
+        Err(e @ CloneError::MemoryLost { id: 0, .. }) => {
+            eprintln!("clone failed after {took:?}");
+            eprintln!("{e}");
+            std::process::exit(1);
         }
         other => panic!("expected a memory-lost error, got {other:?}"),
     }
-    assert!(took < Duration::from_secs(30), "took {took:?}");
 }
 
 #[test]

@@ -245,6 +245,7 @@ fn serve(
             group,
             server: listen,
             session_id: server.session().session_id,
+            protection: security.as_ref().map(|s| s.protection),
         }),
         vcpus: Vec::new(),
         zero_map: zero,

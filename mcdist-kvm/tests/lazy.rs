@@ -107,7 +107,7 @@ fn pushed_pages_are_installed_before_faults() {
 }
 
 #[test]
-fn missing_server_fails_with_timeout_instead_of_hanging() {
+fn missing_server_fails_with_timeout_and_no_zero_page() {
     if !uffd_available() {
         return;
     }
@@ -124,13 +124,36 @@ fn missing_server_fails_with_timeout_instead_of_hanging() {
         fn request(&self, _pfn: u64) {}
     }
     mem.start(Arc::new(Never)).expect("start");
-    let mut out = vec![1u8; 8];
-    mem.read(3 * PAGE, &mut out)
-        .expect("read returns after failure");
-    match mem.failure() {
+    let mem = Arc::new(mem);
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let mem = mem.clone();
+        std::thread::spawn(move || {
+            let mut out = vec![1u8; 8];
+            let r = mem.read(3 * PAGE, &mut out).map(|()| out);
+            let _ = tx.send(r);
+        });
+    }
+    let mut failure = None;
+    for _ in 0..1000 {
+        failure = mem.failure();
+        if failure.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    match failure {
         Some(LazyFailure::FetchTimeout { pfn, .. }) => assert_eq!(pfn, 3),
         other => panic!("expected a fetch timeout, got {other:?}"),
     }
+    // Fail closed: the reader's fault stays unresolved, it never reads a zero-filled page.
+    assert!(
+        rx.recv_timeout(Duration::from_millis(200)).is_err(),
+        "the reader got a page after the failure"
+    );
+    assert!(!mem.handle().is_installed(3));
+    // The reader stays blocked in its fault: the memory stays mapped for it (it holds a
+    // reference) until the process exits.
 }
 
 #[test]

@@ -13,7 +13,7 @@ use mcdist_kvm::DescriptorFile;
 use mcdist_kvm::{CloneTicket, Descriptor, Frozen, HostCache};
 
 mod common;
-use common::{fork, have_kvm_and_uffd};
+use common::{assert_child_lost_memory, fork, have_kvm_and_uffd, in_child};
 
 /// Joins the session from inside `host` (the client's socket lives in that namespace).
 fn host_cache(host: &Netns, desc: &Descriptor) -> Arc<HostCache> {
@@ -224,6 +224,10 @@ fn every_clone_of_a_host_fails_clearly_when_the_server_disappears() {
     if !have_kvm_and_uffd() {
         return;
     }
+    if !in_child() {
+        assert_child_lost_memory("every_clone_of_a_host_fails_clearly_when_the_server_disappears");
+        return;
+    }
     let ns = Netns::create(&format!("mcds-gone-{}", std::process::id())).expect("netns");
     ns.multicast_route("lo").expect("route");
     ns.enter().expect("enter netns");
@@ -244,8 +248,17 @@ fn every_clone_of_a_host_fails_clearly_when_the_server_disappears() {
     let ticket = frozen.request_ticket(3).expect("ticket");
     let mut opts = CloneOptions::default();
     opts.lazy.fetch_timeout = Duration::from_secs(6);
+    // Fail closed: a lost memory ends this (child) process with "memory lost: ...".
+    let host = cache.clone();
+    let launcher = mcdist_kvm::clone::ThreadLauncher {
+        make_fetcher: Arc::new(move |_id, _d: &Descriptor, h: mcdist_kvm::LazyHandle| {
+            h.exit_process_on_loss().expect("watchdog");
+            Ok(host.fetcher(h))
+        }),
+        opts,
+    };
     let results = frozen
-        .clone_vms(&ticket, &desc, &cache.launcher(opts))
+        .clone_vms(&ticket, &desc, &launcher)
         .join(Duration::from_secs(60));
     assert_eq!(results.len(), 3);
     for (id, r) in results {
@@ -268,6 +281,9 @@ fn every_clone_of_a_host_fails_clearly_when_the_server_disappears() {
         results[0].1
     );
     assert_eq!(cache.stats().network_pages, 0);
+    // Where the vCPUs could be kicked out of their faults, the clones returned instead.
+    eprintln!("memory lost: every clone of the host");
+    std::process::exit(1);
 }
 
 #[test]
@@ -405,6 +421,7 @@ fn cache_socket_drops_malformed_frames_and_serves_pages_from_shared_memory() {
     let sock = cache
         .serve_unix(&dir.path().join("cache.sock"))
         .expect("serve");
+    assert_sealed_and_private(sock.path(), dir.path());
 
     // A raw peer: the hello names the image, junk is dropped, a request is answered.
     let mut raw = UnixStream::connect(sock.path()).expect("connect");
@@ -485,4 +502,50 @@ fn cache_socket_drops_malformed_frames_and_serves_pages_from_shared_memory() {
         frame(3, 0),
         "a late clone process must be told at once"
     );
+}
+
+/// The cache's memfd cannot be written or resized by anyone it is handed to (sealed: even
+/// a descriptor reopened for writing fails), and its socket is the owner's only, with no
+/// private directory left behind.
+fn assert_sealed_and_private(sock: &std::path::Path, dir: &std::path::Path) {
+    use std::io::Write;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let meta = std::fs::symlink_metadata(sock).expect("socket");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "socket mode");
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "only the socket is left: {left:?}");
+    // Find the memfd among this process's descriptors (the cache runs in-process here; a
+    // clone process receives the same file).
+    let memfd = std::fs::read_dir("/proc/self/fd")
+        .expect("fds")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            std::fs::read_link(p)
+                .map(|t| t.to_string_lossy().contains("memfd:mcdist-host-cache"))
+                .unwrap_or(false)
+        })
+        .expect("the host cache's memfd");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&memfd)
+        .expect("reopen the memfd");
+    let len = f.metadata().expect("meta").len();
+    // EPERM or EACCES.
+    let denied = |e: &std::io::Error| matches!(e.raw_os_error(), Some(1) | Some(13));
+    let w = f
+        .write_all(&[0xffu8; 4096])
+        .expect_err("a write into the cache succeeded");
+    assert!(denied(&w), "write: {w}");
+    let t = f.set_len(0).expect_err("the cache was truncated");
+    assert!(denied(&t), "truncate: {t}");
+    let g = f.set_len(len + 4096).expect_err("the cache was grown");
+    assert!(denied(&g), "grow: {g}");
+    assert_eq!(f.metadata().expect("meta").len(), len);
 }

@@ -37,6 +37,11 @@ fn main() {
     let args = Args::parse();
     match run(&args) {
         Ok(line) => println!("{line}"),
+        // Fail closed: the vCPUs were stopped; the line starts with "memory lost: ".
+        Err(e @ CloneError::MemoryLost { .. }) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
         Err(e) => {
             eprintln!("mcdist-clone {}: {e}", args.id);
             std::process::exit(1);
@@ -46,14 +51,38 @@ fn main() {
 
 fn run(args: &Args) -> Result<String, CloneError> {
     let desc = args.session.load(&args.descriptor)?;
+    let security = if args.host_cache.is_some() {
+        // The host cache holds the key and the session; the clone talks to it only.
+        None
+    } else {
+        args.session
+            .keys
+            .for_descriptor(&desc)
+            .map_err(|e| CloneError::Attach(e.into()))?
+    };
     let mut opts = CloneOptions::default();
     opts.lazy.fetch_timeout = Duration::from_millis(args.fetch_timeout_ms);
     let give_up = opts.lazy.fetch_timeout;
-    let report = run_clone(&desc, args.id, &opts, |h| match &args.host_cache {
-        Some(path) => {
-            connect_host_cache(path, &desc, h).map_err(|e| CloneError::Attach(Box::new(e)))
+    let report = run_clone(&desc, args.id, &opts, |h| {
+        // Fail closed: a lost memory ends the process with "memory lost: ...".
+        h.exit_process_on_loss()
+            .map_err(|source| CloneError::Spawn {
+                id: args.id,
+                what: "loss watchdog",
+                source,
+            })?;
+        match &args.host_cache {
+            Some(path) => {
+                connect_host_cache(path, &desc, h).map_err(|e| CloneError::Attach(Box::new(e)))
+            }
+            None => connect_fetcher(
+                &desc,
+                args.session.iface.as_deref(),
+                h,
+                give_up,
+                security.as_ref(),
+            ),
         }
-        None => connect_fetcher(&desc, args.session.iface.as_deref(), h, give_up),
     })?;
     Ok(report.to_line())
 }

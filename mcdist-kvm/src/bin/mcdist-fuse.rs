@@ -4,7 +4,6 @@
 //! optionally writing) its counters.
 
 use clap::Parser;
-use mcdist::secure::{Psk, Security};
 use mcdist_kvm::fuse::{HostFile, HostFileOptions};
 use mcdist_kvm::qemu::descriptor::QemuDescriptor;
 use nix::sys::signal::{SigSet, Signal};
@@ -66,10 +65,15 @@ fn run(a: Args) -> Result<(), String> {
             .map_err(|e| format!("cannot enter network namespace {ns}: {e}"))?;
     }
     let desc = QemuDescriptor::load(&a.descriptor).map_err(|e| e.to_string())?;
-    let security = match &a.key {
-        Some(p) => Some(Security::new(Psk::load(p).map_err(|e| e.to_string())?.psk)),
-        None => None,
-    };
+    let loaded =
+        mcdist_kvm::session::load_security(a.key.as_deref(), false).map_err(|e| e.to_string())?;
+    if let Some(w) = &loaded.permission_warning {
+        eprintln!("warning: {w}");
+    }
+    let security = loaded.security;
+    if security.is_none() && a.local_image.is_none() {
+        eprintln!("warning: {}", mcdist_kvm::session::UNKEYED_WARNING);
+    }
     let opts = HostFileOptions {
         iface: a.iface.clone(),
         security,

@@ -53,12 +53,16 @@ fn run(args: &Args) -> Result<(), String> {
         .session
         .load(&args.descriptor)
         .map_err(|e| e.to_string())?;
+    let security = args.session.keys.for_descriptor(&desc)?;
     let give_up = Duration::from_millis(args.give_up_ms);
     let cache = HostCache::connect(
         &desc,
         args.session.iface.as_deref(),
         Duration::from_secs(5),
-        |c| c.give_up_after = give_up,
+        |c| {
+            c.give_up_after = give_up;
+            c.security = security;
+        },
     )
     .map_err(|e| e.to_string())?;
     let server = cache.serve_unix(&args.socket).map_err(|e| e.to_string())?;

@@ -17,6 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use mcdist::secure::Security;
+#[path = "common/session_args.rs"]
+mod session_args;
 use mcdist_kvm::clone::{run_clone, CloneError, CloneOptions, CloneReport};
 use mcdist_kvm::guest::HashJob;
 use mcdist_kvm::inline::InlineMcdist;
@@ -45,10 +48,24 @@ struct Args {
     /// Repetitions per configuration.
     #[arg(long, default_value_t = 3)]
     reps: u32,
+    #[command(flatten)]
+    keys: session_args::KeyArgs,
+}
+
+/// The session key of every server and client of the run (set once in `main`).
+static SECURITY: std::sync::OnceLock<Option<Security>> = std::sync::OnceLock::new();
+
+fn security() -> Option<Security> {
+    SECURITY.get().cloned().flatten()
 }
 
 fn main() {
-    if let Err(e) = run(Args::parse()) {
+    let args = Args::parse();
+    let r = args.keys.security().and_then(|sec| {
+        let _ = SECURITY.set(sec);
+        run(args)
+    });
+    if let Err(e) = r {
         eprintln!("mcdist-kvm-bench: {e}");
         std::process::exit(1);
     }
@@ -84,6 +101,7 @@ fn serve(job: HashJob, port: u16, push: bool, rate: u64) -> Result<Served, Strin
         },
         ..Default::default()
     };
+    let cfg = mcdist::node::NodeConfig::new(cfg, security());
     let (server, desc) = frozen
         .serve(group, Some("lo"), listen, cfg)
         .map_err(|e| e.to_string())?;
@@ -122,8 +140,10 @@ fn mcdist_fetcher(
     inline: bool,
 ) -> Result<Arc<dyn PageFetcher>, CloneError> {
     let join = Duration::from_secs(5);
-    let give_up =
-        |c: &mut mcdist_kvm::session::ClientSetup| c.give_up_after = Duration::from_secs(5);
+    let give_up = |c: &mut mcdist_kvm::session::ClientSetup| {
+        c.give_up_after = Duration::from_secs(5);
+        c.security = security();
+    };
     let f: Arc<dyn PageFetcher> = if inline {
         InlineMcdist::connect(desc, Some("lo"), &h, join, give_up)?.into_fetcher()
     } else {

@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+#[path = "common/session_args.rs"]
+mod session_args;
 use mcdist_kvm::linux::{
     expected_sum, parse_report_line, run_linux_clone, BootOptions, GuestPlan, LinuxDescriptor,
     LinuxError, LinuxExit, LinuxParent,
@@ -24,6 +26,7 @@ use mcdist_kvm::netns::BridgeNet;
 use mcdist_kvm::DescriptorFile;
 use mcdist_kvm::{LazyConfig, PageFetcher};
 use mcdist_kvm::{McdistFetcher, MemoryServer};
+use session_args::KeyArgs;
 
 #[derive(Parser, Debug)]
 #[command(about = "Boot a real Linux guest on KVM and clone it over mcdist")]
@@ -72,6 +75,8 @@ enum Cmd {
         /// UDP port the memory server takes requests on (host 0's bridge address).
         #[arg(long, default_value_t = 47102)]
         port: u16,
+        #[command(flatten)]
+        keys: KeyArgs,
     },
     /// Run one clone from a descriptor.
     Clone {
@@ -87,6 +92,8 @@ enum Cmd {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 60)]
         timeout_s: u64,
+        #[command(flatten)]
+        keys: KeyArgs,
     },
 }
 
@@ -115,17 +122,29 @@ fn main() {
             timeout_s,
             group,
             port,
-        } => fork(clones, mem_mib, lines, verbose, timeout_s, group, port),
+            keys,
+        } => fork(
+            clones, mem_mib, lines, verbose, timeout_s, group, port, &keys,
+        ),
         Cmd::Clone {
             descriptor,
             id,
             iface,
             timeout_s,
-        } => clone(&descriptor, id, iface.as_deref(), timeout_s),
+            keys,
+        } => clone(&descriptor, id, iface.as_deref(), timeout_s, &keys),
     };
-    if let Err(e) = r {
-        eprintln!("mcdist-linux: {e}");
-        std::process::exit(1);
+    match r {
+        Ok(()) => {}
+        // Fail closed: the vCPUs were stopped; the line starts with "memory lost: ".
+        Err(CliError::Linux(e @ LinuxError::MemoryLost(_))) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+        Err(e) => {
+            eprintln!("mcdist-linux: {e}");
+            std::process::exit(1);
+        }
     }
 }
 
@@ -172,8 +191,13 @@ fn fork(
     timeout_s: u64,
     group: SocketAddrV4,
     port: u16,
+    keys: &KeyArgs,
 ) -> Result<(), CliError> {
     let other = |e: &dyn std::fmt::Display| CliError::Other(e.to_string());
+    let scfg = mcdist::node::NodeConfig::new(
+        mcdist::ServerConfig::default(),
+        keys.security().map_err(CliError::Other)?,
+    );
     if clones == 0 {
         return Err(CliError::Other("--clones must be at least 1".into()));
     }
@@ -200,7 +224,7 @@ fn fork(
         group,
         Some("eth0"),
         listen,
-        mcdist::ServerConfig::default(),
+        scfg,
     )
     .map_err(|e| other(&e))?;
     let desc = frozen.descriptor(clones, Some(server.session().clone()));
@@ -225,6 +249,7 @@ fn fork(
             .arg(&path)
             .args(["--id", &id.to_string(), "--iface", "eth0"])
             .args(["--timeout-s", &timeout_s.to_string()])
+            .args(keys.child_args())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -327,13 +352,18 @@ fn clone(
     id: u32,
     iface: Option<&str>,
     timeout_s: u64,
+    keys: &KeyArgs,
 ) -> Result<(), CliError> {
     let desc = LinuxDescriptor::load(path).map_err(|e| CliError::Other(e.to_string()))?;
+    let security = keys.for_descriptor(&desc.base).map_err(CliError::Other)?;
     let lazy = LazyConfig::default();
     let give_up = lazy.fetch_timeout;
     let report = run_linux_clone(&desc, id, lazy, Duration::from_secs(timeout_s), None, |h| {
+        // Fail closed: a lost memory ends the process with "memory lost: ...".
+        h.exit_process_on_loss().map_err(LinuxError::Io)?;
         let f = McdistFetcher::connect(&desc.base, iface, h, Duration::from_secs(5), |c| {
-            c.give_up_after = give_up
+            c.give_up_after = give_up;
+            c.security = security;
         })
         .map_err(LinuxError::Session)?;
         Ok(Arc::new(f) as Arc<dyn PageFetcher>)

@@ -7,7 +7,7 @@
 //! - `clone --descriptor D --ram FILE --id I --count N`: one clone from a descriptor.
 
 use clap::{Parser, Subcommand};
-use mcdist::secure::{Psk, Security};
+use mcdist::secure::Security;
 use mcdist_kvm::qemu::clone::{check_host, run_clone, CloneSpec};
 use mcdist_kvm::qemu::descriptor::QemuDescriptor;
 use mcdist_kvm::qemu::fork::{fork, print_table, serve, ForkOptions, MemoryMode};
@@ -100,9 +100,15 @@ enum Cmd {
 }
 
 fn security(key: Option<&Path>) -> Result<Option<Security>, String> {
-    let Some(p) = key else { return Ok(None) };
-    let loaded = Psk::load(p).map_err(|e| e.to_string())?;
-    Ok(Some(Security::new(loaded.psk)))
+    let l = mcdist_kvm::session::load_security(key, false).map_err(|e| e.to_string())?;
+    if let Some(w) = &l.permission_warning {
+        eprintln!("warning: {w}");
+    }
+    let sec = l.security;
+    if sec.is_none() {
+        eprintln!("warning: {}", mcdist_kvm::session::UNKEYED_WARNING);
+    }
+    Ok(sec)
 }
 
 fn sibling(name: &str) -> PathBuf {

@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use mcdist::secure::Security;
+
 use crate::descriptor::Descriptor;
 use crate::inline::InlineMcdist;
 use crate::lazy::{LazyHandle, PageFetcher};
@@ -14,7 +16,8 @@ use super::CloneError;
 /// How long a clone waits for the server's announce.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Connects a clone's lazy memory to the session in `desc`. A server silent for `give_up`
+/// Connects a clone's lazy memory to the session in `desc`, keyed with `security` (which
+/// must fit the descriptor: [`crate::session::check_keyed`]). A server silent for `give_up`
 /// fails the clone.
 ///
 /// The clone's fault thread drives the mcdist client itself ([`InlineMcdist`]), which is
@@ -25,9 +28,11 @@ pub fn connect_fetcher(
     iface: Option<&str>,
     handle: LazyHandle,
     give_up: Duration,
+    security: Option<&Security>,
 ) -> Result<Arc<dyn PageFetcher>, CloneError> {
     let f = InlineMcdist::connect(desc, iface, &handle, JOIN_TIMEOUT, |c| {
-        c.give_up_after = give_up
+        c.give_up_after = give_up;
+        c.security = security.cloned();
     })?;
     Ok(f.into_fetcher())
 }
@@ -38,9 +43,11 @@ pub fn connect_threaded_fetcher(
     iface: Option<&str>,
     handle: LazyHandle,
     give_up: Duration,
+    security: Option<&Security>,
 ) -> Result<Arc<dyn PageFetcher>, CloneError> {
     let f = McdistFetcher::connect(desc, iface, handle, JOIN_TIMEOUT, |c| {
-        c.give_up_after = give_up
+        c.give_up_after = give_up;
+        c.security = security.cloned();
     })?;
     Ok(Arc::new(f))
 }

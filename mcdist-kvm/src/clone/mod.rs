@@ -45,7 +45,7 @@ pub enum CloneError {
     #[error(transparent)]
     Uffd(#[from] UffdSetupError),
     /// The clone's memory stopped arriving (server gone, session failed...).
-    #[error("clone {id} lost its memory source: {failure}")]
+    #[error("memory lost: clone {id}: {failure}")]
     MemoryLost {
         /// Clone id.
         id: u32,

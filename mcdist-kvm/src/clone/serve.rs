@@ -29,7 +29,10 @@ impl std::fmt::Debug for MemoryServer {
 
 impl MemoryServer {
     /// Serves `image` on multicast `group` via `iface`, taking requests on `listen`.
-    /// `zero` and `digest` come from the descriptor (no second scan).
+    /// `zero` and `digest` come from the descriptor (no second scan). The session id is
+    /// `cfg.session_id` or, unset, drawn from the OS random generator (a restarted server is
+    /// another session, which clones of the old descriptor refuse); `cfg.security` keys the
+    /// session, and the descriptor records how (never the key).
     pub fn start(
         image: Arc<dyn PageSource>,
         zero: &PageBitmap,
@@ -39,6 +42,15 @@ impl MemoryServer {
         listen: SocketAddr,
         cfg: impl Into<NodeConfig<ServerConfig>>,
     ) -> Result<Self, SessionError> {
+        let mut cfg: NodeConfig<ServerConfig> = cfg.into();
+        if cfg.session_id.is_none() {
+            cfg.session_id = Some(rand::random::<u64>() | 1);
+        }
+        let protection = cfg.security.as_ref().map(|s| s.protection);
+        if protection.is_none() {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| tracing::warn!("{}", crate::session::UNKEYED_WARNING));
+        }
         let mut udp = UdpConfig::new(group);
         udp.iface = iface.map(str::to_string);
         udp.listen = Some(listen);
@@ -55,6 +67,7 @@ impl MemoryServer {
             group,
             server: listen,
             session_id: node.session_id(),
+            protection,
         };
         Ok(Self { node, session })
     }

@@ -26,10 +26,15 @@ pub fn plain_descriptor(
     timeout: Duration,
     tune: impl FnOnce(&mut ClientSetup),
 ) -> Result<Descriptor, SessionError> {
+    // The key the caller gives decides the session's protection: a plain file has no
+    // descriptor to say it.
+    let mut wanted = ClientSetup::from(mcdist::ClientConfig::new(server));
+    tune(&mut wanted);
     let session = SessionParams {
         group,
         server,
         session_id: 0,
+        protection: wanted.security.as_ref().map(|s| s.protection),
     };
     let probe = Descriptor {
         mem_size: 0,
@@ -40,7 +45,7 @@ pub fn plain_descriptor(
         zero_map: PageBitmap::new(0),
     };
     let (transport, cfg) = client_setup(&probe, iface, |c| {
-        tune(c);
+        *c = wanted;
         c.expected_digest = digest;
         c.want_zero_map = true;
     })?;

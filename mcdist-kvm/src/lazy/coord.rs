@@ -91,6 +91,10 @@ impl Inner {
             tracing::debug!(pfn, len = data.len(), "dropping out-of-range page delivery");
             return;
         }
+        if self.failed.load(Ordering::SeqCst) {
+            // After a failure nothing is installed: the page may belong to a lost session.
+            return;
+        }
         if self.zero.get(pfn) {
             self.lock().stats.zero_pages_received += 1;
             return;
@@ -130,12 +134,10 @@ impl Inner {
             st.failure = Some(f);
         }
         self.failed.store(true, Ordering::SeqCst);
-        // Unblock every waiting vCPU with a zero page; the owner sees the failure and
-        // discards the clone's result.
-        let pending: Vec<u64> = st.pending.drain().map(|(p, _)| p).collect();
-        for pfn in pending {
-            let _ = self.uffd.zeropage(self.page_addr(pfn), self.page_size);
-        }
+        // Fail closed: no waiting vCPU is given a page (neither a zero page nor a stale one).
+        // They stay blocked in their faults until the owner, which watches `failed`, kicks
+        // them out of `KVM_RUN` and stops the clone.
+        st.pending.clear();
     }
 
     /// Handles one fault at `addr`. Returns the page to request, if any.
@@ -152,11 +154,13 @@ impl Inner {
         );
         let pfn = (addr - base) / self.page_size as u64;
         let page_addr = self.page_addr(pfn);
-        if self.zero.get(pfn) || self.failed.load(Ordering::SeqCst) {
+        if self.failed.load(Ordering::SeqCst) {
+            // Fail closed: the fault stays unresolved (see `fail_locked`).
+            return None;
+        }
+        if self.zero.get(pfn) {
             match self.uffd.zeropage(page_addr, self.page_size) {
-                Ok(Install::Done) if !self.failed.load(Ordering::SeqCst) => {
-                    self.lock().stats.zero_pages += 1
-                }
+                Ok(Install::Done) => self.lock().stats.zero_pages += 1,
                 Ok(_) => {}
                 Err(e) => {
                     let mut st = self.lock();

@@ -5,6 +5,10 @@
 //! from a [`PageFetcher`] however many vCPUs fault on them; the fetcher delivers pages through
 //! a [`LazyHandle`], which installs them with `UFFDIO_COPY`. Pages that arrive before anyone
 //! faults on them (pushed pages) are installed the same way; `EEXIST` is normal.
+//!
+//! Fail closed: once the source fails (session lost, page timed out, integrity failure) no
+//! page is installed any more and no fault is resolved; [`LazyMemory::is_failed`] tells the
+//! vCPU runner to kick its vCPUs out of `KVM_RUN` and stop the clone ("memory lost").
 
 use std::collections::HashMap;
 use std::io;
@@ -229,12 +233,41 @@ impl LazyHandle {
             .install(pfn, PageData::Mapped { map, offset, len })
     }
 
-    /// Reports that no more pages will come; waiting and later faults get zero pages and the
-    /// memory is marked failed.
+    /// Reports that no more pages will come: the memory fails closed. No page is installed
+    /// from here on (no zero page, no late page), waiting and later faults stay unresolved,
+    /// and the owner stops the vCPUs ([`LazyMemory::is_failed`]).
     pub fn fail(&self, reason: impl Into<SourceError>) {
         let mut st = self.inner.lock();
         self.inner
             .fail_locked(&mut st, LazyFailure::Source(Arc::from(reason.into())));
+    }
+
+    /// Whether the memory failed (fail closed: nothing is installed any more).
+    pub fn is_failed(&self) -> bool {
+        self.inner.failed.load(Ordering::SeqCst)
+    }
+
+    /// Why the memory failed, if it did.
+    pub fn failure(&self) -> Option<LazyFailure> {
+        self.inner.lock().failure.clone()
+    }
+
+    /// Ends this process once the memory fails: prints one line, "memory lost: ...", on
+    /// standard error and exits with status 1. For clone processes: the exit stops every
+    /// vCPU, also one whose guest access KVM resolves in a way a signal cannot interrupt
+    /// (its fault stays unresolved: no zero or stale page is ever installed).
+    pub fn exit_process_on_loss(&self) -> std::io::Result<()> {
+        let h = self.clone();
+        std::thread::Builder::new()
+            .name("mcdist-loss".into())
+            .spawn(move || loop {
+                if let Some(f) = h.failure() {
+                    eprintln!("memory lost: {f}");
+                    std::process::exit(1);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            })
+            .map(drop)
     }
 
     /// Whether page `pfn` is installed.
@@ -419,6 +452,12 @@ impl LazyMemory {
             drop(st);
             std::thread::yield_now();
         }
+    }
+
+    /// Whether the memory failed (cheap; polled by vCPU runners to stop a clone whose faults
+    /// will not be resolved).
+    pub fn is_failed(&self) -> bool {
+        self.inner.failed.load(Ordering::SeqCst)
     }
 
     /// Why the memory failed, if it did.

@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::state::{MachineState, VcpuFull};
 use super::{boot::BootInfo, LinuxError};
 use crate::sys;
-use crate::vm::{KvmCallError, VmCore, VmMemory};
+use crate::vm::{KvmCallError, VmCore, VmError, VmMemory};
 
 /// Guest writes any byte here to ask to be cloned (the fork point).
 pub const PORT_FORK: u16 = 0x510;
@@ -254,7 +254,14 @@ impl LinuxVm {
     /// Runs vCPU `idx` until the guest forks, exits or shuts down, or `deadline` passes.
     pub fn run(&mut self, idx: usize, deadline: Instant) -> Result<LinuxExit, LinuxError> {
         sys::linux::install_kick_handler().map_err(LinuxError::Io)?;
-        sys::linux::kicked_after(deadline, || self.run_inner(idx, deadline))
+        let lost = match &self.core.memory {
+            VmMemory::Lazy(m) => Some(m.clone()),
+            VmMemory::Ram(_) => None,
+        };
+        sys::linux::kicked_when(
+            move || Instant::now() >= deadline || lost.as_ref().is_some_and(|m| m.is_failed()),
+            || self.run_inner(idx, deadline),
+        )
     }
 
     fn run_inner(&mut self, idx: usize, deadline: Instant) -> Result<LinuxExit, LinuxError> {
@@ -266,6 +273,10 @@ impl LinuxVm {
         } = self;
         let vcpu = vcpus.get_mut(idx).ok_or(LinuxError::NoVcpu)?;
         loop {
+            if memory.is_lost() {
+                // Fail closed: the caller reports the memory's failure.
+                return Err(LinuxError::Vm(VmError::MemoryLost));
+            }
             if Instant::now() >= deadline {
                 let rip = vcpu.get_regs().map_or(0, |r| r.rip);
                 return Err(LinuxError::Timeout { rip });

@@ -119,7 +119,7 @@ pub enum LinuxError {
     #[error(transparent)]
     Uffd(#[from] UffdSetupError),
     /// The clone's memory stopped arriving.
-    #[error("lost the memory source: {0}")]
+    #[error("memory lost: {0}")]
     MemoryLost(#[source] LazyFailure),
     /// Descriptor problem.
     #[error(transparent)]

@@ -29,7 +29,10 @@
 //! **Scope.** Clones that are threads of this process attach with [`HostCache::fetcher`].
 //! Clone processes attach over a unix socket ([`HostCache::serve_unix`], the
 //! `mcdist-host-cache` binary; [`connect_host_cache`] on the clone side): the cache process
-//! hands each clone the memfd (`SCM_RIGHTS`) and the clone maps it read-only. The memfd
+//! hands each clone the memfd (`SCM_RIGHTS`) and the clone maps it read-only; the memfd is
+//! sealed (no write, no resize, no new writable mapping, seals fixed), so a compromised clone
+//! can neither change pages or presence bits for its siblings nor truncate the cache under
+//! them, and the socket is the owner's only (see [`HostCache::serve_unix`]). The memfd
 //! holds the pages (page `p` at `p × page size`) followed by a presence bitmap (one bit per
 //! page, 64-bit words, set atomically after the page is written). A clone that finds a
 //! page's bit set installs it with `UFFDIO_COPY` straight from the shared mapping, without
@@ -50,7 +53,7 @@ use mcdist::ClientStats;
 use crate::clone::{CloneLauncher, CloneOptions, ThreadLauncher};
 use crate::descriptor::Descriptor;
 use crate::lazy::{LazyHandle, PageFetcher};
-use crate::session::{check_image, client_setup, ClientSetup, SessionError};
+use crate::session::{check_session, client_setup, ClientSetup, SessionError};
 use crate::source::PageBitmap;
 use crate::sys::AnonMap;
 
@@ -65,6 +68,15 @@ pub enum CacheFailure {
     /// The host's mcdist session failed.
     #[error("the host's mcdist session failed: {0}")]
     Session(#[source] NodeError),
+    /// The host's client followed another session than the descriptor's (a restarted
+    /// server): its pages are not the descriptor's image.
+    #[error("the server announces session {announced:#x}, the descriptor names {described:#x}")]
+    OtherSession {
+        /// Session id announced.
+        announced: u64,
+        /// Session id in the descriptor.
+        described: u64,
+    },
     /// A clone's memory does not have as many pages as the cached image.
     #[error("clone memory has {clone} pages, the host cache {cache}")]
     PageCount {
@@ -241,7 +253,8 @@ impl Cache {
                 page_size: self.page_size,
             });
         }
-        if self.is_present(pfn) {
+        if self.is_present(pfn) || self.lock().failure.is_some() {
+            // Fail closed: after a failure nothing enters the cache.
             return Ok(());
         }
         // Only the client thread writes, once per page, before the page is marked present;
@@ -370,9 +383,19 @@ impl Cache {
     }
 }
 
-struct Sink(Arc<Cache>);
+/// The host client's sink: pages into the cache; a session other than the descriptor's
+/// (`1`) fails the cache before any of its pages arrives.
+struct Sink(Arc<Cache>, Option<u64>);
 
 impl PageSink for Sink {
+    fn session_started(&self, info: &mcdist::SessionInfo) {
+        if let Some(pin) = self.1.filter(|p| *p != info.session_id) {
+            self.0.failed(CacheFailure::OtherSession {
+                announced: info.session_id,
+                described: pin,
+            });
+        }
+    }
     fn page_ready(&self, pfn: u64, data: &[u8]) -> Result<(), SinkError> {
         self.0.arrived(pfn, data).map_err(|e| match e {
             CacheStoreError::Misfit {
@@ -448,9 +471,10 @@ impl HostCache {
             resident: AtomicU64::new(0),
         });
         let (transport, cfg) = client_setup(desc, iface, tune)?;
-        let client = ClientNode::start(cfg, transport, Arc::new(Sink(cache.clone())))?;
+        let pin = desc.session.as_ref().map(|s| s.session_id);
+        let client = ClientNode::start(cfg, transport, Arc::new(Sink(cache.clone(), pin)))?;
         let info = client.wait_session(join_timeout)?;
-        check_image(desc, info.page_count)?;
+        check_session(desc, &info)?;
         Ok(Arc::new(Self { cache, client }))
     }
 

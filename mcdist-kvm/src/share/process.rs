@@ -117,14 +117,42 @@ impl Drop for CacheServer {
     }
 }
 
+/// Binds a unix socket at `path` that only this user can connect to (see
+/// [`HostCache::serve_unix`]).
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let private = parent.join(format!(
+        ".mcdist-host-cache.{}.{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let inside = private.join("socket");
+    let bound = UnixListener::bind(&inside).and_then(|l| {
+        std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&inside, path)?;
+        Ok(l)
+    });
+    let _ = std::fs::remove_file(&inside);
+    let _ = std::fs::remove_dir(&private);
+    bound
+}
+
 impl HostCache {
     /// Serves clone processes of this host on a unix socket at `path` (replacing a stale
     /// socket file). Each connection gets the cache's memfd and is attached as one clone.
+    ///
+    /// Whoever can connect gets the memory image, so only the owner may: the socket is
+    /// created inside a fresh directory of mode 0700 (`mkdir` makes it or fails, following
+    /// no symlink), made 0600 there, where nobody else can reach it, and only then renamed
+    /// to `path` (`rename` replaces whatever is at `path`, a symlink included, without
+    /// following it). There is no moment at which others could connect.
     pub fn serve_unix(self: &Arc<Self>, path: &Path) -> io::Result<CacheServer> {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
-        // Whoever can connect gets the memory image: the owner only.
-        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let listener = bind_private(path)?;
         let stop = Arc::new(AtomicBool::new(false));
         let host = self.clone();
         let stop2 = stop.clone();
@@ -395,6 +423,18 @@ impl HostCacheProcess {
         socket: PathBuf,
         iface: &str,
     ) -> Result<Self, HostCacheError> {
+        Self::start_with_args(exe, netns, descriptor, socket, iface, &[])
+    }
+
+    /// [`HostCacheProcess::start`] with more arguments for the cache (its `--key FILE`).
+    pub fn start_with_args(
+        exe: &Path,
+        netns: &str,
+        descriptor: &Path,
+        socket: PathBuf,
+        iface: &str,
+        extra: &[std::ffi::OsString],
+    ) -> Result<Self, HostCacheError> {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
         let mut child = Command::new("ip")
@@ -405,6 +445,7 @@ impl HostCacheProcess {
             .arg("--socket")
             .arg(&socket)
             .args(["--iface", iface])
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()?;

@@ -2,7 +2,7 @@
 //! signal used to kick a vCPU thread out of `KVM_RUN`.
 
 use std::sync::{mpsc, Once};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvm_bindings::kvm_xsave;
 use kvm_ioctls::VcpuFd;
@@ -33,24 +33,27 @@ pub(crate) fn install_kick_handler() -> std::io::Result<()> {
     res
 }
 
-/// Runs `body` on the calling thread while a helper thread sends it [`kick_signal`] from
-/// `deadline` on, every 20 ms, until `body` returns (a blocked `KVM_RUN` then returns `EINTR`).
-/// The helper is a scoped thread: it is joined before this returns (also when `body` panics:
-/// the stop channel's sender is dropped while unwinding, which ends the helper), so it never
-/// signals a thread that has gone.
-pub(crate) fn kicked_after<R>(deadline: Instant, body: impl FnOnce() -> R) -> R {
+/// Runs `body` on the calling thread while a helper thread checks `due` every 10 ms and,
+/// once it holds, sends the calling thread [`kick_signal`] every 20 ms until `body` returns
+/// (a `KVM_RUN` blocked, also in a userfaultfd fault, then returns `EINTR`). The helper is a
+/// scoped thread: it is joined before this returns (also when `body` panics: the stop
+/// channel's sender is dropped while unwinding, which ends the helper), so it never signals
+/// a thread that has gone.
+pub(crate) fn kicked_when<R>(due: impl Fn() -> bool + Send, body: impl FnOnce() -> R) -> R {
     // SAFETY: pthread_self has no preconditions and cannot fail.
     let me = unsafe { libc::pthread_self() };
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
     std::thread::scope(move |s| {
         s.spawn(move || {
-            let mut wait = deadline.saturating_duration_since(Instant::now());
+            let mut wait = Duration::from_millis(10);
             while let Err(mpsc::RecvTimeoutError::Timeout) = stop_rx.recv_timeout(wait) {
-                // SAFETY: `me` runs `body` inside this scope, which joins this thread before
-                // `me` can return from `kicked_after`, so `me` is alive; the signal's handler
-                // is installed by `install_kick_handler`.
-                unsafe { libc::pthread_kill(me, kick_signal()) };
-                wait = Duration::from_millis(20);
+                if due() {
+                    // SAFETY: `me` runs `body` inside this scope, which joins this thread
+                    // before `me` can return from `kicked_when`, so `me` is alive; the
+                    // signal's handler is installed by `install_kick_handler`.
+                    unsafe { libc::pthread_kill(me, kick_signal()) };
+                    wait = Duration::from_millis(20);
+                }
             }
         });
         let r = body();

@@ -62,12 +62,17 @@ impl AnonMap {
     }
 
     /// A new memfd of `len` bytes (sparse: pages are allocated when first written) and a
-    /// writable shared mapping of it.
+    /// writable shared mapping of it, the only one there will ever be: the memfd is sealed
+    /// (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL`), so whoever else
+    /// gets the descriptor can map it read-only but cannot write it (`write`, a writable
+    /// `mmap` or `mprotect` fail with `EPERM`/`EACCES`), resize it or lift the seals.
     pub(crate) fn memfd(name: &str, len: usize) -> io::Result<(Self, OwnedFd)> {
         let cname =
             CString::new(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         // SAFETY: `cname` is a valid NUL-terminated string; the result is checked.
-        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -77,6 +82,13 @@ impl AnonMap {
         file.set_len(len as u64)?;
         let fd = OwnedFd::from(file);
         let map = Self::map_shared(fd.as_fd(), len, true)?;
+        // The writable mapping made above survives F_SEAL_FUTURE_WRITE; no later one can be made.
+        let seals =
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_FUTURE_WRITE | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on a descriptor we own with an integer argument; the result is checked.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok((map, fd))
     }
 

@@ -76,3 +76,35 @@ pub fn serve(
         desc,
     }
 }
+
+/// Whether this test process is a child started by [`run_in_child`].
+pub fn in_child() -> bool {
+    std::env::var_os("MCDIST_KVM_TEST_CHILD").is_some()
+}
+
+/// Runs test `name` of this test binary again, in a child process (where [`in_child`] holds),
+/// and returns its exit code and the last non-empty line it wrote on standard error. A clone
+/// whose memory is lost fails closed by ending its process, so tests of that run in a child.
+pub fn run_in_child(name: &str) -> (Option<i32>, String) {
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([name, "--exact", "--nocapture", "--test-threads", "1"])
+        .env("MCDIST_KVM_TEST_CHILD", "1")
+        .output()
+        .expect("run the test in a child");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("child stderr:\n{stderr}");
+    let last = stderr
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .to_string();
+    (out.status.code(), last)
+}
+
+/// The parent side of a fail-closed test: the child must exit 1 with "memory lost: ...".
+pub fn assert_child_lost_memory(name: &str) {
+    let (code, last) = run_in_child(name);
+    assert_eq!(code, Some(1), "child exit status; last line: {last}");
+    assert!(last.starts_with("memory lost: "), "last line: {last}");
+}

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use mcdist::node::ServerSnapshot;
+use mcdist::secure::Security;
 use mcdist::ClientStats;
 use mcdist_kvm::clone::{CloneError, CloneOptions, CloneReport, ProcessLauncher, ThreadLauncher};
 use mcdist_kvm::inline::InlineMcdist;
@@ -68,6 +69,8 @@ pub(crate) fn udp_in_datagrams() -> Result<u64, String> {
 pub(crate) struct ProcessSetup {
     pub(crate) descriptor: PathBuf,
     pub(crate) bin_dir: PathBuf,
+    /// `--key FILE [--auth-only]` for the clone and cache processes.
+    pub(crate) key_args: Vec<std::ffi::OsString>,
 }
 
 /// Runs `ticket`'s clones as processes on `host`: each with its own client, or all attached
@@ -85,12 +88,13 @@ pub(crate) fn run_host_processes(
         .with_file_name(format!("{}.sock", host.name()));
     let cache = if share {
         Some(
-            HostCacheProcess::start(
+            HostCacheProcess::start_with_args(
                 &setup.bin_dir.join("mcdist-host-cache"),
                 host.name(),
                 &setup.descriptor,
                 socket.clone(),
                 "eth0",
+                &setup.key_args,
             )
             .map_err(|e| format!("host {}: {e}", host.name()))?,
         )
@@ -108,7 +112,7 @@ pub(crate) fn run_host_processes(
             if share {
                 c.arg("--host-cache").arg(&socket);
             } else {
-                c.args(["--iface", "eth0"]);
+                c.args(["--iface", "eth0"]).args(&setup.key_args);
             }
             c
         },
@@ -154,13 +158,14 @@ pub(crate) fn run_host(
     host: &Netns,
     share: bool,
     processes: Option<&ProcessSetup>,
+    sec: Option<&Security>,
 ) -> Result<HostResult, String> {
     // Sockets made on this thread, and clone threads it starts, belong to the host.
     host.enter().map_err(|e| e.to_string())?;
     let udp0 = udp_in_datagrams()?;
     let mut r = match processes {
         Some(setup) => run_host_processes(frozen, ticket, desc, host, share, setup)?,
-        None => run_host_threads(frozen, ticket, desc, host, share)?,
+        None => run_host_threads(frozen, ticket, desc, host, share, sec)?,
     };
     r.traffic.udp_datagrams = udp_in_datagrams()?.saturating_sub(udp0);
     Ok(r)
@@ -173,13 +178,17 @@ pub(crate) fn run_host_threads(
     desc: &Arc<Descriptor>,
     host: &Netns,
     share: bool,
+    sec: Option<&Security>,
 ) -> Result<HostResult, String> {
-    let give_up =
-        |c: &mut mcdist_kvm::session::ClientSetup| c.give_up_after = Duration::from_secs(5);
+    let sec = sec.cloned();
+    let give_up = move |c: &mut mcdist_kvm::session::ClientSetup| {
+        c.give_up_after = Duration::from_secs(5);
+        c.security = sec.clone();
+    };
     let join = Duration::from_secs(5);
     let mut traffic = HostTraffic::default();
     if share {
-        let cache = HostCache::connect(desc, Some("eth0"), join, give_up)
+        let cache = HostCache::connect(desc, Some("eth0"), join, give_up.clone())
             .map_err(|e| format!("host {}: {e}", host.name()))?;
         let results = frozen
             .clone_vms(ticket, desc, &cache.launcher(CloneOptions::default()))
@@ -195,7 +204,7 @@ pub(crate) fn run_host_threads(
     let handles = stats.clone();
     let launcher = ThreadLauncher {
         make_fetcher: Arc::new(move |_id, d: &Descriptor, h| {
-            let f = InlineMcdist::connect(d, Some("eth0"), &h, join, give_up)
+            let f = InlineMcdist::connect(d, Some("eth0"), &h, join, give_up.clone())
                 .map_err(CloneError::Session)?;
             handles
                 .lock()
@@ -258,10 +267,14 @@ pub(crate) fn run_hosts(
     let job = *frozen.job();
     let group = SocketAddrV4::new([239, 255, 70, 2].into(), 46101 + 2 * run);
     let listen = SocketAddr::new(BridgeNet::addr(0).into(), 46102 + 2 * run);
-    let scfg = mcdist::ServerConfig {
-        push_neighbors: !args.no_push,
-        ..Default::default()
-    };
+    let sec = args.keys.security()?;
+    let scfg = mcdist::node::NodeConfig::new(
+        mcdist::ServerConfig {
+            push_neighbors: !args.no_push,
+            ..Default::default()
+        },
+        sec.clone(),
+    );
     let (server, desc) = frozen
         .serve(group, Some("eth0"), listen, scfg)
         .map_err(|e| e.to_string())?;
@@ -276,6 +289,7 @@ pub(crate) fn run_hosts(
         Some(ProcessSetup {
             descriptor,
             bin_dir,
+            key_args: args.keys.child_args(),
         })
     } else {
         None
@@ -288,7 +302,8 @@ pub(crate) fn run_hosts(
             .map(|(ticket, host)| {
                 let desc = &desc;
                 let processes = processes.as_ref();
-                s.spawn(move || run_host(frozen, ticket, desc, host, share, processes))
+                let sec = sec.as_ref();
+                s.spawn(move || run_host(frozen, ticket, desc, host, share, processes, sec))
             })
             .collect();
         running

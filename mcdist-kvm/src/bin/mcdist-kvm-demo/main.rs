@@ -26,6 +26,8 @@ use mcdist_kvm::{CloneTicket, Frozen, Parent};
 
 mod hosts;
 mod report;
+#[path = "../common/session_args.rs"]
+mod session_args;
 
 use hosts::run_hosts;
 use report::{ms, print_clones, print_comparison, print_server};
@@ -73,6 +75,8 @@ pub(crate) struct Args {
     /// binaries are looked up next to this one.
     #[arg(long)]
     pub(crate) processes: bool,
+    #[command(flatten)]
+    pub(crate) keys: session_args::KeyArgs,
 }
 
 /// Whether the clones of one host share one client and page cache.
@@ -251,11 +255,15 @@ pub(crate) fn run_server(
     let job = *frozen.job();
     let group = SocketAddrV4::new([239, 255, 70, 1].into(), 46001 + 2 * run);
     let listen = SocketAddr::from(([127, 0, 0, 1], 46002 + 2 * run));
-    let scfg = mcdist::ServerConfig {
-        push_neighbors: !args.no_push,
-        working_set_push,
-        ..Default::default()
-    };
+    let sec = args.keys.security()?;
+    let scfg = mcdist::node::NodeConfig::new(
+        mcdist::ServerConfig {
+            push_neighbors: !args.no_push,
+            working_set_push,
+            ..Default::default()
+        },
+        sec.clone(),
+    );
     let (server, desc) = frozen
         .serve(group, Some("lo"), listen, scfg)
         .map_err(|e| e.to_string())?;
@@ -269,8 +277,8 @@ pub(crate) fn run_server(
         group
     );
     let launcher = ThreadLauncher {
-        make_fetcher: Arc::new(|_id, d: &mcdist_kvm::Descriptor, h| {
-            connect_fetcher(d, Some("lo"), h, Duration::from_secs(5))
+        make_fetcher: Arc::new(move |_id, d: &mcdist_kvm::Descriptor, h| {
+            connect_fetcher(d, Some("lo"), h, Duration::from_secs(5), sec.as_ref())
         }),
         opts: CloneOptions::default(),
     };
