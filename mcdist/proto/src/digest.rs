@@ -20,7 +20,7 @@ const CHUNK_LEN: usize = 1024;
 /// BLAKE3 of an image built from its pages in any order.
 ///
 /// ```
-/// use mcdist::digest::PageDigest;
+/// use mcdist_proto::digest::PageDigest;
 /// let image: Vec<u8> = (0..5 * 4096 + 100).map(|i| (i % 251) as u8).collect();
 /// let mut d = PageDigest::new(image.len() as u64, 4096).expect("4 KiB pages");
 /// for pfn in [3u64, 0, 5, 1, 4, 2] {

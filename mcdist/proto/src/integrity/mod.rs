@@ -28,7 +28,7 @@
 //! [`IntegrityError`].
 //!
 //! ```
-//! use mcdist::integrity::{HashTree, IntegrityError, Verifier};
+//! use mcdist_proto::integrity::{HashTree, IntegrityError, Verifier};
 //! let image: Vec<u8> = (0..300 * 4096 + 5).map(|i| (i % 251) as u8).collect();
 //! // Server: hash pages from the image; the root is the digest the descriptor carries.
 //! let tree = HashTree::from_image(&image, 4096)?;
