@@ -17,8 +17,9 @@ use mcdist_kvm::DescriptorFile;
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct KeyArgs {
     /// Pre-shared 256-bit key file (32 raw bytes or 64 hex digits), as `mcdist serve --key`:
-    /// authenticate and encrypt every datagram. Without it the session has integrity (once
-    /// per-page verification lands) but no confidentiality/authentication of the control plane.
+    /// authenticate and encrypt every datagram. Without it the session has integrity (every
+    /// page is verified against the descriptor's root) but no confidentiality and no
+    /// authentication of the control plane.
     #[arg(long, value_name = "FILE")]
     pub key: Option<PathBuf>,
     /// With --key: authenticate only, send page contents in the clear (trusted networks).
