@@ -84,30 +84,8 @@ fn rogue_flood_helper() {
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let mut buf = vec![0u8; 65_536];
-    let join = Message {
-        session: 0,
-        seq: 1,
-        flags: HeaderFlags(0),
-        body: Body::Join(Join {
-            flags: 0,
-            token: [0; 16],
-        }),
-    };
-    let n = join.emit(&mut buf).unwrap();
-    let mut session = None;
-    for _ in 0..50 {
-        sock.send_to(&buf[..n], target).unwrap();
-        let mut rb = vec![0u8; 65_536];
-        if let Ok((k, _)) = sock.recv_from(&mut rb) {
-            if let Ok(m) = Message::parse(&rb[..k]) {
-                if let Body::Announce(_) = m.body {
-                    session = Some(m.session);
-                    break;
-                }
-            }
-        }
-    }
-    let session = session.expect("no announce for the rogue");
+    let (session, _) = learn_session(&sock, target);
+
     let total = rate * secs;
     let t0 = Instant::now();
     let mut raw = Vec::new();
