@@ -215,10 +215,9 @@ impl Parent {
             other => return Err(CloneError::GuestStopped(other)),
         }
         let vcpus = self.vm.capture()?;
-        // One pass over the frozen image: digest and zero map.
-        let mcdist::source::ImageInfo {
-            digest, zero_map, ..
-        } = crate::source::scan(&*self.ram).map_err(|source| CloneError::Image {
+        // One pass over the frozen image: digest, zero map and hash pages (kept for the
+        // memory server, which then reads the image only for pages it sends).
+        let info = crate::source::scan(&*self.ram).map_err(|source| CloneError::Image {
             what: "scan",
             source,
         })?;
@@ -227,8 +226,7 @@ impl Parent {
             image: self.ram,
             job: self.job,
             vcpus,
-            zero_map,
-            digest,
+            info,
             next_id: 0,
         })
     }
@@ -241,8 +239,7 @@ pub struct Frozen {
     image: Arc<GuestRam>,
     job: HashJob,
     vcpus: Vec<crate::vm::VcpuState>,
-    zero_map: PageBitmap,
-    digest: [u8; 32],
+    info: mcdist::source::ImageInfo,
     next_id: u32,
 }
 
@@ -273,12 +270,12 @@ impl Frozen {
 
     /// Pages listed as zero.
     pub fn zero_map(&self) -> &PageBitmap {
-        &self.zero_map
+        &self.info.zero_map
     }
 
     /// BLAKE3 digest of the frozen image.
     pub fn digest(&self) -> [u8; 32] {
-        self.digest
+        self.info.digest
     }
 
     /// Starts a memory server for the frozen image (multicast `group` via `iface`,
@@ -290,10 +287,9 @@ impl Frozen {
         listen: std::net::SocketAddr,
         cfg: impl Into<mcdist::node::NodeConfig<mcdist::ServerConfig>>,
     ) -> Result<(MemoryServer, Descriptor), SessionError> {
-        let server = MemoryServer::start(
+        let server = MemoryServer::start_with_info(
             self.image(),
-            &self.zero_map,
-            self.digest,
+            self.info.clone(),
             group,
             iface,
             listen,
@@ -308,10 +304,10 @@ impl Frozen {
         Descriptor {
             mem_size: self.job.mem_size,
             page_size: self.image.page_size() as u32,
-            digest: self.digest,
+            digest: self.info.digest,
             session,
             vcpus: self.vcpus.clone(),
-            zero_map: self.zero_map.clone(),
+            zero_map: self.info.zero_map.clone(),
         }
     }
 

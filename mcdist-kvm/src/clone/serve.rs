@@ -29,7 +29,8 @@ impl std::fmt::Debug for MemoryServer {
 
 impl MemoryServer {
     /// Serves `image` on multicast `group` via `iface`, taking requests on `listen`.
-    /// `zero` and `digest` come from the descriptor (no second scan). The session id is
+    /// `zero` and `digest` come from the descriptor; the server builds the hash pages from
+    /// `image` (one read; [`MemoryServer::start_with_info`] takes them from a scan). The session id is
     /// `cfg.session_id` or, unset, drawn from the OS random generator (a restarted server is
     /// another session, which clones of the old descriptor refuse); `cfg.security` keys the
     /// session, and the descriptor records how (never the key).
@@ -37,6 +38,27 @@ impl MemoryServer {
         image: Arc<dyn PageSource>,
         zero: &PageBitmap,
         digest: [u8; 32],
+        group: SocketAddrV4,
+        iface: Option<&str>,
+        listen: SocketAddr,
+        cfg: impl Into<NodeConfig<ServerConfig>>,
+    ) -> Result<Self, SessionError> {
+        let info = ImageInfo {
+            image_size: image.image_size(),
+            page_size: image.page_size(),
+            digest,
+            zero_map: zero.clone(),
+            hash_tree: None,
+        };
+        Self::start_with_info(image, info, group, iface, listen, cfg)
+    }
+
+    /// [`MemoryServer::start`] with the image's whole [`ImageInfo`] from a scan: its hash
+    /// pages are served as they are (without them the server builds them, reading the image
+    /// once more).
+    pub fn start_with_info(
+        image: Arc<dyn PageSource>,
+        info: ImageInfo,
         group: SocketAddrV4,
         iface: Option<&str>,
         listen: SocketAddr,
@@ -55,13 +77,6 @@ impl MemoryServer {
         udp.iface = iface.map(str::to_string);
         udp.listen = Some(listen);
         let transport = UdpTransport::server(&udp).map_err(SessionError::Transport)?;
-        let info = ImageInfo {
-            image_size: image.image_size(),
-            page_size: image.page_size(),
-            digest,
-            zero_map: zero.clone(),
-            hash_tree: None,
-        };
         let node = ServerNode::start_with_info(cfg, transport, image, info)?;
         let session = SessionParams {
             group,
