@@ -492,28 +492,32 @@ fn two_hosts_two_microvms_each_restore_one_snapshot_and_measure() {
     // One microVM alone, over mcdist (a fresh host cache on host 3, joined now) and against
     // Firecracker's on_demand logic (a local file read per fault), with the same touches.
     let (h, _cache3) = handler(&net.hosts[3], "eth0", &s.desc, HandlerConfig::default());
-    let sock = s._dir.path().join("h3.sock");
-    let acc = accept(h, &sock, 1);
-    let (st, out) = finish(microvm(&sock, &s.image, 99, 4, &[]));
-    assert!(st.success(), "{out}");
-    acc.join().expect("acceptor");
-    let mut l = latencies(&out);
-    println!(
-        "mcdist handler, 1 microVM: fault p50 {} ns, p99 {} ns over {} faults",
-        pct(&mut l, 0.5),
-        pct(&mut l, 0.99),
-        l.len()
+    one_microvm(
+        h,
+        &s._dir.path().join("h3.sock"),
+        &s.image,
+        "mcdist handler",
     );
     let src: Arc<dyn PageSource> = Arc::new(FileSource::open(&s.image, PS).expect("open"));
     let h = Handler::new(Backend::Local(src), HandlerConfig::default());
-    let sock = s._dir.path().join("local.sock");
-    let acc = accept(h, &sock, 1);
-    let (st, out) = finish(microvm(&sock, &s.image, 99, 4, &[]));
+    one_microvm(
+        h,
+        &s._dir.path().join("local.sock"),
+        &s.image,
+        "local-file handler",
+    );
+}
+
+/// One microVM alone restores through `h` on `sock` and touches pages from 4 threads; its
+/// fault latency is printed under `label`.
+fn one_microvm(h: Handler, sock: &Path, image: &Path, label: &str) {
+    let acc = accept(h, sock, 1);
+    let (st, out) = finish(microvm(sock, image, 99, 4, &[]));
     assert!(st.success(), "{out}");
     acc.join().expect("acceptor");
     let mut l = latencies(&out);
     println!(
-        "local-file handler, 1 microVM: fault p50 {} ns, p99 {} ns over {} faults",
+        "{label}, 1 microVM: fault p50 {} ns, p99 {} ns over {} faults",
         pct(&mut l, 0.5),
         pct(&mut l, 0.99),
         l.len()
