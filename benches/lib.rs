@@ -13,7 +13,6 @@
 
 pub mod e2e;
 
-use bytes::Bytes;
 use mcdist::client::{Client, ClientConfig, ClientEvent};
 use mcdist::server::{Server, ServerConfig};
 use mcdist::source::MemSource;
@@ -76,6 +75,8 @@ pub struct Pair {
     /// Virtual now.
     pub now: Instant,
     buf: Vec<u8>,
+    /// Pages the client lent during the last step: (pfn, length).
+    lent: Vec<(u64, usize)>,
 }
 
 impl std::fmt::Debug for Pair {
@@ -112,6 +113,7 @@ impl Pair {
             client,
             now,
             buf: vec![0u8; 65_536],
+            lent: Vec::new(),
         };
         for _ in 0..64 {
             p.step();
@@ -138,8 +140,14 @@ impl Pair {
         }
         self.server.handle_timeout(self.now);
         while let Some(t) = self.server.poll_transmit(self.now, &mut self.buf) {
-            let d = Bytes::copy_from_slice(&self.buf[..t.len]);
-            self.client.handle_datagram(self.now, SERVER_ADDR, d);
+            // The drivers' entry point: a page that arrived whole is lent.
+            let (now, lent) = (self.now, &mut self.lent);
+            self.client.handle_datagram_borrowed(
+                now,
+                SERVER_ADDR,
+                &self.buf[..t.len],
+                &mut |pfn, p| lent.push((pfn, p.len())),
+            );
             moved += 1;
         }
         moved
@@ -151,6 +159,11 @@ impl Pair {
         self.client.request_page(self.now, pfn);
         for _ in 0..16 {
             self.step();
+            if let Some(&(_, len)) = self.lent.iter().find(|(p, _)| *p == pfn) {
+                self.lent.clear();
+                return Some(len);
+            }
+            self.lent.clear();
             while let Some(ev) = self.client.poll_event() {
                 if let ClientEvent::PageReady { pfn: p, data } = ev {
                     if p == pfn {

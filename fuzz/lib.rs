@@ -233,11 +233,14 @@ pub fn client(data: &[u8]) {
                 let Some(len) = ops.u16() else { break };
                 let Some(how) = ops.byte() else { break };
                 let d = ops.bytes(usize::from(len));
-                // Both entry points: an owned datagram, and one in a reused buffer.
-                if how & 1 == 0 {
-                    c.handle_datagram(now, server, Bytes::copy_from_slice(d));
-                } else {
-                    c.handle_datagram_slice(now, server, d);
+                // Every entry point: an owned datagram, one in a reused buffer, and one
+                // whose whole pages are lent to a sink (the drivers' path).
+                match how % 3 {
+                    0 => c.handle_datagram(now, server, Bytes::copy_from_slice(d)),
+                    1 => c.handle_datagram_slice(now, server, d),
+                    _ => c.handle_datagram_borrowed(now, server, d, &mut |pfn, page| {
+                        check_page(&mut ready, page_size, pfn, page.len())
+                    }),
                 }
             }
             op::ADVANCE => {
@@ -271,10 +274,7 @@ pub fn client(data: &[u8]) {
                     }
                 }
                 ClientEvent::PageReady { pfn, data } => {
-                    assert_eq!(data.len(), page_size, "page {pfn} has the wrong length");
-                    let r = ready.as_mut().expect("page before session");
-                    assert!(pfn < r.len(), "page {pfn} past the end");
-                    assert!(r.set(pfn), "page {pfn} handed over twice");
+                    check_page(&mut ready, page_size, pfn, data.len())
                 }
                 ClientEvent::Complete | ClientEvent::Failed(_) => {}
             }
@@ -285,6 +285,15 @@ pub fn client(data: &[u8]) {
             c.buffered_bytes()
         );
     }
+}
+
+/// A page the client handed over (lent or in an event): a page long, inside the image,
+/// once.
+fn check_page(ready: &mut Option<PageBitmap>, page_size: usize, pfn: u64, len: usize) {
+    assert_eq!(len, page_size, "page {pfn} has the wrong length");
+    let r = ready.as_mut().expect("page before session");
+    assert!(pfn < r.len(), "page {pfn} past the end");
+    assert!(r.set(pfn), "page {pfn} handed over twice");
 }
 
 /// Arbitrary fragments into a bounded reassembler.

@@ -103,7 +103,7 @@ impl InlineMcdist {
             client: Client::new(cfg, now),
             link,
             out: vec![0u8; 65_536],
-            inbuf: vec![0u8; 65_536],
+            inbuf: vec![0u8; RECV_SLOT * RECV_SLOTS],
             session: SessionInfo {
                 session_id: 0,
                 image_size: 0,
@@ -170,32 +170,12 @@ impl InlineMcdist {
     }
 
     fn drain_events(&mut self, handle: &LazyHandle) {
-        while let Some(e) = self.client.poll_event() {
-            match e {
-                ClientEvent::PageReady { pfn, data } => {
-                    handle.install(pfn, &data);
-                    self.client.recycle_page(data);
-                }
-                ClientEvent::Failed(err) => {
-                    handle.fail(SessionLost::Client(err));
-                    self.dead = true;
-                }
-                ClientEvent::SessionStarted(info) | ClientEvent::SessionResumed(info) => {
-                    if let Some(pin) = self.pin.filter(|p| *p != info.session_id) {
-                        handle.fail(SessionLost::SessionChanged(SessionError::OtherSession {
-                            announced: info.session_id,
-                            described: pin,
-                        }));
-                        self.dead = true;
-                    }
-                }
-                ClientEvent::Complete => {}
-            }
-        }
+        drain_events(&mut self.client, self.pin, &mut self.dead, handle);
     }
 
     /// One round: timers, transmits, then up to 256 datagrams waiting at most `timeout` for
-    /// the first; each page is installed as soon as its datagram is handled.
+    /// the first; each page is installed as soon as its datagram is handled, a page that
+    /// arrived whole straight from the receive buffer it lies in.
     fn step(&mut self, timeout: Duration, handle: &LazyHandle) {
         let now = Instant::now();
         if self.client.poll_timeout().is_some_and(|t| t <= now) {
@@ -208,23 +188,36 @@ impl InlineMcdist {
             .poll_timeout()
             .map_or(timeout, |t| t.saturating_duration_since(now).min(timeout));
         let mut wait = Some(wait);
-        for _ in 0..256 {
-            match self.link.transport().recv(&mut self.inbuf, wait) {
-                Ok(Some(r)) => {
-                    let now = Instant::now();
-                    let len = r.len.min(self.inbuf.len());
-                    self.client
-                        .handle_datagram_slice(now, r.from, &self.inbuf[..len]);
-                    self.drain_events(handle);
-                    wait = Some(Duration::ZERO);
-                }
-                Ok(None) => break,
+        let mut budget = RECV_BUDGET;
+        while budget > 0 && !self.dead {
+            let (client, pin, dead) = (&mut self.client, self.pin, &mut self.dead);
+            let got = self.link.transport().recv_in_place(
+                &mut self.inbuf,
+                RECV_SLOT,
+                wait,
+                &mut |from, datagram| {
+                    if *dead {
+                        return;
+                    }
+                    client.handle_datagram_borrowed(
+                        Instant::now(),
+                        from,
+                        datagram,
+                        &mut |pfn, page| handle.install(pfn, page),
+                    );
+                    drain_events(client, pin, dead, handle);
+                },
+            );
+            match got {
+                Ok(0) => break,
+                Ok(n) => budget = budget.saturating_sub(n),
                 Err(e) => {
                     handle.fail(SessionLost::Receive(e));
                     self.dead = true;
                     return;
                 }
             }
+            wait = Some(Duration::ZERO);
         }
         let now = Instant::now();
         if self.client.poll_timeout().is_some_and(|t| t <= now) {
@@ -240,6 +233,44 @@ impl InlineMcdist {
     fn publish(&mut self) {
         self.last_publish = Instant::now();
         *self.stats.lock().unwrap_or_else(PoisonError::into_inner) = self.client.stats().clone();
+    }
+}
+
+/// Most datagrams one round takes before it serves timers and sends again.
+const RECV_BUDGET: usize = 256;
+/// Receive buffer slot: the largest UDP payload.
+const RECV_SLOT: usize = 65_536;
+/// Receive slots (datagrams per `recvmmsg` without GRO).
+const RECV_SLOTS: usize = 4;
+
+/// Drains the client's events into the memory: pages (fragmented, zero or FEC-decoded
+/// ones; pages that arrived whole are installed from the datagram), a failure, and a
+/// session that is not the one the descriptor names. Called after every datagram, so a
+/// foreign session stops the memory before any of its pages is installed.
+fn drain_events(client: &mut Client, pin: Option<u64>, dead: &mut bool, handle: &LazyHandle) {
+    while let Some(e) = client.poll_event() {
+        match e {
+            ClientEvent::PageReady { pfn, data } => {
+                if !*dead {
+                    handle.install(pfn, &data);
+                }
+                client.recycle_page(data);
+            }
+            ClientEvent::Failed(err) => {
+                handle.fail(SessionLost::Client(err));
+                *dead = true;
+            }
+            ClientEvent::SessionStarted(info) | ClientEvent::SessionResumed(info) => {
+                if let Some(pin) = pin.filter(|p| *p != info.session_id) {
+                    handle.fail(SessionLost::SessionChanged(SessionError::OtherSession {
+                        announced: info.session_id,
+                        described: pin,
+                    }));
+                    *dead = true;
+                }
+            }
+            ClientEvent::Complete => {}
+        }
     }
 }
 

@@ -266,6 +266,67 @@ impl Drop for ClientNode {
     }
 }
 
+/// What the loop does with the client's output: pages to the sink (borrowed from the
+/// datagram, or from a `PageReady`), session state to the waiters.
+struct Delivery<'a> {
+    shared: &'a ClientShared,
+    sink: &'a dyn PageSink,
+    /// The sink refused a page: the session ends with this error.
+    refused: Option<NodeError>,
+    /// Something changed since the state was last published.
+    changed: bool,
+    /// Something a waiter of `wait_for` looks at changed (not pages or stats, which are
+    /// read without waiting): waking the waiting thread for every batch of pages costs a
+    /// context switch each time.
+    wake: bool,
+}
+
+impl Delivery<'_> {
+    /// Hands a verified page to the sink; after a refusal, nothing more is delivered.
+    fn page(&mut self, pfn: u64, data: &[u8]) {
+        if self.refused.is_some() {
+            return;
+        }
+        self.changed = true;
+        if let Err(e) = self.sink.page_ready(pfn, data) {
+            self.refused = Some(NodeError::Sink {
+                pfn,
+                source: Arc::new(e),
+            });
+            return;
+        }
+        if let Some(b) = self.shared.present.get() {
+            b.set(pfn);
+        }
+    }
+
+    /// Drains the client's events. Called after every datagram, so a session's
+    /// `session_started` reaches the sink before any of its pages.
+    fn events(&mut self, client: &mut Client) {
+        while let Some(e) = client.poll_event() {
+            self.changed = true;
+            self.wake |= !matches!(e, ClientEvent::PageReady { .. });
+            match e {
+                ClientEvent::SessionStarted(s) | ClientEvent::SessionResumed(s) => {
+                    self.sink.session_started(&s);
+                    let _ = self.shared.present.set(AtomicBitmap::new(s.page_count));
+                    lock(&self.shared.state).session = Some(s);
+                }
+                ClientEvent::PageReady { pfn, data } => {
+                    self.page(pfn, &data);
+                    client.recycle_page(data);
+                }
+                ClientEvent::Complete => lock(&self.shared.state).complete = true,
+                ClientEvent::Failed(err) => {
+                    let err = NodeError::Session(err);
+                    self.sink.failed(&err);
+                    lock(&self.shared.state).error = Some(err);
+                }
+            }
+        }
+    }
+}
+
 fn client_loop<T: Transport>(
     mut client: Client,
     transport: &mut T,
@@ -277,6 +338,13 @@ fn client_loop<T: Transport>(
     let mut inbox = Inbox::new(transport);
     let mut last_publish = Instant::now();
     let mut leaving = false;
+    let mut d = Delivery {
+        shared,
+        sink,
+        refused: None,
+        changed: false,
+        wake: false,
+    };
     loop {
         let now = Instant::now();
         // Commands.
@@ -299,73 +367,46 @@ fn client_loop<T: Transport>(
                 .send(t.dest, &out[..t.len])
                 .map_err(io_err("sending"))?;
         }
-        let mut changed = false;
-        // Whether something a waiter of `wait_for` looks at changed (not pages or stats,
-        // which are read without waiting): waking the waiting thread for every batch of
-        // pages costs a context switch each time.
-        let mut wake = false;
-        while let Some(e) = client.poll_event() {
-            changed = true;
-            wake |= !matches!(e, ClientEvent::PageReady { .. });
-            match e {
-                ClientEvent::SessionStarted(s) | ClientEvent::SessionResumed(s) => {
-                    sink.session_started(&s);
-                    let _ = shared.present.set(AtomicBitmap::new(s.page_count));
-                    lock(&shared.state).session = Some(s);
-                }
-                ClientEvent::PageReady { pfn, data } => {
-                    if let Err(e) = sink.page_ready(pfn, &data) {
-                        let err = NodeError::Sink {
-                            pfn,
-                            source: Arc::new(e),
-                        };
-                        sink.failed(&err);
-                        let mut st = lock(&shared.state);
-                        st.error = Some(err);
-                        shared.cond.notify_all();
-                        drop(st);
-                        client.leave(now, false);
-                        while let Some(t) = client.poll_transmit(now, &mut out) {
-                            let _ = transport.send(t.dest, &out[..t.len]);
-                        }
-                        return Ok(());
-                    }
-                    if let Some(b) = shared.present.get() {
-                        b.set(pfn);
-                    }
-                    client.recycle_page(data);
-                }
-                ClientEvent::Complete => lock(&shared.state).complete = true,
-                ClientEvent::Failed(err) => {
-                    let err = NodeError::Session(err);
-                    sink.failed(&err);
-                    lock(&shared.state).error = Some(err);
-                }
+        d.events(&mut client);
+        if let Some(err) = d.refused.take() {
+            sink.failed(&err);
+            let mut st = lock(&shared.state);
+            st.error = Some(err);
+            shared.cond.notify_all();
+            drop(st);
+            client.leave(now, false);
+            while let Some(t) = client.poll_transmit(now, &mut out) {
+                let _ = transport.send(t.dest, &out[..t.len]);
             }
+            return Ok(());
         }
         if client.zero_map_complete() && shared.zero.get().is_none() {
             let _ = shared.zero.set(client.zero_map().clone());
         }
-        if changed || now.duration_since(last_publish) >= Duration::from_millis(20) {
+        if d.changed || now.duration_since(last_publish) >= Duration::from_millis(20) {
             last_publish = now;
             let mut st = lock(&shared.state);
             st.stats = client.stats().clone();
             st.pages_present = client.pages_present();
             if leaving && client.leave_sent() && !st.left {
                 st.left = true;
-                wake = true;
+                d.wake = true;
             }
-            if wake {
+            if d.wake {
                 shared.cond.notify_all();
             }
+            d.changed = false;
+            d.wake = false;
         }
         let wait = if cmds.is_empty() {
             wait_until(client.poll_timeout(), now, Duration::from_millis(100))
         } else {
             Duration::ZERO
         };
+        // A page that arrived whole goes to the sink where it lies in the receive buffer.
         inbox.receive(transport, wait, |at, from, bytes| {
-            client.handle_datagram_slice(at, from, bytes)
+            client.handle_datagram_borrowed(at, from, bytes, &mut |pfn, page| d.page(pfn, page));
+            d.events(&mut client);
         })?;
     }
 }

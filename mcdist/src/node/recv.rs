@@ -5,7 +5,7 @@
 //! buffer (slot `i` holds datagram `i` of a `recv_batch`, one `recvmmsg` on UDP).
 
 use super::{io_err, NodeError};
-use crate::transport::{Received, Transport};
+use crate::transport::Transport;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -26,11 +26,9 @@ pub(super) fn wait_until(deadline: Option<Instant>, now: Instant, cap: Duration)
         .min(cap)
 }
 
-/// The receive buffer of one driver thread and the lengths and senders of
-/// its last batch.
+/// The receive buffer of one driver thread.
 pub(super) struct Inbox {
     buf: Vec<u8>,
-    received: Vec<Received>,
 }
 
 impl Inbox {
@@ -39,14 +37,13 @@ impl Inbox {
         let batch = transport.capabilities().batch.clamp(1, RECV_BATCH);
         Inbox {
             buf: vec![0u8; RECV_SLOT * batch],
-            received: Vec::with_capacity(batch),
         }
     }
 
     /// One receive turn: waits up to `wait` for the first batch, then takes
     /// batches without waiting until none is left or [`RECV_BUDGET`]
-    /// datagrams were taken. Each datagram goes to `handle(at, from, bytes)`,
-    /// `at` being when its batch arrived.
+    /// datagrams were taken. Each datagram goes to `handle(at, from, bytes)` where it
+    /// lies ([`Transport::recv_in_place`]), `at` being when its batch arrived.
     pub(super) fn receive<T: Transport>(
         &mut self,
         transport: &mut T,
@@ -56,17 +53,14 @@ impl Inbox {
         let mut budget = RECV_BUDGET;
         let mut timeout = Some(wait);
         while budget > 0 {
-            self.received.clear();
+            let mut at = None;
             let n = transport
-                .recv_batch(&mut self.buf, RECV_SLOT, &mut self.received, timeout)
+                .recv_in_place(&mut self.buf, RECV_SLOT, timeout, &mut |from, bytes| {
+                    handle(*at.get_or_insert_with(Instant::now), from, bytes)
+                })
                 .map_err(io_err("receiving"))?;
             if n == 0 {
                 break;
-            }
-            let at = Instant::now();
-            for (i, r) in self.received.iter().enumerate() {
-                let start = i * RECV_SLOT;
-                handle(at, r.from, &self.buf[start..start + r.len.min(RECV_SLOT)]);
             }
             budget = budget.saturating_sub(n);
             timeout = Some(Duration::ZERO);

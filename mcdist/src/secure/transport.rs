@@ -223,6 +223,42 @@ impl<T: Transport> Transport for SecureTransport<T> {
         Ok(out.len() - base)
     }
 
+    /// Opens each datagram where the inner transport lends it and lends `f` what
+    /// authenticated; like `recv_batch`, keeps receiving (up to `timeout`) while everything
+    /// received was dropped.
+    fn recv_in_place(
+        &mut self,
+        buf: &mut [u8],
+        slot: usize,
+        timeout: Option<Duration>,
+        f: &mut dyn FnMut(SocketAddr, &mut [u8]),
+    ) -> io::Result<usize> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let (mut kept, mut drops) = (0, 0);
+        loop {
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let opener = &mut self.opener;
+            let mut now = None;
+            let n = self
+                .inner
+                .recv_in_place(buf, slot, remaining, &mut |from, d| {
+                    let at = *now.get_or_insert_with(Instant::now);
+                    match opener.open(at, from, d) {
+                        Ok(plain) => {
+                            kept += 1;
+                            f(from, &mut d[..plain]);
+                        }
+                        Err(_) => drops += 1,
+                    }
+                })?;
+            if n == 0 || kept > 0 || drops >= MAX_DROPS_PER_RECV {
+                break;
+            }
+        }
+        self.publish();
+        Ok(kept)
+    }
+
     fn waker(&self) -> Arc<dyn Wake> {
         self.inner.waker()
     }

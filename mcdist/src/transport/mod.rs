@@ -95,6 +95,41 @@ pub trait Transport: Send + 'static {
         }
         Ok(n)
     }
+
+    /// Receive what is waiting (waiting at most `timeout` for the first datagram) and lend
+    /// each datagram to `f(from, bytes)` where it lies: in a slot of `buf` (slots of `slot`
+    /// bytes, as in [`Transport::recv_batch`]), or in the transport's own receive buffers
+    /// (UDP GRO), so that a driver can hand a page on without copying the datagram first.
+    /// `f` may modify the bytes (a layer above opens datagrams in place). Returns how many
+    /// datagrams were handed to `f`. The default receives one batch with
+    /// [`Transport::recv_batch`].
+    fn recv_in_place(
+        &mut self,
+        buf: &mut [u8],
+        slot: usize,
+        timeout: Option<Duration>,
+        f: &mut dyn FnMut(SocketAddr, &mut [u8]),
+    ) -> io::Result<usize> {
+        recv_in_place_by_batch(self, buf, slot, timeout, f)
+    }
+}
+
+/// [`Transport::recv_in_place`] over one [`Transport::recv_batch`] into `buf`.
+pub(crate) fn recv_in_place_by_batch<T: Transport + ?Sized>(
+    t: &mut T,
+    buf: &mut [u8],
+    slot: usize,
+    timeout: Option<Duration>,
+    f: &mut dyn FnMut(SocketAddr, &mut [u8]),
+) -> io::Result<usize> {
+    let slot = slot.max(1);
+    let mut got = Vec::with_capacity(buf.len() / slot);
+    let n = t.recv_batch(buf, slot, &mut got, timeout)?;
+    for (i, r) in got.iter().enumerate() {
+        let at = i * slot;
+        f(r.from, &mut buf[at..at + r.len.min(slot)]);
+    }
+    Ok(n)
 }
 
 /// Datagram `i` of a send batch: the first `len` bytes (at most `slot`) of
@@ -132,5 +167,14 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
         timeout: Option<Duration>,
     ) -> io::Result<usize> {
         (**self).recv_batch(buf, slot, out, timeout)
+    }
+    fn recv_in_place(
+        &mut self,
+        buf: &mut [u8],
+        slot: usize,
+        timeout: Option<Duration>,
+        f: &mut dyn FnMut(SocketAddr, &mut [u8]),
+    ) -> io::Result<usize> {
+        (**self).recv_in_place(buf, slot, timeout, f)
     }
 }

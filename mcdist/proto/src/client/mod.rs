@@ -53,6 +53,14 @@
 //! [`Client::handle_datagram`] takes its datagram as `Bytes` but runs the same path (it
 //! lends it to [`Client::handle_datagram_slice`]), so the counts above hold for it too. A
 //! page recovered by FEC decoding is built by the decoder (not counted above).
+//!
+//! The shipped drivers (`mcdist::node`'s client thread, mcdist-kvm's inline fault
+//! thread), the simulator, the fuzz target and the benches' pair all feed datagrams
+//! through [`Client::handle_datagram_borrowed`], where the transport lends them
+//! (`Transport::recv_in_place`: the receive slot, or the UDP GRO buffer the kernel
+//! filled). A page that arrived whole so takes two copies from the kernel to its
+//! destination: the kernel's into the receive buffer, then `UFFDIO_COPY` (or the sink's
+//! file write).
 
 mod config;
 mod fec_rx;

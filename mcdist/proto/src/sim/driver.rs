@@ -3,7 +3,7 @@
 //! matters and feeds datagrams and timeouts back in.
 
 use super::node::{ClientState, SimClient, Workload};
-use super::{page_matches, Sim, SimError};
+use super::{Sim, SimError};
 use crate::bitmap::PageBitmap;
 use crate::client::ClientEvent;
 use crate::Dest;
@@ -203,6 +203,12 @@ impl Sim {
         }
     }
 
+    /// A page lent by the client's sink.
+    fn client_page(&mut self, i: usize, pfn: u64, data: &[u8]) {
+        let (now, page_size) = (self.now, self.page_size);
+        self.clients[i].page_ready(now, page_size, pfn, data);
+    }
+
     fn drain_client_events(&mut self, i: usize) {
         let now = self.now;
         let elapsed = self.elapsed();
@@ -220,23 +226,7 @@ impl Sim {
                         .map(|(_, img)| img.clone());
                 }
                 ClientEvent::SessionResumed(_) => c.resumes += 1,
-                ClientEvent::PageReady { pfn, data } => {
-                    if !c.ready.set(pfn) {
-                        c.double_ready += 1;
-                    }
-                    let ok = c
-                        .image
-                        .as_ref()
-                        .is_some_and(|img| page_matches(img, page_size, pfn, &data));
-                    if !ok {
-                        c.mismatches.push(pfn);
-                    }
-                    if let Workload::Faults { pages, .. } = &c.spec.workload {
-                        if c.fault_started.is_some() && pages.get(c.fault_idx) == Some(&pfn) {
-                            c.fault_resolved(now);
-                        }
-                    }
-                }
+                ClientEvent::PageReady { pfn, data } => c.page_ready(now, page_size, pfn, &data),
                 ClientEvent::Complete => {
                     if c.spec.workload == Workload::FetchAll && c.finished_after.is_none() {
                         c.finished_after = c.started_at.map(|s| now.duration_since(s));
@@ -280,7 +270,17 @@ impl Sim {
                     }
                 }
                 c.rx_datagrams += 1;
-                c.client.handle_datagram(now, ev.from, ev.data);
+                // The drivers' entry point: a page that arrived whole is lent, the rest
+                // come as events (each checked the same way below).
+                let mut lent = std::mem::take(&mut self.lent);
+                c.client
+                    .handle_datagram_borrowed(now, ev.from, &ev.data, &mut |pfn, page| {
+                        lent.push((pfn, Bytes::copy_from_slice(page)))
+                    });
+                for (pfn, data) in lent.drain(..) {
+                    self.client_page(i, pfn, &data);
+                }
+                self.lent = lent;
                 self.drain_client_events(i);
             }
         }

@@ -65,6 +65,8 @@ pub struct Sim {
     queue: BinaryHeap<Ev>,
     ev_seq: u64,
     buf: Vec<u8>,
+    /// Pages a client lent during one datagram.
+    lent: Vec<(u64, Bytes)>,
     /// Server events with their virtual time since start.
     pub server_events: Vec<(Duration, ServerEvent)>,
     /// Datagrams sent to addresses nobody listens on.
@@ -125,6 +127,7 @@ impl Sim {
             queue: BinaryHeap::new(),
             ev_seq: 0,
             buf: vec![0u8; 65_536],
+            lent: Vec::new(),
             server_events: Vec::new(),
             undeliverable: 0,
             group_datagrams: 0,

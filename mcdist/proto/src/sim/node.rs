@@ -161,6 +161,26 @@ impl SimClient {
         }
     }
 
+    /// A page the client handed over (lent, or in a `PageReady`): checked against the
+    /// image, counted once, and the fault in progress resolved by it.
+    pub(super) fn page_ready(&mut self, now: Instant, page_size: usize, pfn: u64, data: &[u8]) {
+        if !self.ready.set(pfn) {
+            self.double_ready += 1;
+        }
+        let ok = self
+            .image
+            .as_ref()
+            .is_some_and(|img| super::page_matches(img, page_size, pfn, data));
+        if !ok {
+            self.mismatches.push(pfn);
+        }
+        if let Workload::Faults { pages, .. } = &self.spec.workload {
+            if self.fault_started.is_some() && pages.get(self.fault_idx) == Some(&pfn) {
+                self.fault_resolved(now);
+            }
+        }
+    }
+
     /// Record the latency of the fault in progress and schedule the next one.
     pub(super) fn fault_resolved(&mut self, now: Instant) {
         let Workload::Faults { think, .. } = self.spec.workload else {

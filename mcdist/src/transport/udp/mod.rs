@@ -188,6 +188,23 @@ impl Transport for UdpTransport {
         }
         self.try_recv_batch(buf, slot, out)
     }
+
+    /// With GRO, datagrams are lent where they lie in the coalesced receive buffers (no
+    /// copy into `buf`); without it, one `recvmmsg` into `buf`'s slots.
+    fn recv_in_place(
+        &mut self,
+        buf: &mut [u8],
+        slot: usize,
+        timeout: Option<Duration>,
+        f: &mut dyn FnMut(SocketAddr, &mut [u8]),
+    ) -> io::Result<usize> {
+        let Some(mut gro) = self.gro.take() else {
+            return crate::transport::recv_in_place_by_batch(self, buf, slot, timeout, f);
+        };
+        let r = self.recv_gro_in_place(&mut gro, timeout, f);
+        self.gro = Some(gro);
+        r
+    }
 }
 
 #[cfg(test)]

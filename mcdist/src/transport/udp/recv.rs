@@ -245,21 +245,56 @@ impl UdpTransport {
         slot: usize,
         out: &mut Vec<Received>,
     ) -> io::Result<usize> {
-        if gro.pending.is_empty() {
-            let mut used = 0;
-            for sock in self.sockets(self.turn) {
-                gro.raw.clear();
-                let area = &mut gro.buf[used * GRO_SLOT..(used + GRO_SLOTS) * GRO_SLOT];
-                let n = recv_raw(sock, area, GRO_SLOT, true, &mut gro.raw)?;
-                for (k, m) in gro.raw.iter().enumerate() {
-                    if Gro::split(&mut gro.pending, (used + k) * GRO_SLOT, m) {
-                        gro.coalesced += 1;
-                    }
+        self.fill_gro(gro)?;
+        Ok(gro.hand_out(buf, slot, out))
+    }
+
+    /// When every datagram of the last receive was handed out: one `recvmmsg` per socket
+    /// into the GRO buffers, cut into datagrams.
+    fn fill_gro(&self, gro: &mut Gro) -> io::Result<()> {
+        if !gro.pending.is_empty() {
+            return Ok(());
+        }
+        let mut used = 0;
+        for sock in self.sockets(self.turn) {
+            gro.raw.clear();
+            let area = &mut gro.buf[used * GRO_SLOT..(used + GRO_SLOTS) * GRO_SLOT];
+            recv_raw(sock, area, GRO_SLOT, true, &mut gro.raw)?;
+            for (k, m) in gro.raw.iter().enumerate() {
+                if Gro::split(&mut gro.pending, (used + k) * GRO_SLOT, m) {
+                    gro.coalesced += 1;
                 }
-                let _ = n;
-                used += GRO_SLOTS;
+            }
+            used += GRO_SLOTS;
+        }
+        Ok(())
+    }
+
+    /// `recv_in_place` with GRO: every datagram of one receive (waiting at most `timeout`
+    /// for it) is lent to `f` where it lies in the GRO buffers.
+    pub(super) fn recv_gro_in_place(
+        &mut self,
+        gro: &mut Gro,
+        timeout: Option<std::time::Duration>,
+        f: &mut dyn FnMut(SocketAddr, &mut [u8]),
+    ) -> io::Result<usize> {
+        self.turn = !self.turn;
+        self.fill_gro(gro)?;
+        if gro.pending.is_empty() && timeout != Some(std::time::Duration::ZERO) {
+            match self.poll.poll(&mut self.events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(0),
+                Err(e) => return Err(e),
+            }
+            self.fill_gro(gro)?;
+        }
+        let mut n = 0;
+        while let Some((off, len, from)) = gro.pending.pop_front() {
+            n += 1;
+            if len > 0 {
+                f(from, &mut gro.buf[off..off + len]);
             }
         }
-        Ok(gro.hand_out(buf, slot, out))
+        Ok(n)
     }
 }
