@@ -82,6 +82,23 @@ pub struct SessionInfo {
     pub zero_count: u64,
 }
 
+/// A 32-byte digest that prints (`Display` and `Debug`) as 64 lowercase hex digits, as
+/// errors and logs name it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DigestHex(pub [u8; 32]);
+
+impl std::fmt::Display for DigestHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl std::fmt::Debug for DigestHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
 /// Format a digest as lowercase hex.
 pub fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()

@@ -135,8 +135,8 @@ impl Client {
                 if let Some(cur) = self.session.announce {
                     if !same_image(&cur, &a) {
                         self.fail(ClientError::ImageChanged {
-                            old: crate::hex(&cur.digest),
-                            new: crate::hex(&a.digest),
+                            old: crate::DigestHex(cur.digest),
+                            new: crate::DigestHex(a.digest),
                         });
                         return;
                     }
@@ -168,8 +168,8 @@ impl Client {
                     self.events.push_back(ClientEvent::SessionResumed(info));
                 } else {
                     self.fail(ClientError::ImageChanged {
-                        old: crate::hex(&old.digest),
-                        new: crate::hex(&a.digest),
+                        old: crate::DigestHex(old.digest),
+                        new: crate::DigestHex(a.digest),
                     });
                 }
             }
@@ -213,8 +213,8 @@ impl Client {
         if let Some(exp) = self.cfg.expected_digest {
             if exp != a.digest {
                 self.fail(ClientError::WrongImage {
-                    expected: crate::hex(&exp),
-                    got: crate::hex(&a.digest),
+                    expected: crate::DigestHex(exp),
+                    got: crate::DigestHex(a.digest),
                 });
                 return;
             }

@@ -34,17 +34,17 @@ pub enum ClientError {
     #[error("the server's image changed (digest {old} -> {new}); refusing to mix pages")]
     ImageChanged {
         /// Digest of the image being fetched.
-        old: String,
+        old: crate::DigestHex,
         /// Digest now announced.
-        new: String,
+        new: crate::DigestHex,
     },
     /// The session's image is not the one expected.
     #[error("session serves image {got}, expected {expected}")]
     WrongImage {
         /// Expected digest.
-        expected: String,
+        expected: crate::DigestHex,
         /// Announced digest.
-        got: String,
+        got: crate::DigestHex,
     },
     /// One page failed verification against the image's root too often (or a page the
     /// zero map lists is not zero): someone sends pages that are not the image's.

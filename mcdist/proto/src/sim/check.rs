@@ -10,11 +10,11 @@ use std::time::Duration;
 use thiserror::Error;
 
 /// A problem the simulation found.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Error)]
 pub enum SimError {
     /// The server could not be built.
-    #[error("server configuration: {0}")]
-    Config(String),
+    #[error("server configuration")]
+    Config(#[from] ConfigError),
     /// A client was handed bytes that differ from the source.
     #[error("client {client}: page {pfn} differs from the source")]
     PageMismatch {
@@ -45,13 +45,28 @@ pub enum SimError {
         /// Virtual time since the start.
         at: Duration,
         /// Which node's timeout stays in the past.
-        who: String,
+        who: SimNode,
     },
 }
 
-impl From<ConfigError> for SimError {
-    fn from(e: ConfigError) -> Self {
-        SimError::Config(e.to_string())
+/// A node of the simulation, as [`SimError::Stalled`] names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimNode {
+    /// The server.
+    Server,
+    /// Client `i`.
+    Client(usize),
+    /// No node: datagrams due now keep arriving.
+    EventQueue,
+}
+
+impl std::fmt::Display for SimNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SimNode::Server => f.write_str("server"),
+            SimNode::Client(i) => write!(f, "client {i}"),
+            SimNode::EventQueue => f.write_str("event queue"),
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! matters and feeds datagrams and timeouts back in.
 
 use super::node::{ClientState, SimClient, Workload};
-use super::{Sim, SimError};
+use super::{Sim, SimError, SimNode};
 use crate::bitmap::PageBitmap;
 use crate::client::ClientEvent;
 use crate::Dest;
@@ -151,19 +151,19 @@ impl Sim {
         Ok(true)
     }
 
-    fn stale_node(&self) -> String {
+    fn stale_node(&self) -> SimNode {
         if self.server.poll_timeout().is_some_and(|t| t <= self.now) {
-            return "server".into();
+            return SimNode::Server;
         }
         for (i, c) in self.clients.iter().enumerate() {
             if c.state == ClientState::Running
                 && (c.client.poll_timeout().is_some_and(|t| t <= self.now)
                     || c.next_fault_at.is_some_and(|t| t <= self.now))
             {
-                return format!("client {i}");
+                return SimNode::Client(i);
             }
         }
-        "event queue".into()
+        SimNode::EventQueue
     }
 
     fn fire_timers(&mut self) {

@@ -46,7 +46,7 @@ mod node;
 mod scenario;
 
 pub use adversary::Forgery;
-pub use check::{page_matches, test_image, SimError};
+pub use check::{page_matches, test_image, SimError, SimNode};
 pub use link::{LinkConfig, LinkStats, Loss, RxCapacity};
 pub use node::{ClientSpec, ClientState, SimClient, Workload};
 pub use scenario::Recorded;
