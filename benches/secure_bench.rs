@@ -331,12 +331,12 @@ fn crypto_only() {
         let m = Message {
             session: 77,
             seq: 1,
-            flags: HeaderFlags(0),
+            flags: HeaderFlags::empty(),
             body: Body::Data(Data {
                 pfn: 1,
                 frag_index: 0,
                 frag_count: 1,
-                flags: 0,
+                flags: mcdist::wire::DataFlags::empty(),
                 payload: &payload,
             }),
         };
@@ -349,7 +349,7 @@ fn crypto_only() {
         let m = Message {
             session: 77,
             seq: 1,
-            flags: HeaderFlags(0),
+            flags: HeaderFlags::empty(),
             body: Body::Announce(mcdist::wire::Announce {
                 image_size: 4096,
                 page_size: 4096,
@@ -360,7 +360,7 @@ fn crypto_only() {
                 zero_map_chunks: 0,
                 sweep_pos: mcdist::wire::Announce::SWEEP_NONE,
                 rate: 0,
-                flags: 0,
+                flags: mcdist::wire::AnnounceFlags::empty(),
                 frag_payload: 4096,
                 token: [0; 16],
             }),

@@ -184,18 +184,23 @@ pub fn server(data: &[u8]) {
                     if let (mcdist::Dest::Peer(p), mcdist::wire::Body::Announce(a)) =
                         (t.dest, m.body)
                     {
-                        if a.flags & mcdist::wire::Announce::FLAG_VALIDATED == 0 {
+                        if a.flags & mcdist::wire::Announce::FLAG_VALIDATED
+                            == mcdist::wire::AnnounceFlags::empty()
+                        {
                             echoes.push((p, a.token));
                         }
                     }
                     sent += 1;
                 }
                 for (p, token) in echoes.drain(..) {
-                    let join = mcdist::wire::Join { flags: 1, token };
+                    let join = mcdist::wire::Join {
+                        flags: mcdist::wire::JoinFlags::from_bits_retain(1),
+                        token,
+                    };
                     let m = Message {
                         session: SESSION,
                         seq: 1,
-                        flags: mcdist::wire::HeaderFlags(0),
+                        flags: mcdist::wire::HeaderFlags::empty(),
                         body: mcdist::wire::Body::Join(join),
                     };
                     let mut d = vec![0u8; m.buffer_len()];

@@ -46,12 +46,12 @@ fn data(seq: u64, pfn: u64, payload: &[u8]) -> Vec<u8> {
     let m = Message {
         session: SESSION,
         seq,
-        flags: HeaderFlags(0),
+        flags: HeaderFlags::empty(),
         body: Body::Data(Data {
             pfn,
             frag_index: 0,
             frag_count: 1,
-            flags: 0,
+            flags: mcdist::wire::DataFlags::empty(),
             payload,
         }),
     };

@@ -18,7 +18,7 @@ fn data(c: &mut Criterion) {
             seq += 1;
             let h = Header {
                 kind: Kind::Data,
-                flags: HeaderFlags(0),
+                flags: HeaderFlags::empty(),
                 session: 7,
                 seq,
             };
@@ -30,7 +30,7 @@ fn data(c: &mut Criterion) {
     });
     let h = Header {
         kind: Kind::Data,
-        flags: HeaderFlags(0),
+        flags: HeaderFlags::empty(),
         session: 7,
         seq: 1,
     };
@@ -64,11 +64,11 @@ fn request(c: &mut Criterion) {
         let m = Message {
             session: 7,
             seq: 3,
-            flags: HeaderFlags(0),
+            flags: HeaderFlags::empty(),
             body: Body::Request(Request {
                 rx_rate: 1 << 27,
                 loss_permille: 3,
-                flags: 0,
+                flags: mcdist::wire::RequestFlags::empty(),
                 ranges: ranges_from_encoded(&raw),
             }),
         };
@@ -96,7 +96,7 @@ fn announce(c: &mut Criterion) {
     let m = Message {
         session: 7,
         seq: 1,
-        flags: HeaderFlags(0),
+        flags: HeaderFlags::empty(),
         body: Body::Announce(Announce {
             image_size: 1 << 28,
             page_size: 4096,

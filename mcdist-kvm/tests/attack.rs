@@ -63,7 +63,7 @@ fn attacker(
             let m = Message {
                 session,
                 seq,
-                flags: HeaderFlags(0),
+                flags: HeaderFlags::empty(),
                 body: Body::Data(Data {
                     pfn,
                     frag_index: 0,

@@ -23,13 +23,17 @@ fn emit(session: u64, body: Body<'_>) -> Bytes {
     common::emit(session, body).into()
 }
 
-fn request(session: u64, flags: u8, ranges: &[PageRange]) -> Bytes {
+fn request(session: u64, flags: mcdist::wire::RequestFlags, ranges: &[PageRange]) -> Bytes {
     common::request(session, flags, ranges).into()
 }
 
 /// Datagrams a server must drop, each with the counter it must land in.
 fn bad_for_server() -> Vec<(&'static str, Bytes)> {
-    let good = request(SESSION, 0, &[PageRange { start: 1, len: 1 }]);
+    let good = request(
+        SESSION,
+        mcdist::wire::RequestFlags::empty(),
+        &[PageRange { start: 1, len: 1 }],
+    );
     let mut wrong_magic = good.to_vec();
     wrong_magic[0] = b'X';
     let mut wrong_version = good.to_vec();
@@ -62,14 +66,18 @@ fn bad_for_server() -> Vec<(&'static str, Bytes)> {
         ("request", Bytes::from(oversized)),
         (
             "foreign",
-            request(SESSION + 1, 0, &[PageRange { start: 1, len: 1 }]),
+            request(
+                SESSION + 1,
+                mcdist::wire::RequestFlags::empty(),
+                &[PageRange { start: 1, len: 1 }],
+            ),
         ),
         // Page numbers past the end of the image, and a range reaching u64::MAX.
         (
             "out_of_range",
             request(
                 SESSION,
-                0,
+                mcdist::wire::RequestFlags::empty(),
                 &[PageRange {
                     start: PAGES as u64 + 5,
                     len: 3,
@@ -80,7 +88,7 @@ fn bad_for_server() -> Vec<(&'static str, Bytes)> {
             "out_of_range",
             request(
                 SESSION,
-                0,
+                mcdist::wire::RequestFlags::empty(),
                 &[PageRange {
                     start: u64::MAX - 10,
                     len: MAX_RANGE_LEN,
@@ -96,7 +104,7 @@ fn bad_for_server() -> Vec<(&'static str, Bytes)> {
                     pfn: 0,
                     frag_index: 0,
                     frag_count: 1,
-                    flags: 0,
+                    flags: mcdist::wire::DataFlags::empty(),
                     payload: &[],
                 }),
             ),
@@ -108,7 +116,7 @@ fn datagram_with(session: u64, kind: Kind, body: &[u8]) -> Bytes {
     let mut v = vec![0u8; HEADER_LEN];
     Header {
         kind,
-        flags: HeaderFlags(0),
+        flags: HeaderFlags::empty(),
         session,
         seq: 7,
     }
@@ -124,7 +132,7 @@ fn bad_for_client() -> Vec<Bytes> {
     frag_past_count.extend_from_slice(&3u64.to_be_bytes());
     frag_past_count.extend_from_slice(&5u16.to_be_bytes()); // index 5
     frag_past_count.extend_from_slice(&2u16.to_be_bytes()); // of 2
-    frag_past_count.push(Data::DEMAND);
+    frag_past_count.push(Data::DEMAND.bits());
     frag_past_count.extend_from_slice(&[1; 100]);
     vec![
         datagram_with(SESSION, Kind::Data, &frag_past_count),
@@ -256,7 +264,7 @@ fn absurd_announces_allocate_nothing() {
         zero_map_chunks: 1,
         sweep_pos: 0,
         rate: 0,
-        flags: 0,
+        flags: mcdist::wire::AnnounceFlags::empty(),
         frag_payload: 1400,
         token: [0; 16],
     };

@@ -101,7 +101,7 @@ fn rogue_flood_helper() {
         let m = Message {
             session,
             seq: k + 2,
-            flags: HeaderFlags(0),
+            flags: HeaderFlags::empty(),
             body: Body::Request(Request {
                 rx_rate: 1,
                 loss_permille: 999,
@@ -374,9 +374,9 @@ fn learn_session(sock: &UdpSocket, target: SocketAddr) -> (u64, Announce) {
     let join = Message {
         session: 0,
         seq: 1,
-        flags: HeaderFlags(0),
+        flags: HeaderFlags::empty(),
         body: Body::Join(Join {
-            flags: 0,
+            flags: mcdist::wire::JoinFlags::empty(),
             token: [0; mcdist::wire::TOKEN_LEN],
         }),
     };
@@ -447,7 +447,7 @@ fn hijack_helper() {
         let m = Message {
             session,
             seq: *seq,
-            flags: HeaderFlags(0),
+            flags: HeaderFlags::empty(),
             body,
         };
         let n = m.emit(&mut buf).unwrap();

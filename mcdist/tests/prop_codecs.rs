@@ -47,7 +47,7 @@ fn announce() -> impl Strategy<Value = Announce> {
                     zero_map_chunks: chunks,
                     sweep_pos: sweep,
                     rate,
-                    flags,
+                    flags: mcdist::wire::AnnounceFlags::from_bits_retain(flags),
                     frag_payload: frag,
                     token: [0; 16],
                 }
@@ -145,7 +145,7 @@ fn owned() -> impl Strategy<Value = Owned> {
             proptest::collection::vec(any::<u8>(), 0..2000)
         )
             .prop_map(|(pfn, count, i, flags, payload)| {
-                let zero = flags & Data::ZERO != 0;
+                let zero = mcdist::wire::DataFlags::from_bits_retain(flags).contains(Data::ZERO);
                 Owned::Data {
                     pfn,
                     idx: i % count,
@@ -174,7 +174,7 @@ fn owned() -> impl Strategy<Value = Owned> {
                 rx_rate: r,
                 loss_permille: l,
                 have_pages: h,
-                flags: f,
+                flags: mcdist::wire::HeartbeatFlags::from_bits_retain(f),
                 token: [f; 16],
             })
         }),
@@ -209,7 +209,7 @@ fn body(o: &Owned) -> Body<'_> {
             pfn: *pfn,
             frag_index: *idx,
             frag_count: *count,
-            flags: *flags,
+            flags: mcdist::wire::DataFlags::from_bits_retain(*flags),
             payload,
         }),
         Owned::Request {
@@ -222,7 +222,7 @@ fn body(o: &Owned) -> Body<'_> {
             let q = Request {
                 rx_rate: *rx,
                 loss_permille: *loss,
-                flags: *flags,
+                flags: mcdist::wire::RequestFlags::from_bits_retain(*flags),
                 ranges: ranges_from_encoded(raw),
             };
             if *nack {
@@ -232,7 +232,7 @@ fn body(o: &Owned) -> Body<'_> {
             }
         }
         Owned::Join(f) => Body::Join(Join {
-            flags: *f,
+            flags: mcdist::wire::JoinFlags::from_bits_retain(*f),
             token: [*f; 16],
         }),
         Owned::Heartbeat(h) => Body::Heartbeat(*h),
@@ -276,7 +276,7 @@ proptest! {
 
     #[test]
     fn emit_then_parse_is_identity(o in owned(), session in any::<u64>(), seq in any::<u64>(), flags in any::<u8>()) {
-        let m = Message { session, seq, flags: HeaderFlags(flags), body: body(&o) };
+        let m = Message { session, seq, flags: HeaderFlags::from_bits_retain(flags), body: body(&o) };
         let mut buf = vec![0u8; m.buffer_len()];
         let n = m.emit(&mut buf).unwrap();
         prop_assert_eq!(n, m.buffer_len());
@@ -293,7 +293,7 @@ proptest! {
 
     #[test]
     fn parse_of_mutated_packets_never_panics(o in owned(), edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8), cut in any::<usize>()) {
-        let m = Message { session: 1, seq: 2, flags: HeaderFlags(0), body: body(&o) };
+        let m = Message { session: 1, seq: 2, flags: HeaderFlags::empty(), body: body(&o) };
         let mut buf = vec![0u8; m.buffer_len()];
         let n = m.emit(&mut buf).unwrap();
         for (at, v) in edits {
@@ -325,7 +325,7 @@ proptest! {
         }
         let mut raw = Vec::new();
         encode_ranges(&ranges, &mut raw);
-        let nack = Request { rx_rate: 0, loss_permille: 0, flags: 0, ranges: ranges_from_encoded(&raw) };
+        let nack = Request { rx_rate: 0, loss_permille: 0, flags: mcdist::wire::RequestFlags::empty(), ranges: ranges_from_encoded(&raw) };
         let buf = common::emit(9, Body::Nack(nack));
         let Body::Nack(q) = Message::parse(&buf).unwrap().body else { panic!("kind changed") };
         let back: BTreeSet<u64> = q.ranges.iter().flat_map(|r| r.start..r.end()).collect();
@@ -336,7 +336,7 @@ proptest! {
     /// Absurd ranges are refused at parse time, whatever else the datagram holds.
     #[test]
     fn absurd_range_lengths_are_refused(start in any::<u64>(), len in prop_oneof![Just(0u32), (MAX_RANGE_LEN + 1)..]) {
-        let buf = common::request(9, 0, &[PageRange { start, len }]);
+        let buf = common::request(9, mcdist::wire::RequestFlags::empty(), &[PageRange { start, len }]);
         prop_assert!(Message::parse(&buf).is_err());
     }
 

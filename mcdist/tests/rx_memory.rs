@@ -25,7 +25,7 @@ fn datagram(seq: u64, body: Body<'_>) -> Bytes {
     let m = Message {
         session: SESSION,
         seq,
-        flags: HeaderFlags(0),
+        flags: HeaderFlags::empty(),
         body,
     };
     let mut buf = vec![0u8; m.buffer_len()];

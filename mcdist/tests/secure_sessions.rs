@@ -148,9 +148,8 @@ fn attacks_never_reach_the_page_store() {
     let old_page = capture(&mut attacker, |d| kind(d) == Kind::Data as u8);
     let old_announce = capture(&mut attacker, |d| kind(d) == Kind::Announce as u8);
     assert_eq!(session_of(&old_page), server_a.session_id());
-    assert_ne!(
-        old_page[4] & HeaderFlags::ENCRYPTED,
-        0,
+    assert!(
+        HeaderFlags::from_bits_retain(old_page[4]).contains(HeaderFlags::ENCRYPTED),
         "pages are encrypted by default"
     );
     drop(c_a);
@@ -191,12 +190,12 @@ fn attacks_never_reach_the_page_store() {
     let forged = Message {
         session: sid,
         seq: 99,
-        flags: HeaderFlags(0),
+        flags: HeaderFlags::empty(),
         body: Body::Data(Data {
             pfn: 0,
             frag_index: 0,
             frag_count: 1,
-            flags: 0,
+            flags: mcdist::wire::DataFlags::empty(),
             payload: &evil,
         }),
     };
@@ -241,11 +240,11 @@ fn attacks_never_reach_the_page_store() {
     let req = Message {
         session: sid,
         seq: 1,
-        flags: HeaderFlags(0),
+        flags: HeaderFlags::empty(),
         body: Body::Request(wire::Request {
             rx_rate: 0,
             loss_permille: 0,
-            flags: 0,
+            flags: mcdist::wire::RequestFlags::empty(),
             ranges: wire::ranges_from_encoded(&enc),
         }),
     };

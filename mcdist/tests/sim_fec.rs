@@ -173,7 +173,7 @@ fn repair_datagram(session: u64, r: Repair<'_>) -> Bytes {
     let m = Message {
         session,
         seq: 1,
-        flags: HeaderFlags(0),
+        flags: HeaderFlags::empty(),
         body: Body::Repair(r),
     };
     let mut buf = vec![0u8; m.buffer_len()];

@@ -18,7 +18,13 @@ const PS: usize = 4096;
 const PAGES: usize = 384;
 const SESSION: u64 = 0x5eed;
 
-fn data(pfn: u64, frag_index: u16, frag_count: u16, flags: u8, payload: &[u8]) -> Bytes {
+fn data(
+    pfn: u64,
+    frag_index: u16,
+    frag_count: u16,
+    flags: mcdist::wire::DataFlags,
+    payload: &[u8],
+) -> Bytes {
     common::emit(
         SESSION,
         Body::Data(Data {
@@ -180,7 +186,10 @@ fn a_same_session_announce_of_another_image_fails_the_session() {
             zero_map_digest: [3; 32],
             ..real
         },
-        Announce { flags: 0, ..real },
+        Announce {
+            flags: mcdist::wire::AnnounceFlags::empty(),
+            ..real
+        },
     ];
     for h in hijacks {
         let mut c = joined(t0, server, real);
@@ -197,7 +206,10 @@ fn a_same_session_announce_of_another_image_fails_the_session() {
     }
     // A session without hash pages cannot be verified: refused from the first announce.
     let mut c = Client::new(ClientConfig::new(server), t0);
-    let bare = Announce { flags: 0, ..real };
+    let bare = Announce {
+        flags: mcdist::wire::AnnounceFlags::empty(),
+        ..real
+    };
     c.handle_datagram(
         t0,
         server,

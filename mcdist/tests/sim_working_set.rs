@@ -123,11 +123,21 @@ mod server_direct {
     const PS: usize = 4096;
 
     fn request(session: u64, pfn: u64) -> Vec<u8> {
-        crate::common::request(session, 0, &[PageRange { start: pfn, len: 1 }])
+        crate::common::request(
+            session,
+            mcdist::wire::RequestFlags::empty(),
+            &[PageRange { start: pfn, len: 1 }],
+        )
     }
 
     fn join(session: u64, token: [u8; 16]) -> Vec<u8> {
-        crate::common::emit(session, Body::Join(Join { flags: 0, token }))
+        crate::common::emit(
+            session,
+            Body::Join(Join {
+                flags: mcdist::wire::JoinFlags::empty(),
+                token,
+            }),
+        )
     }
 
     /// Join from `addr` and echo the token of the announce reply: the address
@@ -156,7 +166,7 @@ mod server_direct {
     }
 
     /// Group data pages the server sends now, as (pfn, flags), until it has nothing more.
-    fn drain(server: &mut Server, now: Instant) -> Vec<(u64, u8)> {
+    fn drain(server: &mut Server, now: Instant) -> Vec<(u64, mcdist::wire::DataFlags)> {
         let mut buf = vec![0u8; 65_536];
         let mut out = Vec::new();
         for _ in 0..10_000 {
@@ -237,10 +247,10 @@ mod server_direct {
             Some(33),
             "demand goes before the replay: {sent:?}"
         );
-        assert_ne!(sent[0].1 & Data::DEMAND, 0);
+        assert!(sent[0].1.contains(Data::DEMAND));
         let replayed: Vec<u64> = sent[1..].iter().map(|s| s.0).collect();
         assert_eq!(replayed, expected, "replay in recorded order");
-        assert!(sent[1..].iter().all(|s| s.1 & Data::PUSH != 0));
+        assert!(sent[1..].iter().all(|s| s.1.contains(Data::PUSH)));
         assert_eq!(server.stats().ws_push_pages, expected.len() as u64);
         eprintln!("recorded {order:?}, sent to generation 2: {sent:?}");
     }

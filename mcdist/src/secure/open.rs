@@ -254,7 +254,7 @@ impl Opener {
         if n < wire::HEADER_LEN || wire::Packet::new_checked(&buf[..]).is_err() {
             return Err(Reject::Malformed);
         }
-        if buf[4] & HeaderFlags::AUTH == 0 {
+        if !HeaderFlags::from_bits_retain(buf[4]).contains(HeaderFlags::AUTH) {
             return Err(Reject::Unauthenticated);
         }
         if n < wire::HEADER_LEN + TRAILER_LEN {
@@ -306,7 +306,7 @@ impl Opener {
         };
         let (head, rest) = buf.split_at_mut(wire::HEADER_LEN);
         let body = &mut rest[..body_end - wire::HEADER_LEN];
-        let encrypted = head[4] & HeaderFlags::ENCRYPTED != 0;
+        let encrypted = HeaderFlags::from_bits_retain(head[4]).contains(HeaderFlags::ENCRYPTED);
         if encrypted {
             key.open_in_place_separate_tag(
                 nonce(counter),

@@ -98,13 +98,11 @@ impl Sealer {
         let Some((_, key)) = self.key.as_ref() else {
             return Err(SealError::Crypto);
         };
-        buf[4] |= HeaderFlags::AUTH;
         let encrypt = self.protection == Protection::Encrypted;
-        if encrypt {
-            buf[4] |= HeaderFlags::ENCRYPTED;
-        } else {
-            buf[4] &= !HeaderFlags::ENCRYPTED;
-        }
+        let mut flags = HeaderFlags::from_bits_retain(buf[4]);
+        flags.insert(HeaderFlags::AUTH);
+        flags.set(HeaderFlags::ENCRYPTED, encrypt);
+        buf[4] = flags.bits();
         let (head, rest) = buf.split_at_mut(wire::HEADER_LEN);
         let body = &mut rest[..len - wire::HEADER_LEN];
         let tag = if encrypt {

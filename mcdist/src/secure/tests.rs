@@ -17,12 +17,12 @@ fn data_msg(session: u64, seq: u64, pfn: u64, payload: &[u8]) -> Vec<u8> {
     let m = Message {
         session,
         seq,
-        flags: HeaderFlags(0),
+        flags: HeaderFlags::empty(),
         body: Body::Data(Data {
             pfn,
             frag_index: 0,
             frag_count: 1,
-            flags: 0,
+            flags: crate::wire::DataFlags::empty(),
             payload,
         }),
     };
@@ -36,7 +36,7 @@ fn announce_msg(session: u64) -> Vec<u8> {
     let m = Message {
         session,
         seq: 1,
-        flags: HeaderFlags(0),
+        flags: HeaderFlags::empty(),
         body: Body::Announce(wire::Announce {
             image_size: 4096,
             page_size: 4096,
@@ -47,7 +47,7 @@ fn announce_msg(session: u64) -> Vec<u8> {
             zero_map_chunks: 0,
             sweep_pos: wire::Announce::SWEEP_NONE,
             rate: 0,
-            flags: 0,
+            flags: crate::wire::AnnounceFlags::empty(),
             frag_payload: 4096,
             token: [0; 16],
         }),
@@ -156,9 +156,9 @@ fn round_trip_both_modes() {
         let body_visible = sealed.windows(64).any(|w| w == &payload[..64]);
         assert_eq!(body_visible, p == Protection::AuthOnly, "{p:?}");
         let flags = sealed[4];
-        assert_ne!(flags & HeaderFlags::AUTH, 0);
+        assert!(HeaderFlags::from_bits_retain(flags).contains(HeaderFlags::AUTH));
         assert_eq!(
-            flags & HeaderFlags::ENCRYPTED != 0,
+            HeaderFlags::from_bits_retain(flags).contains(HeaderFlags::ENCRYPTED),
             p == Protection::Encrypted
         );
         let n = o.open(Instant::now(), addr(), &mut sealed).unwrap();
@@ -293,9 +293,9 @@ fn server_takes_its_session_and_rate_limits_joins() {
         let m = Message {
             session,
             seq: 1,
-            flags: HeaderFlags(0),
+            flags: HeaderFlags::empty(),
             body: Body::Join(wire::Join {
-                flags: 0,
+                flags: crate::wire::JoinFlags::empty(),
                 token: [0; 16],
             }),
         };

@@ -26,7 +26,7 @@ pub fn emit(session: u64, body: Body<'_>) -> Vec<u8> {
     let m = Message {
         session,
         seq: 1,
-        flags: HeaderFlags(0),
+        flags: HeaderFlags::empty(),
         body,
     };
     let mut buf = vec![0u8; m.buffer_len()];
@@ -114,7 +114,7 @@ impl Bridge {
 }
 
 /// A demand request (or with `flags`, a retry) of `ranges` in `session`.
-pub fn request(session: u64, flags: u8, ranges: &[PageRange]) -> Vec<u8> {
+pub fn request(session: u64, flags: mcdist::wire::RequestFlags, ranges: &[PageRange]) -> Vec<u8> {
     let mut raw = Vec::new();
     encode_ranges(ranges, &mut raw);
     emit(

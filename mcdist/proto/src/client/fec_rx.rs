@@ -41,7 +41,7 @@ impl Client {
     pub(super) fn fec_active(&self) -> bool {
         self.session
             .announce
-            .is_some_and(|a| a.flags & Announce::FLAG_FEC != 0)
+            .is_some_and(|a| a.flags.contains(Announce::FLAG_FEC))
     }
 
     /// One FEC repair symbol: check it against the session, keep it, and decode

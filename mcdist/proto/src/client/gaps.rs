@@ -40,7 +40,7 @@ impl Client {
             return;
         }
         let sweeping =
-            a.sweep_pos != Announce::SWEEP_NONE && a.flags & Announce::FLAG_SWEEP_DONE == 0;
+            a.sweep_pos != Announce::SWEEP_NONE && !a.flags.contains(Announce::FLAG_SWEEP_DONE);
         let frontier = if sweeping {
             let seen = self
                 .gaps

@@ -141,10 +141,14 @@ impl Client {
         }
         self.timers
             .set(Timer::Report, now + self.cfg.heartbeat_interval);
-        Some(self.heartbeat(0, buf))
+        Some(self.heartbeat(wire::HeartbeatFlags::empty(), buf))
     }
 
-    pub(super) fn heartbeat(&mut self, flags: u8, buf: &mut [u8]) -> Option<Transmit> {
+    pub(super) fn heartbeat(
+        &mut self,
+        flags: wire::HeartbeatFlags,
+        buf: &mut [u8],
+    ) -> Option<Transmit> {
         let seq = self.next_seq();
         let body = Body::Heartbeat(wire::Heartbeat {
             rx_rate: self.meter.rx_rate,

@@ -433,7 +433,7 @@ impl Client {
         let m = Message {
             session: self.session.info.map_or(0, |s| s.session_id),
             seq,
-            flags: HeaderFlags(0),
+            flags: HeaderFlags::empty(),
             body,
         };
         let len = m.emit(buf).ok()?;

@@ -30,7 +30,7 @@ impl Client {
             self.stats.duplicates += 1;
             return;
         }
-        if d.flags & Data::ZERO != 0 {
+        if d.flags.contains(Data::ZERO) {
             if hash {
                 // Hash pages are never zero replies.
                 self.refuse(d.pfn);
@@ -111,9 +111,9 @@ impl Client {
             return;
         }
         match d.flags {
-            f if f & Data::DEMAND != 0 => self.stats.demand_pages += 1,
-            f if f & Data::PUSH != 0 => self.stats.push_pages += 1,
-            f if f & Data::SWEEP != 0 => {
+            f if f.contains(Data::DEMAND) => self.stats.demand_pages += 1,
+            f if f.contains(Data::PUSH) => self.stats.push_pages += 1,
+            f if f.contains(Data::SWEEP) => {
                 self.stats.sweep_pages += 1;
                 if d.pfn < self.data_pages() {
                     self.gaps.swept(d.pfn);

@@ -328,7 +328,7 @@ impl Client {
             Want::Demand => {
                 self.stats.requests_sent += 1;
                 self.stats.pages_requested += n;
-                (0, false)
+                (wire::RequestFlags::empty(), false)
             }
             Want::Retry => {
                 self.stats.requests_sent += 1;
@@ -337,7 +337,7 @@ impl Client {
             Want::Nack => {
                 self.stats.nacks_sent += 1;
                 self.stats.nack_pages += n;
-                (0, true)
+                (wire::RequestFlags::empty(), true)
             }
             Want::NackRetry => {
                 self.stats.nacks_sent += 1;

@@ -100,7 +100,7 @@ fn same_content(a: &Announce, b: &Announce) -> bool {
         && a.image_size == b.image_size
         && a.page_size == b.page_size
         && a.page_count == b.page_count
-        && (a.flags & b.flags) & Announce::FLAG_HASH_PAGES != 0
+        && (a.flags & b.flags).contains(Announce::FLAG_HASH_PAGES)
 }
 
 impl Client {
@@ -192,7 +192,7 @@ impl Client {
             self.session.validated = false;
             self.timers.set(Timer::Join, now);
         }
-        if a.flags & Announce::FLAG_VALIDATED != 0 && !self.session.validated {
+        if a.flags.contains(Announce::FLAG_VALIDATED) && !self.session.validated {
             // The zero map answers the join that validated the address; ask
             // again a join interval later if it does not all arrive.
             self.session.validated = true;
@@ -223,7 +223,9 @@ impl Client {
         let root = self.cfg.expected_digest.unwrap_or(a.digest);
         let layout = HashLayout::new(a.image_size, info.page_size)
             .ok()
-            .filter(|l| l.data_pages() == a.page_count && a.flags & Announce::FLAG_HASH_PAGES != 0);
+            .filter(|l| {
+                l.data_pages() == a.page_count && a.flags.contains(Announce::FLAG_HASH_PAGES)
+            });
         let started = layout.map(|l| self.integrity.start(l, root));
         if !matches!(started, Some(Ok(()))) {
             self.fail(ClientError::Unverifiable {
@@ -354,7 +356,7 @@ impl Client {
         let flags = if self.cfg.want_zero_map {
             wire::Join::WANT_ZERO_MAP
         } else {
-            0
+            wire::JoinFlags::empty()
         };
         let token = self.session.token;
         Some(self.to_server(seq, Body::Join(wire::Join { flags, token }), buf))

@@ -138,7 +138,8 @@ impl Server {
     fn announce(&self, dest: Dest) -> Announce {
         let cfg = &self.cfg;
         let sweep_done = self.sweep.pos >= self.total_pages;
-        let flag = |on: bool, f: u8| if on { f } else { 0 };
+        let flag =
+            |on: bool, f: wire::AnnounceFlags| if on { f } else { wire::AnnounceFlags::empty() };
         Announce {
             image_size: self.info.image_size,
             page_size: self.geo.page_size as u32,
@@ -230,7 +231,7 @@ impl Server {
         let m = Message {
             session: self.session,
             seq,
-            flags: HeaderFlags(0),
+            flags: HeaderFlags::empty(),
             body,
         };
         let len = m.emit(buf).ok()?;
@@ -304,7 +305,7 @@ impl Server {
         let seq = self.out.next_seq(dest == Dest::Group);
         let header = Header {
             kind: Kind::Data,
-            flags: HeaderFlags(0),
+            flags: HeaderFlags::empty(),
             session: self.session,
             seq,
         };

@@ -93,7 +93,7 @@ impl Server {
     pub(super) fn fec_admit(&mut self, now: Instant, job: &Job) -> Option<usize> {
         let eligible = job.target == Target::Group
             && !job.ws
-            && job.flags & (Data::PUSH | Data::SWEEP) != 0
+            && job.flags.intersects(Data::PUSH | Data::SWEEP)
             && !job.is_zero();
         if !eligible || self.fec.is_none() {
             return None;
@@ -158,7 +158,7 @@ impl Server {
             Message {
                 session,
                 seq,
-                flags: HeaderFlags(0),
+                flags: HeaderFlags::empty(),
                 body: Body::Repair(wire::Repair {
                     first_pfn: b.first,
                     span: b.span,

@@ -182,7 +182,7 @@ impl Server {
             return;
         }
         self.queue_announce_to(from);
-        if join.flags & wire::Join::WANT_ZERO_MAP != 0 {
+        if join.flags.contains(wire::Join::WANT_ZERO_MAP) {
             let due = self.peers.table.get_mut(&from).is_none_or(|p| {
                 let due = p
                     .last_zero_map
@@ -208,7 +208,7 @@ impl Server {
             return;
         }
         self.note_report(now, from, h.rx_rate, h.loss_permille);
-        if h.flags & wire::Heartbeat::COMPLETE != 0 {
+        if h.flags.contains(wire::Heartbeat::COMPLETE) {
             self.mark_complete(from);
         }
     }

@@ -67,7 +67,7 @@ impl Server {
         }
         let ask = Ask {
             nack,
-            reask: q.flags & wire::Request::RETRY != 0,
+            reask: q.flags.contains(wire::Request::RETRY),
         };
         if ask.retry() {
             self.peers.note_reask(&from, pages);
@@ -176,7 +176,7 @@ impl Server {
     /// Queue a unicast answer to a tracked receiver, within the queue bounds:
     /// one source asking again and again cannot grow the queue without limit
     /// nor fill it for everyone else.
-    fn queue_unicast(&mut self, to: SocketAddr, pfn: u64, flags: u8) {
+    fn queue_unicast(&mut self, to: SocketAddr, pfn: u64, flags: wire::DataFlags) {
         if !self.peers.contains(&to) {
             return;
         }

@@ -12,7 +12,7 @@ use super::stats::PageKind;
 use super::Server;
 use crate::bitmap::PageBitmap;
 use crate::integrity::HashLayout;
-use crate::wire::Data;
+use crate::wire::{Data, DataFlags};
 use crate::Dest;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -35,13 +35,13 @@ pub(super) struct Job {
     pub(super) pfn: u64,
     pub(super) target: Target,
     /// `Data` flags: why the page is sent.
-    pub(super) flags: u8,
+    pub(super) flags: DataFlags,
     /// Pushed by the working-set replay.
     pub(super) ws: bool,
 }
 
 impl Job {
-    pub(super) fn group(pfn: u64, flags: u8) -> Job {
+    pub(super) fn group(pfn: u64, flags: DataFlags) -> Job {
         Job {
             pfn,
             target: Target::Group,
@@ -52,7 +52,7 @@ impl Job {
 
     /// A zero page: the answer is a header without payload.
     pub(super) fn is_zero(&self) -> bool {
-        self.flags & Data::ZERO != 0
+        self.flags.contains(Data::ZERO)
     }
 }
 
@@ -100,7 +100,7 @@ impl Queues {
 
     /// Queue a unicast answer to `to`, within the per-receiver and total
     /// bounds; false when either is full.
-    pub(super) fn push_unicast(&mut self, to: SocketAddr, pfn: u64, flags: u8) -> bool {
+    pub(super) fn push_unicast(&mut self, to: SocketAddr, pfn: u64, flags: DataFlags) -> bool {
         let q = self.unicast.entry(to).or_default();
         if q.len() >= MAX_QUEUED_PER_PEER || self.unicast_len >= MAX_QUEUED_UNICAST {
             return false;
@@ -338,7 +338,7 @@ impl Server {
     }
 
     /// Queue-mark `pfn` and make a group job for it.
-    fn group_job(&mut self, pfn: u64, flags: u8) -> Job {
+    fn group_job(&mut self, pfn: u64, flags: DataFlags) -> Job {
         self.sent.queued_group.set(pfn);
         Job::group(pfn, flags)
     }

@@ -116,13 +116,18 @@ impl ServerStats {
     }
 
     /// Count one non-zero page sent completely to one destination; its kind.
-    pub(super) fn count_page(&mut self, flags: u8, ws: bool, unicast: bool) -> PageKind {
+    pub(super) fn count_page(
+        &mut self,
+        flags: crate::wire::DataFlags,
+        ws: bool,
+        unicast: bool,
+    ) -> PageKind {
         self.pages_sent += 1;
         let kind = match flags {
             _ if ws => PageKind::WorkingSet,
-            f if f & Data::DEMAND != 0 => PageKind::Demand,
-            f if f & Data::PUSH != 0 => PageKind::Push,
-            f if f & Data::SWEEP != 0 => PageKind::Sweep,
+            f if f.contains(Data::DEMAND) => PageKind::Demand,
+            f if f.contains(Data::PUSH) => PageKind::Push,
+            f if f.contains(Data::SWEEP) => PageKind::Sweep,
             _ => PageKind::Repair,
         };
         *match kind {

@@ -3,8 +3,8 @@
 use super::{Server, ServerConfig};
 use crate::source::MemSource;
 use crate::wire::{
-    encode_ranges, ranges_from_encoded, Body, Data, HeaderFlags, Heartbeat, Join, Kind, Message,
-    PageRange, Request, Token,
+    encode_ranges, ranges_from_encoded, Body, Data, DataFlags, HeaderFlags, Heartbeat, Join, Kind,
+    Message, PageRange, Request, RequestFlags, Token,
 };
 use crate::Dest;
 use std::net::SocketAddr;
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 const SESSION: u64 = 7;
 
 /// One datagram sent: destination, kind, and for data its page and flags.
-type Sent = (Dest, Kind, Option<(u64, u8)>);
+type Sent = (Dest, Kind, Option<(u64, DataFlags)>);
 
 /// Eight pages; page 5 is all zero.
 fn server(t0: Instant) -> Server {
@@ -35,7 +35,7 @@ fn addr(port: u16) -> SocketAddr {
 }
 
 /// A request (or NACK) for one page.
-fn ask(kind: Kind, flags: u8, pfn: u64) -> Vec<u8> {
+fn ask(kind: Kind, flags: RequestFlags, pfn: u64) -> Vec<u8> {
     let mut raw = Vec::new();
     encode_ranges(&[PageRange { start: pfn, len: 1 }], &mut raw);
     let q = Request {
@@ -47,7 +47,7 @@ fn ask(kind: Kind, flags: u8, pfn: u64) -> Vec<u8> {
     let m = Message {
         session: SESSION,
         seq: 1,
-        flags: HeaderFlags(0),
+        flags: HeaderFlags::empty(),
         body: if kind == Kind::Nack {
             Body::Nack(q)
         } else {
@@ -82,7 +82,7 @@ fn datagram(body: Body<'_>) -> Vec<u8> {
     let m = Message {
         session: SESSION,
         seq: 1,
-        flags: HeaderFlags(0),
+        flags: HeaderFlags::empty(),
         body,
     };
     let mut buf = vec![0u8; m.buffer_len()];
@@ -117,7 +117,7 @@ fn validate(s: &mut Server, now: Instant, from: SocketAddr) -> Token {
     token
 }
 
-fn data(sent: &[Sent]) -> Vec<(Dest, u64, u8)> {
+fn data(sent: &[Sent]) -> Vec<(Dest, u64, DataFlags)> {
     sent.iter()
         .filter_map(|&(d, _, p)| p.map(|(pfn, f)| (d, pfn, f)))
         .collect()
@@ -150,7 +150,7 @@ fn lockstep_window_suppresses_a_second_ask_then_lets_it_through() {
     drain(&mut s, t0);
     validate(&mut s, t0, addr(1));
     validate(&mut s, t0, addr(2));
-    s.handle_datagram(t0, addr(1), &ask(Kind::Request, 0, 2));
+    s.handle_datagram(t0, addr(1), &ask(Kind::Request, RequestFlags::empty(), 2));
     let first = data(&drain(&mut s, t0));
     // The hash page above it (page 8: the eight data pages have one) goes first.
     assert_eq!(
@@ -161,11 +161,15 @@ fn lockstep_window_suppresses_a_second_ask_then_lets_it_through() {
         ]
     );
     // A sibling faulting on the same page a moment later gets the multicast already sent.
-    s.handle_datagram(t0, addr(2), &ask(Kind::Request, 0, 2));
+    s.handle_datagram(t0, addr(2), &ask(Kind::Request, RequestFlags::empty(), 2));
     assert!(data(&drain(&mut s, t0)).is_empty());
     assert_eq!(s.stats().suppressed_lockstep, 1);
     let later = t0 + ServerConfig::default().lockstep_window;
-    s.handle_datagram(later, addr(2), &ask(Kind::Request, 0, 2));
+    s.handle_datagram(
+        later,
+        addr(2),
+        &ask(Kind::Request, RequestFlags::empty(), 2),
+    );
     assert_eq!(
         data(&drain(&mut s, later)),
         vec![(Dest::Group, 2, Data::DEMAND)]
@@ -178,7 +182,7 @@ fn zero_pages_are_answered_to_the_asker_alone() {
     let mut s = server(t0);
     drain(&mut s, t0);
     validate(&mut s, t0, addr(1));
-    s.handle_datagram(t0, addr(1), &ask(Kind::Request, 0, 5));
+    s.handle_datagram(t0, addr(1), &ask(Kind::Request, RequestFlags::empty(), 5));
     assert_eq!(
         data(&drain(&mut s, t0)),
         vec![(Dest::Peer(addr(1)), 5, Data::ZERO)]
@@ -195,7 +199,7 @@ fn in_the_end_game_a_reask_goes_unicast_and_a_first_nack_to_the_group() {
     let c = addr(1);
     validate(&mut s, t0, c);
     // Before the end game, a re-ask is multicast: siblings likely lost it too.
-    s.handle_datagram(t0, c, &ask(Kind::Request, 0, 0));
+    s.handle_datagram(t0, c, &ask(Kind::Request, RequestFlags::empty(), 0));
     drain(&mut s, t0);
     let t1 = t0 + Duration::from_millis(10);
     s.handle_datagram(t1, c, &ask(Kind::Request, Request::RETRY, 0));
@@ -205,12 +209,12 @@ fn in_the_end_game_a_reask_goes_unicast_and_a_first_nack_to_the_group() {
     );
     // Every non-zero page sent once: the end game.
     for pfn in [1, 2, 3, 4, 6, 7] {
-        s.handle_datagram(t1, c, &ask(Kind::Request, 0, pfn));
+        s.handle_datagram(t1, c, &ask(Kind::Request, RequestFlags::empty(), pfn));
     }
     drain(&mut s, t1);
     let t2 = t1 + Duration::from_millis(10);
     s.handle_datagram(t2, c, &ask(Kind::Request, Request::RETRY, 3));
-    s.handle_datagram(t2, c, &ask(Kind::Nack, 0, 4));
+    s.handle_datagram(t2, c, &ask(Kind::Nack, RequestFlags::empty(), 4));
     let mut got = data(&drain(&mut s, t2));
     got.sort_by_key(|x| x.1);
     assert_eq!(
@@ -234,10 +238,10 @@ fn an_unvalidated_address_gets_at_most_three_times_what_it_sent() {
     let attacks = [
         join([0; 16]),
         join([7; 16]),
-        ask(Kind::Request, 0, 2),
+        ask(Kind::Request, RequestFlags::empty(), 2),
         ask(Kind::Request, Request::RETRY, 3),
-        ask(Kind::Nack, 0, 4),
-        ask(Kind::Request, 0, 5),
+        ask(Kind::Nack, RequestFlags::empty(), 4),
+        ask(Kind::Request, RequestFlags::empty(), 5),
         datagram(Body::Heartbeat(Heartbeat {
             rx_rate: 1,
             loss_permille: 0,

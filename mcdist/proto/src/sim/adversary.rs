@@ -66,9 +66,9 @@ impl Forgery {
                 flags: wire::Join::WANT_ZERO_MAP,
                 token,
             }),
-            Forgery::Request => Body::Request(request(0, 0)),
+            Forgery::Request => Body::Request(request(wire::RequestFlags::empty(), 0)),
             Forgery::Retry => Body::Request(request(wire::Request::RETRY, 0)),
-            Forgery::Nack => Body::Nack(request(0, 999)),
+            Forgery::Nack => Body::Nack(request(wire::RequestFlags::empty(), 999)),
             Forgery::Complete => Body::Heartbeat(wire::Heartbeat {
                 rx_rate: 1,
                 loss_permille: 0,
@@ -81,7 +81,7 @@ impl Forgery {
         let m = Message {
             session,
             seq: start + 1,
-            flags: HeaderFlags(0),
+            flags: HeaderFlags::empty(),
             body,
         };
         let mut buf = vec![0u8; m.buffer_len()];

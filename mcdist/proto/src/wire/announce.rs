@@ -1,7 +1,8 @@
 //! [`Announce`]: the session parameters the server announces.
 
 use super::{
-    check_emit, check_len, put, read_array, read_u16, read_u32, read_u64, Field, Token, WireError,
+    check_emit, check_len, put, read_array, read_u16, read_u32, read_u64, AnnounceFlags, Field,
+    Token, WireError,
 };
 
 /// Byte offsets of the [`Announce`] body fields.
@@ -56,7 +57,7 @@ pub struct Announce {
     /// Current paced send rate in bytes per second (informational).
     pub rate: u64,
     /// Announce flags ([`Announce::FLAG_PUSH`], ...).
-    pub flags: u8,
+    pub flags: AnnounceFlags,
     /// Largest page-fragment payload the server sends.
     pub frag_payload: u16,
     /// In a unicast reply to a join: the token that validates the receiver's
@@ -70,20 +71,20 @@ impl Announce {
     /// `sweep_pos` value meaning "no sweep".
     pub const SWEEP_NONE: u64 = u64::MAX;
     /// The server pushes pages next to faults.
-    pub const FLAG_PUSH: u8 = 0x01;
+    pub const FLAG_PUSH: AnnounceFlags = AnnounceFlags::PUSH;
     /// The server sweeps the whole image.
-    pub const FLAG_SWEEP: u8 = 0x02;
+    pub const FLAG_SWEEP: AnnounceFlags = AnnounceFlags::SWEEP;
     /// The sweep has passed every page.
-    pub const FLAG_SWEEP_DONE: u8 = 0x04;
+    pub const FLAG_SWEEP_DONE: AnnounceFlags = AnnounceFlags::SWEEP_DONE;
     /// The server follows pushed and swept pages with FEC [`Repair`](super::Repair) symbols.
-    pub const FLAG_FEC: u8 = 0x08;
+    pub const FLAG_FEC: AnnounceFlags = AnnounceFlags::FEC;
     /// The server serves the image's hash pages ([`crate::integrity`]) as page numbers
     /// `page_count..`: receivers verify every page against the digest. Receivers refuse
     /// a session without it.
-    pub const FLAG_HASH_PAGES: u8 = 0x10;
+    pub const FLAG_HASH_PAGES: AnnounceFlags = AnnounceFlags::HASH_PAGES;
     /// In an announce to one receiver: its address is validated (its token
     /// came back), so its requests are served.
-    pub const FLAG_VALIDATED: u8 = 0x20;
+    pub const FLAG_VALIDATED: AnnounceFlags = AnnounceFlags::VALIDATED;
 
     /// Parse and validate an announce body (bytes after the header; trailing bytes are ignored).
     pub fn parse(body: &[u8]) -> Result<Announce, WireError> {
@@ -98,7 +99,7 @@ impl Announce {
             zero_map_chunks: read_u32(body, field::ZERO_MAP_CHUNKS),
             sweep_pos: read_u64(body, field::SWEEP_POS),
             rate: read_u64(body, field::RATE),
-            flags: body[field::FLAGS],
+            flags: AnnounceFlags::from_bits_retain(body[field::FLAGS]),
             frag_payload: read_u16(body, field::FRAG_PAYLOAD),
             token: read_array(body, field::TOKEN),
         };
@@ -139,7 +140,7 @@ impl Announce {
         );
         put(body, field::SWEEP_POS, &self.sweep_pos.to_be_bytes());
         put(body, field::RATE, &self.rate.to_be_bytes());
-        body[field::FLAGS] = self.flags;
+        body[field::FLAGS] = self.flags.bits();
         put(body, field::FRAG_PAYLOAD, &self.frag_payload.to_be_bytes());
         put(body, field::TOKEN, &self.token);
         Ok(())

@@ -6,6 +6,7 @@
 //! announce reply to a not yet validated address fits three times its size.
 
 use super::{check_emit, check_len, put, read_array, read_u16, read_u64, Field, WireError};
+use super::{HeartbeatFlags, JoinFlags};
 
 /// An address-validation token (see the server's `validate` rule).
 pub type Token = [u8; TOKEN_LEN];
@@ -49,14 +50,14 @@ pub(super) mod reason_field {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Join {
     /// Join flags ([`Join::WANT_ZERO_MAP`]).
-    pub flags: u8,
+    pub flags: JoinFlags,
     /// The token of the server's announce reply, echoed (zero: none yet).
     pub token: Token,
 }
 
 impl Join {
     /// The client wants the zero map.
-    pub const WANT_ZERO_MAP: u8 = 0x01;
+    pub const WANT_ZERO_MAP: JoinFlags = JoinFlags::WANT_ZERO_MAP;
     /// Body length (the fixed part; a shorter body is truncated).
     const LEN: usize = join_field::TOKEN.end;
     /// Body length as emitted: zero padding makes the whole datagram
@@ -70,7 +71,7 @@ impl Join {
     pub fn parse(body: &[u8]) -> Result<Join, WireError> {
         check_len(body, Self::LEN)?;
         Ok(Join {
-            flags: body[join_field::FLAGS],
+            flags: JoinFlags::from_bits_retain(body[join_field::FLAGS]),
             token: read_array(body, join_field::TOKEN),
         })
     }
@@ -84,7 +85,7 @@ impl Join {
     pub fn emit(&self, body: &mut [u8]) -> Result<(), WireError> {
         check_emit(body, Self::PADDED_LEN)?;
         body[..Self::PADDED_LEN].fill(0);
-        body[join_field::FLAGS] = self.flags;
+        body[join_field::FLAGS] = self.flags.bits();
         put(body, join_field::TOKEN, &self.token);
         Ok(())
     }
@@ -100,7 +101,7 @@ pub struct Heartbeat {
     /// Pages the client holds (including zero pages).
     pub have_pages: u64,
     /// Heartbeat flags ([`Heartbeat::COMPLETE`]).
-    pub flags: u8,
+    pub flags: HeartbeatFlags,
     /// The client's address-validation token (zero: none yet).
     pub token: Token,
 }
@@ -109,7 +110,7 @@ impl Heartbeat {
     /// Body length.
     pub const LEN: usize = heartbeat_field::TOKEN.end;
     /// The client holds the whole image and verified it.
-    pub const COMPLETE: u8 = 0x01;
+    pub const COMPLETE: HeartbeatFlags = HeartbeatFlags::COMPLETE;
 
     /// Parse a heartbeat body (trailing bytes are ignored).
     pub fn parse(body: &[u8]) -> Result<Heartbeat, WireError> {
@@ -118,7 +119,7 @@ impl Heartbeat {
             rx_rate: read_u64(body, heartbeat_field::RX_RATE),
             loss_permille: read_u16(body, heartbeat_field::LOSS_PERMILLE),
             have_pages: read_u64(body, heartbeat_field::HAVE_PAGES),
-            flags: body[heartbeat_field::FLAGS],
+            flags: HeartbeatFlags::from_bits_retain(body[heartbeat_field::FLAGS]),
             token: read_array(body, heartbeat_field::TOKEN),
         })
     }
@@ -142,7 +143,7 @@ impl Heartbeat {
             heartbeat_field::HAVE_PAGES,
             &self.have_pages.to_be_bytes(),
         );
-        body[heartbeat_field::FLAGS] = self.flags;
+        body[heartbeat_field::FLAGS] = self.flags.bits();
         put(body, heartbeat_field::TOKEN, &self.token);
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! [`emit_data_header`] the server fills a page in behind.
 
 use super::{check_emit, check_len, put, read_u16, read_u64, Field, Header, Kind, WireError};
-use super::{HEADER_LEN, MAX_FRAGMENTS};
+use super::{DataFlags, HEADER_LEN, MAX_FRAGMENTS};
 
 /// Length of the fixed part of a [`Data`] body (before the payload).
 pub const DATA_FIXED_LEN: usize = field::PAYLOAD.start;
@@ -32,22 +32,22 @@ pub struct Data<'a> {
     /// Number of fragments of this page (1 when the page fits a datagram).
     pub frag_count: u16,
     /// Data flags ([`Data::DEMAND`], ...).
-    pub flags: u8,
+    pub flags: DataFlags,
     /// Payload bytes (empty for [`Data::ZERO`]).
     pub payload: &'a [u8],
 }
 
 impl<'a> Data<'a> {
     /// Sent in answer to a demand request.
-    pub const DEMAND: u8 = 0x01;
+    pub const DEMAND: DataFlags = DataFlags::DEMAND;
     /// Pushed next to a recent fault.
-    pub const PUSH: u8 = 0x02;
+    pub const PUSH: DataFlags = DataFlags::PUSH;
     /// Sent by the sequential whole-image sweep.
-    pub const SWEEP: u8 = 0x04;
+    pub const SWEEP: DataFlags = DataFlags::SWEEP;
     /// A repair in answer to a NACK or retry.
-    pub const REPAIR: u8 = 0x08;
+    pub const REPAIR: DataFlags = DataFlags::REPAIR;
     /// The page is all zero; the payload is empty.
-    pub const ZERO: u8 = 0x10;
+    pub const ZERO: DataFlags = DataFlags::ZERO;
 
     /// Parse and validate a data body; the payload borrows the rest of `body`.
     pub fn parse(body: &'a [u8]) -> Result<Data<'a>, WireError> {
@@ -55,12 +55,12 @@ impl<'a> Data<'a> {
         let pfn = read_u64(body, field::PFN);
         let frag_index = read_u16(body, field::FRAG_INDEX);
         let frag_count = read_u16(body, field::FRAG_COUNT);
-        let flags = body[field::FLAGS];
+        let flags = DataFlags::from_bits_retain(body[field::FLAGS]);
         if frag_count == 0 || frag_count > MAX_FRAGMENTS || frag_index >= frag_count {
             return Err(WireError::BadField("fragment"));
         }
         let payload = &body[field::PAYLOAD];
-        if flags & Data::ZERO != 0 && !payload.is_empty() {
+        if flags.contains(Data::ZERO) && !payload.is_empty() {
             return Err(WireError::BadField("zero page with payload"));
         }
         Ok(Data {
@@ -87,11 +87,11 @@ impl<'a> Data<'a> {
 }
 
 /// Write the fixed part of a data body; `body` holds at least [`DATA_FIXED_LEN`] bytes.
-fn emit_fixed(body: &mut [u8], pfn: u64, frag_index: u16, frag_count: u16, flags: u8) {
+fn emit_fixed(body: &mut [u8], pfn: u64, frag_index: u16, frag_count: u16, flags: DataFlags) {
     put(body, field::PFN, &pfn.to_be_bytes());
     put(body, field::FRAG_INDEX, &frag_index.to_be_bytes());
     put(body, field::FRAG_COUNT, &frag_count.to_be_bytes());
-    body[field::FLAGS] = flags;
+    body[field::FLAGS] = flags.bits();
 }
 
 /// Write a Data header (header + fixed body) into `buf` and return the offset where
@@ -103,7 +103,7 @@ pub fn emit_data_header(
     pfn: u64,
     frag_index: u16,
     frag_count: u16,
-    flags: u8,
+    flags: DataFlags,
     payload_len: usize,
 ) -> Result<usize, WireError> {
     if buf.len() < HEADER_LEN + DATA_FIXED_LEN + payload_len {

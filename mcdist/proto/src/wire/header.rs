@@ -1,7 +1,7 @@
 //! The fixed 24-byte header every datagram starts with, and the checked
 //! [`Packet`] view over a whole datagram.
 
-use super::{read_u64, Field, WireError};
+use super::{read_u64, Field, HeaderFlags, WireError};
 
 /// Magic bytes at the start of every mcdist datagram.
 pub const MAGIC: [u8; 2] = *b"MD";
@@ -77,17 +77,6 @@ impl Kind {
     }
 }
 
-/// Header flag bits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct HeaderFlags(pub u8);
-
-impl HeaderFlags {
-    /// The datagram carries an authentication tag trailer.
-    pub const AUTH: u8 = 0x01;
-    /// The body is encrypted.
-    pub const ENCRYPTED: u8 = 0x02;
-}
-
 /// The decoded fixed header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
@@ -108,7 +97,7 @@ impl Header {
         b[field::MAGIC].copy_from_slice(&MAGIC);
         b[field::VERSION] = VERSION;
         b[field::KIND] = self.kind as u8;
-        b[field::FLAGS] = self.flags.0;
+        b[field::FLAGS] = self.flags.bits();
         b[field::RESERVED].fill(0);
         b[field::SESSION].copy_from_slice(&self.session.to_be_bytes());
         b[field::SEQ].copy_from_slice(&self.seq.to_be_bytes());
@@ -159,7 +148,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
     /// Header flags.
     pub fn flags(&self) -> HeaderFlags {
-        HeaderFlags(self.buffer.as_ref()[field::FLAGS])
+        HeaderFlags::from_bits_retain(self.buffer.as_ref()[field::FLAGS])
     }
 
     /// Session id.

@@ -47,6 +47,7 @@ use thiserror::Error;
 mod announce;
 mod control;
 mod data;
+mod flags;
 mod header;
 mod ranges;
 mod repair;
@@ -57,7 +58,8 @@ mod zeromap;
 pub use announce::Announce;
 pub use control::{End, Heartbeat, Join, Leave, Token, TOKEN_LEN};
 pub use data::{emit_data_header, Data, DATA_FIXED_LEN};
-pub use header::{Header, HeaderFlags, Kind, Packet, HEADER_LEN, MAGIC, SEQ_UNICAST_BIT, VERSION};
+pub use flags::{AnnounceFlags, DataFlags, HeaderFlags, HeartbeatFlags, JoinFlags, RequestFlags};
+pub use header::{Header, Kind, Packet, HEADER_LEN, MAGIC, SEQ_UNICAST_BIT, VERSION};
 pub use ranges::{
     encode_ranges, ranges_from_encoded, PageRange, Ranges, Request, MAX_RANGE_LEN, RANGE_LEN,
 };

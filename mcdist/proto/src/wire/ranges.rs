@@ -1,7 +1,7 @@
 //! Page ranges and [`Request`], the body of both demand requests and NACKs.
 
-use super::HEADER_LEN;
 use super::{check_emit, check_len, put, read_u16, read_u32, read_u64, Field, WireError};
+use super::{RequestFlags, HEADER_LEN};
 
 /// Length of one encoded page range in requests and NACKs.
 pub const RANGE_LEN: usize = range_field::LEN.end;
@@ -85,7 +85,7 @@ pub struct Request<'a> {
     /// Loss the receiver measured on the group, in parts per thousand.
     pub loss_permille: u16,
     /// Request flags ([`Request::RETRY`]).
-    pub flags: u8,
+    pub flags: RequestFlags,
     /// Requested ranges.
     pub ranges: Ranges<'a>,
 }
@@ -94,7 +94,7 @@ impl<'a> Request<'a> {
     /// Fixed part before the ranges.
     pub const FIXED_LEN: usize = field::RANGES.start;
     /// The request repeats an earlier one that got no answer.
-    pub const RETRY: u8 = 0x01;
+    pub const RETRY: RequestFlags = RequestFlags::RETRY;
 
     /// How many ranges fit in a datagram of `max_datagram` bytes (with `trailer` bytes reserved).
     pub fn max_ranges(max_datagram: usize, trailer: usize) -> usize {
@@ -119,7 +119,7 @@ impl<'a> Request<'a> {
         Ok(Request {
             rx_rate: read_u64(body, field::RX_RATE),
             loss_permille: read_u16(body, field::LOSS_PERMILLE),
-            flags: body[field::FLAGS],
+            flags: RequestFlags::from_bits_retain(body[field::FLAGS]),
             ranges,
         })
     }
@@ -139,7 +139,7 @@ impl<'a> Request<'a> {
             field::LOSS_PERMILLE,
             &self.loss_permille.to_be_bytes(),
         );
-        body[field::FLAGS] = self.flags;
+        body[field::FLAGS] = self.flags.bits();
         put(body, field::RANGE_COUNT, &n.to_be_bytes());
         body[Self::FIXED_LEN..self.buffer_len()].copy_from_slice(self.ranges.raw);
         Ok(())

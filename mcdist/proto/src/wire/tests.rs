@@ -52,11 +52,11 @@ fn every_kind_roundtrips() {
         Body::Nack(Request {
             rx_rate: 0,
             loss_permille: 0,
-            flags: 0,
+            flags: RequestFlags::empty(),
             ranges: ranges_from_encoded(&raw),
         }),
         Body::Join(Join {
-            flags: 1,
+            flags: JoinFlags::WANT_ZERO_MAP,
             token: [3; 16],
         }),
         Body::Heartbeat(Heartbeat {
@@ -91,7 +91,7 @@ fn every_kind_roundtrips() {
         roundtrip(Message {
             session: 0xdead_beef,
             seq: i as u64,
-            flags: HeaderFlags(0),
+            flags: HeaderFlags::empty(),
             body,
         });
     }
@@ -117,12 +117,12 @@ fn rejects_bad_fragments_and_ranges() {
     let m = Message {
         session: 1,
         seq: 1,
-        flags: HeaderFlags(0),
+        flags: HeaderFlags::empty(),
         body: Body::Data(Data {
             pfn: 1,
             frag_index: 0,
             frag_count: 1,
-            flags: 0,
+            flags: DataFlags::empty(),
             payload: &[],
         }),
     };
@@ -137,7 +137,7 @@ fn rejects_bad_fragments_and_ranges() {
     let mut q = vec![0u8; HEADER_LEN + Request::FIXED_LEN];
     Header {
         kind: Kind::Request,
-        flags: HeaderFlags(0),
+        flags: HeaderFlags::empty(),
         session: 1,
         seq: 1,
     }
@@ -163,7 +163,7 @@ fn rejects_bad_repairs() {
         let m = Message {
             session: 1,
             seq: 1,
-            flags: HeaderFlags(0),
+            flags: HeaderFlags::empty(),
             body: Body::Repair(r),
         };
         let mut buf = vec![0u8; m.buffer_len()];
