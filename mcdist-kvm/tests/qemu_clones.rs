@@ -82,9 +82,19 @@ fn qemu_clones_fork_check_and_fail_closed() {
         "8",
     ];
 
-    // 1. A real fork: every clone's digest matches the host's computation.
+    // 1. A real fork, keyed with authentication only (the server and every host's FUSE
+    // file get the key): every clone's digest matches the host's computation.
+    let key = dir.path().join("key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let mut args = base.to_vec();
-    args.extend(["--workdir", work_s]);
+    args.extend([
+        "--workdir",
+        work_s,
+        "--key",
+        key.to_str().unwrap(),
+        "--auth-only",
+    ]);
     let out = qemu_cli(&args);
     assert!(out.status.success(), "fork failed");
     let s = summary(&out);

@@ -3,10 +3,14 @@
 //! fetched through one mcdist client), and unmounts cleanly on SIGINT/SIGTERM, printing (and
 //! optionally writing) its counters.
 
+#[path = "common/session_args.rs"]
+mod session_args;
+
 use clap::Parser;
 use mcdist_kvm::fuse::{HostFile, HostFileOptions};
 use mcdist_kvm::qemu::descriptor::QemuDescriptor;
 use nix::sys::signal::{SigSet, Signal};
+use session_args::KeyArgs;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -29,9 +33,8 @@ struct Args {
     /// Interface that reaches the memory server.
     #[arg(long, default_value = "eth0")]
     iface: String,
-    /// Pre-shared 256-bit key file (32 raw bytes or 64 hex digits), as `mcdist fetch --key`.
-    #[arg(long)]
-    key: Option<PathBuf>,
+    #[command(flatten)]
+    key: KeyArgs,
     /// Receive replies by unicast instead of joining the multicast group.
     #[arg(long)]
     unicast: bool,
@@ -65,15 +68,11 @@ fn run(a: Args) -> Result<(), String> {
             .map_err(|e| format!("cannot enter network namespace {ns}: {e}"))?;
     }
     let desc = QemuDescriptor::load(&a.descriptor).map_err(|e| e.to_string())?;
-    let loaded =
-        mcdist_kvm::session::load_security(a.key.as_deref(), false).map_err(|e| e.to_string())?;
-    if let Some(w) = &loaded.permission_warning {
-        eprintln!("warning: {w}");
-    }
-    let security = loaded.security;
-    if security.is_none() && a.local_image.is_none() {
-        eprintln!("warning: {}", mcdist_kvm::session::UNKEYED_WARNING);
-    }
+    let security = if a.local_image.is_some() {
+        None
+    } else {
+        a.key.security()?
+    };
     let opts = HostFileOptions {
         iface: a.iface.clone(),
         security,

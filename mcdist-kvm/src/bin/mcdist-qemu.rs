@@ -6,12 +6,15 @@
 //! - `serve --descriptor D --image RAM`: the memory server for a frozen parent.
 //! - `clone --descriptor D --ram FILE --id I --count N`: one clone from a descriptor.
 
+#[path = "common/session_args.rs"]
+mod session_args;
+
 use clap::{Parser, Subcommand};
-use mcdist::secure::Security;
 use mcdist_kvm::qemu::clone::{check_host, run_clone, CloneSpec};
 use mcdist_kvm::qemu::descriptor::QemuDescriptor;
 use mcdist_kvm::qemu::fork::{fork, print_table, serve, ForkOptions, MemoryMode};
-use std::path::{Path, PathBuf};
+use session_args::KeyArgs;
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
@@ -40,9 +43,8 @@ enum Cmd {
         /// MiB of table the parent fills in tmpfs before the fork.
         #[arg(long, default_value_t = 64)]
         table_mib: u32,
-        /// Pre-shared 256-bit key file (as `mcdist serve --key`).
-        #[arg(long)]
-        key: Option<PathBuf>,
+        #[command(flatten)]
+        key: KeyArgs,
         /// Replies by unicast to each host instead of multicast.
         #[arg(long)]
         unicast: bool,
@@ -72,9 +74,8 @@ enum Cmd {
         /// Interface that carries the group.
         #[arg(long, default_value = "eth0")]
         iface: String,
-        /// Pre-shared key file.
-        #[arg(long)]
-        key: Option<PathBuf>,
+        #[command(flatten)]
+        key: KeyArgs,
         /// Unicast replies.
         #[arg(long)]
         unicast: bool,
@@ -97,18 +98,6 @@ enum Cmd {
         #[arg(long)]
         workdir: Option<PathBuf>,
     },
-}
-
-fn security(key: Option<&Path>) -> Result<Option<Security>, String> {
-    let l = mcdist_kvm::session::load_security(key, false).map_err(|e| e.to_string())?;
-    if let Some(w) = &l.permission_warning {
-        eprintln!("warning: {w}");
-    }
-    let sec = l.security;
-    if sec.is_none() {
-        eprintln!("warning: {}", mcdist_kvm::session::UNKEYED_WARNING);
-    }
-    Ok(sec)
 }
 
 fn sibling(name: &str) -> PathBuf {
@@ -177,7 +166,8 @@ fn run(cli: Cli) -> Result<bool, String> {
                 hosts,
                 mem_mib,
                 table_mib,
-                key,
+                key: key.key,
+                auth_only: key.auth_only,
                 unicast,
                 memory,
                 workdir,
@@ -199,8 +189,7 @@ fn run(cli: Cli) -> Result<bool, String> {
             unicast,
         } => {
             let desc = QemuDescriptor::load(&descriptor).map_err(|e| e.to_string())?;
-            serve(&desc, &image, &iface, security(key.as_deref())?, unicast)
-                .map_err(|e| e.to_string())?;
+            serve(&desc, &image, &iface, key.security()?, unicast).map_err(|e| e.to_string())?;
             Ok(true)
         }
         Cmd::Clone {

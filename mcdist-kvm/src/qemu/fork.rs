@@ -98,6 +98,8 @@ pub struct ForkOptions {
     pub table_mib: u32,
     /// Pre-shared key file.
     pub key: Option<PathBuf>,
+    /// With `key`: authenticate only, page contents in the clear.
+    pub auth_only: bool,
     /// Unicast replies instead of multicast.
     pub unicast: bool,
     /// Where clones get their memory from.
@@ -207,6 +209,9 @@ impl Drop for Helper {
 fn key_args(cmd: &mut Command, o: &ForkOptions) {
     if let Some(k) = &o.key {
         cmd.arg("--key").arg(k);
+        if o.auth_only {
+            cmd.arg("--auth-only");
+        }
     }
     if o.unicast {
         cmd.arg("--unicast");
