@@ -119,12 +119,23 @@ pub fn load_security(
 /// Checks that `security` fits the session the descriptor names: a keyed session needs a key
 /// of its protection mode, an unkeyed one takes none.
 pub fn check_keyed(desc: &Descriptor, security: Option<&Security>) -> Result<(), SessionError> {
-    let described = desc.session.as_ref().and_then(|s| s.protection);
+    match &desc.session {
+        Some(s) => check_protection(s.protection, security),
+        None => Ok(()),
+    }
+}
+
+/// Checks that `security` fits a session a descriptor describes as `described` (its
+/// protection; `None`: unkeyed): a keyed session needs a key of its mode, an unkeyed one
+/// takes none.
+pub fn check_protection(
+    described: Option<mcdist::secure::Protection>,
+    security: Option<&Security>,
+) -> Result<(), SessionError> {
     match (described, security) {
         (None, None) => Ok(()),
         (Some(p), None) => Err(SessionError::KeyRequired(p)),
-        (None, Some(_)) if desc.session.is_some() => Err(SessionError::NotKeyed),
-        (None, Some(_)) => Ok(()),
+        (None, Some(_)) => Err(SessionError::NotKeyed),
         (Some(d), Some(s)) if d != s.protection => Err(SessionError::ProtectionMismatch {
             described: d,
             given: s.protection,

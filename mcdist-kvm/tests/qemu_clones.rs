@@ -119,6 +119,31 @@ fn qemu_clones_fork_check_and_fail_closed() {
     let desc =
         mcdist_kvm::qemu::descriptor::QemuDescriptor::load(&work.join("descriptor.json")).unwrap();
     let nonzero = desc.page_count() - desc.zero_map().unwrap().count_ones();
+    // The descriptor records the keying, never the key; a host without the key is refused
+    // with one line before it mounts anything.
+    assert_eq!(
+        desc.keying,
+        Some(mcdist_kvm::qemu::descriptor::Keying::AuthOnly)
+    );
+    assert!(!std::fs::read_to_string(work.join("descriptor.json"))
+        .unwrap()
+        .contains(&"07".repeat(32)));
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mcdist-fuse"))
+        .arg("--descriptor")
+        .arg(work.join("descriptor.json"))
+        .arg("--mount")
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a keyed session joined without its key"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("keyed"), "{err}");
     for p in u64s(&s["host_pages_fetched"]) {
         assert!(
             p > 0 && p <= nonzero,

@@ -71,7 +71,8 @@ fn run(a: Args) -> Result<(), String> {
     let security = if a.local_image.is_some() {
         None
     } else {
-        a.key.security()?
+        a.key
+            .checked(|sec| desc.check_keyed(sec).map_err(|e| e.to_string()))?
     };
     let opts = HostFileOptions {
         iface: a.iface.clone(),

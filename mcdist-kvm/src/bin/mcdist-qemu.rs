@@ -189,7 +189,8 @@ fn run(cli: Cli) -> Result<bool, String> {
             unicast,
         } => {
             let desc = QemuDescriptor::load(&descriptor).map_err(|e| e.to_string())?;
-            serve(&desc, &image, &iface, key.security()?, unicast).map_err(|e| e.to_string())?;
+            let security = key.checked(|sec| desc.check_keyed(sec).map_err(|e| e.to_string()))?;
+            serve(&desc, &image, &iface, security, unicast).map_err(|e| e.to_string())?;
             Ok(true)
         }
         Cmd::Clone {

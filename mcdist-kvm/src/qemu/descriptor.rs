@@ -3,6 +3,7 @@
 //! session and digest against it, and a clone refuses another QEMU version or kernel.
 
 use mcdist::bitmap::PageBitmap;
+use mcdist::secure::{Protection, Security};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -98,6 +99,38 @@ pub struct QemuDescriptor {
     pub server: String,
     /// The guest's work.
     pub workload: Workload,
+    /// Whether the session is keyed, and how (never the key itself): a host joins a keyed
+    /// session only with its key, and an unkeyed one only without. Absent: unkeyed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keying: Option<Keying>,
+}
+
+/// How a keyed session protects its datagrams, as a descriptor records it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Keying {
+    /// Authenticated and encrypted.
+    Encrypted,
+    /// Authenticated, page contents in the clear.
+    AuthOnly,
+}
+
+impl From<Protection> for Keying {
+    fn from(p: Protection) -> Keying {
+        match p {
+            Protection::Encrypted => Keying::Encrypted,
+            Protection::AuthOnly => Keying::AuthOnly,
+        }
+    }
+}
+
+impl From<Keying> for Protection {
+    fn from(k: Keying) -> Protection {
+        match k {
+            Keying::Encrypted => Protection::Encrypted,
+            Keying::AuthOnly => Protection::AuthOnly,
+        }
+    }
 }
 
 /// Decodes lowercase or uppercase hex.
@@ -142,6 +175,15 @@ impl QemuDescriptor {
             path: path.to_path_buf(),
             source,
         })
+    }
+
+    /// Checks that `security` fits the session this descriptor records: a keyed session
+    /// needs its key (of its mode), an unkeyed one takes none.
+    pub fn check_keyed(
+        &self,
+        security: Option<&Security>,
+    ) -> Result<(), crate::session::SessionError> {
+        crate::session::check_protection(self.keying.map(Protection::from), security)
     }
 
     /// Number of pages of the image.
@@ -223,7 +265,42 @@ mod tests {
             group: "239.255.0.1:7000".into(),
             server: "10.0.0.1:7001".into(),
             workload: Workload { table_mib: 1 },
+            keying: None,
         }
+    }
+
+    #[test]
+    fn keying_is_recorded_and_checked() {
+        use crate::session::SessionError;
+        let key = |p| Security {
+            protection: p,
+            ..Security::new(mcdist::secure::Psk::from_bytes([9; 32]))
+        };
+        let mut d = sample();
+        // Unkeyed: no key taken, and the field is left out of the file.
+        assert!(d.check_keyed(None).is_ok());
+        assert!(matches!(
+            d.check_keyed(Some(&key(Protection::Encrypted))),
+            Err(SessionError::NotKeyed)
+        ));
+        assert!(!serde_json::to_string(&d).unwrap().contains("keying"));
+        // Keyed, authentication only: it survives a round trip; no key, or an encrypting
+        // key, is refused.
+        d.keying = Some(Keying::AuthOnly);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.json");
+        d.save(&path).unwrap();
+        let back = QemuDescriptor::load(&path).unwrap();
+        assert_eq!(back.keying, Some(Keying::AuthOnly));
+        assert!(back.check_keyed(Some(&key(Protection::AuthOnly))).is_ok());
+        assert!(matches!(
+            back.check_keyed(None),
+            Err(SessionError::KeyRequired(Protection::AuthOnly))
+        ));
+        assert!(matches!(
+            back.check_keyed(Some(&key(Protection::Encrypted))),
+            Err(SessionError::ProtectionMismatch { .. })
+        ));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! Also the memory server process (`mcdist-qemu serve`).
 
 use super::clone::{check_host, run_clone, CloneError, CloneOutcome, CloneSpec};
-use super::descriptor::{DescriptorError, QemuDescriptor};
+use super::descriptor::{DescriptorError, Keying, QemuDescriptor};
 use super::parent::{boot_and_freeze, ParentError, ParentOptions};
 use crate::netns::{BridgeNet, NetnsError};
 use mcdist::node::{NodeError, ServerNode};
@@ -262,6 +262,13 @@ pub fn fork(o: &ForkOptions) -> Result<ForkReport, ForkError> {
     desc.session_id = rand::random::<u64>() | 1;
     desc.group = format!("239.255.{}.{}:7400", 14, 1 + std::process::id() % 250);
     desc.server = format!("{}:7401", BridgeNet::addr(0));
+    desc.keying = o.key.as_ref().map(|_| {
+        if o.auth_only {
+            Keying::AuthOnly
+        } else {
+            Keying::Encrypted
+        }
+    });
     let desc_path = o.workdir.join("descriptor.json");
     desc.save(&desc_path)?;
     check_host(&desc, &qemu)?;

@@ -66,7 +66,7 @@ pub struct ParentOptions {
 /// A frozen parent: its descriptor (without the session fields) and timings.
 #[derive(Debug)]
 pub struct FrozenParent {
-    /// The descriptor; `session_id`, `group` and `server` are filled in by the caller.
+    /// The descriptor; `session_id`, `group`, `server` and `keying` are filled in by the caller.
     pub desc: QemuDescriptor,
     /// The frozen RAM file.
     pub ram: PathBuf,
@@ -222,6 +222,7 @@ pub fn boot_and_freeze(opts: &ParentOptions) -> Result<FrozenParent, ParentError
         group: String::new(),
         server: String::new(),
         workload: opts.workload,
+        keying: None,
     };
     Ok(FrozenParent {
         desc,

@@ -49,8 +49,17 @@ impl KeyArgs {
     /// The key for joining the session `desc` names: a keyed descriptor without `--key`
     /// (or a key for an unkeyed one) is refused with one line.
     pub fn for_descriptor(&self, desc: &Descriptor) -> Result<Option<Security>, String> {
+        self.checked(|sec| check_keyed(desc, sec).map_err(|e| e.to_string()))
+    }
+
+    /// Loads the key and runs `check` on it (whether it fits the session a descriptor
+    /// records) before any warning is printed, so that a refusal is the only line.
+    pub fn checked(
+        &self,
+        check: impl FnOnce(Option<&Security>) -> Result<(), String>,
+    ) -> Result<Option<Security>, String> {
         let sec = self.load()?;
-        check_keyed(desc, sec.as_ref()).map_err(|e| e.to_string())?;
+        check(sec.as_ref())?;
         if sec.is_none() {
             eprintln!("warning: {UNKEYED_WARNING}");
         }
