@@ -95,6 +95,7 @@ pub(crate) struct BlockBuilder {
     first: u64,
     members: Vec<u64>,
     opened: Option<Instant>,
+    last_enc: Option<SourceBlockEncoder>,
 }
 
 impl BlockBuilder {
@@ -113,6 +114,7 @@ impl BlockBuilder {
             first: 0,
             members: Vec::with_capacity(max_pages),
             opened: None,
+            last_enc: None,
         }
     }
 
@@ -164,6 +166,7 @@ impl BlockBuilder {
     /// Close the block and encode `repairs` repair symbols (none: nothing to send).
     pub fn close(&mut self, repairs: u32) -> Option<Burst> {
         self.opened.take()?;
+        self.last_enc = None;
         let count = self.members.len();
         if count == 0 || repairs == 0 {
             return None;
@@ -172,19 +175,24 @@ impl BlockBuilder {
         let data = &self.buf[..k * self.t];
         let enc = SourceBlockEncoder::new(0, &oti(k, self.t), data);
         let packets = enc.repair_packets(0, repairs).into();
-        let last = self.members[count - 1];
-        let span = (last - self.first + 1) as u16;
-        let mut members = vec![0u8; usize::from(span).div_ceil(8)];
-        for &p in &self.members {
-            let i = (p - self.first) as usize;
-            members[i / 8] |= 1 << (i % 8);
-        }
+        self.last_enc = Some(enc);
+        let (span, members) = member_bitmap(self.first, &self.members);
         Some(Burst {
             first: self.first,
             span,
             members,
             packets,
         })
+    }
+
+    /// The last closed block: its first page and members.
+    pub fn last_block(&self) -> (u64, &[u64]) {
+        (self.first, &self.members)
+    }
+
+    /// The encoder of the last closed block, if it sent repairs.
+    pub fn take_encoder(&mut self) -> Option<SourceBlockEncoder> {
+        self.last_enc.take()
     }
 
     /// Source symbols of the open block so far.
@@ -199,6 +207,60 @@ impl BlockBuilder {
     /// Source symbols per page and symbol size.
     pub fn geometry(&self) -> (u16, usize) {
         (self.spp, self.t)
+    }
+}
+
+/// Member bitmap (LSB first, bit 0 = `first`) and span of a block whose
+/// members are `members`, ascending.
+pub(crate) fn member_bitmap(first: u64, members: &[u64]) -> (u16, Vec<u8>) {
+    let last = members.last().copied().unwrap_or(first);
+    let span = (last - first + 1) as u16;
+    let mut bits = vec![0u8; usize::from(span).div_ceil(8)];
+    for &p in members {
+        let i = (p - first) as usize;
+        bits[i / 8] |= 1 << (i % 8);
+    }
+    (span, bits)
+}
+
+/// The encoder of a block of `members` (ascending pages of `page_size` bytes in
+/// `spp` fragments), built from the pages `read` returns: for NACK repair of a
+/// block whose symbols were sent some time ago.
+pub(crate) fn block_encoder(
+    page_size: usize,
+    spp: u16,
+    members: &[u64],
+    mut read: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+) -> std::io::Result<SourceBlockEncoder> {
+    let t = symbol_size(page_size, spp);
+    let k = members.len() * usize::from(spp);
+    let mut data = vec![0u8; k * t];
+    let mut page = vec![0u8; page_size];
+    for (m, &pfn) in members.iter().enumerate() {
+        read(pfn, &mut page)?;
+        for i in 0..spp {
+            let (s, l) = piece(page_size, spp, i);
+            let off = (m * usize::from(spp) + usize::from(i)) * t;
+            data[off..off + l].copy_from_slice(&page[s..s + l]);
+        }
+    }
+    Ok(SourceBlockEncoder::new(0, &oti(k, t), &data))
+}
+
+/// `count` repair symbols of `enc`, the first with repair index `start` (ESI `K + start`).
+pub(crate) fn more_repairs(
+    enc: &SourceBlockEncoder,
+    first: u64,
+    span: u16,
+    members: Vec<u8>,
+    start: u32,
+    count: u32,
+) -> Burst {
+    Burst {
+        first,
+        span,
+        members,
+        packets: enc.repair_packets(start, count).into(),
     }
 }
 
@@ -299,6 +361,21 @@ impl FecRx {
         }
     }
 
+    /// Drop cached pages no block needs any more: the members of a block that
+    /// decoded or was complete (blocks do not share pages), so only pages of
+    /// blocks with a loss, or not heard of yet, stay cached.
+    pub fn forget(&mut self, pfns: impl IntoIterator<Item = u64>) {
+        for pfn in pfns {
+            if let Some(p) = self.cache.remove(&pfn) {
+                self.cache_bytes -= p.len();
+            }
+        }
+        if self.cache_order.len() > 2 * self.cache.len() + 1024 {
+            let live = &self.cache;
+            self.cache_order.retain(|p| live.contains_key(p));
+        }
+    }
+
     /// Bytes held now: cached pages, and the member bitmaps and repair symbols of open
     /// blocks (at most half the budget; decoding one block may take the other half).
     pub fn held_bytes(&self) -> usize {
@@ -337,6 +414,14 @@ impl FecRx {
                 }
             }
         }
+    }
+
+    /// `pfn` is a member of a block being decoded (repair symbols held, not done).
+    pub fn in_open_block(&self, pfn: u64) -> bool {
+        self.blocks.iter().any(|(&first, b)| {
+            let i = pfn.wrapping_sub(first);
+            i < u64::from(b.span) && b.members[(i / 8) as usize] & (1 << (i % 8)) != 0
+        })
     }
 
     pub fn is_done(&self, first: u64) -> bool {
@@ -477,6 +562,7 @@ impl FecRx {
         }
         if missing.is_empty() {
             self.finish(first);
+            self.forget(members);
             return Ok(Some(Vec::new()));
         }
         let Some(b) = self.blocks.get_mut(&first) else {
@@ -504,6 +590,7 @@ impl FecRx {
             out.push((pfn, page.freeze()));
         }
         self.finish(first);
+        self.forget(members);
         Ok(Some(out))
     }
 }

@@ -253,6 +253,9 @@ impl Server {
             });
             p.fresh = true;
         }
+        if loss_permille > 0 && loss_permille < HEAVY_LOSS_PERMILLE {
+            self.fec_first_loss(loss_permille);
+        }
     }
 
     /// Forget receivers silent for longer than `client_timeout`.
