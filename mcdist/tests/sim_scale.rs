@@ -4,8 +4,9 @@
 //! symbols shared by every receiver that lost something in the block).
 //!
 //! The scenarios (1,000 receivers of a 1 MiB image: whole image at 1 % and 5 %
-//! loss, a few receivers at 30 %, lazy faults in lockstep) run in CI over
-//! `MCDIST_SCALE_SEEDS` seeds (default 1). They assert properties of the
+//! loss, a few receivers at 30 %, lazy faults in lockstep) run in release
+//! builds only (CI: `cargo test --release -p mcdist --test sim_scale`, about a
+//! minute on two cores), over `MCDIST_SCALE_SEEDS` seeds (default 1). They assert properties of the
 //! protocol (verified pages, completion, bytes and control datagrams per
 //! receiver within stated bounds, no starving receiver), never wall time.
 //!
@@ -189,6 +190,10 @@ fn control_bound(pages: usize) -> f64 {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "1,000 receivers: run in release (.ci/run does)"
+)]
 fn thousand_receivers_whole_image_1pct() {
     for seed in 0..seeds() {
         let m = whole_image(CI_N, CI_PAGES, 1, true, seed);
@@ -202,6 +207,10 @@ fn thousand_receivers_whole_image_1pct() {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "1,000 receivers: run in release (.ci/run does)"
+)]
 fn thousand_receivers_whole_image_5pct() {
     for seed in 0..seeds() {
         let m = whole_image(CI_N, CI_PAGES, 5, true, seed);
@@ -218,6 +227,10 @@ fn thousand_receivers_whole_image_5pct() {
 /// few do not multiply the group's bytes, and the slowest receiver with an
 /// ordinary link finishes within 1.5× the median.
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "1,000 receivers: run in release (.ci/run does)"
+)]
 fn thousand_receivers_a_few_at_30pct() {
     for seed in 0..seeds() {
         let wall = Instant::now();
@@ -257,6 +270,10 @@ fn thousand_receivers_a_few_at_30pct() {
 /// lockstep) at 1 % loss: each page goes to the group a few times, not once per
 /// clone, and the server hears a bounded number of datagrams per clone.
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "1,000 receivers: run in release (.ci/run does)"
+)]
 fn thousand_clones_fault_in_lockstep() {
     for seed in 0..seeds() {
         let mut rng = SmallRng::seed_from_u64(seed);
