@@ -526,16 +526,16 @@ impl FecRx {
             .map(|i| first + i as u64)
             .collect();
         let k = members.len() * usize::from(spp);
-        let mut packets: Vec<EncodingPacket> = Vec::with_capacity(k + b.repairs.len());
+        // First count what is in hand, without copying: a block that cannot
+        // decode yet costs no symbol copies.
+        enum Src<'b> {
+            Page(Bytes),
+            Frags(Vec<(u16, &'b [u8])>),
+        }
+        let mut srcs: Vec<(usize, Src<'a>)> = Vec::with_capacity(members.len());
         let mut missing = Vec::new();
-        let padded = |esi: usize, data: &[u8]| {
-            let mut v = vec![0u8; t];
-            let n = data.len().min(t);
-            v[..n].copy_from_slice(&data[..n]);
-            EncodingPacket::new(PayloadId::new(0, esi as u32), v)
-        };
+        let mut symbols = 0usize;
         for (m, &pfn) in members.iter().enumerate() {
-            let base = m * usize::from(spp);
             match have(pfn) {
                 Have::Present => {
                     let Some(p) = self.cache.get(&pfn) else {
@@ -544,18 +544,14 @@ impl FecRx {
                     if p.len() != page_size {
                         return Err(());
                     }
-                    for i in 0..spp {
-                        let (s, l) = piece(page_size, spp, i);
-                        packets.push(padded(base + usize::from(i), &p[s..s + l]));
-                    }
+                    symbols += usize::from(spp);
+                    srcs.push((m, Src::Page(p.clone())));
                 }
                 Have::Fragments(it) => {
                     missing.push((m, pfn));
-                    for (i, data) in it {
-                        if i < spp {
-                            packets.push(padded(base + usize::from(i), data));
-                        }
-                    }
+                    let v: Vec<(u16, &[u8])> = it.filter(|(i, _)| *i < spp).collect();
+                    symbols += v.len();
+                    srcs.push((m, Src::Frags(v)));
                 }
                 Have::Nothing => missing.push((m, pfn)),
             }
@@ -568,8 +564,31 @@ impl FecRx {
         let Some(b) = self.blocks.get_mut(&first) else {
             return Ok(None);
         };
-        if packets.len() + b.repairs.len() < k {
+        if symbols + b.repairs.len() < k {
             return Ok(None);
+        }
+        let padded = |esi: usize, data: &[u8]| {
+            let mut v = vec![0u8; t];
+            let n = data.len().min(t);
+            v[..n].copy_from_slice(&data[..n]);
+            EncodingPacket::new(PayloadId::new(0, esi as u32), v)
+        };
+        let mut packets: Vec<EncodingPacket> = Vec::with_capacity(k + b.repairs.len());
+        for (m, src) in srcs {
+            let base = m * usize::from(spp);
+            match src {
+                Src::Page(p) => {
+                    for i in 0..spp {
+                        let (s, l) = piece(page_size, spp, i);
+                        packets.push(padded(base + usize::from(i), &p[s..s + l]));
+                    }
+                }
+                Src::Frags(v) => {
+                    for (i, data) in v {
+                        packets.push(padded(base + usize::from(i), data));
+                    }
+                }
+            }
         }
         b.tried_with = b.repairs.len();
         for (esi, sym) in &b.repairs {
