@@ -138,6 +138,16 @@ fn debug(sim: &Sim) {
     }
     {
         eprintln!("{:#?}", sim.server().stats());
+        let joined = sim
+            .server_events
+            .iter()
+            .filter(|(_, e)| matches!(e, mcdist::server::ServerEvent::ClientJoined(_)))
+            .map(|(t, _)| *t)
+            .max();
+        eprintln!(
+            "last join at {joined:?}, rate now {} B/s",
+            sim.server().rate()
+        );
         let sum = |f: &dyn Fn(&mcdist::client::ClientStats) -> u64| -> u64 {
             sim.clients().iter().map(|c| f(c.client.stats())).sum()
         };
