@@ -70,6 +70,7 @@ impl Client {
         }
         if r.member_pfns().all(|p| self.present.get(p)) {
             self.fec.rx.finish(first);
+            self.fec.rx.forget(r.member_pfns());
             self.stats.fec_repairs_unneeded += 1;
             return;
         }

@@ -168,7 +168,15 @@ impl Requests {
 
     /// Take one page whose deadline passed at `now` and count its retry: `Ok(None)` when
     /// none is left, `Err` when the page ran out of retries.
-    fn expire_one(&mut self, now: Instant, max_retries: u32) -> Result<Option<()>, ClientError> {
+    /// A NACKed page for which `fresh_nack` holds is asked again as a first NACK
+    /// (the server answers it with repair symbols of its block), otherwise with the
+    /// retry flag.
+    fn expire_one(
+        &mut self,
+        now: Instant,
+        max_retries: u32,
+        fresh_nack: impl Fn(u64) -> bool,
+    ) -> Result<Option<()>, ClientError> {
         while let Some(Reverse((t, pfn))) = self.deadlines.peek().copied() {
             if t > now {
                 break;
@@ -186,7 +194,11 @@ impl Requests {
             if retries > max_retries {
                 return Err(ClientError::PageUnavailable { pfn, retries });
             }
-            let want = if nack { Want::NackRetry } else { Want::Retry };
+            let want = match nack {
+                true if fresh_nack(pfn) => Want::Nack,
+                true => Want::NackRetry,
+                false => Want::Retry,
+            };
             self.want[want.slot()].insert(pfn);
             return Ok(Some(()));
         }
@@ -280,8 +292,14 @@ impl Client {
     /// Pages whose deadline passed: queue them again, or fail the session when one ran out
     /// of retries. Returns false when the session failed.
     pub(super) fn expire_requests(&mut self, now: Instant) -> bool {
+        // A page of an FEC block still being decoded is NACKed afresh: more
+        // repair symbols of the block serve it (and every sibling missing some).
+        let fec = &self.fec.rx;
         loop {
-            match self.requests.expire_one(now, self.cfg.max_retries) {
+            match self
+                .requests
+                .expire_one(now, self.cfg.max_retries, |p| fec.in_open_block(p))
+            {
                 Ok(Some(())) => self.stats.retries += 1,
                 Ok(None) => break,
                 Err(e) => {

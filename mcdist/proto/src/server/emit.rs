@@ -17,11 +17,14 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+/// Receivers from which the zero map goes to the group rather than to each asker.
+const ZERO_MAP_GROUP_MIN: usize = 64;
+
 /// A control message waiting to go out.
 #[derive(Debug)]
 pub(super) enum Control {
     Announce(Dest),
-    ZeroMapChunk(SocketAddr, u32),
+    ZeroMapChunk(Dest, u32),
     End,
 }
 
@@ -29,7 +32,7 @@ impl Control {
     fn dest(&self) -> Dest {
         match *self {
             Control::Announce(d) => d,
-            Control::ZeroMapChunk(peer, _) => Dest::Peer(peer),
+            Control::ZeroMapChunk(d, _) => d,
             Control::End => Dest::Group,
         }
     }
@@ -103,6 +106,8 @@ pub(super) struct Outbox {
     seq_group: u64,
     seq_unicast: u64,
     zero_map: ZeroMapChunks,
+    /// A copy of the zero map for the group is queued and not sent yet.
+    zero_map_to_group: bool,
 }
 
 impl Outbox {
@@ -114,6 +119,7 @@ impl Outbox {
             seq_group: 0,
             seq_unicast: 0,
             zero_map: ZeroMapChunks::new(zero_map, cfg),
+            zero_map_to_group: false,
         }
     }
 
@@ -201,13 +207,25 @@ impl Server {
         }
     }
 
-    /// Every zero-map chunk to one receiver (all or none, within the bound).
+    /// Every zero-map chunk (all or none, within the bound) to a receiver that
+    /// asked: with multicast delivery and more than [`ZERO_MAP_GROUP_MIN`]
+    /// receivers, to the group, where a copy still queued
+    /// serves every receiver that asks meanwhile (it holds the announce, since
+    /// its join echoed the token), so receivers joining together share one copy
+    /// and the control bytes of a join do not grow with the receiver count.
     pub(super) fn queue_zero_map(&mut self, peer: SocketAddr) {
+        let many = self.peers.len() > ZERO_MAP_GROUP_MIN;
+        let dest = match self.cfg.delivery {
+            Delivery::Multicast if many && self.out.zero_map_to_group => return,
+            Delivery::Multicast if many => Dest::Group,
+            Delivery::Multicast | Delivery::UnicastFanout => Dest::Peer(peer),
+        };
         if !self.control_room(self.out.zero_map.count as usize) {
             return;
         }
+        self.out.zero_map_to_group = dest == Dest::Group;
         for c in 0..self.out.zero_map.count {
-            self.out.control.push_back(Control::ZeroMapChunk(peer, c));
+            self.out.control.push_back(Control::ZeroMapChunk(dest, c));
         }
     }
 
@@ -226,7 +244,12 @@ impl Server {
             Control::End => Body::End(wire::End {
                 reason: u8::from(self.failed),
             }),
-            Control::ZeroMapChunk(_, chunk) => Body::ZeroMap(self.out.zero_map.chunk(chunk)),
+            Control::ZeroMapChunk(d, chunk) => {
+                if d == Dest::Group && chunk + 1 == self.out.zero_map.count {
+                    self.out.zero_map_to_group = false;
+                }
+                Body::ZeroMap(self.out.zero_map.chunk(chunk))
+            }
         };
         let m = Message {
             session: self.session,

@@ -5,7 +5,18 @@
 //! next page does not fit its span, after [`FEC_MAX_BLOCK_AGE`], or when nothing
 //! else is left to send; a closed block's repair symbols go after the waiting
 //! answers and before further pushes. The repair fraction follows the
-//! 90th-percentile loss that receivers report, between the configured bounds.
+//! 90th-percentile loss that receivers report, between the configured bounds;
+//! the first loss report sets it at once, before the next rate update.
+//!
+//! NACK repair by block: a receiver's first NACK of a swept or pushed page is
+//! answered with fresh repair symbols of the page's block (the block it was
+//! sent in, or, for a page sent while no block was open, the pages sent from its
+//! aligned window of `fec_block_pages`), as many as the receiver NACKed
+//! fragments there. NACKs for one block within [`NACK_ROUND_WINDOW`] of a round
+//! share it (the round grows to the largest need), so one round repairs every
+//! receiver whose loss in the block it covers, whatever the number of receivers.
+//! Hash pages form windows of their own. A re-asked page and a slow or heavily
+//! lossy receiver's NACK take the plain path (`requests`).
 
 use super::config::Geometry;
 use super::schedule::{Job, Target};
@@ -13,11 +24,84 @@ use super::{Server, ServerConfig};
 use crate::fec::{BlockBuilder, Burst};
 use crate::wire::{self, Body, Data, HeaderFlags, Message};
 use crate::{Dest, Transmit};
-use std::collections::VecDeque;
+use raptorq::SourceBlockEncoder;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// Longest an FEC block stays open before its repairs are sent.
 const FEC_MAX_BLOCK_AGE: Duration = Duration::from_millis(20);
+/// NACKs for one block this close together share one round of repair symbols.
+const NACK_ROUND_WINDOW: Duration = Duration::from_millis(10);
+/// Sent blocks remembered for NACK repair (the oldest is forgotten).
+const MAX_SENT_BLOCKS: usize = 4096;
+/// Encoders of sent blocks kept for further rounds (the oldest is dropped and
+/// rebuilt from the source if needed again).
+const MAX_ENCODERS: usize = 16;
+
+/// A block whose pages went out: what NACK repair needs to send more symbols.
+#[derive(Debug)]
+struct SentBlock {
+    members: Vec<u64>,
+    /// Repair index of the next fresh symbol (ESI `K + next_repair`).
+    next_repair: u32,
+    /// Latest NACK round: when it was queued and how many symbols it holds.
+    round: Option<(Instant, u32)>,
+}
+
+/// Sent blocks, by first page, bounded.
+#[derive(Debug, Default)]
+struct SentBlocks {
+    blocks: BTreeMap<u64, SentBlock>,
+    order: VecDeque<u64>,
+    encoders: HashMap<u64, SourceBlockEncoder>,
+    enc_order: VecDeque<u64>,
+}
+
+impl SentBlocks {
+    fn insert(&mut self, first: u64, members: Vec<u64>, next_repair: u32) {
+        if self
+            .blocks
+            .insert(
+                first,
+                SentBlock {
+                    members,
+                    next_repair,
+                    round: None,
+                },
+            )
+            .is_none()
+        {
+            self.order.push_back(first);
+        }
+        while self.order.len() > MAX_SENT_BLOCKS {
+            if let Some(old) = self.order.pop_front() {
+                self.blocks.remove(&old);
+                self.encoders.remove(&old);
+            }
+        }
+    }
+
+    fn keep_encoder(&mut self, first: u64, enc: SourceBlockEncoder) {
+        if self.encoders.insert(first, enc).is_none() {
+            self.enc_order.push_back(first);
+        }
+        while self.enc_order.len() > MAX_ENCODERS {
+            if let Some(old) = self.enc_order.pop_front() {
+                self.encoders.remove(&old);
+            }
+        }
+    }
+
+    /// The sent block `pfn` is a member of: blocks start at most one span before it.
+    fn block_of(&self, pfn: u64) -> Option<u64> {
+        let lo = pfn.saturating_sub(u64::from(wire::MAX_FEC_SPAN));
+        self.blocks
+            .range(lo..=pfn)
+            .rev()
+            .find(|(_, b)| b.members.binary_search(&pfn).is_ok())
+            .map(|(f, _)| *f)
+    }
+}
 
 #[derive(Debug)]
 pub(super) struct FecState {
@@ -25,6 +109,9 @@ pub(super) struct FecState {
     bursts: VecDeque<Burst>,
     /// 90th-percentile loss receivers report, parts per thousand.
     loss_p90: u16,
+    sent: SentBlocks,
+    /// NACKed pages per block in the datagram being handled.
+    nacked: Vec<(u64, u32)>,
 }
 
 impl FecState {
@@ -39,6 +126,8 @@ impl FecState {
             ),
             bursts: VecDeque::new(),
             loss_p90: 0,
+            sent: SentBlocks::default(),
+            nacked: Vec::new(),
         })
     }
 }
@@ -48,6 +137,16 @@ impl Server {
     pub(super) fn fec_note_loss(&mut self, now: Instant) {
         if let Some(fec) = self.fec.as_mut() {
             fec.loss_p90 = self.peers.loss_p90(now);
+        }
+    }
+
+    /// A loss report: the first one sets the repair fraction at once, so repair
+    /// symbols follow from the next block rather than from the next rate update.
+    pub(super) fn fec_first_loss(&mut self, loss_permille: u16) {
+        if let Some(fec) = self.fec.as_mut() {
+            if fec.loss_p90 == 0 {
+                fec.loss_p90 = loss_permille;
+            }
         }
     }
 
@@ -124,13 +223,146 @@ impl Server {
         };
         let k = fec.builder.source_symbols();
         let repairs = (k as f64 * frac).ceil() as u32;
-        match fec.builder.close(repairs) {
+        let was_open = fec.builder.is_open();
+        let burst = fec.builder.close(repairs);
+        if was_open {
+            let (first, members) = fec.builder.last_block();
+            if !members.is_empty() {
+                let sent = burst.as_ref().map_or(0, |b| b.packets.len() as u32);
+                fec.sent.insert(first, members.to_vec(), sent);
+                if let Some(enc) = fec.builder.take_encoder() {
+                    fec.sent.keep_encoder(first, enc);
+                }
+            }
+        }
+        match burst {
             Some(b) => {
                 fec.bursts.push_back(b);
                 self.stats.fec_blocks += 1;
                 true
             }
             None => false,
+        }
+    }
+
+    /// A receiver's first NACK of page `pfn`: note it for repair by block
+    /// (see the module docs); false when the page takes the plain path.
+    pub(super) fn fec_nack(&mut self, pfn: u64) -> bool {
+        if pfn >= self.total_pages || !self.sent.ever.get(pfn) {
+            return false;
+        }
+        let window = self.cfg.fec_block_pages.max(1) as u64;
+        // Data pages and hash pages form windows of their own.
+        let (base, page_count) = if pfn < self.page_count {
+            (0, self.page_count)
+        } else {
+            (self.page_count, self.total_pages)
+        };
+        let (zero, ever) = (&self.info.zero_map, &self.sent.ever);
+        let Some(fec) = self.fec.as_mut() else {
+            return false;
+        };
+        let first = match fec.sent.block_of(pfn) {
+            Some(f) => f,
+            None => {
+                // Sent while no block was open: the window's sent pages that
+                // are in no other block make one now.
+                let lo = pfn - (pfn - base) % window;
+                let hi = (lo + window).min(page_count);
+                let members: Vec<u64> = (lo..hi)
+                    .filter(|&q| !zero.get(q) && ever.get(q) && fec.sent.block_of(q).is_none())
+                    .collect();
+                let Some(&first) = members.first() else {
+                    return false;
+                };
+                if fec.sent.blocks.contains_key(&first) {
+                    return false;
+                }
+                fec.sent.insert(first, members, 0);
+                first
+            }
+        };
+        match fec.nacked.iter_mut().find(|(f, _)| *f == first) {
+            Some((_, n)) => *n += 1,
+            None => fec.nacked.push((first, 1)),
+        }
+        self.stats.fec_nacked_pages += 1;
+        true
+    }
+
+    /// Queue repair rounds for the blocks the datagram just handled NACKed:
+    /// one fresh symbol per NACKed fragment, shared with the round queued for
+    /// the block less than [`NACK_ROUND_WINDOW`] ago (grown if this need is larger).
+    pub(super) fn fec_flush_nacks(&mut self, now: Instant) {
+        let Some(fec) = self.fec.as_mut() else {
+            return;
+        };
+        if fec.nacked.is_empty() {
+            return;
+        }
+        let nacked = std::mem::take(&mut fec.nacked);
+        let (spp, _) = fec.builder.geometry();
+        let page_size = self.geo.page_size;
+        for (first, pages) in nacked {
+            let Some(fec) = self.fec.as_mut() else {
+                return;
+            };
+            let Some(b) = fec.sent.blocks.get_mut(&first) else {
+                continue;
+            };
+            let k = b.members.len() as u32 * u32::from(spp);
+            let need = (pages * u32::from(spp)).min(k);
+            let count = match b.round {
+                Some((t, size)) if now.saturating_duration_since(t) < NACK_ROUND_WINDOW => {
+                    if need <= size {
+                        self.stats.suppressed_queued += u64::from(pages);
+                        continue;
+                    }
+                    b.round = Some((t, need));
+                    need - size
+                }
+                _ => {
+                    b.round = Some((now, need));
+                    self.stats.fec_nack_rounds += 1;
+                    need
+                }
+            };
+            // Repair indexes stay below the wire's ESI bound.
+            let start = b.next_repair;
+            if u64::from(k) + u64::from(start) + u64::from(count) >= u64::from(wire::MAX_FEC_ESI) {
+                continue;
+            }
+            b.next_repair += count;
+            let members = b.members.clone();
+            if !fec.sent.encoders.contains_key(&first) {
+                let (source, tree, data_pages) =
+                    (self.source.clone(), self.tree.clone(), self.page_count);
+                let built = crate::fec::block_encoder(page_size, spp, &members, |p, buf| {
+                    if p < data_pages {
+                        return source.read_page(p, buf);
+                    }
+                    // A hash page, from memory.
+                    let page = tree.page(p).ok_or_else(|| {
+                        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no such hash page")
+                    })?;
+                    buf.copy_from_slice(page);
+                    Ok(())
+                });
+                match built {
+                    Ok(enc) => fec.sent.keep_encoder(first, enc),
+                    Err(e) => {
+                        self.fail_source(e);
+                        return;
+                    }
+                }
+            }
+            let Some(enc) = fec.sent.encoders.get(&first) else {
+                continue;
+            };
+            let (span, bitmap) = crate::fec::member_bitmap(first, &members);
+            let burst = crate::fec::more_repairs(enc, first, span, bitmap, start, count);
+            // Ahead of proactive repairs: receivers are waiting for these.
+            fec.bursts.push_front(burst);
         }
     }
 

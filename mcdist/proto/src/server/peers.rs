@@ -253,6 +253,9 @@ impl Server {
             });
             p.fresh = true;
         }
+        if loss_permille > 0 && loss_permille < HEAVY_LOSS_PERMILLE {
+            self.fec_first_loss(loss_permille);
+        }
     }
 
     /// Forget receivers silent for longer than `client_timeout`.
@@ -295,6 +298,15 @@ impl Server {
         // The lower median: up to half the receivers (a slow one, or one
         // reporting false loss) cannot pace everyone down.
         let median = losses[(losses.len() - 1) / 2];
+        // The loss handed to the rate controller is at most the 90th
+        // percentile beyond 32 receivers (up to 32, the maximum): the largest
+        // of many noisy loss estimates grows with the receiver count, the loss
+        // of a shared bottleneck does not.
+        let high = if losses.len() > 32 {
+            losses[losses.len() * 9 / 10]
+        } else {
+            losses[losses.len() - 1]
+        };
         // Loss reports come with heartbeats; repair volume shows a receiver
         // that cannot keep up sooner: one asking again for far more pages than
         // the median receiver is an outlier too.
@@ -334,7 +346,7 @@ impl Server {
                 p.tokens.set_rate(now, rate, Peer::request_burst(rate));
             }
             if !p.complete {
-                self.rate.report(r.rx_rate, r.loss_permille);
+                self.rate.report(r.rx_rate, r.loss_permille.min(high));
             }
         }
     }

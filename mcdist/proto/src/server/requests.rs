@@ -7,7 +7,8 @@
 //! 2. zero replies — a zero page is answered to the asker alone, header only;
 //! 3. working-set recording and neighbour push — a first ask (a fault) is
 //!    recorded for later generations and aims the push window just past it;
-//! 4. NACK handling and end game — a retry goes unicast to a slow receiver or in
+//! 4. NACK handling and end game — with FEC, a first NACK of a swept or pushed
+//!    page is answered with repair symbols of its block (`fec`); a retry goes unicast to a slow receiver or in
 //!    unicast fan-out; in the end game a re-ask (or a heavily lossy receiver's
 //!    NACK) goes unicast too; otherwise a NACK is multicast, since siblings
 //!    likely lost the same page;
@@ -90,6 +91,7 @@ impl Server {
                 budget -= 1;
             }
         }
+        self.fec_flush_nacks(now);
     }
 
     fn page_requested(&mut self, now: Instant, from: SocketAddr, pfn: u64, ask: Ask) {
@@ -101,6 +103,10 @@ impl Server {
         if !ask.retry() && data {
             self.record_fault(pfn);
             self.aim_push(pfn);
+        }
+        if self.repair_by_block(from, ask) && self.fec_nack(pfn) {
+            // The hash pages above it are in blocks of their own, NACKed with it.
+            return;
         }
         if self.repair_by_unicast(from, ask) {
             self.queue_unicast(from, pfn, Data::REPAIR);
@@ -128,6 +134,16 @@ impl Server {
         if self.cfg.push_neighbors {
             self.push.aim(pfn, self.cfg.push_window);
         }
+    }
+
+    /// NACK repair by block (`fec`): a first NACK from a receiver that keeps
+    /// up and is not heavily lossy is answered with repair symbols of the block.
+    fn repair_by_block(&self, from: SocketAddr, ask: Ask) -> bool {
+        ask.nack
+            && !ask.reask
+            && self.fec.is_some()
+            && !self.peers.is_slow(&from)
+            && !self.peers.is_lossy(&from)
     }
 
     /// NACK handling and end game: whether a retry goes to the asker alone.

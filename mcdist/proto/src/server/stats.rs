@@ -95,6 +95,11 @@ pub struct ServerStats {
     pub fec_blocks: u64,
     /// FEC repair symbols sent (one datagram each).
     pub fec_repairs: u64,
+    /// NACKed pages answered with repair symbols of their block instead of the page.
+    pub fec_nacked_pages: u64,
+    /// Rounds of repair symbols queued for NACKed blocks (NACKs for a block
+    /// within one round window share a round).
+    pub fec_nack_rounds: u64,
 }
 
 /// Why a (non-zero) page went out, as counted.

@@ -300,3 +300,72 @@ fn control_is_paced_and_its_queue_bounded() {
     assert!(!s.out.control.is_empty(), "the rest waits for the bucket");
     assert!(s.poll_timeout().is_some_and(|t| t > t0));
 }
+
+/// A sweeping FEC server for the same eight pages (one fragment a page).
+fn fec_server(t0: Instant) -> Server {
+    let mut img: Vec<u8> = (0..8 * 4096).map(|i| (i % 251 + 1) as u8).collect();
+    img[5 * 4096..6 * 4096].fill(0);
+    let cfg = ServerConfig {
+        session_id: Some(SESSION),
+        push_neighbors: false,
+        sweep: true,
+        sweep_min_clients: 2,
+        fec: true,
+        ..ServerConfig::default()
+    };
+    let source = Arc::new(MemSource::new(img, 4096));
+    let info = crate::source::scan(source.as_ref()).expect("an in-memory image scans");
+    Server::with_info(cfg, source, info, t0).unwrap()
+}
+
+fn kinds(sent: &[Sent], kind: Kind) -> usize {
+    sent.iter().filter(|x| x.1 == kind).count()
+}
+
+#[test]
+fn first_nacks_are_answered_with_one_shared_round_of_repair_symbols() {
+    let t0 = Instant::now();
+    let mut s = fec_server(t0);
+    let (a, b) = (addr(1), addr(2));
+    validate(&mut s, t0, a);
+    validate(&mut s, t0, b);
+    let mut now = t0;
+    while s.pages_ever_sent() < 8 {
+        drain(&mut s, now);
+        now += Duration::from_millis(1);
+        assert!(now < t0 + Duration::from_secs(1), "the sweep ends");
+    }
+    drain(&mut s, now);
+    // Nobody reported loss while the sweep ran: no block was formed then. A
+    // NACK of page 2 gets one fresh repair symbol of the window's pages, not page 2.
+    s.handle_datagram(now, a, &ask(Kind::Nack, 0, 2));
+    let sent = drain(&mut s, now);
+    assert_eq!((kinds(&sent, Kind::Repair), data(&sent).len()), (1, 0));
+    // A sibling's NACK needing no more within the round window adds nothing ...
+    s.handle_datagram(now, b, &ask(Kind::Nack, 0, 3));
+    assert!(drain(&mut s, now).is_empty());
+    // ... one needing more grows the round by the difference.
+    let mut raw = Vec::new();
+    encode_ranges(&[PageRange { start: 2, len: 3 }], &mut raw);
+    let q = Request {
+        rx_rate: 0,
+        loss_permille: 0,
+        flags: 0,
+        ranges: ranges_from_encoded(&raw),
+    };
+    s.handle_datagram(now, b, &datagram(Body::Nack(q)));
+    assert_eq!(kinds(&drain(&mut s, now), Kind::Repair), 2);
+    assert_eq!(s.stats().fec_nack_rounds, 1);
+    // A re-ask takes the plain path: the page itself (in the end game, to the
+    // asker alone).
+    s.handle_datagram(now, a, &ask(Kind::Nack, Request::RETRY, 2));
+    assert_eq!(
+        data(&drain(&mut s, now)),
+        vec![(Dest::Peer(a), 2, Data::REPAIR)]
+    );
+    // After the window, a NACK starts a new round.
+    let later = now + Duration::from_millis(10);
+    s.handle_datagram(later, a, &ask(Kind::Nack, 0, 4));
+    assert_eq!(kinds(&drain(&mut s, later), Kind::Repair), 1);
+    assert_eq!(s.stats().fec_nack_rounds, 2);
+}

@@ -246,6 +246,7 @@ impl Sim {
         let now = self.now;
         match ev.to {
             Node::Server => {
+                self.server_rx_datagrams += 1;
                 self.server.handle_datagram(now, ev.from, &ev.data);
             }
             Node::Client(i) => {

@@ -77,6 +77,8 @@ pub struct Sim {
     pub server_unicast_datagrams: u64,
     /// Datagrams all clients sent.
     pub client_datagrams: u64,
+    /// Datagrams that reached the server (after uplink loss), forged ones included.
+    pub server_rx_datagrams: u64,
     steps: u64,
     record: Option<(usize, Vec<Recorded>)>,
     /// Bytes the server sent by unicast, per address.
@@ -133,6 +135,7 @@ impl Sim {
             group_datagrams: 0,
             server_unicast_datagrams: 0,
             client_datagrams: 0,
+            server_rx_datagrams: 0,
             steps: 0,
             record: None,
             unicast_bytes: HashMap::new(),

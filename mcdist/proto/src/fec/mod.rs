@@ -95,6 +95,7 @@ pub(crate) struct BlockBuilder {
     first: u64,
     members: Vec<u64>,
     opened: Option<Instant>,
+    last_enc: Option<SourceBlockEncoder>,
 }
 
 impl BlockBuilder {
@@ -113,6 +114,7 @@ impl BlockBuilder {
             first: 0,
             members: Vec::with_capacity(max_pages),
             opened: None,
+            last_enc: None,
         }
     }
 
@@ -164,6 +166,7 @@ impl BlockBuilder {
     /// Close the block and encode `repairs` repair symbols (none: nothing to send).
     pub fn close(&mut self, repairs: u32) -> Option<Burst> {
         self.opened.take()?;
+        self.last_enc = None;
         let count = self.members.len();
         if count == 0 || repairs == 0 {
             return None;
@@ -172,19 +175,24 @@ impl BlockBuilder {
         let data = &self.buf[..k * self.t];
         let enc = SourceBlockEncoder::new(0, &oti(k, self.t), data);
         let packets = enc.repair_packets(0, repairs).into();
-        let last = self.members[count - 1];
-        let span = (last - self.first + 1) as u16;
-        let mut members = vec![0u8; usize::from(span).div_ceil(8)];
-        for &p in &self.members {
-            let i = (p - self.first) as usize;
-            members[i / 8] |= 1 << (i % 8);
-        }
+        self.last_enc = Some(enc);
+        let (span, members) = member_bitmap(self.first, &self.members);
         Some(Burst {
             first: self.first,
             span,
             members,
             packets,
         })
+    }
+
+    /// The last closed block: its first page and members.
+    pub fn last_block(&self) -> (u64, &[u64]) {
+        (self.first, &self.members)
+    }
+
+    /// The encoder of the last closed block, if it sent repairs.
+    pub fn take_encoder(&mut self) -> Option<SourceBlockEncoder> {
+        self.last_enc.take()
     }
 
     /// Source symbols of the open block so far.
@@ -199,6 +207,60 @@ impl BlockBuilder {
     /// Source symbols per page and symbol size.
     pub fn geometry(&self) -> (u16, usize) {
         (self.spp, self.t)
+    }
+}
+
+/// Member bitmap (LSB first, bit 0 = `first`) and span of a block whose
+/// members are `members`, ascending.
+pub(crate) fn member_bitmap(first: u64, members: &[u64]) -> (u16, Vec<u8>) {
+    let last = members.last().copied().unwrap_or(first);
+    let span = (last - first + 1) as u16;
+    let mut bits = vec![0u8; usize::from(span).div_ceil(8)];
+    for &p in members {
+        let i = (p - first) as usize;
+        bits[i / 8] |= 1 << (i % 8);
+    }
+    (span, bits)
+}
+
+/// The encoder of a block of `members` (ascending pages of `page_size` bytes in
+/// `spp` fragments), built from the pages `read` returns: for NACK repair of a
+/// block whose symbols were sent some time ago.
+pub(crate) fn block_encoder(
+    page_size: usize,
+    spp: u16,
+    members: &[u64],
+    mut read: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+) -> std::io::Result<SourceBlockEncoder> {
+    let t = symbol_size(page_size, spp);
+    let k = members.len() * usize::from(spp);
+    let mut data = vec![0u8; k * t];
+    let mut page = vec![0u8; page_size];
+    for (m, &pfn) in members.iter().enumerate() {
+        read(pfn, &mut page)?;
+        for i in 0..spp {
+            let (s, l) = piece(page_size, spp, i);
+            let off = (m * usize::from(spp) + usize::from(i)) * t;
+            data[off..off + l].copy_from_slice(&page[s..s + l]);
+        }
+    }
+    Ok(SourceBlockEncoder::new(0, &oti(k, t), &data))
+}
+
+/// `count` repair symbols of `enc`, the first with repair index `start` (ESI `K + start`).
+pub(crate) fn more_repairs(
+    enc: &SourceBlockEncoder,
+    first: u64,
+    span: u16,
+    members: Vec<u8>,
+    start: u32,
+    count: u32,
+) -> Burst {
+    Burst {
+        first,
+        span,
+        members,
+        packets: enc.repair_packets(start, count).into(),
     }
 }
 
@@ -299,6 +361,21 @@ impl FecRx {
         }
     }
 
+    /// Drop cached pages no block needs any more: the members of a block that
+    /// decoded or was complete (blocks do not share pages), so only pages of
+    /// blocks with a loss, or not heard of yet, stay cached.
+    pub fn forget(&mut self, pfns: impl IntoIterator<Item = u64>) {
+        for pfn in pfns {
+            if let Some(p) = self.cache.remove(&pfn) {
+                self.cache_bytes -= p.len();
+            }
+        }
+        if self.cache_order.len() > 2 * self.cache.len() + 1024 {
+            let live = &self.cache;
+            self.cache_order.retain(|p| live.contains_key(p));
+        }
+    }
+
     /// Bytes held now: cached pages, and the member bitmaps and repair symbols of open
     /// blocks (at most half the budget; decoding one block may take the other half).
     pub fn held_bytes(&self) -> usize {
@@ -337,6 +414,14 @@ impl FecRx {
                 }
             }
         }
+    }
+
+    /// `pfn` is a member of a block being decoded (repair symbols held, not done).
+    pub fn in_open_block(&self, pfn: u64) -> bool {
+        self.blocks.iter().any(|(&first, b)| {
+            let i = pfn.wrapping_sub(first);
+            i < u64::from(b.span) && b.members[(i / 8) as usize] & (1 << (i % 8)) != 0
+        })
     }
 
     pub fn is_done(&self, first: u64) -> bool {
@@ -441,16 +526,16 @@ impl FecRx {
             .map(|i| first + i as u64)
             .collect();
         let k = members.len() * usize::from(spp);
-        let mut packets: Vec<EncodingPacket> = Vec::with_capacity(k + b.repairs.len());
+        // First count what is in hand, without copying: a block that cannot
+        // decode yet costs no symbol copies.
+        enum Src<'b> {
+            Page(Bytes),
+            Frags(Vec<(u16, &'b [u8])>),
+        }
+        let mut srcs: Vec<(usize, Src<'a>)> = Vec::with_capacity(members.len());
         let mut missing = Vec::new();
-        let padded = |esi: usize, data: &[u8]| {
-            let mut v = vec![0u8; t];
-            let n = data.len().min(t);
-            v[..n].copy_from_slice(&data[..n]);
-            EncodingPacket::new(PayloadId::new(0, esi as u32), v)
-        };
+        let mut symbols = 0usize;
         for (m, &pfn) in members.iter().enumerate() {
-            let base = m * usize::from(spp);
             match have(pfn) {
                 Have::Present => {
                     let Some(p) = self.cache.get(&pfn) else {
@@ -459,31 +544,51 @@ impl FecRx {
                     if p.len() != page_size {
                         return Err(());
                     }
-                    for i in 0..spp {
-                        let (s, l) = piece(page_size, spp, i);
-                        packets.push(padded(base + usize::from(i), &p[s..s + l]));
-                    }
+                    symbols += usize::from(spp);
+                    srcs.push((m, Src::Page(p.clone())));
                 }
                 Have::Fragments(it) => {
                     missing.push((m, pfn));
-                    for (i, data) in it {
-                        if i < spp {
-                            packets.push(padded(base + usize::from(i), data));
-                        }
-                    }
+                    let v: Vec<(u16, &[u8])> = it.filter(|(i, _)| *i < spp).collect();
+                    symbols += v.len();
+                    srcs.push((m, Src::Frags(v)));
                 }
                 Have::Nothing => missing.push((m, pfn)),
             }
         }
         if missing.is_empty() {
             self.finish(first);
+            self.forget(members);
             return Ok(Some(Vec::new()));
         }
         let Some(b) = self.blocks.get_mut(&first) else {
             return Ok(None);
         };
-        if packets.len() + b.repairs.len() < k {
+        if symbols + b.repairs.len() < k {
             return Ok(None);
+        }
+        let padded = |esi: usize, data: &[u8]| {
+            let mut v = vec![0u8; t];
+            let n = data.len().min(t);
+            v[..n].copy_from_slice(&data[..n]);
+            EncodingPacket::new(PayloadId::new(0, esi as u32), v)
+        };
+        let mut packets: Vec<EncodingPacket> = Vec::with_capacity(k + b.repairs.len());
+        for (m, src) in srcs {
+            let base = m * usize::from(spp);
+            match src {
+                Src::Page(p) => {
+                    for i in 0..spp {
+                        let (s, l) = piece(page_size, spp, i);
+                        packets.push(padded(base + usize::from(i), &p[s..s + l]));
+                    }
+                }
+                Src::Frags(v) => {
+                    for (i, data) in v {
+                        packets.push(padded(base + usize::from(i), data));
+                    }
+                }
+            }
         }
         b.tried_with = b.repairs.len();
         for (esi, sym) in &b.repairs {
@@ -504,185 +609,10 @@ impl FecRx {
             out.push((pfn, page.freeze()));
         }
         self.finish(first);
+        self.forget(members);
         Ok(Some(out))
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pages(n: usize, ps: usize) -> Vec<Vec<u8>> {
-        (0..n)
-            .map(|p| (0..ps).map(|i| (i * 31 + p * 7 + i / 251) as u8).collect())
-            .collect()
-    }
-
-    /// Encode a block of pages fragment by fragment, lose some fragments, decode
-    /// with repair symbols: the missing pages come back byte-identical.
-    #[test]
-    fn repairs_restore_lost_fragments() {
-        let ps = 4096;
-        let spp = 3u16;
-        let data = pages(8, ps);
-        let now = Instant::now();
-        let mut b = BlockBuilder::new(ps, spp, 16, 64);
-        let pfns: Vec<u64> = vec![10, 11, 13, 14, 15, 17, 18, 20];
-        for (p, page) in pfns.iter().zip(&data) {
-            assert!(b.fits(*p));
-            let m = b.admit(now, *p);
-            for i in 0..spp {
-                let (s, l) = piece(ps, spp, i);
-                b.put(m, i, &page[s..s + l]);
-            }
-        }
-        let burst = b.close(4).unwrap();
-        assert_eq!(burst.first, 10);
-        assert_eq!(burst.span, 11);
-        let mut rx = FecRx::new(4, 64, 64 << 20);
-        // Page 13 lost entirely, page 17 lost its middle fragment; pages present are cached.
-        let mut frags: HashMap<u64, Vec<(u16, Vec<u8>)>> = HashMap::new();
-        for (p, page) in pfns.iter().zip(&data) {
-            match p {
-                13 => {}
-                17 => {
-                    for i in [0u16, 2] {
-                        let (s, l) = piece(ps, spp, i);
-                        frags
-                            .entry(*p)
-                            .or_default()
-                            .push((i, page[s..s + l].to_vec()));
-                    }
-                }
-                _ => rx.remember(*p, &Bytes::from(page.clone())),
-            }
-        }
-        let mut got = None;
-        for pkt in &burst.packets {
-            let r = Repair {
-                first_pfn: burst.first,
-                span: burst.span,
-                symbols_per_page: spp,
-                symbol_size: symbol_size(ps, spp) as u16,
-                esi: pkt.payload_id().encoding_symbol_id(),
-                members: &burst.members,
-                symbol: pkt.data(),
-            };
-            assert_eq!(
-                rx.add(&r, Bytes::copy_from_slice(pkt.data())),
-                RepairOutcome::Stored
-            );
-            let res = rx
-                .try_decode(10, ps, |pfn| match pfn {
-                    13 | 17 => match frags.get(&pfn) {
-                        Some(v) => {
-                            Have::Fragments(Box::new(v.iter().map(|(i, d)| (*i, d.as_slice()))))
-                        }
-                        None => Have::Nothing,
-                    },
-                    _ => Have::Present,
-                })
-                .unwrap();
-            if let Some(out) = res {
-                got = Some(out);
-                break;
-            }
-        }
-        let got = got.expect("4 repairs cover 4 lost symbols");
-        assert_eq!(got.len(), 2);
-        for (pfn, page) in got {
-            let i = pfns.iter().position(|&p| p == pfn).unwrap();
-            assert_eq!(&page[..], &data[i][..], "page {pfn}");
-        }
-        assert!(rx.is_done(10));
-    }
-
-    /// The server forms no block and sends no repair while nobody reports
-    /// loss; with a repair fraction set, each block of swept pages is followed
-    /// by `ceil(K × f)` repair symbols before the next block's pages.
-    #[test]
-    fn server_sends_repairs_only_when_asked() {
-        use crate::server::{Server, ServerConfig};
-        use crate::source::MemSource;
-        use crate::wire::{Body, Kind, Message};
-        use std::sync::Arc;
-        let img: Vec<u8> = (0..64 * 4096).map(|i| (i % 251 + 1) as u8).collect();
-        let run = |min: f64| {
-            let cfg = ServerConfig {
-                session_id: Some(7),
-                max_datagram: 1500,
-                sweep: true,
-                fec: true,
-                fec_min_overhead: min,
-                fec_block_pages: 16,
-                ..ServerConfig::default()
-            };
-            let src = Arc::new(MemSource::new(img.clone(), 4096));
-            let t0 = Instant::now();
-            let mut s = Server::with_info(
-                cfg,
-                src.clone(),
-                crate::source::scan(src.as_ref()).expect("an in-memory image scans"),
-                t0,
-            )
-            .unwrap();
-            let mut now = t0;
-            let mut buf = vec![0u8; 65_536];
-            let mut kinds = Vec::new();
-            while s.stats().sweep_pages < 64 || kinds.last() != Some(&Kind::Announce) {
-                match s.poll_transmit(now, &mut buf) {
-                    Some(t) => {
-                        let m = Message::parse(&buf[..t.len]).unwrap();
-                        if let Body::Repair(r) = m.body {
-                            // 16 pages, or the hash page the sweep sends first, alone.
-                            assert!(matches!(r.source_symbols(), 48 | 3));
-                            assert_eq!(r.symbol_size, 1366);
-                        }
-                        kinds.push(m.body.kind());
-                    }
-                    None => now += std::time::Duration::from_millis(1),
-                }
-                assert!(now < t0 + std::time::Duration::from_secs(10));
-            }
-            (kinds, s.stats().clone())
-        };
-        let (kinds, st) = run(0.0);
-        assert!(!kinds.contains(&Kind::Repair));
-        assert_eq!((st.fec_blocks, st.fec_repairs), (0, 0));
-        let (mut kinds, st) = run(0.1);
-        // The hash page (3 fragments, 1 repair), then 4 blocks of 16 pages × 3
-        // fragments, 5 repairs each (ceil(48 × 0.1)).
-        assert_eq!((st.fec_blocks, st.fec_repairs), (5, 21));
-        kinds.retain(|k| *k != Kind::Announce);
-        let data: Vec<usize> = kinds
-            .iter()
-            .enumerate()
-            .filter(|(_, k)| **k == Kind::Data)
-            .map(|(i, _)| i)
-            .collect();
-        for block in 0..4 {
-            // The 5 repairs follow the block's last fragment, before the next block.
-            let last = data[3 + block * 48 + 47];
-            assert!(kinds[last + 1..last + 6].iter().all(|k| *k == Kind::Repair));
-        }
-    }
-
-    #[test]
-    fn open_blocks_are_bounded() {
-        let mut rx = FecRx::new(2, 0, 64 << 20);
-        for first in 0..10u64 {
-            let r = Repair {
-                first_pfn: first * 100,
-                span: 1,
-                symbols_per_page: 1,
-                symbol_size: 4,
-                esi: 1,
-                members: &[1],
-                symbol: b"abcd",
-            };
-            rx.add(&r, Bytes::from_static(b"abcd"));
-        }
-        assert_eq!(rx.open_blocks(), 2);
-        assert_eq!(rx.evicted, 8);
-    }
-}
+mod tests;
