@@ -338,11 +338,11 @@ fn first_nacks_are_answered_with_one_shared_round_of_repair_symbols() {
     drain(&mut s, now);
     // Nobody reported loss while the sweep ran: no block was formed then. A
     // NACK of page 2 gets one fresh repair symbol of the window's pages, not page 2.
-    s.handle_datagram(now, a, &ask(Kind::Nack, 0, 2));
+    s.handle_datagram(now, a, &ask(Kind::Nack, RequestFlags::empty(), 2));
     let sent = drain(&mut s, now);
     assert_eq!((kinds(&sent, Kind::Repair), data(&sent).len()), (1, 0));
     // A sibling's NACK needing no more within the round window adds nothing ...
-    s.handle_datagram(now, b, &ask(Kind::Nack, 0, 3));
+    s.handle_datagram(now, b, &ask(Kind::Nack, RequestFlags::empty(), 3));
     assert!(drain(&mut s, now).is_empty());
     // ... one needing more grows the round by the difference.
     let mut raw = Vec::new();
@@ -350,7 +350,7 @@ fn first_nacks_are_answered_with_one_shared_round_of_repair_symbols() {
     let q = Request {
         rx_rate: 0,
         loss_permille: 0,
-        flags: 0,
+        flags: crate::wire::RequestFlags::empty(),
         ranges: ranges_from_encoded(&raw),
     };
     s.handle_datagram(now, b, &datagram(Body::Nack(q)));
@@ -365,7 +365,7 @@ fn first_nacks_are_answered_with_one_shared_round_of_repair_symbols() {
     );
     // After the window, a NACK starts a new round.
     let later = now + Duration::from_millis(10);
-    s.handle_datagram(later, a, &ask(Kind::Nack, 0, 4));
+    s.handle_datagram(later, a, &ask(Kind::Nack, RequestFlags::empty(), 4));
     assert_eq!(kinds(&drain(&mut s, later), Kind::Repair), 1);
     assert_eq!(s.stats().fec_nack_rounds, 2);
 }
