@@ -41,6 +41,8 @@
 
 pub mod abi;
 pub mod descriptor;
+#[cfg(feature = "xen")]
+pub mod dom0;
 mod event;
 pub mod hypervisor;
 #[cfg(test)]
@@ -53,6 +55,8 @@ mod sys;
 pub mod xen;
 
 pub use descriptor::{DescriptorError, XenDescriptor};
+#[cfg(feature = "xen")]
+pub use dom0::{CpuReg, XenControl};
 pub use hypervisor::{EvictOutcome, Hypervisor, HypervisorError, PageBuf};
 pub use memtap::{
     InboxError, InboxReceiver, Memtap, MemtapConfig, MemtapError, MemtapStats, PageFetcher,
