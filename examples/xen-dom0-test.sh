@@ -9,13 +9,21 @@
 #           descriptor's root). Clones print their result on Xen's console.
 up() { cut -d' ' -f1 /proc/uptime; }
 fail() { echo "MCDIST_FAIL $*"; xl dmesg | tail -30; exit 1; }
-# Wait (bounded: $2 tenths of a second) until `xl dmesg` shows $1; prints the line.
+# xl, bounded and retried: under TCG a dom0 process occasionally dies of a bad TLS pointer
+# after fork (a segfault at a fixed busybox address), which a second attempt does not repeat.
+xlr() {
+    for _ in 1 2 3; do
+        timeout 60 xl "$@" && return 0
+        sleep 0.5
+    done
+    return 1
+}
+# Wait (bounded: $2 seconds) until `xl dmesg` shows $1; prints the line.
 wait_dmesg() {
-    n=0
-    while [ "$n" -lt "$2" ]; do
-        line=$(xl dmesg | grep -m1 "$1") && { echo "$line"; return 0; }
-        sleep 0.1
-        n=$((n + 1))
+    end=$(($(cut -d. -f1 /proc/uptime) + $2))
+    while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
+        line=$(timeout 20 xl dmesg | grep -m1 "$1") && { echo "$line"; return 0; }
+        sleep 0.2
     done
     return 1
 }
@@ -46,36 +54,36 @@ CFG
 case "$1" in
 paging)
     t0=$(up)
-    xl create -p "$(cfg probe)" >/run/xl.log 2>&1 || { cat /run/xl.log; fail "xl create -p"; }
-    domid=$(xl domid probe)
+    xlr create -p "$(cfg probe)" >/run/xl.log 2>&1 || { cat /run/xl.log; fail "xl create -p"; }
+    domid=$(xlr domid probe)
     echo "MCDIST_DOMU_CREATED domid=$domid $t0 -> $(up)"
     mcdist-xen-dom0 enable-paging "$domid" 8 || fail "enable-paging"
-    xl destroy probe
+    xlr destroy probe
     echo "MCDIST_PAGING_OK"
     ;;
 fork)
     N=2
     GROUP=239.255.66.18:7000
     t0=$(up)
-    xl create "$(cfg parent)" >/run/xl.log 2>&1 || { cat /run/xl.log; fail "xl create parent"; }
-    pd=$(xl domid parent)
-    wait_dmesg "(d$pd) MCDIST_FORK" 3000 >/dev/null || fail "parent never asked to be forked"
-    xl pause parent
+    xlr create "$(cfg parent)" >/run/xl.log 2>&1 || { cat /run/xl.log; fail "xl create parent"; }
+    pd=$(xlr domid parent)
+    wait_dmesg "(d$pd) MCDIST_FORK" 300 >/dev/null || fail "parent never asked to be forked"
+    xlr pause parent
     t1=$(up)
     echo "MCDIST_PARENT_FROZEN domid=$pd $t0 -> $t1"
     mcdist-xen-dom0 dump "$pd" "$PAGES" /run/parent.mem || fail "dump"
     xen_memtap --write-descriptor /run/parent.mcdx --image /run/parent.mem || fail "descriptor"
-    mcdist serve --image /run/parent.mem --group "$GROUP" --iface lo --listen 127.0.0.1:7001 \
+    RUST_LOG=info mcdist serve --image /run/parent.mem --group "$GROUP" --iface lo --listen 127.0.0.1:7001 \
         --push off --timeout 600 >/run/serve.log 2>&1 &
     serve=$!
     i=0
     while [ "$i" -lt "$N" ]; do
         c0=$(up)
-        xl create -p "$(cfg clone$i)" >/run/xl.log 2>&1 || { cat /run/xl.log; fail "xl create clone$i"; }
-        cd=$(xl domid clone$i)
+        xlr create -p "$(cfg clone$i)" >/run/xl.log 2>&1 || { cat /run/xl.log; fail "xl create clone$i"; }
+        cd=$(xlr domid clone$i)
         mcdist-xen-dom0 clone-context "$pd" "$cd" "$i" "$N" || fail "clone-context"
         rm -f "/run/stop$i"
-        xen_memtap --domid "$cd" --descriptor /run/parent.mcdx --group "$GROUP" --iface lo \
+        RUST_LOG=info xen_memtap --domid "$cd" --descriptor /run/parent.mcdx --group "$GROUP" --iface lo \
             --server 127.0.0.1:7001 --stop-file "/run/stop$i" --timeout 600 >"/run/memtap$i.log" 2>&1 &
         eval "memtap$i=\$!"
         n=0
@@ -85,18 +93,28 @@ fork)
             n=$((n + 1))
         done
         grep "paged out" "/run/memtap$i.log"
-        xl unpause "clone$i"
+        xlr unpause "clone$i"
         echo "MCDIST_CLONE_STARTED id=$i domid=$cd $c0 -> $(up)"
         i=$((i + 1))
     done
     i=0
     while [ "$i" -lt "$N" ]; do
-        cd=$(xl domid clone$i)
-        line=$(wait_dmesg "(d$cd) MCDIST_RESULT" 6000) || { cat "/run/memtap$i.log"; fail "clone$i gave no result"; }
+        cd=$(xlr domid clone$i)
+        line=$(wait_dmesg "(d$cd) MCDIST_RESULT" 240) || {
+            echo "memtap$i:"; tail -20 "/run/memtap$i.log"; echo "server:"; tail -20 /run/serve.log
+            xl list; ps
+            fail "clone$i gave no result"
+        }
         echo "MCDIST_CLONE_DONE id=$i $(up) $line"
+        i=$((i + 1))
+    done
+    # Memtaps stop once every clone has reported (a clone's client stays in the session
+    # until its siblings are done, as SnowFlock's clones do until sf_join).
+    i=0
+    while [ "$i" -lt "$N" ]; do
         touch "/run/stop$i"
         eval "wait \$memtap$i"
-        echo "MCDIST_MEMTAP id=$i $(grep -E 'Stats|client' "/run/memtap$i.log" | tr '\n' ' ')"
+        echo "MCDIST_MEMTAP id=$i $(grep -E '^(domain [0-9]+: MemtapStats|client: )' "/run/memtap$i.log" | tr '\n' ' ')"
         i=$((i + 1))
     done
     kill "$serve" 2>/dev/null

@@ -116,7 +116,7 @@ ld -m elf_i386 --build-id=none -z noexecstack -T "$tree/mcdist/guest.ld" -o "$tr
 rm -f "$tree/mcdist/guest.o" "$tree/mcdist/guest.ld"
 cp "$here/xen-dom0-test.sh" "$tree/mcdist/test.sh"
 cp "$tree/bin/busybox" "$tree/bin/busybox.static" 2>/dev/null || true
-for app in sh mount mkdir ln cat grep sed sleep insmod ip poweroff ls echo awk seq tail head rm touch wc kill ps date cut tr expr; do
+for app in sh mount mkdir ln cat grep sed sleep insmod ip poweroff ls echo awk seq tail head rm touch wc kill ps date cut tr expr timeout; do
     [ -e "$tree/bin/$app" ] || ln -s busybox "$tree/bin/$app"
 done
 cat >"$tree/init" <<'INIT'

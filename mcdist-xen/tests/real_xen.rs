@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 /// A hang guard, not a performance limit: a boot that prints nothing new for
 /// this long is stuck.
-const SILENCE_LIMIT: Duration = Duration::from_secs(300);
+const SILENCE_LIMIT: Duration = Duration::from_secs(420);
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -73,6 +73,12 @@ impl Boot {
             .iter()
             .find_map(|l| l.find(prefix).map(|i| &l[i..]))
     }
+    fn lines_with(&self, prefix: &str) -> Vec<&str> {
+        self.lines
+            .iter()
+            .filter_map(|l| l.find(prefix).map(|i| &l[i..]))
+            .collect()
+    }
     fn mark(&self, name: &str) -> Option<f64> {
         self.marks.iter().find(|(m, _)| m == name).map(|m| m.1)
     }
@@ -123,7 +129,8 @@ fn boot(test: &str, bins: &[PathBuf]) -> Option<Boot> {
     eprintln!("booting {} + dom0 {kernel}, test {test}", xen_gz.display());
     let start = Instant::now();
     let mut child = Command::new(qemu)
-        .args(["-M", "q35", "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2"])
+        .args(["-M", "q35", "-accel", "tcg,thread=multi", "-cpu", "max,-fsgsbase"])
+        .args(["-smp", "2"])
         .args(["-m", "2048", "-nographic", "-nodefaults", "-serial", "stdio"])
         .args(["-nic", "none", "-no-reboot", "-kernel"])
         .arg(&xen_elf)
@@ -136,7 +143,7 @@ fn boot(test: &str, bins: &[PathBuf]) -> Option<Boot> {
         ])
         .arg("-initrd")
         .arg(format!(
-            "{kernel} console=hvc0 earlyprintk=xen rdinit=/init printk.devkmsg=on mcdist.test={test},{}",
+            "{kernel} console=hvc0 earlyprintk=xen rdinit=/init printk.devkmsg=on nofsgsbase mcdist.test={test},{}",
             initrd.display()
         ))
         .stdin(Stdio::null())
@@ -169,7 +176,7 @@ fn boot(test: &str, bins: &[PathBuf]) -> Option<Boot> {
                         .collect();
                     boot.marks.push((name, start.elapsed().as_secs_f64()));
                     eprintln!("[{:7.2}] {}", start.elapsed().as_secs_f64(), &line[i..]);
-                } else if line.contains("(d") && line.starts_with("(XEN) (d") {
+                } else if line.starts_with("(d") || line.starts_with("(XEN) (d") {
                     eprintln!("[{:7.2}] {line}", start.elapsed().as_secs_f64());
                 }
                 let end = line.contains("MCDIST_DOM0_EXIT") || line.contains("Dom0 crashed");
@@ -223,4 +230,67 @@ fn real_xen_paging_enable() {
     ) {
         eprintln!("Xen + dom0 + toolstack up after {up:.1} s (QEMU start); paging test done at {done:.1} s");
     }
+}
+
+/// The guest's table (examples/xen-guest.S): TABLE_PAGES pages of 1024 words,
+/// word i = i * 0x9e3779b1.
+const TABLE_PAGES: u32 = 2048;
+
+/// What clone `id` of `n` must print: the wrapping sum of its pages' words.
+fn expected_sum(id: u32, n: u32) -> u32 {
+    let mut sum = 0u32;
+    let mut page = id;
+    while page < TABLE_PAGES {
+        for w in 0..1024 {
+            sum = sum.wrapping_add((page * 1024 + w).wrapping_mul(0x9e37_79b1));
+        }
+        page += n;
+    }
+    sum
+}
+
+fn hex_field(line: &str, key: &str) -> Option<u32> {
+    let at = line.find(key)? + key.len();
+    let digits: String = line[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_hexdigit())
+        .collect();
+    u32::from_str_radix(&digits, 16).ok()
+}
+
+#[test]
+fn real_xen_fork_two_clones() {
+    let dom0_tool = PathBuf::from(env!("CARGO_BIN_EXE_mcdist-xen-dom0"));
+    let profile_dir = dom0_tool
+        .parent()
+        .expect("target profile dir")
+        .to_path_buf();
+    let mcdist = profile_dir.join("mcdist");
+    let memtap = profile_dir.join("examples").join("xen_memtap");
+    for b in [&mcdist, &memtap] {
+        assert!(
+            b.is_file(),
+            "{} is not built: cargo build -p mcdist --bin mcdist -p mcdist-examples \
+             --example xen_memtap --features mcdist-xen/xen,mcdist-examples/xen",
+            b.display()
+        );
+    }
+    let Some(boot) = boot("fork", &[dom0_tool, mcdist, memtap]) else {
+        return;
+    };
+    let results = boot.lines_with("MCDIST_RESULT");
+    for id in 0..2u32 {
+        let line = results
+            .iter()
+            .find(|l| hex_field(l, "id=") == Some(id))
+            .unwrap_or_else(|| panic!("clone {id} printed no result"));
+        assert_eq!(hex_field(line, "n="), Some(2), "{line}");
+        let sum = hex_field(line, "sum=").expect("sum printed");
+        assert_eq!(sum, expected_sum(id, 2), "clone {id}: {line}");
+    }
+    for l in boot.lines_with("MCDIST_MEMTAP") {
+        eprintln!("{l}");
+    }
+    assert!(boot.line("MCDIST_FORK_OK").is_some());
+    assert!(boot.line("MCDIST_DOM0_EXIT 0").is_some());
 }
