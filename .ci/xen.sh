@@ -3,7 +3,8 @@
 # build tools for the dom0 initramfs and the hypervisor, and Debian's Xen 4.17 hypervisor
 # rebuilt with memory paging (cached under the mcdist cache folder by source version and
 # config: a fresh machine builds it once, about 3-4 minutes on 2 cores; reruns reuse it).
-# Called by .ci/test.sh; needs root (or sudo) for apt-get.
+# Also builds the mcdist binaries the fork test boots with. Called by .ci/test.sh; needs
+# root (or sudo) for apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""
@@ -19,3 +20,6 @@ fi
 start=$(date +%s)
 bash examples/xen-build.sh
 echo "xen hypervisor ready in $(($(date +%s) - start)) s" >&2
+# The dom0 binaries real_xen_fork_two_clones puts in the initramfs (the test profile's).
+cargo build -q --locked -p mcdist --bin mcdist -p mcdist-examples --example xen_memtap \
+    --features mcdist-xen/xen,mcdist-examples/xen
