@@ -46,6 +46,9 @@ fn find_cpu_record(ctx: &[u8], vcpu: u16) -> Option<usize> {
         let inst = u16::from_le_bytes([ctx[off + 2], ctx[off + 3]]);
         let len = u32::from_le_bytes(ctx[off + 4..off + 8].try_into().ok()?) as usize;
         let body = off + 8;
+        if body.checked_add(len)? > ctx.len() {
+            return None;
+        }
         if code == HVM_SAVE_CODE_CPU && inst == vcpu && len >= HVM_HW_CPU_RAX + 32 {
             return Some(body);
         }
