@@ -15,6 +15,8 @@ if [ -z "${MCDIST_SKIP_APT:-}" ]; then
     $SUDO apt-get install -y -qq --no-install-recommends $(grep -v '^#' .ci/packages.txt) >/dev/null
     # Debian's cloud kernel for the QEMU clone tests, unpacked into the cache folder.
     bash examples/qemu-setup.sh
+    # The real-Xen tests: Debian's Xen hypervisor rebuilt with memory paging (cached).
+    bash .ci/xen.sh
 fi
 
 # The Xen backend binds the real Xen libraries (libxen-dev) behind a feature.

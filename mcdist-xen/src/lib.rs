@@ -19,28 +19,25 @@
 //! - `XenHypervisor` (cargo feature `xen`): the real backend over libxenctrl,
 //!   libxenevtchn and libxenforeignmemory (Debian's `libxen-dev`).
 //!
-//! ## What has run where
-//! A Xen hypervisor cannot run on the machine this crate is developed and
-//! tested on (no Xen dom0). With feature `xen` the real FFI is compiled and
-//! linked, and a test compiles C against the installed headers to check every
-//! struct size, field offset, constant and function prototype the crate
-//! relies on. **Everything that calls into Xen has run only against the
-//! simulator**, namely:
-//! - `XenHypervisor::open`, `enable_paging` (ring-page mapping,
-//!   `xc_mem_paging_enable`, event-channel bind, removing the ring page from
-//!   the physmap), `evict` (`xc_mem_paging_nominate`/`evict`), `load`
-//!   (`xc_mem_paging_load`), `ack_event` (`xenevtchn_pending`/`unmask`),
-//!   `notify` (`xenevtchn_notify`), `disable_paging`;
-//! - Memtap's handling of what only a real Xen produces: requests from foreign
-//!   mappings, `MEM_PAGING_DROP_PAGE`, `MEM_PAGING_EVICT_FAIL`, gfns Xen
-//!   refuses to nominate (MMIO holes, special pages);
-//! - the `xen_memtap` example program.
+//! - [`dom0`] (feature `xen`): reading a paused parent's memory and giving a
+//!   clone the parent's vCPU state, for the dom0 helper `mcdist-xen-dom0`.
 //!
-//! The Memtap logic, the ring code and the mcdist client over real UDP
-//! multicast have run end to end against the simulator.
+//! ## What has run where
+//! With feature `xen` the real FFI is compiled and linked, and a test compiles
+//! C against the installed headers to check every struct size, field offset,
+//! constant and function prototype the crate relies on. The `real_xen_*`
+//! tests boot Xen 4.17 (Debian's source with memory paging) under QEMU TCG
+//! with a PV dom0: `XenHypervisor::open`, `enable_paging`, `evict`, `load`,
+//! `ack_event`, `notify` and `disable_paging` run there against the real
+//! hypervisor, and two clone domains are paged in by `Memtap` over mcdist.
+//! Still only against the simulator: requests from foreign mappings,
+//! `MEM_PAGING_DROP_PAGE`, `MEM_PAGING_EVICT_FAIL`, gfns Xen refuses to
+//! nominate, and `ENOMEM` from `xc_mem_paging_load`.
 
 pub mod abi;
 pub mod descriptor;
+#[cfg(feature = "xen")]
+pub mod dom0;
 mod event;
 pub mod hypervisor;
 #[cfg(test)]
@@ -53,6 +50,8 @@ mod sys;
 pub mod xen;
 
 pub use descriptor::{DescriptorError, XenDescriptor};
+#[cfg(feature = "xen")]
+pub use dom0::{CpuReg, XenControl};
 pub use hypervisor::{EvictOutcome, Hypervisor, HypervisorError, PageBuf};
 pub use memtap::{
     InboxError, InboxReceiver, Memtap, MemtapConfig, MemtapError, MemtapStats, PageFetcher,

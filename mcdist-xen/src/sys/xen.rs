@@ -52,6 +52,18 @@ extern "C" {
     ) -> c_int;
     fn xc_domain_maximum_gpfn(xch: *mut XcInterface, domid: u32, gpfns: *mut XenPfn) -> c_int;
     fn xc_vm_event_get_version(xch: *mut XcInterface) -> c_int;
+    fn xc_domain_hvm_getcontext(
+        xch: *mut XcInterface,
+        domid: u32,
+        ctxt_buf: *mut u8,
+        size: u32,
+    ) -> c_int;
+    fn xc_domain_hvm_setcontext(
+        xch: *mut XcInterface,
+        domid: u32,
+        hvm_ctxt: *mut u8,
+        size: u32,
+    ) -> c_int;
     fn xc_mem_paging_enable(xch: *mut XcInterface, domain_id: u32, port: *mut u32) -> c_int;
     fn xc_mem_paging_disable(xch: *mut XcInterface, domain_id: u32) -> c_int;
     fn xc_mem_paging_nominate(xch: *mut XcInterface, domain_id: u32, gfn: u64) -> c_int;
@@ -118,6 +130,14 @@ pub(crate) const C_PROTOTYPE_CHECKS: &[(&str, &str)] = &[
         "int (*)(xc_interface *, uint32_t, xen_pfn_t *)",
     ),
     ("xc_vm_event_get_version", "int (*)(xc_interface *)"),
+    (
+        "xc_domain_hvm_getcontext",
+        "int (*)(xc_interface *, uint32_t, uint8_t *, uint32_t)",
+    ),
+    (
+        "xc_domain_hvm_setcontext",
+        "int (*)(xc_interface *, uint32_t, uint8_t *, uint32_t)",
+    ),
     (
         "xc_mem_paging_enable",
         "int (*)(xc_interface *, uint32_t, uint32_t *)",
@@ -240,6 +260,33 @@ impl XenHandles {
         // SAFETY: `xch` is live, `v` is a live out-parameter.
         check(unsafe { xc_hvm_param_get(self.xch.as_ptr(), domid, param, &mut v) })?;
         Ok(v)
+    }
+
+    /// `xc_domain_hvm_getcontext`: the domain's whole HVM save record
+    /// (vCPU registers, local APICs, ...), as `xl save` writes it.
+    pub(crate) fn hvm_getcontext(&mut self, domid: u32) -> io::Result<Vec<u8>> {
+        // SAFETY: `xch` is live; a null buffer asks for the size only.
+        let size = check(unsafe {
+            xc_domain_hvm_getcontext(self.xch.as_ptr(), domid, std::ptr::null_mut(), 0)
+        })?;
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: `buf` is a live buffer of the length passed.
+        let len = check(unsafe {
+            xc_domain_hvm_getcontext(self.xch.as_ptr(), domid, buf.as_mut_ptr(), size as u32)
+        })?;
+        buf.truncate(len as usize);
+        Ok(buf)
+    }
+
+    /// `xc_domain_hvm_setcontext`: load an HVM save record into a (paused) domain.
+    pub(crate) fn hvm_setcontext(&mut self, domid: u32, ctxt: &mut [u8]) -> io::Result<()> {
+        let len =
+            u32::try_from(ctxt.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+        // SAFETY: `ctxt` is a live buffer of the length passed; Xen only reads it.
+        check(unsafe {
+            xc_domain_hvm_setcontext(self.xch.as_ptr(), domid, ctxt.as_mut_ptr(), len)
+        })?;
+        Ok(())
     }
 
     /// `xc_domain_maximum_gpfn`.

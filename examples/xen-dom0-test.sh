@@ -1,0 +1,126 @@
+#!/bin/sh
+# Runs inside the dom0 initramfs built by examples/xen-dom0.sh (busybox sh). Starts the Xen
+# toolstack, then runs one test, printing MCDIST_* marker lines on the console for the host:
+#   paging: create a paused PVH domU, enable mem_paging on it through mcdist-xen's libxenctrl
+#           path, page a few gfns out and back in.
+#   fork:   run a parent domU until it asks to be forked, freeze it, serve its memory with
+#           `mcdist serve` on dom0's loopback, and start clones whose memory is all paged out;
+#           each clone's memtap pages it in over mcdist (every page verified against the
+#           descriptor's root). Clones print their result on Xen's console.
+up() { cut -d' ' -f1 /proc/uptime; }
+fail() { echo "MCDIST_FAIL $*"; xl dmesg | tail -30; exit 1; }
+# xl, bounded and retried: under TCG a dom0 process occasionally dies of a bad TLS pointer
+# after fork (a segfault at a fixed busybox address), which a second attempt does not repeat.
+xlr() {
+    for _ in 1 2 3; do
+        timeout 60 xl "$@" && return 0
+        sleep 0.5
+    done
+    return 1
+}
+# Wait (bounded: $2 seconds) until `xl dmesg` shows $1; prints the line.
+wait_dmesg() {
+    end=$(($(cut -d. -f1 /proc/uptime) + $2))
+    while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
+        line=$(timeout 20 xl dmesg | grep -m1 "$1") && { echo "$line"; return 0; }
+        sleep 0.2
+    done
+    return 1
+}
+
+xenstored --pid-file /run/xenstored.pid || fail "xenstored"
+echo "MCDIST_XENSTORED $(up)"
+xen-init-dom0 || fail "xen-init-dom0"
+xenconsoled --pid-file=/run/xenconsoled.pid || fail "xenconsoled"
+echo "MCDIST_TOOLSTACK_UP $(up)"
+xl info | grep -E '^(xen_version|virt_caps|total_memory|free_memory)'
+
+MEM=32
+PAGES=$((MEM * 256))
+cfg() {
+    cat >"/run/$1.cfg" <<CFG
+name = "$1"
+type = "pvh"
+kernel = "/mcdist/guest.elf"
+memory = $MEM
+maxmem = $MEM
+vcpus = 1
+on_poweroff = "preserve"
+on_crash = "preserve"
+CFG
+    echo "/run/$1.cfg"
+}
+
+case "$1" in
+paging)
+    t0=$(up)
+    xlr create -p "$(cfg probe)" >/run/xl.log 2>&1 || { cat /run/xl.log; fail "xl create -p"; }
+    domid=$(xlr domid probe)
+    echo "MCDIST_DOMU_CREATED domid=$domid $t0 -> $(up)"
+    mcdist-xen-dom0 enable-paging "$domid" 8 || fail "enable-paging"
+    xlr destroy probe
+    echo "MCDIST_PAGING_OK"
+    ;;
+fork)
+    N=2
+    GROUP=239.255.66.18:7000
+    t0=$(up)
+    xlr create "$(cfg parent)" >/run/xl.log 2>&1 || { cat /run/xl.log; fail "xl create parent"; }
+    pd=$(xlr domid parent)
+    wait_dmesg "(d$pd) MCDIST_FORK" 300 >/dev/null || fail "parent never asked to be forked"
+    xlr pause parent
+    t1=$(up)
+    echo "MCDIST_PARENT_FROZEN domid=$pd $t0 -> $t1"
+    mcdist-xen-dom0 dump "$pd" "$PAGES" /run/parent.mem || fail "dump"
+    xen_memtap --write-descriptor /run/parent.mcdx --image /run/parent.mem || fail "descriptor"
+    RUST_LOG=info mcdist serve --image /run/parent.mem --group "$GROUP" --iface lo --listen 127.0.0.1:7001 \
+        --push off --timeout 600 >/run/serve.log 2>&1 &
+    serve=$!
+    i=0
+    while [ "$i" -lt "$N" ]; do
+        c0=$(up)
+        xlr create -p "$(cfg clone$i)" >/run/xl.log 2>&1 || { cat /run/xl.log; fail "xl create clone$i"; }
+        cd=$(xlr domid clone$i)
+        mcdist-xen-dom0 clone-context "$pd" "$cd" "$i" "$N" || fail "clone-context"
+        rm -f "/run/stop$i"
+        RUST_LOG=info xen_memtap --domid "$cd" --descriptor /run/parent.mcdx --group "$GROUP" --iface lo \
+            --server 127.0.0.1:7001 --stop-file "/run/stop$i" --timeout 600 >"/run/memtap$i.log" 2>&1 &
+        eval "memtap$i=\$!"
+        n=0
+        until grep -q "paged out" "/run/memtap$i.log"; do
+            [ "$n" -lt 3000 ] || { cat "/run/memtap$i.log"; fail "memtap$i setup"; }
+            sleep 0.1
+            n=$((n + 1))
+        done
+        grep "paged out" "/run/memtap$i.log"
+        xlr unpause "clone$i"
+        echo "MCDIST_CLONE_STARTED id=$i domid=$cd $c0 -> $(up)"
+        i=$((i + 1))
+    done
+    i=0
+    while [ "$i" -lt "$N" ]; do
+        cd=$(xlr domid clone$i)
+        line=$(wait_dmesg "(d$cd) MCDIST_RESULT" 240) || {
+            echo "memtap$i:"; tail -20 "/run/memtap$i.log"; echo "server:"; tail -20 /run/serve.log
+            xl list; ps
+            fail "clone$i gave no result"
+        }
+        echo "MCDIST_CLONE_DONE id=$i $(up) $line"
+        i=$((i + 1))
+    done
+    # Memtaps stop once every clone has reported (a clone's client stays in the session
+    # until its siblings are done, as SnowFlock's clones do until sf_join).
+    i=0
+    while [ "$i" -lt "$N" ]; do
+        touch "/run/stop$i"
+        eval "wait \$memtap$i"
+        echo "MCDIST_MEMTAP id=$i $(grep -E '^(domain [0-9]+: MemtapStats|client: )' "/run/memtap$i.log" | tr '\n' ' ')"
+        i=$((i + 1))
+    done
+    kill "$serve" 2>/dev/null
+    echo "MCDIST_FORK_OK"
+    ;;
+*)
+    echo "MCDIST_IDLE (no mcdist.test= on the kernel command line)"
+    ;;
+esac

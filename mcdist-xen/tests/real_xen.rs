@@ -1,0 +1,303 @@
+//! mcdist-xen on a real Xen 4.17 hypervisor, booted under QEMU (TCG, `-cpu max`,
+//! nested SVM with NPT) with a PV dom0 that `examples/xen-dom0.sh` assembles
+//! from Debian's packages and mcdist's binaries.
+//!
+//! Needs `qemu-system-x86_64` and a hypervisor built with memory paging by
+//! `examples/xen-build.sh` (found in the mcdist cache folder, or at
+//! `$MCDIST_XEN_GZ`); skips, saying why, when either is absent. Root (apt-get
+//! download of the dom0 packages, the first time).
+//!
+//! The guest gets no network (`-nic none`); dom0's only interface is its loopback.
+
+#![cfg(feature = "xen")]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A hang guard, not a performance limit: a boot that prints nothing new for
+/// this long is stuck.
+const SILENCE_LIMIT: Duration = Duration::from_secs(420);
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn cache_dir() -> PathBuf {
+    if let Some(c) = std::env::var_os("MCDIST_CACHE") {
+        return c.into();
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache")
+        });
+    base.join("mcdist")
+}
+
+fn find_xen_gz() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("MCDIST_XEN_GZ") {
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(cache_dir().join("xen"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("xen.gz"))
+        .filter(|p| p.is_file())
+        .collect();
+    found.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    found.pop()
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// What a boot printed on the serial console.
+struct Boot {
+    lines: Vec<String>,
+    /// Seconds from QEMU's start to each `MCDIST_*` marker.
+    marks: Vec<(String, f64)>,
+}
+
+impl Boot {
+    fn line(&self, prefix: &str) -> Option<&str> {
+        self.lines
+            .iter()
+            .find_map(|l| l.find(prefix).map(|i| &l[i..]))
+    }
+    fn lines_with(&self, prefix: &str) -> Vec<&str> {
+        self.lines
+            .iter()
+            .filter_map(|l| l.find(prefix).map(|i| &l[i..]))
+            .collect()
+    }
+    fn mark(&self, name: &str) -> Option<f64> {
+        self.marks.iter().find(|(m, _)| m == name).map(|m| m.1)
+    }
+}
+
+/// Boot Xen + dom0 and run `examples/xen-dom0-test.sh TEST` in dom0 with the
+/// given binaries in its initramfs. `None` (with the reason printed) when
+/// QEMU or the hypervisor is absent.
+fn boot(test: &str, bins: &[PathBuf]) -> Option<Boot> {
+    let Some(qemu) = find_in_path("qemu-system-x86_64") else {
+        eprintln!("skipping: qemu-system-x86_64 is not installed");
+        return None;
+    };
+    let Some(xen_gz) = find_xen_gz() else {
+        eprintln!(
+            "skipping: no hypervisor with memory paging under {}/xen (run examples/xen-build.sh)",
+            cache_dir().display()
+        );
+        return None;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let initrd = dir.path().join("dom0.cpio.gz");
+    let out = Command::new("bash")
+        .arg(repo_root().join("examples/xen-dom0.sh"))
+        .arg(&initrd)
+        .args(bins)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run examples/xen-dom0.sh");
+    assert!(out.status.success(), "examples/xen-dom0.sh failed");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let kernel = printed
+        .lines()
+        .rev()
+        .nth(1)
+        .expect("xen-dom0.sh prints the kernel's path")
+        .to_string();
+    // QEMU's multiboot loader wants the ELF, not the gzip.
+    let xen_elf = dir.path().join("xen.elf");
+    let elf = Command::new("gzip")
+        .arg("-dc")
+        .arg(&xen_gz)
+        .output()
+        .expect("gzip -dc xen.gz");
+    assert!(elf.status.success(), "gzip -dc {}", xen_gz.display());
+    std::fs::write(&xen_elf, elf.stdout).expect("write xen.elf");
+
+    eprintln!("booting {} + dom0 {kernel}, test {test}", xen_gz.display());
+    let start = Instant::now();
+    let mut child = Command::new(qemu)
+        .args(["-M", "q35", "-accel", "tcg,thread=multi", "-cpu", "max,-fsgsbase"])
+        .args(["-smp", "2"])
+        .args(["-m", "2048", "-nographic", "-nodefaults", "-serial", "stdio"])
+        .args(["-nic", "none", "-no-reboot", "-kernel"])
+        .arg(&xen_elf)
+        // smap/smep for Xen itself only: with them on, TCG faults dom0's first exception
+        // bounce (a #PF on a present guest stack page in create_bounce_frame).
+        .args([
+            "-append",
+            "console=com1 com1=115200 dom0_mem=512M,max:512M loglvl=all guest_loglvl=all \
+             hap=1 noreboot smap=hvm smep=hvm",
+        ])
+        .arg("-initrd")
+        .arg(format!(
+            "{kernel} console=hvc0 earlyprintk=xen rdinit=/init printk.devkmsg=on nofsgsbase mcdist.test={test},{}",
+            initrd.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start qemu-system-x86_64");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut boot = Boot {
+        lines: Vec::new(),
+        marks: Vec::new(),
+    };
+    loop {
+        match rx.recv_timeout(SILENCE_LIMIT) {
+            Ok(line) => {
+                let line = line.trim_end_matches('\r').to_string();
+                if let Some(i) = line.find("MCDIST_") {
+                    let name: String = line[i..]
+                        .chars()
+                        .take_while(|c| !c.is_whitespace())
+                        .collect();
+                    boot.marks.push((name, start.elapsed().as_secs_f64()));
+                    eprintln!("[{:7.2}] {}", start.elapsed().as_secs_f64(), &line[i..]);
+                } else if line.starts_with("(d") || line.starts_with("(XEN) (d") {
+                    eprintln!("[{:7.2}] {line}", start.elapsed().as_secs_f64());
+                }
+                let end = line.contains("MCDIST_DOM0_EXIT") || line.contains("Dom0 crashed");
+                boot.lines.push(line);
+                if end {
+                    break;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                eprintln!("no console output for {SILENCE_LIMIT:?}: stopping QEMU");
+                break;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = reader.join();
+    if boot.line("MCDIST_DOM0_EXIT 0").is_none() {
+        let tail = boot.lines.len().saturating_sub(60);
+        eprintln!(
+            "--- last console lines ---\n{}",
+            boot.lines[tail..].join("\n")
+        );
+    }
+    Some(boot)
+}
+
+#[test]
+fn real_xen_paging_enable() {
+    let dom0_tool = PathBuf::from(env!("CARGO_BIN_EXE_mcdist-xen-dom0"));
+    let Some(boot) = boot("paging", &[dom0_tool]) else {
+        return;
+    };
+    let caps = boot.line("virt_caps").unwrap_or("virt_caps: (not printed)");
+    eprintln!("{caps}");
+    assert!(caps.contains("hap"), "Xen did not detect HAP: {caps}");
+    let enabled = boot
+        .line("PAGING_ENABLED")
+        .expect("mem_paging was not enabled on the domU (see the console above)");
+    let roundtrip = boot
+        .line("PAGING_ROUNDTRIP")
+        .expect("no page went out and back in");
+    eprintln!("{enabled}\n{roundtrip}");
+    assert!(roundtrip.contains("8 evicted") && roundtrip.contains("8 reloaded intact"));
+    assert!(boot.line("MCDIST_PAGING_OK").is_some());
+    assert!(boot.line("MCDIST_DOM0_EXIT 0").is_some());
+    if let (Some(up), Some(done)) = (
+        boot.mark("MCDIST_TOOLSTACK_UP"),
+        boot.mark("MCDIST_PAGING_OK"),
+    ) {
+        eprintln!("Xen + dom0 + toolstack up after {up:.1} s (QEMU start); paging test done at {done:.1} s");
+    }
+}
+
+/// The guest's table (examples/xen-guest.S): TABLE_PAGES pages of 1024 words,
+/// word i = i * 0x9e3779b1.
+const TABLE_PAGES: u32 = 2048;
+
+/// What clone `id` of `n` must print: the wrapping sum of its pages' words.
+fn expected_sum(id: u32, n: u32) -> u32 {
+    let mut sum = 0u32;
+    let mut page = id;
+    while page < TABLE_PAGES {
+        for w in 0..1024 {
+            sum = sum.wrapping_add((page * 1024 + w).wrapping_mul(0x9e37_79b1));
+        }
+        page += n;
+    }
+    sum
+}
+
+fn hex_field(line: &str, key: &str) -> Option<u32> {
+    let at = line.find(key)? + key.len();
+    let digits: String = line[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_hexdigit())
+        .collect();
+    u32::from_str_radix(&digits, 16).ok()
+}
+
+#[test]
+fn real_xen_fork_two_clones() {
+    if find_in_path("qemu-system-x86_64").is_none() || find_xen_gz().is_none() {
+        // boot() prints which one is missing.
+        assert!(boot("fork", &[]).is_none());
+        return;
+    }
+    let dom0_tool = PathBuf::from(env!("CARGO_BIN_EXE_mcdist-xen-dom0"));
+    let profile_dir = dom0_tool
+        .parent()
+        .expect("target profile dir")
+        .to_path_buf();
+    let mcdist = profile_dir.join("mcdist");
+    let memtap = profile_dir.join("examples").join("xen_memtap");
+    for b in [&mcdist, &memtap] {
+        assert!(
+            b.is_file(),
+            "{} is not built: cargo build -p mcdist --bin mcdist -p mcdist-examples \
+             --example xen_memtap --features mcdist-xen/xen,mcdist-examples/xen",
+            b.display()
+        );
+    }
+    let Some(boot) = boot("fork", &[dom0_tool, mcdist, memtap]) else {
+        return;
+    };
+    let results = boot.lines_with("MCDIST_RESULT");
+    for id in 0..2u32 {
+        let line = results
+            .iter()
+            .find(|l| hex_field(l, "id=") == Some(id))
+            .unwrap_or_else(|| panic!("clone {id} printed no result"));
+        assert_eq!(hex_field(line, "n="), Some(2), "{line}");
+        let sum = hex_field(line, "sum=").expect("sum printed");
+        assert_eq!(sum, expected_sum(id, 2), "clone {id}: {line}");
+    }
+    for l in boot.lines_with("MCDIST_MEMTAP") {
+        eprintln!("{l}");
+    }
+    assert!(boot.line("MCDIST_FORK_OK").is_some());
+    assert!(boot.line("MCDIST_DOM0_EXIT 0").is_some());
+}
