@@ -367,5 +367,7 @@ fn client_loop<T: Transport>(
         inbox.receive(transport, wait, |at, from, bytes| {
             client.handle_datagram_slice(at, from, bytes)
         })?;
+        // Receive-buffer drops are the receiver's own overload, not path loss.
+        client.note_socket_drops(transport.rx_dropped());
     }
 }
