@@ -144,13 +144,18 @@ impl Peers {
         self.group_pages += 1;
     }
 
-    /// The lower median of `f` over every tracked receiver (0 with none).
-    fn lower_median<T: Ord + Copy + Default>(&self, f: impl Fn(&Peer) -> T) -> T {
+    /// The lower `num/den` quantile of `f` over every tracked receiver (0
+    /// with none): `1, 2` is the lower median.
+    fn quantile<T: Ord + Copy + Default>(
+        &self,
+        num: usize,
+        den: usize,
+        f: impl Fn(&Peer) -> T,
+    ) -> T {
         let mut v: Vec<T> = self.table.values().map(f).collect();
         v.sort_unstable();
-        v.get(v.len().saturating_sub(1) / 2)
-            .copied()
-            .unwrap_or_default()
+        let i = v.len().saturating_sub(1) * num / den.max(1);
+        v.get(i).copied().unwrap_or_default()
     }
 
     /// The 90th percentile of the loss that receivers still fetching at the
@@ -320,13 +325,16 @@ impl Server {
         }
         // The lower median: up to half the receivers (a slow one, or one
         // reporting false loss) cannot pace everyone down.
-        let median = self.peers.lower_median(|p| p.recent_loss(now));
+        let median = self.peers.quantile(1, 2, |p| p.recent_loss(now));
         let separate = self.cfg.rate.separate_overload;
-        let median_overload = self.peers.lower_median(|p| p.recent_overload(now));
+        // Overload that a quarter of the receivers or more report is the
+        // group's problem (receivers sharing their CPUs, say): the rate
+        // controller slows down for it rather than isolating them all.
+        let overload_q3 = self.peers.quantile(3, 4, |p| p.recent_overload(now));
         // Loss reports come with heartbeats; repair volume shows a receiver
         // that cannot keep up sooner: one asking again for far more pages than
         // the median receiver is an outlier too.
-        let median_nacked = self.peers.lower_median(|p| p.nacked);
+        let median_nacked = self.peers.quantile(1, 2, |p| p.nacked);
         let many = self.peers.len() > 1;
         let page_size = self.geo.page_size as u64;
         // Only a receiver missing most of what was multicast in the interval
@@ -356,7 +364,7 @@ impl Server {
                 // the median's (loss that a shared bottleneck deals out to
                 // everyone makes no receiver slow).
                 let loss = r.loss_permille;
-                many && ((r.overload_permille > threshold && median_overload <= threshold)
+                many && ((r.overload_permille > threshold && overload_q3 <= threshold)
                     || (loss > threshold
                         && median <= threshold
                         && u32::from(loss) > 2 * u32::from(median) + u32::from(threshold)))
