@@ -246,6 +246,36 @@ fn find(rs: &[RunResult], tool: Tool, n: usize, loss: f64) -> Option<&RunResult>
         .find(|r| r.tool == tool && r.receivers == n && r.loss_percent == loss && r.ok)
 }
 
+/// mcdist's (and mcdist-fec's) time and CPU seconds against each peer that
+/// finished the same configuration (receivers and loss), one line per pair.
+fn peer_ratios(rs: &[RunResult]) -> Vec<String> {
+    let mut out = Vec::new();
+    for m in rs
+        .iter()
+        .filter(|r| r.ok && matches!(r.tool, Tool::Mcdist | Tool::McdistFec))
+    {
+        for peer in [Tool::Uftp, Tool::Udpcast, Tool::UdpcastFec] {
+            let Some(p) = find(rs, peer, m.receivers, m.loss_percent) else {
+                continue;
+            };
+            out.push(format!(
+                "N={} loss {}%: {} vs {}: {:.2}x time ({:.2} s / {:.2} s), {:.2}x CPU ({:.2} / {:.2} CPU s)",
+                m.receivers,
+                m.loss_percent,
+                m.tool.name(),
+                p.tool.name(),
+                m.secs / p.secs.max(1e-9),
+                m.secs,
+                p.secs,
+                m.cpu_secs / p.cpu_secs.max(1e-9),
+                m.cpu_secs,
+                p.cpu_secs
+            ));
+        }
+    }
+    out
+}
+
 /// The goals, computed from the results that exist.
 pub fn summary(rs: &[RunResult]) -> String {
     let mut s = String::new();
@@ -268,6 +298,9 @@ pub fn summary(rs: &[RunResult]) -> String {
                 m.secs / p.secs
             );
         }
+    }
+    for line in peer_ratios(rs) {
+        let _ = writeln!(s, "{line}");
     }
     for m in rs.iter().filter(|r| r.ok && r.tool == Tool::Mcdist) {
         if let Some(b) = find(rs, Tool::McdistBase, m.receivers, m.loss_percent).filter(|b| b.ok) {

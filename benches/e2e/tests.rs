@@ -1,4 +1,4 @@
-//! CSV round trip and medians.
+//! CSV round trip, medians and the summary.
 
 use super::*;
 
@@ -66,4 +66,25 @@ fn every_named_tool_parses_back() {
     names.sort_unstable();
     names.dedup();
     assert_eq!(names.len(), Tool::NAMED.len());
+}
+
+#[test]
+fn summary_gives_cpu_ratio_to_each_peer() {
+    let rs = vec![
+        run(Tool::Mcdist, 1, 2.0, true),
+        run(Tool::Uftp, 1, 8.0, true),
+        run(Tool::Udpcast, 1, 4.0, true),
+        run(Tool::UdpcastFec, 1, 0.0, false),
+    ];
+    let s = summary(&rs);
+    // `run` gives CPU seconds of twice the wall time.
+    assert!(
+        s.contains("N=8 loss 5%: mcdist vs uftp: 0.25x time (2.00 s / 8.00 s), 0.25x CPU (4.00 / 16.00 CPU s)"),
+        "{s}"
+    );
+    assert!(s.contains("mcdist vs udpcast: 0.50x time"), "{s}");
+    assert!(
+        !s.contains("vs udpcast-fec"),
+        "failed runs are left out: {s}"
+    );
 }

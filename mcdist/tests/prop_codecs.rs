@@ -173,6 +173,7 @@ fn owned() -> impl Strategy<Value = Owned> {
             Owned::Heartbeat(Heartbeat {
                 rx_rate: r,
                 loss_permille: l,
+                overload_permille: l.rotate_left(3),
                 have_pages: h,
                 flags: mcdist::wire::HeartbeatFlags::from_bits_retain(f),
                 token: [f; 16],

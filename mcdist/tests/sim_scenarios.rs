@@ -278,7 +278,8 @@ fn slow_run(seed: u64, with_slow: bool) -> Result<(Sim, Option<usize>), String> 
 }
 
 /// The fast clients' median completion time must stay within 1.5x of the run
-/// without the slow client, and the last fast client within 2.5x. (The worst
+/// without the slow client, and the last fast client within 2.5x (or one retry
+/// tail, below). (The worst
 /// fast client alone exceeds 1.5x in roughly one seed in ten: a fast client
 /// that loses its last repairs waits out a retry timeout, whichever run it is
 /// in; that tail is a property of the retry timers, not of the slow client.)
@@ -291,10 +292,15 @@ fn slow_run(seed: u64, with_slow: bool) -> Result<(Sim, Option<usize>), String> 
 /// event of a run; with it, 2 seeds of 1000 exceeded the old bounds (seed 100: one
 /// fast client 335 ms against a worst of 112 ms without the slow one; seed 449: the
 /// median 1.51x). Both are one fast client caught behind the slow receiver's unicast
-/// repairs for a retry round or two, so the bounds are now a median within 1.6x and
+/// repairs for a retry round or two, so the bounds became a median within 1.6x and
 /// the last fast client within 2.5x or one retry tail ([`RETRY_TAIL`]) of the run
-/// without the slow client. Telling a fast receiver's bad luck from the slow
-/// receiver's overload is the rate-control work that is still open.
+/// without the slow client.
+///
+/// With receivers' overload told apart from path loss, NACKs for pages they saw
+/// go by no longer suppressed as lockstep duplicates, and a settling pause after
+/// each rate cut, the median bound is back at 1.5x (1000 seeds pass); the last
+/// fast client still needs the retry tail in one seed of 1000 (seed 100: one
+/// fast client 335 ms against 101 ms, waiting out a retry timeout).
 /// What one fast client may lose to retry rounds behind the slow receiver's repairs.
 const RETRY_TAIL: Duration = Duration::from_millis(250);
 
@@ -338,7 +344,7 @@ fn ten_times_slower_client_does_not_stall_the_rest() {
         let med = median(fast);
         let worst_bound = (2.5 * base_worst.as_secs_f64())
             .max(base_worst.as_secs_f64() + RETRY_TAIL.as_secs_f64());
-        if med.as_secs_f64() > 1.6 * base_median.as_secs_f64() || worst.as_secs_f64() > worst_bound
+        if med.as_secs_f64() > 1.5 * base_median.as_secs_f64() || worst.as_secs_f64() > worst_bound
         {
             return Err(format!(
                 "fast clients took {med:?} (median) / {worst:?} (last) with the slow one, \

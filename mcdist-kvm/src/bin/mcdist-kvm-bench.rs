@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use mcdist::secure::Security;
+#[path = "common/fault_stages.rs"]
+mod fault_stages;
 #[path = "common/session_args.rs"]
 mod session_args;
 use mcdist_kvm::clone::{run_clone, CloneError, CloneOptions, CloneReport};
@@ -341,6 +343,16 @@ fn run(args: Args) -> Result<(), String> {
         us(rtt.quantile(0.9)),
         us(rtt.quantile(0.99))
     );
+    // Where the network side of a remote fault spends its time.
+    let stages = fault_stages::measure(1000)?;
+    println!(
+        "\nremote fault, network side, stage by stage (in-process server and client over two \
+         loopback UDP sockets, {} faults, p50 µs):",
+        stages.faults
+    );
+    for (name, p50) in stages.names.iter().zip(stages.p50_us) {
+        println!("  {name:<34} {p50:>8.1}");
+    }
     // Like with like: the time a faulting thread is stopped (touch → resumed), measured by
     // the faulting thread itself, so the handler's wake-up is included in every mode.
     println!("\ntouch latency seen by the faulting thread (read 1 byte of each page, all pages of the slice)");

@@ -103,6 +103,13 @@ pub struct RateConfig {
     /// that long at the link's speed, which receivers' socket buffers and switch queues
     /// must absorb.
     pub burst: Duration,
+    /// Tell receivers' overload apart from loss on the path (on by default).
+    /// Overload (datagrams a receiver's own socket dropped) above the threshold
+    /// backs the rate off at once, every time, toward what the overloaded
+    /// receivers take; path loss backs it off only while it proves to be
+    /// congestion (see [`RateController`]). Off, overload counts as path loss,
+    /// as it did before receivers reported it.
+    pub separate_overload: bool,
 }
 
 impl RateConfig {
@@ -122,6 +129,7 @@ impl Default for RateConfig {
             interval: Duration::from_millis(50),
             loss_threshold_permille: 20,
             burst: Duration::from_millis(8),
+            separate_overload: true,
         }
     }
 }
@@ -129,6 +137,13 @@ impl Default for RateConfig {
 /// Follows receivers: multiplicative increase while no receiver reports loss,
 /// back-off toward the weighted average of the receive rates they report when
 /// they do. Always within `[floor, cap]`.
+///
+/// Receivers report two kinds of loss. **Overload** is what a receiver dropped
+/// itself (its socket buffer overflowed): a sure sign the sender is too fast
+/// for it, so it backs the rate off at once, toward the receive rates of the
+/// overloaded receivers, however often it happens. **Path loss** is the rest:
+/// congestion somewhere on a shared path, or loss that has nothing to do with
+/// the rate (a noisy link), told apart as follows.
 ///
 /// Loss that does not fall when the rate falls is not congestion (a lossy
 /// link, a noisy wireless hop): after [`RateController::PROBE_BACKOFFS`]
@@ -145,11 +160,20 @@ pub struct RateController {
     sum_rate_weighted: f64,
     sum_weight: f64,
     max_loss: u16,
+    /// Highest overload reported in the interval, permille.
+    max_overload: u16,
+    /// Receive rates of the receivers reporting overload, weighted like the others.
+    sum_overloaded_rate: f64,
+    sum_overloaded_weight: f64,
     reports: u32,
     /// Loss (permille) the link shows whatever the rate.
     baseline_loss: f64,
     /// Current run of back-offs: rate and loss before the first, count.
     episode: Option<(u64, u16, u32)>,
+    /// No loss is judged before this (see [`RateController::update`]).
+    settle_until: Instant,
+    /// The rate at which congestion or overload last set in.
+    ceiling: Option<u64>,
 }
 
 impl RateController {
@@ -163,15 +187,29 @@ impl RateController {
             sum_rate_weighted: 0.0,
             sum_weight: 0.0,
             max_loss: 0,
+            max_overload: 0,
+            sum_overloaded_rate: 0.0,
+            sum_overloaded_weight: 0.0,
             reports: 0,
             baseline_loss: 0.0,
             episode: None,
+            settle_until: now,
+            ceiling: None,
         }
     }
 
     /// Back-offs in a row that must leave the loss unchanged before the loss
     /// counts as the link's baseline rather than congestion.
-    pub const PROBE_BACKOFFS: u32 = 4;
+    pub const PROBE_BACKOFFS: u32 = 2;
+    /// Update intervals after a rate cut during which loss is not judged:
+    /// the receivers' next reports still measure the rate before it.
+    pub const SETTLE_INTERVALS: u32 = 3;
+    /// Growth per interval near the rate where congestion last set in (far
+    /// from it: ×1.25).
+    pub const GENTLE_GROWTH: f64 = 1.04;
+    /// Highest loss taken as a link's baseline, permille: more is never
+    /// taken for a property of the link.
+    pub const MAX_BASELINE_PERMILLE: u16 = 300;
 
     /// Loss (parts per thousand) currently taken as the link's baseline.
     pub fn baseline_loss_permille(&self) -> u16 {
@@ -188,26 +226,76 @@ impl RateController {
         self.next_update
     }
 
-    /// Record one receiver report. Receivers that report loss weigh more, so
-    /// the slow ones pull the average down.
-    pub fn report(&mut self, rx_rate: u64, loss_permille: u16) {
+    /// Record one receiver report: `loss_permille` is all it missed,
+    /// `overload_permille` the part of that it dropped itself. Receivers that
+    /// report loss weigh more, so the slow ones pull the average down.
+    pub fn report(&mut self, rx_rate: u64, loss_permille: u16, overload_permille: u16) {
+        let overload = overload_permille.min(loss_permille);
+        let (path, overload) = if self.cfg.separate_overload {
+            (loss_permille - overload, overload)
+        } else {
+            (loss_permille, 0)
+        };
         if rx_rate > 0 {
             let w = 1.0 + f64::from(loss_permille) / 10.0;
             self.sum_rate_weighted += rx_rate as f64 * w;
             self.sum_weight += w;
+            if overload > self.cfg.loss_threshold_permille {
+                self.sum_overloaded_rate += rx_rate as f64 * w;
+                self.sum_overloaded_weight += w;
+            }
         }
-        self.max_loss = self.max_loss.max(loss_permille);
+        self.max_loss = self.max_loss.max(path);
+        self.max_overload = self.max_overload.max(overload);
         self.reports += 1;
     }
 
+    /// Back off from the current rate toward 0.9 × `avg` (at most ×0.8, at
+    /// least ×0.4), and let the change settle before judging loss again.
+    fn back_off(&mut self, now: Instant, avg: u64) {
+        let cap = self.cfg.cap.max(self.cfg.floor);
+        let backed = (self.rate as f64 * 0.8) as u64;
+        // A little below what the receivers took, so queues on the way drain.
+        let below = (avg as f64 * 0.9) as u64;
+        self.rate = backed.min(below.max(backed / 2)).clamp(self.cfg.floor, cap);
+        self.settle_until = now + self.cfg.interval * Self::SETTLE_INTERVALS;
+    }
+
     /// Recompute the rate if the interval elapsed; returns true when it changed.
+    ///
+    /// After a back-off (or a return from a probe) the controller lets
+    /// [`RateController::SETTLE_INTERVALS`] intervals pass before it judges
+    /// loss again: receivers measure over their report interval, so the
+    /// reports that arrive right after a change still describe the rate
+    /// before it (read as "the loss did not fall", that lag made a shared
+    /// bottleneck look like a lossy link). Growth slows to
+    /// [`RateController::GENTLE_GROWTH`] near the rate at which congestion
+    /// last set in, so the sender does not overshoot it by the report delay.
     pub fn update(&mut self, now: Instant) -> bool {
         if now < self.next_update {
             return false;
         }
         self.next_update = now + self.cfg.interval;
+        if now < self.settle_until {
+            self.reset_interval();
+            return false;
+        }
         let old = self.rate;
         let cap = self.cfg.cap.max(self.cfg.floor);
+        if self.reports > 0 && self.max_overload > self.cfg.loss_threshold_permille {
+            // A receiver dropped datagrams itself: too fast for it, whatever
+            // the path does. No probing: overload is never a baseline.
+            let avg = if self.sum_overloaded_weight > 0.0 {
+                (self.sum_overloaded_rate / self.sum_overloaded_weight) as u64
+            } else {
+                self.rate
+            };
+            self.episode = None;
+            self.ceiling = Some(self.rate);
+            self.back_off(now, avg);
+            self.reset_interval();
+            return self.rate != old;
+        }
         let loss = self.max_loss;
         let congested = self.reports > 0
             && f64::from(loss) > self.baseline_loss + f64::from(self.cfg.loss_threshold_permille);
@@ -218,9 +306,11 @@ impl RateController {
                     // Rate-independent loss stays within 15 % of where it was.
                     if u32::from(loss) * 100 >= u32::from(first_loss) * 85 {
                         if n + 1 >= Self::PROBE_BACKOFFS {
-                            self.baseline_loss = f64::from(loss);
+                            self.baseline_loss = f64::from(loss.min(Self::MAX_BASELINE_PERMILLE));
                             self.episode = None;
+                            self.ceiling = None;
                             self.rate = before.clamp(self.cfg.floor, cap);
+                            self.settle_until = now + self.cfg.interval * Self::SETTLE_INTERVALS;
                             self.reset_interval();
                             return self.rate != old;
                         }
@@ -237,8 +327,8 @@ impl RateController {
             } else {
                 self.rate
             };
-            let backed = (self.rate as f64 * 0.8) as u64;
-            self.rate = backed.min(avg.max(backed / 2)).clamp(self.cfg.floor, cap);
+            self.ceiling = Some(self.rate);
+            self.back_off(now, avg);
         } else {
             self.episode = None;
             if self.reports > 0 {
@@ -246,7 +336,16 @@ impl RateController {
                 self.baseline_loss += (f64::from(loss) - self.baseline_loss) * 0.1;
             }
             if self.reports > 0 || self.sum_weight == 0.0 {
-                self.rate = ((self.rate as f64 * 1.25) as u64).clamp(self.cfg.floor, cap);
+                let growth = match self.ceiling {
+                    Some(c) if self.rate as f64 >= c as f64 * 1.25 => {
+                        // Well past where congestion set in: the path changed.
+                        self.ceiling = None;
+                        1.25
+                    }
+                    Some(c) if self.rate as f64 * 1.25 >= c as f64 * 0.9 => Self::GENTLE_GROWTH,
+                    _ => 1.25,
+                };
+                self.rate = ((self.rate as f64 * growth) as u64).clamp(self.cfg.floor, cap);
             }
         }
         self.reset_interval();
@@ -257,6 +356,9 @@ impl RateController {
         self.sum_rate_weighted = 0.0;
         self.sum_weight = 0.0;
         self.max_loss = 0;
+        self.max_overload = 0;
+        self.sum_overloaded_rate = 0.0;
+        self.sum_overloaded_weight = 0.0;
         self.reports = 0;
     }
 }
@@ -290,12 +392,19 @@ mod tests {
             ..RateConfig::default()
         };
         let mut c = RateController::new(t0, cfg);
-        c.report(10_000, 300);
+        c.report(10_000, 300, 0);
         assert!(c.update(t0 + Duration::from_millis(10)));
         assert!(c.rate() < 100_000);
         let low = c.rate();
-        c.report(50_000, 0);
-        c.update(t0 + Duration::from_millis(20));
+        // Reports right after the cut still measure the old rate: they are
+        // not judged while the change settles.
+        for i in 1..RateController::SETTLE_INTERVALS {
+            c.report(10_000, 300, 0);
+            c.update(t0 + Duration::from_millis(10 + 10 * u64::from(i)));
+            assert_eq!(c.rate(), low);
+        }
+        c.report(50_000, 0, 0);
+        c.update(t0 + Duration::from_millis(10 + 10 * u64::from(RateController::SETTLE_INTERVALS)));
         assert!(c.rate() > low);
     }
 
@@ -316,12 +425,17 @@ mod tests {
         let mut c = RateController::new(t0, cfg_10ms());
         let start = c.rate();
         let mut t = t0;
-        // 5 % loss whatever the rate: a lossy link, not congestion.
-        for _ in 0..RateController::PROBE_BACKOFFS {
+        // 5 % loss whatever the rate: a lossy link, not congestion. One
+        // back-off, a settling pause, and the loss did not fall.
+        let mut cuts = 0;
+        while c.baseline_loss_permille() == 0 && t < t0 + Duration::from_secs(1) {
             t += Duration::from_millis(10);
-            c.report(c.rate(), 50);
+            c.report(c.rate(), 50, 0);
+            let before = c.rate();
             c.update(t);
+            cuts += u32::from(c.rate() < before);
         }
+        assert_eq!(cuts, RateController::PROBE_BACKOFFS - 1);
         assert_eq!(c.baseline_loss_permille(), 50);
         assert_eq!(
             c.rate(),
@@ -331,7 +445,7 @@ mod tests {
         // The same loss no longer slows the sender down; it speeds up again.
         for _ in 0..20 {
             t += Duration::from_millis(10);
-            c.report(c.rate(), 50);
+            c.report(c.rate(), 50, 0);
             c.update(t);
         }
         assert_eq!(c.rate(), 10_000_000);
@@ -348,18 +462,93 @@ mod tests {
             // A receiver that takes at most `capacity`: the loss is what exceeds it.
             let r = c.rate() as f64;
             let loss = ((1.0 - capacity / r).max(0.0) * 1000.0) as u16;
-            c.report(r.min(capacity) as u64, loss);
+            c.report(r.min(capacity) as u64, loss, 0);
             c.update(t);
         }
-        assert_eq!(
-            c.baseline_loss_permille(),
-            0,
-            "congestion is not baseline loss"
+        assert!(
+            c.baseline_loss_permille() < cfg_10ms().loss_threshold_permille / 2,
+            "congestion is not baseline loss (baseline {})",
+            c.baseline_loss_permille()
         );
         assert!(
             c.rate() < 400_000,
             "rate {} stays near the receiver's capacity",
             c.rate()
+        );
+    }
+
+    #[test]
+    fn overload_backs_off_every_time_and_never_becomes_baseline() {
+        let t0 = Instant::now();
+        let mut c = RateController::new(t0, cfg_10ms());
+        let mut t = t0;
+        let mut cuts = 0;
+        for _ in 0..40 {
+            t += Duration::from_millis(10);
+            // A receiver that drops 5 % itself whatever the rate.
+            let before = c.rate();
+            c.report(c.rate() * 95 / 100, 50, 50);
+            c.update(t);
+            cuts += u32::from(c.rate() < before);
+        }
+        assert_eq!(c.baseline_loss_permille(), 0);
+        assert!(cuts >= 9, "backed off {cuts} times");
+        assert!(c.rate() < 100_000, "rate {} keeps falling", c.rate());
+    }
+
+    #[test]
+    fn path_loss_with_overload_separated_or_not() {
+        let t0 = Instant::now();
+        for separate in [true, false] {
+            let cfg = RateConfig {
+                separate_overload: separate,
+                ..cfg_10ms()
+            };
+            let mut c = RateController::new(t0, cfg);
+            // 5 % path loss and no overload: the same either way.
+            c.report(950_000, 50, 0);
+            assert!(c.update(t0 + Duration::from_millis(10)));
+            assert!(c.rate() < 1_000_000);
+            // Overload reported but not told apart: counted as path loss, and
+            // probed like it (rate-independent: becomes the baseline).
+            let mut c = RateController::new(t0, cfg);
+            let mut t = t0;
+            for _ in 0..10 {
+                t += Duration::from_millis(10);
+                c.report(c.rate(), 50, 50);
+                c.update(t);
+            }
+            assert_eq!(c.baseline_loss_permille() == 50, !separate);
+        }
+    }
+
+    #[test]
+    fn lagging_reports_do_not_make_a_bottleneck_look_like_a_lossy_link() {
+        // A shared bottleneck of 200 KB/s; each report measures the rate of
+        // two intervals before (the receivers' report interval and the trip).
+        let t0 = Instant::now();
+        let mut c = RateController::new(t0, cfg_10ms());
+        let capacity = 200_000f64;
+        let mut history = vec![c.rate(); 2];
+        let mut t = t0;
+        for _ in 0..200 {
+            t += Duration::from_millis(10);
+            let r = history[history.len() - 2] as f64;
+            let loss = ((1.0 - capacity / r).max(0.0) * 1000.0) as u16;
+            c.report(r.min(capacity) as u64, loss, 0);
+            c.update(t);
+            history.push(c.rate());
+        }
+        assert!(
+            c.baseline_loss_permille() < 10,
+            "baseline {}",
+            c.baseline_loss_permille()
+        );
+        let late = &history[100..];
+        let mean = late.iter().sum::<u64>() as f64 / late.len() as f64;
+        assert!(
+            mean < 1.3 * capacity && mean > 0.6 * capacity,
+            "mean rate {mean} near the bottleneck's {capacity}"
         );
     }
 
@@ -402,7 +591,7 @@ mod tests {
             let cfg = RateConfig { floor: 5000, cap: 50_000_000, initial: 1_000_000, interval: Duration::from_millis(1), loss_threshold_permille: 20, ..RateConfig::default() };
             let mut c = RateController::new(t0, cfg);
             for (i, (r, l)) in reports.into_iter().enumerate() {
-                c.report(r, l);
+                c.report(r, l, 0);
                 c.update(t0 + Duration::from_millis(i as u64 + 1));
                 prop_assert!(c.rate() >= 5000 && c.rate() <= 50_000_000);
             }

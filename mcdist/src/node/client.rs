@@ -408,5 +408,7 @@ fn client_loop<T: Transport>(
             client.handle_datagram_borrowed(at, from, bytes, &mut |pfn, page| d.page(pfn, page));
             d.events(&mut client);
         })?;
+        // Receive-buffer drops are the receiver's own overload, not path loss.
+        client.note_socket_drops(transport.rx_dropped());
     }
 }

@@ -274,4 +274,8 @@ impl<T: Transport> Transport for SecureTransport<T> {
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.inner.local_addr()
     }
+
+    fn rx_dropped(&self) -> u64 {
+        self.inner.rx_dropped()
+    }
 }

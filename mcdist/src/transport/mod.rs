@@ -58,6 +58,13 @@ pub trait Transport: Send + 'static {
     /// The address peers reply to.
     fn local_addr(&self) -> io::Result<SocketAddr>;
 
+    /// Datagrams the receive side dropped so far because it did not keep up
+    /// (its socket buffers were full), as far as the transport knows: a
+    /// running count, 0 where it is not measured.
+    fn rx_dropped(&self) -> u64 {
+        0
+    }
+
     /// Send several datagrams: datagram `i` goes to `items[i].dest` and is the
     /// first `items[i].len` bytes of `buf[i * slot..]`. Transports that can
     /// send many datagrams in one system call (`sendmmsg`) override this; the
@@ -155,6 +162,9 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
         (**self).local_addr()
+    }
+    fn rx_dropped(&self) -> u64 {
+        (**self).rx_dropped()
     }
     fn send_batch(&mut self, buf: &[u8], slot: usize, items: &[Transmit]) -> io::Result<()> {
         (**self).send_batch(buf, slot, items)

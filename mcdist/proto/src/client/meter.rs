@@ -1,10 +1,13 @@
 //! What the client measures and reports: receive rate, loss, heartbeats and server liveness.
 //!
 //! Rule owned here: every heartbeat interval the client measures its receive rate (bytes
-//! of valid datagrams per second) and its multicast loss (gaps in the group sequence
-//! numbers), and tells the server in every request and in a heartbeat, so the server paces
-//! itself to its slowest receiver. A server silent for `give_up_after` while pages are
-//! awaited fails the session.
+//! of valid datagrams per second), its multicast loss (gaps in the group sequence
+//! numbers) and the part of that loss that was its own overload (datagrams its socket
+//! buffer dropped, counted by the driver from `SO_RXQ_OVFL` and handed in with
+//! [`Client::note_socket_drops`]), and tells the server in every request (loss) and in a
+//! heartbeat (loss and overload), so the server can slow down for a receiver that cannot
+//! keep up without slowing down for loss on the path. A server silent for
+//! `give_up_after` while pages are awaited fails the session.
 
 use super::{Client, ClientError, Timer};
 use crate::wire::{self, Body};
@@ -24,6 +27,12 @@ pub(super) struct Meter {
     pub(super) rx_rate: u64,
     /// Multicast loss of the last interval, per mille.
     pub(super) loss_permille: u16,
+    /// The part of the last interval's loss the receiver dropped itself, per mille.
+    pub(super) overload_permille: u16,
+    /// Datagrams the socket dropped in this interval.
+    interval_drops: u64,
+    /// The driver's running count of socket drops, as last handed in.
+    drops_total: Option<u64>,
     /// When the server was last heard from.
     pub(super) last_server_packet: Instant,
 }
@@ -39,6 +48,9 @@ impl Meter {
             max_group_seq: None,
             rx_rate: 0,
             loss_permille: 0,
+            overload_permille: 0,
+            interval_drops: 0,
+            drops_total: None,
             last_server_packet: now,
         }
     }
@@ -56,6 +68,15 @@ impl Meter {
         }
     }
 
+    /// The driver's running count of datagrams its sockets dropped for want of
+    /// buffer space is `total`.
+    fn socket_drops(&mut self, total: u64) {
+        if let Some(prev) = self.drops_total {
+            self.interval_drops += total.saturating_sub(prev);
+        }
+        self.drops_total = Some(total);
+    }
+
     /// The server restarted: its sequence numbers start over.
     pub(super) fn server_restarted(&mut self) {
         self.interval_seq_start = None;
@@ -70,13 +91,26 @@ impl Meter {
         if dt > 0.0 {
             self.rx_rate = (self.interval_bytes as f64 / dt) as u64;
         }
+        let drops = std::mem::take(&mut self.interval_drops);
+        let mut expected = 0;
         if let (Some(start), Some(max)) = (self.interval_seq_start, self.max_group_seq) {
-            let expected = max.saturating_sub(start);
+            expected = max.saturating_sub(start);
             if expected > 0 {
                 let got = self.interval_group_pkts.min(expected);
                 self.loss_permille = (((expected - got) * 1000) / expected) as u16;
             }
         }
+        // Drops the group sequence numbers cannot see yet (the socket dropped
+        // everything after the last datagram taken) still count: they are
+        // datagrams the receiver was sent.
+        let seen = expected.max(self.interval_group_pkts + drops);
+        self.overload_permille = if drops == 0 || seen == 0 {
+            0
+        } else {
+            let own = ((drops.min(seen) * 1000) / seen) as u16;
+            self.loss_permille = self.loss_permille.max(own);
+            own
+        };
         self.interval_start = now;
         self.interval_bytes = 0;
         self.interval_group_pkts = 0;
@@ -85,6 +119,15 @@ impl Meter {
 }
 
 impl Client {
+    /// The transport's running count of datagrams dropped because the receive
+    /// socket's buffer was full (`SO_RXQ_OVFL` on Linux) is `total`: the
+    /// receiver did not keep up. Drivers call this after each receive turn;
+    /// the first call sets the starting point. The drops of each report
+    /// interval go to the server as overload, apart from loss on the path.
+    pub fn note_socket_drops(&mut self, total: u64) {
+        self.meter.socket_drops(total);
+    }
+
     /// Fail the session when the server has been silent too long while pages are awaited.
     /// Returns false when the session failed.
     pub(super) fn check_liveness(&mut self, now: Instant) -> bool {
@@ -153,10 +196,44 @@ impl Client {
         let body = Body::Heartbeat(wire::Heartbeat {
             rx_rate: self.meter.rx_rate,
             loss_permille: self.meter.loss_permille,
+            overload_permille: self.meter.overload_permille,
             have_pages: self.pages_present(),
             flags,
             token: self.session.token,
         });
         self.to_server(seq, body, buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Meter;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn socket_drops_are_overload_and_part_of_the_loss() {
+        let t0 = Instant::now();
+        let mut m = Meter::new(t0, Duration::from_millis(100));
+        m.socket_drops(7); // the starting point: drops before the session
+                           // Group datagrams 3..=101 sent (the first one seen is 3): every tenth
+                           // lost on the path (10), 11, 12, 21, 22 ... 92 dropped by the
+                           // receiver's own socket (18), the other 71 taken.
+        for i in 3..=100u64 {
+            if i % 10 > 2 {
+                m.datagram(t0, 1000, i);
+            }
+        }
+        m.datagram(t0, 1000, 101);
+        m.socket_drops(7 + 18);
+        m.report(t0 + Duration::from_millis(100));
+        assert_eq!(m.overload_permille, 18 * 1000 / 99);
+        assert_eq!(m.loss_permille, 28 * 1000 / 99);
+        // The next interval without drops reports none.
+        for i in 102..=200 {
+            m.datagram(t0, 1000, i);
+        }
+        m.report(t0 + Duration::from_millis(200));
+        assert_eq!(m.overload_permille, 0);
+        assert_eq!(m.loss_permille, 0);
     }
 }

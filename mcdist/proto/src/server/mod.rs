@@ -230,6 +230,12 @@ impl Server {
         self.bucket.rate()
     }
 
+    /// The receiver at `addr` is currently marked slow: left out of pacing and
+    /// repaired by unicast.
+    pub fn is_slow_receiver(&self, addr: SocketAddr) -> bool {
+        self.peers.is_slow(&addr)
+    }
+
     /// Number of receivers tracked.
     pub fn client_count(&self) -> usize {
         self.peers.len()

@@ -3,10 +3,11 @@
 //! Rules owned here: a receiver is tracked once its address is validated (its
 //! token echoed, see `validate`; up to `max_clients`) until it leaves or stays
 //! silent for `client_timeout`; each has
-//! its own request rate limit; its rate and loss reports feed the rate
-//! controller once per interval, except a receiver that cannot keep up (loss or
-//! re-asks far above the median's), which is marked slow, left out of pacing and
-//! repaired by unicast at the rate it reports. Completion is counted once per receiver.
+//! its own request rate limit; its rate, loss and overload reports feed the rate
+//! controller once per interval, except a receiver that cannot keep up (overload,
+//! loss or re-asks far above the median's), which is marked slow, left out of
+//! pacing and repaired by unicast at the rate it reports. Completion is counted
+//! once per receiver.
 
 use super::{Server, ServerEvent};
 use crate::pacing::TokenBucket;
@@ -27,6 +28,9 @@ const HEAVY_LOSS_PERMILLE: u16 = 250;
 struct Report {
     rx_rate: u64,
     loss_permille: u16,
+    /// The part of the loss the receiver dropped itself (heartbeats only;
+    /// requests keep the last heartbeat's).
+    overload_permille: u16,
     at: Instant,
 }
 
@@ -63,6 +67,13 @@ impl Peer {
     /// A receiver that keeps up may ask for a quarter second of pages at once.
     fn request_burst(page_rate: u64) -> u64 {
         (page_rate / 4).max(4096)
+    }
+
+    /// Overload of the latest report if it is recent, else 0.
+    fn recent_overload(&self, now: Instant) -> u16 {
+        self.report
+            .filter(|r| now.saturating_duration_since(r.at) <= REPORT_RECENT)
+            .map_or(0, |r| r.overload_permille)
     }
 
     /// Loss of the latest report if it is recent; a receiver with no recent
@@ -131,6 +142,20 @@ impl Peers {
     /// One page went to the group.
     pub(super) fn note_group_page(&mut self) {
         self.group_pages += 1;
+    }
+
+    /// The lower `num/den` quantile of `f` over every tracked receiver (0
+    /// with none): `1, 2` is the lower median.
+    fn quantile<T: Ord + Copy + Default>(
+        &self,
+        num: usize,
+        den: usize,
+        f: impl Fn(&Peer) -> T,
+    ) -> T {
+        let mut v: Vec<T> = self.table.values().map(f).collect();
+        v.sort_unstable();
+        let i = v.len().saturating_sub(1) * num / den.max(1);
+        v.get(i).copied().unwrap_or_default()
     }
 
     /// The 90th percentile of the loss that receivers still fetching at the
@@ -207,7 +232,13 @@ impl Server {
         if !self.touch_peer(now, from) {
             return;
         }
-        self.note_report(now, from, h.rx_rate, h.loss_permille);
+        self.note_report(
+            now,
+            from,
+            h.rx_rate,
+            h.loss_permille,
+            Some(h.overload_permille),
+        );
         if h.flags.contains(wire::Heartbeat::COMPLETE) {
             self.mark_complete(from);
         }
@@ -244,11 +275,17 @@ impl Server {
         from: SocketAddr,
         rx_rate: u64,
         loss_permille: u16,
+        overload_permille: Option<u16>,
     ) {
         if let Some(p) = self.peers.table.get_mut(&from) {
+            let overload_permille = overload_permille
+                .or(p.report.map(|r| r.overload_permille))
+                .unwrap_or(0)
+                .min(loss_permille);
             p.report = Some(Report {
                 rx_rate,
                 loss_permille,
+                overload_permille,
                 at: now,
             });
             p.fresh = true;
@@ -275,7 +312,8 @@ impl Server {
     }
 
     /// Hand one report per receiver to the rate controller, leaving out
-    /// receivers that report loss while the median receiver does not: one slow
+    /// receivers that report loss (or overload of their own) while the median
+    /// receiver does not: one slow
     /// receiver must not pace everyone down. Such a receiver is marked slow; its
     /// repairs go by unicast, limited to the rate it reports.
     pub(super) fn feed_rate_reports(&mut self, now: Instant) {
@@ -285,53 +323,72 @@ impl Server {
         // included: they are evidence of what the network delivers.
         // A receiver with no recent report has not complained: it counts as
         // loss-free, so one early complainer is not taken for the majority.
-        let mut losses: Vec<u16> = self
-            .peers
-            .table
-            .values()
-            .map(|p| p.recent_loss(now))
-            .collect();
-        if losses.is_empty() {
+        if self.peers.table.is_empty() {
             return;
         }
-        losses.sort_unstable();
         // The lower median: up to half the receivers (a slow one, or one
         // reporting false loss) cannot pace everyone down.
-        let median = losses[(losses.len() - 1) / 2];
+        let median = self.peers.quantile(1, 2, |p| p.recent_loss(now));
         // The loss handed to the rate controller is at most the 90th
         // percentile beyond 32 receivers (up to 32, the maximum): the largest
         // of many noisy loss estimates grows with the receiver count, the loss
         // of a shared bottleneck does not.
-        let high = if losses.len() > 32 {
-            losses[losses.len() * 9 / 10]
+        let high = if self.peers.len() > 32 {
+            self.peers.quantile(9, 10, |p| p.recent_loss(now))
         } else {
-            losses[losses.len() - 1]
+            u16::MAX
         };
+        let separate = self.cfg.rate.separate_overload;
+        // Overload that a quarter of the receivers or more report is the
+        // group's problem (receivers sharing their CPUs, say): the rate
+        // controller slows down for it rather than isolating them all.
+        let overload_q3 = self.peers.quantile(3, 4, |p| p.recent_overload(now));
         // Loss reports come with heartbeats; repair volume shows a receiver
         // that cannot keep up sooner: one asking again for far more pages than
         // the median receiver is an outlier too.
-        let mut nacked: Vec<u64> = self.peers.table.values().map(|p| p.nacked).collect();
-        nacked.sort_unstable();
-        let median_nacked = nacked[(nacked.len() - 1) / 2];
-        let many = losses.len() > 1;
+        let median_nacked = self.peers.quantile(1, 2, |p| p.nacked);
+        let many = self.peers.len() > 1;
         let page_size = self.geo.page_size as u64;
         // Only a receiver missing most of what was multicast in the interval
         // counts: a lossy link alone does not make a receiver slow.
         let sent = std::mem::take(&mut self.peers.group_pages);
         for (addr, p) in self.peers.table.iter_mut() {
-            let nack_outlier =
-                many && p.nacked > (8 * median_nacked).max(64) && p.nacked * 2 > sent;
+            // Nothing multicast (the end game answers by unicast): re-asks
+            // then show which receivers are last, not which are slow.
+            let nack_outlier = many
+                && sent > 0
+                && p.nacked > (8 * median_nacked).max(64)
+                && p.nacked * 2 > sent
+                // Loss all receivers share (a bottleneck before them) makes the
+                // first to ask look like an outlier: its own report must show
+                // more loss than the median receiver's, if it sent one.
+                && p.report.is_none_or(|r| r.loss_permille > median.saturating_add(threshold));
             p.nacked = 0;
             let fresh = p.report.filter(|_| p.fresh);
             p.fresh = false;
-            let loss_outlier =
-                fresh.is_some_and(|r| r.loss_permille > threshold && median <= threshold && many);
+            let loss_outlier = fresh.is_some_and(|r| {
+                if !separate {
+                    return r.loss_permille > threshold && median <= threshold && many;
+                }
+                // Told apart: a receiver is slow for its own overload while
+                // most are not overloaded, even where every receiver's path
+                // loses datagrams; for path loss only when it stands far above
+                // the median's (loss that a shared bottleneck deals out to
+                // everyone makes no receiver slow).
+                let loss = r.loss_permille;
+                many && ((r.overload_permille > threshold && overload_q3 <= threshold)
+                    || (loss > threshold
+                        && median <= threshold
+                        && u32::from(loss) > 2 * u32::from(median) + u32::from(threshold)))
+            });
             if nack_outlier || loss_outlier || (p.slow && fresh.is_none()) {
-                let (rx_rate, loss) = p.report.map_or((0, 0), |r| (r.rx_rate, r.loss_permille));
+                let (rx_rate, loss, overload) = p.report.map_or((0, 0, 0), |r| {
+                    (r.rx_rate, r.loss_permille, r.overload_permille)
+                });
                 if !p.slow {
                     p.slow = true;
                     self.stats.slow_receivers += 1;
-                    tracing::warn!(peer = %addr, loss_permille = loss, rx_rate, "receiver cannot keep up; left out of pacing, repaired by unicast");
+                    tracing::warn!(peer = %addr, loss_permille = loss, overload_permille = overload, rx_rate, "receiver cannot keep up; left out of pacing, repaired by unicast");
                 }
                 let pages = (rx_rate / page_size).max(256);
                 p.tokens.set_rate(now, pages, (pages / 4).max(64));
@@ -346,7 +403,8 @@ impl Server {
                 p.tokens.set_rate(now, rate, Peer::request_burst(rate));
             }
             if !p.complete {
-                self.rate.report(r.rx_rate, r.loss_permille.min(high));
+                self.rate
+                    .report(r.rx_rate, r.loss_permille.min(high), r.overload_permille);
             }
         }
     }

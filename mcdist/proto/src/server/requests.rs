@@ -59,7 +59,7 @@ impl Server {
         if !self.touch_peer(now, from) {
             return;
         }
-        self.note_report(now, from, q.rx_rate, q.loss_permille);
+        self.note_report(now, from, q.rx_rate, q.loss_permille, None);
         let pages = q.ranges.total_pages().min(self.cfg.max_pages_per_request);
         if !self.peers.allow(now, &from, pages.max(1)) {
             self.stats.rate_limited += 1;
@@ -112,7 +112,7 @@ impl Server {
             self.queue_unicast(from, pfn, Data::REPAIR);
             return;
         }
-        if self.suppressed(now, pfn) {
+        if self.suppressed(now, pfn, ask) {
             return;
         }
         // The hash pages above a data page travel ahead of it.
@@ -157,15 +157,19 @@ impl Server {
     }
 
     /// Lockstep suppression: the page is already queued for the group, or was
-    /// multicast within the lockstep window.
-    fn suppressed(&mut self, now: Instant, pfn: u64) -> bool {
+    /// multicast within the lockstep window. A NACK names a page the receiver
+    /// saw go by without it: a push or sweep send it missed is no answer in
+    /// flight, so only an answer to another ask within the window suppresses it.
+    fn suppressed(&mut self, now: Instant, pfn: u64, ask: Ask) -> bool {
         if self.sent.queued_group.get(pfn) {
             self.stats.suppressed_queued += 1;
             return true;
         }
-        if self
-            .sent
-            .multicast_within(pfn, now, self.base, self.cfg.lockstep_window)
+        let answer_in_flight = !ask.nack || self.sent.last_was_answer.get(pfn);
+        if answer_in_flight
+            && self
+                .sent
+                .multicast_within(pfn, now, self.base, self.cfg.lockstep_window)
         {
             self.stats.suppressed_lockstep += 1;
             return true;

@@ -158,6 +158,9 @@ pub(super) struct SentLog {
     pub(super) queued_group: PageBitmap,
     /// Last multicast of each page: nanoseconds since the server's base + 1 (0: never).
     last_group_send: Vec<u64>,
+    /// Pages whose last multicast answered a request or NACK (not a push or
+    /// the sweep).
+    pub(super) last_was_answer: PageBitmap,
 }
 
 impl SentLog {
@@ -166,6 +169,7 @@ impl SentLog {
             ever: PageBitmap::new(page_count),
             queued_group: PageBitmap::new(page_count),
             last_group_send: vec![0; usize::try_from(page_count).unwrap_or(0)],
+            last_was_answer: PageBitmap::new(page_count),
         }
     }
 
@@ -434,6 +438,11 @@ impl Server {
         if job.target == Target::Group {
             self.peers.note_group_page();
             self.sent.last_group_send[job.pfn as usize] = self.nanos(now) + 1;
+            if job.flags.intersects(Data::DEMAND | Data::REPAIR) {
+                self.sent.last_was_answer.set(job.pfn);
+            } else {
+                self.sent.last_was_answer.clear(job.pfn);
+            }
         }
         self.sent.ever.set(job.pfn);
     }

@@ -245,6 +245,7 @@ fn an_unvalidated_address_gets_at_most_three_times_what_it_sent() {
         datagram(Body::Heartbeat(Heartbeat {
             rx_rate: 1,
             loss_permille: 0,
+            overload_permille: 0,
             have_pages: 8,
             flags: Heartbeat::COMPLETE,
             token: [1; 16],

@@ -72,6 +72,7 @@ impl Forgery {
             Forgery::Complete => Body::Heartbeat(wire::Heartbeat {
                 rx_rate: 1,
                 loss_permille: 0,
+                overload_permille: 0,
                 have_pages: page_count,
                 flags: wire::Heartbeat::COMPLETE,
                 token,

@@ -260,7 +260,10 @@ impl Sim {
                     let backlog = start.duration_since(now).as_secs_f64() * rate;
                     let len = ev.data.len() as f64;
                     if backlog + len > cap.queue_bytes as f64 {
+                        // The kernel counts these for the socket (SO_RXQ_OVFL);
+                        // the driver hands the count to the client.
                         c.rx_overflows += 1;
+                        c.client.note_socket_drops(c.rx_overflows);
                         return;
                     }
                     let done = start + Duration::from_secs_f64(len / rate);
@@ -294,6 +297,11 @@ impl Sim {
         while let Some(t) = self.server.poll_transmit(now, &mut buf) {
             let data = Bytes::copy_from_slice(&buf[..t.len]);
             self.capture(true, &data);
+            // A shared bottleneck queues every datagram the server sends and
+            // drops it, for every receiver, when its queue is full.
+            let Some(wait) = self.bottleneck_admit(data.len()) else {
+                continue;
+            };
             match t.dest {
                 Dest::Group => {
                     self.group_datagrams += 1;
@@ -302,7 +310,7 @@ impl Sim {
                     }
                     for i in 0..self.clients.len() {
                         if self.clients[i].state == ClientState::Running {
-                            self.send_down(i, data.clone());
+                            self.send_down(i, data.clone(), wait);
                         }
                     }
                 }
@@ -311,7 +319,7 @@ impl Sim {
                     *self.unicast_bytes.entry(a).or_default() += data.len() as u64;
                     match self.by_addr.get(&a).copied() {
                         Some(i) if self.clients[i].state == ClientState::Running => {
-                            self.send_down(i, data)
+                            self.send_down(i, data, wait)
                         }
                         _ => self.undeliverable += 1,
                     }
@@ -344,11 +352,29 @@ impl Sim {
         self.buf = buf;
     }
 
-    fn send_down(&mut self, i: usize, data: Bytes) {
+    /// The delay of one datagram of `len` bytes through the shared bottleneck
+    /// (zero without one), or `None` when its queue is full and it is dropped.
+    fn bottleneck_admit(&mut self, len: usize) -> Option<Duration> {
+        let Some(cap) = self.bottleneck else {
+            return Some(Duration::ZERO);
+        };
+        let rate = cap.bytes_per_sec.max(1) as f64;
+        let start = self.bottleneck_busy_until.max(self.now);
+        let backlog = start.duration_since(self.now).as_secs_f64() * rate;
+        if backlog + len as f64 > cap.queue_bytes as f64 {
+            self.bottleneck_drops += 1;
+            return None;
+        }
+        let done = start + Duration::from_secs_f64(len as f64 / rate);
+        self.bottleneck_busy_until = done;
+        Some(done.duration_since(self.now))
+    }
+
+    fn send_down(&mut self, i: usize, data: Bytes, wait: Duration) {
         let (arrivals, n) = self.clients[i].down.transmit();
         for d in arrivals.iter().take(n).flatten() {
             self.push(
-                self.now + *d,
+                self.now + wait + *d,
                 Node::Client(i),
                 Sim::SERVER_ADDR,
                 data.clone(),

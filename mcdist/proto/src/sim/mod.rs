@@ -16,8 +16,13 @@
 //! that client's own downlink (so loss is independent per client); unicast goes
 //! over the same downlink; client requests go over the client's uplink.
 //!
-//! What it does not model: bandwidth of the links themselves (the server paces
-//! itself; receivers may be given a capacity), IP fragmentation, or the kernel.
+//! A shared bottleneck ([`Sim::set_bottleneck`]) may sit between the server and
+//! every client: a queue of bounded size drained at a fixed rate, which every
+//! datagram of the server crosses and which drops it for everyone when full.
+//!
+//! What it does not model: bandwidth of each client's own link (the server
+//! paces itself; receivers may be given a capacity, and their queue's drops are
+//! handed to the client as a socket's drop count), IP fragmentation, or the kernel.
 //!
 //! | module     | owns                                                              |
 //! |------------|-------------------------------------------------------------------|
@@ -87,6 +92,11 @@ pub struct Sim {
     group_data_bytes: u64,
     /// Bytes forged per source address ([`Sim::spoof`]).
     spoofed_in: HashMap<SocketAddr, u64>,
+    /// The shared bottleneck between the server and every client, if any.
+    bottleneck: Option<RxCapacity>,
+    bottleneck_busy_until: Instant,
+    /// Datagrams the shared bottleneck dropped.
+    pub bottleneck_drops: u64,
 }
 
 impl std::fmt::Debug for Sim {
@@ -141,7 +151,18 @@ impl Sim {
             unicast_bytes: HashMap::new(),
             group_data_bytes: 0,
             spoofed_in: HashMap::new(),
+            bottleneck: None,
+            bottleneck_busy_until: base,
+            bottleneck_drops: 0,
         })
+    }
+
+    /// Put a shared bottleneck between the server and every client (`None`:
+    /// none): every datagram the server sends waits in its queue, drained at
+    /// `bytes_per_sec`, and is dropped for every receiver when `queue_bytes`
+    /// are already waiting.
+    pub fn set_bottleneck(&mut self, bottleneck: Option<RxCapacity>) {
+        self.bottleneck = bottleneck;
     }
 
     /// Current virtual time.

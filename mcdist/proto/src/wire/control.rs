@@ -35,6 +35,9 @@ pub(super) mod heartbeat_field {
     pub const FLAGS: usize = 18;
     /// Echoed address-validation token.
     pub const TOKEN: Field = 19..35;
+    /// The part of the loss that was the receiver's own overload (appended
+    /// field: a heartbeat without it reports 0).
+    pub const OVERLOAD_PERMILLE: Field = 35..37;
 }
 
 /// Byte offsets of the [`Leave`] and [`End`] body fields.
@@ -96,8 +99,13 @@ impl Join {
 pub struct Heartbeat {
     /// Receive rate, bytes per second.
     pub rx_rate: u64,
-    /// Measured group loss, parts per thousand.
+    /// Measured group loss, parts per thousand: every datagram the receiver
+    /// did not get, whatever dropped it.
     pub loss_permille: u16,
+    /// The part of that loss (parts per thousand of the group datagrams) that
+    /// the receiver dropped itself because it could not keep up: datagrams its
+    /// socket buffer overflowed with (`SO_RXQ_OVFL`). The rest is path loss.
+    pub overload_permille: u16,
     /// Pages the client holds (including zero pages).
     pub have_pages: u64,
     /// Heartbeat flags ([`Heartbeat::COMPLETE`]).
@@ -107,17 +115,27 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
-    /// Body length.
-    pub const LEN: usize = heartbeat_field::TOKEN.end;
+    /// Body length as emitted.
+    pub const LEN: usize = heartbeat_field::OVERLOAD_PERMILLE.end;
+    /// Shortest body accepted: a heartbeat of a sender that does not report
+    /// overload ends after the token.
+    pub const MIN_LEN: usize = heartbeat_field::TOKEN.end;
     /// The client holds the whole image and verified it.
     pub const COMPLETE: HeartbeatFlags = HeartbeatFlags::COMPLETE;
 
-    /// Parse a heartbeat body (trailing bytes are ignored).
+    /// Parse a heartbeat body (trailing bytes are ignored; without the
+    /// overload field, overload is 0).
     pub fn parse(body: &[u8]) -> Result<Heartbeat, WireError> {
-        check_len(body, Self::LEN)?;
+        check_len(body, Self::MIN_LEN)?;
+        let overload_permille = if body.len() >= Self::LEN {
+            read_u16(body, heartbeat_field::OVERLOAD_PERMILLE)
+        } else {
+            0
+        };
         Ok(Heartbeat {
             rx_rate: read_u64(body, heartbeat_field::RX_RATE),
             loss_permille: read_u16(body, heartbeat_field::LOSS_PERMILLE),
+            overload_permille,
             have_pages: read_u64(body, heartbeat_field::HAVE_PAGES),
             flags: HeartbeatFlags::from_bits_retain(body[heartbeat_field::FLAGS]),
             token: read_array(body, heartbeat_field::TOKEN),
@@ -145,6 +163,11 @@ impl Heartbeat {
         );
         body[heartbeat_field::FLAGS] = self.flags.bits();
         put(body, heartbeat_field::TOKEN, &self.token);
+        put(
+            body,
+            heartbeat_field::OVERLOAD_PERMILLE,
+            &self.overload_permille.to_be_bytes(),
+        );
         Ok(())
     }
 }

@@ -62,6 +62,7 @@ fn every_kind_roundtrips() {
         Body::Heartbeat(Heartbeat {
             rx_rate: 9,
             loss_permille: 3,
+            overload_permille: 0,
             have_pages: 77,
             flags: Heartbeat::COMPLETE,
             token: [5; 16],

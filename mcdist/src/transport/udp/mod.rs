@@ -33,6 +33,11 @@
 //! so callers see exactly the datagrams that were sent; what does not fit in
 //! one call is handed out by the next.
 //!
+//! Every socket sets `SO_RXQ_OVFL`, so batch receives learn the kernel's
+//! count of datagrams each socket dropped because its buffer was full
+//! ([`Transport::rx_dropped`]): a receiver that cannot keep up tells the
+//! server so, apart from loss on the path.
+//!
 //! One module per concern: `setup` (configuration, interface lookup,
 //! socket options, the GSO/GRO probes), `send` (batch send: `sendmmsg`, GSO
 //! runs, the fallback when GSO is refused), `recv` (batch receive:
@@ -91,6 +96,10 @@ pub struct UdpTransport {
     gso: bool,
     /// Receives use UDP GRO.
     gro: Option<Gro>,
+    /// The kernel's running count of datagrams dropped for want of receive
+    /// buffer (`SO_RXQ_OVFL`), as last reported, on the multicast and the
+    /// unicast socket.
+    drops: [u32; 2],
 }
 
 impl std::fmt::Debug for UdpTransport {
@@ -168,6 +177,10 @@ impl Transport for UdpTransport {
             }
             Err((_, e)) => Err(e),
         }
+    }
+
+    fn rx_dropped(&self) -> u64 {
+        self.drops.iter().map(|&d| u64::from(d)).sum()
     }
 
     fn recv_batch(

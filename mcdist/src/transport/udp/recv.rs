@@ -38,12 +38,14 @@ impl UdpTransport {
 }
 
 /// One datagram taken by `recvmmsg`: its length (0 when truncated or not
-/// from IPv4), its sender, and the GRO segment size when the kernel
-/// coalesced several datagrams into it.
+/// from IPv4), its sender, the GRO segment size when the kernel
+/// coalesced several datagrams into it, and the socket's running count of
+/// receive-buffer drops when the kernel sent one (`SO_RXQ_OVFL`).
 pub(super) struct RawMsg {
     pub(super) len: usize,
     pub(super) from: Option<SocketAddr>,
     pub(super) segment: usize,
+    pub(super) drops: Option<u32>,
 }
 
 /// `recvmmsg` on one socket without waiting; message `i` lands at `buf[i * slot..]`.
@@ -63,7 +65,8 @@ fn recv_raw(
     if n == 0 {
         return Ok(0);
     }
-    let cmsg = gro.then(|| nix::cmsg_space!(i32));
+    // Room for the GRO segment size and the SO_RXQ_OVFL drop count.
+    let cmsg = Some(nix::cmsg_space!(i32, u32));
     let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(n, cmsg);
     let mut iovs: Vec<[IoSliceMut<'_>; 1]> = buf
         .chunks_exact_mut(slot)
@@ -91,12 +94,15 @@ fn recv_raw(
                 .map(|s| SocketAddr::V4(SocketAddrV4::from(*s)))
         });
         let mut segment = 0;
-        if gro {
-            if let Ok(cmsgs) = m.cmsgs() {
-                for c in cmsgs {
-                    if let ControlMessageOwned::UdpGroSegments(s) = c {
+        let mut drops = None;
+        if let Ok(cmsgs) = m.cmsgs() {
+            for c in cmsgs {
+                match c {
+                    ControlMessageOwned::UdpGroSegments(s) if gro => {
                         segment = usize::try_from(s).unwrap_or(0);
                     }
+                    ControlMessageOwned::RxqOvfl(d) => drops = Some(d),
+                    _ => {}
                 }
             }
         }
@@ -107,6 +113,7 @@ fn recv_raw(
             len: if ok { m.bytes.min(slot) } else { 0 },
             from,
             segment,
+            drops,
         });
     }
     Ok(got)
@@ -126,11 +133,16 @@ fn recv_many(
 ) -> io::Result<usize> {
     raw.clear();
     let got = recv_raw(sock, buf, slot, false, raw)?;
-    out.extend(raw.drain(..).map(|m| Received {
+    out.extend(raw.iter().map(|m| Received {
         len: m.len,
         from: m.from.unwrap_or_else(unspecified),
     }));
     Ok(got)
+}
+
+/// The latest running drop count among `raw`, if any message carried one.
+fn latest_drops(raw: &[RawMsg]) -> Option<u32> {
+    raw.iter().rev().find_map(|m| m.drops)
 }
 
 /// Receive buffers for UDP GRO: coalesced buffers land in `buf`, are cut
@@ -205,12 +217,11 @@ impl Gro {
 }
 
 impl UdpTransport {
-    fn sockets(&self, mcast_first: bool) -> impl Iterator<Item = &UdpSocket> {
-        let (a, b) = if mcast_first {
-            (self.mcast.as_ref(), Some(&self.ucast))
-        } else {
-            (Some(&self.ucast), self.mcast.as_ref())
-        };
+    /// The sockets with their index in `drops` (0 multicast, 1 unicast).
+    fn sockets(&self, mcast_first: bool) -> impl Iterator<Item = (usize, &UdpSocket)> {
+        let m = self.mcast.as_ref().map(|m| (0, m));
+        let u = Some((1, &self.ucast));
+        let (a, b) = if mcast_first { (m, u) } else { (u, m) };
         a.into_iter().chain(b)
     }
 
@@ -228,18 +239,23 @@ impl UdpTransport {
         }
         let mut total = 0;
         let mut raw = Vec::new();
-        for sock in self.sockets(self.turn) {
+        let mut drops = self.drops;
+        for (i, sock) in self.sockets(self.turn) {
             let start = total * slot;
             if start >= buf.len() {
                 break;
             }
             total += recv_many(sock, &mut buf[start..], slot, &mut raw, out)?;
+            if let Some(d) = latest_drops(&raw) {
+                drops[i] = d;
+            }
         }
+        self.drops = drops;
         Ok(total)
     }
 
     fn try_recv_gro(
-        &self,
+        &mut self,
         gro: &mut Gro,
         buf: &mut [u8],
         slot: usize,
@@ -251,15 +267,19 @@ impl UdpTransport {
 
     /// When every datagram of the last receive was handed out: one `recvmmsg` per socket
     /// into the GRO buffers, cut into datagrams.
-    fn fill_gro(&self, gro: &mut Gro) -> io::Result<()> {
+    fn fill_gro(&mut self, gro: &mut Gro) -> io::Result<()> {
         if !gro.pending.is_empty() {
             return Ok(());
         }
         let mut used = 0;
-        for sock in self.sockets(self.turn) {
+        let mut drops = self.drops;
+        for (i, sock) in self.sockets(self.turn) {
             gro.raw.clear();
             let area = &mut gro.buf[used * GRO_SLOT..(used + GRO_SLOTS) * GRO_SLOT];
             recv_raw(sock, area, GRO_SLOT, true, &mut gro.raw)?;
+            if let Some(d) = latest_drops(&gro.raw) {
+                drops[i] = d;
+            }
             for (k, m) in gro.raw.iter().enumerate() {
                 if Gro::split(&mut gro.pending, (used + k) * GRO_SLOT, m) {
                     gro.coalesced += 1;
@@ -267,6 +287,7 @@ impl UdpTransport {
             }
             used += GRO_SLOTS;
         }
+        self.drops = drops;
         Ok(())
     }
 

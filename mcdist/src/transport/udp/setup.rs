@@ -172,6 +172,20 @@ fn enable_gro(s: &Socket) -> bool {
     }
 }
 
+/// Turns `SO_RXQ_OVFL` on: each datagram then comes with the socket's running
+/// count of datagrams dropped because its receive buffer was full. False when
+/// the kernel refuses it.
+fn enable_rxq_ovfl(s: &Socket) -> bool {
+    use nix::sys::socket::{setsockopt, sockopt::RxqOvfl};
+    match setsockopt(s, RxqOvfl, &1) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "no SO_RXQ_OVFL here; receive-buffer drops are not counted");
+            false
+        }
+    }
+}
+
 fn new_socket(cfg: &UdpConfig) -> Result<Socket, UdpSetupError> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
         .map_err(sock_err("creating a UDP socket"))?;
@@ -182,6 +196,7 @@ fn new_socket(cfg: &UdpConfig) -> Result<Socket, UdpSetupError> {
     // Buffer sizes are requests; the kernel may cap them.
     let _ = s.set_recv_buffer_size(cfg.buffer_bytes);
     let _ = s.set_send_buffer_size(cfg.buffer_bytes);
+    let _ = enable_rxq_ovfl(&s);
     if let Some(name) = &cfg.iface {
         s.bind_device(Some(name.as_bytes()))
             .map_err(|e| match e.raw_os_error() {
@@ -254,6 +269,7 @@ impl UdpTransport {
             watched: AtomicUsize::new(0),
             gso: false,
             gro: None,
+            drops: [0; 2],
         })
     }
 

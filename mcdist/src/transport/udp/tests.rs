@@ -1,4 +1,5 @@
-//! Tests of GSO run cutting, GRO splitting and the watched-descriptor wake-up.
+//! Tests of GSO run cutting, GRO splitting, receive-buffer drop counting and the
+//! watched-descriptor wake-up.
 
 use super::recv::{Gro, RawMsg};
 use super::send::{gso_group, gso_runs, GsoRun, GSO_MAX_BYTES};
@@ -98,6 +99,7 @@ fn gro_split_cuts_at_the_segment_size() {
         len: 1400 * 3 + 200,
         from,
         segment: 1400,
+        drops: None,
     };
     assert!(Gro::split(&mut q, 100, &m));
     let got: Vec<(usize, usize)> = q.iter().map(|&(o, l, _)| (o, l)).collect();
@@ -110,6 +112,7 @@ fn gro_split_cuts_at_the_segment_size() {
         len: 800,
         from,
         segment: 1400,
+        drops: None,
     };
     assert!(!Gro::split(&mut q, 0, &one));
     assert_eq!(q.len(), 1);
@@ -151,4 +154,63 @@ fn datagrams_still_arrive_with_a_watched_descriptor() {
         .expect("recv")
         .expect("a datagram");
     assert_eq!(&buf[..r.len], b"page");
+}
+
+/// A receiver that does not read while datagrams pour in drops some in its
+/// full socket buffer; the kernel's count (`SO_RXQ_OVFL`) reaches
+/// `rx_dropped` with the next datagram taken, with GRO on or off.
+#[test]
+fn receive_buffer_drops_are_counted() {
+    for gro in [false, true] {
+        let mut cfg = UdpConfig::new(SocketAddrV4::new(Ipv4Addr::new(239, 255, 77, 4), 47_011));
+        cfg.iface = Some("lo".into());
+        cfg.buffer_bytes = 4096;
+        cfg.gro = gro;
+        let mut t = match UdpTransport::client(&cfg) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("skipping: no loopback multicast socket here: {e}");
+                return;
+            }
+        };
+        let to = SocketAddr::from((Ipv4Addr::LOCALHOST, t.local_addr().unwrap().port()));
+        let sender = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let payload = [7u8; 1000];
+        // Far more than a 4 KiB buffer (the kernel doubles it, and keeps a
+        // minimum of a few KiB) holds.
+        for _ in 0..200 {
+            sender.send_to(&payload, to).unwrap();
+        }
+        assert_eq!(t.rx_dropped(), 0, "nothing counted before a receive");
+        let mut buf = vec![0u8; 2048 * 64];
+        let mut out = Vec::new();
+        // Drain what the buffer held (those arrived before any drop), then
+        // one more datagram brings the count.
+        for _ in 0..100 {
+            out.clear();
+            if t.recv_batch(&mut buf, 2048, &mut out, Some(Duration::ZERO))
+                .unwrap()
+                == 0
+            {
+                break;
+            }
+        }
+        sender.send_to(&payload, to).unwrap();
+        let mut got = 0;
+        for _ in 0..100 {
+            out.clear();
+            got += t
+                .recv_batch(&mut buf, 2048, &mut out, Some(Duration::from_millis(50)))
+                .unwrap();
+            if got > 0 {
+                break;
+            }
+        }
+        assert!(got > 0, "the last datagram arrives");
+        let dropped = t.rx_dropped();
+        assert!(
+            dropped > 0 && dropped < 200,
+            "gro {gro}: {dropped} drops counted"
+        );
+    }
 }
