@@ -37,6 +37,9 @@ impl Ask {
     }
 }
 
+/// Up to this many receivers, an end-game re-ask is answered twice.
+const DOUBLE_REASK_MAX_PEERS: usize = 64;
+
 impl Server {
     /// A request (`nack` false) or NACK datagram: rate-limit it, then walk its
     /// ranges, at most `max_pages_per_request` pages.
@@ -110,6 +113,16 @@ impl Server {
         }
         if self.repair_by_unicast(from, ask) {
             self.queue_unicast(from, pfn, Data::REPAIR);
+            if ask.reask && self.peers.len() <= DOUBLE_REASK_MAX_PEERS && !self.peers.is_slow(&from)
+            {
+                // Asked again in the end game: the answer was lost once already,
+                // and the asker's next retry is a backed-off timeout away. A second
+                // copy makes losing the page again much less likely than losing one
+                // datagram, for one page's bytes. With many receivers the end game's
+                // unicast is most of what the server sends, and doubling it delays
+                // everyone.
+                self.queue_unicast(from, pfn, Data::REPAIR);
+            }
             return;
         }
         if self.suppressed(now, pfn, ask) {
