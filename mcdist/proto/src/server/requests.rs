@@ -122,6 +122,7 @@ impl Server {
                 // unicast is most of what the server sends, and doubling it delays
                 // everyone.
                 self.queue_unicast(from, pfn, Data::REPAIR);
+                self.stats.reask_doubles += 1;
             }
             return;
         }

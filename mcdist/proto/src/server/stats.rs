@@ -53,6 +53,9 @@ pub struct ServerStats {
     pub repair_pages: u64,
     /// Pages sent by unicast (end game, fan-out).
     pub unicast_pages: u64,
+    /// Second copies of end-game answers to re-asks (up to 64 receivers; counted in
+    /// `pages_sent` too once sent).
+    pub reask_doubles: u64,
     /// Zero-page answers (header only, no payload).
     pub zero_replies: u64,
     /// Datagrams sent.
