@@ -361,12 +361,13 @@ fn first_nacks_are_answered_with_one_shared_round_of_repair_symbols() {
     assert_eq!(kinds(&drain(&mut s, now), Kind::Repair), 2);
     assert_eq!(s.stats().fec_nack_rounds, 1);
     // A re-ask takes the plain path: the page itself (in the end game, to the
-    // asker alone).
+    // asker alone, twice with this few receivers).
     s.handle_datagram(now, a, &ask(Kind::Nack, Request::RETRY, 2));
     assert_eq!(
         data(&drain(&mut s, now)),
-        vec![(Dest::Peer(a), 2, Data::REPAIR)]
+        vec![(Dest::Peer(a), 2, Data::REPAIR); 2]
     );
+    assert_eq!(s.stats().reask_doubles, 1);
     // After the window, a NACK starts a new round.
     let later = now + Duration::from_millis(10);
     s.handle_datagram(later, a, &ask(Kind::Nack, RequestFlags::empty(), 4));
