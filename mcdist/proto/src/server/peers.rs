@@ -152,10 +152,23 @@ impl Peers {
         den: usize,
         f: impl Fn(&Peer) -> T,
     ) -> T {
+        let [q] = self.quantiles([(num, den)], f);
+        q
+    }
+
+    /// Several quantiles of `f` (each as in [`Peers::quantile`]) from one
+    /// pass and one sort over the receivers.
+    fn quantiles<T: Ord + Copy + Default, const N: usize>(
+        &self,
+        at: [(usize, usize); N],
+        f: impl Fn(&Peer) -> T,
+    ) -> [T; N] {
         let mut v: Vec<T> = self.table.values().map(f).collect();
         v.sort_unstable();
-        let i = v.len().saturating_sub(1) * num / den.max(1);
-        v.get(i).copied().unwrap_or_default()
+        at.map(|(num, den)| {
+            let i = v.len().saturating_sub(1) * num / den.max(1);
+            v.get(i).copied().unwrap_or_default()
+        })
     }
 
     /// The 90th percentile of the loss that receivers still fetching at the
@@ -328,16 +341,14 @@ impl Server {
         }
         // The lower median: up to half the receivers (a slow one, or one
         // reporting false loss) cannot pace everyone down.
-        let median = self.peers.quantile(1, 2, |p| p.recent_loss(now));
+        let [median, p90] = self
+            .peers
+            .quantiles([(1, 2), (9, 10)], |p| p.recent_loss(now));
         // The loss handed to the rate controller is at most the 90th
         // percentile beyond 32 receivers (up to 32, the maximum): the largest
         // of many noisy loss estimates grows with the receiver count, the loss
         // of a shared bottleneck does not.
-        let high = if self.peers.len() > 32 {
-            self.peers.quantile(9, 10, |p| p.recent_loss(now))
-        } else {
-            u16::MAX
-        };
+        let high = if self.peers.len() > 32 { p90 } else { u16::MAX };
         let separate = self.cfg.rate.separate_overload;
         // Overload that a quarter of the receivers or more report is the
         // group's problem (receivers sharing their CPUs, say): the rate
