@@ -117,21 +117,23 @@ pub trait Transport: Send + 'static {
         timeout: Option<Duration>,
         f: &mut dyn FnMut(SocketAddr, &mut [u8]),
     ) -> io::Result<usize> {
-        recv_in_place_by_batch(self, buf, slot, timeout, f)
+        recv_in_place_by_batch(self, buf, slot, timeout, &mut Vec::new(), f)
     }
 }
 
-/// [`Transport::recv_in_place`] over one [`Transport::recv_batch`] into `buf`.
+/// [`Transport::recv_in_place`] over one [`Transport::recv_batch`] into `buf`; `got` is
+/// scratch for the lengths and senders (a transport keeps one to reuse).
 pub(crate) fn recv_in_place_by_batch<T: Transport + ?Sized>(
     t: &mut T,
     buf: &mut [u8],
     slot: usize,
     timeout: Option<Duration>,
+    got: &mut Vec<Received>,
     f: &mut dyn FnMut(SocketAddr, &mut [u8]),
 ) -> io::Result<usize> {
     let slot = slot.max(1);
-    let mut got = Vec::with_capacity(buf.len() / slot);
-    let n = t.recv_batch(buf, slot, &mut got, timeout)?;
+    got.clear();
+    let n = t.recv_batch(buf, slot, got, timeout)?;
     for (i, r) in got.iter().enumerate() {
         let at = i * slot;
         f(r.from, &mut buf[at..at + r.len.min(slot)]);

@@ -96,6 +96,8 @@ pub struct UdpTransport {
     gso: bool,
     /// Receives use UDP GRO.
     gro: Option<Gro>,
+    /// Lengths and senders of the last batch `recv_in_place` took without GRO.
+    received: Vec<Received>,
     /// The kernel's running count of datagrams dropped for want of receive
     /// buffer (`SO_RXQ_OVFL`), as last reported, on the multicast and the
     /// unicast socket.
@@ -212,7 +214,10 @@ impl Transport for UdpTransport {
         f: &mut dyn FnMut(SocketAddr, &mut [u8]),
     ) -> io::Result<usize> {
         let Some(mut gro) = self.gro.take() else {
-            return crate::transport::recv_in_place_by_batch(self, buf, slot, timeout, f);
+            let mut got = std::mem::take(&mut self.received);
+            let r = crate::transport::recv_in_place_by_batch(self, buf, slot, timeout, &mut got, f);
+            self.received = got;
+            return r;
         };
         let r = self.recv_gro_in_place(&mut gro, timeout, f);
         self.gro = Some(gro);

@@ -269,6 +269,7 @@ impl UdpTransport {
             watched: AtomicUsize::new(0),
             gso: false,
             gro: None,
+            received: Vec::new(),
             drops: [0; 2],
         })
     }
