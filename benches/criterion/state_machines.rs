@@ -156,46 +156,48 @@ fn fault_latency(c: &mut Criterion) {
 }
 
 fn fec(c: &mut Criterion) {
-    let run = 64usize;
-    let data = image(run, 4096, 0);
-    let symbol = 1280u16;
     let mut g = c.benchmark_group("fec/raptorq");
-    g.throughput(Throughput::Elements(run as u64));
     g.sample_size(10);
-    let repair = (data.len() / usize::from(symbol)).div_ceil(20) as u32; // 5 %
-    g.bench_function("encode_64_pages", |b| {
-        b.iter(|| {
-            let enc = raptorq::Encoder::with_defaults(black_box(&data), symbol);
-            black_box(enc.get_encoded_packets(repair).len())
-        })
-    });
-    let enc = raptorq::Encoder::with_defaults(&data, symbol);
-    let packets = enc.get_encoded_packets(repair);
-    let cfg = enc.get_config();
-    // Drop one source symbol in 25 so decoding needs the repair symbols.
-    let received: Vec<raptorq::EncodingPacket> = packets
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| i % 25 != 3)
-        .map(|(_, p)| p)
-        .collect();
-    g.bench_function("decode_64_pages_4pct_loss", |b| {
-        b.iter_batched(
-            || received.clone(),
-            |pkts| {
-                let mut dec = raptorq::Decoder::new(cfg);
-                let mut out = None;
-                for p in pkts {
-                    out = dec.decode(p);
-                    if out.is_some() {
-                        break;
+    // 64 pages: the default block; 128: the block past 64 receivers.
+    for run in [64usize, 128] {
+        let data = image(run, 4096, 0);
+        let symbol = 1280u16;
+        g.throughput(Throughput::Elements(run as u64));
+        let repair = (data.len() / usize::from(symbol)).div_ceil(20) as u32; // 5 %
+        g.bench_function(format!("encode_{run}_pages"), |b| {
+            b.iter(|| {
+                let enc = raptorq::Encoder::with_defaults(black_box(&data), symbol);
+                black_box(enc.get_encoded_packets(repair).len())
+            })
+        });
+        let enc = raptorq::Encoder::with_defaults(&data, symbol);
+        let packets = enc.get_encoded_packets(repair);
+        let cfg = enc.get_config();
+        // Drop one source symbol in 25 so decoding needs the repair symbols.
+        let received: Vec<raptorq::EncodingPacket> = packets
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % 25 != 3)
+            .map(|(_, p)| p)
+            .collect();
+        g.bench_function(format!("decode_{run}_pages_4pct_loss"), |b| {
+            b.iter_batched(
+                || received.clone(),
+                |pkts| {
+                    let mut dec = raptorq::Decoder::new(cfg);
+                    let mut out = None;
+                    for p in pkts {
+                        out = dec.decode(p);
+                        if out.is_some() {
+                            break;
+                        }
                     }
-                }
-                black_box(out.expect("enough symbols to decode"))
-            },
-            BatchSize::LargeInput,
-        )
-    });
+                    black_box(out.expect("enough symbols to decode"))
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
     g.finish();
 }
 

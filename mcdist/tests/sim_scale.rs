@@ -271,8 +271,11 @@ fn thousand_receivers_a_few_at_30pct() {
             slowest.as_secs_f64() <= 1.5 * median.as_secs_f64(),
             "seed {seed}: slowest ordinary receiver {slowest:?}, median {median:?}"
         );
-        // The lossy few are repaired by unicast; the group's bytes stay flat.
-        assert!(m.group_per_byte <= 1.5, "seed {seed}: {m:?}");
+        // The lossy few join with everyone else, so their first NACKs (before
+        // their reports mark them lossy) share the group's repair rounds; after
+        // that they are repaired by unicast. The group's bytes do not multiply
+        // with them. (All bytes can: their unicast repair is plain pages.)
+        assert!(m.group_per_byte <= 1.75, "seed {seed}: {m:?}");
     }
 }
 

@@ -107,7 +107,7 @@ enum Cmd {
         #[arg(long, requires = "fec", default_value_t = 0.0)]
         fec_overhead: f64,
         /// With --fec: most pages per FEC block.
-        #[arg(long, requires = "fec", default_value_t = 64)]
+        #[arg(long, requires = "fec", default_value_t = 128)]
         fec_block_pages: usize,
         /// Send runs of equal-sized datagrams as UDP GSO buffers (falls back
         /// to one datagram per buffer where the kernel refuses).

@@ -58,6 +58,12 @@ impl Meter {
     /// One valid datagram of this session, `len` bytes, sequence number `seq`.
     pub(super) fn datagram(&mut self, now: Instant, len: usize, seq: u64) {
         self.last_server_packet = now;
+        if self.interval_bytes == 0 {
+            // The rate is what the receiver took while data flowed: an interval
+            // that began idle (before the sweep started, or while the server
+            // had nothing to send) is measured from its first datagram.
+            self.interval_start = now;
+        }
         self.interval_bytes += len as u64;
         if seq & wire::SEQ_UNICAST_BIT == 0 {
             self.interval_group_pkts += 1;

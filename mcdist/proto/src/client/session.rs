@@ -37,6 +37,9 @@ pub(super) struct Leave {
 }
 
 /// What the client knows of the session.
+/// Joins retried at the first, short interval before the interval doubles.
+const QUICK_JOINS: u32 = 4;
+
 pub(super) struct Session {
     /// The session's parameters, once announced.
     pub(super) info: Option<SessionInfo>,
@@ -52,6 +55,8 @@ pub(super) struct Session {
     early: Vec<u64>,
     /// Delay before the next join while the session is unknown.
     join_backoff: Duration,
+    /// Joins sent while the session is unknown.
+    joins_unanswered: u32,
     /// The server's address-validation token for this client (zero: none yet).
     pub(super) token: Token,
     /// An announce said the server validated this client's address.
@@ -67,9 +72,10 @@ impl Session {
             zero_chunks: PageBitmap::new(0),
             zero_map_complete: false,
             early: Vec::new(),
-            // The first join is retried quickly (a lost join must not make a
-            // late joiner), then backs off to one a second.
-            join_backoff: (join_interval / 4).max(Duration::from_millis(1)),
+            // The first joins are retried quickly (a lost join must not make a
+            // late joiner), then back off to one a second.
+            join_backoff: (join_interval / 8).max(Duration::from_millis(1)),
+            joins_unanswered: 0,
             token: [0; TOKEN_LEN],
             validated: false,
         }
@@ -341,7 +347,14 @@ impl Client {
         if self.session.info.is_none() {
             self.timers
                 .set(Timer::Join, now + self.session.join_backoff);
-            self.session.join_backoff = (self.session.join_backoff * 2).min(Duration::from_secs(1));
+            // A join or its answer lost on a lossy path is common; a server not
+            // up yet is not worth a flood: the first QUICK_JOINS retries keep the
+            // short interval, later ones double it.
+            self.session.joins_unanswered += 1;
+            if self.session.joins_unanswered >= QUICK_JOINS {
+                self.session.join_backoff =
+                    (self.session.join_backoff * 2).min(Duration::from_secs(1));
+            }
         } else if !self.session.validated {
             // The token (or the first join's answer) may have been lost.
             let retry = (self.cfg.join_interval / 16).max(Duration::from_millis(1));

@@ -131,6 +131,11 @@ impl BlockBuilder {
         self.opened.is_some() && self.members.len() >= self.max_pages
     }
 
+    /// Whether `pfn` is a member of the open block.
+    pub fn holds(&self, pfn: u64) -> bool {
+        self.opened.is_some() && self.members.binary_search(&pfn).is_ok()
+    }
+
     /// Whether `pfn` can join the open block (false: close it first).
     pub fn fits(&self, pfn: u64) -> bool {
         self.opened.is_none()

@@ -109,7 +109,7 @@ impl Default for ServerConfig {
             max_pages_per_request: 8192,
             seed: None,
             fec: false,
-            fec_block_pages: 64,
+            fec_block_pages: 128,
             fec_min_overhead: 0.0,
             fec_max_overhead: 0.5,
             fec_loss_factor: 2.0,

@@ -262,6 +262,12 @@ impl Server {
         let Some(fec) = self.fec.as_mut() else {
             return false;
         };
+        if fec.builder.holds(pfn) {
+            // Its block is still open: its repair symbols are not out yet, and
+            // a window block formed now would claim the same first page with
+            // other members (receivers refuse such a repair). Plain path.
+            return false;
+        }
         let first = match fec.sent.block_of(pfn) {
             Some(f) => f,
             None => {

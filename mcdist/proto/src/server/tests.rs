@@ -100,6 +100,15 @@ fn join(token: Token) -> Vec<u8> {
 
 /// Join from `from`, read the token of the announce reply, echo it: `from` is validated.
 fn validate(s: &mut Server, now: Instant, from: SocketAddr) -> Token {
+    let token = token_for(s, now, from);
+    s.handle_datagram(now, from, &join(token));
+    drain(s, now);
+    assert!(s.peers.contains(&from), "{from} validated");
+    token
+}
+
+/// The token a join from `from` gets (everything else sent meanwhile is dropped).
+fn token_for(s: &mut Server, now: Instant, from: SocketAddr) -> Token {
     s.handle_datagram(now, from, &join([0; 16]));
     let mut buf = vec![0u8; 65_536];
     let mut token = None;
@@ -110,11 +119,7 @@ fn validate(s: &mut Server, now: Instant, from: SocketAddr) -> Token {
             }
         }
     }
-    let token = token.expect("an announce with a token");
-    s.handle_datagram(now, from, &join(token));
-    drain(s, now);
-    assert!(s.peers.contains(&from), "{from} validated");
-    token
+    token.expect("an announce with a token")
 }
 
 fn data(sent: &[Sent]) -> Vec<(Dest, u64, DataFlags)> {
@@ -307,6 +312,11 @@ fn control_is_paced_and_its_queue_bounded() {
 
 /// A sweeping FEC server for the same eight pages (one fragment a page).
 fn fec_server(t0: Instant) -> Server {
+    fec_server_min(t0, 0.0)
+}
+
+/// [`fec_server`] sending `min` repair symbols per page symbol from the start.
+fn fec_server_min(t0: Instant, min: f64) -> Server {
     let mut img: Vec<u8> = (0..8 * 4096).map(|i| (i % 251 + 1) as u8).collect();
     img[5 * 4096..6 * 4096].fill(0);
     let cfg = ServerConfig {
@@ -315,6 +325,7 @@ fn fec_server(t0: Instant) -> Server {
         sweep: true,
         sweep_min_clients: 2,
         fec: true,
+        fec_min_overhead: min,
         ..ServerConfig::default()
     };
     let source = Arc::new(MemSource::new(img, 4096));
@@ -373,4 +384,47 @@ fn first_nacks_are_answered_with_one_shared_round_of_repair_symbols() {
     s.handle_datagram(later, a, &ask(Kind::Nack, RequestFlags::empty(), 4));
     assert_eq!(kinds(&drain(&mut s, later), Kind::Repair), 1);
     assert_eq!(s.stats().fec_nack_rounds, 2);
+}
+
+/// A NACK of a page whose block is still open takes the plain path: a block
+/// formed for it then would start at the same page with other members, and
+/// receivers refuse repair symbols that contradict a block they hold.
+#[test]
+fn a_nack_inside_the_open_block_forms_no_second_block() {
+    let t0 = Instant::now();
+    let mut s = fec_server_min(t0, 0.25);
+    let (a, b) = (addr(1), addr(2));
+    validate(&mut s, t0, a);
+    // The second receiver's validated join starts the sweep.
+    let token = token_for(&mut s, t0, b);
+    s.handle_datagram(t0, b, &join(token));
+    let mut buf = vec![0u8; 65_536];
+    let mut blocks: Vec<(u64, u16, Vec<u8>)> = Vec::new();
+    let mut note = |s: &mut Server, now: Instant, blocks: &mut Vec<(u64, u16, Vec<u8>)>| {
+        let t = s.poll_transmit(now, &mut buf)?;
+        if let Body::Repair(r) = Message::parse(&buf[..t.len]).unwrap().body {
+            blocks.push((r.first_pfn, r.span, r.members.to_vec()));
+        }
+        Some(())
+    };
+    // Part of the sweep goes out, one datagram at a time: its block is open.
+    while s.pages_ever_sent() < 3 {
+        note(&mut s, t0, &mut blocks).expect("the sweep sends at once");
+    }
+    s.handle_datagram(t0, a, &ask(Kind::Nack, RequestFlags::empty(), 1));
+    let mut now = t0;
+    while now < t0 + Duration::from_millis(100) {
+        if note(&mut s, now, &mut blocks).is_none() {
+            now += Duration::from_millis(1);
+        }
+    }
+    assert!(!blocks.is_empty(), "the open block's repairs went out");
+    for (first, span, members) in &blocks {
+        assert!(
+            blocks
+                .iter()
+                .all(|(f, sp, m)| f != first || (sp, m) == (span, members)),
+            "two blocks start at page {first}: {blocks:?}"
+        );
+    }
 }
