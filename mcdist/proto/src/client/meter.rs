@@ -14,6 +14,10 @@ use crate::wire::{self, Body};
 use crate::Transmit;
 use std::time::{Duration, Instant};
 
+/// Silence after which the receive rate is measured afresh: the server had
+/// nothing to send (a paced sender's datagrams are microseconds apart).
+const RATE_IDLE_GAP: Duration = Duration::from_millis(10);
+
 /// Rate and loss measurement over the current report interval.
 pub(super) struct Meter {
     /// When the first report is due (heartbeats start once the session is known).
@@ -57,12 +61,16 @@ impl Meter {
 
     /// One valid datagram of this session, `len` bytes, sequence number `seq`.
     pub(super) fn datagram(&mut self, now: Instant, len: usize, seq: u64) {
+        let idle = now.saturating_duration_since(self.last_server_packet) >= RATE_IDLE_GAP;
         self.last_server_packet = now;
-        if self.interval_bytes == 0 {
+        if self.interval_bytes == 0 || idle {
             // The rate is what the receiver took while data flowed: an interval
             // that began idle (before the sweep started, or while the server
-            // had nothing to send) is measured from its first datagram.
+            // had nothing to send), or went idle for a while (the announces of
+            // a join, then the sweep), is measured from the first datagram
+            // after the silence.
             self.interval_start = now;
+            self.interval_bytes = 0;
         }
         self.interval_bytes += len as u64;
         if seq & wire::SEQ_UNICAST_BIT == 0 {
@@ -241,5 +249,36 @@ mod tests {
         m.report(t0 + Duration::from_millis(200));
         assert_eq!(m.overload_permille, 0);
         assert_eq!(m.loss_permille, 0);
+    }
+
+    /// The rate is measured while data flows: the join's announce before the
+    /// sweep and the silence after it do not dilute it.
+    #[test]
+    fn receive_rate_is_measured_from_the_first_datagram_after_a_silence() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut m = Meter::new(t0, ms(100));
+        m.datagram(t0 + ms(1), 200, crate::wire::SEQ_UNICAST_BIT | 1);
+        // 1,000 bytes a millisecond from 40 ms to 100 ms.
+        for (i, t) in (40..=100).enumerate() {
+            m.datagram(t0 + ms(t), 1000, i as u64 + 1);
+        }
+        m.report(t0 + ms(100));
+        assert!(
+            (990_000..=1_020_000).contains(&m.rx_rate),
+            "{} B/s while 1,000 bytes a millisecond flowed",
+            m.rx_rate
+        );
+        assert_eq!(m.loss_permille, 0);
+        // Without a silence, the whole interval counts.
+        for (i, t) in (101..=200).step_by(2).enumerate() {
+            m.datagram(t0 + ms(t), 1000, i as u64 + 62);
+        }
+        m.report(t0 + ms(201));
+        assert!(
+            (480_000..=520_000).contains(&m.rx_rate),
+            "{} B/s at 1,000 bytes every 2 ms",
+            m.rx_rate
+        );
     }
 }

@@ -132,3 +132,38 @@ fn fragmented_pages_still_come_as_events() {
     assert_eq!(b.lent, 0);
     assert_eq!(ca.stats(), cb.stats());
 }
+
+/// Joins nobody answers: the first four retries keep the short interval
+/// (`join_interval / 8`; a join or its answer lost on a lossy path is common),
+/// then the interval doubles up to a second.
+#[test]
+fn unanswered_joins_retry_quickly_four_times_then_back_off() {
+    use crate::wire::{Kind, Message};
+    let t0 = Instant::now();
+    let cfg = ClientConfig::new(addr(9));
+    let quick = cfg.join_interval / 8;
+    let mut c = Client::new(cfg, t0);
+    let mut buf = vec![0u8; 65_536];
+    let mut joins = Vec::new();
+    let mut now = t0;
+    while now < t0 + Duration::from_secs(3) {
+        while let Some(t) = c.poll_transmit(now, &mut buf) {
+            let m = Message::parse(&buf[..t.len]).expect("the client's datagrams parse");
+            if m.body.kind() == Kind::Join {
+                joins.push(now - t0);
+            }
+        }
+        let Some(next) = c.poll_timeout() else { break };
+        now = next.max(now);
+        c.handle_timeout(now);
+    }
+    let gaps: Vec<Duration> = joins.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.len() >= 8, "joins at {joins:?}");
+    assert!(gaps[..4].iter().all(|g| *g == quick), "gaps {gaps:?}");
+    assert_eq!(gaps[4], quick * 2, "gaps {gaps:?}");
+    assert_eq!(gaps[5], quick * 4, "gaps {gaps:?}");
+    assert!(
+        gaps.iter().all(|g| *g <= Duration::from_secs(1)),
+        "gaps {gaps:?}"
+    );
+}
