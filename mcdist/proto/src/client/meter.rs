@@ -259,26 +259,22 @@ mod tests {
         let ms = Duration::from_millis;
         let mut m = Meter::new(t0, ms(100));
         m.datagram(t0 + ms(1), 200, crate::wire::SEQ_UNICAST_BIT | 1);
-        // 1,000 bytes a millisecond from 40 ms to 100 ms.
-        for (i, t) in (40..=100).enumerate() {
-            m.datagram(t0 + ms(t), 1000, i as u64 + 1);
-        }
-        m.report(t0 + ms(100));
-        assert!(
-            (990_000..=1_020_000).contains(&m.rx_rate),
-            "{} B/s while 1,000 bytes a millisecond flowed",
+        let mut seq = 0;
+        // 1,000 bytes every `every` ms from `from` to `to`, then a report at `at`.
+        let mut flow = |m: &mut Meter, from: u64, to: u64, every: usize, at: u64| {
+            for t in (from..=to).step_by(every) {
+                seq += 1;
+                m.datagram(t0 + ms(t), 1000, seq);
+            }
+            m.report(t0 + ms(at));
             m.rx_rate
-        );
+        };
+        // Silence from 1 ms to 40 ms: the rate is that of 40..=100 ms.
+        let rate = flow(&mut m, 40, 100, 1, 100);
+        assert!((990_000..=1_020_000).contains(&rate), "{rate} B/s");
         assert_eq!(m.loss_permille, 0);
         // Without a silence, the whole interval counts.
-        for (i, t) in (101..=200).step_by(2).enumerate() {
-            m.datagram(t0 + ms(t), 1000, i as u64 + 62);
-        }
-        m.report(t0 + ms(201));
-        assert!(
-            (480_000..=520_000).contains(&m.rx_rate),
-            "{} B/s at 1,000 bytes every 2 ms",
-            m.rx_rate
-        );
+        let rate = flow(&mut m, 101, 200, 2, 201);
+        assert!((480_000..=520_000).contains(&rate), "{rate} B/s");
     }
 }
