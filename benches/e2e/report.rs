@@ -302,26 +302,38 @@ pub fn summary(rs: &[RunResult]) -> String {
     for line in peer_ratios(rs) {
         let _ = writeln!(s, "{line}");
     }
-    for m in rs.iter().filter(|r| r.ok && r.tool == Tool::Mcdist) {
-        if let Some(b) = find(rs, Tool::McdistBase, m.receivers, m.loss_percent).filter(|b| b.ok) {
-            let _ = writeln!(
-                s,
-                "N={} loss {}%: mcdist {:.2} s, {:.2} CPU s vs mcdist-base {:.2} s, {:.2} CPU s = {:.2}x time, {:.2}x CPU",
-                m.receivers,
-                m.loss_percent,
-                m.secs,
-                m.cpu_secs,
-                b.secs,
-                b.cpu_secs,
-                m.secs / b.secs.max(1e-9),
-                m.cpu_secs / b.cpu_secs.max(1e-9)
-            );
+    for (new, base) in [
+        (Tool::Mcdist, Tool::McdistBase),
+        (Tool::McdistFec, Tool::McdistBaseFec),
+    ] {
+        for m in rs.iter().filter(|r| r.ok && r.tool == new) {
+            if let Some(b) = find(rs, base, m.receivers, m.loss_percent).filter(|b| b.ok) {
+                let _ = writeln!(
+                    s,
+                    "N={} loss {}%: {} {:.2} s, {:.2} CPU s vs {} {:.2} s, {:.2} CPU s = {:.2}x time, {:.2}x CPU",
+                    m.receivers,
+                    m.loss_percent,
+                    new.name(),
+                    m.secs,
+                    m.cpu_secs,
+                    base.name(),
+                    b.secs,
+                    b.cpu_secs,
+                    m.secs / b.secs.max(1e-9),
+                    m.cpu_secs / b.cpu_secs.max(1e-9)
+                );
+            }
         }
     }
     for r in rs.iter().filter(|r| r.ok && r.tool != Tool::McdistUnicast) {
         if matches!(
             r.tool,
-            Tool::Mcdist | Tool::McdistBase | Tool::McdistFec | Tool::McdistGso | Tool::McdistNoGso
+            Tool::Mcdist
+                | Tool::McdistBase
+                | Tool::McdistBaseFec
+                | Tool::McdistFec
+                | Tool::McdistGso
+                | Tool::McdistNoGso
         ) {
             let _ = writeln!(
                 s,

@@ -59,6 +59,7 @@ impl Bench {
         match tool {
             Tool::Mcdist
             | Tool::McdistBase
+            | Tool::McdistBaseFec
             | Tool::McdistFec
             | Tool::McdistGso
             | Tool::McdistNoGso
@@ -124,7 +125,7 @@ impl Bench {
             }
         };
         let bin = match (tool, &self.baseline) {
-            (Tool::McdistBase, Some(b)) => b,
+            (Tool::McdistBase | Tool::McdistBaseFec, Some(b)) => b,
             _ => &self.mcdist,
         }
         .to_string_lossy()
@@ -157,7 +158,7 @@ impl Bench {
         if unicast {
             c.arg("--unicast");
         }
-        if tool == Tool::McdistFec {
+        if matches!(tool, Tool::McdistFec | Tool::McdistBaseFec) {
             c.arg("--fec");
         }
         if let Some(o) = offload {

@@ -12,6 +12,8 @@ pub enum Tool {
     /// mcdist over multicast from another build (`--baseline PATH`), to compare two builds
     /// in the same run.
     McdistBase,
+    /// The `--baseline` build with FEC (`--fec`), to compare two builds' FEC in the same run.
+    McdistBaseFec,
     /// mcdist over multicast with FEC repair symbols (when the binary offers `--fec`).
     McdistFec,
     /// mcdist with UDP GSO on the server and UDP GRO on the receivers (`--gso on`, `--gro on`).
@@ -46,12 +48,17 @@ impl Tool {
     ];
 
     /// The variants that run only when asked for.
-    pub const EXTRA: [Tool; 3] = [Tool::McdistBase, Tool::McdistGso, Tool::McdistNoGso];
+    pub const EXTRA: [Tool; 4] = [
+        Tool::McdistBase,
+        Tool::McdistBaseFec,
+        Tool::McdistGso,
+        Tool::McdistNoGso,
+    ];
 
     /// Every tool that can be named on the command line: [`Tool::ALL`], then
     /// [`Tool::EXTRA`].
-    pub const NAMED: [Tool; 11] = {
-        let mut named = [Tool::Mcdist; 11];
+    pub const NAMED: [Tool; 12] = {
+        let mut named = [Tool::Mcdist; 12];
         let mut i = 0;
         while i < named.len() {
             named[i] = if i < Tool::ALL.len() {
@@ -69,6 +76,7 @@ impl Tool {
         match self {
             Tool::Mcdist => "mcdist",
             Tool::McdistBase => "mcdist-base",
+            Tool::McdistBaseFec => "mcdist-base-fec",
             Tool::McdistFec => "mcdist-fec",
             Tool::McdistGso => "mcdist-gso",
             Tool::McdistNoGso => "mcdist-nogso",
@@ -88,14 +96,17 @@ impl Tool {
 
     /// True for the FEC variants.
     pub fn fec(self) -> bool {
-        matches!(self, Tool::McdistFec | Tool::UdpcastFec)
+        matches!(
+            self,
+            Tool::McdistFec | Tool::McdistBaseFec | Tool::UdpcastFec
+        )
     }
 
     /// Why this tool cannot run here, if it cannot.
     pub fn missing(self, bench: &Bench) -> Option<String> {
         match self {
             Tool::Mcdist | Tool::McdistUnicast | Tool::McdistAuth | Tool::McdistEnc => None,
-            Tool::McdistBase => match &bench.baseline {
+            Tool::McdistBase | Tool::McdistBaseFec => match &bench.baseline {
                 Some(p) if p.is_file() => None,
                 Some(p) => Some(format!("baseline binary {} not found", p.display())),
                 None => Some("needs --baseline PATH (another mcdist build)".into()),

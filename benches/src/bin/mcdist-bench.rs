@@ -22,8 +22,9 @@ struct Cli {
     /// The mcdist binary (default: next to this program).
     #[arg(long)]
     mcdist: Option<PathBuf>,
-    /// Another mcdist build, run as the tool `mcdist-base` right after `mcdist` in every
-    /// configuration, so that two builds are compared in the same run.
+    /// Another mcdist build, run as the tool `mcdist-base` right after `mcdist` (and as
+    /// `mcdist-base-fec` right after `mcdist-fec`) in every configuration, so that two
+    /// builds are compared in the same run.
     #[arg(long, value_name = "PATH")]
     baseline: Option<PathBuf>,
     /// Run every configuration this many times, the tools taking turns in each round;
@@ -47,7 +48,7 @@ struct Cli {
     loss_receivers: Option<usize>,
     /// Tools to run, comma separated: mcdist, mcdist-fec, mcdist-unicast, mcdist-auth, mcdist-enc, uftp, udpcast, udpcast-fec;
     /// also mcdist-gso and mcdist-nogso (mcdist with UDP GSO/GRO forced on or off) and
-    /// mcdist-base (the --baseline build).
+    /// mcdist-base and mcdist-base-fec (the --baseline build, without and with FEC).
     #[arg(long, value_delimiter = ',')]
     tools: Option<Vec<String>>,
     /// Send-rate cap for every tool, Mbit/s.
@@ -147,12 +148,17 @@ fn main() -> ExitCode {
         None => Tool::ALL.to_vec(),
     };
     let mut tools = tools;
-    if cli.baseline.is_some() && !tools.contains(&Tool::McdistBase) {
-        let at = tools
-            .iter()
-            .position(|t| *t == Tool::Mcdist)
-            .map_or(0, |i| i + 1);
-        tools.insert(at, Tool::McdistBase);
+    if cli.baseline.is_some() {
+        for (new, base) in [
+            (Tool::Mcdist, Tool::McdistBase),
+            (Tool::McdistFec, Tool::McdistBaseFec),
+        ] {
+            if let Some(i) = tools.iter().position(|t| *t == new) {
+                if !tools.contains(&base) {
+                    tools.insert(i + 1, base);
+                }
+            }
+        }
     }
     let work = match e2e::WorkDir::new(cli.work_dir.as_deref()) {
         Ok(w) => w,
