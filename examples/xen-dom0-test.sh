@@ -7,6 +7,11 @@
 #           `mcdist serve` on dom0's loopback, and start clones whose memory is all paged out;
 #           each clone's memtap pages it in over mcdist (every page verified against the
 #           descriptor's root). Clones print their result on Xen's console.
+#   linux:  boot a Linux PVH domU (Debian's kernel, busybox initramfs) to its /init, which
+#           prints MCDIST_LINUX_UP (needs xen-dom0.sh --linux).
+#   linux_fork: fork, with the Linux domU as parent: its userspace fills the table and
+#           spins; dom0 pauses it in user mode, and the clones (empty PVH containers of the
+#           same shape, given the parent's whole HVM context) resume that Linux userspace.
 up() { cut -d' ' -f1 /proc/uptime; }
 fail() { echo "MCDIST_FAIL $*"; xl dmesg | tail -30; exit 1; }
 # xl, bounded and retried: under TCG a dom0 process occasionally dies of a bad TLS pointer
@@ -51,7 +56,41 @@ CFG
     echo "/run/$1.cfg"
 }
 
+# The Linux domU. tsc_mode "native": with Xen's default TSC emulation on this TSC, every
+# RDTSC/RDTSCP exits to Xen, and QEMU's nested SVM reports RDTSCP as an RDTSC exit without
+# a next-RIP; Xen then decodes 0f 01 f9 (RDTSCP) where it expects RDTSC, injects #GP and
+# the kernel dies early ("Insn mismatch: Expected opcode 0xf0031 ... SVM Insn len
+# emulation failed"). `quiet` keeps the boot log off Xen's console (each byte on port 0xe9
+# is a VM exit); the markers are printed at a level above it.
+LMEM=128
+lcfg() {
+    cat >"/run/$1.cfg" <<CFG
+name = "$1"
+type = "pvh"
+kernel = "/mcdist/linux/vmlinuz"
+ramdisk = "/mcdist/linux/initrd.gz"
+extra = "console=hvc0 earlyprintk=xen keep_bootcon quiet printk.time=0 rdinit=/init $2"
+memory = $LMEM
+maxmem = $LMEM
+vcpus = 1
+tsc_mode = "native"
+on_poweroff = "preserve"
+on_crash = "preserve"
+CFG
+    echo "/run/$1.cfg"
+}
+
 case "$1" in
+linux)
+    t0=$(up)
+    xlr create "$(lcfg linux)" >/run/xl.log 2>&1 || { cat /run/xl.log; fail "xl create linux"; }
+    d=$(xlr domid linux)
+    t1=$(up)
+    echo "MCDIST_LINUX_CREATED domid=$d $t0 -> $t1"
+    line=$(wait_dmesg "(d$d) MCDIST_LINUX_UP" 300) || { xl list; fail "the Linux domU printed no MCDIST_LINUX_UP"; }
+    echo "MCDIST_LINUX_BOOTED $t1 -> $(up) $line"
+    xlr destroy linux
+    ;;
 paging)
     t0=$(up)
     xlr create -p "$(cfg probe)" >/run/xl.log 2>&1 || { cat /run/xl.log; fail "xl create -p"; }

@@ -87,8 +87,9 @@ impl Boot {
 }
 
 /// Boot Xen + dom0 and run `examples/xen-dom0-test.sh TEST` in dom0 with the
-/// given binaries in its initramfs. `None` (with the reason printed) when
-/// QEMU or the hypervisor is absent.
+/// given binaries in its initramfs (and the Linux guest, for the `linux*`
+/// tests). `None` (with the reason printed) when QEMU or the hypervisor is
+/// absent.
 fn boot(test: &str, bins: &[PathBuf]) -> Option<Boot> {
     let Some(qemu) = find_in_path("qemu-system-x86_64") else {
         eprintln!("skipping: qemu-system-x86_64 is not installed");
@@ -103,8 +104,12 @@ fn boot(test: &str, bins: &[PathBuf]) -> Option<Boot> {
     };
     let dir = tempfile::tempdir().expect("temp dir");
     let initrd = dir.path().join("dom0.cpio.gz");
-    let out = Command::new("bash")
-        .arg(repo_root().join("examples/xen-dom0.sh"))
+    let mut assemble = Command::new("bash");
+    assemble.arg(repo_root().join("examples/xen-dom0.sh"));
+    if test.starts_with("linux") {
+        assemble.arg("--linux");
+    }
+    let out = assemble
         .arg(&initrd)
         .args(bins)
         .stderr(Stdio::inherit())
@@ -300,4 +305,29 @@ fn real_xen_fork_two_clones() {
     }
     assert!(boot.line("MCDIST_FORK_OK").is_some());
     assert!(boot.line("MCDIST_DOM0_EXIT 0").is_some());
+}
+
+/// A Linux PVH domU (Debian's kernel, the dom0 kernel's package, with a
+/// busybox initramfs) boots under Xen to its /init, which prints a marker.
+#[test]
+fn real_xen_linux_guest_boots() {
+    let dom0_tool = PathBuf::from(env!("CARGO_BIN_EXE_mcdist-xen-dom0"));
+    let Some(boot) = boot("linux", &[dom0_tool]) else {
+        return;
+    };
+    let up = boot
+        .line("MCDIST_LINUX_UP")
+        .expect("the Linux domU printed no MCDIST_LINUX_UP (see the console above)");
+    eprintln!("{up}");
+    assert!(up.contains("kernel="), "{up}");
+    assert!(boot.line("MCDIST_LINUX_BOOTED").is_some());
+    assert!(boot.line("MCDIST_DOM0_EXIT 0").is_some());
+    if let (Some(created), Some(booted)) = (
+        boot.mark("MCDIST_LINUX_CREATED"),
+        boot.mark("MCDIST_LINUX_BOOTED"),
+    ) {
+        eprintln!(
+            "Linux domU created at {created:.1} s (QEMU start), its /init printed by {booted:.1} s"
+        );
+    }
 }
