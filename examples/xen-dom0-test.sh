@@ -50,10 +50,23 @@ kernel = "/mcdist/guest.elf"
 memory = $MEM
 maxmem = $MEM
 vcpus = 1
+$TSC
 on_poweroff = "preserve"
 on_crash = "preserve"
 CFG
     echo "/run/$1.cfg"
+}
+TSC=""
+# Pause domain $1 (id $2) while its vCPU is in user mode (bounded retries); prints where.
+pause_in_user() {
+    for _ in $(seq 1 50); do
+        xlr pause "$1" || return 1
+        where=$(mcdist-xen-dom0 where "$2") || return 1
+        case "$where" in *ring=3*) echo "$where"; return 0 ;; esac
+        xlr unpause "$1"
+        sleep 0.1
+    done
+    return 1
 }
 
 # The Linux domU. tsc_mode "native": with Xen's default TSC emulation on this TSC, every
@@ -69,7 +82,7 @@ name = "$1"
 type = "pvh"
 kernel = "/mcdist/linux/vmlinuz"
 ramdisk = "/mcdist/linux/initrd.gz"
-extra = "console=hvc0 earlyprintk=xen keep_bootcon quiet printk.time=0 rdinit=/init $2"
+extra = "console=hvc0 earlyprintk=xen keep_bootcon quiet printk.time=0 nowatchdog rdinit=/init $2"
 memory = $LMEM
 maxmem = $LMEM
 vcpus = 1
@@ -100,14 +113,29 @@ paging)
     xlr destroy probe
     echo "MCDIST_PAGING_OK"
     ;;
-fork)
+fork | linux_fork)
     N=2
     GROUP=239.255.66.18:7000
     t0=$(up)
-    xlr create "$(cfg parent)" >/run/xl.log 2>&1 || { cat /run/xl.log; fail "xl create parent"; }
+    if [ "$1" = linux_fork ]; then
+        # The clones are the tiny guest's empty PVH containers of the Linux parent's shape:
+        # their memory is all paged out and their vCPU gets the parent's whole HVM context.
+        MEM=$LMEM
+        PAGES=$((MEM * 256))
+        TSC='tsc_mode = "native"'
+        pcfg=$(lcfg parent mcdist.fork)
+    else
+        pcfg=$(cfg parent)
+    fi
+    xlr create "$pcfg" >/run/xl.log 2>&1 || { cat /run/xl.log; fail "xl create parent"; }
     pd=$(xlr domid parent)
     wait_dmesg "(d$pd) MCDIST_FORK" 300 >/dev/null || fail "parent never asked to be forked"
-    xlr pause parent
+    if [ "$1" = linux_fork ]; then
+        # Its userspace spins on %ebx: the clones' id goes there, so pause it in user mode.
+        pause_in_user parent "$pd" || fail "parent not paused in user mode"
+    else
+        xlr pause parent
+    fi
     t1=$(up)
     echo "MCDIST_PARENT_FROZEN domid=$pd $t0 -> $t1"
     mcdist-xen-dom0 dump "$pd" "$PAGES" /run/parent.mem || fail "dump"

@@ -1,36 +1,34 @@
 /*
  * The fork workload of the Linux guest in the real-Xen tests: a static x86-64 Linux program
  * (no libc) that the guest's /init runs when its kernel command line holds `mcdist.fork`
- * (assembled by examples/xen-dom0.sh).
+ * (assembled by examples/xen-dom0.sh). It prints only through the kernel: write(2) to
+ * /dev/kmsg at a level above `quiet`, which earlyprintk=xen shows on Xen's console
+ * ("(dN) ..." from port 0xe9).
  *
- * Parent: takes I/O privilege (iopl(3)) so it can print through Xen's debug port 0xe9
- * ("(dN) ..." on Xen's console) without the kernel, fills TABLE_PAGES pages of its .bss
- * with word[i] = i * 0x9e3779b1 (the table of examples/xen-guest.S), prints MCDIST_FORK and
- * spins in user mode until %ebx changes. The host pauses the domain while it spins, reads
- * its memory and gives each clone its vCPU state with %ebx = clone id, %edx = clones.
+ * Parent: fills TABLE_PAGES pages of its .bss with word[i] = i * 0x9e3779b1 (the table of
+ * examples/xen-guest.S), prints MCDIST_FORK and spins in user mode until %ebx changes. The
+ * host pauses the domain while it spins, reads its memory and gives each clone its vCPU
+ * state with %ebx = clone id, %edx = clones.
  * Clone: sums the words of the table pages p with p % clones == id (pages paged in by the
- * memtap on first touch), prints "MCDIST_RESULT id=<hex> n=<hex> sum=<hex>" on port 0xe9,
- * then writes the same line to /dev/kmsg through the clone's kernel (a system call and
- * printk, shown on port 0xe9 by earlyprintk=xen), and spins.
+ * memtap on first touch), prints "MCDIST_RESULT id=<hex> n=<hex> sum=<hex>" (a system call
+ * and printk in the clone's kernel, paged in the same way) and spins.
  */
     .set TABLE_PAGES, 2048
     .set SYS_write, 1
     .set SYS_open, 2
-    .set SYS_iopl, 172
     .set O_WRONLY, 1
 
     .text
     .globl _start
 _start:
-    mov $SYS_iopl, %eax
-    mov $3, %edi
-    syscall
     mov $SYS_open, %eax
     lea kmsg(%rip), %rdi
     mov $O_WRONLY, %esi
     xor %edx, %edx
     syscall
-    mov %eax, %r15d             /* /dev/kmsg, or a negative errno */
+    mov %eax, %r15d             /* /dev/kmsg */
+    test %eax, %eax
+    js 6f
 
     xor %ecx, %ecx
 1:  mov %ecx, %eax
@@ -42,7 +40,8 @@ _start:
     jb 1b
 
     lea msg_fork(%rip), %rsi
-    call puts
+    mov $(msg_fork_end - msg_fork), %edx
+    call kwrite
     mov $0xffffffff, %ebx
 2:  pause
     cmp $0xffffffff, %ebx
@@ -66,7 +65,7 @@ _start:
     add %ebp, %ecx
     jmp 3b
 
-    /* Build the result line in `line`, print it on port 0xe9, then write it to /dev/kmsg. */
+    /* Build the result line in `line` and write it to /dev/kmsg. */
 5:  lea line(%rip), %rdi
     lea msg_id(%rip), %rsi
     call cat
@@ -81,29 +80,19 @@ _start:
     mov %r12d, %eax
     call hex
     movb $'\n', (%rdi)
-    movb $0, 1(%rdi)
-    lea 1(%rdi), %r14
-    lea line+3(%rip), %rsi      /* without the "<2>" (printk level) */
-    call puts
-    test %r15d, %r15d
-    js 6f
-    mov $SYS_write, %eax
-    mov %r15d, %edi
+    lea 1(%rdi), %rdx
     lea line(%rip), %rsi
-    mov %r14, %rdx
     sub %rsi, %rdx
-    syscall
+    call kwrite
 6:  pause
     jmp 6b
 
-/* Print the NUL-terminated string at %rsi on port 0xe9. */
-puts:
-    lodsb
-    test %al, %al
-    jz 1f
-    out %al, $0xe9
-    jmp puts
-1:  ret
+/* write(2) %edx bytes at %rsi to /dev/kmsg (%r15d): one printk record. */
+kwrite:
+    mov $SYS_write, %eax
+    mov %r15d, %edi
+    syscall
+    ret
 
 /* Copy the NUL-terminated string at %rsi to %rdi (left at the NUL's place). */
 cat:
@@ -131,14 +120,16 @@ hex:
     .section .rodata
 kmsg:      .asciz "/dev/kmsg"
 hexdigits: .ascii "0123456789abcdef"
-msg_fork:  .asciz "MCDIST_FORK\n"
+msg_fork:  .ascii "<2>MCDIST_FORK\n"
+msg_fork_end:
 msg_id:    .asciz "<2>MCDIST_RESULT id="
 msg_n:     .asciz " n="
 msg_sum:   .asciz " sum="
+
+    .data
+line:      .skip 128
 
     .bss
     .align 4096
 table:
     .skip TABLE_PAGES * 4096
-line:
-    .skip 128

@@ -331,3 +331,31 @@ fn real_xen_linux_guest_boots() {
         );
     }
 }
+
+#[test]
+fn real_xen_linux_fork_two_clones() {
+    if find_in_path("qemu-system-x86_64").is_none() || find_xen_gz().is_none() {
+        // boot() prints which one is missing.
+        assert!(boot("linux_fork", &[]).is_none());
+        return;
+    }
+    let dom0_tool = PathBuf::from(env!("CARGO_BIN_EXE_mcdist-xen-dom0"));
+    let profile_dir = dom0_tool
+        .parent()
+        .expect("target profile dir")
+        .to_path_buf();
+    let mcdist = profile_dir.join("mcdist");
+    let memtap = profile_dir.join("examples").join("xen_memtap");
+    let Some(boot) = boot("linux_fork", &[dom0_tool, mcdist, memtap]) else {
+        return;
+    };
+    let results = boot.lines_with("MCDIST_RESULT");
+    for id in 0..2u32 {
+        let line = results
+            .iter()
+            .find(|l| hex_field(l, "id=") == Some(id))
+            .unwrap_or_else(|| panic!("clone {id} printed no result"));
+        assert_eq!(hex_field(line, "sum="), Some(expected_sum(id, 2)), "clone {id}: {line}");
+    }
+    assert!(boot.line("MCDIST_FORK_OK").is_some());
+}
