@@ -11,11 +11,12 @@
  * state with %ebx = clone id, %edx = clones.
  * Clone: sums the words of the table pages p with p % clones == id (pages paged in by the
  * memtap on first touch), prints "MCDIST_RESULT id=<hex> n=<hex> sum=<hex>" (a system call
- * and printk in the clone's kernel, paged in the same way) and spins.
+ * and printk in the clone's kernel, paged in the same way) and sleeps in pause(2).
  */
     .set TABLE_PAGES, 2048
     .set SYS_write, 1
     .set SYS_open, 2
+    .set SYS_pause, 34
     .set O_WRONLY, 1
 
     .text
@@ -29,7 +30,6 @@ _start:
     mov %eax, %r15d             /* /dev/kmsg */
     test %eax, %eax
     js 6f
-
     xor %ecx, %ecx
 1:  mov %ecx, %eax
     imul $0x9e3779b1, %eax, %eax
@@ -84,7 +84,9 @@ _start:
     lea line(%rip), %rsi
     sub %rsi, %rdx
     call kwrite
-6:  pause
+    /* Sleep in the kernel (the vCPU idles) rather than spin next to the other clones. */
+6:  mov $SYS_pause, %eax
+    syscall
     jmp 6b
 
 /* write(2) %edx bytes at %rsi to /dev/kmsg (%r15d): one printk record. */
