@@ -13,7 +13,10 @@
 #           spins; dom0 pauses it in user mode, and the clones (empty PVH containers of the
 #           same shape, given the parent's whole HVM context) resume that Linux userspace.
 up() { cut -d' ' -f1 /proc/uptime; }
-fail() { echo "MCDIST_FAIL $*"; xl dmesg | tail -30; exit 1; }
+# Print stdin one line per write, cut short and without colours: /dev/kmsg, where dom0's
+# output goes, takes one record per write and refuses long ones.
+show() { sed 's/\x1b\[[0-9;]*m//g' | cut -c1-300 | while IFS= read -r l; do echo "$l"; done; }
+fail() { echo "MCDIST_FAIL $*"; xl dmesg | tail -30 | show; exit 1; }
 # xl, bounded and retried: under TCG a dom0 process occasionally dies of a bad TLS pointer
 # after fork (a segfault at a fixed busybox address), which a second attempt does not repeat.
 xlr() {
@@ -130,19 +133,21 @@ fork | linux_fork)
     xlr create "$pcfg" >/run/xl.log 2>&1 || { cat /run/xl.log; fail "xl create parent"; }
     pd=$(xlr domid parent)
     wait_dmesg "(d$pd) MCDIST_FORK" 300 >/dev/null || fail "parent never asked to be forked"
+    where=""
     if [ "$1" = linux_fork ]; then
         # Its userspace spins on %ebx: the clones' id goes there, so pause it in user mode.
-        pause_in_user parent "$pd" || fail "parent not paused in user mode"
+        where=$(pause_in_user parent "$pd") || fail "parent not paused in user mode"
     else
         xlr pause parent
     fi
     t1=$(up)
-    echo "MCDIST_PARENT_FROZEN domid=$pd $t0 -> $t1"
+    echo "MCDIST_PARENT_FROZEN domid=$pd $t0 -> $t1 $where"
     mcdist-xen-dom0 dump "$pd" "$PAGES" /run/parent.mem || fail "dump"
     xen_memtap --write-descriptor /run/parent.mcdx --image /run/parent.mem || fail "descriptor"
     RUST_LOG=info mcdist serve --image /run/parent.mem --group "$GROUP" --iface lo --listen 127.0.0.1:7001 \
         --push off --timeout 600 >/run/serve.log 2>&1 &
     serve=$!
+    echo "MCDIST_IMAGE_SERVED $t1 -> $(up) $PAGES pages"
     i=0
     while [ "$i" -lt "$N" ]; do
         c0=$(up)
@@ -168,8 +173,9 @@ fork | linux_fork)
     while [ "$i" -lt "$N" ]; do
         cd=$(xlr domid clone$i)
         line=$(wait_dmesg "(d$cd) MCDIST_RESULT" 240) || {
-            echo "memtap$i:"; tail -20 "/run/memtap$i.log"; echo "server:"; tail -20 /run/serve.log
-            xl list; ps
+            echo "memtap$i:"; tail -20 "/run/memtap$i.log" | show
+            echo "server:"; tail -20 /run/serve.log | show
+            xl list; ps | show
             fail "clone$i gave no result"
         }
         echo "MCDIST_CLONE_DONE id=$i $(up) $line"
