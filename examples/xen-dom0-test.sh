@@ -26,11 +26,15 @@ xlr() {
     done
     return 1
 }
-# Wait (bounded: $2 seconds) until `xl dmesg` shows $1; prints the line.
+# Is process $1 alive (not a zombie)?
+alive() { [ -e "/proc/$1" ] && ! grep -q '^[0-9]* ([^)]*) Z' "/proc/$1/stat"; }
+# Wait (bounded: $2 seconds; and while process $3, if given, lives) until `xl dmesg`
+# shows $1; prints the line.
 wait_dmesg() {
     end=$(($(cut -d. -f1 /proc/uptime) + $2))
     while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
         line=$(timeout 20 xl dmesg | grep -m1 "$1") && { echo "$line"; return 0; }
+        if [ -n "${3:-}" ] && ! alive "$3"; then return 1; fi
         sleep 0.2
     done
     return 1
@@ -96,6 +100,31 @@ CFG
     echo "/run/$1.cfg"
 }
 
+# Create clone $1 paused with the parent's ($pd) vCPU state, and start its memtap; sets $cd.
+# Returns 1, with the clone destroyed, when the memtap died before paging the clone out
+# (a dom0 process crash under TCG, as for xlr): the caller tries once more.
+start_clone() {
+    xlr create -p "$(cfg clone$1)" >/run/xl.log 2>&1 || { cat /run/xl.log; fail "xl create clone$1"; }
+    cd=$(xlr domid clone$1)
+    mcdist-xen-dom0 clone-context "$pd" "$cd" "$1" "$N" || fail "clone-context"
+    rm -f "/run/stop$1"
+    RUST_LOG=info xen_memtap --domid "$cd" --descriptor /run/parent.mcdx --group "$GROUP" --iface lo \
+        --server 127.0.0.1:7001 --stop-file "/run/stop$1" --timeout 600 >"/run/memtap$1.log" 2>&1 &
+    eval "memtap$1=\$!"
+    n=0
+    until grep -q "paged out" "/run/memtap$1.log"; do
+        if ! alive "$(eval "echo \$memtap$1")"; then
+            echo "memtap$1 died before paging clone$1 out:"
+            show <"/run/memtap$1.log"
+            xlr destroy "clone$1"
+            return 1
+        fi
+        [ "$n" -lt 3000 ] || { show <"/run/memtap$1.log"; fail "memtap$1 setup"; }
+        sleep 0.1
+        n=$((n + 1))
+    done
+}
+
 case "$1" in
 linux)
     t0=$(up)
@@ -151,19 +180,7 @@ fork | linux_fork)
     i=0
     while [ "$i" -lt "$N" ]; do
         c0=$(up)
-        xlr create -p "$(cfg clone$i)" >/run/xl.log 2>&1 || { cat /run/xl.log; fail "xl create clone$i"; }
-        cd=$(xlr domid clone$i)
-        mcdist-xen-dom0 clone-context "$pd" "$cd" "$i" "$N" || fail "clone-context"
-        rm -f "/run/stop$i"
-        RUST_LOG=info xen_memtap --domid "$cd" --descriptor /run/parent.mcdx --group "$GROUP" --iface lo \
-            --server 127.0.0.1:7001 --stop-file "/run/stop$i" --timeout 600 >"/run/memtap$i.log" 2>&1 &
-        eval "memtap$i=\$!"
-        n=0
-        until grep -q "paged out" "/run/memtap$i.log"; do
-            [ "$n" -lt 3000 ] || { cat "/run/memtap$i.log"; fail "memtap$i setup"; }
-            sleep 0.1
-            n=$((n + 1))
-        done
+        start_clone "$i" || start_clone "$i" || fail "memtap$i died twice before paging clone$i out"
         grep "paged out" "/run/memtap$i.log"
         xlr unpause "clone$i"
         echo "MCDIST_CLONE_STARTED id=$i domid=$cd $c0 -> $(up)"
@@ -172,10 +189,10 @@ fork | linux_fork)
     i=0
     while [ "$i" -lt "$N" ]; do
         cd=$(xlr domid clone$i)
-        line=$(wait_dmesg "(d$cd) MCDIST_RESULT" 240) || {
+        line=$(wait_dmesg "(d$cd) MCDIST_RESULT" 240 "$(eval "echo \$memtap$i")") || {
             echo "memtap$i:"; tail -20 "/run/memtap$i.log" | show
             echo "server:"; tail -20 /run/serve.log | show
-            xl list; ps | show
+            xl list; ps | grep -E 'xen_memtap|mcdist serve' | show
             fail "clone$i gave no result"
         }
         echo "MCDIST_CLONE_DONE id=$i $(up) $line"

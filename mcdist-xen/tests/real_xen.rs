@@ -14,8 +14,12 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+/// One boot at a time: each test boots a whole Xen (2 vCPUs under TCG), and
+/// cargo runs a binary's tests in parallel.
+static QEMU: Mutex<()> = Mutex::new(());
 
 /// A hang guard, not a performance limit: a boot that prints nothing new for
 /// this long is stuck.
@@ -102,6 +106,8 @@ fn boot(test: &str, bins: &[PathBuf]) -> Option<Boot> {
         );
         return None;
     };
+    // Held to the end: the dom0 assembly (which fills a shared cache) and QEMU.
+    let _one_at_a_time = QEMU.lock().unwrap_or_else(PoisonError::into_inner);
     let dir = tempfile::tempdir().expect("temp dir");
     let initrd = dir.path().join("dom0.cpio.gz");
     let mut assemble = Command::new("bash");
@@ -203,7 +209,7 @@ fn boot(test: &str, bins: &[PathBuf]) -> Option<Boot> {
     let _ = child.wait();
     let _ = reader.join();
     if boot.line("MCDIST_DOM0_EXIT 0").is_none() {
-        let tail = boot.lines.len().saturating_sub(60);
+        let tail = boot.lines.len().saturating_sub(120);
         eprintln!(
             "--- last console lines ---\n{}",
             boot.lines[tail..].join("\n")
