@@ -148,11 +148,14 @@ fn boot(test: &str, bins: &[PathBuf]) -> Option<Boot> {
         .args(["-nic", "none", "-no-reboot", "-kernel"])
         .arg(&xen_elf)
         // smap/smep for Xen itself only: with them on, TCG faults dom0's first exception
-        // bounce (a #PF on a present guest stack page in create_bounce_frame).
+        // bounce (a #PF on a present guest stack page in create_bounce_frame). One dom0
+        // vCPU: with two, dom0's processes crashed now and then (segfaults in libc and
+        // busybox, a Vec found empty), as if their memory were corrupted; with one, none
+        // did in the runs measured (dom0's own work is about 2x slower).
         .args([
             "-append",
-            "console=com1 com1=115200 dom0_mem=512M,max:512M loglvl=all guest_loglvl=all \
-             hap=1 noreboot smap=hvm smep=hvm",
+            "console=com1 com1=115200 dom0_mem=512M,max:512M dom0_max_vcpus=1 loglvl=all \
+             guest_loglvl=all hap=1 noreboot smap=hvm smep=hvm",
         ])
         .arg("-initrd")
         .arg(format!(
