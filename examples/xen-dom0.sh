@@ -6,12 +6,17 @@
 # (built with --features mcdist-xen/xen against the same Debian Xen libraries), the test guest
 # (examples/xen-guest.S) and the dom0 test script (examples/xen-dom0-test.sh).
 #
-# Usage: xen-dom0.sh OUT.cpio.gz BINARY...
+# Usage: xen-dom0.sh [--linux] OUT.cpio.gz BINARY...
 #   BINARY: mcdist-xen-dom0 (required), and for the fork test mcdist and xen_memtap (the
 #   example), all built with --features mcdist-xen/xen.
+#   --linux: also a Linux PVH guest under /mcdist/linux: the same Debian kernel (vmlinuz)
+#   and a busybox initramfs (initrd.gz) whose /init prints MCDIST_LINUX_UP and, with
+#   `mcdist.fork` on its command line, runs examples/xen-linux-fork.S.
 # Prints the dom0 kernel's path, then the initramfs path. Needs root for apt-get (or sudo).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+linux=0
+if [ "${1:-}" = --linux ]; then linux=1; shift; fi
 out="$1"
 shift
 
@@ -115,6 +120,30 @@ LD
 ld -m elf_i386 --build-id=none -z noexecstack -T "$tree/mcdist/guest.ld" -o "$tree/mcdist/guest.elf" "$tree/mcdist/guest.o"
 rm -f "$tree/mcdist/guest.o" "$tree/mcdist/guest.ld"
 cp "$here/xen-dom0-test.sh" "$tree/mcdist/test.sh"
+if [ "$linux" = 1 ]; then
+    # The domU's initramfs: busybox and the fork workload. Markers go to /dev/kmsg at a
+    # level that passes `quiet`; earlyprintk=xen shows them on Xen's console (port 0xe9).
+    g="$tree/mcdist/linux/root"
+    mkdir -p "$g"/{bin,proc,dev}
+    cp "$root/bin/busybox" "$g/bin/"
+    for app in sh mount cat cut uname poweroff; do ln -s busybox "$g/bin/$app"; done
+    as --64 -o "$tree/mcdist/linux/fork.o" "$here/xen-linux-fork.S"
+    ld -static --build-id=none -z noexecstack -o "$g/fork" "$tree/mcdist/linux/fork.o"
+    cat >"$g/init" <<'GINIT'
+#!/bin/sh
+mount -t proc proc /proc
+mount -t devtmpfs devtmpfs /dev
+echo "<2>MCDIST_LINUX_UP uptime=$(cut -d' ' -f1 /proc/uptime) kernel=$(uname -r)" >/dev/kmsg
+case " $(cat /proc/cmdline) " in
+*" mcdist.fork "*) exec /fork ;;
+esac
+poweroff -f
+GINIT
+    chmod 755 "$g/init"
+    (cd "$g" && find . | cpio -o -H newc --quiet | gzip -9 >"$tree/mcdist/linux/initrd.gz")
+    rm -rf "$g" "$tree/mcdist/linux/fork.o"
+    cp "$kernel" "$tree/mcdist/linux/vmlinuz"
+fi
 cp "$tree/bin/busybox" "$tree/bin/busybox.static" 2>/dev/null || true
 for app in sh mount mkdir ln cat grep sed sleep insmod ip poweroff ls echo awk seq tail head rm touch wc kill ps date cut tr expr timeout; do
     [ -e "$tree/bin/$app" ] || ln -s busybox "$tree/bin/$app"

@@ -13,6 +13,10 @@ const HVM_SAVE_CODE_CPU: u16 = 2;
 const HVM_SAVE_CODE_END: u16 = 0;
 /// Offset of `rax` in `struct hvm_hw_cpu` (after the 512-byte FXSAVE area).
 const HVM_HW_CPU_RAX: usize = 512;
+/// Offset of `rip` (after the 16 general-purpose registers).
+const HVM_HW_CPU_RIP: usize = HVM_HW_CPU_RAX + 16 * 8;
+/// Offset of `cs_sel` (after rip, rflags, cr0, cr2, cr3, cr4 and six debug registers).
+const HVM_HW_CPU_CS_SEL: usize = HVM_HW_CPU_RIP + 12 * 8;
 
 /// A general-purpose register of `struct hvm_hw_cpu`, in the struct's order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +53,7 @@ fn find_cpu_record(ctx: &[u8], vcpu: u16) -> Option<usize> {
         if body.checked_add(len)? > ctx.len() {
             return None;
         }
-        if code == HVM_SAVE_CODE_CPU && inst == vcpu && len >= HVM_HW_CPU_RAX + 32 {
+        if code == HVM_SAVE_CODE_CPU && inst == vcpu && len >= HVM_HW_CPU_CS_SEL + 4 {
             return Some(body);
         }
         if code == HVM_SAVE_CODE_END {
@@ -111,6 +115,26 @@ impl XenControl {
             }
         }
         Ok(holes)
+    }
+
+    /// Where vCPU 0 of paused domain `domid` stands: its `rip` and the
+    /// privilege level of its code selector (3: user mode).
+    pub fn vcpu_position(&mut self, domid: u32) -> Result<(u64, u8), HypervisorError> {
+        let ctx = self
+            .h
+            .hvm_getcontext(domid)
+            .map_err(|e| HypervisorError::new(domid, "xc_domain_hvm_getcontext", e))?;
+        let body = find_cpu_record(&ctx, 0).ok_or_else(|| {
+            HypervisorError::new(
+                domid,
+                "xc_domain_hvm_getcontext",
+                io::Error::new(io::ErrorKind::InvalidData, "no vCPU 0 record"),
+            )
+        })?;
+        let at = body + HVM_HW_CPU_RIP;
+        let rip = u64::from_le_bytes(ctx[at..at + 8].try_into().unwrap_or_default());
+        let cs = ctx[body + HVM_HW_CPU_CS_SEL];
+        Ok((rip, cs & 3))
     }
 
     /// Load `parent`'s HVM context (vCPUs, local APICs, ...) into `clone`

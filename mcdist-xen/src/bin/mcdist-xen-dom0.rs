@@ -5,6 +5,7 @@
 //! mcdist-xen-dom0 enable-paging DOMID [PAGES]   # enable mem_paging, evict + reload PAGES pages
 //! mcdist-xen-dom0 dump DOMID PAGES FILE         # write gfns 0..PAGES of a paused domain
 //! mcdist-xen-dom0 clone-context PARENT CLONE ID N  # parent's vCPU state, rbx=ID rdx=N
+//! mcdist-xen-dom0 where DOMID                   # vCPU 0's rip and ring (paused domain)
 //! ```
 
 use mcdist_xen::{CpuReg, EvictOutcome, Hypervisor, PageBuf, XenControl, XenHypervisor};
@@ -69,7 +70,14 @@ fn run(args: &[String]) -> Result<(), String> {
             println!("clone-context: domain {clone} has domain {parent}'s vCPU state, id {id} of {n}");
             Ok(())
         }
-        _ => Err("usage: mcdist-xen-dom0 enable-paging DOMID [PAGES] | dump DOMID PAGES FILE | clone-context PARENT CLONE ID N".into()),
+        Some("where") => {
+            let domid: u32 = num(args, 1, "DOMID")?;
+            let mut ctl = XenControl::open().map_err(|e| e.to_string())?;
+            let (rip, ring) = ctl.vcpu_position(domid).map_err(|e| e.to_string())?;
+            println!("where: domain {domid} vcpu0 rip={rip:#x} ring={ring}");
+            Ok(())
+        }
+        _ => Err("usage: mcdist-xen-dom0 enable-paging DOMID [PAGES] | dump DOMID PAGES FILE | clone-context PARENT CLONE ID N | where DOMID".into()),
     }
 }
 
