@@ -111,6 +111,22 @@ fn wait_stats(what: &str, get: impl Fn() -> SecurityStats, f: impl Fn(&SecurityS
     }
 }
 
+/// `get()` once it reads the same twice 50 ms apart (the traffic it counts
+/// has settled; at most 5 s).
+fn settled<T: PartialEq + std::fmt::Debug>(get: impl Fn() -> T) -> T {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = get();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = get();
+        if now == last {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "still moving: {now:?}");
+        last = now;
+    }
+}
+
 /// A plain mcdist message with room for a trailer.
 fn emit(m: &Message<'_>) -> Vec<u8> {
     let mut buf = vec![0u8; m.buffer_len() + TRAILER_LEN];
@@ -231,9 +247,15 @@ fn attacks_never_reach_the_page_store() {
     // 4. Requests from a sender without the key reach no request handling.
     let sstats = || server_b.security_stats().expect("keyed server");
     let sbase = sstats();
-    std::thread::sleep(Duration::from_millis(20));
-    let requests_before = server_b.stats().stats.requests;
-    let victim_requests_before = client.stats().requests_sent;
+    // Requests the victim or the earlier client still had in flight are
+    // counted before the attack, on both sides.
+    let requests = || {
+        (
+            server_b.stats().stats.requests,
+            client.stats().requests_sent,
+        )
+    };
+    let (requests_before, victim_requests_before) = settled(requests);
     let ranges = [wire::PageRange { start: 0, len: 64 }];
     let mut enc = Vec::new();
     wire::encode_ranges(&ranges, &mut enc);
@@ -263,12 +285,12 @@ fn attacks_never_reach_the_page_store() {
             && s.bad_tag - sbase.bad_tag == 1
             && s.replayed - sbase.replayed == 1
     });
-    std::thread::sleep(Duration::from_millis(30));
     // The victim itself asks for the hash page above the pages the authentic request made
     // the server multicast (it was multicast before the victim joined).
-    let victim_requests = client.stats().requests_sent - victim_requests_before;
+    let (requests_after, victim_requests_after) = settled(requests);
+    let victim_requests = victim_requests_after - victim_requests_before;
     assert_eq!(
-        server_b.stats().stats.requests,
+        requests_after,
         requests_before + 1 + victim_requests,
         "only the one authentic request counts"
     );
