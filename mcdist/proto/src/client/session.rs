@@ -36,10 +36,10 @@ pub(super) struct Leave {
     pub(super) remaining: u8,
 }
 
-/// What the client knows of the session.
 /// Joins retried at the first, short interval before the interval doubles.
 const QUICK_JOINS: u32 = 4;
 
+/// What the client knows of the session.
 pub(super) struct Session {
     /// The session's parameters, once announced.
     pub(super) info: Option<SessionInfo>,
