@@ -117,9 +117,9 @@ impl XenControl {
         Ok(holes)
     }
 
-    /// Where vCPU 0 of paused domain `domid` stands: its `rip` and the
-    /// privilege level of its code selector (3: user mode).
-    pub fn vcpu_position(&mut self, domid: u32) -> Result<(u64, u8), HypervisorError> {
+    /// The HVM context of paused domain `domid` and the offset of vCPU 0's
+    /// `struct hvm_hw_cpu` in it.
+    fn vcpu0_context(&mut self, domid: u32) -> Result<(Vec<u8>, usize), HypervisorError> {
         let ctx = self
             .h
             .hvm_getcontext(domid)
@@ -131,6 +131,13 @@ impl XenControl {
                 io::Error::new(io::ErrorKind::InvalidData, "no vCPU 0 record"),
             )
         })?;
+        Ok((ctx, body))
+    }
+
+    /// Where vCPU 0 of paused domain `domid` stands: its `rip` and the
+    /// privilege level of its code selector (3: user mode).
+    pub fn vcpu_position(&mut self, domid: u32) -> Result<(u64, u8), HypervisorError> {
+        let (ctx, body) = self.vcpu0_context(domid)?;
         let at = body + HVM_HW_CPU_RIP;
         let rip = u64::from_le_bytes(ctx[at..at + 8].try_into().unwrap_or_default());
         let cs = ctx[body + HVM_HW_CPU_CS_SEL];
@@ -146,17 +153,7 @@ impl XenControl {
         clone: u32,
         set: &[(CpuReg, u64)],
     ) -> Result<(), HypervisorError> {
-        let mut ctx = self
-            .h
-            .hvm_getcontext(parent)
-            .map_err(|e| HypervisorError::new(parent, "xc_domain_hvm_getcontext", e))?;
-        let body = find_cpu_record(&ctx, 0).ok_or_else(|| {
-            HypervisorError::new(
-                parent,
-                "xc_domain_hvm_getcontext",
-                io::Error::new(io::ErrorKind::InvalidData, "no vCPU 0 record"),
-            )
-        })?;
+        let (mut ctx, body) = self.vcpu0_context(parent)?;
         for &(reg, v) in set {
             let at = body + HVM_HW_CPU_RAX + 8 * reg as usize;
             ctx[at..at + 8].copy_from_slice(&v.to_le_bytes());
