@@ -302,27 +302,29 @@ pub fn summary(rs: &[RunResult]) -> String {
     for line in peer_ratios(rs) {
         let _ = writeln!(s, "{line}");
     }
-    for (new, base) in [
-        (Tool::Mcdist, Tool::McdistBase),
-        (Tool::McdistFec, Tool::McdistBaseFec),
-    ] {
-        for m in rs.iter().filter(|r| r.ok && r.tool == new) {
-            if let Some(b) = find(rs, base, m.receivers, m.loss_percent).filter(|b| b.ok) {
-                let _ = writeln!(
-                    s,
-                    "N={} loss {}%: {} {:.2} s, {:.2} CPU s vs {} {:.2} s, {:.2} CPU s = {:.2}x time, {:.2}x CPU",
-                    m.receivers,
-                    m.loss_percent,
-                    new.name(),
-                    m.secs,
-                    m.cpu_secs,
-                    base.name(),
-                    b.secs,
-                    b.cpu_secs,
-                    m.secs / b.secs.max(1e-9),
-                    m.cpu_secs / b.cpu_secs.max(1e-9)
-                );
-            }
+    // Each build under test against the --baseline build run the same way.
+    for tool in [Tool::Mcdist, Tool::McdistFec] {
+        let Some(base) = tool.baseline() else {
+            continue;
+        };
+        for m in rs.iter().filter(|r| r.ok && r.tool == tool) {
+            let Some(b) = find(rs, base, m.receivers, m.loss_percent).filter(|b| b.ok) else {
+                continue;
+            };
+            let _ = writeln!(
+                s,
+                "N={} loss {}%: {} {:.2} s, {:.2} CPU s vs {} {:.2} s, {:.2} CPU s = {:.2}x time, {:.2}x CPU",
+                m.receivers,
+                m.loss_percent,
+                tool.name(),
+                m.secs,
+                m.cpu_secs,
+                base.name(),
+                b.secs,
+                b.cpu_secs,
+                m.secs / b.secs.max(1e-9),
+                m.cpu_secs / b.cpu_secs.max(1e-9)
+            );
         }
     }
     for r in rs.iter().filter(|r| r.ok && r.tool != Tool::McdistUnicast) {

@@ -124,8 +124,8 @@ impl Bench {
                 }
             }
         };
-        let bin = match (tool, &self.baseline) {
-            (Tool::McdistBase | Tool::McdistBaseFec, Some(b)) => b,
+        let bin = match &self.baseline {
+            Some(b) if tool.runs_baseline() => b,
             _ => &self.mcdist,
         }
         .to_string_lossy()
@@ -158,7 +158,7 @@ impl Bench {
         if unicast {
             c.arg("--unicast");
         }
-        if matches!(tool, Tool::McdistFec | Tool::McdistBaseFec) {
+        if tool.fec() {
             c.arg("--fec");
         }
         if let Some(o) = offload {

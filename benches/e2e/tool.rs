@@ -94,6 +94,21 @@ impl Tool {
         Tool::NAMED.into_iter().find(|t| t.name() == s)
     }
 
+    /// The tool that runs the `--baseline` build the way this one runs the build under
+    /// test (`mcdist-base` for `mcdist`, `mcdist-base-fec` for `mcdist-fec`).
+    pub fn baseline(self) -> Option<Tool> {
+        match self {
+            Tool::Mcdist => Some(Tool::McdistBase),
+            Tool::McdistFec => Some(Tool::McdistBaseFec),
+            _ => None,
+        }
+    }
+
+    /// True for the tools that run the `--baseline` build.
+    pub fn runs_baseline(self) -> bool {
+        matches!(self, Tool::McdistBase | Tool::McdistBaseFec)
+    }
+
     /// True for the FEC variants.
     pub fn fec(self) -> bool {
         matches!(

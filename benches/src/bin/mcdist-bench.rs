@@ -149,15 +149,12 @@ fn main() -> ExitCode {
     };
     let mut tools = tools;
     if cli.baseline.is_some() {
-        for (new, base) in [
-            (Tool::Mcdist, Tool::McdistBase),
-            (Tool::McdistFec, Tool::McdistBaseFec),
-        ] {
-            if let Some(i) = tools.iter().position(|t| *t == new) {
-                if !tools.contains(&base) {
-                    tools.insert(i + 1, base);
-                }
+        let mut i = 0;
+        while i < tools.len() {
+            if let Some(base) = tools[i].baseline().filter(|b| !tools.contains(b)) {
+                tools.insert(i + 1, base);
             }
+            i += 1;
         }
     }
     let work = match e2e::WorkDir::new(cli.work_dir.as_deref()) {
