@@ -165,6 +165,18 @@ mod server_direct {
         server.handle_datagram(now, addr, &join(sid, token));
     }
 
+    /// A server of `img` started at `t0`.
+    fn server(cfg: ServerConfig, img: Vec<u8>, t0: Instant) -> Server {
+        let source = Arc::new(MemSource::new(img, PS));
+        Server::with_info(
+            cfg,
+            source.clone(),
+            mcdist::source::scan(source.as_ref()).expect("an in-memory image scans"),
+            t0,
+        )
+        .expect("valid configuration")
+    }
+
     /// Group data pages the server sends now, as (pfn, flags), until it has nothing more.
     fn drain(server: &mut Server, now: Instant) -> Vec<(u64, mcdist::wire::DataFlags)> {
         let mut buf = vec![0u8; 65_536];
@@ -191,8 +203,6 @@ mod server_direct {
     fn replay_follows_recorded_order_and_demand_preempts_it() {
         let pages = 64;
         // Every 7th page is zero.
-        let img = test_image(pages, PS, 7, 3);
-        let source = Arc::new(MemSource::new(img, PS));
         let cfg = ServerConfig {
             session_id: Some(0x77),
             push_neighbors: false,
@@ -200,13 +210,7 @@ mod server_direct {
             ..ServerConfig::default()
         };
         let t0 = Instant::now();
-        let mut server = Server::with_info(
-            cfg,
-            source.clone(),
-            mcdist::source::scan(source.as_ref()).expect("an in-memory image scans"),
-            t0,
-        )
-        .expect("valid configuration");
+        let mut server = server(cfg, test_image(pages, PS, 7, 3), t0);
         let zero = server.image_info().zero_map.clone();
         let sid = server.session_id();
         let a: SocketAddr = "10.0.0.2:9000".parse().expect("address");
@@ -231,6 +235,12 @@ mod server_direct {
         }
         assert!(order.iter().all(|&p| !zero.get(p)));
         assert_eq!(server.working_set().order(), &order[..]);
+        // A clone of the same generation joining a moment later sets off no replay.
+        now += Duration::from_millis(1);
+        let a2: SocketAddr = "10.0.0.4:9000".parse().expect("address");
+        validate(&mut server, now, a2);
+        drain(&mut server, now);
+        assert_eq!(server.working_set().replays_started(), 0);
         assert_eq!(server.stats().ws_push_pages, 0);
 
         // Generation 2 joins later (its address validated): the replay pushes
@@ -253,5 +263,49 @@ mod server_direct {
         assert!(sent[1..].iter().all(|s| s.1.contains(Data::PUSH)));
         assert_eq!(server.stats().ws_push_pages, expected.len() as u64);
         eprintln!("recorded {order:?}, sent to generation 2: {sent:?}");
+    }
+
+    /// Neighbour push skips only pages the group was sent since the asker joined:
+    /// a clone joining later gets the neighbours of its faults pushed again.
+    #[test]
+    fn neighbour_push_serves_a_receiver_that_joined_later() {
+        let pages = 256;
+        let cfg = ServerConfig {
+            session_id: Some(0x78),
+            working_set_push: false,
+            push_window: (16, 16),
+            ..ServerConfig::default()
+        };
+        let t0 = Instant::now();
+        let mut server = server(cfg, test_image(pages, PS, 0, 5), t0);
+        let sid = server.session_id();
+        let a: SocketAddr = "10.0.0.2:9000".parse().expect("address");
+        let b: SocketAddr = "10.0.0.3:9000".parse().expect("address");
+        let pushed = |sent: &[(u64, mcdist::wire::DataFlags)]| -> Vec<u64> {
+            let mut p: Vec<u64> = sent
+                .iter()
+                .filter(|s| s.1.contains(Data::PUSH) && s.0 < pages as u64)
+                .map(|s| s.0)
+                .collect();
+            p.sort_unstable();
+            p
+        };
+        validate(&mut server, t0, a);
+        drain(&mut server, t0);
+        let now = t0 + Duration::from_millis(1);
+        server.handle_datagram(now, a, &request(sid, 100));
+        let first = pushed(&drain(&mut server, now));
+        assert_eq!(first, (101..117).collect::<Vec<u64>>());
+        // The same fault by A again pushes nothing: A was sent those pages.
+        let now = now + Duration::from_millis(1);
+        server.handle_datagram(now, a, &request(sid, 100));
+        assert!(pushed(&drain(&mut server, now)).is_empty());
+        // B joins a second later and faults on the same page: it was not there
+        // when the neighbours went out, so they go again.
+        let now = now + Duration::from_secs(1);
+        validate(&mut server, now, b);
+        drain(&mut server, now);
+        server.handle_datagram(now, b, &request(sid, 100));
+        assert_eq!(pushed(&drain(&mut server, now)), first);
     }
 }

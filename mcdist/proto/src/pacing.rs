@@ -113,6 +113,17 @@ pub struct RateConfig {
 }
 
 impl RateConfig {
+    /// These settings with the highest rate `cap` bytes/s; the starting rate and the
+    /// floor are lowered to it where they were above.
+    pub fn capped(self, cap: u64) -> RateConfig {
+        RateConfig {
+            cap,
+            initial: self.initial.min(cap),
+            floor: self.floor.min(cap),
+            ..self
+        }
+    }
+
     /// Token bucket depth in bytes at `rate` bytes/s: [`RateConfig::burst`] of traffic,
     /// at least 64 KiB.
     pub fn burst_bytes(&self, rate: u64) -> u64 {

@@ -8,9 +8,18 @@
 //! demand and repairs, so the new clones find most of their working set already
 //! present when they fault.
 //!
+//! **Generations.** Receivers that join less than a gap (`generation_gap`)
+//! after the previous join belong to the same generation: clones started together
+//! join milliseconds apart. The generation that was joining when nothing was
+//! recorded yet is the one whose faults are being recorded; its later joiners
+//! start no replay (they fault on the same pages as the rest of it, at the same
+//! time, so demand and lockstep suppression serve them, and a replay of the few
+//! pages recorded so far would only repeat what the group was just sent). A join
+//! after a longer silence starts a new generation, which is replayed for.
+//!
 //! At most one replay runs at a time. A replay serves every receiver that joined
-//! before it started; receivers joining during a replay start the next one once
-//! it ends. Each replay skips pages the group was sent after the earliest
+//! before it started; receivers of a replayed generation joining during a replay
+//! start the next one once it ends. Each replay skips pages the group was sent after the earliest
 //! receiver it serves joined (they already have those), which the server decides
 //! through the `skip` callback of [`WorkingSet::next`].
 //!
@@ -29,6 +38,12 @@ pub struct WorkingSet {
     /// Earliest join time of receivers waiting for the next replay.
     pending_since: Option<u64>,
     replays: u64,
+    /// Joins closer than this (nanoseconds) to the previous one are one generation.
+    generation_gap: u64,
+    /// The latest join.
+    last_join: Option<u64>,
+    /// The latest join's generation is replayed for (it began after something was recorded).
+    generation_replayed: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -40,8 +55,9 @@ struct Replay {
 
 impl WorkingSet {
     /// An empty working set for an image of `page_count` pages, recording at most
-    /// `max_pages` pages.
-    pub fn new(page_count: u64, max_pages: usize) -> WorkingSet {
+    /// `max_pages` pages; joins less than `generation_gap` nanoseconds apart are one
+    /// generation.
+    pub fn new(page_count: u64, max_pages: usize, generation_gap: u64) -> WorkingSet {
         WorkingSet {
             order: Vec::new(),
             seen: PageBitmap::new(page_count),
@@ -49,6 +65,9 @@ impl WorkingSet {
             replay: None,
             pending_since: None,
             replays: 0,
+            generation_gap,
+            last_join: None,
+            generation_replayed: false,
         }
     }
 
@@ -88,11 +107,19 @@ impl WorkingSet {
         self.replay.is_some() || self.pending_since.is_some()
     }
 
-    /// A receiver joined at `now` (nanoseconds on the server's time base). If
-    /// an order was recorded it will be replayed for this receiver: at once if no
-    /// replay is running, else after the running one.
+    /// A receiver joined at `now` (nanoseconds on the server's time base). If it
+    /// begins a generation and an order was recorded, or its generation is replayed
+    /// for, the order will be replayed for it: at once if no replay is running, else
+    /// after the running one.
     pub fn joined(&mut self, now: u64) {
-        if self.order.is_empty() {
+        let same = self
+            .last_join
+            .is_some_and(|t| now.saturating_sub(t) < self.generation_gap);
+        self.last_join = Some(now);
+        if !same {
+            self.generation_replayed = !self.order.is_empty();
+        }
+        if !self.generation_replayed {
             return;
         }
         if self.replay.is_none() {
@@ -138,7 +165,7 @@ mod tests {
 
     #[test]
     fn records_first_requests_once_and_bounded() {
-        let mut ws = WorkingSet::new(100, 3);
+        let mut ws = WorkingSet::new(100, 3, GAP);
         assert!(ws.record(5));
         assert!(!ws.record(5));
         assert!(ws.record(1));
@@ -148,9 +175,11 @@ mod tests {
         assert_eq!(ws.order(), &[5, 1, 7]);
     }
 
+    const GAP: u64 = 1000;
+
     #[test]
     fn no_replay_without_a_recorded_order() {
-        let mut ws = WorkingSet::new(10, 10);
+        let mut ws = WorkingSet::new(10, 10, GAP);
         ws.joined(1);
         assert!(!ws.active());
         assert_eq!(ws.next(|_, _| false), None);
@@ -158,7 +187,7 @@ mod tests {
 
     #[test]
     fn replays_in_order_skipping_and_chains_later_joiners() {
-        let mut ws = WorkingSet::new(10, 10);
+        let mut ws = WorkingSet::new(10, 10, GAP);
         for p in [3, 1, 4, 9, 2] {
             ws.record(p);
         }
@@ -176,5 +205,32 @@ mod tests {
         assert_eq!(served, vec![9, 2, 3, 1, 4, 9, 2]);
         assert_eq!(ws.replays_started(), 2);
         assert!(!ws.active());
+    }
+
+    #[test]
+    fn the_recording_generation_is_not_replayed_for_a_later_one_is() {
+        let mut ws = WorkingSet::new(10, 10, GAP);
+        // Generation 1: joins 10 apart; its first faults are recorded between them.
+        ws.joined(0);
+        ws.record(4);
+        ws.joined(10);
+        ws.record(6);
+        ws.joined(GAP + 9);
+        assert!(
+            !ws.active(),
+            "a joiner of the recording generation set off a replay"
+        );
+        assert_eq!(ws.replays_started(), 0);
+        // Generation 2 begins after a silence: replayed, and so is its later joiner.
+        ws.joined(3 * GAP);
+        assert!(ws.active());
+        assert_eq!(ws.next(|_, s| s != 3 * GAP), Some(4));
+        ws.joined(3 * GAP + 1);
+        let mut served = Vec::new();
+        while let Some(p) = ws.next(|_, _| false) {
+            served.push(p);
+        }
+        assert_eq!(served, vec![6, 4, 6]);
+        assert_eq!(ws.replays_started(), 2);
     }
 }

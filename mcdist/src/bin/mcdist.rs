@@ -79,7 +79,8 @@ enum Cmd {
         /// shallow buffers; higher lets a busy host keep its rate.
         #[arg(long, value_name = "MS", default_value_t = 8)]
         burst_ms: u64,
-        /// Push pages ahead of requests (neighbours of faults and a whole-image sweep).
+        /// Push pages ahead of requests (neighbours of faults, a whole-image sweep, and
+        /// the recorded working set of earlier receivers to later ones).
         #[arg(long, value_enum, default_value_t = OnOff::On)]
         push: OnOff,
         /// Page size in bytes (a power of two).
@@ -342,6 +343,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     let cfg = ServerConfig {
         push_neighbors: a.push,
         sweep: a.push,
+        working_set_push: a.push && defaults.working_set_push,
         sweep_min_clients: a.clients.unwrap_or(0),
         delivery: if a.unicast {
             Delivery::UnicastFanout
@@ -349,11 +351,8 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             Delivery::Multicast
         },
         rate: mcdist::pacing::RateConfig {
-            cap,
-            initial: defaults.rate.initial.min(cap),
-            floor: defaults.rate.floor.min(cap),
             burst: Duration::from_millis(a.burst_ms),
-            ..defaults.rate
+            ..defaults.rate.capped(cap)
         },
         session_id: Some(rand::random::<u64>() | 1),
         fec: a.fec,

@@ -268,13 +268,7 @@ pub(crate) fn run_hosts(
     let group = SocketAddrV4::new([239, 255, 70, 2].into(), 46101 + 2 * run);
     let listen = SocketAddr::new(BridgeNet::addr(0).into(), 46102 + 2 * run);
     let sec = args.keys.security()?;
-    let scfg = mcdist::node::NodeConfig::new(
-        mcdist::ServerConfig {
-            push_neighbors: !args.no_push,
-            ..Default::default()
-        },
-        sec.clone(),
-    );
+    let scfg = mcdist::node::NodeConfig::new(super::server_config(args), sec.clone());
     let (server, desc) = frozen
         .serve(group, Some("eth0"), listen, scfg)
         .map_err(|e| e.to_string())?;

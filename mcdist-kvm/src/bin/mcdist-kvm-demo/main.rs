@@ -52,6 +52,11 @@ pub(crate) struct Args {
     /// Disable the server's neighbour push (pure demand paging).
     #[arg(long)]
     pub(crate) no_push: bool,
+    /// The memory server's highest send rate in Mbit/s, as `mcdist serve --rate` (the
+    /// rate follows receivers below it).
+    #[arg(long, value_name = "MBIT", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) rate: u64,
     /// Generations of clones run one after another against the same memory server. With 2
     /// or more, the run is made twice, without and with working-set push, and compared.
     #[arg(long, default_value_t = 1)]
@@ -242,6 +247,16 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
     }
 }
 
+/// The memory server's settings the options ask for.
+pub(crate) fn server_config(args: &Args) -> mcdist::ServerConfig {
+    let defaults = mcdist::ServerConfig::default();
+    mcdist::ServerConfig {
+        push_neighbors: !args.no_push,
+        rate: defaults.rate.capped(args.rate.saturating_mul(125_000)),
+        ..defaults
+    }
+}
+
 /// Starts a memory server for `frozen` and runs `generations` generations of the ticket's
 /// clones against it, one after another; returns each generation's totals.
 pub(crate) fn run_server(
@@ -258,9 +273,8 @@ pub(crate) fn run_server(
     let sec = args.keys.security()?;
     let scfg = mcdist::node::NodeConfig::new(
         mcdist::ServerConfig {
-            push_neighbors: !args.no_push,
             working_set_push,
-            ..Default::default()
+            ..server_config(args)
         },
         sec.clone(),
     );

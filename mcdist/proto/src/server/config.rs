@@ -38,10 +38,14 @@ pub struct ServerConfig {
     /// Sweep the whole image in order after demand and push (whole-image distribution).
     pub sweep: bool,
     /// Record the order of first demand requests and replay it as pushes to
-    /// receivers that join later (later generations of clones). Off by
-    /// default: with it on, a receiver gets pages it did not ask for even with
-    /// `push_neighbors` off.
+    /// receivers that join later (later generations of clones; see
+    /// [`crate::workingset`]). On by default: a receiver of a later generation
+    /// gets pages it did not ask for even with `push_neighbors` off.
     pub working_set_push: bool,
+    /// Receivers joining less than this after the previous join are one
+    /// generation: only a generation that began after something was recorded is
+    /// replayed for.
+    pub working_set_generation_gap: Duration,
     /// Most pages the recorded working set holds.
     pub working_set_max_pages: usize,
     /// Also record pages pushed next to faults, in the order sent. A clone that
@@ -95,7 +99,8 @@ impl Default for ServerConfig {
             push_neighbors: true,
             push_window: (16, 1024),
             sweep: false,
-            working_set_push: false,
+            working_set_push: true,
+            working_set_generation_gap: Duration::from_millis(100),
             working_set_max_pages: 1 << 20,
             working_set_record_push: true,
             sweep_min_clients: 0,

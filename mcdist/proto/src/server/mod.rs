@@ -199,7 +199,11 @@ impl Server {
             sent: SentLog::new(total_pages),
             push: Push::new(cfg.push_window.0),
             sweep: Sweep::default(),
-            working_set: WorkingSet::new(page_count, cfg.working_set_max_pages),
+            working_set: WorkingSet::new(
+                page_count,
+                cfg.working_set_max_pages,
+                u64::try_from(cfg.working_set_generation_gap.as_nanos()).unwrap_or(u64::MAX),
+            ),
             out: Outbox::new(&cfg, &info.zero_map, geo.page_size),
             fec: FecState::new(&cfg, &geo),
             events: VecDeque::new(),

@@ -37,6 +37,8 @@ struct Report {
 #[derive(Debug)]
 struct Peer {
     last_seen: Instant,
+    /// When it joined, on the server's time base (nanoseconds).
+    joined: u64,
     last_zero_map: Option<Instant>,
     complete: bool,
     tokens: TokenBucket,
@@ -51,9 +53,10 @@ struct Peer {
 }
 
 impl Peer {
-    fn new(now: Instant, page_rate: u64) -> Peer {
+    fn new(now: Instant, joined: u64, page_rate: u64) -> Peer {
         Peer {
             last_seen: now,
+            joined,
             last_zero_map: None,
             complete: false,
             tokens: TokenBucket::new(now, page_rate, Peer::request_burst(page_rate)),
@@ -110,6 +113,11 @@ impl Peers {
     /// Every tracked receiver, in table order.
     pub(super) fn addrs(&self) -> Vec<SocketAddr> {
         self.table.keys().copied().collect()
+    }
+
+    /// When `addr` joined (nanoseconds on the server's time base; 0 if unknown).
+    pub(super) fn joined(&self, addr: &SocketAddr) -> u64 {
+        self.table.get(addr).map_or(0, |p| p.joined)
     }
 
     /// `addr` is marked slow.
@@ -200,10 +208,11 @@ impl Server {
             return false;
         }
         let rate = self.cfg.per_source_page_rate.max(1);
-        self.peers.table.insert(from, Peer::new(now, rate));
+        let joined = self.nanos(now);
+        self.peers.table.insert(from, Peer::new(now, joined, rate));
         self.events.push_back(ServerEvent::ClientJoined(from));
         if self.cfg.working_set_push {
-            self.working_set.joined(self.nanos(now));
+            self.working_set.joined(joined);
         }
         true
     }

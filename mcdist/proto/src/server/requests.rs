@@ -105,7 +105,7 @@ impl Server {
         let data = pfn < self.page_count;
         if !ask.retry() && data {
             self.record_fault(pfn);
-            self.aim_push(pfn);
+            self.aim_push(pfn, from);
         }
         if self.repair_by_block(from, ask) && self.fec_nack(pfn) {
             // The hash pages above it are in blocks of their own, NACKed with it.
@@ -143,10 +143,12 @@ impl Server {
         }
     }
 
-    /// Neighbour push: a fresh fault aims the push just past it.
-    fn aim_push(&mut self, pfn: u64) {
+    /// Neighbour push: a fresh fault aims the push just past it, for pages the
+    /// group was not sent since the asker joined.
+    fn aim_push(&mut self, pfn: u64, from: SocketAddr) {
         if self.cfg.push_neighbors {
-            self.push.aim(pfn, self.cfg.push_window);
+            let since = self.peers.joined(&from);
+            self.push.aim(pfn, since, self.cfg.push_window);
         }
     }
 

@@ -200,6 +200,9 @@ pub(super) struct Push {
     cursor: u64,
     remaining: u64,
     window: u64,
+    /// Join time of the receiver whose fault aimed the push: pages multicast
+    /// since then are not pushed again (it has them, or NACKs them).
+    since: u64,
 }
 
 impl Push {
@@ -208,12 +211,15 @@ impl Push {
             cursor: 0,
             remaining: 0,
             window: min_window.max(1),
+            since: 0,
         }
     }
 
-    /// A fresh fault on `pfn`: aim the push just past it, doubling the window
-    /// (up to `max`) while faults stay sequential, back to `min` otherwise.
-    pub(super) fn aim(&mut self, pfn: u64, (min, max): (u64, u64)) {
+    /// A fresh fault on `pfn` by a receiver that joined at `since`: aim the push
+    /// just past it, doubling the window (up to `max`) while faults stay
+    /// sequential, back to `min` otherwise.
+    pub(super) fn aim(&mut self, pfn: u64, since: u64, (min, max): (u64, u64)) {
+        self.since = since;
         let sequential = pfn >= self.cursor.saturating_sub(self.window) && pfn <= self.cursor + 1;
         self.window = if sequential {
             (self.window * 2).min(max.max(1))
@@ -275,13 +281,14 @@ impl Server {
                 || (self.sweeping() && self.sweep.pos < self.total_pages))
     }
 
-    /// The first page in `from..end` that is not zero, not sent and not queued;
-    /// returns the position after it (or `end`) and the page.
-    fn next_unsent(&self, from: u64, end: u64) -> (u64, Option<u64>) {
+    /// The first page in `from..end` that is not zero, not multicast since `since`
+    /// (nanoseconds on the server's time base) and not queued; returns the position
+    /// after it (or `end`) and the page.
+    fn next_unsent(&self, from: u64, end: u64, since: u64) -> (u64, Option<u64>) {
         let mut pfn = from;
         while pfn < end {
             let skip = self.info.zero_map.get(pfn)
-                || self.sent.ever.get(pfn)
+                || self.sent.multicast_since(pfn, since)
                 || self.sent.queued_group.get(pfn);
             pfn += 1;
             if !skip {
@@ -361,7 +368,7 @@ impl Server {
                 .cursor
                 .saturating_add(self.push.remaining)
                 .min(self.page_count);
-            let (next, found) = self.next_unsent(self.push.cursor, end);
+            let (next, found) = self.next_unsent(self.push.cursor, end, self.push.since);
             if let Some(h) = found.and_then(|p| self.unsent_hash_above(p)) {
                 // The hash pages above the page go first; the page comes next time.
                 self.push.remaining = self
