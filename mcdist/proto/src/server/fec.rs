@@ -59,19 +59,17 @@ struct SentBlocks {
 
 impl SentBlocks {
     fn insert(&mut self, first: u64, members: Vec<u64>, next_repair: u32) {
-        if self
-            .blocks
-            .insert(
-                first,
-                SentBlock {
-                    members,
-                    next_repair,
-                    round: None,
-                },
-            )
-            .is_none()
-        {
+        let block = SentBlock {
+            members,
+            next_repair,
+            round: None,
+        };
+        if self.blocks.insert(first, block).is_none() {
             self.order.push_back(first);
+        } else {
+            // A new block from the same first page (its pages sent again, to a
+            // later receiver): the old block's encoder holds other pages.
+            self.encoders.remove(&first);
         }
         while self.order.len() > MAX_SENT_BLOCKS {
             if let Some(old) = self.order.pop_front() {
