@@ -87,6 +87,10 @@ pub struct ServerConfig {
     pub fec_loss_factor: f64,
     /// ... plus this, while any receiver reports loss.
     pub fec_margin: f64,
+    /// A NACK for a page of a block with a page multicast more than this
+    /// many group pages ago takes the plain path: receivers keep the pages a block
+    /// needs only for a while (`ClientConfig::fec_cache_pages`, 4096 by default).
+    pub fec_repair_horizon_pages: u64,
 }
 
 impl Default for ServerConfig {
@@ -119,6 +123,7 @@ impl Default for ServerConfig {
             fec_max_overhead: 0.5,
             fec_loss_factor: 2.0,
             fec_margin: 0.02,
+            fec_repair_horizon_pages: 2048,
         }
     }
 }

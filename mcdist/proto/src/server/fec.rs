@@ -15,8 +15,11 @@
 //! fragments there. NACKs for one block within [`NACK_ROUND_WINDOW`] of a round
 //! share it (the round grows to the largest need), so one round repairs every
 //! receiver whose loss in the block it covers, whatever the number of receivers.
-//! Hash pages form windows of their own. A re-asked page and a slow or heavily
-//! lossy receiver's NACK take the plain path (`requests`).
+//! Hash pages form windows of their own. A re-asked page, a slow or heavily
+//! lossy receiver's NACK, and a NACK for a block with a page multicast more
+//! than `fec_repair_horizon_pages` pages ago (receivers no longer hold its
+//! other pages, so repair symbols would not decode) take the plain path
+//! (`requests`).
 
 use super::config::Geometry;
 use super::schedule::{Job, Target};
@@ -266,7 +269,20 @@ impl Server {
             // other members (receivers refuse such a repair). Plain path.
             return false;
         }
+        let sent = &self.sent;
+        // Receivers keep the pages a block needs only for a while (the last
+        // `fec_cache_pages` they received): a block with a member multicast
+        // longer ago than the horizon is no help to them.
+        let horizon = self.cfg.fec_repair_horizon_pages;
+        let recent = |members: &[u64]| {
+            members
+                .iter()
+                .all(|&q| sent.multicast_pages_after(q).is_some_and(|n| n <= horizon))
+        };
         let first = match fec.sent.block_of(pfn) {
+            Some(f) if !fec.sent.blocks.get(&f).is_some_and(|b| recent(&b.members)) => {
+                return false
+            }
             Some(f) => f,
             None => {
                 // Sent while no block was open: the window's sent pages that
@@ -279,6 +295,9 @@ impl Server {
                 let Some(&first) = members.first() else {
                     return false;
                 };
+                if !recent(&members) {
+                    return false;
+                }
                 if fec.sent.blocks.contains_key(&first) {
                     return false;
                 }

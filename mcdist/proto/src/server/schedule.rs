@@ -158,6 +158,10 @@ pub(super) struct SentLog {
     pub(super) queued_group: PageBitmap,
     /// Last multicast of each page: nanoseconds since the server's base + 1 (0: never).
     last_group_send: Vec<u64>,
+    /// Pages multicast so far.
+    group_pages: u64,
+    /// `group_pages` right after each page's last multicast (0: never).
+    group_seq: Vec<u64>,
     /// Pages whose last multicast answered a request or NACK (not a push or
     /// the sweep).
     pub(super) last_was_answer: PageBitmap,
@@ -169,6 +173,8 @@ impl SentLog {
             ever: PageBitmap::new(page_count),
             queued_group: PageBitmap::new(page_count),
             last_group_send: vec![0; usize::try_from(page_count).unwrap_or(0)],
+            group_pages: 0,
+            group_seq: vec![0; usize::try_from(page_count).unwrap_or(0)],
             last_was_answer: PageBitmap::new(page_count),
         }
     }
@@ -183,6 +189,24 @@ impl SentLog {
     ) -> bool {
         let last = self.last_group_send[pfn as usize];
         last != 0 && now.saturating_duration_since(base + Duration::from_nanos(last - 1)) < window
+    }
+
+    /// `pfn` was multicast at `nanos` (since the base).
+    fn note_multicast(&mut self, pfn: u64, nanos: u64) {
+        let i = pfn as usize;
+        self.group_pages += 1;
+        if let (Some(t), Some(q)) = (self.last_group_send.get_mut(i), self.group_seq.get_mut(i)) {
+            *t = nanos + 1;
+            *q = self.group_pages;
+        }
+    }
+
+    /// Pages multicast after `pfn`'s last multicast (`None`: never multicast).
+    pub(super) fn multicast_pages_after(&self, pfn: u64) -> Option<u64> {
+        match self.group_seq.get(pfn as usize) {
+            Some(&q) if q > 0 => Some(self.group_pages - q),
+            _ => None,
+        }
     }
 
     /// `pfn` was multicast at or after `since` (nanoseconds since the base).
@@ -444,7 +468,8 @@ impl Server {
         }
         if job.target == Target::Group {
             self.peers.note_group_page();
-            self.sent.last_group_send[job.pfn as usize] = self.nanos(now) + 1;
+            let nanos = self.nanos(now);
+            self.sent.note_multicast(job.pfn, nanos);
             if job.flags.intersects(Data::DEMAND | Data::REPAIR) {
                 self.sent.last_was_answer.set(job.pfn);
             } else {
