@@ -199,12 +199,10 @@ impl InlineMcdist {
                     if *dead {
                         return;
                     }
-                    client.handle_datagram_borrowed(
-                        Instant::now(),
-                        from,
-                        datagram,
-                        &mut |pfn, page| handle.install(pfn, page),
-                    );
+                    let at = Instant::now();
+                    client.handle_datagram_borrowed(at, from, datagram, &mut |pfn, page| {
+                        handle.install_received(pfn, page, at)
+                    });
                     drain_events(client, pin, dead, handle);
                 },
             );

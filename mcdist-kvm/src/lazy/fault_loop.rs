@@ -132,6 +132,9 @@ pub(super) fn run(
                     let t0 = Instant::now();
                     if let Some(pfn) = inner.on_fault(addr, t0) {
                         driver.request(pfn, &handle);
+                        if inner.trace {
+                            inner.note_sent(pfn, Instant::now());
+                        }
                         last_request = Some(t0);
                     }
                 }
