@@ -287,6 +287,10 @@ impl InlineFetcher for InlineMcdist {
         Ok(())
     }
 
+    fn watched_ready(&mut self) -> bool {
+        self.link.udp().take_watched_ready()
+    }
+
     fn request(&mut self, pfn: u64, _handle: &LazyHandle) {
         if self.dead {
             return;

@@ -163,6 +163,12 @@ pub trait InlineFetcher: Send + 'static {
     /// handles what arrived (installing pages with [`LazyHandle::install`], reporting a dead
     /// source with [`LazyHandle::fail`]) and returns.
     fn poll(&mut self, timeout: Duration, handle: &LazyHandle);
+    /// Whether a watched descriptor may have become readable since the last call: the fault
+    /// thread reads the userfaultfd (until it would block) only then. The default says
+    /// always (a read that finds no event costs one system call).
+    fn watched_ready(&mut self) -> bool {
+        true
+    }
 }
 
 /// How the fault thread waits for events.
