@@ -6,6 +6,10 @@
 //!    or spinning on non-blocking reads. mcdist runs two ways: a client I/O thread fed by the
 //!    fault thread (`ClientNode`, "threaded") and the client driven by the fault thread itself
 //!    (`InlineMcdist`, "inline").
+//!    Then the floor (UDP round trip), the network side of a fault stage by stage, and the
+//!    touch latency seen by a faulting thread with its stages on the real path (fault event
+//!    read, request sent, page received, verified, `UFFDIO_COPY`, touch returned) and the
+//!    goal ratios to the floor (`--touch-only` runs only these).
 //! 2. Clone start (descriptor in hand → first instruction) for several guest sizes: lazy
 //!    (local and mcdist) versus an eager full copy before the first instruction.
 //!
