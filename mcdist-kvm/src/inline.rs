@@ -199,12 +199,10 @@ impl InlineMcdist {
                     if *dead {
                         return;
                     }
-                    client.handle_datagram_borrowed(
-                        Instant::now(),
-                        from,
-                        datagram,
-                        &mut |pfn, page| handle.install(pfn, page),
-                    );
+                    let at = Instant::now();
+                    client.handle_datagram_borrowed(at, from, datagram, &mut |pfn, page| {
+                        handle.install_received(pfn, page, at)
+                    });
                     drain_events(client, pin, dead, handle);
                 },
             );
@@ -287,6 +285,10 @@ impl InlineFetcher for InlineMcdist {
             udp.watch_readable(*fd)?;
         }
         Ok(())
+    }
+
+    fn watched_ready(&mut self) -> bool {
+        self.link.udp().take_watched_ready()
     }
 
     fn request(&mut self, pfn: u64, _handle: &LazyHandle) {

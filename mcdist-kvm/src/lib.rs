@@ -43,8 +43,8 @@ pub use clone::{
 };
 pub use descriptor::{Descriptor, DescriptorFile, SessionParams};
 pub use lazy::{
-    FaultWait, InlineFetcher, LazyConfig, LazyHandle, LazyMemory, LazyStats, PageFetcher,
-    SourceFetcher,
+    FaultStamps, FaultWait, InlineFetcher, LazyConfig, LazyHandle, LazyMemory, LazyStats,
+    PageFetcher, SourceFetcher,
 };
 pub use session::SessionError;
 pub use share::{HostCache, HostCacheStats};

@@ -174,3 +174,46 @@ fn statistics_count_every_page_a_reader_has_waited_for() {
         assert_eq!(s.pages_demand, fetched, "after reading page {p}: {s:?}");
     }
 }
+
+/// With `trace_faults`, every demand fault leaves one record whose stamps are in the order
+/// of the fault path; without it, none.
+#[test]
+fn the_fault_trace_keeps_one_ordered_record_per_demand_page() {
+    if !uffd_available() {
+        return;
+    }
+    let pages = 32;
+    for trace in [true, false] {
+        let src: Arc<dyn PageSource> = Arc::new(MemSource::new(image(pages), PAGE));
+        let zero = zero_map(&*src).expect("zero map");
+        let cfg = LazyConfig {
+            trace_faults: trace,
+            ..LazyConfig::default()
+        };
+        let mut mem = LazyMemory::new(pages * PAGE, zero, cfg).expect("lazy memory");
+        mem.start(Arc::new(SourceFetcher::new(src, mem.handle())))
+            .expect("start");
+        let mut b = [0u8; 1];
+        for p in 0..pages {
+            mem.read(p * PAGE, &mut b).expect("read");
+        }
+        let demand = mem.stats().pages_demand;
+        let t = mem.fault_trace();
+        if !trace {
+            assert!(t.is_empty());
+            continue;
+        }
+        assert_eq!(t.len() as u64, demand, "one record per demand page");
+        let mut pfns: Vec<u64> = t.iter().map(|s| s.pfn).collect();
+        pfns.sort_unstable();
+        pfns.dedup();
+        assert_eq!(pfns.len(), t.len(), "one record per page");
+        for s in &t {
+            assert!(s.pfn % 3 != 0, "zero pages are filled locally, not traced");
+            assert!(s.read <= s.asked && s.asked <= s.delivered && s.delivered <= s.installed);
+            // The local fetcher installs before its request returns; it receives no datagram.
+            assert!(s.sent.is_none() && s.received.is_none());
+        }
+        assert!(mem.fault_trace().is_empty(), "the trace is handed out once");
+    }
+}

@@ -6,6 +6,10 @@
 //!    or spinning on non-blocking reads. mcdist runs two ways: a client I/O thread fed by the
 //!    fault thread (`ClientNode`, "threaded") and the client driven by the fault thread itself
 //!    (`InlineMcdist`, "inline").
+//!    Then the floor (UDP round trip), the network side of a fault stage by stage, and the
+//!    touch latency seen by a faulting thread with its stages on the real path (fault event
+//!    read, request sent, page received, verified, `UFFDIO_COPY`, touch returned) and the
+//!    goal ratios to the floor (`--touch-only` runs only these).
 //! 2. Clone start (descriptor in hand → first instruction) for several guest sizes: lazy
 //!    (local and mcdist) versus an eager full copy before the first instruction.
 //!
@@ -22,6 +26,8 @@ use mcdist::secure::Security;
 mod fault_stages;
 #[path = "common/session_args.rs"]
 mod session_args;
+#[path = "common/uffd_stages.rs"]
+mod uffd_stages;
 use mcdist_kvm::clone::{run_clone, CloneError, CloneOptions, CloneReport};
 use mcdist_kvm::guest::HashJob;
 use mcdist_kvm::inline::InlineMcdist;
@@ -50,6 +56,10 @@ struct Args {
     /// Repetitions per configuration.
     #[arg(long, default_value_t = 3)]
     reps: u32,
+    /// Only the floor, the network-side stages and the touch latency with its stages (no
+    /// KVM clones, no clone start).
+    #[arg(long)]
+    touch_only: bool,
     #[command(flatten)]
     keys: session_args::KeyArgs,
 }
@@ -166,15 +176,24 @@ fn remote_clone(
 /// One measured configuration.
 struct Row {
     name: &'static str,
+    /// Column heading of the stage table.
+    short: &'static str,
     wait: FaultWait,
     handler: Handler,
     /// `LazyConfig::reply_spin` in µs.
     reply_spin_us: u64,
 }
 
-const fn row(name: &'static str, wait: FaultWait, handler: Handler, reply_spin_us: u64) -> Row {
+const fn row(
+    name: &'static str,
+    short: &'static str,
+    wait: FaultWait,
+    handler: Handler,
+    reply_spin_us: u64,
+) -> Row {
     Row {
         name,
+        short,
         wait,
         handler,
         reply_spin_us,
@@ -186,14 +205,20 @@ use Handler::{Inline, Local, Threaded};
 
 /// Each mcdist row is compared with the local row of the same wait mode.
 const ROWS: [Row; 8] = [
-    row("local file, blocking", Block, Local, 0),
-    row("mcdist threaded, blocking", Block, Threaded, 0),
-    row("mcdist inline, blocking", Block, Inline, 0),
-    row("mcdist inline, block+spin50", Block, Inline, 50),
-    row("mcdist inline, block+spin200", Block, Inline, 200),
-    row("local file, polling", Spin, Local, 0),
-    row("mcdist threaded, polling", Spin, Threaded, 0),
-    row("mcdist inline, polling", Spin, Inline, 0),
+    row("local file, blocking", "loc blk", Block, Local, 0),
+    row("mcdist threaded, blocking", "thr blk", Block, Threaded, 0),
+    row("mcdist inline, blocking", "inl blk", Block, Inline, 0),
+    row("mcdist inline, block+spin50", "inl sp50", Block, Inline, 50),
+    row(
+        "mcdist inline, block+spin200",
+        "inl sp200",
+        Block,
+        Inline,
+        200,
+    ),
+    row("local file, polling", "loc poll", Spin, Local, 0),
+    row("mcdist threaded, polling", "thr poll", Spin, Threaded, 0),
+    row("mcdist inline, polling", "inl poll", Spin, Inline, 0),
 ];
 
 fn lazy_cfg(r: &Row) -> mcdist_kvm::LazyConfig {
@@ -235,6 +260,42 @@ fn print_table(label: &str, hists: &[mcdist_kvm::lazy::LatencyHistogram]) {
             r.name,
             us(h.quantile(0.5)) / us(base.quantile(0.5)),
             us(h.quantile(0.99)) / us(base.quantile(0.99))
+        );
+    }
+}
+
+/// The performance goal, measured in this run: a remote touch's p50 at most 1.5× the floor
+/// and its p99 at most 3× the floor, the floor being the UDP round trip plus the local
+/// handler's touch latency in the same wait mode (each quantile of the floor from its own
+/// parts' quantiles).
+fn print_goal(
+    hists: &[mcdist_kvm::lazy::LatencyHistogram],
+    rtt: &mcdist_kvm::lazy::LatencyHistogram,
+) {
+    println!(
+        "\ngoal: touch p50 <= 1.5x floor, p99 <= 3x floor; floor = UDP round trip + local \
+         handler, same wait mode, same run"
+    );
+    for (r, h) in ROWS.iter().zip(hists) {
+        let Some(local) = ROWS
+            .iter()
+            .position(|b| b.handler == Local && b.wait == r.wait)
+            .map(|i| &hists[i])
+            .filter(|_| r.handler != Local)
+        else {
+            continue;
+        };
+        let floor = |q| us(rtt.quantile(q)) + us(local.quantile(q));
+        let (p50, p99) = (us(h.quantile(0.5)), us(h.quantile(0.99)));
+        println!(
+            "{:<28} p50 {:>6.1} / floor {:>6.1} = {:>5.2}x   p99 {:>7.1} / floor {:>6.1} = {:>5.2}x",
+            r.name,
+            p50,
+            floor(0.5),
+            p50 / floor(0.5),
+            p99,
+            floor(0.99),
+            p99 / floor(0.99)
         );
     }
 }
@@ -316,7 +377,7 @@ fn run(args: Args) -> Result<(), String> {
     // Repetitions are interleaved (every configuration once per round) so that load from
     // other work on the host falls on all rows alike.
     let mut hists = vec![mcdist_kvm::lazy::LatencyHistogram::default(); ROWS.len()];
-    for _ in 0..args.reps {
+    for _ in 0..if args.touch_only { 0 } else { args.reps } {
         for (row, hist) in ROWS.iter().zip(hists.iter_mut()) {
             let opts = CloneOptions {
                 lazy: lazy_cfg(row),
@@ -333,7 +394,9 @@ fn run(args: Args) -> Result<(), String> {
             hist.merge(&r.stats.fault_latency);
         }
     }
-    print_table("faults", &hists);
+    if !args.touch_only {
+        print_table("faults", &hists);
+    }
     let rtt = udp_round_trip(4000)?;
     println!(
         "floor: UDP loopback round trip between two blocking threads (64 B request, 4 KiB \
@@ -347,22 +410,27 @@ fn run(args: Args) -> Result<(), String> {
     let stages = fault_stages::measure(1000)?;
     println!(
         "\nremote fault, network side, stage by stage (in-process server and client over two \
-         loopback UDP sockets, {} faults, p50 µs):",
-        stages.faults
+         loopback UDP sockets, {} faults timed, {} not, p50 µs):",
+        stages.faults, stages.untimed
     );
     for (name, p50) in stages.names.iter().zip(stages.p50_us) {
-        println!("  {name:<34} {p50:>8.1}");
+        println!("  {name:<44} {p50:>8.1}");
     }
     // Like with like: the time a faulting thread is stopped (touch → resumed), measured by
     // the faulting thread itself, so the handler's wake-up is included in every mode.
     println!("\ntouch latency seen by the faulting thread (read 1 byte of each page, all pages of the slice)");
     let mut hists = vec![mcdist_kvm::lazy::LatencyHistogram::default(); ROWS.len()];
+    let mut traced = vec![uffd_stages::StageSamples::default(); ROWS.len()];
     for _ in 0..args.reps {
-        for (row, hist) in ROWS.iter().zip(hists.iter_mut()) {
+        for ((row, hist), traced) in ROWS.iter().zip(hists.iter_mut()).zip(traced.iter_mut()) {
+            let cfg = mcdist_kvm::LazyConfig {
+                trace_faults: true,
+                ..lazy_cfg(row)
+            };
             let mut mem = mcdist_kvm::LazyMemory::new(
                 served.desc.mem_size as usize,
                 served.desc.zero_map.clone(),
-                lazy_cfg(row),
+                cfg,
             )
             .map_err(|e| e.to_string())?;
             let fetcher = match row.handler {
@@ -378,23 +446,34 @@ fn run(args: Args) -> Result<(), String> {
             let first = mcdist_kvm::guest::TABLE_GPA as usize / 4096;
             let n = job.pages_touched_per_clone(4096) as usize - 3;
             let mut b = [0u8; 1];
+            let mut touches = Vec::with_capacity(n);
             for pfn in first..first + n {
                 if served.desc.zero_map.get(pfn as u64) {
                     continue;
                 }
                 let t = std::time::Instant::now();
                 mem.read(pfn * 4096, &mut b).map_err(|e| e.to_string())?;
-                hist.record(t.elapsed());
+                let back = std::time::Instant::now();
+                hist.record(back - t);
+                touches.push((pfn as u64, t, back));
             }
             if let Some(f) = mem.failure() {
                 return Err(format!("{}: {f}", row.name));
             }
+            traced.add(&touches, &mem.fault_trace());
         }
     }
     print_table("touches", &hists);
+    println!("\nthe same touches, stage by stage (fault thread's trace joined with the touches):");
+    let shorts: Vec<&str> = ROWS.iter().map(|r| r.short).collect();
+    uffd_stages::print(&shorts, &traced);
+    print_goal(&hists, &rtt);
     let _ = served.server.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 
+    if args.touch_only {
+        return Ok(());
+    }
     // ---- 2. clone start -------------------------------------------------------------------
     println!(
         "\nclone start (descriptor → first instruction), median of {} runs",

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::{LazyConfig, LazyFailure, LazyStats, UffdOp};
+use super::{FaultStamps, LazyConfig, LazyFailure, LazyStats, UffdOp};
 use crate::source::PageBitmap;
 use crate::sys::{AnonMap, Install, Uffd};
 
@@ -50,11 +50,16 @@ pub(super) struct State {
     pub(super) pending: HashMap<u64, Pending>,
     pub(super) stats: LazyStats,
     pub(super) failure: Option<LazyFailure>,
+    /// Resolved demand faults' timestamps (only with `Inner::trace`).
+    pub(super) trace: Vec<FaultStamps>,
 }
 
 pub(super) struct Pending {
     pub(super) faults: Vec<Instant>,
     pub(super) last_request: Instant,
+    /// When the fetcher was asked and when its `request` returned (only with `Inner::trace`).
+    pub(super) asked: Option<Instant>,
+    pub(super) sent: Option<Instant>,
 }
 
 pub(super) struct Inner {
@@ -69,6 +74,8 @@ pub(super) struct Inner {
     /// Installs between their `UFFDIO_COPY` (which wakes the faulting vCPU) and their count.
     pub(super) installing: AtomicU64,
     pub(super) created: Instant,
+    /// Keep per-fault timestamps (`LazyConfig::trace_faults`).
+    pub(super) trace: bool,
 }
 
 impl Inner {
@@ -86,7 +93,16 @@ impl Inner {
         self.map.addr() + pfn as usize * self.page_size
     }
 
-    pub(super) fn install(&self, pfn: u64, data: PageData<'_>) {
+    /// Notes when the fetcher's `request` for `pfn` returned (for the fault trace).
+    pub(super) fn note_sent(&self, pfn: u64, sent: Instant) {
+        if let Some(p) = self.lock().pending.get_mut(&pfn) {
+            p.sent = Some(sent);
+        }
+    }
+
+    /// Installs a delivered page; `received` is when its datagram came (for the trace).
+    pub(super) fn install(&self, pfn: u64, data: PageData<'_>, received: Option<Instant>) {
+        let delivered = self.trace.then(Instant::now);
         if pfn >= self.pages || data.len() != self.page_size {
             tracing::debug!(pfn, len = data.len(), "dropping out-of-range page delivery");
             return;
@@ -114,6 +130,19 @@ impl Inner {
                 match (outcome, waiters) {
                     (_, Some(p)) => {
                         st.stats.pages_demand += 1;
+                        if let (Some(delivered), Some(&read), Some(asked)) =
+                            (delivered, p.faults.first(), p.asked)
+                        {
+                            st.trace.push(FaultStamps {
+                                pfn,
+                                read,
+                                asked,
+                                sent: p.sent,
+                                received,
+                                delivered,
+                                installed: now,
+                            });
+                        }
                         for t in p.faults {
                             st.stats
                                 .fault_latency
@@ -187,6 +216,8 @@ impl Inner {
                     Pending {
                         faults: vec![t0],
                         last_request: t0,
+                        asked: self.trace.then(Instant::now),
+                        sent: None,
                     },
                 );
                 st.stats.pages_requested += 1;

@@ -24,6 +24,10 @@ pub(super) trait Driver {
     /// (the driver's readiness may be edge-triggered). Otherwise `wait` sleeps in a
     /// level-triggered poll that returns at once while faults are pending.
     fn inline(&self) -> bool;
+    /// Whether the userfaultfd may hold events (see [`InlineFetcher::watched_ready`]).
+    fn faults_ready(&mut self) -> bool {
+        true
+    }
 }
 
 /// A fetcher with its own thread: the fault thread hands it requests and sleeps in `poll`.
@@ -98,6 +102,10 @@ impl Driver for Inline {
     fn inline(&self) -> bool {
         true
     }
+
+    fn faults_ready(&mut self) -> bool {
+        self.driver.watched_ready()
+    }
 }
 
 /// The fault thread: read faults, request, repeat due requests, wait (for the next fault or
@@ -125,17 +133,22 @@ pub(super) fn run(
             return;
         }
         let mut got = false;
-        loop {
+        // Whenever the userfaultfd may hold events, read it until it would block.
+        let mut ready = driver.faults_ready();
+        while ready {
             match inner.uffd.read_fault() {
                 Ok(Some(addr)) => {
                     got = true;
                     let t0 = Instant::now();
                     if let Some(pfn) = inner.on_fault(addr, t0) {
                         driver.request(pfn, &handle);
+                        if inner.trace {
+                            inner.note_sent(pfn, Instant::now());
+                        }
                         last_request = Some(t0);
                     }
                 }
-                Ok(None) => break,
+                Ok(None) => ready = false,
                 Err(e) => {
                     let mut st = inner.lock();
                     inner.fail_locked(&mut st, LazyFailure::uffd(UffdOp::Read, e));

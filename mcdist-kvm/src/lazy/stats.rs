@@ -1,6 +1,6 @@
 //! Per-clone lazy-memory counters and the fault-latency histogram.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Fault latencies (fault event read → page installed), in nanoseconds.
 #[derive(Debug, Clone, Default)]
@@ -78,4 +78,26 @@ impl LazyStats {
     pub fn pages_fetched(&self) -> u64 {
         self.pages_demand + self.pages_pushed
     }
+}
+
+/// Timestamps of one demand fault, kept when [`super::LazyConfig::trace_faults`] is on (for
+/// benches: where a fault's time goes). All read the same monotonic clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultStamps {
+    /// The page.
+    pub pfn: u64,
+    /// The first fault event on the page was read from the userfaultfd.
+    pub read: Instant,
+    /// The coordinator found the page missing and handed it to the fetcher.
+    pub asked: Instant,
+    /// The fetcher's `request` returned (for a network fetcher: the request was sent).
+    /// `None` when the page was installed before it returned (a local fetcher).
+    pub sent: Option<Instant>,
+    /// The datagram that carried the page was received (inline fetchers that tell;
+    /// `None` otherwise).
+    pub received: Option<Instant>,
+    /// The page was handed to the memory (after its verification, for mcdist).
+    pub delivered: Instant,
+    /// `UFFDIO_COPY` returned: the page is present and the faulting thread woken.
+    pub installed: Instant,
 }

@@ -3,6 +3,10 @@
 //! is waiting without waiting again, at most [`RECV_BUDGET`] datagrams per
 //! turn, and hand each to the state machine where it lies in the receive
 //! buffer (slot `i` holds datagram `i` of a `recv_batch`, one `recvmmsg` on UDP).
+//! A batch that did not fill the buffer ends the turn: the sockets were empty
+//! (what came since is taken first by the next turn, which does not wait while
+//! datagrams are waiting), so the answer to a lone request goes out without
+//! one more receive call before it.
 
 use super::{io_err, NodeError};
 use crate::transport::Transport;
@@ -29,6 +33,8 @@ pub(super) fn wait_until(deadline: Option<Instant>, now: Instant, cap: Duration)
 /// The receive buffer of one driver thread.
 pub(super) struct Inbox {
     buf: Vec<u8>,
+    /// Datagrams one batch holds.
+    slots: usize,
 }
 
 impl Inbox {
@@ -37,6 +43,7 @@ impl Inbox {
         let batch = transport.capabilities().batch.clamp(1, RECV_BATCH);
         Inbox {
             buf: vec![0u8; RECV_SLOT * batch],
+            slots: batch,
         }
     }
 
@@ -59,7 +66,7 @@ impl Inbox {
                     handle(*at.get_or_insert_with(Instant::now), from, bytes)
                 })
                 .map_err(io_err("receiving"))?;
-            if n == 0 {
+            if n < self.slots {
                 break;
             }
             budget = budget.saturating_sub(n);

@@ -33,6 +33,12 @@
 //! so callers see exactly the datagrams that were sent; what does not fit in
 //! one call is handed out by the next.
 //!
+//! Readiness is edge-triggered and tracked per socket: a socket that a receive
+//! found empty is not read again until the poll reports a datagram on it, so an
+//! idle non-blocking receive costs one `epoll_wait` rather than one `recvmmsg`
+//! per socket, and a wake-up for one socket (or for a watched descriptor, see
+//! [`UdpTransport::take_watched_ready`]) reads only that one.
+//!
 //! Every socket sets `SO_RXQ_OVFL`, so batch receives learn the kernel's
 //! count of datagrams each socket dropped because its buffer was full
 //! ([`Transport::rx_dropped`]): a receiver that cannot keep up tells the
@@ -58,7 +64,7 @@ use recv::Gro;
 use send::gso_refused;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,6 +108,12 @@ pub struct UdpTransport {
     /// buffer (`SO_RXQ_OVFL`), as last reported, on the multicast and the
     /// unicast socket.
     drops: [u32; 2],
+    /// Whether the multicast and the unicast socket may hold datagrams: set by
+    /// a readiness event, cleared when a receive finds the socket empty.
+    may_read: [bool; 2],
+    /// A watched descriptor was reported readable since the last
+    /// [`UdpTransport::take_watched_ready`].
+    watched_ready: AtomicBool,
 }
 
 impl std::fmt::Debug for UdpTransport {
@@ -140,16 +152,15 @@ impl Transport for UdpTransport {
             self.recv_batch(buf, slot, &mut one, timeout)?;
             return Ok(one.pop());
         }
+        if timeout == Some(Duration::ZERO) {
+            self.poll_events(timeout)?;
+            return self.try_recv(buf);
+        }
         if let Some(r) = self.try_recv(buf)? {
             return Ok(Some(r));
         }
-        if timeout == Some(Duration::ZERO) {
+        if !self.poll_events(timeout)? {
             return Ok(None);
-        }
-        match self.poll.poll(&mut self.events, timeout) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(None),
-            Err(e) => return Err(e),
         }
         self.try_recv(buf)
     }
@@ -192,14 +203,18 @@ impl Transport for UdpTransport {
         out: &mut Vec<Received>,
         timeout: Option<Duration>,
     ) -> io::Result<usize> {
+        if timeout == Some(Duration::ZERO) {
+            if !self.gro.as_ref().is_some_and(Gro::has_pending) {
+                self.poll_events(timeout)?;
+            }
+            return self.try_recv_batch(buf, slot, out);
+        }
         let n = self.try_recv_batch(buf, slot, out)?;
-        if n > 0 || timeout == Some(Duration::ZERO) {
+        if n > 0 {
             return Ok(n);
         }
-        match self.poll.poll(&mut self.events, timeout) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(0),
-            Err(e) => return Err(e),
+        if !self.poll_events(timeout)? {
+            return Ok(0);
         }
         self.try_recv_batch(buf, slot, out)
     }
@@ -222,6 +237,36 @@ impl Transport for UdpTransport {
         let r = self.recv_gro_in_place(&mut gro, timeout, f);
         self.gro = Some(gro);
         r
+    }
+}
+
+impl UdpTransport {
+    /// Waits at most `timeout` for readiness events and notes them: sockets that may hold
+    /// datagrams, and whether a watched descriptor became readable. `Ok(false)` when the
+    /// wait was interrupted.
+    fn poll_events(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
+        match self.poll.poll(&mut self.events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        for ev in self.events.iter() {
+            match ev.token() {
+                MCAST => self.may_read[0] = true,
+                UCAST => self.may_read[1] = true,
+                WAKE => {}
+                _ => self.watched_ready.store(true, Ordering::Relaxed),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Whether a descriptor added with [`UdpTransport::watch_readable`] was reported
+    /// readable since the last call (true before the first). Readiness is edge-triggered:
+    /// a caller that drains its descriptors whenever this says so, and only then, misses
+    /// nothing and skips the reads that would find them empty.
+    pub fn take_watched_ready(&self) -> bool {
+        self.watched_ready.swap(false, Ordering::Relaxed)
     }
 }
 

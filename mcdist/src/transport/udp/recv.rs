@@ -11,29 +11,27 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 
 impl UdpTransport {
+    /// One datagram from a socket that may hold one (alternating which goes first so
+    /// neither starves).
     pub(super) fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>> {
-        // Alternate which socket goes first so neither starves.
         self.turn = !self.turn;
-        for pass in 0..2 {
-            let use_mcast = (pass == 0) == self.turn;
-            let sock = if use_mcast {
-                match &self.mcast {
-                    Some(m) => m,
-                    None => continue,
-                }
-            } else {
-                &self.ucast
-            };
+        let mut may_read = self.may_read;
+        let mut got = None;
+        for (i, sock) in self.sockets(self.turn) {
             match sock.recv_from(buf) {
-                Ok((len, from)) => return Ok(Some(Received { len, from })),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Ok((len, from)) => {
+                    got = Some(Received { len, from });
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => may_read[i] = false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // ICMP errors from earlier sends surface here; they are not fatal.
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(None)
+        self.may_read = may_read;
+        Ok(got)
     }
 }
 
@@ -48,6 +46,14 @@ pub(super) struct RawMsg {
     pub(super) drops: Option<u32>,
 }
 
+/// How many messages one `recvmmsg` took, and whether it found the socket empty (it
+/// would block, or it took fewer messages than it had room for).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Took {
+    n: usize,
+    drained: bool,
+}
+
 /// `recvmmsg` on one socket without waiting; message `i` lands at `buf[i * slot..]`.
 /// With `gro`, each message's `UDP_GRO` control message gives its segment size.
 fn recv_raw(
@@ -56,14 +62,15 @@ fn recv_raw(
     slot: usize,
     gro: bool,
     out: &mut Vec<RawMsg>,
-) -> io::Result<usize> {
+) -> io::Result<Took> {
     use nix::sys::socket::{
         recvmmsg, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage,
     };
     use std::io::IoSliceMut;
     let n = (buf.len() / slot.max(1)).min(MAX_BATCH);
+    let none = |drained| Ok(Took { n: 0, drained });
     if n == 0 {
-        return Ok(0);
+        return none(false);
     }
     // Room for the GRO segment size and the SO_RXQ_OVFL drop count.
     let cmsg = Some(nix::cmsg_space!(i32, u32));
@@ -82,9 +89,11 @@ fn recv_raw(
     );
     let results = match res {
         Ok(r) => r,
-        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => return Ok(0),
-        // ICMP errors from earlier sends surface here; they are not fatal.
-        Err(nix::errno::Errno::ECONNREFUSED) => return Ok(0),
+        Err(nix::errno::Errno::EAGAIN) => return none(true),
+        Err(nix::errno::Errno::EINTR) => return none(false),
+        // ICMP errors from earlier sends surface here; they are not fatal (and datagrams
+        // may wait behind them).
+        Err(nix::errno::Errno::ECONNREFUSED) => return none(false),
         Err(e) => return Err(io::Error::from(e)),
     };
     let mut got = 0;
@@ -116,7 +125,10 @@ fn recv_raw(
             drops,
         });
     }
-    Ok(got)
+    Ok(Took {
+        n: got,
+        drained: got < n,
+    })
 }
 
 fn unspecified() -> SocketAddr {
@@ -130,14 +142,14 @@ fn recv_many(
     slot: usize,
     raw: &mut Vec<RawMsg>,
     out: &mut Vec<Received>,
-) -> io::Result<usize> {
+) -> io::Result<Took> {
     raw.clear();
-    let got = recv_raw(sock, buf, slot, false, raw)?;
+    let took = recv_raw(sock, buf, slot, false, raw)?;
     out.extend(raw.iter().map(|m| Received {
         len: m.len,
         from: m.from.unwrap_or_else(unspecified),
     }));
-    Ok(got)
+    Ok(took)
 }
 
 /// The latest running drop count among `raw`, if any message carried one.
@@ -170,6 +182,11 @@ impl Gro {
             pending: std::collections::VecDeque::new(),
             coalesced: 0,
         }
+    }
+
+    /// Whether datagrams of the last receive wait to be handed out.
+    pub(super) fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
     }
 
     /// Cuts message `m` received at `base` into datagrams of its segment
@@ -217,12 +234,14 @@ impl Gro {
 }
 
 impl UdpTransport {
-    /// The sockets with their index in `drops` (0 multicast, 1 unicast).
+    /// The sockets that may hold datagrams, with their index in `drops` and `may_read`
+    /// (0 multicast, 1 unicast).
     fn sockets(&self, mcast_first: bool) -> impl Iterator<Item = (usize, &UdpSocket)> {
         let m = self.mcast.as_ref().map(|m| (0, m));
         let u = Some((1, &self.ucast));
         let (a, b) = if mcast_first { (m, u) } else { (u, m) };
-        a.into_iter().chain(b)
+        let may_read = self.may_read;
+        a.into_iter().chain(b).filter(move |(i, _)| may_read[*i])
     }
 
     pub(super) fn try_recv_batch(
@@ -240,17 +259,21 @@ impl UdpTransport {
         let mut total = 0;
         let mut raw = Vec::new();
         let mut drops = self.drops;
+        let mut may_read = self.may_read;
         for (i, sock) in self.sockets(self.turn) {
             let start = total * slot;
             if start >= buf.len() {
                 break;
             }
-            total += recv_many(sock, &mut buf[start..], slot, &mut raw, out)?;
+            let took = recv_many(sock, &mut buf[start..], slot, &mut raw, out)?;
+            total += took.n;
+            may_read[i] = !took.drained;
             if let Some(d) = latest_drops(&raw) {
                 drops[i] = d;
             }
         }
         self.drops = drops;
+        self.may_read = may_read;
         Ok(total)
     }
 
@@ -273,10 +296,11 @@ impl UdpTransport {
         }
         let mut used = 0;
         let mut drops = self.drops;
+        let mut may_read = self.may_read;
         for (i, sock) in self.sockets(self.turn) {
             gro.raw.clear();
             let area = &mut gro.buf[used * GRO_SLOT..(used + GRO_SLOTS) * GRO_SLOT];
-            recv_raw(sock, area, GRO_SLOT, true, &mut gro.raw)?;
+            may_read[i] = !recv_raw(sock, area, GRO_SLOT, true, &mut gro.raw)?.drained;
             if let Some(d) = latest_drops(&gro.raw) {
                 drops[i] = d;
             }
@@ -288,6 +312,7 @@ impl UdpTransport {
             used += GRO_SLOTS;
         }
         self.drops = drops;
+        self.may_read = may_read;
         Ok(())
     }
 
@@ -300,12 +325,14 @@ impl UdpTransport {
         f: &mut dyn FnMut(SocketAddr, &mut [u8]),
     ) -> io::Result<usize> {
         self.turn = !self.turn;
+        let zero = timeout == Some(std::time::Duration::ZERO);
+        if zero && !gro.has_pending() {
+            self.poll_events(timeout)?;
+        }
         self.fill_gro(gro)?;
-        if gro.pending.is_empty() && timeout != Some(std::time::Duration::ZERO) {
-            match self.poll.poll(&mut self.events, timeout) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(0),
-                Err(e) => return Err(e),
+        if !gro.has_pending() && !zero {
+            if !self.poll_events(timeout)? {
+                return Ok(0);
             }
             self.fill_gro(gro)?;
         }

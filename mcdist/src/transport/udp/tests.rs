@@ -1,5 +1,5 @@
-//! Tests of GSO run cutting, GRO splitting, receive-buffer drop counting and the
-//! watched-descriptor wake-up.
+//! Tests of GSO run cutting, GRO splitting, receive-buffer drop counting, the
+//! watched-descriptor wake-up and per-socket readiness.
 
 use super::recv::{Gro, RawMsg};
 use super::send::{gso_group, gso_runs, GsoRun, GSO_MAX_BYTES};
@@ -213,4 +213,72 @@ fn receive_buffer_drops_are_counted() {
             "gro {gro}: {dropped} drops counted"
         );
     }
+}
+
+/// Readiness is tracked per socket: a socket that a receive found empty is
+/// skipped until the poll reports a datagram on it. A datagram that comes
+/// after an empty receive is still taken by the next non-blocking receive,
+/// in every receive form and with GRO on or off.
+#[test]
+fn a_socket_found_empty_is_read_again_once_a_datagram_comes() {
+    for gro in [false, true] {
+        let mut cfg = UdpConfig::new(SocketAddrV4::new(Ipv4Addr::new(239, 255, 77, 5), 47_021));
+        cfg.iface = Some("lo".into());
+        cfg.gro = gro;
+        let mut t = match UdpTransport::client(&cfg) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("skipping: no loopback multicast socket here: {e}");
+                return;
+            }
+        };
+        let to = SocketAddr::from((Ipv4Addr::LOCALHOST, t.local_addr().unwrap().port()));
+        let sender = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let mut buf = vec![0u8; 2048 * 4];
+        let zero = Some(Duration::ZERO);
+        for round in 0..3u8 {
+            // Empty: every socket found empty.
+            assert!(t.recv(&mut buf, zero).unwrap().is_none());
+            sender.send_to(&[round], to).unwrap();
+            // Loopback delivers within the send; the next receive must see it.
+            let got = match round {
+                0 => t
+                    .recv(&mut buf, zero)
+                    .unwrap()
+                    .map(|r| buf[..r.len].to_vec()),
+                1 => {
+                    let mut out = Vec::new();
+                    t.recv_batch(&mut buf, 2048, &mut out, zero).unwrap();
+                    out.first().map(|r| buf[..r.len].to_vec())
+                }
+                _ => {
+                    let mut seen = None;
+                    t.recv_in_place(&mut buf, 2048, zero, &mut |_, d| seen = Some(d.to_vec()))
+                        .unwrap();
+                    seen
+                }
+            };
+            assert_eq!(got, Some(vec![round]), "gro {gro}, round {round}");
+        }
+    }
+}
+
+/// `take_watched_ready` says whether a watched descriptor was reported
+/// readable since it was last asked: once per edge.
+#[test]
+fn watched_readiness_is_reported_once_per_edge() {
+    let Some(mut t) = lo_client() else { return };
+    let (a, b) = UnixDatagram::pair().expect("socket pair");
+    a.set_nonblocking(true).expect("non-blocking");
+    t.watch_readable(a.as_fd()).expect("watch");
+    let mut buf = [0u8; 2048];
+    assert!(t.take_watched_ready(), "unknown at first: ready");
+    assert!(t.recv(&mut buf, Some(Duration::ZERO)).unwrap().is_none());
+    assert!(!t.take_watched_ready(), "nothing happened");
+    b.send(b"x").expect("write");
+    assert!(t.recv(&mut buf, Some(Duration::ZERO)).unwrap().is_none());
+    assert!(t.take_watched_ready(), "the write was reported");
+    assert!(!t.take_watched_ready(), "and only once");
+    let mut one = [0u8; 8];
+    assert_eq!(a.recv(&mut one).expect("readable"), 1);
 }
