@@ -282,13 +282,14 @@ fn fec_paths(c: &mut Criterion) {
         .filter(|(i, d)| d[3] != mcdist::wire::Kind::Data as u8 || i % 20 != 7)
         .map(|(_, d)| d)
         .collect();
-    for (name, dgrams) in [
-        ("client_ingest_pages_nofec", &plain),
-        ("client_ingest_pages_fec_5pct_loss", &with_fec),
+    for (name, dgrams, fec) in [
+        ("client_ingest_pages_nofec", &plain, false),
+        ("client_ingest_pages_fec_5pct_loss", &with_fec, true),
     ] {
         g.bench_function(name, |b| {
             b.iter_batched(
-                || Pair::new(img.clone()),
+                // Joined to a server of the recording's geometry and session.
+                || Pair::with_config(img.clone(), mtu_sweep_config(fec)),
                 |mut p| {
                     let now = p.now;
                     let mut ready = 0u64;

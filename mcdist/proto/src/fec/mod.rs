@@ -572,10 +572,12 @@ impl FecRx {
         if symbols + b.repairs.len() < k {
             return Ok(None);
         }
+        // raptorq takes each symbol as an owned `Vec`: one copy of each symbol in
+        // hand (nothing was copied when it arrived), with only the padding zeroed.
         let padded = |esi: usize, data: &[u8]| {
-            let mut v = vec![0u8; t];
-            let n = data.len().min(t);
-            v[..n].copy_from_slice(&data[..n]);
+            let mut v = Vec::with_capacity(t);
+            v.extend_from_slice(&data[..data.len().min(t)]);
+            v.resize(t, 0);
             EncodingPacket::new(PayloadId::new(0, esi as u32), v)
         };
         let mut packets: Vec<EncodingPacket> = Vec::with_capacity(k + b.repairs.len());
