@@ -90,12 +90,19 @@ impl Pair {
     /// holding the session and zero map. Push and sweep are off so only
     /// demand moves pages.
     pub fn new(image: Vec<u8>) -> Pair {
+        Pair::with_config(image, unpaced_server_config())
+    }
+
+    /// A pair like [`Pair::new`] whose server otherwise runs `cfg` (its
+    /// datagram size and FEC setting are what the client joins with), so a
+    /// client can be fed datagrams recorded from a server of the same `cfg`.
+    pub fn with_config(image: Vec<u8>, cfg: ServerConfig) -> Pair {
         let now = Instant::now();
         let cfg = ServerConfig {
             push_neighbors: false,
             sweep: false,
             lockstep_window: Duration::ZERO,
-            ..unpaced_server_config()
+            ..cfg
         };
         let source = Arc::new(MemSource::new(image, 4096));
         let server = Server::with_info(

@@ -6,14 +6,14 @@
 //! - `pair/fault_to_install`: one demand fault through a sans-IO server and
 //!   client back to back (request emitted, parsed, page read and emitted,
 //!   parsed and reported ready);
-//! - `fec/raptorq`: RaptorQ encode and decode of a run of 64 pages with 5 %
-//!   repair symbols, per page;
 //! - `fec/server_sweep_*`: pages/s of a sweep at MTU 1500 (3 fragments per
-//!   page) without FEC and with FEC blocks of 64 pages and 10 % repair symbols
+//!   page) without FEC and with FEC blocks of 128 pages and 10 % repair symbols
 //!   (the difference is the encoder's cost per page);
 //! - `fec/client_ingest_*`: pages/s into the client of that sweep without loss
 //!   and without FEC, and with FEC after losing every 20th data datagram (the
 //!   difference is the decoder's cost per page).
+//!
+//! The erasure codes alone, RaptorQ against Reed–Solomon, are in `fec_codec`.
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -155,52 +155,6 @@ fn fault_latency(c: &mut Criterion) {
     g.finish();
 }
 
-fn fec(c: &mut Criterion) {
-    let mut g = c.benchmark_group("fec/raptorq");
-    g.sample_size(10);
-    // 64 pages: the default block; 128: the block past 64 receivers.
-    for run in [64usize, 128] {
-        let data = image(run, 4096, 0);
-        let symbol = 1280u16;
-        g.throughput(Throughput::Elements(run as u64));
-        let repair = (data.len() / usize::from(symbol)).div_ceil(20) as u32; // 5 %
-        g.bench_function(format!("encode_{run}_pages"), |b| {
-            b.iter(|| {
-                let enc = raptorq::Encoder::with_defaults(black_box(&data), symbol);
-                black_box(enc.get_encoded_packets(repair).len())
-            })
-        });
-        let enc = raptorq::Encoder::with_defaults(&data, symbol);
-        let packets = enc.get_encoded_packets(repair);
-        let cfg = enc.get_config();
-        // Drop one source symbol in 25 so decoding needs the repair symbols.
-        let received: Vec<raptorq::EncodingPacket> = packets
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| i % 25 != 3)
-            .map(|(_, p)| p)
-            .collect();
-        g.bench_function(format!("decode_{run}_pages_4pct_loss"), |b| {
-            b.iter_batched(
-                || received.clone(),
-                |pkts| {
-                    let mut dec = raptorq::Decoder::new(cfg);
-                    let mut out = None;
-                    for p in pkts {
-                        out = dec.decode(p);
-                        if out.is_some() {
-                            break;
-                        }
-                    }
-                    black_box(out.expect("enough symbols to decode"))
-                },
-                BatchSize::LargeInput,
-            )
-        });
-    }
-    g.finish();
-}
-
 const FEC_PAGES: usize = 4096;
 
 fn mtu_sweep_config(fec: bool) -> ServerConfig {
@@ -282,13 +236,14 @@ fn fec_paths(c: &mut Criterion) {
         .filter(|(i, d)| d[3] != mcdist::wire::Kind::Data as u8 || i % 20 != 7)
         .map(|(_, d)| d)
         .collect();
-    for (name, dgrams) in [
-        ("client_ingest_pages_nofec", &plain),
-        ("client_ingest_pages_fec_5pct_loss", &with_fec),
+    for (name, dgrams, fec) in [
+        ("client_ingest_pages_nofec", &plain, false),
+        ("client_ingest_pages_fec_5pct_loss", &with_fec, true),
     ] {
         g.bench_function(name, |b| {
             b.iter_batched(
-                || Pair::new(img.clone()),
+                // Joined to a server of the recording's geometry and session.
+                || Pair::with_config(img.clone(), mtu_sweep_config(fec)),
                 |mut p| {
                     let now = p.now;
                     let mut ready = 0u64;
@@ -310,5 +265,5 @@ fn fec_paths(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, server, client, fault_latency, fec, fec_paths);
+criterion_group!(benches, server, client, fault_latency, fec_paths);
 criterion_main!(benches);
