@@ -100,6 +100,7 @@ impl Pair {
         let now = Instant::now();
         let cfg = ServerConfig {
             push_neighbors: false,
+            working_set_push: false,
             sweep: false,
             lockstep_window: Duration::ZERO,
             ..cfg

@@ -30,6 +30,7 @@ const PAGES: usize = 16 * 1024; // 64 MiB of 4 KiB pages
 fn sweep_config() -> ServerConfig {
     ServerConfig {
         push_neighbors: false,
+        working_set_push: false,
         sweep: true,
         sweep_min_clients: 0,
         max_datagram: 65_507,

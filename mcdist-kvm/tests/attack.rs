@@ -108,6 +108,7 @@ fn forged_installs(keyed: bool, port: u16) -> Option<usize> {
         mcdist::node::NodeConfig::new(
             mcdist::ServerConfig {
                 push_neighbors: false,
+                working_set_push: false,
                 ..Default::default()
             },
             security.clone(),

@@ -125,6 +125,7 @@ fn a_clone_process_whose_server_is_killed_mid_run_exits_with_memory_lost() {
     };
     let cfg = mcdist::ServerConfig {
         push_neighbors: false,
+        working_set_push: false,
         rate,
         ..Default::default()
     };

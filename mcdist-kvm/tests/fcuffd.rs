@@ -227,6 +227,7 @@ fn serve(
             let cfg = mcdist::node::NodeConfig::new(
                 mcdist::ServerConfig {
                     push_neighbors: false,
+                    working_set_push: false,
                     ..Default::default()
                 },
                 security.clone(),

@@ -31,6 +31,7 @@ fn inline_clone(
 fn no_push() -> mcdist::ServerConfig {
     mcdist::ServerConfig {
         push_neighbors: false,
+        working_set_push: false,
         ..Default::default()
     }
 }

@@ -74,6 +74,7 @@ fn bridge(prefix: &str, seed: u32, port: u16) -> Bridge {
     let listen = SocketAddr::new(BridgeNet::addr(0).into(), port + 1);
     let scfg = mcdist::ServerConfig {
         push_neighbors: false,
+        working_set_push: false,
         ..Default::default()
     };
     let (server, desc) = frozen
@@ -401,6 +402,7 @@ fn cache_socket_drops_malformed_frames_and_serves_pages_from_shared_memory() {
         "127.0.0.1:47132".parse().expect("addr"),
         mcdist::ServerConfig {
             push_neighbors: false,
+            working_set_push: false,
             ..Default::default()
         },
     )

@@ -103,6 +103,7 @@ fn serve(job: HashJob, port: u16, push: bool, rate: u64) -> Result<Served, Strin
         .map_err(|e| format!("{e}"))?;
     let cfg = mcdist::ServerConfig {
         push_neighbors: push,
+        working_set_push: push,
         rate: match rate {
             0 => mcdist::pacing::RateConfig::default(),
             r => mcdist::pacing::RateConfig {

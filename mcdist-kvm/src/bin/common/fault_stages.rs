@@ -129,6 +129,7 @@ pub fn measure(faults: usize) -> Result<Stages, String> {
     let info = scan(source.as_ref()).map_err(err)?;
     let cfg = ServerConfig {
         push_neighbors: false,
+        working_set_push: false,
         lockstep_window: Duration::ZERO,
         ..ServerConfig::default()
     };

@@ -49,7 +49,8 @@ pub(crate) struct Args {
     /// Bytes between table entries (4 = dense; 4096 = one load per page, fast on nested hosts).
     #[arg(long, default_value_t = 4096)]
     pub(crate) stride: u32,
-    /// Disable the server's neighbour push (pure demand paging).
+    /// Disable the server's pushes (pure demand paging): next to faults, and of the
+    /// recorded working set to later generations (which `--generations` compares).
     #[arg(long)]
     pub(crate) no_push: bool,
     /// The memory server's highest send rate in Mbit/s, as `mcdist serve --rate` (the
@@ -199,7 +200,7 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
             &frozen,
             &ticket,
             1,
-            mcdist::ServerConfig::default().working_set_push,
+            server_config(&args).working_set_push,
             0,
         )
         .map(|_| ())
@@ -252,6 +253,7 @@ pub(crate) fn server_config(args: &Args) -> mcdist::ServerConfig {
     let defaults = mcdist::ServerConfig::default();
     mcdist::ServerConfig {
         push_neighbors: !args.no_push,
+        working_set_push: !args.no_push && defaults.working_set_push,
         rate: defaults.rate.capped(args.rate.saturating_mul(125_000)),
         ..defaults
     }
