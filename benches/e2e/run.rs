@@ -59,11 +59,112 @@ pub struct Bench {
     pub work: WorkDir,
     /// Copy each run's sender and receiver logs here.
     pub keep_logs: Option<PathBuf>,
+    /// Receiver 1 of every tool writes its copy here (on a disk), not in `work`.
+    pub disk_receiver: Option<WorkDir>,
+    /// Keep one core busy during every run.
+    pub cpu_hog: bool,
+}
+
+/// A thread spinning on one core until dropped.
+struct CpuHog {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CpuHog {
+    fn start() -> CpuHog {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut x = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        });
+        CpuHog {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for CpuHog {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `text` without terminal colour sequences (`ESC [ ... m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Receivers the sender's log says it isolated as too slow, by reason
+/// (mcdist only: `reason=...` of its "receiver cannot keep up" warning), e.g.
+/// `isolated: 1 overload`.
+pub(super) fn isolations(tx_log: &Path) -> Option<String> {
+    let text = strip_ansi(&std::fs::read_to_string(tx_log).ok()?);
+    let mut by: Vec<(String, u32)> = Vec::new();
+    for line in text
+        .lines()
+        .filter(|l| l.contains("receiver cannot keep up"))
+    {
+        let reason = line
+            .split("reason=")
+            .nth(1)
+            .map(|r| {
+                r.split(" loss_permille")
+                    .next()
+                    .unwrap_or(r)
+                    .trim()
+                    .to_string()
+            })
+            .unwrap_or_else(|| "unknown".into());
+        match by.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => by.push((reason, 1)),
+        }
+    }
+    if by.is_empty() {
+        return None;
+    }
+    let parts: Vec<String> = by.iter().map(|(r, n)| format!("{n} {r}")).collect();
+    Some(format!("isolated: {}", parts.join(", ")))
 }
 
 impl Bench {
     pub(super) fn image_path(&self) -> PathBuf {
         self.work.path().join("src").join("image")
+    }
+
+    /// Where receiver `i` of the run in `dir` keeps its copy: `dir`, or for receiver 1
+    /// under `--disk-receiver` a directory of the same name on the disk.
+    pub(super) fn receiver_dir(&self, dir: &Path, i: usize) -> PathBuf {
+        match (&self.disk_receiver, dir.file_name()) {
+            (Some(d), Some(name)) if i == 1 => {
+                let p = d.path().join(name);
+                let _ = std::fs::create_dir_all(&p);
+                p
+            }
+            _ => dir.to_path_buf(),
+        }
     }
 
     /// Write the pseudo-random image (with `zero_percent` of pages zero).
@@ -131,9 +232,11 @@ impl Bench {
             n,
             dir: &dir,
         };
+        let hog = self.cpu_hog.then(CpuHog::start);
         let outcome = self
             .launch_plan(site, tool, loss)
             .and_then(|plan| self.launch(plan, &dir));
+        drop(hog);
         let after = tx_bytes(topo);
         r.cpu_secs = (children_cpu_secs() - cpu_before).max(0.0);
         let _ = set_loss(topo, n, 0.0);
@@ -151,6 +254,12 @@ impl Bench {
             }
             Err(e) => r.note.push_str(&e),
         }
+        if let Some(iso) = isolations(&dir.join("tx.log")) {
+            if !r.note.is_empty() {
+                r.note.push_str("; ");
+            }
+            r.note.push_str(&iso);
+        }
         if let Some(keep) = &self.keep_logs {
             let to = keep.join(format!("{}-n{n}-loss{loss}", tool.name()));
             if std::fs::create_dir_all(&to).is_ok() {
@@ -164,7 +273,9 @@ impl Bench {
                 }
             }
         }
+        let disk = self.receiver_dir(&dir, 1);
         let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&disk);
         r
     }
 

@@ -133,7 +133,7 @@ impl Bench {
         let mut outs = Vec::new();
         let mut receivers = Vec::new();
         for i in 1..=n {
-            let out = dir.join(format!("out{i}"));
+            let out = self.receiver_dir(dir, i).join(format!("out{i}"));
             let mut c = topo.command(i, &bin);
             c.args(["fetch", "--group", &group, "--iface", &topo.hosts[i].iface])
                 .args(["--server", &listen, "--timeout", &t, "--out"])
@@ -187,7 +187,7 @@ impl Bench {
         let mut receivers = Vec::new();
         let mut ids = Vec::new();
         for i in 1..=n {
-            let d = dir.join(format!("r{i}"));
+            let d = self.receiver_dir(dir, i).join(format!("r{i}"));
             std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
             let id = format!("0x{:08x}", 0x100 + i);
             let mut c = topo.command(i, "uftpd");
@@ -239,7 +239,7 @@ impl Bench {
         let mut outs = Vec::new();
         let mut receivers = Vec::new();
         for i in 1..=n {
-            let out = dir.join(format!("out{i}"));
+            let out = self.receiver_dir(dir, i).join(format!("out{i}"));
             let mut c = topo.command(i, "udp-receiver");
             c.args(["--interface", &topo.hosts[i].iface, "--nokbd"])
                 .args(["--mcast-rdv-address", &rdv, "--portbase", "9000"])

@@ -1,6 +1,7 @@
 //! CSV round trip, medians and the summary.
 
 use super::*;
+use std::io::Write as _;
 
 fn run(tool: Tool, rep: usize, secs: f64, ok: bool) -> RunResult {
     RunResult {
@@ -86,5 +87,29 @@ fn summary_gives_cpu_ratio_to_each_peer() {
     assert!(
         !s.contains("vs udpcast-fec"),
         "failed runs are left out: {s}"
+    );
+}
+
+#[test]
+fn isolations_are_counted_by_reason_from_a_coloured_log() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("tx.log");
+    let warn = |reason: &str| {
+        format!(
+            "\u{1b}[2m2026-12-05T02:39:56Z\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m receiver cannot keep up; \
+             left out of pacing, repaired by unicast \u{1b}[3mpeer\u{1b}[0m\u{1b}[2m=\u{1b}[0m198.18.60.9:1 \
+             \u{1b}[3mreason\u{1b}[0m\u{1b}[2m=\u{1b}[0m{reason} \u{1b}[3mloss_permille\u{1b}[0m\u{1b}[2m=\u{1b}[0m368\n"
+        )
+    };
+    let mut f = std::fs::File::create(&log).expect("log");
+    f.write_all(b"receiver 198.18.60.2:1 complete (1/8)\n")
+        .expect("write");
+    assert_eq!(run::isolations(&log), None, "no isolation line");
+    for r in ["overload", "path loss", "overload"] {
+        f.write_all(warn(r).as_bytes()).expect("write");
+    }
+    assert_eq!(
+        run::isolations(&log).as_deref(),
+        Some("isolated: 2 overload, 1 path loss")
     );
 }

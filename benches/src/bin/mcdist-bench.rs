@@ -72,6 +72,13 @@ struct Cli {
     /// Directory for the image and received copies (default: /dev/shm, else the system temp dir).
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// Pressure: receiver 1 of every tool writes its copy to a scratch directory under
+    /// DIR (a directory on a disk), the other receivers to the work directory (memory).
+    #[arg(long, value_name = "DIR")]
+    disk_receiver: Option<PathBuf>,
+    /// Pressure: keep one core busy with a spinning thread during every run.
+    #[arg(long)]
+    cpu_hog: bool,
     /// Run nothing: read a results.csv written earlier and write its plot and table again
     /// (results.svg and results.md next to it; --size-mib and --loss-receivers label the plot).
     #[arg(long, value_name = "CSV")]
@@ -164,6 +171,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let disk_receiver = match cli.disk_receiver.as_deref().map(|d| {
+        e2e::WorkDir::new(Some(d)).map_err(|e| format!("--disk-receiver {}: {e}", d.display()))
+    }) {
+        Some(Err(e)) => {
+            eprintln!("mcdist-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+        Some(Ok(w)) => Some(w),
+        None => None,
+    };
     let bench = Bench {
         mcdist,
         baseline: cli.baseline.clone(),
@@ -174,6 +191,8 @@ fn main() -> ExitCode {
         run_timeout: std::time::Duration::from_secs(cli.run_timeout),
         work,
         keep_logs: cli.keep_logs.then(|| cli.out.join("logs")),
+        disk_receiver,
+        cpu_hog: cli.cpu_hog,
     };
     if let Err(e) = bench.make_image() {
         eprintln!("mcdist-bench: writing the image: {e}");

@@ -408,7 +408,16 @@ impl Server {
                 if !p.slow {
                     p.slow = true;
                     self.stats.slow_receivers += 1;
-                    tracing::warn!(peer = %addr, loss_permille = loss, overload_permille = overload, rx_rate, "receiver cannot keep up; left out of pacing, repaired by unicast");
+                    // Why, as the checks above found it (for logs and benches that
+                    // check no receiver is isolated for another's trouble).
+                    let reason = if !loss_outlier {
+                        "repair volume"
+                    } else if separate && overload > threshold {
+                        "overload"
+                    } else {
+                        "path loss"
+                    };
+                    tracing::warn!(peer = %addr, reason = %reason, loss_permille = loss, overload_permille = overload, rx_rate, "receiver cannot keep up; left out of pacing, repaired by unicast");
                 }
                 let pages = (rx_rate / page_size).max(256);
                 p.tokens.set_rate(now, pages, (pages / 4).max(64));
