@@ -304,6 +304,13 @@ impl RateController {
             self.episode = None;
             self.ceiling = Some(self.rate);
             self.back_off(now, avg);
+            tracing::debug!(
+                from = old,
+                to = self.rate,
+                overload_permille = self.max_overload,
+                overloaded_rx_rate = avg,
+                "rate: receiver overload"
+            );
             self.reset_interval();
             return self.rate != old;
         }
@@ -321,6 +328,12 @@ impl RateController {
                             self.episode = None;
                             self.ceiling = None;
                             self.rate = before.clamp(self.cfg.floor, cap);
+                            tracing::debug!(
+                                from = old,
+                                to = self.rate,
+                                baseline_permille = self.baseline_loss,
+                                "rate: loss does not follow the rate, taken as the path's"
+                            );
                             self.settle_until = now + self.cfg.interval * Self::SETTLE_INTERVALS;
                             self.reset_interval();
                             return self.rate != old;
@@ -340,6 +353,14 @@ impl RateController {
             };
             self.ceiling = Some(self.rate);
             self.back_off(now, avg);
+            tracing::debug!(
+                from = old,
+                to = self.rate,
+                loss_permille = loss,
+                baseline_permille = self.baseline_loss,
+                rx_rate = avg,
+                "rate: congestion"
+            );
         } else {
             self.episode = None;
             if self.reports > 0 {
