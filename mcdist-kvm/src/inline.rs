@@ -217,6 +217,10 @@ impl InlineMcdist {
             }
             wait = Some(Duration::ZERO);
         }
+        // Receive-buffer drops are this clone's own overload, not path loss: the
+        // server slows for them rather than for loss on the path.
+        let drops = self.link.transport().rx_dropped();
+        self.client.note_socket_drops(drops);
         let now = Instant::now();
         if self.client.poll_timeout().is_some_and(|t| t <= now) {
             self.client.handle_timeout(now);
