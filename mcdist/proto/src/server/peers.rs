@@ -386,21 +386,24 @@ impl Server {
             p.nacked = 0;
             let fresh = p.report.filter(|_| p.fresh);
             p.fresh = false;
-            let loss_outlier = fresh.is_some_and(|r| {
-                if !separate {
-                    return r.loss_permille > threshold && median <= threshold && many;
-                }
-                // Told apart: a receiver is slow for its own overload while
-                // most are not overloaded, even where every receiver's path
-                // loses datagrams; for path loss only when it stands far above
-                // the median's (loss that a shared bottleneck deals out to
-                // everyone makes no receiver slow).
-                let loss = r.loss_permille;
-                many && ((r.overload_permille > threshold && overload_q3 <= threshold)
-                    || (loss > threshold
+            // Told apart (`separate`): a receiver is slow for its own overload
+            // while most are not overloaded, even where every receiver's path
+            // loses datagrams; for path loss only when it stands far above the
+            // median's (loss that a shared bottleneck deals out to everyone
+            // makes no receiver slow). Not told apart, overload is path loss.
+            let own_overload = separate
+                && many
+                && fresh
+                    .is_some_and(|r| r.overload_permille > threshold && overload_q3 <= threshold);
+            let path_outlier = many
+                && fresh.is_some_and(|r| {
+                    let loss = r.loss_permille;
+                    loss > threshold
                         && median <= threshold
-                        && u32::from(loss) > 2 * u32::from(median) + u32::from(threshold)))
-            });
+                        && (!separate
+                            || u32::from(loss) > 2 * u32::from(median) + u32::from(threshold))
+                });
+            let loss_outlier = own_overload || path_outlier;
             if nack_outlier || loss_outlier || (p.slow && fresh.is_none()) {
                 let (rx_rate, loss, overload) = p.report.map_or((0, 0, 0), |r| {
                     (r.rx_rate, r.loss_permille, r.overload_permille)
@@ -410,12 +413,12 @@ impl Server {
                     self.stats.slow_receivers += 1;
                     // Why, as the checks above found it (for logs and benches that
                     // check no receiver is isolated for another's trouble).
-                    let reason = if !loss_outlier {
-                        "repair volume"
-                    } else if separate && overload > threshold {
+                    let reason = if own_overload {
                         "overload"
-                    } else {
+                    } else if path_outlier {
                         "path loss"
+                    } else {
+                        "repair volume"
                     };
                     tracing::warn!(peer = %addr, reason = %reason, loss_permille = loss, overload_permille = overload, rx_rate, "receiver cannot keep up; left out of pacing, repaired by unicast");
                 }
