@@ -230,6 +230,26 @@ fn lazy_cfg(r: &Row) -> mcdist_kvm::LazyConfig {
     }
 }
 
+/// Each mcdist row of `hists` (one histogram per row of [`ROWS`]) with its histogram and
+/// that of the local row of the same wait mode.
+fn against_local(
+    hists: &[mcdist_kvm::lazy::LatencyHistogram],
+) -> impl Iterator<
+    Item = (
+        &'static Row,
+        &mcdist_kvm::lazy::LatencyHistogram,
+        &mcdist_kvm::lazy::LatencyHistogram,
+    ),
+> {
+    ROWS.iter().zip(hists).filter_map(move |(r, h)| {
+        let local = ROWS
+            .iter()
+            .position(|b| b.handler == Local && b.wait == r.wait)
+            .filter(|_| r.handler != Local)?;
+        Some((r, h, &hists[local]))
+    })
+}
+
 fn print_table(label: &str, hists: &[mcdist_kvm::lazy::LatencyHistogram]) {
     println!(
         "{:<28} {:>8} {:>10} {:>10} {:>10}",
@@ -245,17 +265,7 @@ fn print_table(label: &str, hists: &[mcdist_kvm::lazy::LatencyHistogram]) {
             us(h.quantile(0.99))
         );
     }
-    for (r, h) in ROWS.iter().zip(hists) {
-        if r.handler == Handler::Local {
-            continue;
-        }
-        let Some(base) = ROWS
-            .iter()
-            .position(|b| b.handler == Local && b.wait == r.wait)
-            .map(|i| &hists[i])
-        else {
-            continue;
-        };
+    for (r, h, base) in against_local(hists) {
         println!(
             "ratio {:<28} / local: p50 {:>6.2}x   p99 {:>6.2}x",
             r.name,
@@ -277,15 +287,7 @@ fn print_goal(
         "\ngoal: touch p50 <= 1.5x floor, p99 <= 3x floor; floor = UDP round trip + local \
          handler, same wait mode, same run"
     );
-    for (r, h) in ROWS.iter().zip(hists) {
-        let Some(local) = ROWS
-            .iter()
-            .position(|b| b.handler == Local && b.wait == r.wait)
-            .map(|i| &hists[i])
-            .filter(|_| r.handler != Local)
-        else {
-            continue;
-        };
+    for (r, h, local) in against_local(hists) {
         let floor = |q| us(rtt.quantile(q)) + us(local.quantile(q));
         let (p50, p99) = (us(h.quantile(0.5)), us(h.quantile(0.99)));
         println!(
