@@ -155,14 +155,11 @@ impl Bench {
     }
 
     /// Where receiver `i` of the run in `dir` keeps its copy: `dir`, or for receiver 1
-    /// under `--disk-receiver` a directory of the same name on the disk.
+    /// under `--disk-receiver` a directory of the same name on the disk (made and removed
+    /// with `dir` by [`Bench::run`]).
     pub(super) fn receiver_dir(&self, dir: &Path, i: usize) -> PathBuf {
         match (&self.disk_receiver, dir.file_name()) {
-            (Some(d), Some(name)) if i == 1 => {
-                let p = d.path().join(name);
-                let _ = std::fs::create_dir_all(&p);
-                p
-            }
+            (Some(d), Some(name)) if i == 1 => d.path().join(name),
             _ => dir.to_path_buf(),
         }
     }
@@ -215,8 +212,11 @@ impl Bench {
             note: String::new(),
         };
         let dir = self.work.path().join(format!("run-{}-{n}", tool.name()));
+        let disk = self.receiver_dir(&dir, 1);
         let _ = std::fs::remove_dir_all(&dir);
-        if let Err(e) = std::fs::create_dir_all(&dir) {
+        let _ = std::fs::remove_dir_all(&disk);
+        if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::create_dir_all(&disk))
+        {
             r.note = format!("scratch dir: {e}");
             return r;
         }
@@ -273,7 +273,6 @@ impl Bench {
                 }
             }
         }
-        let disk = self.receiver_dir(&dir, 1);
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_dir_all(&disk);
         r
