@@ -10,8 +10,15 @@ use std::os::unix::net::UnixDatagram;
 use std::time::Instant;
 
 fn lo_client() -> Option<UdpTransport> {
-    let mut cfg = UdpConfig::new(SocketAddrV4::new(Ipv4Addr::new(239, 255, 77, 3), 47_001));
+    lo_client_with(3, 47_001, |_| {})
+}
+
+/// A client of group 239.255.77.`host`:`port` on loopback, its settings changed by `tune`
+/// (`None`, said why, when this host has no loopback multicast).
+fn lo_client_with(host: u8, port: u16, tune: impl FnOnce(&mut UdpConfig)) -> Option<UdpTransport> {
+    let mut cfg = UdpConfig::new(SocketAddrV4::new(Ipv4Addr::new(239, 255, 77, host), port));
     cfg.iface = Some("lo".into());
+    tune(&mut cfg);
     match UdpTransport::client(&cfg) {
         Ok(t) => Some(t),
         Err(e) => {
@@ -19,6 +26,13 @@ fn lo_client() -> Option<UdpTransport> {
             None
         }
     }
+}
+
+/// A plain socket on loopback and the address that reaches `t`'s unicast socket.
+fn lo_sender(t: &UdpTransport) -> (std::net::UdpSocket, SocketAddr) {
+    let to = SocketAddr::from((Ipv4Addr::LOCALHOST, t.local_addr().expect("local").port()));
+    let sender = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    (sender, to)
 }
 
 fn tx(len: usize, to: u16) -> Transmit {
@@ -144,9 +158,7 @@ fn datagrams_still_arrive_with_a_watched_descriptor() {
     let Some(mut t) = lo_client() else { return };
     let (a, _b) = UnixDatagram::pair().expect("socket pair");
     t.watch_readable(a.as_fd()).expect("watch");
-    let to = t.local_addr().expect("local");
-    let to = SocketAddr::from((Ipv4Addr::LOCALHOST, to.port()));
-    let s = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let (s, to) = lo_sender(&t);
     s.send_to(b"page", to).expect("send");
     let mut buf = [0u8; 2048];
     let r = t
@@ -162,19 +174,13 @@ fn datagrams_still_arrive_with_a_watched_descriptor() {
 #[test]
 fn receive_buffer_drops_are_counted() {
     for gro in [false, true] {
-        let mut cfg = UdpConfig::new(SocketAddrV4::new(Ipv4Addr::new(239, 255, 77, 4), 47_011));
-        cfg.iface = Some("lo".into());
-        cfg.buffer_bytes = 4096;
-        cfg.gro = gro;
-        let mut t = match UdpTransport::client(&cfg) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("skipping: no loopback multicast socket here: {e}");
-                return;
-            }
+        let Some(mut t) = lo_client_with(4, 47_011, |c| {
+            c.buffer_bytes = 4096;
+            c.gro = gro;
+        }) else {
+            return;
         };
-        let to = SocketAddr::from((Ipv4Addr::LOCALHOST, t.local_addr().unwrap().port()));
-        let sender = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let (sender, to) = lo_sender(&t);
         let payload = [7u8; 1000];
         // Far more than a 4 KiB buffer (the kernel doubles it, and keeps a
         // minimum of a few KiB) holds.
@@ -222,18 +228,10 @@ fn receive_buffer_drops_are_counted() {
 #[test]
 fn a_socket_found_empty_is_read_again_once_a_datagram_comes() {
     for gro in [false, true] {
-        let mut cfg = UdpConfig::new(SocketAddrV4::new(Ipv4Addr::new(239, 255, 77, 5), 47_021));
-        cfg.iface = Some("lo".into());
-        cfg.gro = gro;
-        let mut t = match UdpTransport::client(&cfg) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("skipping: no loopback multicast socket here: {e}");
-                return;
-            }
+        let Some(mut t) = lo_client_with(5, 47_021, |c| c.gro = gro) else {
+            return;
         };
-        let to = SocketAddr::from((Ipv4Addr::LOCALHOST, t.local_addr().unwrap().port()));
-        let sender = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let (sender, to) = lo_sender(&t);
         let mut buf = vec![0u8; 2048 * 4];
         let zero = Some(Duration::ZERO);
         for round in 0..3u8 {
