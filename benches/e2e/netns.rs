@@ -44,19 +44,9 @@ pub fn set_mtu(topo: &Topology, mtu: u32) -> io::Result<()> {
     }
     let m = mtu.to_string();
     // Bridge-side veth ends live in the bridge namespace: raise them first.
-    let br = topo
-        .hosts
-        .first()
-        .map(|h| {
-            h.ns.trim_end_matches(char::is_numeric)
-                .trim_end_matches('h')
-                .to_string()
-                + "br"
-        })
-        .unwrap_or_default();
     for (i, _) in topo.hosts.iter().enumerate() {
         let port = format!("p{i}");
-        ip(&["-n", &br, "link", "set", &port, "mtu", &m])?;
+        ip(&["-n", topo.bridge_ns(), "link", "set", &port, "mtu", &m])?;
     }
     for h in &topo.hosts {
         ip(&["-n", &h.ns, "link", "set", &h.iface, "mtu", &m])?;
@@ -73,47 +63,76 @@ pub(super) fn tx_bytes(topo: &Topology) -> io::Result<u64> {
         .map_err(|e| io::Error::other(format!("{path}: {e}")))
 }
 
-/// Drop `loss` percent of UDP datagrams arriving at hosts 1..=n (0 removes the rule).
+/// Run `args` in namespace `ns`; a failure names the command and its error.
+fn in_ns(ns: &str, args: &[&str]) -> io::Result<()> {
+    let o = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .map_err(|e| io::Error::other(format!("{}: {e}", args[0])))?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        )))
+    }
+}
+
+/// Drop `loss` percent of the UDP frames the bridge forwards to each of hosts 1..=n, each
+/// port drawing its own random numbers (0 removes the rule and restores the offloads).
+///
+/// The loss sits where a wire loses frames: on the bridge's ports, after the sender's
+/// interface cut its UDP GSO buffers into frames and before the receivers' interfaces
+/// coalesce them again (GRO). For a loss run the sender's interface therefore segments
+/// in software (`tx-udp-segmentation off`, so a GSO buffer leaves as frames, as a NIC
+/// segments it) and the receivers' interfaces do GRO (`gro on`, which a veth does only when
+/// asked). Every tool gets the same frames lost; GRO only coalesces for sockets that ask.
 pub(super) fn set_loss(topo: &Topology, n: usize, loss: f64) -> io::Result<()> {
+    let br = topo.bridge_ns();
+    let _ = Command::new("ip")
+        .args([
+            "netns", "exec", br, "nft", "delete", "table", "bridge", LOSS_TABLE,
+        ])
+        .stderr(Stdio::null())
+        .status();
+    let on = loss > 0.0;
+    let flag = if on { "off" } else { "on" };
+    in_ns(
+        &topo.hosts[0].ns,
+        &[
+            "ethtool",
+            "-K",
+            &topo.hosts[0].iface,
+            "tx-udp-segmentation",
+            flag,
+        ],
+    )?;
+    let gro = if on { "on" } else { "off" };
     for h in topo.hosts.iter().skip(1).take(n) {
-        let _ = Command::new("ip")
-            .args([
-                "netns", "exec", &h.ns, "nft", "delete", "table", "inet", LOSS_TABLE,
-            ])
-            .stderr(Stdio::null())
-            .status();
-        if loss <= 0.0 {
-            continue;
-        }
-        let permille = ((loss * 10.0).round() as u64).min(1000).to_string();
-        let steps: [Vec<&str>; 3] = [
-            vec!["add", "table", "inet", LOSS_TABLE],
-            vec![
-                "add",
-                "chain",
-                "inet",
-                LOSS_TABLE,
-                "input",
-                "{ type filter hook input priority 0; policy accept; }",
+        in_ns(&h.ns, &["ethtool", "-K", &h.iface, "gro", gro])?;
+    }
+    if !on {
+        return Ok(());
+    }
+    let permille = ((loss * 10.0).round() as u64).min(1000).to_string();
+    let chain = "{ type filter hook forward priority 0; policy accept; }";
+    in_ns(br, &["nft", "add", "table", "bridge", LOSS_TABLE])?;
+    in_ns(
+        br,
+        &["nft", "add", "chain", "bridge", LOSS_TABLE, "ports", chain],
+    )?;
+    for i in 1..=n.min(topo.hosts.len() - 1) {
+        let port = format!("p{i}");
+        in_ns(
+            br,
+            &[
+                "nft", "add", "rule", "bridge", LOSS_TABLE, "ports", "oifname", &port, "meta",
+                "l4proto", "udp", "numgen", "random", "mod", "1000", "<", &permille, "drop",
             ],
-            vec![
-                "add", "rule", "inet", LOSS_TABLE, "input", "meta", "l4proto", "udp", "numgen",
-                "random", "mod", "1000", "<", &permille, "drop",
-            ],
-        ];
-        for s in steps {
-            let o = Command::new("ip")
-                .args(["netns", "exec", &h.ns, "nft"])
-                .args(&s)
-                .output()?;
-            if !o.status.success() {
-                return Err(io::Error::other(format!(
-                    "nft {}: {}",
-                    s.join(" "),
-                    String::from_utf8_lossy(&o.stderr).trim()
-                )));
-            }
-        }
+        )?;
     }
     Ok(())
 }

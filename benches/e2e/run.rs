@@ -234,7 +234,7 @@ impl Bench {
         };
         let hog = self.cpu_hog.then(CpuHog::start);
         let outcome = self
-            .launch_plan(site, tool, loss)
+            .launch_plan(site, tool)
             .and_then(|plan| self.launch(plan, &dir));
         drop(hog);
         let after = tx_bytes(topo);

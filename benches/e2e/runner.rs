@@ -49,13 +49,8 @@ fn write_key(dir: &Path) -> Result<PathBuf, String> {
 }
 
 impl Bench {
-    /// The plan of `tool` to the site's receivers with `loss` percent receive loss.
-    pub(super) fn launch_plan(
-        &self,
-        site: Site<'_>,
-        tool: Tool,
-        loss: f64,
-    ) -> Result<Launch, String> {
+    /// The plan of `tool` to the site's receivers.
+    pub(super) fn launch_plan(&self, site: Site<'_>, tool: Tool) -> Result<Launch, String> {
         match tool {
             Tool::Mcdist
             | Tool::McdistBase
@@ -65,7 +60,7 @@ impl Bench {
             | Tool::McdistNoGso
             | Tool::McdistUnicast
             | Tool::McdistAuth
-            | Tool::McdistEnc => self.mcdist_plan(site, tool, loss),
+            | Tool::McdistEnc => self.mcdist_plan(site, tool),
             Tool::Uftp => self.uftp_plan(site),
             Tool::Udpcast | Tool::UdpcastFec => Ok(self.udpcast_plan(site, tool)),
         }
@@ -92,7 +87,7 @@ impl Bench {
         Ok((secs, plan.outs))
     }
 
-    fn mcdist_plan(&self, site: Site<'_>, tool: Tool, loss: f64) -> Result<Launch, String> {
+    fn mcdist_plan(&self, site: Site<'_>, tool: Tool) -> Result<Launch, String> {
         let Site {
             topo,
             subnet,
@@ -100,13 +95,11 @@ impl Bench {
             dir,
         } = site;
         let group = format!("239.255.{subnet}.1:7000");
-        // UDP GSO/GRO: forced by the two variants that name it. Otherwise the binary's
-        // default, except under injected loss: the nft rule drops whole GSO buffers (up to 64
-        // datagrams) where a wire would lose single frames, so loss runs send plain datagrams.
+        // UDP GSO/GRO: forced by the two variants that name it, otherwise the binary's
+        // default. Injected loss drops single frames even with GSO on (see `set_loss`).
         let offload = match tool {
             Tool::McdistGso => Some("on"),
             Tool::McdistNoGso => Some("off"),
-            _ if loss > 0.0 => Some("off"),
             _ => None,
         };
         let listen = format!("{}:7001", topo.hosts[0].addr);

@@ -124,6 +124,11 @@ impl Topology {
         Ok(topo)
     }
 
+    /// The namespace the bridge and its ports (`p0`, `p1`, ... for host 0, 1, ...) live in.
+    pub fn bridge_ns(&self) -> &str {
+        &self.bridge_ns
+    }
+
     /// A command that runs `program` inside host `i`'s namespace.
     pub fn command(&self, i: usize, program: &str) -> Command {
         let mut c = Command::new("ip");
