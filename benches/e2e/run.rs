@@ -98,7 +98,8 @@ impl Drop for CpuHog {
     }
 }
 
-/// `text` without terminal colour sequences (`ESC [ ... m`).
+/// `text` without terminal colour sequences (`ESC [ ... m`), which builds of mcdist before
+/// it wrote to log files too (a `--baseline` may be one).
 fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars();

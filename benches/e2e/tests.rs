@@ -91,22 +91,41 @@ fn summary_gives_cpu_ratio_to_each_peer() {
 }
 
 #[test]
-fn isolations_are_counted_by_reason_from_a_coloured_log() {
+fn isolations_are_counted_by_reason_from_a_plain_or_coloured_log() {
+    // mcdist writes plain text to a log file; builds before it (as `--baseline`) coloured it.
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("tx.log");
-    let warn = |reason: &str| {
-        format!(
+    let warn = |reason: &str, colour: bool| {
+        let line = format!(
             "\u{1b}[2m2026-12-05T02:39:56Z\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m receiver cannot keep up; \
              left out of pacing, repaired by unicast \u{1b}[3mpeer\u{1b}[0m\u{1b}[2m=\u{1b}[0m198.18.60.9:1 \
              \u{1b}[3mreason\u{1b}[0m\u{1b}[2m=\u{1b}[0m{reason} \u{1b}[3mloss_permille\u{1b}[0m\u{1b}[2m=\u{1b}[0m368\n"
-        )
+        );
+        if colour {
+            line
+        } else {
+            line.split('\u{1b}')
+                .enumerate()
+                .map(|(i, part)| {
+                    if i == 0 {
+                        part
+                    } else {
+                        part.split_once('m').map_or("", |(_, t)| t)
+                    }
+                })
+                .collect()
+        }
     };
     let mut f = std::fs::File::create(&log).expect("log");
     f.write_all(b"receiver 198.18.60.2:1 complete (1/8)\n")
         .expect("write");
     assert_eq!(run::isolations(&log), None, "no isolation line");
-    for r in ["overload", "path loss", "overload"] {
-        f.write_all(warn(r).as_bytes()).expect("write");
+    for (r, colour) in [
+        ("overload", true),
+        ("path loss", false),
+        ("overload", false),
+    ] {
+        f.write_all(warn(r, colour).as_bytes()).expect("write");
     }
     assert_eq!(
         run::isolations(&log).as_deref(),

@@ -13,7 +13,7 @@ use mcdist::source::{scan_with_progress, FileSource, PageSource};
 use mcdist::transport::udp::{UdpConfig, UdpTransport};
 use sink::{verify, FileSink};
 use std::fs::File;
-use std::io;
+use std::io::{self, IsTerminal};
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -169,6 +169,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
+        // Colour only for a terminal: a log file or a pipe gets plain text.
+        .with_ansi(io::stderr().is_terminal())
         .init();
     let res = match cli.cmd {
         Cmd::Serve {
