@@ -2,6 +2,7 @@
 //! in hosts 1..=N, the sender in host 0), and one runner starts any plan, waits
 //! for every process and times the run.
 
+use super::tool::serve_help_has;
 use super::{Bench, Tool};
 use mcdist::testnet::Topology;
 use std::io::Write;
@@ -117,12 +118,11 @@ impl Bench {
                 }
             }
         };
-        let bin = match &self.baseline {
+        let bin_path = match &self.baseline {
             Some(b) if tool.runs_baseline() => b,
             _ => &self.mcdist,
-        }
-        .to_string_lossy()
-        .into_owned();
+        };
+        let bin = bin_path.to_string_lossy().into_owned();
         let mut outs = Vec::new();
         let mut receivers = Vec::new();
         for i in 1..=n {
@@ -153,6 +153,10 @@ impl Bench {
         }
         if tool.fec() {
             c.arg("--fec");
+        } else if !unicast && serve_help_has(bin_path, "--fec [<FEC>]") == Some(true) {
+            // FEC is `serve`'s default since it takes a value; the rows without "fec" in
+            // their name stay without it, so a row means the same for every build.
+            c.args(["--fec", "off"]);
         }
         if let Some(o) = offload {
             c.args(["--gso", o]);

@@ -1,20 +1,22 @@
 //! The tools the bench compares, their names, and whether each can run here.
 
 use super::Bench;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Something that distributes a file to N receivers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tool {
-    /// mcdist over multicast.
+    /// mcdist over multicast without FEC (`serve --fec off` where the build takes it: FEC
+    /// is `serve`'s default now, and this row keeps one meaning for every build).
     Mcdist,
     /// mcdist over multicast from another build (`--baseline PATH`), to compare two builds
     /// in the same run.
     McdistBase,
     /// The `--baseline` build with FEC (`--fec`), to compare two builds' FEC in the same run.
     McdistBaseFec,
-    /// mcdist over multicast with FEC repair symbols (when the binary offers `--fec`).
+    /// mcdist over multicast with FEC repair symbols (`--fec`, when the binary offers it;
+    /// `serve`'s default configuration).
     McdistFec,
     /// mcdist with UDP GSO on the server and UDP GRO on the receivers (`--gso on`, `--gro on`).
     McdistGso,
@@ -154,13 +156,14 @@ pub fn mcdist_next_to_me() -> Option<PathBuf> {
 
 /// `None` when `mcdist serve --help` offers `flag` (or cannot be asked), else why the tool cannot run.
 fn lacks_serve_flag(bench: &Bench, flag: &str) -> Option<String> {
-    let help = Command::new(&bench.mcdist)
-        .args(["serve", "--help"])
-        .output()
-        .ok()?;
-    if String::from_utf8_lossy(&help.stdout).contains(flag) {
-        None
-    } else {
-        Some(format!("this mcdist binary has no `serve {flag}`"))
+    match serve_help_has(&bench.mcdist, flag) {
+        Some(false) => Some(format!("this mcdist binary has no `serve {flag}`")),
+        _ => None,
     }
+}
+
+/// Whether `bin serve --help` contains `text` (`None` when it cannot be asked).
+pub(super) fn serve_help_has(bin: &Path, text: &str) -> Option<bool> {
+    let help = Command::new(bin).args(["serve", "--help"]).output().ok()?;
+    Some(String::from_utf8_lossy(&help.stdout).contains(text))
 }

@@ -99,16 +99,18 @@ enum Cmd {
         /// With --key: authenticate only, send page contents in the clear (trusted networks).
         #[arg(long, requires = "key")]
         auth_only: bool,
-        /// Follow pushed and swept pages with RaptorQ repair symbols, as many
-        /// as the loss receivers report calls for (multicast only).
-        #[arg(long, conflicts_with = "unicast")]
-        fec: bool,
-        /// With --fec: repair symbols per page symbol sent even while no
+        /// Follow pushed and swept pages with RaptorQ repair symbols, as many as the
+        /// loss receivers report calls for: none while no receiver reports loss
+        /// (multicast only; `--unicast` sends none). A bare `--fec` means on.
+        #[arg(long, value_enum, default_value_t = OnOff::On, num_args = 0..=1,
+              default_missing_value = "on")]
+        fec: OnOff,
+        /// With FEC on: repair symbols per page symbol sent even while no
         /// receiver reports loss (e.g. 0.08).
-        #[arg(long, requires = "fec", default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0)]
         fec_overhead: f64,
-        /// With --fec: most pages per FEC block.
-        #[arg(long, requires = "fec", default_value_t = 128)]
+        /// With FEC on: most pages per FEC block.
+        #[arg(long, default_value_t = 128)]
         fec_block_pages: usize,
         /// Send runs of equal-sized datagrams as UDP GSO buffers (falls back
         /// to one datagram per buffer where the kernel refuses).
@@ -207,7 +209,7 @@ fn main() -> ExitCode {
                 unicast,
                 timeout,
                 security,
-                fec,
+                fec: fec == OnOff::On && !unicast,
                 fec_overhead,
                 fec_block_pages,
                 gso: gso == OnOff::On,
