@@ -92,6 +92,17 @@ impl Topology {
             "0",
         ])?;
         run(&["-n", &bridge_ns, "link", "set", "br0", "up"])?;
+        // A switch does not run IP firewalling: where the kernel passes bridged frames
+        // through the IP hooks (br_netfilter), turn that off for this bridge's namespace.
+        // Absent (no br_netfilter), there is nothing to turn off.
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &bridge_ns, "sh", "-c"])
+            .arg(
+                "for f in /proc/sys/net/bridge/bridge-nf-call-*; do \
+                 [ -e \"$f\" ] && echo 0 > \"$f\"; done; true",
+            )
+            .stderr(Stdio::null())
+            .status();
         for i in 0..n {
             let ns = format!("{tag}{pid}h{i}");
             let addr = Ipv4Addr::new(198, 18, subnet, (i + 1) as u8);
