@@ -53,9 +53,8 @@ fn measure(loss_pct: u32, fec: bool) -> Row {
         // The whole sweep of this small image is over before the first loss
         // report (100 ms), so the adaptive rule alone would never send a repair
         // symbol here: start at the rate it picks for this loss once reports
-        // arrive (`fec_loss_factor` × loss + `fec_margin`, at most
-        // `fec_max_overhead`).
-        let informed = loss * cfg.fec_loss_factor + cfg.fec_margin;
+        // arrive for a full block (`ServerConfig::fec_repair_fraction`).
+        let informed = cfg.fec_repair_fraction(loss, cfg.fec_block_pages * 3, CLIENTS);
         let cfg = ServerConfig {
             fec_min_overhead: if fec && loss > 0.0 {
                 informed.min(cfg.fec_max_overhead)

@@ -21,11 +21,13 @@
 //! fits the datagram size.
 //!
 //! **How many repairs.** `R = ceil(K × f)` for `K` source symbols, with `f` =
-//! `fec_loss_factor` × the 90th-percentile loss receivers reported (over the
-//! last two seconds, slow receivers left out) + `fec_margin`, at least
-//! `fec_min_overhead` and at most `fec_max_overhead`; `R = 0` (and no block is
-//! formed, so nothing is copied or encoded) while nobody reports loss and no
-//! minimum is set.
+//! [`ServerConfig::fec_repair_fraction`](crate::server::ServerConfig::fec_repair_fraction)
+//! of the 90th-percentile loss receivers reported (over the last two seconds, slow
+//! receivers left out) and how many they are: enough repairs that every receiver, losing
+//! source and repair symbols alike at that rate, decodes the block but with probability
+//! `fec_block_failure`, plus `fec_margin`; at least `fec_min_overhead` and at most
+//! `fec_max_overhead`. `R = 0` (and no block is formed, so nothing is copied or encoded)
+//! while nobody reports loss and no minimum is set.
 //!
 //! **Receivers** keep the last pages they received (a bounded cache) and a
 //! bounded set of open blocks. When a block's received source symbols (pages

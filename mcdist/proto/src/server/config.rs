@@ -83,9 +83,11 @@ pub struct ServerConfig {
     pub fec_min_overhead: f64,
     /// Most repair symbols per source symbol.
     pub fec_max_overhead: f64,
-    /// The repair fraction is this times the 90th-percentile reported loss ...
-    pub fec_loss_factor: f64,
-    /// ... plus this, while any receiver reports loss.
+    /// The chance, at the 90th-percentile reported loss, that some receiver loses more of
+    /// a block than its repair symbols restore (it then NACKs; see
+    /// [`ServerConfig::fec_repair_fraction`]) ...
+    pub fec_block_failure: f64,
+    /// ... plus this share of the block, while any receiver reports loss.
     pub fec_margin: f64,
     /// A NACK for a page of a block with a page multicast more than this
     /// many group pages ago takes the plain path: receivers keep the pages a block
@@ -121,8 +123,8 @@ impl Default for ServerConfig {
             fec_block_pages: 128,
             fec_min_overhead: 0.0,
             fec_max_overhead: 0.5,
-            fec_loss_factor: 2.0,
-            fec_margin: 0.02,
+            fec_block_failure: 0.05,
+            fec_margin: 0.01,
             fec_repair_horizon_pages: 2048,
         }
     }
@@ -130,6 +132,43 @@ impl Default for ServerConfig {
 
 impl ServerConfig {
     /// FEC runs only over multicast.
+    /// Repair symbols per source symbol for a block of `k` source symbols when `receivers`
+    /// receivers report a loss of `loss` (0..1, their 90th percentile). Each receiver is
+    /// taken to lose each symbol, source or repair, independently with that probability.
+    /// Of `n = k + r` symbols sent a receiver then gets `n·(1 − p)` on average, with a
+    /// standard deviation of `sqrt(n·p·(1 − p))`; `r` is the fewest repairs that leave it
+    /// `k` symbols `z` standard deviations below that mean, `z` chosen so that all
+    /// receivers decode the block but with probability `fec_block_failure`. The fraction
+    /// is `r / k + fec_margin`, within `fec_min_overhead..=fec_max_overhead`;
+    /// `fec_min_overhead` without reported loss.
+    ///
+    /// ```
+    /// let cfg = mcdist_proto::server::ServerConfig::default();
+    /// // 128 pages of 3 fragments at 5 % loss: 19.2 symbols lost on average.
+    /// let eight = cfg.fec_repair_fraction(0.05, 384, 8);
+    /// assert!(eight > 19.2 / 384.0 + 0.01 && eight < 0.1, "{eight}");
+    /// // More receivers, more of them in the tail: more repairs.
+    /// assert!(cfg.fec_repair_fraction(0.05, 384, 1000) > eight);
+    /// assert_eq!(cfg.fec_repair_fraction(0.0, 384, 8), 0.0);
+    /// ```
+    pub fn fec_repair_fraction(&self, loss: f64, k: usize, receivers: usize) -> f64 {
+        let x = if loss > 0.0 && k > 0 {
+            let (k, p) = (k as f64, loss.min(1.0));
+            let each = (self.fec_block_failure / receivers.max(1) as f64).clamp(1e-12, 0.5);
+            let z = upper_normal_quantile(each);
+            // n = k + r symbols sent, each received with probability 1 - p: the smallest n
+            // with n·(1 - p) - z·sqrt(n·p·(1 - p)) >= k, a quadratic in sqrt(n).
+            let (q, sd) = (1.0 - p, (p * (1.0 - p)).sqrt());
+            let root = (z * sd + (z * z * sd * sd + 4.0 * q * k).sqrt()) / (2.0 * q);
+            (root * root - k).max(0.0) / k + self.fec_margin
+        } else {
+            0.0
+        };
+        x.max(self.fec_min_overhead)
+            .min(self.fec_max_overhead)
+            .max(0.0)
+    }
+
     pub(super) fn fec_enabled(&self) -> bool {
         self.fec && self.delivery == Delivery::Multicast
     }
@@ -235,4 +274,12 @@ impl Geometry {
         let start = usize::from(idx) * self.frag_payload;
         (start, (start + self.frag_payload).min(self.page_size))
     }
+}
+
+/// The `z` with `P(Z > z) = q` for a standard normal `Z`, `0 < q <= 0.5` (Abramowitz and
+/// Stegun 26.2.23, error below 4.5e-4).
+fn upper_normal_quantile(q: f64) -> f64 {
+    let t = (-2.0 * q.ln()).sqrt();
+    t - (2.515_517 + 0.802_853 * t + 0.010_328 * t * t)
+        / (1.0 + 1.432_788 * t + 0.189_269 * t * t + 0.001_308 * t * t * t)
 }

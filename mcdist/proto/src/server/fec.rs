@@ -108,8 +108,10 @@ impl SentBlocks {
 pub(super) struct FecState {
     builder: BlockBuilder,
     bursts: VecDeque<Burst>,
-    /// 90th-percentile loss receivers report, parts per thousand.
+    /// 90th-percentile loss receivers report, parts per thousand ...
     loss_p90: u16,
+    /// ... and how many receivers report.
+    receivers: usize,
     sent: SentBlocks,
     /// NACKed pages per block in the datagram being handled.
     nacked: Vec<(u64, u32)>,
@@ -127,6 +129,7 @@ impl FecState {
             ),
             bursts: VecDeque::new(),
             loss_p90: 0,
+            receivers: 1,
             sent: SentBlocks::default(),
             nacked: Vec::new(),
         })
@@ -137,7 +140,8 @@ impl Server {
     /// Take the loss receivers report now as the basis of the repair fraction.
     pub(super) fn fec_note_loss(&mut self, now: Instant) {
         if let Some(fec) = self.fec.as_mut() {
-            fec.loss_p90 = self.peers.loss_p90(now);
+            (fec.loss_p90, fec.receivers) = self.peers.loss_p90(now);
+            fec.receivers = fec.receivers.max(1);
         }
     }
 
@@ -172,20 +176,14 @@ impl Server {
         self.fec.as_ref().is_some_and(|f| f.builder.is_full())
     }
 
-    /// Repair symbols per source symbol for the loss receivers report now.
-    fn fec_fraction(&self) -> f64 {
+    /// Repair symbols per source symbol for a block of `k` source symbols at the loss
+    /// receivers report now.
+    fn fec_fraction(&self, k: usize) -> f64 {
         let Some(f) = self.fec.as_ref() else {
             return 0.0;
         };
-        let p = f64::from(f.loss_p90) / 1000.0;
-        let x = if p > 0.0 {
-            p * self.cfg.fec_loss_factor + self.cfg.fec_margin
-        } else {
-            0.0
-        };
-        x.max(self.cfg.fec_min_overhead)
-            .min(self.cfg.fec_max_overhead)
-            .max(0.0)
+        self.cfg
+            .fec_repair_fraction(f64::from(f.loss_p90) / 1000.0, k, f.receivers)
     }
 
     /// Add a pushed or swept page to the open FEC block (opening one while
@@ -201,7 +199,7 @@ impl Server {
         if self.fec.as_ref().is_some_and(|f| !f.builder.fits(job.pfn)) {
             self.fec_close();
         }
-        let frac = self.fec_fraction();
+        let frac = self.fec_fraction(1);
         let fec = self.fec.as_mut()?;
         if !fec.builder.is_open() && frac <= 0.0 {
             return None;
@@ -218,11 +216,13 @@ impl Server {
 
     /// Close the open FEC block and queue its repair symbols; true if any were queued.
     pub(super) fn fec_close(&mut self) -> bool {
-        let frac = self.fec_fraction();
+        let Some(k) = self.fec.as_ref().map(|f| f.builder.source_symbols()) else {
+            return false;
+        };
+        let frac = self.fec_fraction(k);
         let Some(fec) = self.fec.as_mut() else {
             return false;
         };
-        let k = fec.builder.source_symbols();
         let repairs = (k as f64 * frac).ceil() as u32;
         let was_open = fec.builder.is_open();
         let burst = fec.builder.close(repairs);

@@ -180,8 +180,8 @@ impl Peers {
     }
 
     /// The 90th percentile of the loss that receivers still fetching at the
-    /// group's pace report, parts per thousand.
-    pub(super) fn loss_p90(&self, now: Instant) -> u16 {
+    /// group's pace report, parts per thousand, and how many they are.
+    pub(super) fn loss_p90(&self, now: Instant) -> (u16, usize) {
         let mut v: Vec<u16> = self
             .table
             .values()
@@ -189,9 +189,11 @@ impl Peers {
             .map(|p| p.recent_loss(now))
             .collect();
         v.sort_unstable();
-        v.get((v.len() * 9 / 10).min(v.len().saturating_sub(1)))
+        let p90 = v
+            .get((v.len() * 9 / 10).min(v.len().saturating_sub(1)))
             .copied()
-            .unwrap_or(0)
+            .unwrap_or(0);
+        (p90, v.len())
     }
 }
 
