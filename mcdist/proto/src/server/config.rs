@@ -131,7 +131,6 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    /// FEC runs only over multicast.
     /// Repair symbols per source symbol for a block of `k` source symbols when `receivers`
     /// receivers report a loss of `loss` (0..1, their 90th percentile). Each receiver is
     /// taken to lose each symbol, source or repair, independently with that probability.
@@ -169,6 +168,7 @@ impl ServerConfig {
             .max(0.0)
     }
 
+    /// FEC runs only over multicast.
     pub(super) fn fec_enabled(&self) -> bool {
         self.fec && self.delivery == Delivery::Multicast
     }
