@@ -186,32 +186,16 @@ fn enable_rxq_ovfl(s: &Socket) -> bool {
     }
 }
 
-/// Where the kernel capped the receive buffer below `bytes`, ask past the cap
-/// (`SO_RCVBUFFORCE`, allowed with `CAP_NET_ADMIN`): a receiver's buffer is what carries
-/// it through a busy moment without dropping pages. Without the capability the capped
-/// size stays.
-fn force_recv_buffer(s: &Socket, bytes: usize) {
-    use nix::sys::socket::{setsockopt, sockopt::RcvBufForce};
-    // The kernel reports twice what it grants (bookkeeping overhead included).
-    if s.recv_buffer_size().is_ok_and(|got| got >= 2 * bytes) {
-        return;
-    }
-    if let Err(e) = setsockopt(s, RcvBufForce, &bytes) {
-        tracing::debug!(error = %e, bytes, "receive buffer stays at the kernel's cap (net.core.rmem_max)");
-    }
-}
-
-pub(super) fn new_socket(cfg: &UdpConfig) -> Result<Socket, UdpSetupError> {
+fn new_socket(cfg: &UdpConfig) -> Result<Socket, UdpSetupError> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
         .map_err(sock_err("creating a UDP socket"))?;
     s.set_nonblocking(true)
         .map_err(sock_err("setting non-blocking mode"))?;
     s.set_cloexec(true)
         .map_err(sock_err("setting close-on-exec"))?;
-    // Buffer sizes are requests; the kernel caps them at `net.core.rmem_max` / `wmem_max`.
+    // Buffer sizes are requests; the kernel may cap them.
     let _ = s.set_recv_buffer_size(cfg.buffer_bytes);
     let _ = s.set_send_buffer_size(cfg.buffer_bytes);
-    force_recv_buffer(&s, cfg.buffer_bytes);
     let _ = enable_rxq_ovfl(&s);
     if let Some(name) = &cfg.iface {
         s.bind_device(Some(name.as_bytes()))
