@@ -63,22 +63,9 @@ pub(super) fn tx_bytes(topo: &Topology) -> io::Result<u64> {
         .map_err(|e| io::Error::other(format!("{path}: {e}")))
 }
 
-/// Run `args` in namespace `ns`; a failure names the command and its error.
+/// Run `args` in namespace `ns` (through [`ip`], whose error names the command).
 fn in_ns(ns: &str, args: &[&str]) -> io::Result<()> {
-    let o = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(args)
-        .output()
-        .map_err(|e| io::Error::other(format!("{}: {e}", args[0])))?;
-    if o.status.success() {
-        Ok(())
-    } else {
-        Err(io::Error::other(format!(
-            "{}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&o.stderr).trim()
-        )))
-    }
+    ip(&[&["netns", "exec", ns], args].concat()).map(drop)
 }
 
 /// Drop `loss` percent of the UDP frames the bridge forwards to each of hosts 1..=n, each
