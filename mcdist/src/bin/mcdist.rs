@@ -11,7 +11,7 @@ use mcdist::secure::{Psk, Security, SecurityStats};
 use mcdist::server::{Delivery, ServerConfig, ServerEvent};
 use mcdist::source::{scan_with_progress, FileSource, PageSource};
 use mcdist::transport::udp::{UdpConfig, UdpTransport};
-use sink::{verify, FileSink};
+use sink::{check, FileSink};
 use std::fs::File;
 use std::io::{self, IsTerminal};
 use std::net::{SocketAddr, SocketAddrV4};
@@ -155,6 +155,11 @@ enum Cmd {
         /// Receive with UDP GRO (coalesced buffers are split back into datagrams).
         #[arg(long, value_enum, default_value_t = on_off(mcdist::transport::udp::DEFAULT_GRO))]
         gro: OnOff,
+        /// Once written, read the copy back and check its BLAKE3 digest as well. Every
+        /// page is verified against the digest before it is written either way; this
+        /// also checks what the disk returns, at the cost of reading the image again.
+        #[arg(long)]
+        read_back: bool,
     },
     /// Write a fresh random 256-bit key (64 hex digits) to a new file, mode 0600.
     Keygen {
@@ -227,11 +232,12 @@ fn main() -> ExitCode {
             auth_only,
             require_encryption,
             gro,
+            read_back,
         } => load_security(key.as_deref(), auth_only).and_then(|mut security| {
             if let (Some(s), Some(r)) = (security.as_mut(), require_encryption) {
                 s.require_encryption = r == OnOff::On;
             }
-            let how = (timeout, unicast, gro == OnOff::On);
+            let how = (timeout, unicast, gro == OnOff::On, read_back);
             fetch(group, iface, server, &out, how, (security, digest))
         }),
         Cmd::Keygen { out } => keygen(&out),
@@ -465,7 +471,7 @@ fn fetch(
     iface: String,
     server: SocketAddr,
     out: &Path,
-    (timeout, unicast, gro): (u64, bool, bool),
+    (timeout, unicast, gro, read_back): (u64, bool, bool, bool),
     (security, digest): (Option<Security>, Option<[u8; 32]>),
 ) -> Result<(), String> {
     if digest.is_none() {
@@ -560,21 +566,17 @@ fn fetch(
         .and_then(|_| sink.file.sync_data())
         .map_err(|e| cleanup(format!("flushing {}: {e}", out.display())))?;
     sink.add_zero_pages(node.zero_map());
-    let ok = verify(&sink, out, &session.digest)
+    let wrong = check(&sink, out, &session.digest, read_back)
         .map_err(|e| cleanup(format!("re-reading {}: {e}", out.display())))?;
-    node.leave(ok);
+    node.leave(wrong.is_none());
     let secs = start.elapsed().as_secs_f64();
     let sec = security_summary(node.security_stats());
     let stats = node.shutdown();
-    if !ok {
-        return Err(cleanup(format!(
-            "{} does not match the image digest {}",
-            out.display(),
-            mcdist::hex(&session.digest)
-        )));
+    if let Some(wrong) = wrong {
+        return Err(cleanup(format!("{}: {wrong}", out.display())));
     }
     println!(
-        "fetched {} bytes in {:.2} s ({:.1} MB/s): {} pages received ({} zero local), {} duplicates, {} retries, {} nacks ({} pages), {} pages recovered by FEC, digest ok -> {}{}",
+        "fetched {} bytes in {:.2} s ({:.1} MB/s): {} pages received ({} zero local), {} duplicates, {} retries, {} nacks ({} pages), {} pages recovered by FEC, digest ok{} -> {}{}",
         session.image_size,
         secs,
         session.image_size as f64 / secs / 1e6,
@@ -585,6 +587,7 @@ fn fetch(
         stats.nacks_sent,
         stats.nack_pages,
         stats.fec_pages,
+        if read_back { " (read back)" } else { "" },
         out.display(),
         sec
     );

@@ -1,8 +1,7 @@
-//! The file a whole-image fetch writes: pages gathered into runs, written, and hashed as
-//! they arrive, so the copy is checked against the image's digest without reading it back.
+//! The file a whole-image fetch writes: pages gathered into runs and written, with a map
+//! of the pages the file holds, so the copy is known complete without reading it back.
 
 use mcdist::bitmap::PageBitmap;
-use mcdist::digest::PageDigest;
 use mcdist::node::{PageSink, SinkError};
 use mcdist::SessionInfo;
 use std::fs::File;
@@ -11,10 +10,14 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
-/// Writes pages at their place in the output file and hashes each as it lands, so the
-/// copy is checked against the image digest without reading it back. Pages that arrive in
-/// order (a sweep) are gathered into aligned runs, written with one call and hashed as one
-/// BLAKE3 subtree.
+/// Writes pages at their place in the output file. Pages that arrive in order (a sweep)
+/// are gathered into aligned runs and written with one call.
+///
+/// The sink does not hash pages: the client hands it a page only after checking it
+/// against the image's root digest (its chaining value against the verified hash pages
+/// above it), so a second hash here would prove nothing more about the bytes and cost a
+/// BLAKE3 of the whole image per receiver. What the sink adds is completeness: the map of
+/// pages written (and zero pages left to the file's holes), which must cover the image.
 pub(crate) struct FileSink {
     pub(crate) file: File,
     pub(crate) state: Mutex<SinkState>,
@@ -22,28 +25,31 @@ pub(crate) struct FileSink {
 
 #[derive(Default)]
 pub(crate) struct SinkState {
-    digest: Option<PageDigest>,
-    /// The session's zero pages were hashed.
-    zeros_hashed: bool,
+    /// Pages the file holds: written, or zero pages of the session's zero map.
+    held: Option<PageBitmap>,
+    /// The session's zero pages were marked.
+    zeros_marked: bool,
     /// The run being gathered: pages `first..first + n` back to back.
     first: u64,
     n: u64,
     buf: Vec<u8>,
 }
 
-/// Largest run of pages written and hashed at once.
+/// Largest run of pages written at once.
 const RUN_BYTES: usize = 256 << 10;
 
 impl SinkState {
-    /// Writes and hashes the run gathered so far.
+    /// Writes the run gathered so far.
     fn flush(&mut self, file: &File) -> io::Result<()> {
         if self.n == 0 {
             return Ok(());
         }
         let ps = self.buf.len() as u64 / self.n;
         file.write_all_at(&self.buf, self.first * ps)?;
-        if let Some(d) = self.digest.as_mut() {
-            d.add_run(self.first, &self.buf);
+        if let Some(held) = self.held.as_mut() {
+            for pfn in self.first..self.first + self.n {
+                held.set(pfn);
+            }
         }
         self.n = 0;
         self.buf.clear();
@@ -61,35 +67,35 @@ impl FileSink {
         self.state().flush(&self.file)
     }
 
-    /// Hashes the session's zero pages (filled locally, never delivered) once the zero map
-    /// is known, the first time it is called with one; a few pages per lock, so that pages
-    /// arriving meanwhile are not held up.
+    /// Marks the session's zero pages (never delivered: the sized file's holes read as
+    /// zeros) once the zero map is known, the first time it is called with one.
     pub(crate) fn add_zero_pages(&self, zero: Option<&PageBitmap>) {
         let Some(zero) = zero else { return };
-        if std::mem::replace(&mut self.state().zeros_hashed, true) {
+        let mut st = self.state();
+        if std::mem::replace(&mut st.zeros_marked, true) {
             return;
         }
-        for start in (0..zero.len()).step_by(1024) {
-            if let Some(d) = self.state().digest.as_mut() {
-                for pfn in (start..(start + 1024).min(zero.len())).filter(|&p| zero.get(p)) {
-                    d.add_zero_page(pfn);
-                }
-            }
+        if let Some(held) = st.held.as_mut().filter(|h| h.len() == zero.len()) {
+            held.union_with(zero);
         }
+    }
+
+    /// Pages of the image the file does not hold yet (the whole image before a session).
+    pub(crate) fn missing(&self) -> Option<u64> {
+        let st = self.state();
+        let held = st.held.as_ref()?;
+        Some(held.len() - held.count_ones())
     }
 }
 
 impl PageSink for FileSink {
     fn session_started(&self, info: &SessionInfo) {
         let mut st = self.state();
-        // A resumed session (same image) keeps the pages hashed so far.
-        let same = st
-            .digest
-            .as_ref()
-            .is_some_and(|d| d.page_count() == info.page_count);
+        // A resumed session (same image) keeps the pages written so far.
+        let same = st.held.as_ref().is_some_and(|h| h.len() == info.page_count);
         if !same {
-            st.digest = PageDigest::new(info.image_size, info.page_size);
-            st.zeros_hashed = false;
+            st.held = Some(PageBitmap::new(info.page_count));
+            st.zeros_marked = false;
         }
     }
 
@@ -123,11 +129,24 @@ fn write_err(source: io::Error) -> SinkError {
     }
 }
 
-/// Whether the fetched copy has the image's digest: from the pages hashed as they arrived
-/// when the page size allows it, otherwise by reading the file back.
-pub(crate) fn verify(sink: &FileSink, path: &Path, expect: &[u8; 32]) -> io::Result<bool> {
-    if let Some(got) = sink.state().digest.as_ref().and_then(PageDigest::finalize) {
-        return Ok(&got == expect);
+/// What is wrong with a finished copy, if anything: pages it lacks, or (with `read_back`)
+/// a digest of the file as read back that is not the image's.
+pub(crate) fn check(
+    sink: &FileSink,
+    path: &Path,
+    expect: &[u8; 32],
+    read_back: bool,
+) -> io::Result<Option<String>> {
+    match sink.missing() {
+        Some(0) => {}
+        Some(n) => return Ok(Some(format!("{n} pages were never written"))),
+        None => return Ok(Some("no session was joined".into())),
     }
-    Ok(&mcdist::source::file_digest(path)? == expect)
+    if read_back && &mcdist::source::file_digest(path)? != expect {
+        return Ok(Some(format!(
+            "read back, it does not match the image digest {}",
+            mcdist::hex(expect)
+        )));
+    }
+    Ok(None)
 }
