@@ -7,6 +7,10 @@
 use super::{IntegrityError, CV_LEN};
 use std::ops::Range;
 
+/// Level-1 hash pages sent together in a sweep, ahead of the data pages they cover
+/// ([`HashLayout::sweep_order`]): 64 pages, 32 MiB of data at 4 KiB pages.
+pub const SWEEP_HASH_GROUP: u64 = 64;
+
 /// What a page number names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageKind {
@@ -236,20 +240,62 @@ impl HashLayout {
     }
 
     /// Every page number once, each hash page before the pages it covers: the levels above
-    /// level 1 (top first), then each level-1 hash page followed by its data pages. A
-    /// sweep in this order lets a receiver verify every page as it arrives, and keeps a
-    /// level-1 page next to its data.
+    /// level 1 (top first), then the level-1 hash pages in groups of [`SWEEP_HASH_GROUP`],
+    /// each group followed by the data pages it covers. A sweep in this order lets a
+    /// receiver verify every page as it arrives and keeps hash pages near their data, and
+    /// a group's hash pages, numbered one after another, make one FEC block together
+    /// (alone among data pages, each hash page made a block of its own, whose repair
+    /// symbols cost as much as the page).
     pub fn sweep_order(&self) -> impl Iterator<Item = u64> + '_ {
         let n = self.data_pages;
         let upper = self.hash_pfn(1, 0).unwrap_or(n);
-        let fan = self.fanout() as u64;
-        let level1 = (0..self.level_pages(1)).flat_map(move |i| {
-            let data = i * fan..((i + 1) * fan).min(n);
-            std::iter::once(upper + i).chain(data)
+        let (fan, g, l1) = (self.fanout() as u64, SWEEP_HASH_GROUP, self.level_pages(1));
+        let level1 = (0..l1.div_ceil(g)).flat_map(move |j| {
+            let hashes = upper + j * g..upper + ((j + 1) * g).min(l1);
+            hashes.chain(j * g * fan..((j + 1) * g * fan).min(n))
         });
         // An image of at most one page has no hash pages: its page alone.
         let single = 0..if self.counts.is_empty() { n } else { 0 };
         (n..upper).chain(level1).chain(single)
+    }
+
+    /// Where position `pos` of [`HashLayout::sweep_order`] falls past the upper levels:
+    /// its group, its place in the group, and the group's hash pages. `None` within the
+    /// upper levels.
+    fn sweep_group(&self, pos: u64) -> Option<(u64, u64, u64)> {
+        let upper = self.hash_pfn(1, 0)?;
+        let k = pos.checked_sub(upper - self.data_pages)?;
+        let (g, l1) = (SWEEP_HASH_GROUP, self.level_pages(1));
+        let per = g * (self.fanout() as u64 + 1);
+        let (j, r) = (k / per, k % per);
+        Some((j, r, l1.saturating_sub(j * g).min(g)))
+    }
+
+    /// The page at position `pos` of [`HashLayout::sweep_order`] (`pos` below
+    /// [`HashLayout::total_pages`]), computed without walking the order.
+    pub fn sweep_at(&self, pos: u64) -> u64 {
+        let n = self.data_pages;
+        let Some(upper) = self.hash_pfn(1, 0) else {
+            return pos;
+        };
+        match self.sweep_group(pos) {
+            None => n + pos,
+            Some((j, r, hashes)) if r < hashes => upper + j * SWEEP_HASH_GROUP + r,
+            Some((j, r, hashes)) => j * SWEEP_HASH_GROUP * self.fanout() as u64 + r - hashes,
+        }
+    }
+
+    /// Data pages before position `pos` of [`HashLayout::sweep_order`]: how far a sweep
+    /// that reached `pos` has come through the image.
+    pub fn sweep_data_before(&self, pos: u64) -> u64 {
+        let n = self.data_pages;
+        if self.counts.is_empty() {
+            return pos.min(n);
+        }
+        let Some((j, r, hashes)) = self.sweep_group(pos) else {
+            return 0;
+        };
+        (j * SWEEP_HASH_GROUP * self.fanout() as u64 + r.saturating_sub(hashes)).min(n)
     }
 
     /// Byte offset of data page `pfn` in the image.

@@ -54,7 +54,7 @@ mod verify;
 mod tests;
 
 pub use builder::{page_chaining_value, HashTree, TreeBuilder};
-pub use layout::{HashLayout, PageKind, Slot};
+pub use layout::{HashLayout, PageKind, Slot, SWEEP_HASH_GROUP};
 pub use verify::Verifier;
 
 use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, ChainingValue, Mode};

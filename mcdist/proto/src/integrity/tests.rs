@@ -247,6 +247,48 @@ fn layout_of_large_images_and_its_overhead() {
 }
 
 #[test]
+fn sweep_positions_follow_the_sweep_order() {
+    // Sizes with no hash pages, one short group, and many groups (the last one short).
+    for (size, ps) in [
+        (0u64, 4096usize),
+        (100, 4096),
+        (300 * 4096 + 5, 4096),
+        (20_000 * 1024, 1024),
+        (200_000 * 4096 + 7, 4096),
+    ] {
+        let l = HashLayout::new(size, ps).unwrap();
+        let order: Vec<u64> = l.sweep_order().collect();
+        assert_eq!(order.len() as u64, l.total_pages());
+        let mut data = 0;
+        for (i, &p) in order.iter().enumerate() {
+            assert_eq!(l.sweep_at(i as u64), p, "{size} bytes, position {i}");
+            assert_eq!(
+                l.sweep_data_before(i as u64),
+                data,
+                "{size} bytes, position {i}"
+            );
+            data += u64::from(p < l.data_pages());
+        }
+        assert_eq!(l.sweep_data_before(l.total_pages()), l.data_pages());
+        // Level-1 hash pages go out in runs of consecutive numbers, a group at a time.
+        let level1: Vec<usize> = order
+            .iter()
+            .enumerate()
+            .filter(|(_, &p)| matches!(l.locate(p), Ok(PageKind::Hash { level: 1, .. })))
+            .map(|(i, _)| i)
+            .collect();
+        for (n, w) in level1.windows(2).enumerate() {
+            let same_group = (n as u64 + 1) % SWEEP_HASH_GROUP != 0;
+            assert_eq!(
+                w[1] == w[0] + 1,
+                same_group,
+                "{size} bytes, level-1 page {n}"
+            );
+        }
+    }
+}
+
+#[test]
 fn bad_input_is_refused_without_panic() {
     let ps = 4096;
     let img = image(5 * ps + 100, 3);

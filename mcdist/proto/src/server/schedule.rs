@@ -11,7 +11,6 @@
 use super::stats::PageKind;
 use super::Server;
 use crate::bitmap::PageBitmap;
-use crate::integrity::HashLayout;
 use crate::wire::{Data, DataFlags};
 use crate::Dest;
 use std::collections::{HashMap, VecDeque};
@@ -255,26 +254,6 @@ impl Push {
     }
 }
 
-/// Page number at position `idx` of `layout`'s sweep order
-/// ([`HashLayout::sweep_order`]): the hash levels above level 1, then each level-1 hash
-/// page followed by the data pages it covers.
-fn sweep_pfn(layout: &HashLayout, idx: u64) -> u64 {
-    let n = layout.data_pages();
-    let Some(upper) = layout.hash_pfn(1, 0) else {
-        return idx;
-    };
-    let Some(k) = idx.checked_sub(upper - n) else {
-        return n + idx;
-    };
-    let fan = layout.fanout() as u64;
-    let (i, r) = (k / (fan + 1), k % (fan + 1));
-    if r == 0 {
-        upper + i
-    } else {
-        i * fan + r - 1
-    }
-}
-
 /// The sweep over the whole image, in sweep order (`pos` counts positions in it).
 #[derive(Debug, Default)]
 pub(super) struct Sweep {
@@ -329,7 +308,7 @@ impl Server {
     fn next_unswept(&self, from: u64) -> (u64, Option<u64>) {
         let mut pos = from;
         while pos < self.total_pages {
-            let pfn = sweep_pfn(self.tree.layout(), pos);
+            let pfn = self.tree.layout().sweep_at(pos);
             pos += 1;
             let skip = self.info.zero_map.get(pfn)
                 || self.sent.ever.get(pfn)
@@ -343,18 +322,7 @@ impl Server {
 
     /// The data pages the sweep has passed: what the announce's sweep position says.
     pub(super) fn sweep_frontier(&self) -> u64 {
-        let layout = self.tree.layout();
-        let n = self.page_count;
-        let pos = self.sweep.pos;
-        let Some(upper) = layout.hash_pfn(1, 0) else {
-            return pos.min(n);
-        };
-        let Some(k) = pos.checked_sub(upper - n) else {
-            return 0;
-        };
-        let fan = layout.fanout() as u64;
-        let (i, r) = (k / (fan + 1), k % (fan + 1));
-        (i * fan + r.saturating_sub(1)).min(n)
+        self.tree.layout().sweep_data_before(self.sweep.pos)
     }
 
     /// The first hash page above data page `pfn` (top level first) neither sent nor
@@ -477,28 +445,5 @@ impl Server {
             }
         }
         self.sent.ever.set(job.pfn);
-    }
-}
-
-#[cfg(test)]
-mod sweep_tests {
-    use super::sweep_pfn;
-    use crate::integrity::HashLayout;
-
-    #[test]
-    fn sweep_positions_follow_the_sweep_order() {
-        for (size, ps) in [
-            (0u64, 4096usize),
-            (100, 4096),
-            (300 * 4096 + 5, 4096),
-            (20_000 * 1024, 1024),
-        ] {
-            let l = HashLayout::new(size, ps).unwrap();
-            let order: Vec<u64> = l.sweep_order().collect();
-            assert_eq!(order.len() as u64, l.total_pages());
-            for (i, &p) in order.iter().enumerate() {
-                assert_eq!(sweep_pfn(&l, i as u64), p, "{size} bytes, position {i}");
-            }
-        }
     }
 }
