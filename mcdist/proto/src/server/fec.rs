@@ -146,11 +146,14 @@ impl Server {
     }
 
     /// A loss report: the first one sets the repair fraction at once, so repair
-    /// symbols follow from the next block rather than from the next rate update.
+    /// symbols follow from the next block rather than from the next rate update,
+    /// for as many receivers as are known (until the update counts those reporting).
     pub(super) fn fec_first_loss(&mut self, loss_permille: u16) {
+        let receivers = self.peers.len().max(1);
         if let Some(fec) = self.fec.as_mut() {
             if fec.loss_p90 == 0 {
                 fec.loss_p90 = loss_permille;
+                fec.receivers = receivers;
             }
         }
     }

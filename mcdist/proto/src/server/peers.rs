@@ -6,7 +6,9 @@
 //! its own request rate limit; its rate, loss and overload reports feed the rate
 //! controller once per interval, except a receiver that cannot keep up (overload,
 //! loss or re-asks far above the median's), which is marked slow, left out of
-//! pacing and repaired by unicast at the rate it reports. Completion is counted
+//! pacing and repaired by unicast at the rate it reports, or a quarter of the most it
+//! ever reported once that is more (after the sweep it receives only its own
+//! repairs, and its rate falls with them). Completion is counted
 //! once per receiver.
 
 use super::{Server, ServerEvent};
@@ -50,6 +52,10 @@ struct Peer {
     /// Reports loss while most receivers do not: left out of rate control and
     /// repaired by unicast at a rate it can take.
     slow: bool,
+    /// Highest receive rate it reported, bytes/s: what it took while the group was sent
+    /// at full rate, which its latest report no longer shows once it receives only its
+    /// own repairs.
+    peak_rx_rate: u64,
 }
 
 impl Peer {
@@ -64,6 +70,7 @@ impl Peer {
             fresh: false,
             nacked: 0,
             slow: false,
+            peak_rx_rate: 0,
         }
     }
 
@@ -306,6 +313,7 @@ impl Server {
                 .or(p.report.map(|r| r.overload_permille))
                 .unwrap_or(0)
                 .min(loss_permille);
+            p.peak_rx_rate = p.peak_rx_rate.max(rx_rate);
             p.report = Some(Report {
                 rx_rate,
                 loss_permille,
@@ -424,7 +432,11 @@ impl Server {
                     };
                     tracing::warn!(peer = %addr, reason = %reason, loss_permille = loss, overload_permille = overload, rx_rate, "receiver cannot keep up; left out of pacing, repaired by unicast");
                 }
-                let pages = (rx_rate / page_size).max(256);
+                // What it reports taking now, or a quarter of the most it ever took: after
+                // the sweep a slow receiver gets only its own repairs, so its rate
+                // falls with what it is sent, and repairs paced to it would crawl.
+                let pages = (rx_rate.max(p.peak_rx_rate / 4) / page_size)
+                    .clamp(256, self.cfg.per_source_page_rate.max(256));
                 p.tokens.set_rate(now, pages, (pages / 4).max(64));
                 continue;
             }
