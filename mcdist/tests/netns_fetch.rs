@@ -1,6 +1,6 @@
 //! `mcdist serve` and three `mcdist fetch` processes in separate network
 //! namespaces on a bridge, over real UDP multicast: every output must equal the
-//! input image.
+//! input image (one fetch also reads its copy back with `--read-back`).
 
 mod common;
 
@@ -22,20 +22,23 @@ fn serve_and_three_fetches_over_a_bridge() {
     let mut fetchers = Vec::new();
     for i in 1..4 {
         let out = b.path(&format!("out{i}"));
-        let child = b
-            .fetch(i, group, "120", &out)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        fetchers.push((out, child));
+        let mut cmd = b.fetch(i, group, "120", &out);
+        // The last one also reads its copy back and checks the digest of the file.
+        let read_back = i == 3;
+        if read_back {
+            cmd.arg("--read-back");
+        }
+        let child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+        fetchers.push((out, child, read_back));
     }
     let want = std::fs::read(&b.img).unwrap();
-    for (out, child) in fetchers {
+    for (out, child, read_back) in fetchers {
         let o = child.wait_with_output().unwrap();
         let text = String::from_utf8_lossy(&o.stdout);
         println!("{}", text.trim());
         assert!(o.status.success(), "fetch failed: {text}");
         assert!(text.contains("digest ok"));
+        assert_eq!(text.contains("(read back)"), read_back, "{text}");
         let got = std::fs::read(&out).unwrap();
         assert!(got == want, "{} differs from the image", out.display());
     }

@@ -150,3 +150,65 @@ pub(crate) fn check(
     }
     Ok(None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sink(dir: &tempfile::TempDir) -> (FileSink, std::path::PathBuf) {
+        let path = dir.path().join("copy");
+        let file = File::create(&path).unwrap();
+        let sink = FileSink {
+            file,
+            state: Mutex::default(),
+        };
+        (sink, path)
+    }
+
+    #[test]
+    fn a_copy_is_complete_only_once_written_and_zero_pages_cover_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, path) = sink(&dir);
+        let ps = 4096;
+        // Pages 0, 1 and 3 carry data; page 2 is a zero page.
+        let image: Vec<u8> = (0..4 * ps)
+            .map(|i| if i / ps == 2 { 0 } else { (i % 251) as u8 + 1 })
+            .collect();
+        let digest = *blake3::hash(&image).as_bytes();
+        let info = SessionInfo {
+            session_id: 1,
+            image_size: image.len() as u64,
+            page_size: ps,
+            page_count: 4,
+            digest,
+            zero_count: 1,
+        };
+        let d = &digest;
+        assert_eq!(
+            check(&sink, &path, d, false).unwrap().as_deref(),
+            Some("no session was joined")
+        );
+        sink.session_started(&info);
+        for pfn in [3u64, 0] {
+            let at = pfn as usize * ps;
+            sink.page_ready(pfn, &image[at..at + ps]).unwrap();
+        }
+        sink.flush().unwrap();
+        let missing = check(&sink, &path, d, false).unwrap();
+        assert_eq!(missing.as_deref(), Some("2 pages were never written"));
+        sink.page_ready(1, &image[ps..2 * ps]).unwrap();
+        sink.flush().unwrap();
+        assert_eq!(sink.missing(), Some(1));
+        let mut zero = PageBitmap::new(4);
+        zero.set(2);
+        sink.add_zero_pages(Some(&zero));
+        sink.file.set_len(image.len() as u64).unwrap();
+        assert_eq!(check(&sink, &path, d, false).unwrap(), None);
+        assert_eq!(check(&sink, &path, d, true).unwrap(), None);
+        assert_eq!(std::fs::read(&path).unwrap(), image);
+        // Read back, a copy that differs from the image on disk is refused.
+        sink.file.write_all_at(&[0xff], 5).unwrap();
+        let wrong = check(&sink, &path, d, true).unwrap().unwrap();
+        assert!(wrong.contains("does not match the image digest"), "{wrong}");
+    }
+}
