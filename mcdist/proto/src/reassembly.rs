@@ -1,7 +1,8 @@
 //! Reassembly of pages split into fragments.
 //!
 //! A page of `page_size` bytes sent in `count` fragments is cut into pieces of
-//! `page_size.div_ceil(count)` bytes (the last one shorter), so each fragment's
+//! `page_size.div_ceil(count)` bytes (the last one shorter, and padded with zeros to
+//! the others' length on the wire: [`fragment_bytes`]), so each fragment's
 //! offset and length follow from its index alone. Fragments may arrive in any
 //! order and more than once. Memory is bounded in pages and in bytes: at most
 //! `max_partial` pages, and at most `max_bytes / page_size` page buffers (pages in
@@ -109,6 +110,26 @@ pub fn fragment_slot(page_size: usize, count: u16, index: u16) -> Option<(usize,
     Some((start, piece.min(page_size - start)))
 }
 
+/// The page bytes of fragment `index` of `count` as it travels: exactly its slot, or,
+/// for the last fragment, its slot followed by zeros up to the other fragments' length
+/// (senders pad it so that every fragment's datagram is one size).
+pub fn fragment_bytes(
+    page_size: usize,
+    count: u16,
+    index: u16,
+    payload: &[u8],
+) -> Result<&[u8], FragmentError> {
+    let (_, len) = fragment_slot(page_size, count, index).ok_or(FragmentError::BadIndex)?;
+    let piece = page_size.div_ceil(usize::from(count));
+    match payload.len() {
+        n if n == len => Ok(payload),
+        n if n == piece && index + 1 == count && payload[len..].iter().all(|&b| b == 0) => {
+            Ok(&payload[..len])
+        }
+        _ => Err(FragmentError::BadLength),
+    }
+}
+
 impl Reassembler {
     /// A reassembler for pages of `page_size` bytes keeping at most `max_partial` in progress.
     pub fn new(page_size: usize, max_partial: usize) -> Reassembler {
@@ -202,9 +223,8 @@ impl Reassembler {
     ) -> Result<Option<Bytes>, FragmentError> {
         let (start, len) =
             fragment_slot(self.page_size, count, index).ok_or(FragmentError::BadIndex)?;
-        if payload.len() != len {
-            return Err(FragmentError::BadLength);
-        }
+        let payload = fragment_bytes(self.page_size, count, index, payload)?;
+        debug_assert_eq!(payload.len(), len);
         if count == 1 {
             return Ok(Some(Bytes::copy_from_slice(payload)));
         }
@@ -261,6 +281,32 @@ impl Reassembler {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_last_fragment_may_come_padded_with_zeros_to_the_others_length() {
+        // 4096 bytes in 3 fragments: 1366, 1366 and 1364, padded to 1366 on the wire.
+        let page: Vec<u8> = (0..4096).map(|i| (i % 251) as u8 + 1).collect();
+        let mut padded = page[2732..].to_vec();
+        padded.extend([0, 0]);
+        let mut r = Reassembler::new(4096, 4);
+        assert_eq!(r.insert(1, 2, 3, &padded), Ok(None));
+        assert_eq!(r.insert(1, 0, 3, &page[..1366]), Ok(None));
+        let done = r.insert(1, 1, 3, &page[1366..2732]).unwrap().unwrap();
+        assert_eq!(&done[..], &page[..]);
+        // The exact length is still taken.
+        assert_eq!(fragment_bytes(4096, 3, 2, &page[2732..]), Ok(&page[2732..]));
+        // Padding that is not zero, padding of another fragment, or too much of it: refused.
+        let mut dirty = padded.clone();
+        dirty[1365] = 1;
+        assert_eq!(r.insert(2, 2, 3, &dirty), Err(FragmentError::BadLength));
+        assert_eq!(
+            r.insert(2, 0, 3, &[&page[..1366], &[0u8][..]].concat()),
+            Err(FragmentError::BadLength)
+        );
+        padded.push(0);
+        assert_eq!(r.insert(2, 2, 3, &padded), Err(FragmentError::BadLength));
+        assert_eq!(r.in_progress(), 0);
+    }
 
     proptest! {
         #[test]

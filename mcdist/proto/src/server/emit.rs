@@ -325,6 +325,14 @@ impl Server {
             (self.geo.frag_count, cur.next_frag)
         };
         let (start, end) = if zero { (0, 0) } else { self.geo.fragment(idx) };
+        // The last fragment is padded with zeros to the others' length, so that the
+        // datagrams of consecutive pages are all one size: they go out (and come in
+        // again through GRO) many to a GSO buffer, where a shorter one ends a buffer.
+        let wire_len = if zero {
+            0
+        } else {
+            self.geo.frag_payload.max(end - start)
+        };
         let seq = self.out.next_seq(dest == Dest::Group);
         let header = Header {
             kind: Kind::Data,
@@ -332,28 +340,22 @@ impl Server {
             session: self.session,
             seq,
         };
-        let off = wire::emit_data_header(
-            buf,
-            &header,
-            job.pfn,
-            idx,
-            frag_count,
-            job.flags,
-            end - start,
-        )
-        .ok()?;
-        let len = off + (end - start);
+        let off =
+            wire::emit_data_header(buf, &header, job.pfn, idx, frag_count, job.flags, wire_len)
+                .ok()?;
+        let (data_end, len) = (off + (end - start), off + wire_len);
         if direct {
             // One copy, source to datagram.
-            if let Err(e) = self.source.read_page(job.pfn, &mut buf[off..len]) {
+            if let Err(e) = self.source.read_page(job.pfn, &mut buf[off..data_end]) {
                 self.fail_source(e);
                 return None;
             }
         } else {
-            buf[off..len].copy_from_slice(&self.out.page_buf[start..end]);
+            buf[off..data_end].copy_from_slice(&self.out.page_buf[start..end]);
         }
+        buf[data_end..len].fill(0);
         if let Some(m) = fec_slot {
-            self.fec_put(m, idx, &buf[off..len]);
+            self.fec_put(m, idx, &buf[off..data_end]);
         }
         self.stats.count_datagram(len, end - start);
         // Advance.

@@ -18,11 +18,17 @@ type Sent = (Dest, Kind, Option<(u64, DataFlags)>);
 
 /// Eight pages; page 5 is all zero.
 fn server(t0: Instant) -> Server {
+    server_with(t0, ServerConfig::default().max_datagram)
+}
+
+/// [`server`] sending datagrams of at most `max_datagram` bytes.
+fn server_with(t0: Instant, max_datagram: usize) -> Server {
     let mut img: Vec<u8> = (0..8 * 4096).map(|i| (i % 251 + 1) as u8).collect();
     img[5 * 4096..6 * 4096].fill(0);
     let cfg = ServerConfig {
         session_id: Some(SESSION),
         push_neighbors: false,
+        max_datagram,
         ..ServerConfig::default()
     };
     let source = Arc::new(MemSource::new(img, 4096));
@@ -426,5 +432,47 @@ fn a_nack_inside_the_open_block_forms_no_second_block() {
                 .all(|(f, sp, m)| f != first || (sp, m) == (span, members)),
             "two blocks start at page {first}: {blocks:?}"
         );
+    }
+}
+
+#[test]
+fn every_fragment_of_a_page_goes_out_in_a_datagram_of_one_length() {
+    let t0 = Instant::now();
+    // An Ethernet MTU's datagram.
+    let mut s = server_with(t0, 1472);
+    drain(&mut s, t0);
+    validate(&mut s, t0, addr(1));
+    for pfn in [1, 2] {
+        s.handle_datagram(t0, addr(1), &ask(Kind::Request, RequestFlags::empty(), pfn));
+    }
+    let mut buf = vec![0u8; 65_536];
+    let mut lens = Vec::new();
+    let mut r = crate::reassembly::Reassembler::new(4096, 4);
+    let mut pages = Vec::new();
+    while let Some(t) = s.poll_transmit(t0, &mut buf) {
+        if let Ok(Message {
+            body: Body::Data(d),
+            ..
+        }) = Message::parse(&buf[..t.len])
+        {
+            assert!(d.frag_count > 1, "{d:?}");
+            lens.push(t.len);
+            if let Some(page) = r
+                .insert(d.pfn, d.frag_index, d.frag_count, d.payload)
+                .unwrap()
+            {
+                pages.push((d.pfn, page));
+            }
+        }
+    }
+    // The hash page above them, then the two pages, each in 3 fragments: 4096 = 1366 +
+    // 1366 + 1364, the last padded to 1366.
+    assert_eq!(lens.len(), 9, "{lens:?}");
+    assert!(lens.iter().all(|&l| l == lens[0]), "{lens:?}");
+    let img: Vec<u8> = (0..8 * 4096).map(|i| (i % 251 + 1) as u8).collect();
+    assert_eq!(pages.iter().map(|p| p.0).collect::<Vec<_>>(), [8, 1, 2]);
+    for (pfn, page) in pages.into_iter().skip(1) {
+        let at = pfn as usize * 4096;
+        assert_eq!(&page[..], &img[at..at + 4096], "page {pfn}");
     }
 }
