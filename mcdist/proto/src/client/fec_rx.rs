@@ -4,14 +4,23 @@
 //! kept until its block decodes (recovering the missing pages, reported like received ones)
 //! or is given up; and a sweep frontier takes effect for gap NACKs only `fec_nack_delay`
 //! after it was first seen, so repair symbols get a chance before NACKs are sent.
+//!
+//! A block is decoded once per burst of its repair symbols: when a datagram other than
+//! the next repair symbol of that block arrives, or [`FEC_DECODE_WAIT`] after its last
+//! repair symbol. The server sends a block's repairs back to back, so the decoder gets
+//! every symbol of the burst: RaptorQ decodes a 384-symbol block about 30 % faster with
+//! some 15 symbols beyond the fewest it needs than with exactly those.
 
 use super::verify::How;
-use super::Client;
+use super::{Client, Timer};
 use crate::fec::{FecRx, Have, RepairOutcome};
 use crate::wire::{self, Announce};
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+/// Longest a block whose repair symbols stopped coming waits to be decoded.
+pub(super) const FEC_DECODE_WAIT: Duration = Duration::from_millis(1);
 
 /// Receive-side FEC state.
 pub(super) struct FecState {
@@ -22,6 +31,8 @@ pub(super) struct FecState {
     held_frontier: u64,
     last_repair: Option<Instant>,
     given_up: u64,
+    /// The block whose burst of repair symbols is arriving, to decode when it ends.
+    pending: Option<u64>,
 }
 
 impl FecState {
@@ -32,6 +43,7 @@ impl FecState {
             held_frontier: 0,
             last_repair: None,
             given_up: 0,
+            pending: None,
         }
     }
 }
@@ -86,6 +98,35 @@ impl Client {
                 return;
             }
         }
+        self.stats.fec_blocks_dropped = self.fec.rx.evicted + self.fec.given_up;
+        self.fec.pending = Some(first);
+        self.timers.set(Timer::FecDecode, now + FEC_DECODE_WAIT);
+    }
+
+    /// Decodes the block whose repair symbols were arriving, unless `datagram` is one
+    /// more of them (`None`: decode now, the burst is over or its time is up).
+    pub(super) fn fec_burst_end(&mut self, now: Instant, datagram: Option<&wire::Body<'_>>) {
+        let Some(first) = self.fec.pending else {
+            return;
+        };
+        if let Some(wire::Body::Repair(r)) = datagram {
+            if r.first_pfn == first {
+                return;
+            }
+        }
+        self.fec.pending = None;
+        self.timers.stop(Timer::FecDecode);
+        self.fec_decode(now, first);
+    }
+
+    /// Tries to decode block `first` with every symbol in hand.
+    fn fec_decode(&mut self, now: Instant, first: u64) {
+        let Some(s) = self.session.info else {
+            return;
+        };
+        let Some(spp) = self.fec.rx.symbols_per_page(first) else {
+            return;
+        };
         let (present, reasm, integrity) = (&self.present, &self.reasm, &self.integrity);
         let res = self.fec.rx.try_decode(first, s.page_size, |pfn| {
             // A page held for its hash page is in the FEC cache too: it helps decode

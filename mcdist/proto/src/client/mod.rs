@@ -107,6 +107,8 @@ enum Timer {
     Idle,
     /// Next leave datagram: armed while leave datagrams remain to be sent.
     Leave,
+    /// Decode the block whose repair symbols stopped coming: armed after each one.
+    FecDecode,
 }
 
 impl TimerKind for Timer {
@@ -117,6 +119,7 @@ impl TimerKind for Timer {
         Timer::Retry,
         Timer::Idle,
         Timer::Leave,
+        Timer::FecDecode,
     ];
     fn index(self) -> usize {
         self as usize
@@ -385,6 +388,7 @@ impl Client {
         self.stats.datagrams_received += 1;
         self.stats.bytes_received += datagram.len() as u64;
         self.meter.datagram(now, datagram.len(), msg.seq);
+        self.fec_burst_end(now, Some(&msg.body));
         match msg.body {
             Body::Data(d) => self.on_data(now, d, sink),
             Body::Repair(r) => self.on_repair(now, r),
@@ -404,6 +408,9 @@ impl Client {
         }
         if !self.expire_requests(now) || !self.check_liveness(now) {
             return;
+        }
+        if self.timers.is_expired(Timer::FecDecode, now) {
+            self.fec_burst_end(now, None);
         }
         if self.gaps.fetch_all && self.timers.is_expired(Timer::Scan, now) {
             self.timers.set(Timer::Scan, now + Duration::from_millis(5));

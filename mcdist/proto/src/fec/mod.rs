@@ -424,6 +424,11 @@ impl FecRx {
         self.blocks.len()
     }
 
+    /// Symbols per page of block `first`, while it is held.
+    pub fn symbols_per_page(&self, first: u64) -> Option<u16> {
+        self.blocks.get(&first).map(|b| b.spp)
+    }
+
     /// Mark a block finished (decoded, complete, or given up): later repairs are dropped.
     pub fn finish(&mut self, first: u64) {
         self.drop_block(first);
