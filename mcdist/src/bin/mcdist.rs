@@ -110,7 +110,7 @@ enum Cmd {
         #[arg(long, default_value_t = 0.0)]
         fec_overhead: f64,
         /// With FEC on: most pages per FEC block.
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 256)]
         fec_block_pages: usize,
         /// Send runs of equal-sized datagrams as UDP GSO buffers (falls back
         /// to one datagram per buffer where the kernel refuses).

@@ -120,7 +120,7 @@ impl Default for ServerConfig {
             max_pages_per_request: 8192,
             seed: None,
             fec: false,
-            fec_block_pages: 128,
+            fec_block_pages: 256,
             fec_min_overhead: 0.0,
             fec_max_overhead: 0.5,
             fec_block_failure: 0.05,
