@@ -111,15 +111,19 @@ pub(super) fn set_loss(topo: &Topology, n: usize, loss: f64) -> io::Result<()> {
         br,
         &["nft", "add", "chain", "bridge", LOSS_TABLE, "ports", chain],
     )?;
-    for i in 1..=n.min(topo.hosts.len() - 1) {
-        let port = format!("p{i}");
-        in_ns(
-            br,
-            &[
-                "nft", "add", "rule", "bridge", LOSS_TABLE, "ports", "oifname", &port, "meta",
-                "l4proto", "udp", "numgen", "random", "mod", "1000", "<", &permille, "drop",
-            ],
-        )?;
-    }
+    // One rule for all the lossy ports (a set lookup per frame and port), not one rule
+    // per port that every frame to every port is matched against: the switch's own
+    // cost is counted as the sender's CPU, and should not grow with the receiver count.
+    let ports: Vec<String> = (1..=n.min(topo.hosts.len() - 1))
+        .map(|i| format!("p{i}"))
+        .collect();
+    let ports = format!("{{ {} }}", ports.join(", "));
+    in_ns(
+        br,
+        &[
+            "nft", "add", "rule", "bridge", LOSS_TABLE, "ports", "oifname", &ports, "meta",
+            "l4proto", "udp", "numgen", "random", "mod", "1000", "<", &permille, "drop",
+        ],
+    )?;
     Ok(())
 }
