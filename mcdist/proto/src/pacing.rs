@@ -362,8 +362,12 @@ impl RateController {
                 "rate: congestion"
             );
         } else {
-            self.episode = None;
             if self.reports > 0 {
+                // Reports without congestion end a loss episode; an interval without
+                // reports says nothing about it. (Ending it there too restarted the
+                // count at every back-off whose reports came an interval late, and a
+                // path losing 5 % at every rate drove the rate down to the floor.)
+                self.episode = None;
                 // Follow the loss the link shows without congestion.
                 self.baseline_loss += (f64::from(loss) - self.baseline_loss) * 0.1;
             }
@@ -481,6 +485,33 @@ mod tests {
             c.update(t);
         }
         assert_eq!(c.rate(), 10_000_000);
+    }
+
+    #[test]
+    fn rate_independent_loss_is_found_when_reports_skip_intervals() {
+        let t0 = Instant::now();
+        let mut c = RateController::new(t0, cfg_10ms());
+        let start = c.rate();
+        let mut t = t0;
+        // 5 % loss whatever the rate, reported in one interval out of five (receivers
+        // report less often than the rate is updated): the intervals without a report
+        // must not end the episode, or every back-off starts a new one.
+        let mut cuts = 0;
+        for i in 0..200 {
+            t += Duration::from_millis(10);
+            if i % 5 == 0 {
+                c.report(c.rate(), 50, 0);
+            }
+            let before = c.rate();
+            c.update(t);
+            cuts += u32::from(c.rate() < before);
+            if c.baseline_loss_permille() > 0 {
+                break;
+            }
+        }
+        assert_eq!(c.baseline_loss_permille(), 50);
+        assert_eq!(cuts, RateController::PROBE_BACKOFFS - 1);
+        assert!(c.rate() >= start, "rate {} restored", c.rate());
     }
 
     #[test]
