@@ -476,3 +476,33 @@ fn every_fragment_of_a_page_goes_out_in_a_datagram_of_one_length() {
         assert_eq!(&page[..], &img[at..at + 4096], "page {pfn}");
     }
 }
+
+#[test]
+fn a_slow_receiver_is_repaired_at_a_quarter_of_the_most_it_took_once_its_rate_falls() {
+    let t0 = Instant::now();
+    let mut s = server(t0);
+    drain(&mut s, t0);
+    for port in 1..=3 {
+        validate(&mut s, t0, addr(port));
+    }
+    // During the sweep every receiver takes 400 MB/s without loss.
+    for port in 1..=3 {
+        s.note_report(t0, addr(port), 400_000_000, 0, Some(0));
+    }
+    s.feed_rate_reports(t0);
+    assert!(!s.is_slow_receiver(addr(1)));
+    // Then receiver 1 loses a third of what it is sent, and reports the little it gets.
+    let t1 = t0 + Duration::from_millis(100);
+    s.note_report(t1, addr(1), 100_000, 300, Some(0));
+    for port in 2..=3 {
+        s.note_report(t1, addr(port), 400_000_000, 0, Some(0));
+    }
+    s.feed_rate_reports(t1);
+    assert!(s.is_slow_receiver(addr(1)));
+    // Its repairs are paced to 100 MB/s (24,414 pages/s, a quarter second of them at
+    // once), not to the 100 kB/s it reported last (256 pages/s, 64 at once).
+    let granted = (0..8)
+        .filter(|_| s.peers.allow(t1, &addr(1), 1_000))
+        .count();
+    assert_eq!(granted, 6, "asks of 1,000 pages granted at once");
+}
