@@ -110,21 +110,22 @@ pub fn fragment_slot(page_size: usize, count: u16, index: u16) -> Option<(usize,
     Some((start, piece.min(page_size - start)))
 }
 
-/// The page bytes of fragment `index` of `count` as it travels: exactly its slot, or,
-/// for the last fragment, its slot followed by zeros up to the other fragments' length
-/// (senders pad it so that every fragment's datagram is one size).
+/// Where fragment `index` of `count` goes in its page and its page bytes, from the
+/// payload it travels with: exactly its slot, or, for the last fragment, its slot
+/// followed by zeros up to the other fragments' length (senders pad it so that every
+/// fragment's datagram is one size).
 pub fn fragment_bytes(
     page_size: usize,
     count: u16,
     index: u16,
     payload: &[u8],
-) -> Result<&[u8], FragmentError> {
-    let (_, len) = fragment_slot(page_size, count, index).ok_or(FragmentError::BadIndex)?;
+) -> Result<(usize, &[u8]), FragmentError> {
+    let (start, len) = fragment_slot(page_size, count, index).ok_or(FragmentError::BadIndex)?;
     let piece = page_size.div_ceil(usize::from(count));
     match payload.len() {
-        n if n == len => Ok(payload),
+        n if n == len => Ok((start, payload)),
         n if n == piece && index + 1 == count && payload[len..].iter().all(|&b| b == 0) => {
-            Ok(&payload[..len])
+            Ok((start, &payload[..len]))
         }
         _ => Err(FragmentError::BadLength),
     }
@@ -221,10 +222,8 @@ impl Reassembler {
         count: u16,
         payload: &[u8],
     ) -> Result<Option<Bytes>, FragmentError> {
-        let (start, len) =
-            fragment_slot(self.page_size, count, index).ok_or(FragmentError::BadIndex)?;
-        let payload = fragment_bytes(self.page_size, count, index, payload)?;
-        debug_assert_eq!(payload.len(), len);
+        let (start, payload) = fragment_bytes(self.page_size, count, index, payload)?;
+        let len = payload.len();
         if count == 1 {
             return Ok(Some(Bytes::copy_from_slice(payload)));
         }
@@ -294,7 +293,10 @@ mod tests {
         let done = r.insert(1, 1, 3, &page[1366..2732]).unwrap().unwrap();
         assert_eq!(&done[..], &page[..]);
         // The exact length is still taken.
-        assert_eq!(fragment_bytes(4096, 3, 2, &page[2732..]), Ok(&page[2732..]));
+        assert_eq!(
+            fragment_bytes(4096, 3, 2, &page[2732..]),
+            Ok((2732, &page[2732..]))
+        );
         // Padding that is not zero, padding of another fragment, or too much of it: refused.
         let mut dirty = padded.clone();
         dirty[1365] = 1;
