@@ -27,8 +27,6 @@ pub(crate) struct FileSink {
 pub(crate) struct SinkState {
     /// Pages the file holds: written, or zero pages of the session's zero map.
     held: Option<PageBitmap>,
-    /// The session's zero pages were marked.
-    zeros_marked: bool,
     /// The run being gathered: pages `first..first + n` back to back.
     first: u64,
     n: u64,
@@ -68,14 +66,10 @@ impl FileSink {
     }
 
     /// Marks the session's zero pages (never delivered: the sized file's holes read as
-    /// zeros) once the zero map is known, the first time it is called with one.
+    /// zeros) once the zero map is known; marking them again changes nothing.
     pub(crate) fn add_zero_pages(&self, zero: Option<&PageBitmap>) {
         let Some(zero) = zero else { return };
-        let mut st = self.state();
-        if std::mem::replace(&mut st.zeros_marked, true) {
-            return;
-        }
-        if let Some(held) = st.held.as_mut().filter(|h| h.len() == zero.len()) {
+        if let Some(held) = self.state().held.as_mut().filter(|h| h.len() == zero.len()) {
             held.union_with(zero);
         }
     }
@@ -95,7 +89,6 @@ impl PageSink for FileSink {
         let same = st.held.as_ref().is_some_and(|h| h.len() == info.page_count);
         if !same {
             st.held = Some(PageBitmap::new(info.page_count));
-            st.zeros_marked = false;
         }
     }
 
