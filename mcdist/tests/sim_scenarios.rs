@@ -280,7 +280,7 @@ fn slow_run(seed: u64, with_slow: bool) -> Result<(Sim, Option<usize>), String> 
     Ok((sim, slow))
 }
 
-/// The fast clients' median completion time must stay within 1.7x of the run
+/// The fast clients' median completion time must stay within 1.5x of the run
 /// without the slow client, and the last fast client within 2.5x (or one retry
 /// tail, below). (The worst
 /// fast client alone exceeds 1.5x in roughly one seed in ten: a fast client
@@ -311,8 +311,23 @@ fn slow_run(seed: u64, with_slow: bool) -> Result<(Sim, Option<usize>), String> 
 /// client 370 ms against 113 ms without the slow one, bound 363 ms), seed 599 (405 ms
 /// against 109 ms) and seed 944 (median 181 ms against 110 ms, 1.64×). The bounds are
 /// now a median within 1.7× and one retry tail of 350 ms.
+///
+/// The root cause of those tails was then found, in three places: the server
+/// suppressed a NACK as a lockstep duplicate of an answer multicast before the
+/// asker joined (so a client whose join came late waited out a retry); a client
+/// took each page of a many-page answer as a round-trip sample (the later ones
+/// measure the server's sending, not the network); and a page held for its hash
+/// page gave its sample when the hash page came. Under the slow receiver's pacing
+/// early samples of 30–60 ms against a 0.5 ms round trip made the retry timeout
+/// 100–300 ms. With all three fixed (one sample per request, taken when the page
+/// arrived; no suppression of a NACK from a receiver that joined after the answer), over 1000
+/// seeds the worst median is 1.45× (was 1.64×) and the worst extra wait of the last
+/// fast client 250 ms (was 296 ms), in seed 577, a client whose zero-map chunk was
+/// lost: without its zero map it cannot tell lost pages from zero pages, and asks
+/// again after a join interval. The bounds are back to a median within 1.5× and
+/// one retry tail of 300 ms.
 /// What one fast client may lose to retry rounds behind the slow receiver's repairs.
-const RETRY_TAIL: Duration = Duration::from_millis(350);
+const RETRY_TAIL: Duration = Duration::from_millis(300);
 
 #[test]
 fn ten_times_slower_client_does_not_stall_the_rest() {
@@ -354,7 +369,7 @@ fn ten_times_slower_client_does_not_stall_the_rest() {
         let med = median(fast);
         let worst_bound = (2.5 * base_worst.as_secs_f64())
             .max(base_worst.as_secs_f64() + RETRY_TAIL.as_secs_f64());
-        if med.as_secs_f64() > 1.7 * base_median.as_secs_f64() || worst.as_secs_f64() > worst_bound
+        if med.as_secs_f64() > 1.5 * base_median.as_secs_f64() || worst.as_secs_f64() > worst_bound
         {
             return Err(format!(
                 "fast clients took {med:?} (median) / {worst:?} (last) with the slow one, \

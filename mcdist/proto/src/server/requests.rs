@@ -126,7 +126,7 @@ impl Server {
             }
             return;
         }
-        if self.suppressed(now, pfn, ask) {
+        if self.suppressed(now, from, pfn, ask) {
             return;
         }
         // The hash pages above a data page travel ahead of it.
@@ -176,12 +176,15 @@ impl Server {
     /// multicast within the lockstep window. A NACK names a page the receiver
     /// saw go by without it: a push or sweep send it missed is no answer in
     /// flight, so only an answer to another ask within the window suppresses it.
-    fn suppressed(&mut self, now: Instant, pfn: u64, ask: Ask) -> bool {
+    /// Nor is a multicast from before the asker joined: that answer went out
+    /// before the asker was there to take it.
+    fn suppressed(&mut self, now: Instant, from: SocketAddr, pfn: u64, ask: Ask) -> bool {
         if self.sent.queued_group.get(pfn) {
             self.stats.suppressed_queued += 1;
             return true;
         }
-        let answer_in_flight = !ask.nack || self.sent.last_was_answer.get(pfn);
+        let answer_in_flight = (!ask.nack || self.sent.last_was_answer.get(pfn))
+            && self.sent.multicast_since(pfn, self.peers.joined(&from));
         if answer_in_flight
             && self
                 .sent

@@ -209,7 +209,7 @@ impl SentLog {
     }
 
     /// `pfn` was multicast at or after `since` (nanoseconds since the base).
-    fn multicast_since(&self, pfn: u64, since: u64) -> bool {
+    pub(super) fn multicast_since(&self, pfn: u64, since: u64) -> bool {
         self.last_group_send
             .get(pfn as usize)
             // Stored as send time + 1 ns (0: never sent), so `>` is "at or after".

@@ -188,6 +188,32 @@ fn lockstep_window_suppresses_a_second_ask_then_lets_it_through() {
 }
 
 #[test]
+fn a_nack_from_a_receiver_that_joined_after_the_answer_went_out_is_answered() {
+    let t0 = Instant::now();
+    let mut s = server(t0);
+    drain(&mut s, t0);
+    validate(&mut s, t0, addr(1));
+    validate(&mut s, t0, addr(3));
+    s.handle_datagram(t0, addr(1), &ask(Kind::Request, RequestFlags::empty(), 2));
+    assert!(data(&drain(&mut s, t0)).contains(&(Dest::Group, 2, Data::DEMAND)));
+    // Within the lockstep window: a receiver that was there when the answer went
+    // out has it in flight ...
+    let t1 = t0 + Duration::from_millis(1);
+    assert!(t1 - t0 < ServerConfig::default().lockstep_window);
+    s.handle_datagram(t1, addr(3), &ask(Kind::Nack, RequestFlags::empty(), 2));
+    assert!(data(&drain(&mut s, t1)).is_empty());
+    assert_eq!(s.stats().suppressed_lockstep, 1);
+    // ... one that joined after it went out does not: its NACK is answered.
+    validate(&mut s, t1, addr(2));
+    s.handle_datagram(t1, addr(2), &ask(Kind::Nack, RequestFlags::empty(), 2));
+    assert_eq!(
+        data(&drain(&mut s, t1)),
+        vec![(Dest::Group, 2, Data::REPAIR)]
+    );
+    assert_eq!(s.stats().suppressed_lockstep, 1);
+}
+
+#[test]
 fn zero_pages_are_answered_to_the_asker_alone() {
     let t0 = Instant::now();
     let mut s = server(t0);
