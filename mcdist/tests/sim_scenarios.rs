@@ -322,9 +322,10 @@ fn slow_run(seed: u64, with_slow: bool) -> Result<(Sim, Option<usize>), String> 
 /// 100–300 ms. With all three fixed (one sample per request, taken when the page
 /// arrived; no suppression of a NACK from a receiver that joined after the answer), over 1000
 /// seeds the worst median is 1.45× (was 1.64×) and the worst extra wait of the last
-/// fast client 250 ms (was 296 ms), in seed 577, a client whose zero-map chunk was
-/// lost: without its zero map it cannot tell lost pages from zero pages, and asks
-/// again after a join interval. The bounds are back to a median within 1.5× and
+/// fast client 250 ms (was 296 ms), in seed 577, a client whose zero map was lost
+/// twice: without it a client cannot tell lost pages from zero pages, so sends no
+/// NACKs, and the second ask comes 250 ms after the first. The bounds are back to a
+/// median within 1.5× and
 /// one retry tail of 300 ms.
 /// What one fast client may lose to retry rounds behind the slow receiver's repairs.
 const RETRY_TAIL: Duration = Duration::from_millis(300);
