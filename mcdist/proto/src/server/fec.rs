@@ -5,8 +5,10 @@
 //! next page does not fit its span, after [`FEC_MAX_BLOCK_AGE`], or when nothing
 //! else is left to send; a closed block's repair symbols go after the waiting
 //! answers and before further pushes. The repair fraction follows the
-//! 90th-percentile loss that receivers report, between the configured bounds;
-//! the first loss report sets it at once, before the next rate update.
+//! 90th-percentile path loss that receivers report (their loss less their own
+//! overload: datagrams a receiver's socket dropped are the rate controller's to
+//! remove, and NACK repair by block recovers them), between the configured
+//! bounds; the first loss report sets it at once, before the next rate update.
 //!
 //! NACK repair by block: a receiver's first NACK of a swept or pushed page is
 //! answered with fresh repair symbols of the page's block (the block it was

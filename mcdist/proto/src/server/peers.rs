@@ -93,6 +93,14 @@ impl Peer {
             .filter(|r| now.saturating_duration_since(r.at) <= REPORT_RECENT)
             .map_or(0, |r| r.loss_permille)
     }
+
+    /// [`Peer::recent_loss`] less the receiver's own overload (datagrams its
+    /// socket dropped): the loss of the path to it.
+    fn recent_path_loss(&self, now: Instant) -> u16 {
+        self.report
+            .filter(|r| now.saturating_duration_since(r.at) <= REPORT_RECENT)
+            .map_or(0, |r| r.loss_permille.saturating_sub(r.overload_permille))
+    }
 }
 
 /// Every receiver the server tracks.
@@ -186,14 +194,15 @@ impl Peers {
         })
     }
 
-    /// The 90th percentile of the loss that receivers still fetching at the
-    /// group's pace report, parts per thousand, and how many they are.
+    /// The 90th percentile of the path loss (reported loss less their own
+    /// overload) of receivers still fetching at the group's pace, parts per
+    /// thousand, and how many they are.
     pub(super) fn loss_p90(&self, now: Instant) -> (u16, usize) {
         let mut v: Vec<u16> = self
             .table
             .values()
             .filter(|p| !p.complete && !p.slow)
-            .map(|p| p.recent_loss(now))
+            .map(|p| p.recent_path_loss(now))
             .collect();
         v.sort_unstable();
         let p90 = v
@@ -308,11 +317,13 @@ impl Server {
         loss_permille: u16,
         overload_permille: Option<u16>,
     ) {
+        let mut path_loss = loss_permille;
         if let Some(p) = self.peers.table.get_mut(&from) {
             let overload_permille = overload_permille
                 .or(p.report.map(|r| r.overload_permille))
                 .unwrap_or(0)
                 .min(loss_permille);
+            path_loss = loss_permille - overload_permille;
             p.peak_rx_rate = p.peak_rx_rate.max(rx_rate);
             p.report = Some(Report {
                 rx_rate,
@@ -322,8 +333,8 @@ impl Server {
             });
             p.fresh = true;
         }
-        if loss_permille > 0 && loss_permille < HEAVY_LOSS_PERMILLE {
-            self.fec_first_loss(loss_permille);
+        if path_loss > 0 && path_loss < HEAVY_LOSS_PERMILLE {
+            self.fec_first_loss(path_loss);
         }
     }
 

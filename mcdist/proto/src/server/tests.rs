@@ -3,8 +3,8 @@
 use super::{Server, ServerConfig};
 use crate::source::MemSource;
 use crate::wire::{
-    encode_ranges, ranges_from_encoded, Body, Data, DataFlags, HeaderFlags, Heartbeat, Join, Kind,
-    Message, PageRange, Request, RequestFlags, Token,
+    encode_ranges, ranges_from_encoded, Body, Data, DataFlags, HeaderFlags, Heartbeat,
+    HeartbeatFlags, Join, Kind, Message, PageRange, Request, RequestFlags, Token,
 };
 use crate::Dest;
 use std::net::SocketAddr;
@@ -421,6 +421,43 @@ fn first_nacks_are_answered_with_one_shared_round_of_repair_symbols() {
 /// A NACK of a page whose block is still open takes the plain path: a block
 /// formed for it then would start at the same page with other members, and
 /// receivers refuse repair symbols that contradict a block they hold.
+/// Repair symbols a sweep of the eight pages sends when one receiver reported
+/// `loss` of which `overload` its own (parts per thousand) before it started.
+fn sweep_repairs(loss: u16, overload: u16) -> usize {
+    let t0 = Instant::now();
+    let mut s = fec_server(t0);
+    let (a, b) = (addr(1), addr(2));
+    let token = validate(&mut s, t0, a);
+    let hb = Heartbeat {
+        rx_rate: 1_000_000,
+        loss_permille: loss,
+        overload_permille: overload,
+        have_pages: 0,
+        flags: HeartbeatFlags::empty(),
+        token,
+    };
+    s.handle_datagram(t0, a, &datagram(Body::Heartbeat(hb)));
+    // The second receiver starts the sweep.
+    validate(&mut s, t0, b);
+    let mut now = t0;
+    while s.pages_ever_sent() < 8 || s.fec_pending() {
+        drain(&mut s, now);
+        now += Duration::from_millis(1);
+        assert!(now < t0 + Duration::from_secs(1), "the sweep ends");
+    }
+    s.stats().fec_repairs as usize
+}
+
+#[test]
+fn repair_symbols_follow_path_loss_not_a_receivers_own_overload() {
+    let path_only = sweep_repairs(20, 0);
+    assert!(path_only > 0, "2 % path loss gets repair symbols");
+    // 15 % loss, all but 2 % of it datagrams the receiver's own socket dropped:
+    // repaired for the 2 % of the path (the rate controller removes the rest).
+    assert_eq!(sweep_repairs(150, 130), path_only);
+    assert!(sweep_repairs(150, 0) > path_only);
+}
+
 #[test]
 fn a_nack_inside_the_open_block_forms_no_second_block() {
     let t0 = Instant::now();
