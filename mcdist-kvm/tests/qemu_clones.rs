@@ -3,7 +3,8 @@
 //! result against the host's computation, that FUSE reads stay at 4 KiB and that no zero page
 //! crosses the network; then refuse a descriptor from another QEMU or kernel; then kill the
 //! memory server as the clones resume and check they fail closed (EIO, QEMU exits) instead of
-//! hanging or printing a result.
+//! hanging or printing a result; then fork eagerly (hosts fetch the whole image first,
+//! together) and check each host got the image once.
 //!
 //! Skips (printing why) only when QEMU or /dev/fuse is absent. Needs root for namespaces and
 //! Debian's cloud kernel, which `examples/qemu-setup.sh` fetches when it is missing.
@@ -193,4 +194,28 @@ fn qemu_clones_fork_check_and_fail_closed() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.matches("FAILED").count(), 2, "{text}");
+
+    // 4. Eager: every host fetches the whole image before its clones start, the hosts
+    // together (one multicast for all): each host gets every non-zero page, and about
+    // the image's bytes, not one copy per host (hosts started one after another each
+    // received every other host's fetch too).
+    let mut args = base.to_vec();
+    let work3 = dir.path().join("eager");
+    args.extend(["--workdir", work3.to_str().unwrap(), "--memory", "eager"]);
+    let out = qemu_cli(&args);
+    assert!(out.status.success(), "eager fork failed");
+    let s = summary(&out);
+    assert_eq!(s["ok"], 2);
+    let desc =
+        mcdist_kvm::qemu::descriptor::QemuDescriptor::load(&work3.join("descriptor.json")).unwrap();
+    let nonzero = desc.page_count() - desc.zero_map().unwrap().count_ones();
+    assert_eq!(u64s(&s["host_pages_fetched"]), vec![nonzero, nonzero]);
+    for b in u64s(&s["host_bytes_received"]) {
+        let per_page = b as f64 / nonzero as f64;
+        assert!(
+            per_page < 1.5 * 4096.0,
+            "a host received {b} bytes for {nonzero} pages ({per_page:.0} per page)"
+        );
+    }
+    assert_eq!(u64s(&s["eio"]), vec![0, 0]);
 }

@@ -79,6 +79,11 @@ enum Cmd {
         /// Unicast replies.
         #[arg(long)]
         unicast: bool,
+        /// Also sweep the whole image, in order, after demand and push: what hosts
+        /// that fetch the whole image before their clones start (the eager mode)
+        /// are served with, as `mcdist serve` serves `mcdist fetch`.
+        #[arg(long)]
+        sweep: bool,
     },
     /// Run one clone from a descriptor with RAM from `--ram` (a host's lazy file).
     Clone {
@@ -187,10 +192,11 @@ fn run(cli: Cli) -> Result<bool, String> {
             iface,
             key,
             unicast,
+            sweep,
         } => {
             let desc = QemuDescriptor::load(&descriptor).map_err(|e| e.to_string())?;
             let security = key.checked(|sec| desc.check_keyed(sec).map_err(|e| e.to_string()))?;
-            serve(&desc, &image, &iface, security, unicast).map_err(|e| e.to_string())?;
+            serve(&desc, &image, &iface, security, (unicast, sweep)).map_err(|e| e.to_string())?;
             Ok(true)
         }
         Cmd::Clone {

@@ -138,10 +138,45 @@ struct Helper {
     child: Child,
 }
 
+/// A helper spawned but not yet ready: its output lines arrive on `lines`. Dropped
+/// before it is ready (another helper failed), it is killed.
+struct Spawned {
+    child: Option<Child>,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Spawned {
+    /// Waits until a stdout or stderr line contains `ready`; the output is drained on
+    /// threads from then on.
+    fn ready(mut self, what: &'static str, ready: &str) -> Result<Helper, ForkError> {
+        let mut seen = Vec::new();
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(120)) {
+            if l.contains(ready) {
+                if let Some(child) = self.child.take() {
+                    return Ok(Helper { child });
+                }
+            }
+            seen.push(l);
+        }
+        Err(ForkError::Helper {
+            what,
+            detail: seen.join(" | "),
+        })
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 impl Helper {
-    /// Spawns `cmd` and waits until a stdout line contains `ready`; its output is drained
-    /// on threads from then on.
-    fn start(mut cmd: Command, what: &'static str, ready: &str) -> Result<Self, ForkError> {
+    /// Spawns `cmd` without waiting for it (see [`Spawned::ready`]).
+    fn spawn(mut cmd: Command) -> Result<Spawned, ForkError> {
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -163,19 +198,15 @@ impl Helper {
                 }
             });
         }
-        let mut seen = Vec::new();
-        while let Ok(l) = rx.recv_timeout(Duration::from_secs(120)) {
-            if l.contains(ready) {
-                return Ok(Self { child });
-            }
-            seen.push(l);
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        Err(ForkError::Helper {
-            what,
-            detail: seen.join(" | "),
+        Ok(Spawned {
+            child: Some(child),
+            lines: rx,
         })
+    }
+
+    /// Spawns `cmd` and waits until a stdout line contains `ready`.
+    fn start(cmd: Command, what: &'static str, ready: &str) -> Result<Self, ForkError> {
+        Self::spawn(cmd)?.ready(what, ready)
     }
 
     fn signal(&self, sig: nix::sys::signal::Signal) {
@@ -283,9 +314,14 @@ pub fn fork(o: &ForkOptions) -> Result<ForkReport, ForkError> {
         .arg("--image")
         .arg(&parent.ram);
     key_args(&mut serve, o);
+    if o.memory == MemoryMode::Eager {
+        // Hosts fetch the whole image first: served as `mcdist serve` serves a fetch.
+        serve.arg("--sweep");
+    }
     let server = Helper::start(serve, "the memory server", "serving")?;
 
     let mut fuses = Vec::new();
+    let mut spawned = Vec::new();
     let mut files = Vec::new();
     let start = Instant::now();
     for h in 0..o.hosts {
@@ -314,13 +350,18 @@ pub fn fork(o: &ForkOptions) -> Result<ForkReport, ForkError> {
             }
         }
         if o.memory != MemoryMode::Local {
-            fuses.push(Helper::start(cmd, "mcdist-fuse", "mounted")?);
+            spawned.push(Helper::spawn(cmd)?);
         }
         let file = match o.memory {
             MemoryMode::Local => parent.ram.clone(),
             _ => mnt.join("memory"),
         };
         files.push((file, stats, dir));
+    }
+    // Every host starts before any is waited for: eager hosts fetch the image
+    // together, one multicast for all, as hosts of a real cluster would.
+    for s in spawned {
+        fuses.push(s.ready("mcdist-fuse", "mounted")?);
     }
     let hosts_ready = start.elapsed().as_secs_f64();
     let (resumed_tx, resumed_rx) = std::sync::mpsc::channel::<()>();
@@ -377,6 +418,7 @@ pub fn fork(o: &ForkOptions) -> Result<ForkReport, ForkError> {
         "hosts": o.hosts,
         "guest_pages": desc.page_count(),
         "host_pages_fetched": host_field("pages_received"),
+        "host_bytes_received": host_field("bytes_received"),
         "resume_ms_p50": (p50(&mut resume) * 10.0).round() / 10.0,
         "first_line_ms_p50": (p50(&mut first) * 10.0).round() / 10.0,
         "wall_s": (wall * 100.0).round() / 100.0,
@@ -436,13 +478,14 @@ pub fn print_table(r: &ForkReport) {
 }
 
 /// Serves the frozen RAM file `image` for `desc` until SIGINT/SIGTERM (run inside the
-/// server's namespace; `iface` carries the group).
+/// server's namespace; `iface` carries the group), replying by unicast and sweeping the
+/// whole image as the flags say.
 pub fn serve(
     desc: &QemuDescriptor,
     image: &Path,
     iface: &str,
     security: Option<Security>,
-    unicast: bool,
+    (unicast, sweep): (bool, bool),
 ) -> Result<(), ForkError> {
     use nix::sys::signal::{SigSet, Signal};
     let mut sigs = SigSet::empty();
@@ -463,6 +506,7 @@ pub fn serve(
         } else {
             Delivery::Multicast
         },
+        sweep,
         ..ServerConfig::default()
     };
     let node = ServerNode::start(
