@@ -9,8 +9,8 @@
 //! Rules: many reads are outstanding at once (a READ waiting for the network does not block
 //! the FUSE loop); pages the server sends unasked are stored into the page cache with
 //! `notify_store`; once the session is lost every read of a missing page fails with EIO, never
-//! with zeros. What it does not do yet: verify each page against the image's BLAKE3 tree (the
-//! client checks the session's digest on join only).
+//! with zeros. Every page the file stores was verified first by the host's mcdist client,
+//! against the image's root digest from the descriptor (the BLAKE3 tree's hash pages above it).
 
 mod host;
 mod store;
