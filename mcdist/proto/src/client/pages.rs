@@ -46,7 +46,7 @@ impl Client {
             return;
         }
         let how = How {
-            arrived: Some(now),
+            rtt: true,
             zero: false,
             remember: true,
         };
@@ -66,7 +66,7 @@ impl Client {
                                 .remember(d.pfn, &Bytes::copy_from_slice(d.payload));
                         }
                         sink(d.pfn, d.payload);
-                        self.page_present(d.pfn, Some(now));
+                        self.page_present(now, d.pfn, true);
                         self.check_complete();
                     }
                     Verdict::Missing => {
@@ -124,18 +124,18 @@ impl Client {
     }
 
     /// A page became present (received or decoded): report it once, settle its request.
-    pub(super) fn accept_page(&mut self, pfn: u64, page: Bytes, arrived: Option<Instant>) {
-        self.page_present(pfn, arrived);
+    pub(super) fn accept_page(&mut self, now: Instant, pfn: u64, page: Bytes, rtt_sample: bool) {
+        self.page_present(now, pfn, rtt_sample);
         self.events
             .push_back(ClientEvent::PageReady { pfn, data: page });
         self.check_complete();
     }
 
     /// Mark a received page present and settle its request.
-    pub(super) fn page_present(&mut self, pfn: u64, arrived: Option<Instant>) {
+    pub(super) fn page_present(&mut self, now: Instant, pfn: u64, rtt_sample: bool) {
         self.present.set(pfn);
         self.stats.pages_received += 1;
-        if let Some(rtt) = self.requests.settle(pfn, arrived) {
+        if let Some(rtt) = self.requests.settle(pfn, rtt_sample.then_some(now)) {
             self.rtt_sample(rtt);
         }
     }

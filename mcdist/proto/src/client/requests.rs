@@ -56,8 +56,6 @@ pub(super) struct Requests {
     want: [BTreeSet<u64>; 4],
     srtt: Option<Duration>,
     rttvar: Duration,
-    /// When the request datagram that gave the latest round-trip sample was sent.
-    sampled: Option<Instant>,
     range_buf: Vec<u8>,
 }
 
@@ -69,7 +67,6 @@ impl Requests {
             deadlines: BinaryHeap::new(),
             want: Default::default(),
             srtt: None,
-            sampled: None,
             rttvar: Duration::ZERO,
             range_buf: Vec::new(),
         }
@@ -108,24 +105,15 @@ impl Requests {
         self.want[want.slot()].insert(pfn);
     }
 
-    /// `pfn` arrived (or turned out to be zero): it is no longer outstanding. Returns a
-    /// round-trip sample when `arrived` (when its datagram came) is given and it is the
-    /// first answer to a request datagram sent after the last one sampled, on its first
-    /// send (Karn). One sample per request: the later pages of a request answered
-    /// many at once arrive one transmission after another, and taking each as a
-    /// round trip would read the server's sending time as network delay. A page
-    /// that arrived before it was asked for answered nothing.
-    pub(super) fn settle(&mut self, pfn: u64, arrived: Option<Instant>) -> Option<Duration> {
+    /// `pfn` arrived (or turned out to be zero): it is no longer outstanding. Returns its
+    /// round-trip time when it was answered on its first send and `now` is given.
+    pub(super) fn settle(&mut self, pfn: u64, now: Option<Instant>) -> Option<Duration> {
         let p = self.pending.remove(&pfn)?;
         self.want.iter_mut().for_each(|w| {
             w.remove(&pfn);
         });
-        match (p.first_sent, p.retries, arrived) {
-            (Some(t0), 0, Some(at)) if self.sampled.is_none_or(|s| t0 > s) => {
-                let rtt = at.checked_duration_since(t0)?;
-                self.sampled = Some(t0);
-                Some(rtt)
-            }
+        match (p.first_sent, p.retries, now) {
+            (Some(t0), 0, Some(now)) => Some(now.saturating_duration_since(t0)),
             _ => None,
         }
     }
@@ -387,52 +375,5 @@ impl Client {
             Body::Request(req)
         };
         self.to_server(seq, body, buf)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{Requests, Want};
-    use crate::client::ClientConfig;
-    use std::net::SocketAddr;
-    use std::time::{Duration, Instant};
-
-    fn cfg() -> ClientConfig {
-        ClientConfig::new(SocketAddr::from(([127, 0, 0, 1], 1)))
-    }
-
-    /// Pages `pfns` asked for as demand and sent in one request at `now`.
-    fn asked(r: &mut Requests, now: Instant, pfns: &[u64]) {
-        for &p in pfns {
-            r.ask(p, Want::Demand);
-        }
-        let n = r.take(&cfg(), now, Want::Demand, 64, 1 << 20);
-        assert_eq!(n, Some(pfns.len() as u64));
-    }
-
-    #[test]
-    fn one_round_trip_sample_per_request_from_its_first_answer() {
-        let t0 = Instant::now();
-        let mut r = Requests::new(1);
-        asked(&mut r, t0, &[1, 2, 3]);
-        let ms = Duration::from_millis;
-        // The answers come one transmission after another: only the first is a
-        // round trip, the rest measure the sending of the ones before.
-        assert_eq!(r.settle(1, Some(t0 + ms(1))), Some(ms(1)));
-        assert_eq!(r.settle(2, Some(t0 + ms(9))), None);
-        assert_eq!(r.settle(3, Some(t0 + ms(17))), None);
-        // A later request gives the next sample.
-        let t1 = t0 + ms(20);
-        asked(&mut r, t1, &[4, 5]);
-        assert_eq!(r.settle(5, Some(t1 + ms(2))), Some(ms(2)));
-        assert_eq!(r.settle(4, Some(t1 + ms(3))), None);
-        // A page held since before it was asked for (waiting for its hash page)
-        // answered nothing.
-        let t2 = t1 + ms(10);
-        asked(&mut r, t2, &[6]);
-        assert_eq!(r.settle(6, Some(t2 - ms(1))), None);
-        // Decoded or zero pages give no sample.
-        asked(&mut r, t2, &[7]);
-        assert_eq!(r.settle(7, None), None);
     }
 }

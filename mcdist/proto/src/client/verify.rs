@@ -21,12 +21,8 @@ use std::time::Instant;
 /// How a page arrived, for what follows its verification.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct How {
-    /// When it arrived from the network: a round-trip sample ends there when it
-    /// answers a page asked for once. A page held for a hash page keeps the time it
-    /// arrived, so waiting for the hash page is not taken for network delay (one hash
-    /// page releases a whole group of pages at once). `None` for pages decoded or
-    /// answered zero.
-    pub(super) arrived: Option<Instant>,
+    /// An answer on its first send: a round-trip sample.
+    pub(super) rtt: bool,
     /// A header-only zero reply.
     pub(super) zero: bool,
     /// Keep it for FEC decoding once verified.
@@ -178,7 +174,7 @@ impl Client {
         if pfn >= self.data_pages() {
             self.present.set(pfn);
             self.stats.hash_pages += 1;
-            if let Some(rtt) = self.requests.settle(pfn, how.arrived) {
+            if let Some(rtt) = self.requests.settle(pfn, how.rtt.then_some(now)) {
                 self.rtt_sample(rtt);
             }
             self.release_below(now, pfn);
@@ -189,7 +185,7 @@ impl Client {
             self.deliver_zero(pfn);
             self.check_complete();
         } else {
-            self.accept_page(pfn, page, how.arrived);
+            self.accept_page(now, pfn, page, how.rtt);
         }
     }
 
