@@ -414,24 +414,23 @@ fn serve(a: ServeArgs) -> Result<(), String> {
                 .map(|_| ())
                 .map_err(|e| format!("server stopped: {e}"));
         }
-        match node.events().recv_timeout(Duration::from_millis(200)) {
+        let event = node.events().recv_timeout(Duration::from_millis(200));
+        let secs = start.elapsed().as_secs_f64();
+        match event {
             Ok(ServerEvent::ClientCompleted(addr)) => {
                 done += 1;
-                let secs = start.elapsed().as_secs_f64();
                 match a.clients {
                     Some(n) => println!("receiver {addr} complete ({done}/{n}) after {secs:.2} s"),
                     None => println!("receiver {addr} complete ({done}) after {secs:.2} s"),
                 }
             }
             Ok(ServerEvent::ClientJoined(addr)) => tracing::info!(%addr, "receiver joined"),
-            Ok(ServerEvent::ClientLeft(addr)) => println!(
-                "receiver {addr} left without the image after {:.2} s",
-                start.elapsed().as_secs_f64()
-            ),
-            Ok(ServerEvent::ClientTimedOut(addr)) => println!(
-                "receiver {addr} timed out after {:.2} s",
-                start.elapsed().as_secs_f64()
-            ),
+            Ok(ServerEvent::ClientLeft(addr)) => {
+                println!("receiver {addr} left without the image after {secs:.2} s")
+            }
+            Ok(ServerEvent::ClientTimedOut(addr)) => {
+                println!("receiver {addr} timed out after {secs:.2} s")
+            }
             Ok(ServerEvent::SourceFailed(msg)) => {
                 let _ = node.shutdown();
                 return Err(format!("image failed while serving: {msg}"));

@@ -97,9 +97,8 @@ impl Peer {
     /// [`Peer::recent_loss`] less the receiver's own overload (datagrams its
     /// socket dropped): the loss of the path to it.
     fn recent_path_loss(&self, now: Instant) -> u16 {
-        self.report
-            .filter(|r| now.saturating_duration_since(r.at) <= REPORT_RECENT)
-            .map_or(0, |r| r.loss_permille.saturating_sub(r.overload_permille))
+        self.recent_loss(now)
+            .saturating_sub(self.recent_overload(now))
     }
 }
 

@@ -418,9 +418,6 @@ fn first_nacks_are_answered_with_one_shared_round_of_repair_symbols() {
     assert_eq!(s.stats().fec_nack_rounds, 2);
 }
 
-/// A NACK of a page whose block is still open takes the plain path: a block
-/// formed for it then would start at the same page with other members, and
-/// receivers refuse repair symbols that contradict a block they hold.
 /// Repair symbols a sweep of the eight pages sends when one receiver reported
 /// `loss` of which `overload` its own (parts per thousand) before it started.
 fn sweep_repairs(loss: u16, overload: u16) -> usize {
@@ -458,6 +455,9 @@ fn repair_symbols_follow_path_loss_not_a_receivers_own_overload() {
     assert!(sweep_repairs(150, 0) > path_only);
 }
 
+/// A NACK of a page whose block is still open takes the plain path: a block
+/// formed for it then would start at the same page with other members, and
+/// receivers refuse repair symbols that contradict a block they hold.
 #[test]
 fn a_nack_inside_the_open_block_forms_no_second_block() {
     let t0 = Instant::now();
