@@ -443,7 +443,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             let s = &snap.stats;
             let secs = start.elapsed().as_secs_f64();
             println!(
-                "done: {} receivers in {:.2} s; sent {} bytes in {} datagrams = {:.3}x image ({} pages: {} demand, {} push, {} sweep, {} repair, {} unicast; {} FEC repair symbols in {} blocks); requests {} nacks {} suppressed {} (lockstep {}){}",
+                "done: {} receivers in {:.2} s; sent {} bytes in {} datagrams = {:.3}x image ({} pages: {} demand, {} push, {} sweep, {} repair, {} unicast; {} FEC repair symbols in {} blocks); requests {} nacks {} suppressed {} (lockstep {}); isolated {} (refused {}){}",
                 done,
                 secs,
                 s.bytes_sent,
@@ -461,6 +461,8 @@ fn serve(a: ServeArgs) -> Result<(), String> {
                 s.nacks,
                 s.suppressed_lockstep + s.suppressed_queued,
                 s.suppressed_lockstep,
+                s.slow_receivers,
+                s.isolation_refused,
                 sec
             );
             return Ok(());

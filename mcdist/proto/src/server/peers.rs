@@ -8,8 +8,8 @@
 //! loss or re-asks far above the median's), which is marked slow, left out of
 //! pacing and repaired by unicast at the rate it reports, or a quarter of the most it
 //! ever reported once that is more (after the sweep it receives only its own
-//! repairs, and its rate falls with them). Completion is counted
-//! once per receiver.
+//! repairs, and its rate falls with them). At most half the receivers are
+//! marked slow, the worst first. Completion is counted once per receiver.
 
 use super::{Server, ServerEvent};
 use crate::pacing::TokenBucket;
@@ -388,11 +388,33 @@ impl Server {
         // the median receiver is an outlier too.
         let median_nacked = self.peers.quantile(1, 2, |p| p.nacked);
         let many = self.peers.len() > 1;
+        // Isolation is for a minority: while half the receivers or more would
+        // be isolated, the trouble is the group's (a sender host short of CPU
+        // drops datagrams for everyone), and repairing each by unicast would
+        // send the image once per receiver. Those receivers pace the group.
+        let mut isolated = self.peers.table.values().filter(|p| p.slow).count();
+        let receivers = self.peers.len();
         let page_size = self.geo.page_size as u64;
         // Only a receiver missing most of what was multicast in the interval
         // counts: a lossy link alone does not make a receiver slow.
         let sent = std::mem::take(&mut self.peers.group_pages);
-        for (addr, p) in self.peers.table.iter_mut() {
+        // The worst first (fresh loss, then re-asks), so the cap above leaves
+        // out the receivers furthest behind; address order breaks ties, so a
+        // run does not depend on the table's hashing.
+        let mut order: Vec<(u16, u64, SocketAddr)> = self
+            .peers
+            .table
+            .iter()
+            .map(|(a, p)| {
+                let loss = p.report.filter(|_| p.fresh).map_or(0, |r| r.loss_permille);
+                (u16::MAX - loss, u64::MAX - p.nacked, *a)
+            })
+            .collect();
+        order.sort_unstable();
+        for (_, _, addr) in order {
+            let Some(p) = self.peers.table.get_mut(&addr) else {
+                continue;
+            };
             // Nothing multicast (the end game answers by unicast): re-asks
             // then show which receivers are last, not which are slow.
             let nack_outlier = many
@@ -424,12 +446,16 @@ impl Server {
                             || u32::from(loss) > 2 * u32::from(median) + u32::from(threshold))
                 });
             let loss_outlier = own_overload || path_outlier;
-            if nack_outlier || loss_outlier || (p.slow && fresh.is_none()) {
+            let newly = !p.slow && (nack_outlier || loss_outlier);
+            if newly && 2 * (isolated + 1) > receivers {
+                self.stats.isolation_refused += 1;
+            } else if nack_outlier || loss_outlier || (p.slow && fresh.is_none()) {
                 let (rx_rate, loss, overload) = p.report.map_or((0, 0, 0), |r| {
                     (r.rx_rate, r.loss_permille, r.overload_permille)
                 });
                 if !p.slow {
                     p.slow = true;
+                    isolated += 1;
                     self.stats.slow_receivers += 1;
                     // Why, as the checks above found it (for logs and benches that
                     // check no receiver is isolated for another's trouble).
@@ -455,6 +481,7 @@ impl Server {
             };
             if p.slow {
                 p.slow = false;
+                isolated -= 1;
                 let rate = self.cfg.per_source_page_rate.max(1);
                 p.tokens.set_rate(now, rate, Peer::request_burst(rate));
             }

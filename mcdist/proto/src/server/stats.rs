@@ -89,6 +89,9 @@ pub struct ServerStats {
     /// Receivers marked slow (loss while most receivers had none): left out of
     /// pacing and repaired by unicast.
     pub slow_receivers: u64,
+    /// Times a receiver would have been marked slow while half the receivers
+    /// or more already were (or would then be): it stays in pacing instead.
+    pub isolation_refused: u64,
     /// Unicast answers or control messages refused because a queue was full.
     pub queue_full: u64,
     /// Datagrams dropped because their source address was not validated (or
