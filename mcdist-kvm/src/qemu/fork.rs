@@ -485,7 +485,8 @@ pub fn serve(
     image: &Path,
     iface: &str,
     security: Option<Security>,
-    (unicast, sweep): (bool, bool),
+    unicast: bool,
+    sweep: bool,
 ) -> Result<(), ForkError> {
     use nix::sys::signal::{SigSet, Signal};
     let mut sigs = SigSet::empty();
