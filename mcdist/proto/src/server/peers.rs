@@ -14,6 +14,7 @@
 use super::{Server, ServerEvent};
 use crate::pacing::TokenBucket;
 use crate::wire;
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -401,13 +402,13 @@ impl Server {
         // The worst first (fresh loss, then re-asks), so the cap above leaves
         // out the receivers furthest behind; address order breaks ties, so a
         // run does not depend on the table's hashing.
-        let mut order: Vec<(u16, u64, SocketAddr)> = self
+        let mut order: Vec<(Reverse<u16>, Reverse<u64>, SocketAddr)> = self
             .peers
             .table
             .iter()
             .map(|(a, p)| {
                 let loss = p.report.filter(|_| p.fresh).map_or(0, |r| r.loss_permille);
-                (u16::MAX - loss, u64::MAX - p.nacked, *a)
+                (Reverse(loss), Reverse(p.nacked), *a)
             })
             .collect();
         order.sort_unstable();
