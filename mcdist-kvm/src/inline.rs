@@ -304,6 +304,17 @@ impl InlineFetcher for InlineMcdist {
         self.send_all(now);
     }
 
+    fn request_many(&mut self, pfns: &[u64], _handle: &LazyHandle) {
+        if self.dead {
+            return;
+        }
+        let now = Instant::now();
+        for &pfn in pfns {
+            self.client.request_page(now, pfn);
+        }
+        self.send_all(now);
+    }
+
     fn poll(&mut self, timeout: Duration, handle: &LazyHandle) {
         if self.dead {
             // Keep waiting on the watched descriptors without touching the session; a broken

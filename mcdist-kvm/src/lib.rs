@@ -44,7 +44,7 @@ pub use clone::{
 pub use descriptor::{Descriptor, DescriptorFile, SessionParams};
 pub use lazy::{
     FaultStamps, FaultWait, InlineFetcher, LazyConfig, LazyHandle, LazyMemory, LazyStats,
-    PageFetcher, SourceFetcher,
+    PageFetcher, Prefetched, SourceFetcher,
 };
 pub use session::SessionError;
 pub use share::{HostCache, HostCacheStats};

@@ -9,7 +9,7 @@ use clap::Parser;
 #[path = "common/session_args.rs"]
 mod session_args;
 use mcdist_kvm::clone::connect_fetcher;
-use mcdist_kvm::clone::{run_clone, CloneError, CloneOptions};
+use mcdist_kvm::clone::{load_working_set, run_clone, save_working_set, CloneError, CloneOptions};
 use mcdist_kvm::share::connect_host_cache;
 use session_args::SessionArgs;
 
@@ -31,6 +31,16 @@ struct Args {
     /// Give up on a page after this many milliseconds.
     #[arg(long, default_value_t = 10_000)]
     fetch_timeout_ms: u64,
+    /// Before the first instruction, fetch the pages listed in this working-set file (one
+    /// written by `--record-working-set` for an earlier clone of the same parent) in bulk,
+    /// so that a clone touching them at memory speed does not wait on one fault after
+    /// another. Every page is still verified against the descriptor's root.
+    #[arg(long, value_name = "FILE")]
+    prefetch: Option<PathBuf>,
+    /// When the clone is done, write the pages it ended with (touched or pushed) to this
+    /// working-set file, for later clones' `--prefetch`.
+    #[arg(long, value_name = "FILE")]
+    record_working_set: Option<PathBuf>,
 }
 
 fn main() {
@@ -51,6 +61,12 @@ fn main() {
 
 fn run(args: &Args) -> Result<String, CloneError> {
     let desc = args.session.load(&args.descriptor)?;
+    let page_count = desc.page_count();
+    // A bad working-set file is refused before anything else is set up.
+    let prefetch = match &args.prefetch {
+        Some(path) => Some(load_working_set(path, page_count)?),
+        None => None,
+    };
     let security = if args.host_cache.is_some() {
         // The host cache holds the key and the session; the clone talks to it only.
         None
@@ -62,6 +78,10 @@ fn run(args: &Args) -> Result<String, CloneError> {
     };
     let mut opts = CloneOptions::default();
     opts.lazy.fetch_timeout = Duration::from_millis(args.fetch_timeout_ms);
+    if let Some(pages) = prefetch {
+        opts.prefetch = Some(pages.into());
+    }
+    opts.record_working_set = args.record_working_set.is_some();
     let give_up = opts.lazy.fetch_timeout;
     let report = run_clone(&desc, args.id, &opts, |h| {
         // Fail closed: a lost memory ends the process with "memory lost: ...".
@@ -84,5 +104,8 @@ fn run(args: &Args) -> Result<String, CloneError> {
             ),
         }
     })?;
+    if let Some(path) = &args.record_working_set {
+        save_working_set(path, page_count, &report.working_set)?;
+    }
     Ok(report.to_line())
 }

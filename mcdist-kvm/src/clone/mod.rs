@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use crate::descriptor::{Descriptor, SessionParams};
 use crate::guest::{HashJob, JobError, CODE_GPA, GUEST_CODE, MAILBOX_GPA};
 use crate::lazy::{
-    LazyConfig, LazyFailure, LazyHandle, LazyMemory, LazyStats, PageFetcher, UffdSetupError,
+    LazyConfig, LazyFailure, LazyHandle, LazyMemory, LazyStats, PageFetcher, Prefetched,
+    UffdSetupError,
 };
 use crate::session::SessionError;
 use crate::source::{PageBitmap, PageSource};
@@ -28,12 +29,16 @@ mod connect;
 mod launch;
 mod report;
 mod serve;
+mod working_set;
 
 pub use connect::{connect_fetcher, connect_threaded_fetcher};
 pub use launch::{
     CloneLauncher, CloneSet, LocalLauncher, ProcessLauncher, RunningClone, ThreadLauncher,
 };
 pub use serve::MemoryServer;
+pub use working_set::{
+    decode_working_set, encode_working_set, load_working_set, save_working_set, WorkingSetError,
+};
 
 /// Errors of the clone system.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +66,9 @@ pub enum CloneError {
     /// The clone's mcdist session could not be joined.
     #[error("page source: {0}")]
     Session(#[from] SessionError),
+    /// A working-set file could not be read or written.
+    #[error(transparent)]
+    WorkingSet(#[from] WorkingSetError),
     /// A page provider could not be attached (for example the host cache).
     #[error("page source: {0}")]
     Attach(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -121,6 +129,12 @@ pub struct CloneReport {
     pub time_to_first_instruction: Duration,
     /// Clone start → result.
     pub total: Duration,
+    /// The prefetch before the first instruction ([`CloneOptions::prefetch`]), if any.
+    pub prefetched: Option<Prefetched>,
+    /// The non-zero pages the clone ended with (touched or pushed), ascending: the working
+    /// set a later clone of the same parent can prefetch. Empty unless
+    /// [`CloneOptions::record_working_set`].
+    pub working_set: Vec<u64>,
 }
 
 /// Options for running one clone.
@@ -130,6 +144,12 @@ pub struct CloneOptions {
     pub lazy: LazyConfig,
     /// Eager baseline: copy every non-zero page from this source before the first instruction.
     pub eager_from: Option<Arc<dyn PageSource>>,
+    /// Fetch these pages (a working set an earlier clone of the same parent recorded) in
+    /// bulk before the first instruction ([`LazyMemory::prefetch`]), waiting at most the
+    /// lazy memory's `fetch_timeout` for them.
+    pub prefetch: Option<Arc<[u64]>>,
+    /// Report the pages the clone ended with ([`CloneReport::working_set`]).
+    pub record_working_set: bool,
 }
 
 impl std::fmt::Debug for CloneOptions {
@@ -137,6 +157,8 @@ impl std::fmt::Debug for CloneOptions {
         f.debug_struct("CloneOptions")
             .field("lazy", &self.lazy)
             .field("eager", &self.eager_from.is_some())
+            .field("prefetch", &self.prefetch.as_ref().map(|p| p.len()))
+            .field("record_working_set", &self.record_working_set)
             .finish()
     }
 }
@@ -154,6 +176,7 @@ pub fn run_clone(
         page_size: desc.page_size as usize,
         ..opts.lazy.clone()
     };
+    let fetch_timeout = lazy_cfg.fetch_timeout;
     let mut mem = LazyMemory::new(desc.mem_size as usize, desc.zero_map.clone(), lazy_cfg)?;
     let fetcher = make_fetcher(mem.handle())?;
     mem.start(fetcher)?;
@@ -163,6 +186,22 @@ pub fn run_clone(
                 what: "eager copy",
                 source,
             })?;
+    }
+    let prefetched = match &opts.prefetch {
+        Some(pages) => Some(
+            mem.prefetch(pages, fetch_timeout)
+                .map_err(|failure| CloneError::MemoryLost { id, failure })?,
+        ),
+        None => None,
+    };
+    if let Some(p) = prefetched.filter(|p| p.missing > 0) {
+        tracing::warn!(
+            id,
+            missing = p.missing,
+            asked = p.asked,
+            "prefetch incomplete after {:?}; the clone starts and faults on the rest",
+            p.elapsed
+        );
     }
     let mem = Arc::new(mem);
     let mut vm = Vm::new(VmMemory::Lazy(mem.clone()), desc.vcpus.len())?;
@@ -185,6 +224,12 @@ pub fn run_clone(
         stats: mem.stats(),
         time_to_first_instruction: first,
         total,
+        prefetched,
+        working_set: if opts.record_working_set {
+            mem.installed_pages()
+        } else {
+            Vec::new()
+        },
     })
 }
 

@@ -10,13 +10,14 @@ impl CloneReport {
     pub fn to_line(&self) -> String {
         let q = |x: f64| self.stats.fault_latency.quantile_ns(x);
         format!(
-            "MCDIST-CLONE id={} result={} faults={} requested={} demand={} pushed={} zero={} dup={} zero_recv={} bytes={} p50_ns={} p99_ns={} first_ns={} total_ns={}",
+            "MCDIST-CLONE id={} result={} faults={} requested={} demand={} pushed={} prefetched={} zero={} dup={} zero_recv={} bytes={} p50_ns={} p99_ns={} first_ns={} total_ns={}",
             self.id,
             self.result,
             self.stats.demand_faults,
             self.stats.pages_requested,
             self.stats.pages_demand,
             self.stats.pages_pushed,
+            self.stats.pages_prefetched,
             self.stats.zero_pages,
             self.stats.duplicates,
             self.stats.zero_pages_received,
@@ -43,6 +44,8 @@ impl CloneReport {
             pages_requested: f("requested")? as u64,
             pages_demand: f("demand")? as u64,
             pages_pushed: f("pushed")? as u64,
+            // Absent from the lines of builds before prefetching.
+            pages_prefetched: f("prefetched").unwrap_or(0) as u64,
             zero_pages: f("zero")? as u64,
             duplicates: f("dup")? as u64,
             zero_pages_received: f("zero_recv")? as u64,
@@ -63,6 +66,8 @@ impl CloneReport {
             stats,
             time_to_first_instruction: Duration::from_nanos(f("first_ns")? as u64),
             total: Duration::from_nanos(f("total_ns")? as u64),
+            prefetched: None,
+            working_set: Vec::new(),
         })
     }
 }

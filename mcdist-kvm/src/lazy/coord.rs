@@ -3,14 +3,15 @@
 //! deliveries go through it into the guest ([`Inner::install`]), and the fault loop asks it
 //! which requests are due again ([`Inner::check_pending`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
-use std::time::Instant;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::{FaultStamps, LazyConfig, LazyFailure, LazyStats, UffdOp};
 use crate::source::PageBitmap;
 use crate::sys::{AnonMap, Install, Uffd};
+use vmm_sys_util::eventfd::EventFd;
 
 /// The bytes of a delivered page: a buffer of the deliverer, or a page of a mapping others
 /// may write (the host page cache), which is handed to `UFFDIO_COPY` without a slice.
@@ -52,11 +53,21 @@ pub(super) struct State {
     pub(super) failure: Option<LazyFailure>,
     /// Resolved demand faults' timestamps (only with `Inner::trace`).
     pub(super) trace: Vec<FaultStamps>,
+    /// Prefetched pages the fault thread has yet to ask for.
+    pub(super) prefetch_queue: VecDeque<u64>,
+    /// Prefetched pages not installed yet.
+    pub(super) prefetch_left: u64,
+    /// Prefetched pages handed to the fetcher and not installed yet.
+    pub(super) prefetch_in_flight: u64,
 }
 
 pub(super) struct Pending {
     pub(super) faults: Vec<Instant>,
     pub(super) last_request: Instant,
+    /// Asked for by a prefetch (faults may have come since).
+    pub(super) prefetch: bool,
+    /// A prefetched page still in the queue, not handed to the fetcher yet (no repeats).
+    pub(super) queued: bool,
     /// When the fetcher was asked and when its `request` returned (only with `Inner::trace`).
     pub(super) asked: Option<Instant>,
     pub(super) sent: Option<Instant>,
@@ -76,6 +87,14 @@ pub(super) struct Inner {
     pub(super) created: Instant,
     /// Keep per-fault timestamps (`LazyConfig::trace_faults`).
     pub(super) trace: bool,
+    /// `State::prefetch_queue` holds pages for the fault thread.
+    pub(super) prefetch_queued: AtomicBool,
+    /// Notified when the last prefetched page is installed or the memory fails.
+    pub(super) prefetch_done: Condvar,
+    /// Most prefetched pages asked for and not installed (`LazyConfig::prefetch_window`).
+    pub(super) prefetch_window: u64,
+    /// Wakes the fault thread (the stop event; the thread checks its stop flag to stop).
+    pub(super) wake: EventFd,
 }
 
 impl Inner {
@@ -127,7 +146,23 @@ impl Inner {
                 st.installed.set(pfn);
                 st.stats.bytes_received += data.len() as u64;
                 let waiters = st.pending.remove(&pfn);
+                if let Some(p) = waiters.as_ref().filter(|p| p.prefetch) {
+                    st.prefetch_left -= 1;
+                    if !p.queued {
+                        st.prefetch_in_flight -= 1;
+                    }
+                    if st.prefetch_left == 0 {
+                        self.prefetch_done.notify_all();
+                    } else if !st.prefetch_queue.is_empty()
+                        && st.prefetch_in_flight <= self.prefetch_window / 2
+                        && !self.prefetch_queued.swap(true, Ordering::SeqCst)
+                    {
+                        // Half the window is free: the fault thread asks for more.
+                        let _ = self.wake.write(1);
+                    }
+                }
                 match (outcome, waiters) {
+                    (_, Some(p)) if p.faults.is_empty() => st.stats.pages_prefetched += 1,
                     (_, Some(p)) => {
                         st.stats.pages_demand += 1;
                         if let (Some(delivered), Some(&read), Some(asked)) =
@@ -167,6 +202,98 @@ impl Inner {
         // They stay blocked in their faults until the owner, which watches `failed`, kicks
         // them out of `KVM_RUN` and stops the clone.
         st.pending.clear();
+        st.prefetch_queue.clear();
+        st.prefetch_in_flight = 0;
+        self.prefetch_done.notify_all();
+    }
+
+    /// Marks the pages of `pages` that are neither zero, installed nor asked for as
+    /// prefetched and queues them for the fault thread. Returns how many it queued.
+    pub(super) fn queue_prefetch(&self, pages: &[u64]) -> u64 {
+        let now = Instant::now();
+        let mut st = self.lock();
+        if self.failed.load(Ordering::SeqCst) {
+            return 0;
+        }
+        let mut queued = 0;
+        for &pfn in pages {
+            if pfn >= self.pages
+                || self.zero.get(pfn)
+                || st.installed.get(pfn)
+                || st.pending.contains_key(&pfn)
+            {
+                continue;
+            }
+            st.pending.insert(
+                pfn,
+                Pending {
+                    faults: Vec::new(),
+                    last_request: now,
+                    prefetch: true,
+                    queued: true,
+                    asked: None,
+                    sent: None,
+                },
+            );
+            st.prefetch_queue.push_back(pfn);
+            queued += 1;
+        }
+
+        st.prefetch_left += queued;
+        st.stats.pages_requested += queued;
+        if queued > 0 {
+            self.prefetch_queued.store(true, Ordering::SeqCst);
+        }
+        queued
+    }
+
+    /// The prefetched pages the fault thread is to ask for now: as many of the queue as
+    /// keep at most `window` prefetched pages asked for and not installed (empty when none
+    /// are queued or the window is full).
+    pub(super) fn take_prefetch(&self) -> Vec<u64> {
+        if !self.prefetch_queued.load(Ordering::Relaxed)
+            || !self.prefetch_queued.swap(false, Ordering::SeqCst)
+        {
+            return Vec::new();
+        }
+        let mut st = self.lock();
+        let st = &mut *st;
+        let mut take = Vec::new();
+        let now = Instant::now();
+        while st.prefetch_in_flight < self.prefetch_window {
+            let Some(pfn) = st.prefetch_queue.pop_front() else {
+                break;
+            };
+            // A page that came (pushed) while it waited in the queue is not asked for.
+            if let Some(p) = st.pending.get_mut(&pfn).filter(|p| p.queued) {
+                p.queued = false;
+                p.last_request = now;
+                st.prefetch_in_flight += 1;
+                take.push(pfn);
+            }
+        }
+        take
+    }
+
+    /// Waits until every prefetched page is installed, the memory fails, or `timeout`
+    /// passes; returns the prefetched pages still missing (0: all in, or failed).
+    pub(super) fn wait_prefetch(&self, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        loop {
+            if st.prefetch_left == 0 || self.failed.load(Ordering::SeqCst) {
+                return st.prefetch_left;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return st.prefetch_left;
+            }
+            st = self
+                .prefetch_done
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// Handles one fault at `addr`. Returns the page to request, if any.
@@ -216,6 +343,8 @@ impl Inner {
                     Pending {
                         faults: vec![t0],
                         last_request: t0,
+                        prefetch: false,
+                        queued: false,
                         asked: self.trace.then(Instant::now),
                         sent: None,
                     },
@@ -239,7 +368,7 @@ impl Inner {
                     break;
                 }
             }
-            if now.duration_since(p.last_request) >= cfg.rerequest_interval {
+            if !p.queued && now.duration_since(p.last_request) >= cfg.rerequest_interval {
                 p.last_request = now;
                 again.push(pfn);
             }

@@ -17,6 +17,12 @@ use super::{FaultWait, InlineFetcher, LazyConfig, LazyFailure, LazyHandle, PageF
 pub(super) trait Driver {
     /// Page `pfn` is missing: ask for it.
     fn request(&mut self, pfn: u64, handle: &LazyHandle);
+    /// Prefetched pages: ask for them all.
+    fn request_many(&mut self, pfns: &[u64], handle: &LazyHandle) {
+        for &pfn in pfns {
+            self.request(pfn, handle);
+        }
+    }
     /// Waits at most `timeout` for the next event. `Ok(false)`: stop.
     fn wait(&mut self, timeout: Duration, handle: &LazyHandle) -> std::io::Result<bool>;
     /// Whether the replies arrive on this thread (in [`Driver::wait`]): then the loop keeps
@@ -34,10 +40,12 @@ pub(super) trait Driver {
 pub(super) struct Threaded {
     fetcher: Arc<dyn PageFetcher>,
     poll: PollContext<u32>,
+    /// The wake event (stop or prefetch), drained when it wakes the poll.
+    wake: EventFd,
     spin: bool,
 }
 
-const TOKEN_STOP: u32 = 1;
+const TOKEN_WAKE: u32 = 1;
 
 impl Threaded {
     pub(super) fn new(
@@ -49,10 +57,11 @@ impl Threaded {
         let poll = PollContext::new().map_err(std::io::Error::from)?;
         poll.add(&inner.uffd.fd(), 0)
             .map_err(std::io::Error::from)?;
-        poll.add(stop, TOKEN_STOP).map_err(std::io::Error::from)?;
+        poll.add(stop, TOKEN_WAKE).map_err(std::io::Error::from)?;
         Ok(Self {
             fetcher,
             poll,
+            wake: stop.try_clone()?,
             spin: wait == FaultWait::Spin,
         })
     }
@@ -72,8 +81,12 @@ impl Driver for Threaded {
             .poll
             .wait_timeout(timeout)
             .map_err(std::io::Error::from)?;
-        let stop = events.iter_readable().any(|e| e.token() == TOKEN_STOP);
-        Ok(!stop)
+        if events.iter_readable().any(|e| e.token() == TOKEN_WAKE) {
+            // The loop checks its stop flag; the event only woke it (the poll is
+            // level-triggered, so it is drained).
+            let _ = self.wake.read();
+        }
+        Ok(true)
     }
 
     fn inline(&self) -> bool {
@@ -92,6 +105,10 @@ pub(super) struct Inline {
 impl Driver for Inline {
     fn request(&mut self, pfn: u64, handle: &LazyHandle) {
         self.driver.request(pfn, handle);
+    }
+
+    fn request_many(&mut self, pfns: &[u64], handle: &LazyHandle) {
+        self.driver.request_many(pfns, handle);
     }
 
     fn wait(&mut self, timeout: Duration, handle: &LazyHandle) -> std::io::Result<bool> {
@@ -131,6 +148,11 @@ pub(super) fn run(
     loop {
         if stop_flag.load(Ordering::SeqCst) {
             return;
+        }
+        let prefetch = inner.take_prefetch();
+        if !prefetch.is_empty() {
+            driver.request_many(&prefetch, &handle);
+            last_request = Some(Instant::now());
         }
         let mut got = false;
         // Whenever the userfaultfd may hold events, read it until it would block.

@@ -59,8 +59,11 @@ pub struct LazyStats {
     pub pages_requested: u64,
     /// Pages installed because a fault asked for them.
     pub pages_demand: u64,
-    /// Pages installed before any fault asked (pushed or prefetched).
+    /// Pages installed before any fault asked, pushed by the server.
     pub pages_pushed: u64,
+    /// Pages installed before any fault asked, because [`super::LazyMemory::prefetch`]
+    /// asked for them.
+    pub pages_prefetched: u64,
     /// Zero pages filled locally.
     pub zero_pages: u64,
     /// Deliveries of pages already present (`EEXIST` or repeated delivery).
@@ -76,7 +79,7 @@ pub struct LazyStats {
 impl LazyStats {
     /// Pages whose contents came from the fetcher.
     pub fn pages_fetched(&self) -> u64 {
-        self.pages_demand + self.pages_pushed
+        self.pages_demand + self.pages_pushed + self.pages_prefetched
     }
 }
 

@@ -3,9 +3,10 @@
 //! every result is checked against the host's own computation.
 //!
 //! With `--generations 2` a second generation of clones (same ids, so the same work) starts
-//! against the same memory server after the first has been joined, once with the server's
-//! recorded working-set push and once without, and the demand faults of each generation are
-//! printed side by side.
+//! against the same memory server after the first has been joined, three times: without the
+//! server's recorded working-set push, with it, and with it while every later clone also
+//! prefetches the pages the first generation ended with before its first instruction; the
+//! demand faults and times of each generation are printed side by side.
 //!
 //! With `--clones-per-host K` the clones run on ceil(N/K) namespace hosts of a private bridge
 //! (the parent and its memory server on a host of their own), K per host; the clones of one
@@ -59,9 +60,16 @@ pub(crate) struct Args {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) rate: u64,
     /// Generations of clones run one after another against the same memory server. With 2
-    /// or more, the run is made twice, without and with working-set push, and compared.
+    /// or more, the run is made three times and compared: without working-set push, with it,
+    /// and with it plus a prefetch (later clones fetch the pages generation 1 ended with in
+    /// bulk before their first instruction).
     #[arg(long, default_value_t = 1)]
     pub(crate) generations: u32,
+    /// With --generations: most pages a prefetching clone has asked for and not yet
+    /// received (the rest wait their turn).
+    #[arg(long, value_name = "PAGES", default_value_t = mcdist_kvm::LazyConfig::default().prefetch_window as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) prefetch_window: u64,
     /// Run the clones on ceil(clones / K) network-namespace hosts joined by a private bridge,
     /// K clones per host (the parent and its memory server run on a host of their own).
     /// Without this option all clones run in one namespace over loopback, each with its own
@@ -97,11 +105,37 @@ pub(crate) enum Share {
 }
 
 /// Demand faults and clones of one generation.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct GenTotals {
     pub(crate) demand_faults: u64,
     pub(crate) pages_pushed: u64,
+    pub(crate) pages_prefetched: u64,
     pub(crate) clones: u64,
+    /// The generation's start to its last clone's result.
+    pub(crate) wall: Duration,
+    /// The union of the clones' working sets (pages they ended with), ascending.
+    pub(crate) working_set: Vec<u64>,
+}
+
+/// What later generations get of the first one's pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Later {
+    /// Nothing: they fault on what they touch.
+    NoPush,
+    /// The server replays the recorded working set when they join.
+    Push,
+    /// The replay, and every clone fetches generation 1's pages before it starts.
+    PushPrefetch,
+}
+
+impl Later {
+    fn label(self) -> &'static str {
+        match self {
+            Later::NoPush => "off",
+            Later::Push => "push",
+            Later::PushPrefetch => "push+prefetch",
+        }
+    }
 }
 
 fn main() {
@@ -200,20 +234,27 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
             &frozen,
             &ticket,
             1,
-            server_config(&args).working_set_push,
+            if server_config(&args).working_set_push {
+                Later::Push
+            } else {
+                Later::NoPush
+            },
             0,
         )
         .map(|_| ())
     } else {
         let mut rows = Vec::new();
-        for (k, ws) in [false, true].into_iter().enumerate() {
+        for (k, later) in [Later::NoPush, Later::Push, Later::PushPrefetch]
+            .into_iter()
+            .enumerate()
+        {
             println!(
-                "\n=== working-set push {} ===",
-                if ws { "on" } else { "off" }
+                "\n=== working set for later generations: {} ===",
+                later.label()
             );
             rows.push((
-                ws,
-                run_server(&args, &frozen, &ticket, args.generations, ws, k as u16)?,
+                later,
+                run_server(&args, &frozen, &ticket, args.generations, later, k as u16)?,
             ));
         }
         println!(
@@ -221,10 +262,16 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
             args.clones
         );
         println!(
-            "{:>16} {:>4} {:>14} {:>12} {:>14}",
-            "working-set push", "gen", "demand faults", "pushed pages", "vs generation 1"
+            "{:>16} {:>4} {:>14} {:>12} {:>12} {:>10} {:>14}",
+            "working set",
+            "gen",
+            "demand faults",
+            "pushed pages",
+            "prefetched",
+            "wall ms",
+            "vs generation 1"
         );
-        for (ws, gens) in &rows {
+        for (later, gens) in &rows {
             for (g, t) in gens.iter().enumerate() {
                 let ratio = if t.demand_faults == 0 {
                     "no faults".to_string()
@@ -235,11 +282,13 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
                     )
                 };
                 println!(
-                    "{:>16} {:>4} {:>14} {:>12} {:>14}",
-                    if *ws { "on" } else { "off" },
+                    "{:>16} {:>4} {:>14} {:>12} {:>12} {:>10} {:>14}",
+                    later.label(),
                     g + 1,
                     t.demand_faults,
                     t.pages_pushed,
+                    t.pages_prefetched,
+                    ms(t.wall),
                     ratio
                 );
             }
@@ -266,7 +315,7 @@ pub(crate) fn run_server(
     frozen: &Frozen,
     ticket: &CloneTicket,
     generations: u32,
-    working_set_push: bool,
+    later: Later,
     run: u16,
 ) -> Result<Vec<GenTotals>, String> {
     let job = *frozen.job();
@@ -275,7 +324,7 @@ pub(crate) fn run_server(
     let sec = args.keys.security()?;
     let scfg = mcdist::node::NodeConfig::new(
         mcdist::ServerConfig {
-            working_set_push,
+            working_set_push: later != Later::NoPush,
             ..server_config(args)
         },
         sec.clone(),
@@ -292,15 +341,28 @@ pub(crate) fn run_server(
         listen,
         group
     );
-    let launcher = ThreadLauncher {
-        make_fetcher: Arc::new(move |_id, d: &mcdist_kvm::Descriptor, h| {
-            connect_fetcher(d, Some("lo"), h, Duration::from_secs(5), sec.as_ref())
-        }),
-        opts: CloneOptions::default(),
-    };
+    let make_fetcher = Arc::new(move |_id, d: &mcdist_kvm::Descriptor, h| {
+        connect_fetcher(d, Some("lo"), h, Duration::from_secs(5), sec.as_ref())
+    });
     let mut bad = 0;
-    let mut gens = Vec::new();
+    let mut gens: Vec<GenTotals> = Vec::new();
     for gen in 1..=generations {
+        let prefetch = gens
+            .first()
+            .filter(|_| later == Later::PushPrefetch)
+            .map(|g| Arc::from(g.working_set.as_slice()));
+        let launcher = ThreadLauncher {
+            make_fetcher: make_fetcher.clone(),
+            opts: CloneOptions {
+                record_working_set: gen == 1 && generations > 1,
+                prefetch,
+                lazy: mcdist_kvm::LazyConfig {
+                    prefetch_window: usize::try_from(args.prefetch_window).unwrap_or(usize::MAX),
+                    ..Default::default()
+                },
+                ..CloneOptions::default()
+            },
+        };
         let t = Instant::now();
         let results = frozen
             .clone_vms(ticket, &desc, &launcher)
@@ -311,7 +373,8 @@ pub(crate) fn run_server(
             results.len(),
             ms(wall)
         );
-        let (b, totals, _) = print_clones(&job, &results);
+        let (b, mut totals, _) = print_clones(&job, &results);
+        totals.wall = wall;
         bad += b;
         gens.push(totals);
     }

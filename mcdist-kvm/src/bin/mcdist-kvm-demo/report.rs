@@ -25,13 +25,14 @@ pub(crate) fn print_clones(
     results: &[(u32, Result<CloneReport, CloneError>)],
 ) -> (usize, GenTotals, LatencyHistogram) {
     println!(
-        "{:>3} {:>10} {:>4} {:>7} {:>7} {:>7} {:>6} {:>9} {:>9} {:>9} {:>11} {:>9}",
+        "{:>3} {:>10} {:>4} {:>7} {:>7} {:>7} {:>8} {:>6} {:>9} {:>9} {:>9} {:>11} {:>9}",
         "id",
         "result",
         "ok",
         "faults",
         "demand",
         "pushed",
+        "prefetch",
         "zero",
         "MiB inst",
         "p50 µs",
@@ -50,16 +51,19 @@ pub(crate) fn print_clones(
                 let s = &r.stats;
                 totals.demand_faults += s.demand_faults;
                 totals.pages_pushed += s.pages_pushed;
+                totals.pages_prefetched += s.pages_prefetched;
                 totals.clones += 1;
+                totals.working_set.extend_from_slice(&r.working_set);
                 latency.merge(&s.fault_latency);
                 println!(
-                    "{:>3} {:>#10x} {:>4} {:>7} {:>7} {:>7} {:>6} {:>9.1} {:>9} {:>9} {:>11} {:>9}",
+                    "{:>3} {:>#10x} {:>4} {:>7} {:>7} {:>7} {:>8} {:>6} {:>9.1} {:>9} {:>9} {:>11} {:>9}",
                     id,
                     r.result,
                     if ok { "yes" } else { "NO" },
                     s.demand_faults,
                     s.pages_demand,
                     s.pages_pushed,
+                    s.pages_prefetched,
                     s.zero_pages,
                     s.bytes_received as f64 / f64::from(1 << 20),
                     us(s.fault_latency.quantile(0.5)),
@@ -74,6 +78,8 @@ pub(crate) fn print_clones(
             }
         }
     }
+    totals.working_set.sort_unstable();
+    totals.working_set.dedup();
     (bad, totals, latency)
 }
 
