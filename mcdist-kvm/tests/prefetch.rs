@@ -203,6 +203,7 @@ fn a_clone_that_prefetches_the_recorded_working_set_faults_on_nothing() {
         1,
         &CloneOptions {
             prefetch: Some(ws.clone().into()),
+            prefetch_before_start: true,
             ..Default::default()
         },
     );
@@ -224,12 +225,85 @@ fn a_clone_that_prefetches_the_recorded_working_set_faults_on_nothing() {
         "it touched only prefetched pages"
     );
     assert!(second.working_set.is_empty(), "not asked to record");
-    let snap = s.server.shutdown().expect("server");
-    let sent = snap.stats.pages_sent - sent_before;
+    // The server's counters are a snapshot refreshed every few milliseconds.
+    let mut sent = 0;
+    for _ in 0..200 {
+        sent = s.server.stats().stats.pages_sent - sent_before;
+        if sent >= ws.len() as u64 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(
         sent >= ws.len() as u64 && sent <= ws.len() as u64 + ws.len() as u64 / 20,
         "the server sent {sent} pages for a prefetch of {}",
         ws.len()
+    );
+
+    // The default: the prefetch runs alongside the guest, whose faults on pages still
+    // waiting their turn are asked for at once.
+    let third = inline_clone(
+        &s.desc,
+        1,
+        &CloneOptions {
+            prefetch: Some(ws.clone().into()),
+            ..Default::default()
+        },
+    );
+    assert_eq!(third.result, s.job.expected(1));
+    let p = third.prefetched.expect("a prefetch started");
+    assert_eq!(p.asked, ws.len() as u64);
+    let st = &third.stats;
+    eprintln!(
+        "in the background: {} demand faults, {} pages prefetched, {} ms",
+        st.demand_faults,
+        st.pages_prefetched,
+        third.total.as_millis()
+    );
+    assert!(st.demand_faults <= first.stats.demand_faults);
+    assert!(st.pages_prefetched + st.pages_demand <= ws.len() as u64);
+    assert_eq!(st.duplicates, 0, "every page came once");
+    s.server.shutdown().expect("server");
+}
+
+#[test]
+fn a_fault_on_a_page_waiting_its_turn_in_the_prefetch_asks_for_it_at_once() {
+    if !uffd_available() {
+        return;
+    }
+    let (mut mem, src) = lazy(64, 1);
+    let held = Arc::new(Held {
+        asked: Mutex::new(Vec::new()),
+    });
+    mem.start(held.clone()).expect("start");
+    // Window 1: page 1 is asked for, 2, 3 and 5..=7 wait their turn (4 is zero).
+    assert_eq!(mem.prefetch_start(&[1, 2, 3, 4, 5, 6, 7]), 6);
+    let mem = Arc::new(mem);
+    let reader = {
+        let mem = mem.clone();
+        std::thread::spawn(move || {
+            let mut b = vec![0u8; PAGE];
+            mem.read(6 * PAGE, &mut b).expect("read");
+            b[0]
+        })
+    };
+    let mut asked = Vec::new();
+    for _ in 0..10_000 {
+        asked = held.asked.lock().unwrap().clone();
+        if asked.contains(&6) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(asked, [1, 6], "the faulted page went ahead of the queue");
+    let mut buf = vec![0u8; PAGE];
+    src.read_page(6, &mut buf).expect("read");
+    mem.handle().install(6, &buf);
+    assert_eq!(reader.join().expect("reader"), 6);
+    let st = mem.stats();
+    assert_eq!(
+        (st.demand_faults, st.pages_demand, st.pages_prefetched),
+        (1, 1, 0)
     );
 }
 
@@ -279,7 +353,11 @@ fn mcdist_clone_records_a_working_set_file_and_prefetches_from_it() {
         .expect("the file reads back");
     assert!(recorded.len() as u64 >= s.job.pages_touched_per_clone(4096) - 3);
 
-    let (code, out, err) = clone(&["--prefetch".as_ref(), ws_path.as_os_str()]);
+    let (code, out, err) = clone(&[
+        "--prefetch".as_ref(),
+        ws_path.as_os_str(),
+        "--prefetch-before-start".as_ref(),
+    ]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(field(&out, "result"), u64::from(s.job.expected(2)));
     assert_eq!(field(&out, "prefetched"), recorded.len() as u64);

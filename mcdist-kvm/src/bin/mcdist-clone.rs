@@ -31,12 +31,16 @@ struct Args {
     /// Give up on a page after this many milliseconds.
     #[arg(long, default_value_t = 10_000)]
     fetch_timeout_ms: u64,
-    /// Before the first instruction, fetch the pages listed in this working-set file (one
-    /// written by `--record-working-set` for an earlier clone of the same parent) in bulk,
-    /// so that a clone touching them at memory speed does not wait on one fault after
-    /// another. Every page is still verified against the descriptor's root.
+    /// Fetch the pages listed in this working-set file (one written by
+    /// `--record-working-set` for an earlier clone of the same parent) in bulk while the
+    /// clone runs, so that a clone touching them at memory speed does not wait on one fault
+    /// after another. Every page is still verified against the descriptor's root.
     #[arg(long, value_name = "FILE")]
     prefetch: Option<PathBuf>,
+    /// With --prefetch: fetch the listed pages before the first instruction instead of
+    /// while the guest runs (no demand fault at all on them, at the cost of a later start).
+    #[arg(long, requires = "prefetch")]
+    prefetch_before_start: bool,
     /// When the clone is done, write the pages it ended with (touched or pushed) to this
     /// working-set file, for later clones' `--prefetch`.
     #[arg(long, value_name = "FILE")]
@@ -81,6 +85,7 @@ fn run(args: &Args) -> Result<String, CloneError> {
     if let Some(pages) = prefetch {
         opts.prefetch = Some(pages.into());
     }
+    opts.prefetch_before_start = args.prefetch_before_start;
     opts.record_working_set = args.record_working_set.is_some();
     let give_up = opts.lazy.fetch_timeout;
     let report = run_clone(&desc, args.id, &opts, |h| {

@@ -145,9 +145,16 @@ pub struct CloneOptions {
     /// Eager baseline: copy every non-zero page from this source before the first instruction.
     pub eager_from: Option<Arc<dyn PageSource>>,
     /// Fetch these pages (a working set an earlier clone of the same parent recorded) in
-    /// bulk before the first instruction ([`LazyMemory::prefetch`]), waiting at most the
-    /// lazy memory's `fetch_timeout` for them.
+    /// bulk, in the list's order, from the first instruction on
+    /// ([`LazyMemory::prefetch_start`]; with `prefetch_before_start`, before it:
+    /// [`LazyMemory::prefetch`], waiting at most the lazy memory's `fetch_timeout`).
     pub prefetch: Option<Arc<[u64]>>,
+    /// With `prefetch`: wait for the prefetch before the first instruction instead of
+    /// letting it run alongside the guest. By default the guest starts at once and the
+    /// prefetch runs while it does (a fault on a page still waiting its turn asks for it at
+    /// once), which measured best at every touch rate (`benches/README.md`); waiting trades
+    /// start time for no demand fault at all on the listed pages.
+    pub prefetch_before_start: bool,
     /// Report the pages the clone ended with ([`CloneReport::working_set`]).
     pub record_working_set: bool,
 }
@@ -158,6 +165,7 @@ impl std::fmt::Debug for CloneOptions {
             .field("lazy", &self.lazy)
             .field("eager", &self.eager_from.is_some())
             .field("prefetch", &self.prefetch.as_ref().map(|p| p.len()))
+            .field("prefetch_before_start", &self.prefetch_before_start)
             .field("record_working_set", &self.record_working_set)
             .finish()
     }
@@ -188,13 +196,21 @@ pub fn run_clone(
             })?;
     }
     let prefetched = match &opts.prefetch {
+        Some(pages) if !opts.prefetch_before_start => {
+            let asked = mem.prefetch_start(pages);
+            Some(Prefetched {
+                asked,
+                missing: asked,
+                elapsed: Duration::ZERO,
+            })
+        }
         Some(pages) => Some(
             mem.prefetch(pages, fetch_timeout)
                 .map_err(|failure| CloneError::MemoryLost { id, failure })?,
         ),
         None => None,
     };
-    if let Some(p) = prefetched.filter(|p| p.missing > 0) {
+    if let Some(p) = prefetched.filter(|p| p.missing > 0 && opts.prefetch_before_start) {
         tracing::warn!(
             id,
             missing = p.missing,

@@ -332,7 +332,16 @@ impl Inner {
             return None;
         }
         st.stats.demand_faults += 1;
+        let st = &mut *st;
         match st.pending.get_mut(&pfn) {
+            Some(p) if p.queued => {
+                // A prefetched page still waiting its turn: a vCPU needs it now.
+                p.queued = false;
+                p.last_request = t0;
+                p.faults.push(t0);
+                st.prefetch_in_flight += 1;
+                Some(pfn)
+            }
             Some(p) => {
                 p.faults.push(t0);
                 None

@@ -539,19 +539,14 @@ impl LazyMemory {
     /// instruction so that a clone touching pages faster than the network delivers them one
     /// fault at a time does not fault on them (record and prefetch, as REAP does for
     /// snapshot restores). Zero pages and pages present or already asked for are left out;
-    /// the rest are asked for at once (a network fetcher packs them into few requests) and
-    /// installed through the usual path, each verified by the fetcher before it is
-    /// installed. The fault thread must run. Returns once all are installed, the memory
-    /// fails, or `timeout` passes: pages still missing then stay asked for (a fault on one
-    /// waits for it as on any requested page).
+    /// the rest are asked for in the list's order, at most [`LazyConfig::prefetch_window`]
+    /// at a time (a network fetcher packs each batch into few requests), and installed
+    /// through the usual path, each verified by the fetcher before it is installed. The fault thread must run. Returns once all are installed, the memory
+    /// fails, or `timeout` passes: pages still missing then keep coming (a fault on one
+    /// that still waits its turn asks for it at once).
     pub fn prefetch(&self, pages: &[u64], timeout: Duration) -> Result<Prefetched, LazyFailure> {
         let t0 = Instant::now();
-        let asked = self.inner.queue_prefetch(pages);
-        if asked > 0 {
-            // Wakes the fault thread, which takes the queue (it checks its stop flag, not
-            // this event, to stop).
-            let _ = self.inner.wake.write(1);
-        }
+        let asked = self.prefetch_start(pages);
         let missing = self.inner.wait_prefetch(timeout);
         if let Some(f) = self.failure() {
             return Err(f);
@@ -561,6 +556,19 @@ impl LazyMemory {
             missing,
             elapsed: t0.elapsed(),
         })
+    }
+
+    /// Starts a [`LazyMemory::prefetch`] of `pages` and returns at once with the number of
+    /// pages asked for: the pages come while the guest runs, and a fault on one still waiting
+    /// its turn asks for it at once.
+    pub fn prefetch_start(&self, pages: &[u64]) -> u64 {
+        let asked = self.inner.queue_prefetch(pages);
+        if asked > 0 {
+            // Wakes the fault thread, which takes the queue (it checks its stop flag, not
+            // this event, to stop).
+            let _ = self.inner.wake.write(1);
+        }
+        asked
     }
 
     /// The non-zero pages installed so far, in ascending order: what this clone touched or

@@ -5,8 +5,8 @@
 //! With `--generations 2` a second generation of clones (same ids, so the same work) starts
 //! against the same memory server after the first has been joined, three times: without the
 //! server's recorded working-set push, with it, and with it while every later clone also
-//! prefetches the pages the first generation ended with before its first instruction; the
-//! demand faults and times of each generation are printed side by side.
+//! prefetches the pages the first generation ended with, while it runs or before its first
+//! instruction; the demand faults and times of each generation are printed side by side.
 //!
 //! With `--clones-per-host K` the clones run on ceil(N/K) namespace hosts of a private bridge
 //! (the parent and its memory server on a host of their own), K per host; the clones of one
@@ -60,9 +60,9 @@ pub(crate) struct Args {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) rate: u64,
     /// Generations of clones run one after another against the same memory server. With 2
-    /// or more, the run is made three times and compared: without working-set push, with it,
+    /// or more, the run is made four times and compared: without working-set push, with it,
     /// and with it plus a prefetch (later clones fetch the pages generation 1 ended with in
-    /// bulk before their first instruction).
+    /// bulk while they run, or before their first instruction).
     #[arg(long, default_value_t = 1)]
     pub(crate) generations: u32,
     /// With --generations: most pages a prefetching clone has asked for and not yet
@@ -124,8 +124,10 @@ pub(crate) enum Later {
     NoPush,
     /// The server replays the recorded working set when they join.
     Push,
-    /// The replay, and every clone fetches generation 1's pages before it starts.
+    /// The replay, and every clone fetches generation 1's pages while it runs.
     PushPrefetch,
+    /// The replay, and every clone fetches generation 1's pages before it starts.
+    PushPrefetchFirst,
 }
 
 impl Later {
@@ -134,6 +136,7 @@ impl Later {
             Later::NoPush => "off",
             Later::Push => "push",
             Later::PushPrefetch => "push+prefetch",
+            Later::PushPrefetchFirst => "push+prefetch 1st",
         }
     }
 }
@@ -244,9 +247,14 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
         .map(|_| ())
     } else {
         let mut rows = Vec::new();
-        for (k, later) in [Later::NoPush, Later::Push, Later::PushPrefetch]
-            .into_iter()
-            .enumerate()
+        for (k, later) in [
+            Later::NoPush,
+            Later::Push,
+            Later::PushPrefetch,
+            Later::PushPrefetchFirst,
+        ]
+        .into_iter()
+        .enumerate()
         {
             println!(
                 "\n=== working set for later generations: {} ===",
@@ -347,15 +355,17 @@ pub(crate) fn run_server(
     let mut bad = 0;
     let mut gens: Vec<GenTotals> = Vec::new();
     for gen in 1..=generations {
+        let first = later == Later::PushPrefetchFirst;
         let prefetch = gens
             .first()
-            .filter(|_| later == Later::PushPrefetch)
+            .filter(|_| later == Later::PushPrefetch || first)
             .map(|g| Arc::from(g.working_set.as_slice()));
         let launcher = ThreadLauncher {
             make_fetcher: make_fetcher.clone(),
             opts: CloneOptions {
                 record_working_set: gen == 1 && generations > 1,
                 prefetch,
+                prefetch_before_start: first,
                 lazy: mcdist_kvm::LazyConfig {
                     prefetch_window: usize::try_from(args.prefetch_window).unwrap_or(usize::MAX),
                     ..Default::default()
