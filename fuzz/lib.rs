@@ -287,6 +287,9 @@ pub fn client(data: &[u8]) {
                 ClientEvent::PageReady { pfn, data } => {
                     check_page(&mut ready, page_size, pfn, data.len())
                 }
+                ClientEvent::WorkingSetHint(pages) => {
+                    assert!(pages.windows(2).all(|w| w[0] < w[1]), "hint not ascending");
+                }
                 ClientEvent::Complete | ClientEvent::Failed(_) => {}
             }
         }

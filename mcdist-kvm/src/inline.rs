@@ -271,6 +271,12 @@ fn drain_events(client: &mut Client, pin: Option<u64>, dead: &mut bool, handle: 
                     *dead = true;
                 }
             }
+            ClientEvent::WorkingSetHint(pages) => {
+                // Earlier clones' working set: asked for in bulk while the guest runs.
+                if !*dead {
+                    handle.prefetch_start(&pages);
+                }
+            }
             ClientEvent::Complete => {}
         }
     }

@@ -376,3 +376,44 @@ fn mcdist_clone_records_a_working_set_file_and_prefetches_from_it() {
     );
     s.server.shutdown().expect("server");
 }
+
+#[test]
+fn a_later_clone_prefetches_what_the_server_hints_it_recorded() {
+    if !have_kvm() {
+        return;
+    }
+    let ns = loopback_ns("hint");
+    ns.enter().expect("enter netns");
+    // The recorded working set is replayed and hinted (the defaults); no neighbour push, so
+    // what generation 1 got is what it asked for.
+    let cfg = mcdist::ServerConfig {
+        push_neighbors: false,
+        ..Default::default()
+    };
+    let s = serve(HashJob::new(32 << 20, 0.9, 0.2, 7, 4096), 47141, cfg);
+    let opts = CloneOptions {
+        record_working_set: true,
+        ..Default::default()
+    };
+    let first = inline_clone(&s.desc, 2, &opts);
+    assert_eq!(first.result, s.job.expected(2));
+    assert_eq!(
+        s.server.stats().stats.hint_datagrams,
+        0,
+        "nothing recorded yet"
+    );
+    // A later generation (past the server's generation gap).
+    std::thread::sleep(Duration::from_millis(200));
+    let second = inline_clone(&s.desc, 2, &CloneOptions::default());
+    assert_eq!(second.result, s.job.expected(2));
+    let st = &second.stats;
+    eprintln!(
+        "generation 1: {} demand faults; generation 2: {} demand faults, {} prefetched, {} pushed",
+        first.stats.demand_faults, st.demand_faults, st.pages_prefetched, st.pages_pushed
+    );
+    assert!(st.pages_prefetched > 0, "the hint was not acted on");
+    assert_eq!(st.duplicates, 0);
+    let snap = s.server.shutdown().expect("server");
+    assert!(snap.stats.hint_datagrams >= 1);
+    assert_eq!(snap.stats.hint_pages, first.working_set.len() as u64);
+}

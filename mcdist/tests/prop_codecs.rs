@@ -79,7 +79,8 @@ enum Owned {
         payload: Vec<u8>,
     },
     Request {
-        nack: bool,
+        /// 0: request, 1: NACK, 2: working-set hint (one body, three kinds).
+        kind: u8,
         rx: u64,
         loss: u16,
         flags: u8,
@@ -155,14 +156,14 @@ fn owned() -> impl Strategy<Value = Owned> {
                 }
             }),
         (
-            any::<bool>(),
+            0u8..3,
             any::<u64>(),
             any::<u16>(),
             any::<u8>(),
             ranges_raw()
         )
-            .prop_map(|(nack, rx, loss, flags, raw)| Owned::Request {
-                nack,
+            .prop_map(|(kind, rx, loss, flags, raw)| Owned::Request {
+                kind,
                 rx,
                 loss,
                 flags,
@@ -214,7 +215,7 @@ fn body(o: &Owned) -> Body<'_> {
             payload,
         }),
         Owned::Request {
-            nack,
+            kind,
             rx,
             loss,
             flags,
@@ -226,10 +227,10 @@ fn body(o: &Owned) -> Body<'_> {
                 flags: mcdist::wire::RequestFlags::from_bits_retain(*flags),
                 ranges: ranges_from_encoded(raw),
             };
-            if *nack {
-                Body::Nack(q)
-            } else {
-                Body::Request(q)
+            match kind {
+                0 => Body::Request(q),
+                1 => Body::Nack(q),
+                _ => Body::Hint(q),
             }
         }
         Owned::Join(f) => Body::Join(Join {

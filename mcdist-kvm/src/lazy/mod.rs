@@ -304,6 +304,18 @@ impl LazyHandle {
         self.inner.lock().installed.get(pfn)
     }
 
+    /// [`LazyMemory::prefetch_start`] from a fetcher (for example on the server's hint of
+    /// earlier clones' working set).
+    pub fn prefetch_start(&self, pages: &[u64]) -> u64 {
+        let asked = self.inner.queue_prefetch(pages);
+        if asked > 0 {
+            // Wakes the fault thread, which takes the queue (it checks its stop flag, not
+            // this event, to stop).
+            let _ = self.inner.wake.write(1);
+        }
+        asked
+    }
+
     /// Number of pages of the memory this handle delivers into.
     pub fn page_count(&self) -> u64 {
         self.inner.pages
@@ -562,13 +574,7 @@ impl LazyMemory {
     /// pages asked for: the pages come while the guest runs, and a fault on one still waiting
     /// its turn asks for it at once.
     pub fn prefetch_start(&self, pages: &[u64]) -> u64 {
-        let asked = self.inner.queue_prefetch(pages);
-        if asked > 0 {
-            // Wakes the fault thread, which takes the queue (it checks its stop flag, not
-            // this event, to stop).
-            let _ = self.inner.wake.write(1);
-        }
-        asked
+        self.handle().prefetch_start(pages)
     }
 
     /// The non-zero pages installed so far, in ascending order: what this clone touched or

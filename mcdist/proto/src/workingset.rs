@@ -27,6 +27,7 @@
 //! server's own time base.
 
 use crate::bitmap::PageBitmap;
+use crate::wire::{PageRange, MAX_RANGE_LEN};
 
 /// Recorded fault order and the replay in progress.
 #[derive(Debug, Clone)]
@@ -95,6 +96,35 @@ impl WorkingSet {
     /// Nothing recorded yet.
     pub fn is_empty(&self) -> bool {
         self.order.is_empty()
+    }
+
+    /// Whether the latest join belongs to a generation that is replayed for (it began
+    /// after something was recorded).
+    pub fn latest_generation_replayed(&self) -> bool {
+        self.generation_replayed
+    }
+
+    /// The recorded pages from `start` on, in page order, as at most `max_ranges` ranges;
+    /// and where to go on from, if more follow.
+    pub fn ranges_from(&self, start: u64, max_ranges: usize) -> (Vec<PageRange>, Option<u64>) {
+        let mut out = Vec::new();
+        let mut at = start;
+        while let Some(first) = self.seen.next_set(at) {
+            if out.len() == max_ranges {
+                return (out, Some(first));
+            }
+            let end = self
+                .seen
+                .next_clear(first)
+                .unwrap_or(self.seen.len())
+                .min(first + u64::from(MAX_RANGE_LEN));
+            out.push(PageRange {
+                start: first,
+                len: (end - first) as u32,
+            });
+            at = end;
+        }
+        (out, None)
     }
 
     /// Replays started so far.
@@ -176,6 +206,29 @@ mod tests {
     }
 
     const GAP: u64 = 1000;
+
+    #[test]
+    fn the_recorded_set_comes_out_as_ranges_in_page_order() {
+        let mut ws = WorkingSet::new(100, 100, GAP);
+        for p in [40, 3, 41, 4, 42, 99, 5, 7] {
+            ws.record(p);
+        }
+        let r = |s: u64, l: u32| PageRange { start: s, len: l };
+        let (all, more) = ws.ranges_from(0, 10);
+        assert_eq!(all, vec![r(3, 3), r(7, 1), r(40, 3), r(99, 1)]);
+        assert_eq!(more, None);
+        let (first, more) = ws.ranges_from(0, 2);
+        assert_eq!(first, vec![r(3, 3), r(7, 1)]);
+        assert_eq!(more, Some(40));
+        let (rest, more) = ws.ranges_from(40, 2);
+        assert_eq!(rest, vec![r(40, 3), r(99, 1)]);
+        assert_eq!(more, None);
+        assert_eq!(ws.ranges_from(4, 1).0, vec![r(4, 2)], "from inside a range");
+        assert_eq!(
+            WorkingSet::new(10, 10, GAP).ranges_from(0, 4),
+            (vec![], None)
+        );
+    }
 
     #[test]
     fn no_replay_without_a_recorded_order() {

@@ -317,6 +317,9 @@ impl Delivery<'_> {
                     client.recycle_page(data);
                 }
                 ClientEvent::Complete => lock(&self.shared.state).complete = true,
+                // The threaded node asks for what its users ask for; the inline clone
+                // path (mcdist-kvm) acts on hints.
+                ClientEvent::WorkingSetHint(_) => {}
                 ClientEvent::Failed(err) => {
                     let err = NodeError::Session(err);
                     self.sink.failed(&err);

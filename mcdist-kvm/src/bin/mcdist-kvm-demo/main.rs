@@ -3,10 +3,11 @@
 //! every result is checked against the host's own computation.
 //!
 //! With `--generations 2` a second generation of clones (same ids, so the same work) starts
-//! against the same memory server after the first has been joined, three times: without the
-//! server's recorded working-set push, with it, and with it while every later clone also
-//! prefetches the pages the first generation ended with, while it runs or before its first
-//! instruction; the demand faults and times of each generation are printed side by side.
+//! against the same memory server after the first has been joined, four times: without the
+//! server's recorded working set; with its replay only; with the replay and its hints (the
+//! default: each clone asks for the recorded pages in bulk while it runs); and with every
+//! clone fetching the pages the first generation ended with before its first instruction.
+//! The demand faults and times of each generation are printed side by side.
 //!
 //! With `--clones-per-host K` the clones run on ceil(N/K) namespace hosts of a private bridge
 //! (the parent and its memory server on a host of their own), K per host; the clones of one
@@ -60,9 +61,10 @@ pub(crate) struct Args {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) rate: u64,
     /// Generations of clones run one after another against the same memory server. With 2
-    /// or more, the run is made four times and compared: without working-set push, with it,
-    /// and with it plus a prefetch (later clones fetch the pages generation 1 ended with in
-    /// bulk while they run, or before their first instruction).
+    /// or more, the run is made four times and compared: without the recorded working set,
+    /// with the server's replay of it only, with the replay and hints (the default: clones
+    /// ask for the recorded pages in bulk while they run), and with clones fetching the
+    /// pages generation 1 ended with before their first instruction.
     #[arg(long, default_value_t = 1)]
     pub(crate) generations: u32,
     /// With --generations: most pages a prefetching clone has asked for and not yet
@@ -122,21 +124,22 @@ pub(crate) struct GenTotals {
 pub(crate) enum Later {
     /// Nothing: they fault on what they touch.
     NoPush,
-    /// The server replays the recorded working set when they join.
-    Push,
-    /// The replay, and every clone fetches generation 1's pages while it runs.
-    PushPrefetch,
-    /// The replay, and every clone fetches generation 1's pages before it starts.
-    PushPrefetchFirst,
+    /// The server replays the recorded working set when they join, and sends no hints.
+    Replay,
+    /// The server's default: the replay, and a hint of the recorded set to each clone,
+    /// which asks for it in bulk while it runs.
+    Hints,
+    /// The default, and every clone fetches generation 1's pages before it starts.
+    ListFirst,
 }
 
 impl Later {
     fn label(self) -> &'static str {
         match self {
             Later::NoPush => "off",
-            Later::Push => "push",
-            Later::PushPrefetch => "push+prefetch",
-            Later::PushPrefetchFirst => "push+prefetch 1st",
+            Later::Replay => "replay",
+            Later::Hints => "replay+hints",
+            Later::ListFirst => "list 1st",
         }
     }
 }
@@ -238,7 +241,7 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
             &ticket,
             1,
             if server_config(&args).working_set_push {
-                Later::Push
+                Later::Hints
             } else {
                 Later::NoPush
             },
@@ -247,14 +250,9 @@ pub(crate) fn run(args: Args) -> Result<(), String> {
         .map(|_| ())
     } else {
         let mut rows = Vec::new();
-        for (k, later) in [
-            Later::NoPush,
-            Later::Push,
-            Later::PushPrefetch,
-            Later::PushPrefetchFirst,
-        ]
-        .into_iter()
-        .enumerate()
+        for (k, later) in [Later::NoPush, Later::Replay, Later::Hints, Later::ListFirst]
+            .into_iter()
+            .enumerate()
         {
             println!(
                 "\n=== working set for later generations: {} ===",
@@ -333,6 +331,7 @@ pub(crate) fn run_server(
     let scfg = mcdist::node::NodeConfig::new(
         mcdist::ServerConfig {
             working_set_push: later != Later::NoPush,
+            working_set_hints: later != Later::Replay,
             ..server_config(args)
         },
         sec.clone(),
@@ -355,10 +354,10 @@ pub(crate) fn run_server(
     let mut bad = 0;
     let mut gens: Vec<GenTotals> = Vec::new();
     for gen in 1..=generations {
-        let first = later == Later::PushPrefetchFirst;
+        let first = later == Later::ListFirst;
         let prefetch = gens
             .first()
-            .filter(|_| later == Later::PushPrefetch || first)
+            .filter(|_| first)
             .map(|g| Arc::from(g.working_set.as_slice()));
         let launcher = ThreadLauncher {
             make_fetcher: make_fetcher.clone(),

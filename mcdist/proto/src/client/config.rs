@@ -36,6 +36,12 @@ pub struct ClientConfig {
     pub max_outstanding: usize,
     /// Ask for the zero-page map when joining.
     pub want_zero_map: bool,
+    /// Report the server's working-set hints ([`ClientEvent::WorkingSetHint`]): the pages
+    /// earlier clones of the same parent touched, which the embedder may ask for in bulk.
+    /// Off: hints are dropped (counted in `ClientStats::hints_refused`).
+    ///
+    /// [`ClientEvent::WorkingSetHint`]: super::ClientEvent::WorkingSetHint
+    pub accept_hints: bool,
     /// The image's digest (BLAKE3 root), from a trusted source (a descriptor, `mcdist
     /// fetch --digest`): sessions serving another image are refused, and every page is
     /// verified against it. `None` takes the root from the first announce (integrity
@@ -84,6 +90,7 @@ impl ClientConfig {
             nack_slack_pages: 64,
             max_outstanding: 8192,
             want_zero_map: true,
+            accept_hints: true,
             expected_digest: None,
             max_held_pages: 4096,
             max_integrity_failures: 16,

@@ -305,6 +305,26 @@ impl Client {
         self.arm_idle_timer();
     }
 
+    /// A working-set hint: reported (pages not present, in range) unless refused or past
+    /// the session's bound of one image's worth of hinted pages.
+    fn on_hint(&mut self, q: wire::Request<'_>, page_count: u64) {
+        let listed = q.ranges.total_pages();
+        if !self.cfg.accept_hints || self.stats.hint_pages.saturating_add(listed) > page_count {
+            self.stats.hints_refused += 1;
+            return;
+        }
+        self.stats.hint_pages += listed;
+        let pages: Vec<u64> = q
+            .ranges
+            .iter()
+            .flat_map(|r| r.start..r.end().min(page_count))
+            .filter(|&p| !self.present.get(p))
+            .collect();
+        if !pages.is_empty() {
+            self.events.push_back(ClientEvent::WorkingSetHint(pages));
+        }
+    }
+
     /// Next event.
     pub fn poll_event(&mut self) -> Option<ClientEvent> {
         self.events.pop_front()
@@ -394,6 +414,7 @@ impl Client {
             Body::Repair(r) => self.on_repair(now, r),
             Body::ZeroMap(z) => self.on_zero_map(now, z),
             Body::End(_) => self.on_end(s),
+            Body::Hint(q) => self.on_hint(q, s.page_count),
             _ => {
                 self.stats.foreign += 1;
             }

@@ -84,6 +84,11 @@ pub enum ClientEvent {
         /// Its bytes (`page_size` long).
         data: Bytes,
     },
+    /// The server hints that these pages (not present yet, ascending) are the working set
+    /// earlier clones of the same parent touched: an embedder that serves a clone may ask
+    /// for them in bulk ([`Client::request_page`](super::Client::request_page)), each still
+    /// verified as it arrives. Hints of one session list at most the image's page count.
+    WorkingSetHint(Vec<u64>),
     /// Every page is present (zero pages included).
     Complete,
     /// The session failed; no more pages will arrive.
@@ -155,4 +160,9 @@ pub struct ClientStats {
     pub integrity_held: u64,
     /// Pages dropped because the held-page map was full (asked for again later).
     pub integrity_held_dropped: u64,
+    /// Pages listed in working-set hints and reported to the embedder.
+    pub hint_pages: u64,
+    /// Working-set hint datagrams dropped: refused by configuration, or past the image's
+    /// page count of hinted pages in this session.
+    pub hints_refused: u64,
 }

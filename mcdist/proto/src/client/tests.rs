@@ -167,3 +167,78 @@ fn unanswered_joins_retry_quickly_four_times_then_back_off() {
         "gaps {gaps:?}"
     );
 }
+
+/// One step of a server and its clients (client `i` at port `base` + `i`, server at port 1):
+/// timers, the clients' datagrams to the server, the server's to the group or to one client.
+fn exchange(server: &mut Server, clients: &mut [Client], base: u16, now: Instant) {
+    let mut buf = vec![0u8; 65_536];
+    for (i, c) in clients.iter_mut().enumerate() {
+        if c.poll_timeout().is_some_and(|t| t <= now) {
+            c.handle_timeout(now);
+        }
+        while let Some(t) = c.poll_transmit(now, &mut buf) {
+            server.handle_datagram(now, addr(base + i as u16), &buf[..t.len]);
+        }
+    }
+    if server.poll_timeout().is_some_and(|t| t <= now) {
+        server.handle_timeout(now);
+    }
+    while let Some(t) = server.poll_transmit(now, &mut buf) {
+        for (i, c) in clients.iter_mut().enumerate() {
+            if t.dest == Dest::Group || t.dest == Dest::Peer(addr(base + i as u16)) {
+                c.handle_datagram_slice(now, addr(1), &buf[..t.len]);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_later_clone_is_told_the_working_set_unless_it_refuses_hints() {
+    let t0 = Instant::now();
+    let source = Arc::new(MemSource::new(image(), PAGE));
+    let info = crate::source::scan(source.as_ref()).expect("an in-memory image scans");
+    let scfg = ServerConfig {
+        push_neighbors: false,
+        ..ServerConfig::default()
+    };
+    let mut server = Server::with_info(scfg, source, info, t0).expect("server");
+    // Generation 1 asks for pages 20..=29 and 50 (page 24 is zero: answered, not recorded).
+    let mut first = vec![Client::new(ClientConfig::new(addr(1)), t0)];
+    let mut now = t0;
+    for p in (20..30).chain([50]) {
+        first[0].request_page(now, p);
+    }
+    for _ in 0..200 {
+        now += Duration::from_millis(1);
+        exchange(&mut server, &mut first, 10, now);
+    }
+    assert!((20..30).chain([50]).all(|p| first[0].has_page(p)));
+    // Generation 2, a second later: one client takes hints, one refuses them.
+    now += Duration::from_secs(1);
+    let refusing = ClientConfig {
+        accept_hints: false,
+        ..ClientConfig::new(addr(1))
+    };
+    let mut later = vec![
+        Client::new(ClientConfig::new(addr(1)), now),
+        Client::new(refusing, now),
+    ];
+    let mut hints: Vec<Vec<u64>> = vec![Vec::new(), Vec::new()];
+    for _ in 0..100 {
+        now += Duration::from_millis(1);
+        exchange(&mut server, &mut later, 20, now);
+        for (i, c) in later.iter_mut().enumerate() {
+            while let Some(e) = c.poll_event() {
+                if let ClientEvent::WorkingSetHint(p) = e {
+                    hints[i].extend(p);
+                }
+            }
+        }
+    }
+    let want: Vec<u64> = (20..30).filter(|p| p % 7 != 3).chain([50]).collect();
+    assert_eq!(hints[0], want);
+    assert_eq!(later[0].stats().hint_pages, want.len() as u64);
+    assert!(hints[1].is_empty());
+    assert_eq!(later[1].stats().hints_refused, 1);
+    assert_eq!(server.stats().hint_datagrams, 2);
+}

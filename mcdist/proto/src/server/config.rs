@@ -48,6 +48,12 @@ pub struct ServerConfig {
     pub working_set_generation_gap: Duration,
     /// Most pages the recorded working set holds.
     pub working_set_max_pages: usize,
+    /// With `working_set_push`: tell each receiver of a replayed generation, as it joins,
+    /// which pages were recorded ([`Kind::Hint`](crate::wire::Kind::Hint) datagrams to it
+    /// alone, ranges in page order), so that it can ask for them in bulk while it runs: a
+    /// clone touching pages faster than the paced replay reaches them (see
+    /// `benches/README.md`, "Record and prefetch"). On by default.
+    pub working_set_hints: bool,
     /// Also record pages pushed next to faults, in the order sent. A clone that
     /// finds a pushed page present never faults on it, so without this the
     /// pages a generation got from that push are missing from its recorded
@@ -108,6 +114,7 @@ impl Default for ServerConfig {
             working_set_push: true,
             working_set_generation_gap: Duration::from_millis(100),
             working_set_max_pages: 1 << 20,
+            working_set_hints: true,
             working_set_record_push: true,
             sweep_min_clients: 0,
             delivery: Delivery::Multicast,

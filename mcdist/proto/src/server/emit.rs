@@ -25,6 +25,8 @@ const ZERO_MAP_GROUP_MIN: usize = 64;
 pub(super) enum Control {
     Announce(Dest),
     ZeroMapChunk(Dest, u32),
+    /// The recorded working set's ranges from this page on, to one receiver.
+    Hint(SocketAddr, u64),
     End,
 }
 
@@ -33,6 +35,7 @@ impl Control {
         match *self {
             Control::Announce(d) => d,
             Control::ZeroMapChunk(d, _) => d,
+            Control::Hint(peer, _) => Dest::Peer(peer),
             Control::End => Dest::Group,
         }
     }
@@ -236,10 +239,36 @@ impl Server {
         }
     }
 
+    /// The recorded working set, in page order, to a receiver that just joined a replayed
+    /// generation (one datagram now, the next queued as each goes out).
+    pub(super) fn queue_hint(&mut self, peer: SocketAddr) {
+        if self.control_room(1) {
+            self.out.control.push_back(Control::Hint(peer, 0));
+        }
+    }
+
     pub(super) fn emit_control(&mut self, c: Control, buf: &mut [u8]) -> Option<Transmit> {
         let dest = c.dest();
         let seq = self.out.next_seq(dest == Dest::Group);
+        let mut raw = Vec::new();
         let body = match c {
+            Control::Hint(peer, start) => {
+                let max =
+                    wire::Request::max_ranges(self.cfg.max_datagram, self.cfg.trailer_reserve);
+                let (ranges, more) = self.working_set.ranges_from(start, max.max(1));
+                if let Some(next) = more.filter(|_| self.control_room(1)) {
+                    self.out.control.push_front(Control::Hint(peer, next));
+                }
+                self.stats.hint_datagrams += 1;
+                self.stats.hint_pages += ranges.iter().map(|r| u64::from(r.len)).sum::<u64>();
+                wire::encode_ranges(&ranges, &mut raw);
+                Body::Hint(wire::Request {
+                    rx_rate: 0,
+                    loss_permille: 0,
+                    flags: wire::RequestFlags::empty(),
+                    ranges: wire::ranges_from_encoded(&raw),
+                })
+            }
             Control::Announce(d) => Body::Announce(self.announce(d)),
             Control::End => Body::End(wire::End {
                 reason: u8::from(self.failed),

@@ -305,7 +305,8 @@ impl Server {
             | Body::Data(_)
             | Body::ZeroMap(_)
             | Body::End(_)
-            | Body::Repair(_) => {
+            | Body::Repair(_)
+            | Body::Hint(_) => {
                 self.stats.foreign += 1;
                 tracing::debug!(%from, kind = ?msg.body.kind(), "server ignores server-side message");
             }

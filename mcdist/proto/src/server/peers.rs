@@ -231,6 +231,12 @@ impl Server {
         self.events.push_back(ServerEvent::ClientJoined(from));
         if self.cfg.working_set_push {
             self.working_set.joined(joined);
+            if self.cfg.working_set_hints
+                && self.working_set.latest_generation_replayed()
+                && !self.working_set.is_empty()
+            {
+                self.queue_hint(from);
+            }
         }
         true
     }

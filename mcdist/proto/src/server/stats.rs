@@ -51,6 +51,10 @@ pub struct ServerStats {
     pub ws_push_pages: u64,
     /// Pages resent in answer to NACKs or retries.
     pub repair_pages: u64,
+    /// Working-set hint datagrams sent (each to one receiver).
+    pub hint_datagrams: u64,
+    /// Pages listed in working-set hints.
+    pub hint_pages: u64,
     /// Pages sent by unicast (end game, fan-out).
     pub unicast_pages: u64,
     /// Second copies of end-game answers to re-asks (up to 64 receivers; counted in

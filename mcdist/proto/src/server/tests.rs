@@ -599,3 +599,56 @@ fn no_more_than_half_the_receivers_are_isolated() {
     assert_eq!(s.stats().slow_receivers, 1);
     assert_eq!(s.stats().isolation_refused, 1);
 }
+
+/// Validates `from` and returns the pages of each working-set hint it was sent.
+fn hints_on_joining(s: &mut Server, now: Instant, from: SocketAddr) -> Vec<Vec<u64>> {
+    let token = token_for(s, now, from);
+    s.handle_datagram(now, from, &join(token));
+    let mut buf = vec![0u8; 65_536];
+    let mut hints = Vec::new();
+    while let Some(t) = s.poll_transmit(now, &mut buf) {
+        if let Body::Hint(q) = Message::parse(&buf[..t.len]).unwrap().body {
+            assert_eq!(
+                t.dest,
+                Dest::Peer(from),
+                "a hint goes to its receiver alone"
+            );
+            hints.push(q.ranges.iter().flat_map(|r| r.start..r.end()).collect());
+        }
+    }
+    hints
+}
+
+#[test]
+fn a_receiver_of_a_later_generation_is_hinted_the_recorded_set_in_page_order() {
+    for hints_on in [true, false] {
+        let t0 = Instant::now();
+        let mut s = server(t0);
+        s.cfg.working_set_hints = hints_on;
+        assert!(hints_on_joining(&mut s, t0, addr(1000)).is_empty());
+        for p in [6, 2, 3, 5] {
+            s.handle_datagram(
+                t0,
+                addr(1000),
+                &ask(Kind::Request, RequestFlags::empty(), p),
+            );
+        }
+        drain(&mut s, t0);
+        // A late joiner of the recording generation: no hint.
+        let t1 = t0 + Duration::from_millis(10);
+        assert!(hints_on_joining(&mut s, t1, addr(1001)).is_empty());
+        // A later generation: the recorded pages (zero page 5 was never recorded), in page
+        // order, once per receiver.
+        let t2 = t0 + Duration::from_secs(1);
+        let want: Vec<Vec<u64>> = if hints_on {
+            vec![vec![2, 3, 6]]
+        } else {
+            vec![]
+        };
+        assert_eq!(hints_on_joining(&mut s, t2, addr(1002)), want);
+        assert_eq!(hints_on_joining(&mut s, t2, addr(1003)), want);
+        assert!(hints_on_joining(&mut s, t2, addr(1002)).is_empty(), "once");
+        assert_eq!(s.stats().hint_datagrams, want.len() as u64 * 2);
+        assert_eq!(s.stats().hint_pages, if hints_on { 6 } else { 0 });
+    }
+}

@@ -114,7 +114,7 @@ impl Server {
     pub(super) fn control_len(&self, c: &Control) -> u64 {
         let body = match c {
             Control::Announce(_) => wire::Announce::LEN,
-            Control::ZeroMapChunk(..) => self.cfg.max_datagram,
+            Control::ZeroMapChunk(..) | Control::Hint(..) => self.cfg.max_datagram,
             Control::End => 1,
         };
         (wire::HEADER_LEN + body + self.cfg.trailer_reserve).min(self.cfg.max_datagram) as u64

@@ -226,6 +226,8 @@ impl Sim {
                         .map(|(_, img)| img.clone());
                 }
                 ClientEvent::SessionResumed(_) => c.resumes += 1,
+                // Simulated clients fault on their traces; they do not prefetch.
+                ClientEvent::WorkingSetHint(_) => {}
                 ClientEvent::PageReady { pfn, data } => c.page_ready(now, page_size, pfn, &data),
                 ClientEvent::Complete => {
                     if c.spec.workload == Workload::FetchAll && c.finished_after.is_none() {

@@ -58,6 +58,11 @@ pub enum Kind {
     End = 9,
     /// Server → group: one RaptorQ repair symbol for a block of pushed or swept pages.
     Repair = 10,
+    /// Server → peer: pages recorded as earlier clones' working set (a [`Request`] body:
+    /// ranges), which a receiver may ask for in bulk (prefetch).
+    ///
+    /// [`Request`]: super::Request
+    Hint = 11,
 }
 
 impl Kind {
@@ -74,6 +79,7 @@ impl Kind {
             8 => Kind::ZeroMap,
             9 => Kind::End,
             10 => Kind::Repair,
+            11 => Kind::Hint,
             other => return Err(WireError::BadKind(other)),
         })
     }

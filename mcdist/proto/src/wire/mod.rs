@@ -155,6 +155,9 @@ pub enum Body<'a> {
     End(End),
     /// See [`Repair`].
     Repair(Repair<'a>),
+    /// See [`Request`]; pages the server recorded as the working set of earlier clones,
+    /// which a receiver may prefetch.
+    Hint(Request<'a>),
 }
 
 impl<'a> Body<'a> {
@@ -171,6 +174,7 @@ impl<'a> Body<'a> {
             Body::ZeroMap(_) => Kind::ZeroMap,
             Body::End(_) => Kind::End,
             Body::Repair(_) => Kind::Repair,
+            Body::Hint(_) => Kind::Hint,
         }
     }
 
@@ -187,6 +191,7 @@ impl<'a> Body<'a> {
             Kind::ZeroMap => Body::ZeroMap(ZeroMap::parse(body)?),
             Kind::End => Body::End(End::parse(body)?),
             Kind::Repair => Body::Repair(Repair::parse(body)?),
+            Kind::Hint => Body::Hint(Request::parse(body)?),
         })
     }
 
@@ -195,7 +200,7 @@ impl<'a> Body<'a> {
         match self {
             Body::Announce(a) => a.buffer_len(),
             Body::Data(d) => d.buffer_len(),
-            Body::Request(q) | Body::Nack(q) => q.buffer_len(),
+            Body::Request(q) | Body::Nack(q) | Body::Hint(q) => q.buffer_len(),
             Body::Join(j) => j.buffer_len(),
             Body::Heartbeat(h) => h.buffer_len(),
             Body::Leave(l) => l.buffer_len(),
@@ -210,7 +215,7 @@ impl<'a> Body<'a> {
         match self {
             Body::Announce(a) => a.emit(body),
             Body::Data(d) => d.emit(body),
-            Body::Request(q) | Body::Nack(q) => q.emit(body),
+            Body::Request(q) | Body::Nack(q) | Body::Hint(q) => q.emit(body),
             Body::Join(j) => j.emit(body),
             Body::Heartbeat(h) => h.emit(body),
             Body::Leave(l) => l.emit(body),

@@ -77,7 +77,8 @@ impl<'a> Ranges<'a> {
     }
 }
 
-/// Body of [`Kind::Request`](super::Kind::Request) and [`Kind::Nack`](super::Kind::Nack).
+/// Body of [`Kind::Request`](super::Kind::Request), [`Kind::Nack`](super::Kind::Nack) and
+/// [`Kind::Hint`](super::Kind::Hint) (whose rate, loss and flags are zero).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request<'a> {
     /// Receiver's measured receive rate, bytes per second.
