@@ -1,18 +1,29 @@
-# Summarises mcdist-kvm-demo --generations 2 outputs: python3 summarize.py DIR
-import re,glob,statistics as S,sys
-d=sys.argv[1]
-for pat in ['s4096','s256','s64','r10g']:
-    rows={}
-    n=0
-    for f in sorted(glob.glob(d+'/'+pat+'-*.txt')):
-        n+=1
-        for l in open(f):
-            m=re.match(r'^ *(off|push|push\+prefetch|push\+prefetch 1st) +([12]) +(\d+) +(\d+) +(\d+) +([\d.]+)',l)
-            if m:
-                rows.setdefault((m[1],m[2]),[]).append((int(m[3]),float(m[6]),int(m[5])))
-    print(pat, n, 'runs')
-    for mode in ['off','push','push+prefetch','push+prefetch 1st']:
-        if (mode,'1') not in rows: continue
-        g1=rows[(mode,'1')]; g2=rows[(mode,'2')]
-        ratios=[a[0]/b[0] if b[0] else float('inf') for a,b in zip(g1,g2)]
-        print(f"  {mode:18} g1 faults med {S.median([a[0] for a in g1]):.0f} g2 {[b[0] for b in g2]} ratio med {S.median(ratios):.1f} [{min(ratios):.1f}..{max(ratios):.1f}] wall g1 med {S.median([a[1] for a in g1]):.0f} g2 med {S.median([b[1] for b in g2]):.0f} [{min(b[1] for b in g2):.0f}..{max(b[1] for b in g2):.0f}]")
+# Summarises mcdist-kvm-demo --generations 2 outputs in DIR (files s<stride>-<run>.txt and
+# r10g-<run>.txt): per mode, generation 1 / generation 2 demand faults and generation 2's
+# wall time.  python3 summarize.py DIR
+import glob
+import re
+import statistics as S
+import sys
+
+d = sys.argv[1]
+row = re.compile(r'^ *(\S+(?: \S+)?) +([12]) +(\d+) +(\d+) +(\d+) +([\d.]+) +\S+')
+for pat in ['s4096', 's256', 's64', 'r10g']:
+    rows, order = {}, []
+    files = sorted(glob.glob(f'{d}/{pat}-*.txt'))
+    for f in files:
+        for line in open(f):
+            m = row.match(line)
+            if m and not line.lstrip().startswith(('id', 'working')):
+                if m[1] not in order:
+                    order.append(m[1])
+                rows.setdefault((m[1], m[2]), []).append((int(m[3]), float(m[6])))
+    print(pat, len(files), 'runs')
+    for mode in order:
+        g1, g2 = rows[(mode, '1')], rows[(mode, '2')]
+        ratios = [a[0] / b[0] if b[0] else float('inf') for a, b in zip(g1, g2)]
+        walls = [b[1] for b in g2]
+        print(f"  {mode:18} gen 1 faults median {S.median(a[0] for a in g1):.0f}, gen 2 {[b[0] for b in g2]}, "
+              f"ratio median {S.median(ratios):.1f} [{min(ratios):.1f}..{max(ratios):.1f}], "
+              f"gen 1 wall median {S.median(a[1] for a in g1):.0f} ms, gen 2 {S.median(walls):.0f} ms "
+              f"[{min(walls):.0f}..{max(walls):.0f}]")

@@ -52,7 +52,7 @@ pub struct ServerConfig {
     /// which pages were recorded ([`Kind::Hint`](crate::wire::Kind::Hint) datagrams to it
     /// alone, ranges in page order), so that it can ask for them in bulk while it runs: a
     /// clone touching pages faster than the paced replay reaches them (see
-    /// `benches/README.md`, "Record and prefetch"). On by default.
+    /// `benches/README.md`, "Hints and prefetch"). On by default.
     pub working_set_hints: bool,
     /// Also record pages pushed next to faults, in the order sent. A clone that
     /// finds a pushed page present never faults on it, so without this the
