@@ -238,7 +238,6 @@ impl Inner {
             st.prefetch_queue.push_back(pfn);
             queued += 1;
         }
-
         st.prefetch_left += queued;
         st.stats.pages_requested += queued;
         if queued > 0 {
