@@ -162,3 +162,65 @@ fn client_fails_clearly_when_the_server_disappears() {
         "unexpected error: {msg}"
     );
 }
+
+#[test]
+fn a_later_client_is_hinted_the_working_set_and_asks_for_it_in_windows() {
+    let img = image(2000);
+    let net = MemNetwork::new(9000);
+    let server_addr = addr("127.0.0.1:7201");
+    let server = ServerNode::start(
+        ServerConfig {
+            push_neighbors: false,
+            ..ServerConfig::default()
+        },
+        net.endpoint(server_addr, false),
+        Arc::new(MemSource::new(img.clone(), 4096)),
+    )
+    .unwrap();
+    let wait_present = |node: &ClientNode, pages: &[u64]| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !pages.iter().all(|&p| node.is_present(p)) {
+            assert!(std::time::Instant::now() < deadline, "pages never arrived");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    // Generation 1 asks for 600 pages (every fifth is zero and never sent).
+    let wanted: Vec<u64> = (100..700).collect();
+    let first = ClientNode::start(
+        ClientConfig::new(server_addr),
+        net.endpoint(addr("127.0.0.9:9000"), true),
+        Arc::new(MemorySink::default()),
+    )
+    .unwrap();
+    first.wait_session(Duration::from_secs(10)).unwrap();
+    for &p in &wanted {
+        first.request(p);
+    }
+    wait_present(&first, &wanted);
+    // A later generation (past the server's generation gap) asks for nothing itself.
+    std::thread::sleep(Duration::from_millis(200));
+    let store = Arc::new(MemorySink::default());
+    let later = ClientNode::start(
+        ClientConfig::new(server_addr),
+        net.endpoint(addr("127.0.0.10:9000"), true),
+        store.clone(),
+    )
+    .unwrap();
+    wait_present(&later, &wanted);
+    let m = store.pages();
+    for &p in wanted.iter().filter(|p| *p % 5 != 2) {
+        let at = p as usize * 4096;
+        assert_eq!(m[&p], img[at..at + 4096], "page {p}");
+    }
+    drop(m);
+    let st = later.shutdown();
+    assert_eq!(
+        st.hint_pages, 480,
+        "the non-zero pages generation 1 asked for"
+    );
+    assert_eq!(st.hints_refused, 0);
+    // Every hinted page was asked for or came with the server's replay.
+    assert!(st.pages_requested + st.push_pages >= 480, "{st:?}");
+    assert_eq!(st.duplicates, 0);
+    assert_eq!(server.shutdown().unwrap().stats.hint_datagrams, 1);
+}

@@ -3,6 +3,9 @@
 //! error, presence bits readable from any thread), and the client loop —
 //! commands, timers, sends, events to the [`PageSink`], and the shared
 //! receive turn. A page the sink refuses fails the session and sends a leave.
+//! The server's working-set hints are asked for in bulk, at most
+//! `HINT_WINDOW` (256) outstanding requests at a time, so that an embedder serving a
+//! clone (a page cache, a lazy memory file) has them before it is asked.
 
 use super::recv::{wait_until, Inbox};
 use super::{io_err, lock, secure_transport, NodeConfig, NodeError, PageSink};
@@ -11,11 +14,16 @@ use crate::secure::{SecureTransport, SecurityStats, SecurityStatsHandle};
 use crate::transport::{Transport, Wake};
 use crate::SessionInfo;
 use crossbeam_channel::{Receiver, Sender};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// Most requests outstanding while hinted pages wait to be asked for: each waits behind at
+/// most this many pages (1 MiB of 4 KiB pages), well inside its retransmission timer.
+const HINT_WINDOW: usize = 256;
 
 enum Cmd {
     Request(u64),
@@ -279,6 +287,8 @@ struct Delivery<'a> {
     /// read without waiting): waking the waiting thread for every batch of pages costs a
     /// context switch each time.
     wake: bool,
+    /// Hinted pages not asked for yet.
+    hinted: VecDeque<u64>,
 }
 
 impl Delivery<'_> {
@@ -317,9 +327,7 @@ impl Delivery<'_> {
                     client.recycle_page(data);
                 }
                 ClientEvent::Complete => lock(&self.shared.state).complete = true,
-                // The threaded node asks for what its users ask for; the inline clone
-                // path (mcdist-kvm) acts on hints.
-                ClientEvent::WorkingSetHint(_) => {}
+                ClientEvent::WorkingSetHint(pages) => self.hinted.extend(pages),
                 ClientEvent::Failed(err) => {
                     let err = NodeError::Session(err);
                     self.sink.failed(&err);
@@ -347,6 +355,7 @@ fn client_loop<T: Transport>(
         refused: None,
         changed: false,
         wake: false,
+        hinted: VecDeque::new(),
     };
     loop {
         let now = Instant::now();
@@ -361,6 +370,13 @@ fn client_loop<T: Transport>(
                 }
                 Cmd::Stop => return Ok(()),
             }
+        }
+        // Hinted pages, a window at a time (asks made above go first).
+        while client.outstanding() < HINT_WINDOW && !leaving {
+            let Some(pfn) = d.hinted.pop_front() else {
+                break;
+            };
+            client.request_page(now, pfn);
         }
         if client.poll_timeout().is_some_and(|t| t <= now) {
             client.handle_timeout(now);

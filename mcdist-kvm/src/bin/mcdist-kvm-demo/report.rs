@@ -85,11 +85,13 @@ pub(crate) fn print_clones(
 
 pub(crate) fn print_server(s: &ServerSnapshot) {
     println!(
-        "\nserver: {} pages sent ({} demand, {} push, {} working-set push), {:.1} MiB, {} zero replies, {} request datagrams for {} pages",
+        "\nserver: {} pages sent ({} demand, {} push, {} working-set push), {} working-set hints for {} pages, {:.1} MiB, {} zero replies, {} request datagrams for {} pages",
         s.stats.pages_sent,
         s.stats.demand_pages,
         s.stats.push_pages,
         s.stats.ws_push_pages,
+        s.stats.hint_datagrams,
+        s.stats.hint_pages,
         s.stats.bytes_sent as f64 / f64::from(1 << 20),
         s.stats.zero_replies,
         s.stats.requests,
