@@ -314,12 +314,15 @@ impl Client {
             return;
         }
         self.stats.hint_pages += listed;
-        let pages: Vec<u64> = q
+        let mut pages: Vec<u64> = q
             .ranges
             .iter()
             .flat_map(|r| r.start..r.end().min(page_count))
             .filter(|&p| !self.present.get(p))
             .collect();
+        // The server sends ranges in page order; anyone else's need not be.
+        pages.sort_unstable();
+        pages.dedup();
         if !pages.is_empty() {
             self.events.push_back(ClientEvent::WorkingSetHint(pages));
         }

@@ -241,4 +241,36 @@ fn a_later_clone_is_told_the_working_set_unless_it_refuses_hints() {
     assert!(hints[1].is_empty());
     assert_eq!(later[1].stats().hints_refused, 1);
     assert_eq!(server.stats().hint_datagrams, 2);
+
+    // Ranges out of order and overlapping (not the server's): reported once each, ascending.
+    use crate::wire::{encode_ranges, ranges_from_encoded, Body, HeaderFlags, Message};
+    use crate::wire::{PageRange, Request, RequestFlags};
+    let mut raw = Vec::new();
+    let r = |start, len| PageRange { start, len };
+    encode_ranges(&[r(60, 3), r(57, 5), r(95, 9)], &mut raw);
+    let m = Message {
+        session: later[0].session().expect("a session").session_id,
+        seq: 1_000,
+        flags: HeaderFlags::empty(),
+        body: Body::Hint(Request {
+            rx_rate: 0,
+            loss_permille: 0,
+            flags: RequestFlags::empty(),
+            ranges: ranges_from_encoded(&raw),
+        }),
+    };
+    let mut buf = vec![0u8; m.buffer_len()];
+    let n = m.emit(&mut buf).expect("emit");
+    later[0].handle_datagram_slice(now, addr(1), &buf[..n]);
+    let mut got = Vec::new();
+    while let Some(e) = later[0].poll_event() {
+        if let ClientEvent::WorkingSetHint(p) = e {
+            got = p;
+        }
+    }
+    let want: Vec<u64> = (57..63)
+        .chain([95])
+        .filter(|&p| !later[0].has_page(p))
+        .collect();
+    assert_eq!(got, want, "in range, once each, ascending");
 }
