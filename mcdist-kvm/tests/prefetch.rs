@@ -39,15 +39,21 @@ impl PageFetcher for Held {
     }
 }
 
-fn lazy(pages: usize, window: usize) -> (LazyMemory, Arc<dyn PageSource>) {
+/// Lazy memory of `pages` pages of [`image`] with a prefetch window of `window`, started
+/// with a [`Held`] fetcher: the test delivers what it asks for.
+fn held_memory(pages: usize, window: usize) -> (LazyMemory, Arc<dyn PageSource>, Arc<Held>) {
     let src = image(pages);
     let cfg = LazyConfig {
         prefetch_window: window,
         ..LazyConfig::default()
     };
-    let mem = LazyMemory::new(pages * PAGE, zero_map(&*src).expect("zero map"), cfg)
+    let mut mem = LazyMemory::new(pages * PAGE, zero_map(&*src).expect("zero map"), cfg)
         .expect("lazy memory");
-    (mem, src)
+    let held = Arc::new(Held {
+        asked: Mutex::new(Vec::new()),
+    });
+    mem.start(held.clone()).expect("start");
+    (mem, src, held)
 }
 
 #[test]
@@ -57,11 +63,7 @@ fn prefetched_pages_are_asked_in_windows_and_installed_before_any_fault() {
     }
     let (pages, window) = (256, 16);
     const PUSHED: [u64; 3] = [197, 198, 199];
-    let (mut mem, src) = lazy(pages, window);
-    let held = Arc::new(Held {
-        asked: Mutex::new(Vec::new()),
-    });
-    mem.start(held.clone()).expect("start");
+    let (mem, src, held) = held_memory(pages, window);
     let h: LazyHandle = mem.handle();
     // Plays the page source: delivers what was asked, checking that never more than the
     // window is outstanding. Once the prefetch is under way it first pushes the last pages
@@ -129,11 +131,7 @@ fn a_prefetch_that_times_out_reports_what_is_missing_and_a_failure_ends_it() {
     if !uffd_available() {
         return;
     }
-    let (mut mem, _src) = lazy(64, 8);
-    let held = Arc::new(Held {
-        asked: Mutex::new(Vec::new()),
-    });
-    mem.start(held.clone()).expect("start");
+    let (mem, _src, _held) = held_memory(64, 8);
     let p = mem
         .prefetch(&[1, 2, 3], Duration::from_millis(50))
         .expect("prefetch");
@@ -150,9 +148,10 @@ fn a_prefetch_that_times_out_reports_what_is_missing_and_a_failure_ends_it() {
     assert_eq!(mem.stats().pages_prefetched, 0, "no page was installed");
 }
 
-/// A parent served without any push (every page a clone gets is one it asked for), in a
-/// network namespace of its own; `None` without KVM.
-fn served_without_push(tag: &str, seed: u32, port: u16) -> Option<(Netns, Served)> {
+/// A parent served on loopback in a network namespace of its own, without neighbour push;
+/// with `working_set` the server records, replays and hints the working set (its
+/// defaults), without it every page a clone gets is one it asked for. `None` without KVM.
+fn served(tag: &str, seed: u32, port: u16, working_set: bool) -> Option<(Netns, Served)> {
     if !have_kvm() {
         return None;
     }
@@ -160,11 +159,26 @@ fn served_without_push(tag: &str, seed: u32, port: u16) -> Option<(Netns, Served
     ns.enter().expect("enter netns");
     let cfg = mcdist::ServerConfig {
         push_neighbors: false,
-        working_set_push: false,
+        working_set_push: working_set,
         ..Default::default()
     };
     let s = serve(HashJob::new(32 << 20, 0.9, 0.2, seed, 4096), port, cfg);
     Some((ns, s))
+}
+
+/// The server's pages sent once its counters stop changing: they are a snapshot refreshed
+/// every few milliseconds, which may not hold the last pages of a clone that just ended.
+fn settled_pages_sent(server: &mcdist_kvm::MemoryServer) -> u64 {
+    let mut last = server.stats().stats.pages_sent;
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = server.stats().stats.pages_sent;
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("the server kept sending");
 }
 
 fn inline_clone(desc: &Descriptor, id: u32, opts: &CloneOptions) -> CloneReport {
@@ -180,7 +194,7 @@ fn inline_clone(desc: &Descriptor, id: u32, opts: &CloneOptions) -> CloneReport 
 
 #[test]
 fn a_clone_that_prefetches_the_recorded_working_set_faults_on_nothing() {
-    let Some((_ns, s)) = served_without_push("pref", 5, 47121) else {
+    let Some((_ns, s)) = served("pref", 5, 47121, false) else {
         return;
     };
     let first = inline_clone(
@@ -196,7 +210,7 @@ fn a_clone_that_prefetches_the_recorded_working_set_faults_on_nothing() {
     assert_eq!(ws.len() as u64, first.stats.pages_fetched());
     assert!(first.stats.demand_faults >= s.job.pages_touched_per_clone(4096) - 3);
     assert!(first.prefetched.is_none());
-    let sent_before = s.server.stats().stats.pages_sent;
+    let sent_before = settled_pages_sent(&s.server);
 
     let second = inline_clone(
         &s.desc,
@@ -225,15 +239,7 @@ fn a_clone_that_prefetches_the_recorded_working_set_faults_on_nothing() {
         "it touched only prefetched pages"
     );
     assert!(second.working_set.is_empty(), "not asked to record");
-    // The server's counters are a snapshot refreshed every few milliseconds.
-    let mut sent = 0;
-    for _ in 0..200 {
-        sent = s.server.stats().stats.pages_sent - sent_before;
-        if sent >= ws.len() as u64 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let sent = settled_pages_sent(&s.server) - sent_before;
     assert!(
         sent >= ws.len() as u64 && sent <= ws.len() as u64 + ws.len() as u64 / 20,
         "the server sent {sent} pages for a prefetch of {}",
@@ -271,11 +277,7 @@ fn a_fault_on_a_page_waiting_its_turn_in_the_prefetch_asks_for_it_at_once() {
     if !uffd_available() {
         return;
     }
-    let (mut mem, src) = lazy(64, 1);
-    let held = Arc::new(Held {
-        asked: Mutex::new(Vec::new()),
-    });
-    mem.start(held.clone()).expect("start");
+    let (mem, src, held) = held_memory(64, 1);
     // Window 1: page 1 is asked for, 2, 3 and 5..=7 wait their turn (4 is zero).
     assert_eq!(mem.prefetch_start(&[1, 2, 3, 4, 5, 6, 7]), 6);
     let mem = Arc::new(mem);
@@ -309,7 +311,7 @@ fn a_fault_on_a_page_waiting_its_turn_in_the_prefetch_asks_for_it_at_once() {
 
 #[test]
 fn mcdist_clone_records_a_working_set_file_and_prefetches_from_it() {
-    let Some((_ns, s)) = served_without_push("prefc", 6, 47131) else {
+    let Some((_ns, s)) = served("prefc", 6, 47131, false) else {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
@@ -379,18 +381,11 @@ fn mcdist_clone_records_a_working_set_file_and_prefetches_from_it() {
 
 #[test]
 fn a_later_clone_prefetches_what_the_server_hints_it_recorded() {
-    if !have_kvm() {
-        return;
-    }
-    let ns = loopback_ns("hint");
-    ns.enter().expect("enter netns");
     // The recorded working set is replayed and hinted (the defaults); no neighbour push, so
     // what generation 1 got is what it asked for.
-    let cfg = mcdist::ServerConfig {
-        push_neighbors: false,
-        ..Default::default()
+    let Some((_ns, s)) = served("hint", 7, 47141, true) else {
+        return;
     };
-    let s = serve(HashJob::new(32 << 20, 0.9, 0.2, 7, 4096), 47141, cfg);
     let opts = CloneOptions {
         record_working_set: true,
         ..Default::default()

@@ -24,6 +24,28 @@ fn image(pages: usize) -> Vec<u8> {
     v
 }
 
+/// A server of `img` at `at` that sends only what is asked for (no neighbour push).
+fn lazy_server(net: &MemNetwork, at: std::net::SocketAddr, img: &[u8]) -> ServerNode {
+    ServerNode::start(
+        ServerConfig {
+            push_neighbors: false,
+            ..ServerConfig::default()
+        },
+        net.endpoint(at, false),
+        Arc::new(MemSource::new(img.to_vec(), 4096)),
+    )
+    .unwrap()
+}
+
+/// Waits (at most 10 s) until every page of `pages` is present at `node`.
+fn wait_present(node: &ClientNode, pages: &[u64]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !pages.iter().all(|&p| node.is_present(p)) {
+        assert!(std::time::Instant::now() < deadline, "pages never arrived");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 #[test]
 fn whole_image_to_three_clients_with_loss() {
     let img = image(600);
@@ -87,15 +109,7 @@ fn lazy_requests_are_coalesced_and_served() {
     let img = image(64);
     let net = MemNetwork::new(9000);
     let server_addr = addr("127.0.0.1:7101");
-    let server = ServerNode::start(
-        ServerConfig {
-            push_neighbors: false,
-            ..ServerConfig::default()
-        },
-        net.endpoint(server_addr, false),
-        Arc::new(MemSource::new(img.clone(), 4096)),
-    )
-    .unwrap();
+    let server = lazy_server(&net, server_addr, &img);
     let store = Arc::new(MemorySink::default());
     let node = ClientNode::start(
         ClientConfig::new(server_addr),
@@ -109,11 +123,7 @@ fn lazy_requests_are_coalesced_and_served() {
         node.request(10);
     }
     node.request(11);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !(node.is_present(10) && node.is_present(11)) {
-        assert!(std::time::Instant::now() < deadline, "pages never arrived");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_present(&node, &[10, 11]);
     let m = store.pages();
     assert_eq!(m[&10], img[10 * 4096..11 * 4096]);
     assert_eq!(m[&11], img[11 * 4096..12 * 4096]);
@@ -168,22 +178,7 @@ fn a_later_client_is_hinted_the_working_set_and_asks_for_it_in_windows() {
     let img = image(2000);
     let net = MemNetwork::new(9000);
     let server_addr = addr("127.0.0.1:7201");
-    let server = ServerNode::start(
-        ServerConfig {
-            push_neighbors: false,
-            ..ServerConfig::default()
-        },
-        net.endpoint(server_addr, false),
-        Arc::new(MemSource::new(img.clone(), 4096)),
-    )
-    .unwrap();
-    let wait_present = |node: &ClientNode, pages: &[u64]| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !pages.iter().all(|&p| node.is_present(p)) {
-            assert!(std::time::Instant::now() < deadline, "pages never arrived");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    };
+    let server = lazy_server(&net, server_addr, &img);
     // Generation 1 asks for 600 pages (every fifth is zero and never sent).
     let wanted: Vec<u64> = (100..700).collect();
     let first = ClientNode::start(
