@@ -204,21 +204,23 @@ pub fn run_clone(
                 elapsed: Duration::ZERO,
             })
         }
-        Some(pages) => Some(
-            mem.prefetch(pages, fetch_timeout)
-                .map_err(|failure| CloneError::MemoryLost { id, failure })?,
-        ),
+        Some(pages) => {
+            let p = mem
+                .prefetch(pages, fetch_timeout)
+                .map_err(|failure| CloneError::MemoryLost { id, failure })?;
+            if p.missing > 0 {
+                tracing::warn!(
+                    id,
+                    missing = p.missing,
+                    asked = p.asked,
+                    "prefetch incomplete after {:?}; the clone starts and faults on the rest",
+                    p.elapsed
+                );
+            }
+            Some(p)
+        }
         None => None,
     };
-    if let Some(p) = prefetched.filter(|p| p.missing > 0 && opts.prefetch_before_start) {
-        tracing::warn!(
-            id,
-            missing = p.missing,
-            asked = p.asked,
-            "prefetch incomplete after {:?}; the clone starts and faults on the rest",
-            p.elapsed
-        );
-    }
     let mem = Arc::new(mem);
     let mut vm = Vm::new(VmMemory::Lazy(mem.clone()), desc.vcpus.len())?;
     vm.restore(&desc.vcpus)?;
