@@ -6,7 +6,8 @@
 //! 1. rate limit — each receiver may ask for `per_source_page_rate` pages per second;
 //! 2. zero replies — a zero page is answered to the asker alone, header only;
 //! 3. working-set recording and neighbour push — a first ask (a fault) is
-//!    recorded for later generations and aims the push window just past it;
+//!    recorded for later generations and aims the push window just past it; a
+//!    re-ask of a page never sent is recorded too (its first ask never arrived);
 //! 4. NACK handling and end game — with FEC, a first NACK of a swept or pushed
 //!    page is answered with repair symbols of its block (`fec`); a retry goes unicast to a slow receiver or in
 //!    unicast fan-out; in the end game a re-ask (or a heavily lossy receiver's
@@ -106,6 +107,10 @@ impl Server {
         if !ask.retry() && data {
             self.record_fault(pfn);
             self.aim_push(pfn, from);
+        } else if ask.reask && !ask.nack && data && !self.sent.ever.get(pfn) {
+            // A re-ask of a page never sent: its first ask did not get here (sent before
+            // the address was validated, or lost), so this is the first the server sees.
+            self.record_fault(pfn);
         }
         if self.repair_by_block(from, ask) && self.fec_nack(pfn) {
             // The hash pages above it are in blocks of their own, NACKed with it.

@@ -652,3 +652,30 @@ fn a_receiver_of_a_later_generation_is_hinted_the_recorded_set_in_page_order() {
         assert_eq!(s.stats().hint_pages, if hints_on { 6 } else { 0 });
     }
 }
+
+/// A clone's first request can go out before its address is validated (dropped) and
+/// come again as a re-ask: a page never sent is still a first ask and is recorded; a
+/// re-ask of a page that was sent is not.
+#[test]
+fn a_reask_of_a_page_never_sent_is_recorded_in_the_working_set() {
+    let t0 = Instant::now();
+    let mut s = server(t0);
+    let a = addr(1100);
+    s.handle_datagram(t0, a, &ask(Kind::Request, RequestFlags::empty(), 3));
+    assert!(s.working_set().is_empty(), "an unvalidated ask is dropped");
+    validate(&mut s, t0, a);
+    s.handle_datagram(t0, a, &ask(Kind::Request, Request::RETRY, 3));
+    drain(&mut s, t0);
+    assert_eq!(s.working_set().order(), &[3]);
+    s.handle_datagram(t0, a, &ask(Kind::Request, RequestFlags::empty(), 4));
+    drain(&mut s, t0);
+    s.handle_datagram(t0, a, &ask(Kind::Request, Request::RETRY, 6));
+    s.handle_datagram(t0, a, &ask(Kind::Nack, RequestFlags::empty(), 7));
+    drain(&mut s, t0);
+    // 6 was never sent (recorded), 7 came in a NACK (not a fault).
+    assert_eq!(s.working_set().order(), &[3, 4, 6]);
+    // Re-asks of pages already sent leave the order as it is.
+    s.handle_datagram(t0, a, &ask(Kind::Request, Request::RETRY, 4));
+    drain(&mut s, t0);
+    assert_eq!(s.working_set().order(), &[3, 4, 6]);
+}
