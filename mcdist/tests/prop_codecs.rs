@@ -79,7 +79,8 @@ enum Owned {
         payload: Vec<u8>,
     },
     Request {
-        /// 0: request, 1: NACK, 2: working-set hint (one body, three kinds).
+        /// 0: request, 1: NACK, 2: working-set hint (one body, three kinds), 3: fragment
+        /// NACK (the same layout; a range's length read as the fragment mask).
         kind: u8,
         rx: u64,
         loss: u16,
@@ -156,7 +157,7 @@ fn owned() -> impl Strategy<Value = Owned> {
                 }
             }),
         (
-            0u8..3,
+            0u8..4,
             any::<u64>(),
             any::<u16>(),
             any::<u8>(),
@@ -230,7 +231,13 @@ fn body(o: &Owned) -> Body<'_> {
             match kind {
                 0 => Body::Request(q),
                 1 => Body::Nack(q),
-                _ => Body::Hint(q),
+                2 => Body::Hint(q),
+                _ => Body::FragmentNack(mcdist::wire::FragmentNack {
+                    rx_rate: q.rx_rate,
+                    loss_permille: q.loss_permille,
+                    flags: q.flags,
+                    entries: mcdist::wire::fragment_entries_from_encoded(raw),
+                }),
             }
         }
         Owned::Join(f) => Body::Join(Join {

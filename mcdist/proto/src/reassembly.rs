@@ -209,6 +209,21 @@ impl Reassembler {
         Some((p.count, it))
     }
 
+    /// The fragments a page in progress still misses, bit `i` for fragment `i`; `None`
+    /// for a page not in progress or cut into more fragments than
+    /// [`wire::MAX_NACK_FRAGMENTS`](crate::wire::MAX_NACK_FRAGMENTS).
+    pub fn missing(&self, pfn: u64) -> Option<u32> {
+        let p = self.partial.get(&pfn)?;
+        if p.count > crate::wire::MAX_NACK_FRAGMENTS {
+            return None;
+        }
+        Some(
+            (0..p.count)
+                .filter(|&i| !p.got.get(i))
+                .fold(0, |m, i| m | 1 << i),
+        )
+    }
+
     /// Fragments received so far for a page in progress, with its fragment count.
     pub fn received(&self, pfn: u64) -> Option<(u16, u16)> {
         self.partial.get(&pfn).map(|p| (p.received, p.count))

@@ -36,6 +36,10 @@ pub struct ClientConfig {
     pub max_outstanding: usize,
     /// Ask for the zero-page map when joining.
     pub want_zero_map: bool,
+    /// NACK a page held in part (some of its fragments arrived) by its missing fragments
+    /// ([`wire::FragmentNack`](crate::wire::FragmentNack)), so the server resends only
+    /// those. Off: every NACK names whole pages.
+    pub fragment_nacks: bool,
     /// Report the server's working-set hints ([`ClientEvent::WorkingSetHint`]): the pages
     /// earlier clones of the same parent touched, which the embedder may ask for in bulk.
     /// Off: hints are dropped (counted in `ClientStats::hints_refused`).
@@ -90,6 +94,7 @@ impl ClientConfig {
             nack_slack_pages: 64,
             max_outstanding: 8192,
             want_zero_map: true,
+            fragment_nacks: true,
             accept_hints: true,
             expected_digest: None,
             max_held_pages: 4096,

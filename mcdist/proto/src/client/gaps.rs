@@ -31,6 +31,15 @@ impl Gaps {
 }
 
 impl Client {
+    /// How to NACK page `p`: a page held in part by its missing fragments (with
+    /// `fragment_nacks`), any other whole.
+    pub(super) fn nack_want(&self, p: u64) -> Want {
+        match self.reasm.missing(p) {
+            Some(_) if self.cfg.fragment_nacks => Want::FragNack,
+            _ => Want::Nack,
+        }
+    }
+
     /// NACK (or request) the missing pages behind the frontier, within the budget.
     pub(super) fn scan_for_gaps(&mut self, now: Instant) {
         let (Some(s), Some(a)) = (self.session.info, self.session.announce) else {
@@ -73,7 +82,8 @@ impl Client {
             // A listed zero page, or a page held for its hash page, waits only for the
             // hash pages above it.
             if !self.session.zero.get(p) && !self.is_held(p) && !self.requests.contains(p) {
-                self.requests.ask(p, Want::Nack);
+                let want = self.nack_want(p);
+                self.requests.ask(p, want);
                 budget -= 1;
             }
             let before = self.requests.len();

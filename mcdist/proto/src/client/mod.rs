@@ -501,4 +501,6 @@ impl Client {
 }
 
 #[cfg(test)]
+mod frag_tests;
+#[cfg(test)]
 mod tests;

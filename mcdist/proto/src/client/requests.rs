@@ -3,9 +3,11 @@
 //! Rule owned here: a page is outstanding at most once (a second ask for it is coalesced);
 //! each outstanding page has one retransmission deadline, an RTO from the smoothed round
 //! trip (RFC 6298 style) doubled per retry up to `max_rto`, with ±25 % seeded jitter; a page
-//! unanswered after `max_retries` fails the session. Pages waiting to be sent sit in four
-//! queues drained in priority order (demand, retry, NACK, NACK retry), each datagram taking
-//! as many pages as its ranges fit.
+//! unanswered after `max_retries` fails the session. Pages waiting to be sent sit in six
+//! queues drained in priority order (demand, retry, NACK, fragment NACK, and the retries of
+//! both NACKs), each datagram taking as many pages as its ranges fit. A NACKed page the
+//! receiver holds in part (some fragments in reassembly) goes in a fragment NACK, which
+//! names the missing fragments (`wire::FragmentNack`): the server resends only those.
 
 use super::{Client, ClientConfig, ClientError, Timer};
 use crate::bitmap::coalesce;
@@ -23,6 +25,8 @@ pub(super) struct Pending {
     deadline: Option<Instant>,
     retries: u32,
     nack: bool,
+    /// NACKed by its missing fragments (held in part when last asked for).
+    frag: bool,
     /// It arrived and waits for a hash page above it: no retries meanwhile.
     parked: bool,
 }
@@ -33,16 +37,42 @@ pub(super) enum Want {
     Demand,
     Retry,
     Nack,
+    /// A NACKed page held in part: its missing fragments are NACKed.
+    FragNack,
     /// A NACKed page whose repair did not arrive: asked again with the retry flag.
     NackRetry,
+    /// The same for a page held in part.
+    FragNackRetry,
 }
 
 impl Want {
     /// Every queue, in the order `poll_transmit` drains them.
-    pub(super) const ORDER: [Want; 4] = [Want::Demand, Want::Retry, Want::Nack, Want::NackRetry];
+    pub(super) const ORDER: [Want; 6] = [
+        Want::Demand,
+        Want::Retry,
+        Want::Nack,
+        Want::FragNack,
+        Want::NackRetry,
+        Want::FragNackRetry,
+    ];
 
     fn slot(self) -> usize {
         self as usize
+    }
+
+    /// NACKed by fragments: one entry per page, not ranges.
+    pub(super) fn by_fragments(self) -> bool {
+        matches!(self, Want::FragNack | Want::FragNackRetry)
+    }
+
+    /// The NACK queue for a page, fresh or retried, held in part or not.
+    fn nack(retry: bool, partial: bool) -> Want {
+        match (retry, partial) {
+            (false, false) => Want::Nack,
+            (false, true) => Want::FragNack,
+            (true, false) => Want::NackRetry,
+            (true, true) => Want::FragNackRetry,
+        }
     }
 }
 
@@ -53,7 +83,7 @@ pub(super) struct Requests {
     /// Retransmission deadlines, earliest first. Entries of pages answered or re-sent since
     /// are left in place and skipped when they come up.
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
-    want: [BTreeSet<u64>; 4],
+    want: [BTreeSet<u64>; 6],
     srtt: Option<Duration>,
     rttvar: Duration,
     range_buf: Vec<u8>,
@@ -90,7 +120,7 @@ impl Requests {
         self.pending.keys().copied().collect()
     }
 
-    /// Make `pfn` outstanding and queue it in `want` (`Demand` or `Nack`).
+    /// Make `pfn` outstanding and queue it in `want` (`Demand`, `Nack` or `FragNack`).
     pub(super) fn ask(&mut self, pfn: u64, want: Want) {
         self.pending.insert(
             pfn,
@@ -98,7 +128,8 @@ impl Requests {
                 first_sent: None,
                 deadline: None,
                 retries: 0,
-                nack: want == Want::Nack,
+                nack: matches!(want, Want::Nack | Want::FragNack),
+                frag: want.by_fragments(),
                 parked: false,
             },
         );
@@ -140,7 +171,11 @@ impl Requests {
     pub(super) fn unpark(&mut self, pfn: u64) {
         if let Some(p) = self.pending.get_mut(&pfn) {
             if std::mem::take(&mut p.parked) {
-                let want = if p.nack { Want::NackRetry } else { Want::Retry };
+                let want = if p.nack {
+                    Want::nack(true, p.frag)
+                } else {
+                    Want::Retry
+                };
                 self.want[want.slot()].insert(pfn);
             }
         }
@@ -170,12 +205,13 @@ impl Requests {
     /// none is left, `Err` when the page ran out of retries.
     /// A NACKed page for which `fresh_nack` holds is asked again as a first NACK
     /// (the server answers it with repair symbols of its block), otherwise with the
-    /// retry flag.
+    /// retry flag; by its missing fragments when `partial` holds for it.
     fn expire_one(
         &mut self,
         now: Instant,
         max_retries: u32,
         fresh_nack: impl Fn(u64) -> bool,
+        partial: impl Fn(u64) -> bool,
     ) -> Result<Option<()>, ClientError> {
         while let Some(Reverse((t, pfn))) = self.deadlines.peek().copied() {
             if t > now {
@@ -194,10 +230,11 @@ impl Requests {
             if retries > max_retries {
                 return Err(ClientError::PageUnavailable { pfn, retries });
             }
-            let want = match nack {
-                true if fresh_nack(pfn) => Want::Nack,
-                true => Want::NackRetry,
-                false => Want::Retry,
+            let want = if nack {
+                p.frag = partial(pfn);
+                Want::nack(!fresh_nack(pfn), p.frag)
+            } else {
+                Want::Retry
             };
             self.want[want.slot()].insert(pfn);
             return Ok(Some(()));
@@ -232,9 +269,10 @@ impl Requests {
         backed.mul_f64(jitter).max(Duration::from_micros(100))
     }
 
-    /// Take the first pages of queue `want` that fit `max_ranges` ranges, give each a
-    /// fresh deadline, and encode their ranges. Returns how many data pages, or `None` when
-    /// none of them is outstanding any more.
+    /// Take the first pages of queue `want` that fit `max_ranges` ranges (entries, for a
+    /// fragment NACK: one a page), give each a fresh deadline, and encode them; `missing`
+    /// gives a page's missing fragments for a fragment NACK. Returns how many data pages,
+    /// or `None` when none of them is outstanding any more.
     fn take(
         &mut self,
         cfg: &ClientConfig,
@@ -242,6 +280,7 @@ impl Requests {
         want: Want,
         max_ranges: usize,
         data_pages: u64,
+        missing: impl Fn(u64) -> u32,
     ) -> Option<u64> {
         let set = &mut self.want[want.slot()];
         if set.is_empty() {
@@ -251,7 +290,7 @@ impl Requests {
         let mut ranges = 0usize;
         let mut last: Option<u64> = None;
         while let Some(&p) = set.iter().next() {
-            let new_range = last.is_none_or(|l| p != l + 1);
+            let new_range = want.by_fragments() || last.is_none_or(|l| p != l + 1);
             if new_range && ranges == max_ranges {
                 break;
             }
@@ -281,8 +320,19 @@ impl Requests {
         if !sent_any {
             return None;
         }
-        let list = coalesce(taken.iter().copied());
-        wire::encode_ranges(&list, &mut self.range_buf);
+        if want.by_fragments() {
+            let entries: Vec<_> = taken
+                .iter()
+                .map(|&pfn| wire::PageFragments {
+                    pfn,
+                    missing: missing(pfn),
+                })
+                .collect();
+            wire::encode_fragment_entries(&entries, &mut self.range_buf);
+        } else {
+            let list = coalesce(taken.iter().copied());
+            wire::encode_ranges(&list, &mut self.range_buf);
+        }
         // Hash pages (numbered after the data pages) ride along uncounted.
         Some(taken.iter().filter(|&&p| p < data_pages).count() as u64)
     }
@@ -294,12 +344,14 @@ impl Client {
     pub(super) fn expire_requests(&mut self, now: Instant) -> bool {
         // A page of an FEC block still being decoded is NACKed afresh: more
         // repair symbols of the block serve it (and every sibling missing some).
-        let fec = &self.fec.rx;
+        let (fec, reasm, by_frags) = (&self.fec.rx, &self.reasm, self.cfg.fragment_nacks);
         loop {
-            match self
-                .requests
-                .expire_one(now, self.cfg.max_retries, |p| fec.in_open_block(p))
-            {
+            match self.requests.expire_one(
+                now,
+                self.cfg.max_retries,
+                |p| fec.in_open_block(p),
+                |p| by_frags && reasm.missing(p).is_some(),
+            ) {
                 Ok(Some(())) => self.stats.retries += 1,
                 Ok(None) => break,
                 Err(e) => {
@@ -338,9 +390,12 @@ impl Client {
         )
         .max(1);
         let data_pages = self.data_pages();
+        let reasm = &self.reasm;
+        // A page no longer held in part (evicted, or whole meanwhile) is NACKed whole.
+        let missing = |p| reasm.missing(p).unwrap_or(u32::MAX);
         let n = self
             .requests
-            .take(&self.cfg, now, want, max_ranges, data_pages)?;
+            .take(&self.cfg, now, want, max_ranges, data_pages, missing)?;
         self.arm_retry_timer();
         let (body_flags, is_nack) = match want {
             Want::Demand => {
@@ -352,16 +407,19 @@ impl Client {
                 self.stats.requests_sent += 1;
                 (wire::Request::RETRY, false)
             }
-            Want::Nack => {
+            Want::Nack | Want::FragNack => {
                 self.stats.nacks_sent += 1;
                 self.stats.nack_pages += n;
                 (wire::RequestFlags::empty(), true)
             }
-            Want::NackRetry => {
+            Want::NackRetry | Want::FragNackRetry => {
                 self.stats.nacks_sent += 1;
                 (wire::Request::RETRY, true)
             }
         };
+        if want.by_fragments() {
+            self.stats.fragment_nack_pages += n;
+        }
         let seq = self.next_seq();
         let req = wire::Request {
             rx_rate: self.meter.rx_rate,
@@ -369,10 +427,15 @@ impl Client {
             flags: body_flags,
             ranges: wire::ranges_from_encoded(&self.requests.range_buf),
         };
-        let body = if is_nack {
-            Body::Nack(req)
-        } else {
-            Body::Request(req)
+        let body = match (is_nack, want.by_fragments()) {
+            (true, true) => Body::FragmentNack(wire::FragmentNack {
+                rx_rate: req.rx_rate,
+                loss_permille: req.loss_permille,
+                flags: req.flags,
+                entries: wire::fragment_entries_from_encoded(&self.requests.range_buf),
+            }),
+            (true, false) => Body::Nack(req),
+            (false, _) => Body::Request(req),
         };
         self.to_server(seq, body, buf)
     }

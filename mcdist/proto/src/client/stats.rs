@@ -126,6 +126,8 @@ pub struct ClientStats {
     pub nacks_sent: u64,
     /// Pages NACKed.
     pub nack_pages: u64,
+    /// Of those, pages NACKed by their missing fragments (held in part).
+    pub fragment_nack_pages: u64,
     /// Requests coalesced into one already outstanding.
     pub coalesced: u64,
     /// Datagrams that failed to parse or were refused.

@@ -211,6 +211,10 @@ impl Client {
     pub(super) fn ask_hash_pages(&mut self, pfn: u64, want: Want) {
         for h in self.integrity.missing_for(pfn) {
             if !self.requests.contains(h) {
+                let want = match want {
+                    Want::Nack => self.nack_want(h),
+                    w => w,
+                };
                 self.requests.ask(h, want);
             }
         }

@@ -180,16 +180,25 @@ impl Server {
         }
     }
 
-    /// Announce to every receiver: one multicast, or one per receiver in fan-out.
+    /// Announce to every receiver: one multicast (none if one is queued already), or one
+    /// per receiver in fan-out.
     pub(super) fn queue_group_announce(&mut self) {
+        let queued = self
+            .out
+            .control
+            .iter()
+            .any(|c| matches!(c, Control::Announce(Dest::Group)));
+        if !queued || self.cfg.delivery == Delivery::UnicastFanout {
+            self.queue_group_announce_copy();
+        }
+    }
+
+    /// Announce to every receiver even if an announce is queued already (a second copy
+    /// of one that matters).
+    pub(super) fn queue_group_announce_copy(&mut self) {
         match self.cfg.delivery {
             Delivery::Multicast => {
-                let queued = self
-                    .out
-                    .control
-                    .iter()
-                    .any(|c| matches!(c, Control::Announce(Dest::Group)));
-                if !queued && self.control_room(1) {
+                if self.control_room(1) {
                     self.out.control.push_back(Control::Announce(Dest::Group));
                 }
             }
@@ -323,7 +332,7 @@ impl Server {
         self.out.current = Some(Current {
             job,
             fanout,
-            next_frag: 0,
+            next_frag: job.next_fragment(0, self.geo.frag_count),
             direct,
             fec_slot,
         });
@@ -387,11 +396,12 @@ impl Server {
             self.fec_put(m, idx, &buf[off..data_end]);
         }
         self.stats.count_datagram(len, end - start);
+        self.stats.fragments_resent += u64::from(job.is_partial());
         // Advance.
         let cur = self.out.current.as_mut()?;
-        cur.next_frag = idx + 1;
+        cur.next_frag = job.next_fragment(idx + 1, frag_count);
         if cur.next_frag >= frag_count {
-            cur.next_frag = 0;
+            cur.next_frag = job.next_fragment(0, frag_count);
             let page_done_for_all = if cur.fanout.is_empty() {
                 true
             } else {

@@ -299,6 +299,7 @@ impl Server {
             Body::Join(j) => self.on_join(now, from, j, datagram.len()),
             Body::Request(q) => self.on_request(now, from, q, false),
             Body::Nack(q) => self.on_request(now, from, q, true),
+            Body::FragmentNack(f) => self.on_fragment_nack(now, from, f),
             Body::Heartbeat(h) => self.on_heartbeat(now, from, h),
             Body::Leave(l) => self.on_leave(now, from, l),
             Body::Announce(_)
@@ -442,5 +443,7 @@ impl Server {
     }
 }
 
+#[cfg(test)]
+mod frag_tests;
 #[cfg(test)]
 mod tests;

@@ -401,6 +401,7 @@ impl Server {
         // send the image once per receiver. Those receivers pace the group.
         let mut isolated = self.peers.table.values().filter(|p| p.slow).count();
         let receivers = self.peers.len();
+        let completed = self.peers.completed();
         let page_size = self.geo.page_size as u64;
         // Only a receiver missing most of what was multicast in the interval
         // counts: a lossy link alone does not make a receiver slow.
@@ -453,10 +454,14 @@ impl Server {
                             || u32::from(loss) > 2 * u32::from(median) + u32::from(threshold))
                 });
             let loss_outlier = own_overload || path_outlier;
-            let newly = !p.slow && (nack_outlier || loss_outlier);
+            // Once half the receivers are done the median is theirs, loss-free by
+            // now, and anyone still repairing would stand out: path loss makes a
+            // receiver slow only while most receivers still take the sweep.
+            let late = 2 * completed >= receivers;
+            let newly = !p.slow && (nack_outlier || own_overload || (path_outlier && !late));
             if newly && 2 * (isolated + 1) > receivers {
                 self.stats.isolation_refused += 1;
-            } else if nack_outlier || loss_outlier || (p.slow && fresh.is_none()) {
+            } else if newly || p.slow && (nack_outlier || loss_outlier || fresh.is_none()) {
                 let (rx_rate, loss, overload) = p.report.map_or((0, 0, 0), |r| {
                     (r.rx_rate, r.loss_permille, r.overload_permille)
                 });

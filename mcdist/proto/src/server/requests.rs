@@ -15,8 +15,13 @@
 //!    likely lost the same page;
 //! 5. lockstep suppression — a page already queued for the group, or multicast
 //!    within `lockstep_window`, is not queued again.
+//!
+//! A fragment NACK ([`wire::FragmentNack`]) names pages with the fragments missing; it
+//! meets the same rules, and its answer carries those fragments only: a later fragment
+//! NACK of the same page widens a queued answer, and the lockstep window suppresses it
+//! only when the last multicast carried every fragment it names.
 
-use super::schedule::Job;
+use super::schedule::{Job, ALL_FRAGMENTS};
 use super::{Delivery, Server};
 use crate::wire::{self, Data};
 use std::net::SocketAddr;
@@ -42,6 +47,41 @@ impl Ask {
 const DOUBLE_REASK_MAX_PEERS: usize = 64;
 
 impl Server {
+    /// The checks every request, NACK or fragment NACK passes before its pages are
+    /// looked at: a validated source, its report, the rate limit for `pages` pages.
+    /// `None`: dropped.
+    fn admit_ask(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        (rx_rate, loss_permille, flags): (u64, u16, wire::RequestFlags),
+        pages: u64,
+        nack: bool,
+    ) -> Option<Ask> {
+        if !self.peers.contains(&from) {
+            self.drop_unvalidated(from, "request");
+            return None;
+        }
+        if !self.touch_peer(now, from) {
+            return None;
+        }
+        self.note_report(now, from, rx_rate, loss_permille, None);
+        let pages = pages.min(self.cfg.max_pages_per_request);
+        if !self.peers.allow(now, &from, pages.max(1)) {
+            self.stats.rate_limited += 1;
+            tracing::debug!(%from, pages, "request over the per-source rate limit");
+            return None;
+        }
+        let ask = Ask {
+            nack,
+            reask: flags.contains(wire::Request::RETRY),
+        };
+        if ask.retry() {
+            self.peers.note_reask(&from, pages);
+        }
+        Some(ask)
+    }
+
     /// A request (`nack` false) or NACK datagram: rate-limit it, then walk its
     /// ranges, at most `max_pages_per_request` pages.
     pub(super) fn on_request(
@@ -56,27 +96,10 @@ impl Server {
         } else {
             self.stats.requests += 1;
         }
-        if !self.peers.contains(&from) {
-            self.drop_unvalidated(from, "request");
+        let head = (q.rx_rate, q.loss_permille, q.flags);
+        let Some(ask) = self.admit_ask(now, from, head, q.ranges.total_pages(), nack) else {
             return;
-        }
-        if !self.touch_peer(now, from) {
-            return;
-        }
-        self.note_report(now, from, q.rx_rate, q.loss_permille, None);
-        let pages = q.ranges.total_pages().min(self.cfg.max_pages_per_request);
-        if !self.peers.allow(now, &from, pages.max(1)) {
-            self.stats.rate_limited += 1;
-            tracing::debug!(%from, pages, "request over the per-source rate limit");
-            return;
-        }
-        let ask = Ask {
-            nack,
-            reask: q.flags.contains(wire::Request::RETRY),
         };
-        if ask.retry() {
-            self.peers.note_reask(&from, pages);
-        }
         let mut budget = self.cfg.max_pages_per_request;
         for r in q.ranges.iter() {
             if budget == 0 {
@@ -90,7 +113,7 @@ impl Server {
             let mut pfn = r.start;
             while pfn < end && budget > 0 {
                 self.stats.pages_requested += 1;
-                self.page_requested(now, from, pfn, ask);
+                self.page_requested(now, from, pfn, ALL_FRAGMENTS, ask);
                 pfn += 1;
                 budget -= 1;
             }
@@ -98,9 +121,48 @@ impl Server {
         self.fec_flush_nacks(now);
     }
 
-    fn page_requested(&mut self, now: Instant, from: SocketAddr, pfn: u64, ask: Ask) {
+    /// A fragment NACK: each page named is NACKed for the fragments its mask names (the
+    /// whole page when the mask names them all, or the page is cut into more fragments
+    /// than a mask holds), at most `max_pages_per_request` pages.
+    pub(super) fn on_fragment_nack(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        f: wire::FragmentNack<'_>,
+    ) {
+        self.stats.nacks += 1;
+        self.stats.fragment_nacks += 1;
+        let head = (f.rx_rate, f.loss_permille, f.flags);
+        let Some(ask) = self.admit_ask(now, from, head, f.entries.len() as u64, true) else {
+            return;
+        };
+        let count = self.geo.frag_count;
+        let all = match count {
+            1..=31 => (1u32 << count) - 1,
+            _ => ALL_FRAGMENTS,
+        };
+        let budget = usize::try_from(self.cfg.max_pages_per_request).unwrap_or(usize::MAX);
+        for e in f.entries.iter().take(budget) {
+            let frags = if count > wire::MAX_NACK_FRAGMENTS {
+                all
+            } else {
+                e.missing & all
+            };
+            if e.pfn >= self.total_pages || frags == 0 {
+                self.stats.out_of_range += 1;
+                continue;
+            }
+            self.stats.pages_requested += 1;
+            let frags = if frags == all { ALL_FRAGMENTS } else { frags };
+            self.page_requested(now, from, e.pfn, frags, ask);
+        }
+        self.fec_flush_nacks(now);
+    }
+
+    /// One page asked for: fragments `frags` of it ([`ALL_FRAGMENTS`]: the whole page).
+    fn page_requested(&mut self, now: Instant, from: SocketAddr, pfn: u64, frags: u32, ask: Ask) {
         if self.info.zero_map.get(pfn) {
-            self.queue_unicast(from, pfn, Data::ZERO);
+            self.queue_unicast(from, pfn, Data::ZERO, ALL_FRAGMENTS);
             return;
         }
         let data = pfn < self.page_count;
@@ -116,8 +178,8 @@ impl Server {
             // The hash pages above it are in blocks of their own, NACKed with it.
             return;
         }
-        if self.repair_by_unicast(from, ask) {
-            self.queue_unicast(from, pfn, Data::REPAIR);
+        if self.repair_by_unicast(from, ask) && !self.shared_reask(from, pfn, ask) {
+            self.queue_unicast(from, pfn, Data::REPAIR, frags);
             if ask.reask && self.peers.len() <= DOUBLE_REASK_MAX_PEERS && !self.peers.is_slow(&from)
             {
                 // Asked again in the end game: the answer was lost once already,
@@ -126,19 +188,19 @@ impl Server {
                 // datagram, for one page's bytes. With many receivers the end game's
                 // unicast is most of what the server sends, and doubling it delays
                 // everyone.
-                self.queue_unicast(from, pfn, Data::REPAIR);
+                self.queue_unicast(from, pfn, Data::REPAIR, frags);
                 self.stats.reask_doubles += 1;
             }
             return;
         }
-        if self.suppressed(now, from, pfn, ask) {
+        if self.suppressed(now, from, pfn, frags, ask) {
             return;
         }
         // The hash pages above a data page travel ahead of it.
         while let Some(h) = self.unsent_hash_above(pfn) {
-            self.queue_group_answer(h, ask);
+            self.queue_group_answer(h, ALL_FRAGMENTS, ask);
         }
-        self.queue_group_answer(pfn, ask);
+        self.queue_group_answer(pfn, frags, ask);
     }
 
     /// Working-set recording: first asks, in order, for later generations.
@@ -177,20 +239,46 @@ impl Server {
             || (ask.reask || (ask.nack && lossy)) && self.in_endgame()
     }
 
+    /// A re-ask in the end game of a page half the receivers (at least two) re-asked for:
+    /// their losses are shared (a congested queue on the way drops a datagram for all of
+    /// them), so the answer is multicast, once for all, instead of unicast to each.
+    /// Losses of a few receivers at a time stay unicast.
+    fn shared_reask(&mut self, from: SocketAddr, pfn: u64, ask: Ask) -> bool {
+        if !ask.reask || !self.in_endgame() {
+            return false;
+        }
+        let askers = self.sent.note_endgame_reask(pfn, from) as usize;
+        let shared = askers >= (self.peers.len() / 2).max(2);
+        self.stats.shared_reasks += u64::from(shared);
+        shared
+    }
+
     /// Lockstep suppression: the page is already queued for the group, or was
     /// multicast within the lockstep window. A NACK names a page the receiver
     /// saw go by without it: a push or sweep send it missed is no answer in
     /// flight, so only an answer to another ask within the window suppresses it.
     /// Nor is a multicast from before the asker joined: that answer went out
-    /// before the asker was there to take it.
-    fn suppressed(&mut self, now: Instant, from: SocketAddr, pfn: u64, ask: Ask) -> bool {
+    /// before the asker was there to take it. For some fragments of a page, a queued
+    /// answer of other fragments is widened, and the last multicast suppresses only
+    /// when it carried them all.
+    fn suppressed(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        pfn: u64,
+        frags: u32,
+        ask: Ask,
+    ) -> bool {
         if self.sent.queued_group.get(pfn) {
+            // Queued whole (or in progress): it covers the fragments asked for.
+            self.queues.widen_repair(pfn, frags);
             self.stats.suppressed_queued += 1;
             return true;
         }
         let answer_in_flight = (!ask.nack || self.sent.last_was_answer.get(pfn))
             && self.sent.multicast_since(pfn, self.peers.joined(&from));
         if answer_in_flight
+            && self.sent.last_multicast_covers(pfn, frags)
             && self
                 .sent
                 .multicast_within(pfn, now, self.base, self.cfg.lockstep_window)
@@ -202,14 +290,17 @@ impl Server {
     }
 
     /// Multicast the answer: NACKed pages in the repair queue, the rest as demand.
-    fn queue_group_answer(&mut self, pfn: u64, ask: Ask) {
+    fn queue_group_answer(&mut self, pfn: u64, frags: u32, ask: Ask) {
         self.sent.queued_group.set(pfn);
         let flags = if ask.retry() {
             Data::REPAIR
         } else {
             Data::DEMAND
         };
-        let job = Job::group(pfn, flags);
+        let job = Job {
+            frags,
+            ..Job::group(pfn, flags)
+        };
         if ask.nack {
             self.queues.push_repair(job);
         } else {
@@ -220,11 +311,11 @@ impl Server {
     /// Queue a unicast answer to a tracked receiver, within the queue bounds:
     /// one source asking again and again cannot grow the queue without limit
     /// nor fill it for everyone else.
-    fn queue_unicast(&mut self, to: SocketAddr, pfn: u64, flags: wire::DataFlags) {
+    fn queue_unicast(&mut self, to: SocketAddr, pfn: u64, flags: wire::DataFlags, frags: u32) {
         if !self.peers.contains(&to) {
             return;
         }
-        if !self.queues.push_unicast(to, pfn, flags) {
+        if !self.queues.push_unicast(to, pfn, flags, frags) {
             self.stats.queue_full += 1;
         }
     }

@@ -37,7 +37,13 @@ pub(super) struct Job {
     pub(super) flags: DataFlags,
     /// Pushed by the working-set replay.
     pub(super) ws: bool,
+    /// Which fragments go: bit `i` for fragment `i` ([`ALL_FRAGMENTS`]: the whole page;
+    /// fragments past bit 31 go whenever the mask is [`ALL_FRAGMENTS`]).
+    pub(super) frags: u32,
 }
+
+/// A [`Job`]'s fragment mask for the whole page.
+pub(super) const ALL_FRAGMENTS: u32 = u32::MAX;
 
 impl Job {
     pub(super) fn group(pfn: u64, flags: DataFlags) -> Job {
@@ -46,7 +52,22 @@ impl Job {
             target: Target::Group,
             flags,
             ws: false,
+            frags: ALL_FRAGMENTS,
         }
+    }
+
+    /// Only some fragments of the page go (an answer to a [`wire::FragmentNack`]).
+    ///
+    /// [`wire::FragmentNack`]: crate::wire::FragmentNack
+    pub(super) fn is_partial(&self) -> bool {
+        self.frags != ALL_FRAGMENTS
+    }
+
+    /// The first fragment at or after `from` (of `count`) that this job sends, or `count`.
+    pub(super) fn next_fragment(&self, from: u16, count: u16) -> u16 {
+        (from..count)
+            .find(|&i| i >= 32 || self.frags & (1 << i) != 0)
+            .unwrap_or(count)
     }
 
     /// A zero page: the answer is a header without payload.
@@ -60,6 +81,9 @@ impl Job {
 pub(super) struct Queues {
     demand: VecDeque<Job>,
     repair: VecDeque<Job>,
+    /// Fragment masks of partial group repairs in `repair`: a later NACK of other
+    /// fragments of the same page widens the queued job instead of queueing another.
+    repair_frags: HashMap<u64, u32>,
     /// Unicast answers, one queue per receiver, served round-robin so one
     /// receiver's backlog never delays another's repair.
     unicast: HashMap<SocketAddr, VecDeque<Job>>,
@@ -84,6 +108,7 @@ impl Queues {
     pub(super) fn clear(&mut self) {
         self.demand.clear();
         self.repair.clear();
+        self.repair_frags.clear();
         self.unicast.clear();
         self.unicast_rr.clear();
         self.unicast_len = 0;
@@ -94,12 +119,33 @@ impl Queues {
     }
 
     pub(super) fn push_repair(&mut self, job: Job) {
+        if job.is_partial() {
+            self.repair_frags.insert(job.pfn, job.frags);
+        }
         self.repair.push_back(job);
+    }
+
+    /// Widen the queued group repair of `pfn` by `frags`; false when no partial repair
+    /// of it is queued (a whole-page job covers every fragment already).
+    pub(super) fn widen_repair(&mut self, pfn: u64, frags: u32) -> bool {
+        match self.repair_frags.get_mut(&pfn) {
+            Some(m) => {
+                *m |= frags;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Queue a unicast answer to `to`, within the per-receiver and total
     /// bounds; false when either is full.
-    pub(super) fn push_unicast(&mut self, to: SocketAddr, pfn: u64, flags: DataFlags) -> bool {
+    pub(super) fn push_unicast(
+        &mut self,
+        to: SocketAddr,
+        pfn: u64,
+        flags: DataFlags,
+        frags: u32,
+    ) -> bool {
         let q = self.unicast.entry(to).or_default();
         if q.len() >= MAX_QUEUED_PER_PEER || self.unicast_len >= MAX_QUEUED_UNICAST {
             return false;
@@ -112,9 +158,19 @@ impl Queues {
             target: Target::Peer(to),
             flags,
             ws: false,
+            frags,
         });
         self.unicast_len += 1;
         true
+    }
+
+    /// The next group repair, with its fragment mask as widened while it waited.
+    fn pop_repair(&mut self) -> Option<Job> {
+        let mut j = self.repair.pop_front()?;
+        if j.is_partial() {
+            j.frags = self.repair_frags.remove(&j.pfn).unwrap_or(j.frags);
+        }
+        Some(j)
     }
 
     /// The next answer: demand first, then group repairs and unicast answers in turn.
@@ -124,7 +180,7 @@ impl Queues {
         }
         self.repair_turn = !self.repair_turn;
         if self.repair_turn || self.unicast_len == 0 {
-            if let Some(j) = self.repair.pop_front() {
+            if let Some(j) = self.pop_repair() {
                 return Some(j);
             }
         }
@@ -144,7 +200,7 @@ impl Queues {
             }
             return Some(j);
         }
-        self.repair.pop_front()
+        self.pop_repair()
     }
 }
 
@@ -164,7 +220,16 @@ pub(super) struct SentLog {
     /// Pages whose last multicast answered a request or NACK (not a push or
     /// the sweep).
     pub(super) last_was_answer: PageBitmap,
+    /// The fragments each page's last multicast carried ([`ALL_FRAGMENTS`] for a whole
+    /// page).
+    last_frags: Vec<u32>,
+    /// The last receiver to re-ask for each page in the end game, and how many times the
+    /// asker changed (bounded: forgotten past [`MAX_ENDGAME_REASKED`] pages).
+    endgame_reasked: HashMap<u64, (SocketAddr, u32)>,
 }
+
+/// Most pages whose end-game re-asker is remembered.
+const MAX_ENDGAME_REASKED: usize = 1 << 16;
 
 impl SentLog {
     pub(super) fn new(page_count: u64) -> SentLog {
@@ -175,7 +240,22 @@ impl SentLog {
             group_pages: 0,
             group_seq: vec![0; usize::try_from(page_count).unwrap_or(0)],
             last_was_answer: PageBitmap::new(page_count),
+            last_frags: vec![ALL_FRAGMENTS; usize::try_from(page_count).unwrap_or(0)],
+            endgame_reasked: HashMap::new(),
         }
+    }
+
+    /// `from` re-asked for `pfn` in the end game; returns how many times a receiver other
+    /// than the one before re-asked for it (1 for the first).
+    pub(super) fn note_endgame_reask(&mut self, pfn: u64, from: SocketAddr) -> u32 {
+        if self.endgame_reasked.len() >= MAX_ENDGAME_REASKED {
+            self.endgame_reasked.clear();
+        }
+        let e = self.endgame_reasked.entry(pfn).or_insert((from, 0));
+        if e.1 == 0 || e.0 != from {
+            *e = (from, e.1 + 1);
+        }
+        e.1
     }
 
     /// `pfn` was multicast less than `window` before `now`.
@@ -190,9 +270,19 @@ impl SentLog {
         last != 0 && now.saturating_duration_since(base + Duration::from_nanos(last - 1)) < window
     }
 
-    /// `pfn` was multicast at `nanos` (since the base).
-    fn note_multicast(&mut self, pfn: u64, nanos: u64) {
+    /// The last multicast of `pfn` carried every fragment in `frags`.
+    pub(super) fn last_multicast_covers(&self, pfn: u64, frags: u32) -> bool {
+        self.last_frags
+            .get(pfn as usize)
+            .is_some_and(|&m| frags & !m == 0)
+    }
+
+    /// Fragments `frags` of `pfn` were multicast at `nanos` (since the base).
+    fn note_multicast(&mut self, pfn: u64, nanos: u64, frags: u32) {
         let i = pfn as usize;
+        if let Some(m) = self.last_frags.get_mut(i) {
+            *m = frags;
+        }
         self.group_pages += 1;
         if let (Some(t), Some(q)) = (self.last_group_send.get_mut(i), self.group_seq.get_mut(i)) {
             *t = nanos + 1;
@@ -393,7 +483,7 @@ impl Server {
                 // twice, so that one lost datagram does not cost a whole period.
                 self.sweep.end_announced = true;
                 self.queue_group_announce();
-                self.queue_group_announce();
+                self.queue_group_announce_copy();
             }
         }
         None
@@ -426,7 +516,15 @@ impl Server {
             return;
         }
         let unicast = matches!(dest, Dest::Peer(_));
-        let kind = self.stats.count_page(job.flags, job.ws, unicast);
+        if job.is_partial() {
+            // Part of a page the receivers hold in part: counted apart from whole pages.
+            self.stats.fragment_answers += 1;
+        }
+        let kind = if job.is_partial() {
+            PageKind::Repair
+        } else {
+            self.stats.count_page(job.flags, job.ws, unicast)
+        };
         if kind == PageKind::Push
             && self.cfg.working_set_push
             && self.cfg.working_set_record_push
@@ -437,7 +535,7 @@ impl Server {
         if job.target == Target::Group {
             self.peers.note_group_page();
             let nanos = self.nanos(now);
-            self.sent.note_multicast(job.pfn, nanos);
+            self.sent.note_multicast(job.pfn, nanos, job.frags);
             if job.flags.intersects(Data::DEMAND | Data::REPAIR) {
                 self.sent.last_was_answer.set(job.pfn);
             } else {

@@ -51,6 +51,13 @@ pub struct ServerStats {
     pub ws_push_pages: u64,
     /// Pages resent in answer to NACKs or retries.
     pub repair_pages: u64,
+    /// Answers to fragment NACKs sent: some fragments of a page, not all (not counted in
+    /// `pages_sent`; their fragments are in `fragments_resent`).
+    pub fragment_answers: u64,
+    /// Fragments sent in those answers.
+    pub fragments_resent: u64,
+    /// Fragment NACK datagrams received.
+    pub fragment_nacks: u64,
     /// Working-set hint datagrams sent (each to one receiver).
     pub hint_datagrams: u64,
     /// Pages listed in working-set hints.
@@ -60,6 +67,9 @@ pub struct ServerStats {
     /// Second copies of end-game answers to re-asks (up to 64 receivers; counted in
     /// `pages_sent` too once sent).
     pub reask_doubles: u64,
+    /// End-game re-asks of a page another receiver re-asked for too: multicast, not
+    /// unicast.
+    pub shared_reasks: u64,
     /// Zero-page answers (header only, no payload).
     pub zero_replies: u64,
     /// Datagrams sent.

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const SESSION: u64 = 7;
+pub(super) const SESSION: u64 = 7;
 
 /// One datagram sent: destination, kind, and for data its page and flags.
 type Sent = (Dest, Kind, Option<(u64, DataFlags)>);
@@ -23,20 +23,30 @@ fn server(t0: Instant) -> Server {
 
 /// [`server`] sending datagrams of at most `max_datagram` bytes.
 fn server_with(t0: Instant, max_datagram: usize) -> Server {
+    server_from(
+        t0,
+        ServerConfig {
+            max_datagram,
+            ..ServerConfig::default()
+        },
+    )
+}
+
+/// [`server`]'s image served with `cfg` (session [`SESSION`], no neighbour push).
+pub(super) fn server_from(t0: Instant, cfg: ServerConfig) -> Server {
     let mut img: Vec<u8> = (0..8 * 4096).map(|i| (i % 251 + 1) as u8).collect();
     img[5 * 4096..6 * 4096].fill(0);
     let cfg = ServerConfig {
         session_id: Some(SESSION),
         push_neighbors: false,
-        max_datagram,
-        ..ServerConfig::default()
+        ..cfg
     };
     let source = Arc::new(MemSource::new(img, 4096));
     let info = crate::source::scan(source.as_ref()).expect("an in-memory image scans");
     Server::with_info(cfg, source, info, t0).unwrap()
 }
 
-fn addr(port: u16) -> SocketAddr {
+pub(super) fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
@@ -84,7 +94,7 @@ fn drain(s: &mut Server, now: Instant) -> Vec<Sent> {
 }
 
 /// A datagram with `body` of this session.
-fn datagram(body: Body<'_>) -> Vec<u8> {
+pub(super) fn datagram(body: Body<'_>) -> Vec<u8> {
     let m = Message {
         session: SESSION,
         seq: 1,
@@ -105,7 +115,7 @@ fn join(token: Token) -> Vec<u8> {
 }
 
 /// Join from `from`, read the token of the announce reply, echo it: `from` is validated.
-fn validate(s: &mut Server, now: Instant, from: SocketAddr) -> Token {
+pub(super) fn validate(s: &mut Server, now: Instant, from: SocketAddr) -> Token {
     let token = token_for(s, now, from);
     s.handle_datagram(now, from, &join(token));
     drain(s, now);

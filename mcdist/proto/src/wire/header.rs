@@ -63,6 +63,11 @@ pub enum Kind {
     ///
     /// [`Request`]: super::Request
     Hint = 11,
+    /// Client → server: a NACK of single fragments of pages the receiver holds in part
+    /// (a [`FragmentNack`] body).
+    ///
+    /// [`FragmentNack`]: super::FragmentNack
+    FragmentNack = 12,
 }
 
 impl Kind {
@@ -80,6 +85,7 @@ impl Kind {
             9 => Kind::End,
             10 => Kind::Repair,
             11 => Kind::Hint,
+            12 => Kind::FragmentNack,
             other => return Err(WireError::BadKind(other)),
         })
     }

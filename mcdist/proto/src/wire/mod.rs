@@ -37,6 +37,7 @@
 //! | `announce`  | [`Announce`]                             |
 //! | `data`      | [`Data`], [`emit_data_header`]           |
 //! | `ranges`    | [`Request`] (and NACK), [`PageRange`]    |
+//! | `fragnack`  | [`FragmentNack`]                         |
 //! | `control`   | [`Join`], [`Heartbeat`], [`Leave`], [`End`] |
 //! | `zeromap`   | [`ZeroMap`]                              |
 //! | `repair`    | [`Repair`] (FEC repair symbols)          |
@@ -48,6 +49,7 @@ mod announce;
 mod control;
 mod data;
 mod flags;
+mod fragnack;
 mod header;
 mod ranges;
 mod repair;
@@ -59,6 +61,10 @@ pub use announce::Announce;
 pub use control::{End, Heartbeat, Join, Leave, Token, TOKEN_LEN};
 pub use data::{emit_data_header, Data, DATA_FIXED_LEN};
 pub use flags::{AnnounceFlags, DataFlags, HeaderFlags, HeartbeatFlags, JoinFlags, RequestFlags};
+pub use fragnack::{
+    encode_fragment_entries, fragment_entries_from_encoded, FragmentEntries, FragmentNack,
+    PageFragments, MAX_NACK_FRAGMENTS,
+};
 pub use header::{Header, Kind, Packet, HEADER_LEN, MAGIC, SEQ_UNICAST_BIT, VERSION};
 pub use ranges::{
     encode_ranges, ranges_from_encoded, PageRange, Ranges, Request, MAX_RANGE_LEN, RANGE_LEN,
@@ -158,6 +164,8 @@ pub enum Body<'a> {
     /// See [`Request`]; pages the server recorded as the working set of earlier clones,
     /// which a receiver may prefetch.
     Hint(Request<'a>),
+    /// See [`FragmentNack`]; a NACK of single fragments of pages held in part.
+    FragmentNack(FragmentNack<'a>),
 }
 
 impl<'a> Body<'a> {
@@ -175,6 +183,7 @@ impl<'a> Body<'a> {
             Body::End(_) => Kind::End,
             Body::Repair(_) => Kind::Repair,
             Body::Hint(_) => Kind::Hint,
+            Body::FragmentNack(_) => Kind::FragmentNack,
         }
     }
 
@@ -192,6 +201,7 @@ impl<'a> Body<'a> {
             Kind::End => Body::End(End::parse(body)?),
             Kind::Repair => Body::Repair(Repair::parse(body)?),
             Kind::Hint => Body::Hint(Request::parse(body)?),
+            Kind::FragmentNack => Body::FragmentNack(FragmentNack::parse(body)?),
         })
     }
 
@@ -207,6 +217,7 @@ impl<'a> Body<'a> {
             Body::ZeroMap(z) => z.buffer_len(),
             Body::End(e) => e.buffer_len(),
             Body::Repair(x) => x.buffer_len(),
+            Body::FragmentNack(f) => f.buffer_len(),
         }
     }
 
@@ -222,6 +233,7 @@ impl<'a> Body<'a> {
             Body::ZeroMap(z) => z.emit(body),
             Body::End(e) => e.emit(body),
             Body::Repair(x) => x.emit(body),
+            Body::FragmentNack(f) => f.emit(body),
         }
     }
 }

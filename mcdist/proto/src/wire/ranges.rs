@@ -108,19 +108,15 @@ impl<'a> Request<'a> {
 
     /// Parse and validate a request or NACK body (trailing bytes after the ranges are ignored).
     pub fn parse(body: &'a [u8]) -> Result<Request<'a>, WireError> {
-        check_len(body, Self::FIXED_LEN)?;
-        let n = usize::from(read_u16(body, field::RANGE_COUNT));
-        let raw = body[field::RANGES]
-            .get(..n * RANGE_LEN)
-            .ok_or(WireError::Truncated)?;
+        let (head, raw) = ListHead::parse(body)?;
         let ranges = Ranges { raw };
         if ranges.iter().any(|x| x.len == 0 || x.len > MAX_RANGE_LEN) {
             return Err(WireError::BadField("range length"));
         }
         Ok(Request {
-            rx_rate: read_u64(body, field::RX_RATE),
-            loss_permille: read_u16(body, field::LOSS_PERMILLE),
-            flags: RequestFlags::from_bits_retain(body[field::FLAGS]),
+            rx_rate: head.rx_rate,
+            loss_permille: head.loss_permille,
+            flags: head.flags,
             ranges,
         })
     }
@@ -132,8 +128,46 @@ impl<'a> Request<'a> {
 
     /// Emit the body into the start of `body`.
     pub fn emit(&self, body: &mut [u8]) -> Result<(), WireError> {
-        check_emit(body, self.buffer_len())?;
-        let n = u16::try_from(self.ranges.len()).map_err(|_| WireError::BadField("ranges"))?;
+        let head = ListHead {
+            rx_rate: self.rx_rate,
+            loss_permille: self.loss_permille,
+            flags: self.flags,
+        };
+        head.emit(body, self.ranges.raw)
+    }
+}
+
+/// The fixed part every list body shares ([`Request`], NACK, Hint and
+/// [`FragmentNack`](super::FragmentNack)): rate, loss, flags and an entry count, then
+/// [`RANGE_LEN`]-byte entries.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ListHead {
+    pub(super) rx_rate: u64,
+    pub(super) loss_permille: u16,
+    pub(super) flags: RequestFlags,
+}
+
+impl ListHead {
+    /// The fixed part and the entries' bytes (whole entries, as many as the count says).
+    pub(super) fn parse(body: &[u8]) -> Result<(ListHead, &[u8]), WireError> {
+        check_len(body, Request::FIXED_LEN)?;
+        let n = usize::from(read_u16(body, field::RANGE_COUNT));
+        let raw = body[field::RANGES]
+            .get(..n * RANGE_LEN)
+            .ok_or(WireError::Truncated)?;
+        let head = ListHead {
+            rx_rate: read_u64(body, field::RX_RATE),
+            loss_permille: read_u16(body, field::LOSS_PERMILLE),
+            flags: RequestFlags::from_bits_retain(body[field::FLAGS]),
+        };
+        Ok((head, raw))
+    }
+
+    /// Emit the fixed part and the encoded entries `raw` into the start of `body`.
+    pub(super) fn emit(&self, body: &mut [u8], raw: &[u8]) -> Result<(), WireError> {
+        let len = Request::FIXED_LEN + raw.len();
+        check_emit(body, len)?;
+        let n = u16::try_from(raw.len() / RANGE_LEN).map_err(|_| WireError::BadField("ranges"))?;
         put(body, field::RX_RATE, &self.rx_rate.to_be_bytes());
         put(
             body,
@@ -142,7 +176,7 @@ impl<'a> Request<'a> {
         );
         body[field::FLAGS] = self.flags.bits();
         put(body, field::RANGE_COUNT, &n.to_be_bytes());
-        body[Self::FIXED_LEN..self.buffer_len()].copy_from_slice(self.ranges.raw);
+        body[Request::FIXED_LEN..len].copy_from_slice(raw);
         Ok(())
     }
 }

@@ -78,6 +78,13 @@ fn every_kind_roundtrips() {
             bits: &[1, 2, 3],
         }),
         Body::End(End { reason: 0 }),
+        Body::FragmentNack(FragmentNack {
+            rx_rate: 7,
+            loss_permille: 50,
+            flags: Request::RETRY,
+            // Read as (page 5, fragments 0-2) and (page 100, fragment 0).
+            entries: fragment_entries_from_encoded(&raw),
+        }),
         Body::Repair(Repair {
             first_pfn: 40,
             span: 10,
@@ -96,6 +103,49 @@ fn every_kind_roundtrips() {
             body,
         });
     }
+}
+
+#[test]
+fn fragment_nack_entries_read_back_and_an_empty_mask_is_refused() {
+    let mut raw = Vec::new();
+    let want = [
+        PageFragments {
+            pfn: 9,
+            missing: 0b101,
+        },
+        PageFragments {
+            pfn: u64::MAX,
+            missing: 1 << 31,
+        },
+    ];
+    encode_fragment_entries(&want, &mut raw);
+    let f = FragmentNack {
+        rx_rate: 1,
+        loss_permille: 2,
+        flags: RequestFlags::empty(),
+        entries: fragment_entries_from_encoded(&raw),
+    };
+    let mut buf = vec![0u8; f.buffer_len()];
+    f.emit(&mut buf).unwrap();
+    let back = FragmentNack::parse(&buf).unwrap();
+    assert_eq!(back.entries.iter().collect::<Vec<_>>(), want);
+    let mut bad = Vec::new();
+    encode_fragment_entries(&[PageFragments { pfn: 9, missing: 0 }], &mut bad);
+    let f = FragmentNack {
+        entries: fragment_entries_from_encoded(&bad),
+        ..f
+    };
+    let mut buf = vec![0u8; f.buffer_len()];
+    f.emit(&mut buf).unwrap();
+    assert_eq!(
+        FragmentNack::parse(&buf).unwrap_err(),
+        WireError::BadField("fragment mask")
+    );
+    // A count larger than the entries that follow.
+    assert_eq!(
+        FragmentNack::parse(&buf[..buf.len() - 1]).unwrap_err(),
+        WireError::Truncated
+    );
 }
 
 #[test]

@@ -1,0 +1,119 @@
+//! NACKs of single fragments: a page held in part is NACKed by its missing fragments, and
+//! the server resends only those.
+
+use super::{Client, ClientConfig};
+use crate::wire::{Body, Message};
+use crate::{Dest, MemSource, Server, ServerConfig, ServerStats};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const PAGE: usize = 4096;
+const PAGES: u64 = 64;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// What one fetch over a path that loses the middle fragment of every page the sweep
+/// sends saw: the fragment NACKs the client sent, with their masks, and the server's
+/// counters.
+struct Run {
+    masks: Vec<u32>,
+    whole_nacks: usize,
+    server: ServerStats,
+}
+
+fn fetch_losing_middle_fragments(fragment_nacks: bool) -> Run {
+    let img: Vec<u8> = (0..PAGE * PAGES as usize)
+        .map(|i| (i % 253 + 1) as u8)
+        .collect();
+    let mut now = Instant::now();
+    let scfg = ServerConfig {
+        // An Ethernet MTU: 3 fragments a page.
+        max_datagram: 1472,
+        sweep: true,
+        push_neighbors: false,
+        ..ServerConfig::default()
+    };
+    let source = Arc::new(MemSource::new(img.clone(), PAGE));
+    let info = crate::source::scan(source.as_ref()).expect("an in-memory image scans");
+    let mut server = Server::with_info(scfg, source, info, now).expect("server configuration");
+    let cfg = ClientConfig {
+        max_datagram: 1472,
+        fragment_nacks,
+        ..ClientConfig::new(addr(1))
+    };
+    let mut c = Client::new(cfg, now);
+    c.fetch_all(now);
+    let mut buf = vec![0u8; 65_536];
+    let mut run = Run {
+        masks: Vec::new(),
+        whole_nacks: 0,
+        server: ServerStats::default(),
+    };
+    for _ in 0..20_000 {
+        if c.is_complete() || c.is_failed() {
+            break;
+        }
+        now += Duration::from_millis(1);
+        if c.poll_timeout().is_some_and(|t| t <= now) {
+            c.handle_timeout(now);
+        }
+        while let Some(t) = c.poll_transmit(now, &mut buf) {
+            match Message::parse(&buf[..t.len]).unwrap().body {
+                Body::FragmentNack(f) => run.masks.extend(f.entries.iter().map(|e| e.missing)),
+                Body::Nack(_) => run.whole_nacks += 1,
+                _ => {}
+            }
+            server.handle_datagram(now, addr(2), &buf[..t.len]);
+        }
+        if server.poll_timeout().is_some_and(|t| t <= now) {
+            server.handle_timeout(now);
+        }
+        while let Some(t) = server.poll_transmit(now, &mut buf) {
+            if let Ok(Message {
+                body: Body::Data(d),
+                ..
+            }) = Message::parse(&buf[..t.len])
+            {
+                // The sweep's middle fragments are lost on the way, the repairs are not.
+                if d.flags.contains(crate::wire::Data::SWEEP) && d.frag_index == 1 {
+                    assert_eq!(t.dest, Dest::Group);
+                    continue;
+                }
+            }
+            c.handle_datagram_slice(now, addr(1), &buf[..t.len]);
+        }
+        while c.poll_event().is_some() {}
+    }
+    assert!(c.is_complete(), "fetch did not complete: {:?}", c.stats());
+    run.server = server.stats().clone();
+    run
+}
+
+#[test]
+fn a_page_held_in_part_is_nacked_by_its_missing_fragments_and_only_they_are_resent() {
+    let run = fetch_losing_middle_fragments(true);
+    assert!(!run.masks.is_empty(), "no fragment NACK sent");
+    assert!(run.masks.iter().all(|&m| m == 0b010), "{:?}", run.masks);
+    let s = &run.server;
+    // Every data page and hash page is resent as its middle fragment alone.
+    assert!(s.fragment_answers >= PAGES, "{s:?}");
+    assert_eq!(s.fragments_resent, s.fragment_answers, "{s:?}");
+    assert_eq!(s.repair_pages, 0, "{s:?}");
+    assert_eq!(run.whole_nacks, 0);
+}
+
+#[test]
+fn with_fragment_nacks_off_whole_pages_are_nacked_and_resent() {
+    let on = fetch_losing_middle_fragments(true);
+    let off = fetch_losing_middle_fragments(false);
+    assert!(off.masks.is_empty());
+    assert!(off.whole_nacks > 0);
+    assert_eq!(off.server.fragment_answers, 0);
+    assert!(off.server.repair_pages >= PAGES, "{:?}", off.server);
+    // Three fragments a page resent against one.
+    let (b_on, b_off) = (on.server.bytes_sent, off.server.bytes_sent);
+    assert!(b_off > b_on + PAGES * 2 * 1400, "{b_off} vs {b_on}");
+}
