@@ -160,6 +160,11 @@ enum Cmd {
         /// also checks what the disk returns, at the cost of reading the image again.
         #[arg(long)]
         read_back: bool,
+        /// NACK a page that arrived in part by its missing fragments, so the server
+        /// resends only those (off: whole pages; for a server that predates them, which
+        /// this also falls back to after eight unanswered tries).
+        #[arg(long, value_enum, default_value_t = OnOff::On)]
+        fragment_nacks: OnOff,
     },
     /// Write a fresh random 256-bit key (64 hex digits) to a new file, mode 0600.
     Keygen {
@@ -233,11 +238,18 @@ fn main() -> ExitCode {
             require_encryption,
             gro,
             read_back,
+            fragment_nacks,
         } => load_security(key.as_deref(), auth_only).and_then(|mut security| {
             if let (Some(s), Some(r)) = (security.as_mut(), require_encryption) {
                 s.require_encryption = r == OnOff::On;
             }
-            let how = (timeout, unicast, gro == OnOff::On, read_back);
+            let how = FetchHow {
+                timeout,
+                unicast,
+                gro: gro == OnOff::On,
+                read_back,
+                fragment_nacks: fragment_nacks == OnOff::On,
+            };
             fetch(group, iface, server, &out, how, (security, digest))
         }),
         Cmd::Keygen { out } => keygen(&out),
@@ -474,14 +486,30 @@ fn digest_arg(s: &str) -> Result<[u8; 32], String> {
     mcdist::parse_digest(s).ok_or_else(|| "expected 64 hex digits".to_string())
 }
 
+/// How `fetch` receives.
+struct FetchHow {
+    timeout: u64,
+    unicast: bool,
+    gro: bool,
+    read_back: bool,
+    fragment_nacks: bool,
+}
+
 fn fetch(
     group: SocketAddrV4,
     iface: String,
     server: SocketAddr,
     out: &Path,
-    (timeout, unicast, gro, read_back): (u64, bool, bool, bool),
+    how: FetchHow,
     (security, digest): (Option<Security>, Option<[u8; 32]>),
 ) -> Result<(), String> {
+    let FetchHow {
+        timeout,
+        unicast,
+        gro,
+        read_back,
+        fragment_nacks,
+    } = how;
     if digest.is_none() {
         eprintln!("mcdist: warning: no --digest: pages are verified against the digest of the first announce, which anyone on the network can send");
     }
@@ -504,6 +532,7 @@ fn fetch(
     let mut ccfg = ClientConfig::new(server);
     ccfg.seed = rand::random();
     ccfg.expected_digest = digest;
+    ccfg.fragment_nacks = fragment_nacks;
     let file = File::create(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     let cleanup = |msg: String| -> String {
         // Only a regular file is ours to remove: `--out /dev/...` must never

@@ -25,6 +25,12 @@ struct Run {
 }
 
 fn fetch_losing_middle_fragments(fragment_nacks: bool) -> Run {
+    fetch(fragment_nacks, true)
+}
+
+/// [`fetch_losing_middle_fragments`] from a server that knows fragment NACKs or drops
+/// them as an older one would.
+fn fetch(fragment_nacks: bool, server_knows_them: bool) -> Run {
     let img: Vec<u8> = (0..PAGE * PAGES as usize)
         .map(|i| (i % 253 + 1) as u8)
         .collect();
@@ -62,7 +68,12 @@ fn fetch_losing_middle_fragments(fragment_nacks: bool) -> Run {
         }
         while let Some(t) = c.poll_transmit(now, &mut buf) {
             match Message::parse(&buf[..t.len]).unwrap().body {
-                Body::FragmentNack(f) => run.masks.extend(f.entries.iter().map(|e| e.missing)),
+                Body::FragmentNack(f) => {
+                    run.masks.extend(f.entries.iter().map(|e| e.missing));
+                    if !server_knows_them {
+                        continue;
+                    }
+                }
                 Body::Nack(_) => run.whole_nacks += 1,
                 _ => {}
             }
@@ -116,4 +127,14 @@ fn with_fragment_nacks_off_whole_pages_are_nacked_and_resent() {
     // Three fragments a page resent against one.
     let (b_on, b_off) = (on.server.bytes_sent, off.server.bytes_sent);
     assert!(b_off > b_on + PAGES * 2 * 1400, "{b_off} vs {b_on}");
+}
+
+#[test]
+fn a_page_whose_fragment_nacks_go_unanswered_is_nacked_whole() {
+    // A server that drops kind 12 (one that predates it) still completes the fetch.
+    let run = fetch(true, false);
+    assert!(!run.masks.is_empty());
+    assert!(run.whole_nacks > 0);
+    assert_eq!(run.server.fragment_answers, 0);
+    assert!(run.server.repair_pages >= PAGES, "{:?}", run.server);
 }

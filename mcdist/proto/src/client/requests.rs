@@ -18,6 +18,9 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
+/// Retries after which a page held in part is NACKed whole.
+const FRAGMENT_NACK_RETRIES: u32 = 8;
+
 /// One outstanding page.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Pending {
@@ -231,7 +234,9 @@ impl Requests {
                 return Err(ClientError::PageUnavailable { pfn, retries });
             }
             let want = if nack {
-                p.frag = partial(pfn);
+                // A fragment NACK unanswered again and again (a server that does not
+                // know them drops them) gives way to a whole-page NACK.
+                p.frag = retries <= FRAGMENT_NACK_RETRIES && partial(pfn);
                 Want::nack(!fresh_nack(pfn), p.frag)
             } else {
                 Want::Retry
