@@ -455,7 +455,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             let s = &snap.stats;
             let secs = start.elapsed().as_secs_f64();
             println!(
-                "done: {} receivers in {:.2} s; sent {} bytes in {} datagrams = {:.3}x image ({} pages: {} demand, {} push, {} sweep, {} repair, {} unicast; {} FEC repair symbols in {} blocks); requests {} nacks {} suppressed {} (lockstep {}); isolated {} (refused {}){}",
+                "done: {} receivers in {:.2} s; sent {} bytes in {} datagrams = {:.3}x image ({} pages: {} demand, {} push, {} sweep, {} repair, {} unicast; {} FEC repair symbols in {} blocks); requests {} nacks {} ({} by fragment, {} fragments resent) suppressed {} (lockstep {}); isolated {} (refused {}){}",
                 done,
                 secs,
                 s.bytes_sent,
@@ -471,6 +471,8 @@ fn serve(a: ServeArgs) -> Result<(), String> {
                 s.fec_blocks,
                 s.requests,
                 s.nacks,
+                s.fragment_nacks,
+                s.fragments_resent,
                 s.suppressed_lockstep + s.suppressed_queued,
                 s.suppressed_lockstep,
                 s.slow_receivers,
@@ -613,7 +615,7 @@ fn fetch(
         return Err(cleanup(format!("{}: {wrong}", out.display())));
     }
     println!(
-        "fetched {} bytes in {:.2} s ({:.1} MB/s): {} pages received ({} zero local), {} duplicates, {} retries, {} nacks ({} pages), {} pages recovered by FEC, digest ok{} -> {}{}",
+        "fetched {} bytes in {:.2} s ({:.1} MB/s): {} pages received ({} zero local), {} duplicates, {} retries, {} nacks ({} pages, {} by their missing fragments), {} pages recovered by FEC, digest ok{} -> {}{}",
         session.image_size,
         secs,
         session.image_size as f64 / secs / 1e6,
@@ -623,6 +625,7 @@ fn fetch(
         stats.retries,
         stats.nacks_sent,
         stats.nack_pages,
+        stats.fragment_nack_pages,
         stats.fec_pages,
         if read_back { " (read back)" } else { "" },
         out.display(),

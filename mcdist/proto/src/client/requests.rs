@@ -422,7 +422,7 @@ impl Client {
                 (wire::Request::RETRY, true)
             }
         };
-        if want.by_fragments() {
+        if want == Want::FragNack {
             self.stats.fragment_nack_pages += n;
         }
         let seq = self.next_seq();
