@@ -157,6 +157,23 @@ fn latest_drops(raw: &[RawMsg]) -> Option<u32> {
     raw.iter().rev().find_map(|m| m.drops)
 }
 
+/// Datagrams per received buffer in `raw`, rounded, at least 1: a GRO buffer of `len`
+/// bytes cut at `segment` holds `len / segment` of them (rounded up).
+pub(super) fn datagrams_per_buffer(raw: &[RawMsg]) -> u64 {
+    let buffers = raw.len() as u64;
+    let datagrams: u64 = raw
+        .iter()
+        .map(|m| match m.segment {
+            0 => 1,
+            s => m.len.div_ceil(s).max(1) as u64,
+        })
+        .sum();
+    match buffers {
+        0 => 1,
+        b => ((datagrams + b / 2) / b).max(1),
+    }
+}
+
 /// Receive buffers for UDP GRO: coalesced buffers land in `buf`, are cut
 /// into their datagrams (`pending`, in arrival order) and copied out to the
 /// caller's slots; what does not fit waits for the next call.
@@ -259,6 +276,7 @@ impl UdpTransport {
         let mut total = 0;
         let mut raw = Vec::new();
         let mut drops = self.drops;
+        let mut dropped = self.dropped;
         let mut may_read = self.may_read;
         for (i, sock) in self.sockets(self.turn) {
             let start = total * slot;
@@ -269,10 +287,12 @@ impl UdpTransport {
             total += took.n;
             may_read[i] = !took.drained;
             if let Some(d) = latest_drops(&raw) {
+                dropped += u64::from(d.wrapping_sub(drops[i]));
                 drops[i] = d;
             }
         }
         self.drops = drops;
+        self.dropped = dropped;
         self.may_read = may_read;
         Ok(total)
     }
@@ -296,12 +316,17 @@ impl UdpTransport {
         }
         let mut used = 0;
         let mut drops = self.drops;
+        let mut dropped = self.dropped;
         let mut may_read = self.may_read;
         for (i, sock) in self.sockets(self.turn) {
             gro.raw.clear();
             let area = &mut gro.buf[used * GRO_SLOT..(used + GRO_SLOTS) * GRO_SLOT];
             may_read[i] = !recv_raw(sock, area, GRO_SLOT, true, &mut gro.raw)?.drained;
             if let Some(d) = latest_drops(&gro.raw) {
+                // The kernel counts a dropped GRO buffer as one: as many datagrams as
+                // the buffers that came with the count held, on average.
+                let per = datagrams_per_buffer(&gro.raw);
+                dropped += u64::from(d.wrapping_sub(drops[i])).saturating_mul(per);
                 drops[i] = d;
             }
             for (k, m) in gro.raw.iter().enumerate() {
@@ -312,6 +337,7 @@ impl UdpTransport {
             used += GRO_SLOTS;
         }
         self.drops = drops;
+        self.dropped = dropped;
         self.may_read = may_read;
         Ok(())
     }

@@ -271,6 +271,7 @@ impl UdpTransport {
             gro: None,
             received: Vec::new(),
             drops: [0; 2],
+            dropped: 0,
             may_read: [true; 2],
             watched_ready: std::sync::atomic::AtomicBool::new(true),
         })

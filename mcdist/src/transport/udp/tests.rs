@@ -1,7 +1,7 @@
 //! Tests of GSO run cutting, GRO splitting, receive-buffer drop counting, the
 //! watched-descriptor wake-up and per-socket readiness.
 
-use super::recv::{Gro, RawMsg};
+use super::recv::{datagrams_per_buffer, Gro, RawMsg};
 use super::send::{gso_group, gso_runs, GsoRun, GSO_MAX_BYTES};
 use super::*;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -166,6 +166,27 @@ fn datagrams_still_arrive_with_a_watched_descriptor() {
         .expect("recv")
         .expect("a datagram");
     assert_eq!(&buf[..r.len], b"page");
+}
+
+/// With GRO the kernel counts a dropped buffer as one drop: it stands for as many
+/// datagrams as the buffers received with the count held, on average.
+#[test]
+fn a_dropped_gro_buffer_counts_as_the_datagrams_buffers_hold() {
+    let msg = |len, segment| RawMsg {
+        len,
+        from: None,
+        segment,
+        drops: None,
+    };
+    assert_eq!(datagrams_per_buffer(&[]), 1);
+    // Without GRO (no segment size) a buffer is one datagram.
+    assert_eq!(datagrams_per_buffer(&[msg(1400, 0), msg(900, 0)]), 1);
+    // 46 and 10 datagrams of 1400 bytes (the last of a buffer may be shorter).
+    let big = msg(46 * 1400, 1400);
+    let small = msg(9 * 1400 + 700, 1400);
+    assert_eq!(datagrams_per_buffer(&[big, small]), 28);
+    // A buffer of one datagram shorter than the segment size.
+    assert_eq!(datagrams_per_buffer(&[msg(100, 1400)]), 1);
 }
 
 /// A receiver that does not read while datagrams pour in drops some in its
