@@ -73,22 +73,22 @@ fn data(sent: &[Sent]) -> Vec<(Dest, u64, u16)> {
         .collect()
 }
 
-/// A server with receivers on ports 1 to 3 and every page multicast once (the end game).
-fn all_sent(t0: Instant) -> Server {
+/// A server with receivers on ports 1 to 3 and every page multicast once (the end game),
+/// and an instant past the lockstep window after those sends.
+fn all_sent() -> (Server, Instant) {
+    let t0 = Instant::now();
     let mut s = server(t0, true);
     for p in 1..=3 {
         validate(&mut s, t0, addr(p));
     }
     drain(&mut s, t0);
     assert!(s.in_endgame());
-    s
+    (s, t0 + Duration::from_millis(20))
 }
 
 #[test]
 fn a_fragment_nack_is_answered_with_the_fragments_it_names() {
-    let t0 = Instant::now();
-    let mut s = all_sent(t0);
-    let t1 = t0 + Duration::from_millis(20);
+    let (mut s, t1) = all_sent();
     s.handle_datagram(
         t1,
         addr(1),
@@ -121,9 +121,7 @@ fn a_fragment_nack_is_answered_with_the_fragments_it_names() {
 
 #[test]
 fn fragment_nacks_of_a_queued_page_widen_its_answer() {
-    let t0 = Instant::now();
-    let mut s = all_sent(t0);
-    let t1 = t0 + Duration::from_millis(20);
+    let (mut s, t1) = all_sent();
     s.handle_datagram(
         t1,
         addr(1),
@@ -143,9 +141,7 @@ fn fragment_nacks_of_a_queued_page_widen_its_answer() {
 
 #[test]
 fn a_mask_of_every_fragment_is_a_whole_page_and_foreign_bits_are_refused() {
-    let t0 = Instant::now();
-    let mut s = all_sent(t0);
-    let t1 = t0 + Duration::from_millis(20);
+    let (mut s, t1) = all_sent();
     let before = s.stats().repair_pages;
     s.handle_datagram(
         t1,
@@ -174,9 +170,7 @@ fn a_mask_of_every_fragment_is_a_whole_page_and_foreign_bits_are_refused() {
 
 #[test]
 fn an_end_game_reask_that_half_the_receivers_share_is_multicast() {
-    let t0 = Instant::now();
-    let mut s = all_sent(t0);
-    let t1 = t0 + Duration::from_millis(20);
+    let (mut s, t1) = all_sent();
     let retry = crate::wire::Request::RETRY;
     // The first receiver to re-ask gets its fragment by unicast, twice.
     s.handle_datagram(t1, addr(1), &frag_nack(retry, &[(6, 0b100)]));

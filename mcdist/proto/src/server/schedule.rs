@@ -125,15 +125,11 @@ impl Queues {
         self.repair.push_back(job);
     }
 
-    /// Widen the queued group repair of `pfn` by `frags`; false when no partial repair
-    /// of it is queued (a whole-page job covers every fragment already).
-    pub(super) fn widen_repair(&mut self, pfn: u64, frags: u32) -> bool {
-        match self.repair_frags.get_mut(&pfn) {
-            Some(m) => {
-                *m |= frags;
-                true
-            }
-            None => false,
+    /// Widen the queued group repair of `pfn` by `frags`, if a partial one is queued (a
+    /// whole-page job covers every fragment already).
+    pub(super) fn widen_repair(&mut self, pfn: u64, frags: u32) {
+        if let Some(m) = self.repair_frags.get_mut(&pfn) {
+            *m |= frags;
         }
     }
 
@@ -516,11 +512,9 @@ impl Server {
             return;
         }
         let unicast = matches!(dest, Dest::Peer(_));
-        if job.is_partial() {
+        let kind = if job.is_partial() {
             // Part of a page the receivers hold in part: counted apart from whole pages.
             self.stats.fragment_answers += 1;
-        }
-        let kind = if job.is_partial() {
             PageKind::Repair
         } else {
             self.stats.count_page(job.flags, job.ws, unicast)

@@ -46,6 +46,17 @@ pub(super) struct RawMsg {
     pub(super) drops: Option<u32>,
 }
 
+impl RawMsg {
+    /// Datagrams the message holds: a GRO buffer of `len` bytes longer than its segment
+    /// size is cut into `len / segment` of them (rounded up); any other message is one.
+    pub(super) fn datagrams(&self) -> usize {
+        match self.segment {
+            s if s == 0 || self.len <= s => 1,
+            s => self.len.div_ceil(s),
+        }
+    }
+}
+
 /// How many messages one `recvmmsg` took, and whether it found the socket empty (it
 /// would block, or it took fewer messages than it had room for).
 #[derive(Debug, Clone, Copy)]
@@ -157,17 +168,10 @@ fn latest_drops(raw: &[RawMsg]) -> Option<u32> {
     raw.iter().rev().find_map(|m| m.drops)
 }
 
-/// Datagrams per received buffer in `raw`, rounded, at least 1: a GRO buffer of `len`
-/// bytes cut at `segment` holds `len / segment` of them (rounded up).
+/// Datagrams per received buffer in `raw` ([`RawMsg::datagrams`]), rounded, at least 1.
 pub(super) fn datagrams_per_buffer(raw: &[RawMsg]) -> u64 {
     let buffers = raw.len() as u64;
-    let datagrams: u64 = raw
-        .iter()
-        .map(|m| match m.segment {
-            0 => 1,
-            s => m.len.div_ceil(s).max(1) as u64,
-        })
-        .sum();
+    let datagrams: u64 = raw.iter().map(|m| m.datagrams() as u64).sum();
     match buffers {
         0 => 1,
         b => ((datagrams + b / 2) / b).max(1),
@@ -214,7 +218,7 @@ impl Gro {
         m: &RawMsg,
     ) -> bool {
         let from = m.from.unwrap_or_else(unspecified);
-        if m.len == 0 || m.segment == 0 || m.len <= m.segment {
+        if m.datagrams() == 1 {
             pending.push_back((base, m.len, from));
             return false;
         }
@@ -322,7 +326,7 @@ impl UdpTransport {
             gro.raw.clear();
             let area = &mut gro.buf[used * GRO_SLOT..(used + GRO_SLOTS) * GRO_SLOT];
             may_read[i] = !recv_raw(sock, area, GRO_SLOT, true, &mut gro.raw)?.drained;
-            if let Some(d) = latest_drops(&gro.raw) {
+            if let Some(d) = latest_drops(&gro.raw).filter(|&d| d != drops[i]) {
                 // The kernel counts a dropped GRO buffer as one: as many datagrams as
                 // the buffers that came with the count held, on average.
                 let per = datagrams_per_buffer(&gro.raw);
