@@ -257,11 +257,8 @@ fn crash_and_late_join() {
 fn slow_run(seed: u64, with_slow: bool) -> Result<(Sim, Option<usize>), String> {
     let mut sim =
         Sim::new(seed, cfg(5, 0), test_image(1024, PS, 9, seed), PS).map_err(|e| e.to_string())?;
-    let fast = RxCapacity {
-        // Faster than the server's highest rate: only the slow one is limited.
-        bytes_per_sec: 150_000_000,
-        queue_bytes: 256 * 1024,
-    };
+    // Faster than the server's highest rate: only the slow one is limited.
+    let fast = RxCapacity::new(150_000_000, 256 * 1024);
     for _ in 0..6 {
         let mut s = ClientSpec::fetch_all(0.01);
         s.rx_capacity = Some(fast);
@@ -269,10 +266,7 @@ fn slow_run(seed: u64, with_slow: bool) -> Result<(Sim, Option<usize>), String> 
     }
     let slow = with_slow.then(|| {
         let mut s = ClientSpec::fetch_all(0.01);
-        s.rx_capacity = Some(RxCapacity {
-            bytes_per_sec: 15_000_000,
-            queue_bytes: 256 * 1024,
-        });
+        s.rx_capacity = Some(RxCapacity::new(15_000_000, 256 * 1024));
         sim.add_client(s)
     });
     sim.drive(Duration::from_secs(120))

@@ -446,4 +446,6 @@ impl Server {
 #[cfg(test)]
 mod frag_tests;
 #[cfg(test)]
+mod isolation_tests;
+#[cfg(test)]
 mod tests;

@@ -9,7 +9,8 @@
 //! pacing and repaired by unicast at the rate it reports, or a quarter of the most it
 //! ever reported once that is more (after the sweep it receives only its own
 //! repairs, and its rate falls with them). At most half the receivers are
-//! marked slow, the worst first. Completion is counted once per receiver.
+//! marked slow, the worst first. Path loss is what a receiver reports lost
+//! less its own overload. Completion is counted once per receiver.
 
 use super::{Server, ServerEvent};
 use crate::pacing::TokenBucket;
@@ -386,6 +387,13 @@ impl Server {
         // of a shared bottleneck does not.
         let high = if self.peers.len() > 32 { p90 } else { u16::MAX };
         let separate = self.cfg.rate.separate_overload;
+        // Told apart, a receiver stands out for path loss by its loss less its
+        // own overload, against the median receiver's of the same.
+        let median_path = if separate {
+            self.peers.quantile(1, 2, |p| p.recent_path_loss(now))
+        } else {
+            median
+        };
         // Overload that a quarter of the receivers or more report is the
         // group's problem (receivers sharing their CPUs, say): the rate
         // controller slows down for it rather than isolating them all.
@@ -445,13 +453,20 @@ impl Server {
                 && many
                 && fresh
                     .is_some_and(|r| r.overload_permille > threshold && overload_q3 <= threshold);
+            // Overload is not path loss: a receiver whose loss is its own
+            // overload while a quarter of the group is overloaded too (the group's
+            // trouble, which pacing answers) is no outlier of the path either.
             let path_outlier = many
                 && fresh.is_some_and(|r| {
-                    let loss = r.loss_permille;
+                    let loss = if separate {
+                        r.loss_permille.saturating_sub(r.overload_permille)
+                    } else {
+                        r.loss_permille
+                    };
                     loss > threshold
-                        && median <= threshold
+                        && median_path <= threshold
                         && (!separate
-                            || u32::from(loss) > 2 * u32::from(median) + u32::from(threshold))
+                            || u32::from(loss) > 2 * u32::from(median_path) + u32::from(threshold))
                 });
             let loss_outlier = own_overload || path_outlier;
             // Once half the receivers are done the median is theirs, loss-free by

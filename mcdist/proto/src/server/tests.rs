@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 pub(super) const SESSION: u64 = 7;
 
 /// One datagram sent: destination, kind, and for data its page and flags.
-type Sent = (Dest, Kind, Option<(u64, DataFlags)>);
+pub(super) type Sent = (Dest, Kind, Option<(u64, DataFlags)>);
 
 /// Eight pages; page 5 is all zero.
-fn server(t0: Instant) -> Server {
+pub(super) fn server(t0: Instant) -> Server {
     server_with(t0, ServerConfig::default().max_datagram)
 }
 
@@ -76,7 +76,7 @@ fn ask(kind: Kind, flags: RequestFlags, pfn: u64) -> Vec<u8> {
 }
 
 /// Every datagram the server sends at `now`.
-fn drain(s: &mut Server, now: Instant) -> Vec<Sent> {
+pub(super) fn drain(s: &mut Server, now: Instant) -> Vec<Sent> {
     let mut buf = vec![0u8; 65_536];
     let mut out = Vec::new();
     for _ in 0..1000 {
@@ -548,66 +548,6 @@ fn every_fragment_of_a_page_goes_out_in_a_datagram_of_one_length() {
         let at = pfn as usize * 4096;
         assert_eq!(&page[..], &img[at..at + 4096], "page {pfn}");
     }
-}
-
-/// [`server`] with receivers on ports 1 to 3 validated, nothing left to send.
-fn three_receivers(t0: Instant) -> Server {
-    let mut s = server(t0);
-    drain(&mut s, t0);
-    for port in 1..=3 {
-        validate(&mut s, t0, addr(port));
-    }
-    s
-}
-
-#[test]
-fn a_slow_receiver_is_repaired_at_a_quarter_of_the_most_it_took_once_its_rate_falls() {
-    let t0 = Instant::now();
-    let mut s = three_receivers(t0);
-    // During the sweep every receiver takes 400 MB/s without loss.
-    for port in 1..=3 {
-        s.note_report(t0, addr(port), 400_000_000, 0, Some(0));
-    }
-    s.feed_rate_reports(t0);
-    assert!(!s.is_slow_receiver(addr(1)));
-    // Then receiver 1 loses a third of what it is sent, and reports the little it gets.
-    let t1 = t0 + Duration::from_millis(100);
-    s.note_report(t1, addr(1), 100_000, 300, Some(0));
-    for port in 2..=3 {
-        s.note_report(t1, addr(port), 400_000_000, 0, Some(0));
-    }
-    s.feed_rate_reports(t1);
-    assert!(s.is_slow_receiver(addr(1)));
-    // Its repairs are paced to 100 MB/s (24,414 pages/s, a quarter second of them at
-    // once), not to the 100 kB/s it reported last (256 pages/s, 64 at once).
-    let granted = (0..8)
-        .filter(|_| s.peers.allow(t1, &addr(1), 1_000))
-        .count();
-    assert_eq!(granted, 6, "asks of 1,000 pages granted at once");
-}
-
-#[test]
-fn no_more_than_half_the_receivers_are_isolated() {
-    let t0 = Instant::now();
-    let mut s = three_receivers(t0);
-    // Receiver 1 loses a third of what it is sent while the others lose nothing.
-    s.note_report(t0, addr(1), 100_000, 300, Some(0));
-    for port in 2..=3 {
-        s.note_report(t0, addr(port), 400_000_000, 0, Some(0));
-    }
-    s.feed_rate_reports(t0);
-    assert!(s.is_slow_receiver(addr(1)));
-    // Later receiver 2 does too, while receiver 1 (isolated, its report no longer
-    // recent) and receiver 3 report nothing: alone it would be an outlier, but
-    // two of three isolated is the group's trouble, so it stays in pacing.
-    let t1 = t0 + Duration::from_secs(3);
-    s.note_report(t1, addr(2), 100_000, 300, Some(0));
-    s.note_report(t1, addr(3), 400_000_000, 0, Some(0));
-    s.feed_rate_reports(t1);
-    assert!(s.is_slow_receiver(addr(1)));
-    assert!(!s.is_slow_receiver(addr(2)));
-    assert_eq!(s.stats().slow_receivers, 1);
-    assert_eq!(s.stats().isolation_refused, 1);
 }
 
 /// Validates `from` and returns the pages of each working-set hint it was sent.

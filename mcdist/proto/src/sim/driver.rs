@@ -111,7 +111,7 @@ impl Sim {
                 ClientState::Waiting => next = next.min(self.base + c.spec.start_at),
                 ClientState::Running => {
                     if let Some(t) = c.client.poll_timeout() {
-                        next = next.min(t);
+                        next = next.min(c.awake_at(self.base, t));
                     }
                     if let Some(t) = c.next_fault_at {
                         next = next.min(t);
@@ -192,7 +192,10 @@ impl Sim {
                 c.state = ClientState::Crashed;
                 continue;
             }
-            if c.client.poll_timeout().is_some_and(|t| t <= now) {
+            if c.client
+                .poll_timeout()
+                .is_some_and(|t| c.awake_at(self.base, t) <= now)
+            {
                 c.client.handle_timeout(now);
             }
             if c.next_fault_at.is_some_and(|t| t <= now) {
@@ -258,8 +261,15 @@ impl Sim {
                 }
                 if let (Some(cap), false) = (c.spec.rx_capacity, ev.queued) {
                     let rate = cap.bytes_per_sec.max(1) as f64;
-                    let start = c.busy_until.max(now);
-                    let backlog = start.duration_since(now).as_secs_f64() * rate;
+                    let mut start = c.busy_until.max(now);
+                    // What waits in the queue is the work ahead, not the stalls between.
+                    let mut ahead = start.duration_since(now);
+                    if let Some(st) = cap.stalls {
+                        let (from, to) = (now - self.base, start - self.base);
+                        ahead = ahead.saturating_sub(st.stalled_between(from, to));
+                        start = self.base + st.resume(to);
+                    }
+                    let backlog = ahead.as_secs_f64() * rate;
                     let len = ev.data.len() as f64;
                     if backlog + len > cap.queue_bytes as f64 {
                         // The kernel counts these for the socket (SO_RXQ_OVFL);

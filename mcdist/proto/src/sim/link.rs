@@ -102,6 +102,68 @@ pub struct RxCapacity {
     pub bytes_per_sec: u64,
     /// Receive queue (socket buffer) size in bytes.
     pub queue_bytes: u64,
+    /// Periods in which the receiver processes nothing (`None`: it never stalls).
+    pub stalls: Option<Stalls>,
+}
+
+impl RxCapacity {
+    /// A receiver that never stalls.
+    pub fn new(bytes_per_sec: u64, queue_bytes: u64) -> RxCapacity {
+        RxCapacity {
+            bytes_per_sec,
+            queue_bytes,
+            stalls: None,
+        }
+    }
+}
+
+/// A receiver descheduled at regular times, as on a host whose cores more
+/// processes share: for `length` out of every `every` (the first stall
+/// beginning `phase` after the simulation starts) it processes nothing and
+/// runs no timer, so it sends nothing either; datagrams wait in its queue,
+/// which overflows once full. Applies with [`RxCapacity`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stalls {
+    /// Period.
+    pub every: Duration,
+    /// Length of each stall.
+    pub length: Duration,
+    /// Start of the first stall, from the simulation's start.
+    pub phase: Duration,
+}
+
+impl Stalls {
+    /// Time stalled in `[0, at)` (times since the simulation's start).
+    fn stalled_before(&self, at: Duration) -> Duration {
+        let Some(into) = at.checked_sub(self.phase) else {
+            return Duration::ZERO;
+        };
+        let every = self.every.as_nanos().max(1);
+        let length = self.length.as_nanos().min(every);
+        let (full, off) = (into.as_nanos() / every, into.as_nanos() % every);
+        Duration::from_nanos((full * length + off.min(length)) as u64)
+    }
+
+    /// Time stalled between `from` and `to`.
+    pub(super) fn stalled_between(&self, from: Duration, to: Duration) -> Duration {
+        self.stalled_before(to)
+            .saturating_sub(self.stalled_before(from))
+    }
+
+    /// The first instant at or after `at` at which the receiver is not stalled.
+    pub(super) fn resume(&self, at: Duration) -> Duration {
+        let every = self.every.as_nanos().max(1);
+        let Some(into) = at.checked_sub(self.phase) else {
+            return at;
+        };
+        let off = into.as_nanos() % every;
+        let length = self.length.as_nanos().min(every);
+        if off < length {
+            at + Duration::from_nanos((length - off) as u64)
+        } else {
+            at
+        }
+    }
 }
 
 /// Per-link counters.

@@ -52,7 +52,7 @@ mod scenario;
 
 pub use adversary::Forgery;
 pub use check::{page_matches, test_image, SimError, SimNode};
-pub use link::{LinkConfig, LinkStats, Loss, RxCapacity};
+pub use link::{LinkConfig, LinkStats, Loss, RxCapacity, Stalls};
 pub use node::{ClientSpec, ClientState, SimClient, Workload};
 pub use scenario::Recorded;
 

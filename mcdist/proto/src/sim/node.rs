@@ -120,6 +120,15 @@ pub struct SimClient {
 }
 
 impl SimClient {
+    /// When a timer due at `t` can run: a stalled receiver runs nothing until
+    /// its stall ends (`base` is the simulation's start).
+    pub(super) fn awake_at(&self, base: Instant, t: Instant) -> Instant {
+        match self.spec.rx_capacity.and_then(|c| c.stalls) {
+            Some(st) if t > base => base + st.resume(t - base),
+            _ => t,
+        }
+    }
+
     /// The spec it was built from.
     pub fn spec(&self) -> &ClientSpec {
         &self.spec

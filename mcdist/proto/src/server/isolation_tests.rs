@@ -1,0 +1,91 @@
+//! Which receivers the server isolates as slow (left out of pacing, repaired by
+//! unicast): at most half, a receiver's own overload only while most are not
+//! overloaded, path loss only as its loss less its own overload.
+
+use super::tests::{addr, drain, server, validate};
+use super::Server;
+use std::time::{Duration, Instant};
+
+#[test]
+fn a_slow_receiver_is_repaired_at_a_quarter_of_the_most_it_took_once_its_rate_falls() {
+    let t0 = Instant::now();
+    let mut s = receivers(t0, 3);
+    // During the sweep every receiver takes 400 MB/s without loss.
+    for port in 1..=3 {
+        s.note_report(t0, addr(port), 400_000_000, 0, Some(0));
+    }
+    s.feed_rate_reports(t0);
+    assert!(!s.is_slow_receiver(addr(1)));
+    // Then receiver 1 loses a third of what it is sent, and reports the little it gets.
+    let t1 = t0 + Duration::from_millis(100);
+    s.note_report(t1, addr(1), 100_000, 300, Some(0));
+    for port in 2..=3 {
+        s.note_report(t1, addr(port), 400_000_000, 0, Some(0));
+    }
+    s.feed_rate_reports(t1);
+    assert!(s.is_slow_receiver(addr(1)));
+    // Its repairs are paced to 100 MB/s (24,414 pages/s, a quarter second of them at
+    // once), not to the 100 kB/s it reported last (256 pages/s, 64 at once).
+    let granted = (0..8)
+        .filter(|_| s.peers.allow(t1, &addr(1), 1_000))
+        .count();
+    assert_eq!(granted, 6, "asks of 1,000 pages granted at once");
+}
+
+#[test]
+fn no_more_than_half_the_receivers_are_isolated() {
+    let t0 = Instant::now();
+    let mut s = receivers(t0, 3);
+    // Receiver 1 loses a third of what it is sent while the others lose nothing.
+    s.note_report(t0, addr(1), 100_000, 300, Some(0));
+    for port in 2..=3 {
+        s.note_report(t0, addr(port), 400_000_000, 0, Some(0));
+    }
+    s.feed_rate_reports(t0);
+    assert!(s.is_slow_receiver(addr(1)));
+    // Later receiver 2 does too, while receiver 1 (isolated, its report no longer
+    // recent) and receiver 3 report nothing: alone it would be an outlier, but
+    // two of three isolated is the group's trouble, so it stays in pacing.
+    let t1 = t0 + Duration::from_secs(3);
+    s.note_report(t1, addr(2), 100_000, 300, Some(0));
+    s.note_report(t1, addr(3), 400_000_000, 0, Some(0));
+    s.feed_rate_reports(t1);
+    assert!(s.is_slow_receiver(addr(1)));
+    assert!(!s.is_slow_receiver(addr(2)));
+    assert_eq!(s.stats().slow_receivers, 1);
+    assert_eq!(s.stats().isolation_refused, 1);
+}
+
+/// [`server`] with receivers on ports 1 to `n` validated, nothing left to send.
+fn receivers(t0: Instant, n: u16) -> Server {
+    let mut s = server(t0);
+    drain(&mut s, t0);
+    for port in 1..=n {
+        validate(&mut s, t0, addr(port));
+    }
+    s
+}
+
+#[test]
+fn overload_that_a_quarter_of_the_group_shares_isolates_no_one_for_path_loss() {
+    let t0 = Instant::now();
+    let mut s = receivers(t0, 8);
+    // Receivers 1 to 3 drop 6 % themselves (descheduled on shared cores, say) and
+    // lose 0.4 % on the path; receiver 4 loses 10 % on the path; the rest nothing.
+    for port in 1..=3 {
+        s.note_report(t0, addr(port), 100_000_000, 64, Some(60));
+    }
+    s.note_report(t0, addr(4), 100_000_000, 100, Some(0));
+    for port in 5..=8 {
+        s.note_report(t0, addr(port), 100_000_000, 0, Some(0));
+    }
+    s.feed_rate_reports(t0);
+    // Three of eight overloaded is the group's trouble, for the rate controller: their
+    // loss is overload, not path loss, so none of them stands out on the path either.
+    for port in 1..=3 {
+        assert!(!s.is_slow_receiver(addr(port)), "receiver {port}");
+    }
+    // Path loss far above the median's still does.
+    assert!(s.is_slow_receiver(addr(4)));
+    assert_eq!(s.stats().slow_receivers, 1);
+}
