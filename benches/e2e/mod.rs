@@ -12,11 +12,13 @@
 //! | `run`    | shared settings, scratch space, the image, one measured run      |
 //! | `runner` | each tool's command lines as a launch plan, and the one runner   |
 //! | `netns`  | MTU, injected loss, interface counters, CPU time                 |
+//! | `pressure` | a core kept busy, receivers stopped in turn (`SIGSTOP`)        |
 //! | `report` | results, text and Markdown tables, CSV, medians, summary         |
 //! | `plot`   | the SVG plot                                                     |
 
 mod netns;
 mod plot;
+mod pressure;
 mod report;
 mod run;
 mod runner;
@@ -26,6 +28,7 @@ mod tool;
 
 pub use netns::set_mtu;
 pub use plot::to_svg;
+pub use pressure::StallSpec;
 pub use report::{from_csv, medians, summary, to_csv, to_markdown, RunResult};
 pub use run::{Bench, WorkDir};
 pub use tool::{mcdist_next_to_me, Tool};

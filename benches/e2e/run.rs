@@ -3,6 +3,7 @@
 //! verified, logs kept.
 
 use super::netns::{children_cpu_secs, set_loss, tx_bytes};
+use super::pressure::{CpuHog, StallSpec};
 use super::runner::Site;
 use super::{RunResult, Tool};
 use mcdist::testnet::Topology;
@@ -63,39 +64,8 @@ pub struct Bench {
     pub disk_receiver: Option<WorkDir>,
     /// Keep one core busy during every run.
     pub cpu_hog: bool,
-}
-
-/// A thread spinning on one core until dropped.
-struct CpuHog {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl CpuHog {
-    fn start() -> CpuHog {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut x = 0u64;
-            while !s.load(Ordering::Relaxed) {
-                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
-            }
-        });
-        CpuHog {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for CpuHog {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+    /// Stop every receiver for this long in every period, in turn.
+    pub stalls: Option<StallSpec>,
 }
 
 /// `text` without terminal colour sequences (`ESC [ ... m`), which builds of mcdist before

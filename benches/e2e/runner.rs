@@ -2,6 +2,7 @@
 //! in hosts 1..=N, the sender in host 0), and one runner starts any plan, waits
 //! for every process and times the run.
 
+use super::pressure::Stalls;
 use super::tool::serve_help_has;
 use super::{Bench, Tool};
 use mcdist::testnet::Topology;
@@ -74,6 +75,10 @@ impl Bench {
         for (i, c) in plan.receivers.into_iter().enumerate() {
             started.push(spawn_quiet(c, &dir.join(format!("rx{}.log", i + 1)))?);
         }
+        // Stopped in turn until every process is waited for (dropped last).
+        let _stalls = self
+            .stalls
+            .map(|spec| Stalls::start(started.iter().map(Child::id).collect(), spec));
         if !plan.settle.is_zero() {
             std::thread::sleep(plan.settle);
         }

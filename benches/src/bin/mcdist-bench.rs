@@ -79,6 +79,11 @@ struct Cli {
     /// Pressure: keep one core busy with a spinning thread during every run.
     #[arg(long)]
     cpu_hog: bool,
+    /// Pressure: stop every receiver process (SIGSTOP, then SIGCONT) for STALL ms in
+    /// every EVERY ms, the receivers in turn, as a busy host deschedules a process now
+    /// and then; e.g. 20/200.
+    #[arg(long, value_name = "STALL/EVERY")]
+    stall_receivers: Option<e2e::StallSpec>,
     /// Run nothing: read a results.csv written earlier and write its plot and table again
     /// (results.svg and results.md next to it; --size-mib and --loss-receivers label the plot).
     #[arg(long, value_name = "CSV")]
@@ -193,6 +198,7 @@ fn main() -> ExitCode {
         keep_logs: cli.keep_logs.then(|| cli.out.join("logs")),
         disk_receiver,
         cpu_hog: cli.cpu_hog,
+        stalls: cli.stall_receivers,
     };
     if let Err(e) = bench.make_image() {
         eprintln!("mcdist-bench: writing the image: {e}");

@@ -1,0 +1,136 @@
+//! Pressure during a run: a core kept busy, and receivers descheduled in turn.
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// A thread spinning on one core until dropped.
+pub(super) struct CpuHog {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CpuHog {
+    pub(super) fn start() -> CpuHog {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut x = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        });
+        CpuHog {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for CpuHog {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Receivers stopped for `stall` in every `every` (`--stall-receivers STALL/EVERY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StallSpec {
+    /// How long each stop lasts.
+    pub stall: Duration,
+    /// Period.
+    pub every: Duration,
+}
+
+impl std::str::FromStr for StallSpec {
+    type Err = String;
+
+    /// `STALL/EVERY` in milliseconds, e.g. `20/200`.
+    fn from_str(s: &str) -> Result<StallSpec, String> {
+        let bad = || {
+            format!(
+                "expected STALL/EVERY in milliseconds with STALL < EVERY, e.g. 20/200, got {s:?}"
+            )
+        };
+        let (a, b) = s.split_once('/').ok_or_else(bad)?;
+        let ms = |x: &str| x.trim().parse::<u64>().map_err(|_| bad());
+        let (stall, every) = (ms(a)?, ms(b)?);
+        if stall == 0 || stall >= every {
+            return Err(bad());
+        }
+        Ok(StallSpec {
+            stall: Duration::from_millis(stall),
+            every: Duration::from_millis(every),
+        })
+    }
+}
+
+/// A thread that stops (`SIGSTOP`) and resumes (`SIGCONT`) processes in turn, as a
+/// host's scheduler deschedules a receiver now and then when other work shares its
+/// cores: process `i` of `n` is stopped for `stall` from `i × every / n` into every
+/// period. Dropping it resumes them all.
+pub(super) struct Stalls {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Stalls {
+    pub(super) fn start(pids: Vec<u32>, spec: StallSpec) -> Stalls {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let pids: Vec<Pid> = pids
+                .into_iter()
+                .filter_map(|p| i32::try_from(p).ok().map(Pid::from_raw))
+                .collect();
+            let n = pids.len().max(1) as u128;
+            let every = spec.every.as_nanos().max(1);
+            let stall = spec.stall.as_nanos();
+            let mut stopped = vec![false; pids.len()];
+            let t0 = Instant::now();
+            while !s.load(Ordering::Relaxed) {
+                let t = t0.elapsed().as_nanos();
+                for (i, pid) in pids.iter().enumerate() {
+                    let phase = every * i as u128 / n;
+                    let want = (t + every - phase) % every < stall;
+                    if want != stopped[i] {
+                        // A process that exited already cannot be signalled: nothing to do.
+                        let _ = kill(
+                            *pid,
+                            if want {
+                                Signal::SIGSTOP
+                            } else {
+                                Signal::SIGCONT
+                            },
+                        );
+                        stopped[i] = want;
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            for pid in pids {
+                let _ = kill(pid, Signal::SIGCONT);
+            }
+        });
+        Stalls {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Stalls {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
