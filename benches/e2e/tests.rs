@@ -1,7 +1,8 @@
-//! CSV round trip, medians and the summary.
+//! CSV round trip, medians, the summary, and parsing the pressure options.
 
 use super::*;
 use std::io::Write as _;
+use std::time::Duration;
 
 fn run(tool: Tool, rep: usize, secs: f64, ok: bool) -> RunResult {
     RunResult {
@@ -131,4 +132,17 @@ fn isolations_are_counted_by_reason_from_a_plain_or_coloured_log() {
         run::isolations(&log).as_deref(),
         Some("isolated: 2 overload, 1 path loss")
     );
+}
+
+#[test]
+fn stall_specs_parse_and_bad_ones_say_what_is_expected() {
+    let s: StallSpec = "20/200".parse().expect("20/200");
+    assert_eq!(
+        (s.stall, s.every),
+        (Duration::from_millis(20), Duration::from_millis(200))
+    );
+    for bad in ["20", "200/20", "0/100", "100/100", "a/b", "20/"] {
+        let e = bad.parse::<StallSpec>().expect_err(bad);
+        assert!(e.contains("STALL/EVERY"), "{bad}: {e}");
+    }
 }
