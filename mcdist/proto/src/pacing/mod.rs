@@ -160,7 +160,8 @@ impl Default for RateConfig {
 /// noisy wireless hop, or receivers that are descheduled now and then on
 /// hosts whose cores other work shares (their sockets overflow during the
 /// pause at any rate but a trickle). After [`RateController::PROBE_BACKOFFS`]
-/// back-offs in a row that left that kind of loss where it was, the controller
+/// back-offs in a row (overload: one more) that left that kind of loss where it
+/// was, the controller
 /// takes it as that kind's baseline, returns to the rate it had before, and
 /// from then on backs off only for loss above the baseline plus the threshold.
 /// A baseline follows the loss measured while there is no excess, so it falls
@@ -217,6 +218,8 @@ struct ProbeKind {
     /// least halfway to what a receiver too slow for the rate would show after
     /// it (`1 - (1 - loss) × before / now`).
     same_percent: Option<u32>,
+    /// Back-offs in a row that left the loss unchanged before it is a baseline.
+    backoffs: u32,
 }
 
 impl ProbeKind {
@@ -226,16 +229,21 @@ impl ProbeKind {
         window: 1,
         slack: 1.0,
         same_percent: Some(85),
+        backoffs: RateController::PROBE_BACKOFFS,
     };
     /// Overload comes in bursts when receivers are descheduled now and then:
     /// an interval between two bursts says nothing, and one receiver's burst
     /// drops more or less of the next report window. Overload that the rate
     /// causes falls steeply with it (a receiver taking `C` sent `1.25 C` drops
-    /// 20 %, sent `C` nothing): it is judged against that.
+    /// 20 %, sent `C` nothing): it is judged against that. Readings are the
+    /// worst receiver's, noisy on busy hosts, and overload taken for a baseline
+    /// by mistake would be sent into at full rate: it takes one more back-off
+    /// that leaves it unchanged.
     const OVERLOAD: ProbeKind = ProbeKind {
         window: 4,
         slack: 1.25,
         same_percent: None,
+        backoffs: RateController::PROBE_BACKOFFS + 1,
     };
 
     /// Whether `loss` at `rate` is no fall from `first` at `before`.
@@ -297,7 +305,7 @@ impl Probe {
         match self.episode {
             // Rate-independent loss stays near where it was.
             Some((before, first, n)) if k.unchanged(first, before, loss, rate) => {
-                if n + 1 >= RateController::PROBE_BACKOFFS {
+                if n + 1 >= k.backoffs {
                     self.baseline = f64::from(loss.min(RateController::MAX_BASELINE_PERMILLE));
                     self.episode = None;
                     return Verdict::Baseline(before);
@@ -334,8 +342,8 @@ impl RateController {
         }
     }
 
-    /// Back-offs in a row that must leave a kind of loss unchanged before it
-    /// counts as that kind's baseline rather than a sign of sending too fast.
+    /// Back-offs in a row that must leave path loss unchanged before it counts
+    /// as the path's baseline rather than congestion (overload: one more).
     pub const PROBE_BACKOFFS: u32 = 2;
     /// Update intervals after a rate cut during which loss is not judged:
     /// the receivers' next reports still measure the rate before it.
