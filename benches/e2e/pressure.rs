@@ -7,36 +7,48 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// A thread spinning on one core until dropped.
-pub(super) struct CpuHog {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+/// A thread running `work` until dropped: the flag it is given turns true, and the
+/// drop waits for the thread to end.
+struct StopThread {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
 }
 
-impl CpuHog {
-    pub(super) fn start() -> CpuHog {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
+impl StopThread {
+    fn spawn(work: impl FnOnce(&AtomicBool) + Send + 'static) -> StopThread {
+        let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut x = 0u64;
-            while !s.load(Ordering::Relaxed) {
-                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
-            }
-        });
-        CpuHog {
+        let thread = std::thread::spawn(move || work(&s));
+        StopThread {
             stop,
             thread: Some(thread),
         }
     }
 }
 
-impl Drop for CpuHog {
+impl Drop for StopThread {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// A thread spinning on one core until dropped.
+pub(super) struct CpuHog {
+    _running: StopThread,
+}
+
+impl CpuHog {
+    pub(super) fn start() -> CpuHog {
+        let running = StopThread::spawn(|stop| {
+            let mut x = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        });
+        CpuHog { _running: running }
     }
 }
 
@@ -77,15 +89,12 @@ impl std::str::FromStr for StallSpec {
 /// cores: process `i` of `n` is stopped for `stall` from `i × every / n` into every
 /// period. Dropping it resumes them all.
 pub(super) struct Stalls {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _running: StopThread,
 }
 
 impl Stalls {
     pub(super) fn start(pids: Vec<u32>, spec: StallSpec) -> Stalls {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
+        let running = StopThread::spawn(move |stop| {
             let pids: Vec<Pid> = pids
                 .into_iter()
                 .filter_map(|p| i32::try_from(p).ok().map(Pid::from_raw))
@@ -95,21 +104,19 @@ impl Stalls {
             let stall = spec.stall.as_nanos();
             let mut stopped = vec![false; pids.len()];
             let t0 = Instant::now();
-            while !s.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 let t = t0.elapsed().as_nanos();
                 for (i, pid) in pids.iter().enumerate() {
                     let phase = every * i as u128 / n;
                     let want = (t + every - phase) % every < stall;
                     if want != stopped[i] {
                         // A process that exited already cannot be signalled: nothing to do.
-                        let _ = kill(
-                            *pid,
-                            if want {
-                                Signal::SIGSTOP
-                            } else {
-                                Signal::SIGCONT
-                            },
-                        );
+                        let signal = if want {
+                            Signal::SIGSTOP
+                        } else {
+                            Signal::SIGCONT
+                        };
+                        let _ = kill(*pid, signal);
                         stopped[i] = want;
                     }
                 }
@@ -119,18 +126,6 @@ impl Stalls {
                 let _ = kill(pid, Signal::SIGCONT);
             }
         });
-        Stalls {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Stalls {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        Stalls { _running: running }
     }
 }

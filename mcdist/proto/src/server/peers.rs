@@ -38,6 +38,13 @@ struct Report {
     at: Instant,
 }
 
+impl Report {
+    /// The loss less the part the receiver dropped itself: the loss of the path to it.
+    fn path_loss(&self) -> u16 {
+        self.loss_permille.saturating_sub(self.overload_permille)
+    }
+}
+
 #[derive(Debug)]
 struct Peer {
     last_seen: Instant,
@@ -96,11 +103,11 @@ impl Peer {
             .map_or(0, |r| r.loss_permille)
     }
 
-    /// [`Peer::recent_loss`] less the receiver's own overload (datagrams its
-    /// socket dropped): the loss of the path to it.
+    /// [`Report::path_loss`] of the latest report if it is recent, else 0.
     fn recent_path_loss(&self, now: Instant) -> u16 {
-        self.recent_loss(now)
-            .saturating_sub(self.recent_overload(now))
+        self.report
+            .filter(|r| now.saturating_duration_since(r.at) <= REPORT_RECENT)
+            .map_or(0, |r| r.path_loss())
     }
 }
 
@@ -459,7 +466,7 @@ impl Server {
             let path_outlier = many
                 && fresh.is_some_and(|r| {
                     let loss = if separate {
-                        r.loss_permille.saturating_sub(r.overload_permille)
+                        r.path_loss()
                     } else {
                         r.loss_permille
                     };

@@ -110,8 +110,8 @@ impl Sim {
             match c.state {
                 ClientState::Waiting => next = next.min(self.base + c.spec.start_at),
                 ClientState::Running => {
-                    if let Some(t) = c.client.poll_timeout() {
-                        next = next.min(c.awake_at(self.base, t));
+                    if let Some(t) = c.timer_at(self.base) {
+                        next = next.min(t);
                     }
                     if let Some(t) = c.next_fault_at {
                         next = next.min(t);
@@ -157,7 +157,7 @@ impl Sim {
         }
         for (i, c) in self.clients.iter().enumerate() {
             if c.state == ClientState::Running
-                && (c.client.poll_timeout().is_some_and(|t| t <= self.now)
+                && (c.timer_at(self.base).is_some_and(|t| t <= self.now)
                     || c.next_fault_at.is_some_and(|t| t <= self.now))
             {
                 return SimNode::Client(i);
@@ -192,10 +192,7 @@ impl Sim {
                 c.state = ClientState::Crashed;
                 continue;
             }
-            if c.client
-                .poll_timeout()
-                .is_some_and(|t| c.awake_at(self.base, t) <= now)
-            {
+            if c.timer_at(self.base).is_some_and(|t| t <= now) {
                 c.client.handle_timeout(now);
             }
             if c.next_fault_at.is_some_and(|t| t <= now) {

@@ -133,15 +133,25 @@ pub struct Stalls {
 }
 
 impl Stalls {
-    /// Time stalled in `[0, at)` (times since the simulation's start).
-    fn stalled_before(&self, at: Duration) -> Duration {
-        let Some(into) = at.checked_sub(self.phase) else {
-            return Duration::ZERO;
-        };
+    /// Where `at` (time since the simulation's start) falls: whole periods since
+    /// the first stall began, nanoseconds into the current one, and the stall's
+    /// length in nanoseconds; `None` before the first stall.
+    fn position(&self, at: Duration) -> Option<(u128, u128, u128)> {
+        let into = at.checked_sub(self.phase)?.as_nanos();
         let every = self.every.as_nanos().max(1);
-        let length = self.length.as_nanos().min(every);
-        let (full, off) = (into.as_nanos() / every, into.as_nanos() % every);
-        Duration::from_nanos((full * length + off.min(length)) as u64)
+        Some((
+            into / every,
+            into % every,
+            self.length.as_nanos().min(every),
+        ))
+    }
+
+    /// Time stalled in `[0, at)`.
+    fn stalled_before(&self, at: Duration) -> Duration {
+        self.position(at)
+            .map_or(Duration::ZERO, |(full, off, length)| {
+                Duration::from_nanos((full * length + off.min(length)) as u64)
+            })
     }
 
     /// Time stalled between `from` and `to`.
@@ -152,16 +162,11 @@ impl Stalls {
 
     /// The first instant at or after `at` at which the receiver is not stalled.
     pub(super) fn resume(&self, at: Duration) -> Duration {
-        let every = self.every.as_nanos().max(1);
-        let Some(into) = at.checked_sub(self.phase) else {
-            return at;
-        };
-        let off = into.as_nanos() % every;
-        let length = self.length.as_nanos().min(every);
-        if off < length {
-            at + Duration::from_nanos((length - off) as u64)
-        } else {
-            at
+        match self.position(at) {
+            Some((_, off, length)) if off < length => {
+                at + Duration::from_nanos((length - off) as u64)
+            }
+            _ => at,
         }
     }
 }

@@ -120,13 +120,14 @@ pub struct SimClient {
 }
 
 impl SimClient {
-    /// When a timer due at `t` can run: a stalled receiver runs nothing until
-    /// its stall ends (`base` is the simulation's start).
-    pub(super) fn awake_at(&self, base: Instant, t: Instant) -> Instant {
-        match self.spec.rx_capacity.and_then(|c| c.stalls) {
+    /// When the client's next timer runs: when it is due, or once a stall that
+    /// holds it then ends (`base` is the simulation's start).
+    pub(super) fn timer_at(&self, base: Instant) -> Option<Instant> {
+        let t = self.client.poll_timeout()?;
+        Some(match self.spec.rx_capacity.and_then(|c| c.stalls) {
             Some(st) if t > base => base + st.resume(t - base),
             _ => t,
-        }
+        })
     }
 
     /// The spec it was built from.
