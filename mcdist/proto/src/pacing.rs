@@ -63,6 +63,18 @@ impl TokenBucket {
         }
     }
 
+    /// Take as much of `n` as the bucket holds now, never more: what was taken (0 when
+    /// the bucket holds less than one). Unlike [`TokenBucket::try_take`] it never goes
+    /// into debt, so one large ask cannot shut out the small ones after it for longer
+    /// than the refill of what it was granted.
+    pub fn take_up_to(&mut self, now: Instant, n: u64) -> u64 {
+        self.refill(now);
+        // Whole units only; the fraction stays for the next ask.
+        let granted = (self.tokens.max(0.0).floor() as u64).min(n);
+        self.tokens -= granted as f64;
+        granted
+    }
+
     /// When `n` bytes will be available (now if already).
     pub fn ready_at(&self, n: u64) -> Instant {
         let need = (n as f64).min(self.burst as f64);
@@ -614,6 +626,27 @@ mod tests {
             // plus at most one oversized datagram.
             let bound = burst as f64 + elapsed * rate as f64 + 20_000.0;
             prop_assert!((sent as f64) <= bound);
+        }
+
+        #[test]
+        fn take_up_to_never_goes_into_debt(rate in 1u64..100_000, burst in 1u64..10_000,
+                                           steps in proptest::collection::vec((0u64..50_000, 1u64..20_000), 1..200)) {
+            let t0 = Instant::now();
+            let mut b = TokenBucket::new(t0, rate, burst);
+            let mut t = t0;
+            let mut granted = 0u64;
+            for (dt_us, n) in steps {
+                t += Duration::from_micros(dt_us);
+                let g = b.take_up_to(t, n);
+                prop_assert!(g <= n);
+                granted += g;
+                // What was granted never exceeds the full bucket plus what the rate
+                // earned since: no ask is granted on credit.
+                let earned = t.duration_since(t0).as_secs_f64() * rate as f64;
+                prop_assert!(granted as f64 <= burst as f64 + earned + 1e-6);
+                // And once the bucket held a whole unit, an ask got something.
+                prop_assert!(g > 0 || b.tokens < 1.0);
+            }
         }
 
         #[test]

@@ -2,8 +2,10 @@
 //! unicast): at most half, a receiver's own overload only while most are not
 //! overloaded, path loss only as its loss less its own overload.
 
-use super::tests::{addr, drain, server, validate};
+use super::tests::{addr, datagram, drain, server, validate};
 use super::Server;
+use crate::wire::{encode_ranges, ranges_from_encoded, Body, PageRange, Request, RequestFlags};
+use crate::Dest;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -26,10 +28,54 @@ fn a_slow_receiver_is_repaired_at_a_quarter_of_the_most_it_took_once_its_rate_fa
     assert!(s.is_slow_receiver(addr(1)));
     // Its repairs are paced to 100 MB/s (24,414 pages/s, a quarter second of them at
     // once), not to the 100 kB/s it reported last (256 pages/s, 64 at once).
-    let granted = (0..8)
-        .filter(|_| s.peers.allow(t1, &addr(1), 1_000))
-        .count();
-    assert_eq!(granted, 6, "asks of 1,000 pages granted at once");
+    let granted: u64 = (0..8).map(|_| s.peers.allow(t1, &addr(1), 1_000)).sum();
+    assert_eq!(
+        granted,
+        24_414 / 4,
+        "pages of asks for 1,000 granted at once"
+    );
+}
+
+#[test]
+fn a_lone_retry_is_answered_while_a_large_nack_is_still_being_paid_for() {
+    let t0 = Instant::now();
+    let mut s = receivers(t0, 3);
+    // Receiver 1 takes little and loses a third: isolated, its asks paced to 256
+    // pages/s, 64 at once.
+    s.note_report(t0, addr(1), 100_000, 300, Some(0));
+    for port in 2..=3 {
+        s.note_report(t0, addr(port), 400_000_000, 0, Some(0));
+    }
+    s.feed_rate_reports(t0);
+    assert!(s.is_slow_receiver(addr(1)));
+    // It NACKs 1,000 pages at once: 64 of them are answered now.
+    s.handle_datagram(t0, addr(1), &nack(0, 1_000));
+    drain(&mut s, t0);
+    assert_eq!(s.stats().rate_trimmed, 1);
+    assert_eq!(s.stats().rate_limited, 0);
+    // Half a second later, a NACK of one page is answered: the large one left the
+    // allowance empty, not 936 pages (3.7 s) in debt.
+    let t1 = t0 + Duration::from_millis(500);
+    s.handle_datagram(t1, addr(1), &nack(3, 1));
+    let sent = drain(&mut s, t1);
+    assert!(
+        sent.iter()
+            .any(|&(d, _, p)| d == Dest::Peer(addr(1)) && p.is_some_and(|(pfn, _)| pfn == 3)),
+        "page 3 answered to its asker: {sent:?}"
+    );
+    assert_eq!(s.stats().rate_limited, 0);
+}
+
+/// A NACK of `len` pages from `start`.
+fn nack(start: u64, len: u32) -> Vec<u8> {
+    let mut raw = Vec::new();
+    encode_ranges(&[PageRange { start, len }], &mut raw);
+    datagram(Body::Nack(Request {
+        rx_rate: 100_000,
+        loss_permille: 300,
+        flags: RequestFlags::empty(),
+        ranges: ranges_from_encoded(&raw),
+    }))
 }
 
 #[test]

@@ -156,11 +156,15 @@ impl Peers {
             .is_some_and(|r| r.loss_permille >= HEAVY_LOSS_PERMILLE)
     }
 
-    /// Take `pages` from `addr`'s request allowance; false when over its rate.
-    pub(super) fn allow(&mut self, now: Instant, addr: &SocketAddr, pages: u64) -> bool {
+    /// Take up to `pages` from `addr`'s request allowance: how many of them it may
+    /// be answered now (0: over its rate, or not tracked). An ask larger than the
+    /// allowance is answered in part, the rest asked again later, rather than whole
+    /// with the allowance in debt: a debt shut out every ask after it, a lone retry
+    /// of one lost page too, for as long as a large NACK took to pay for.
+    pub(super) fn allow(&mut self, now: Instant, addr: &SocketAddr, pages: u64) -> u64 {
         self.table
             .get_mut(addr)
-            .is_some_and(|p| p.tokens.try_take(now, pages))
+            .map_or(0, |p| p.tokens.take_up_to(now, pages))
     }
 
     /// `addr` asked again for `pages` pages.

@@ -4,6 +4,8 @@
 //! 0. validated sources only — a request or NACK from an address that has not
 //!    echoed its token (`validate`) is dropped: no group send, no answer;
 //! 1. rate limit — each receiver may ask for `per_source_page_rate` pages per second;
+//!    an ask larger than its allowance is answered in part (its first pages), never
+//!    with the allowance in debt, so a large NACK does not shut out a lone retry;
 //! 2. zero replies — a zero page is answered to the asker alone, header only;
 //! 3. working-set recording and neighbour push — a first ask (a fault) is
 //!    recorded for later generations and aims the push window just past it; a
@@ -49,7 +51,8 @@ const DOUBLE_REASK_MAX_PEERS: usize = 64;
 impl Server {
     /// The checks every request, NACK or fragment NACK passes before its pages are
     /// looked at: a validated source, its report, the rate limit for `pages` pages.
-    /// `None`: dropped.
+    /// `None`: dropped; else how it was asked and how many of its pages (the first
+    /// ones, at most `max_pages_per_request`) its allowance lets through.
     fn admit_ask(
         &mut self,
         now: Instant,
@@ -57,7 +60,7 @@ impl Server {
         (rx_rate, loss_permille, flags): (u64, u16, wire::RequestFlags),
         pages: u64,
         nack: bool,
-    ) -> Option<Ask> {
+    ) -> Option<(Ask, u64)> {
         if !self.peers.contains(&from) {
             self.drop_unvalidated(from, "request");
             return None;
@@ -67,19 +70,23 @@ impl Server {
         }
         self.note_report(now, from, rx_rate, loss_permille, None);
         let pages = pages.min(self.cfg.max_pages_per_request);
-        if !self.peers.allow(now, &from, pages.max(1)) {
+        let granted = self.peers.allow(now, &from, pages.max(1));
+        if granted == 0 {
             self.stats.rate_limited += 1;
             tracing::debug!(%from, pages, "request over the per-source rate limit");
             return None;
+        }
+        if granted < pages {
+            self.stats.rate_trimmed += 1;
         }
         let ask = Ask {
             nack,
             reask: flags.contains(wire::Request::RETRY),
         };
         if ask.retry() {
-            self.peers.note_reask(&from, pages);
+            self.peers.note_reask(&from, granted);
         }
-        Some(ask)
+        Some((ask, granted))
     }
 
     /// A request (`nack` false) or NACK datagram: rate-limit it, then walk its
@@ -97,10 +104,10 @@ impl Server {
             self.stats.requests += 1;
         }
         let head = (q.rx_rate, q.loss_permille, q.flags);
-        let Some(ask) = self.admit_ask(now, from, head, q.ranges.total_pages(), nack) else {
+        let Some((ask, mut budget)) = self.admit_ask(now, from, head, q.ranges.total_pages(), nack)
+        else {
             return;
         };
-        let mut budget = self.cfg.max_pages_per_request;
         for r in q.ranges.iter() {
             if budget == 0 {
                 break;
@@ -133,7 +140,8 @@ impl Server {
         self.stats.nacks += 1;
         self.stats.fragment_nacks += 1;
         let head = (f.rx_rate, f.loss_permille, f.flags);
-        let Some(ask) = self.admit_ask(now, from, head, f.entries.len() as u64, true) else {
+        let Some((ask, budget)) = self.admit_ask(now, from, head, f.entries.len() as u64, true)
+        else {
             return;
         };
         let count = self.geo.frag_count;
@@ -141,7 +149,7 @@ impl Server {
             1..=31 => (1u32 << count) - 1,
             _ => ALL_FRAGMENTS,
         };
-        let budget = usize::try_from(self.cfg.max_pages_per_request).unwrap_or(usize::MAX);
+        let budget = usize::try_from(budget).unwrap_or(usize::MAX);
         for e in f.entries.iter().take(budget) {
             let frags = if count > wire::MAX_NACK_FRAGMENTS {
                 all

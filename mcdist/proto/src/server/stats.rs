@@ -90,6 +90,9 @@ pub struct ServerStats {
     pub suppressed_queued: u64,
     /// Datagrams dropped by the per-source rate limit.
     pub rate_limited: u64,
+    /// Asks answered in part: more pages than the asker's allowance held (the
+    /// rest it asks again for later).
+    pub rate_trimmed: u64,
     /// Datagrams that failed to parse.
     pub malformed: u64,
     /// Datagrams for another session, or of a kind a server does not take.
