@@ -20,12 +20,7 @@ fn a_slow_receiver_is_repaired_at_a_quarter_of_the_most_it_took_once_its_rate_fa
     assert!(!s.is_slow_receiver(addr(1)));
     // Then receiver 1 loses a third of what it is sent, and reports the little it gets.
     let t1 = t0 + Duration::from_millis(100);
-    s.note_report(t1, addr(1), 100_000, 300, Some(0));
-    for port in 2..=3 {
-        s.note_report(t1, addr(port), 400_000_000, 0, Some(0));
-    }
-    s.feed_rate_reports(t1);
-    assert!(s.is_slow_receiver(addr(1)));
+    one_lossy(&mut s, t1);
     // Its repairs are paced to 100 MB/s (24,414 pages/s, a quarter second of them at
     // once), not to the 100 kB/s it reported last (256 pages/s, 64 at once).
     let granted: u64 = (0..8).map(|_| s.peers.allow(t1, &addr(1), 1_000)).sum();
@@ -42,12 +37,7 @@ fn a_lone_retry_is_answered_while_a_large_nack_is_still_being_paid_for() {
     let mut s = receivers(t0, 3);
     // Receiver 1 takes little and loses a third: isolated, its asks paced to 256
     // pages/s, 64 at once.
-    s.note_report(t0, addr(1), 100_000, 300, Some(0));
-    for port in 2..=3 {
-        s.note_report(t0, addr(port), 400_000_000, 0, Some(0));
-    }
-    s.feed_rate_reports(t0);
-    assert!(s.is_slow_receiver(addr(1)));
+    one_lossy(&mut s, t0);
     // It NACKs 1,000 pages at once: 64 of them are answered now.
     s.handle_datagram(t0, addr(1), &nack(0, 1_000));
     drain(&mut s, t0);
@@ -83,12 +73,7 @@ fn no_more_than_half_the_receivers_are_isolated() {
     let t0 = Instant::now();
     let mut s = receivers(t0, 3);
     // Receiver 1 loses a third of what it is sent while the others lose nothing.
-    s.note_report(t0, addr(1), 100_000, 300, Some(0));
-    for port in 2..=3 {
-        s.note_report(t0, addr(port), 400_000_000, 0, Some(0));
-    }
-    s.feed_rate_reports(t0);
-    assert!(s.is_slow_receiver(addr(1)));
+    one_lossy(&mut s, t0);
     // Later receiver 2 does too, while receiver 1 (isolated, its report no longer
     // recent) and receiver 3 report nothing: alone it would be an outlier, but
     // two of three isolated is the group's trouble, so it stays in pacing.
@@ -100,6 +85,17 @@ fn no_more_than_half_the_receivers_are_isolated() {
     assert!(!s.is_slow_receiver(addr(2)));
     assert_eq!(s.stats().slow_receivers, 1);
     assert_eq!(s.stats().isolation_refused, 1);
+}
+
+/// Receiver 1 takes 100 kB/s and loses 30 %, receivers 2 and 3 take 400 MB/s
+/// without loss: receiver 1 is isolated.
+fn one_lossy(s: &mut Server, now: Instant) {
+    s.note_report(now, addr(1), 100_000, 300, Some(0));
+    for port in 2..=3 {
+        s.note_report(now, addr(port), 400_000_000, 0, Some(0));
+    }
+    s.feed_rate_reports(now);
+    assert!(s.is_slow_receiver(addr(1)));
 }
 
 /// [`server`] with receivers on ports 1 to `n` validated, nothing left to send.
