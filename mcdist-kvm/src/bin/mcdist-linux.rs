@@ -12,20 +12,20 @@ use std::io::Read;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 #[path = "common/session_args.rs"]
 mod session_args;
+use mcdist_kvm::inline::InlineMcdist;
 use mcdist_kvm::linux::{
     expected_sum, parse_report_line, run_linux_clone, BootOptions, GuestPlan, LinuxDescriptor,
     LinuxError, LinuxExit, LinuxParent,
 };
 use mcdist_kvm::netns::BridgeNet;
 use mcdist_kvm::DescriptorFile;
-use mcdist_kvm::{LazyConfig, PageFetcher};
-use mcdist_kvm::{McdistFetcher, MemoryServer};
+use mcdist_kvm::LazyConfig;
+use mcdist_kvm::MemoryServer;
 use session_args::KeyArgs;
 
 #[derive(Parser, Debug)]
@@ -361,12 +361,13 @@ fn clone(
     let report = run_linux_clone(&desc, id, lazy, Duration::from_secs(timeout_s), None, |h| {
         // Fail closed: a lost memory ends the process with "memory lost: ...".
         h.exit_process_on_loss().map_err(LinuxError::Io)?;
-        let f = McdistFetcher::connect(&desc.base, iface, h, Duration::from_secs(5), |c| {
+        // The fault thread drives the client itself (the clone path's fetcher).
+        let f = InlineMcdist::connect(&desc.base, iface, &h, Duration::from_secs(5), |c| {
             c.give_up_after = give_up;
             c.security = security;
         })
         .map_err(LinuxError::Session)?;
-        Ok(Arc::new(f) as Arc<dyn PageFetcher>)
+        Ok(f.into_fetcher())
     })?;
     for l in &report.console {
         println!("console| {l}");
