@@ -455,7 +455,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             let s = &snap.stats;
             let secs = start.elapsed().as_secs_f64();
             println!(
-                "done: {} receivers in {:.2} s; sent {} bytes in {} datagrams = {:.3}x image ({} pages: {} demand, {} push, {} sweep, {} repair, {} unicast; {} FEC repair symbols in {} blocks); requests {} nacks {} ({} by fragment, {} fragments resent) suppressed {} (lockstep {}); isolated {} (refused {}){}",
+                "done: {} receivers in {:.2} s; sent {} bytes in {} datagrams = {:.3}x image ({} pages: {} demand, {} push, {} sweep, {} repair, {} unicast; {} FEC repair symbols in {} blocks); requests {} nacks {} ({} by fragment, {} fragments resent) suppressed {} (lockstep {}); isolated {} (refused {}); over the rate limit {} (answered in part {}){}",
                 done,
                 secs,
                 s.bytes_sent,
@@ -477,6 +477,8 @@ fn serve(a: ServeArgs) -> Result<(), String> {
                 s.suppressed_lockstep,
                 s.slow_receivers,
                 s.isolation_refused,
+                s.rate_limited,
+                s.rate_trimmed,
                 sec
             );
             return Ok(());
