@@ -110,13 +110,20 @@ fn uniform(state: &mut u64) -> f64 {
     ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// How often a block fails to decode: `K = 384` symbols, every symbol (source and repair)
+/// How often a block fails to decode: `K = 384` and `K = 128` symbols, every symbol (source and repair)
 /// lost with probability `p`, `R = K × (2p + 2 %)` repair symbols sent (about what the
 /// server's rule sends at that loss), RaptorQ against the sparse code at densities 3, 4
 /// and 6 using every repair symbol that arrived. Symbols are 16 bytes: whether a block
 /// decodes does not depend on their size.
 fn failure_study() {
-    let (k, t, trials) = (384usize, 16usize, 400u32);
+    for k in [384usize, 128] {
+        failure_rows(k);
+    }
+}
+
+/// [`failure_study`]'s rows for blocks of `k` source symbols.
+fn failure_rows(k: usize) {
+    let (t, trials) = (16usize, 400u32);
     let data: Vec<u8> = (0..k * t).map(|i| (i * 31 % 251) as u8).collect();
     eprintln!("decode failures in {trials} blocks of K = {k}, loss p on every symbol, R = K x (2p + 2 %):");
     for p in [0.01f64, 0.05, 0.10] {
@@ -290,9 +297,9 @@ fn codecs(c: &mut Criterion) {
             });
         }
         // The sparse code at the repair count the server sends at this loss (10 %, about
-        // 2 × 4 % + 2 %), using at most 8 more repair symbols than symbols are lost; and
-        // at the 5 % above, every repair symbol.
-        for (pct, spare) in [(10usize, 8usize), (5, usize::MAX / 2)] {
+        // 2 × 4 % + 2 %), with every repair symbol and with at most 8 more than symbols
+        // are lost; and at the 5 % above.
+        for (pct, spare) in [(10usize, usize::MAX / 2), (10, 8), (5, usize::MAX / 2)] {
             let r = (k * pct).div_ceil(100);
             let code = Sparse::regular(k, t, 5, r);
             let repairs: Vec<(u32, Vec<u8>)> = (0..r as u32)
@@ -312,14 +319,28 @@ fn codecs(c: &mut Criterion) {
             let mut check = held.clone();
             match code.decode(&mut check, &have, &repairs, spare) {
                 Ok(n) => {
-                    assert_eq!((n, &check), (n_lost, &data), "sparse decode restores the block")
+                    assert_eq!(
+                        (n, &check),
+                        (n_lost, &data),
+                        "sparse decode restores the block"
+                    )
                 }
                 Err(e) => {
-                    eprintln!("regular_c5 with {pct} % repairs does not decode this loss pattern: {e:?}");
+                    let used = if spare < k {
+                        format!("at most {spare} spare")
+                    } else {
+                        "every one".into()
+                    };
+                    eprintln!("regular_c5, K = {k}, {pct} % repairs, {used}: no decode of this loss pattern: {e:?}");
                     continue;
                 }
             }
-            g.bench_function(format!("regular_c5/decode_4pct_loss_{pct}pct_repairs"), |b| {
+            let name = if spare < k {
+                format!("regular_c5/decode_4pct_loss_{pct}pct_repairs_{spare}_spare")
+            } else {
+                format!("regular_c5/decode_4pct_loss_{pct}pct_repairs")
+            };
+            g.bench_function(name, |b| {
                 b.iter_batched(
                     || held.clone(),
                     |mut buf| black_box(code.decode(&mut buf, &have, &repairs, spare)),
