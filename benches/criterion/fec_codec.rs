@@ -103,11 +103,7 @@ fn sparse_d(k: usize, r: usize, c: usize) -> usize {
 
 /// A uniform draw in [0, 1) from a SplitMix64 state.
 fn uniform(state: &mut u64) -> f64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    (sparse_code::splitmix(state) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// How often a block fails to decode: `K = 384` and `K = 128` symbols, every symbol (source and repair)
