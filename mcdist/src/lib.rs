@@ -23,7 +23,7 @@
 //! - [`node`]: threaded drivers ([`node::ServerNode`], [`node::ClientNode`]) that
 //!   turn the state machines into socket calls; they hold no protocol logic.
 //! - [`digest`]: the image digest built page by page as pages arrive.
-//! - [`fec`]: RaptorQ repair symbols over pushed and swept pages (off by
+//! - [`fec`]: FEC repair symbols over pushed and swept pages (off by
 //!   default; `ServerConfig::fec`).
 //! - [`sim`]: a deterministic, virtual-time network for tests.
 //!

@@ -102,6 +102,7 @@ enum Owned {
         span: u16,
         spp: u16,
         esi: u32,
+        burst: u16,
         members: Vec<u8>,
         symbol: Vec<u8>,
     },
@@ -114,11 +115,11 @@ fn repair() -> impl Strategy<Value = Owned> {
         0u64..u64::MAX / 2,
         1u16..=MAX_FEC_SPAN,
         1u16..=8,
-        0u32..=MAX_FEC_ESI,
+        (0u32..=MAX_FEC_ESI, 1u16..=u16::MAX),
         proptest::collection::vec(any::<u8>(), 128),
         proptest::collection::vec(any::<u8>(), 1..1500),
     )
-        .prop_map(|(first, span, spp, esi, bits, symbol)| {
+        .prop_map(|(first, span, spp, (esi, burst), bits, symbol)| {
             let n = usize::from(span).div_ceil(8);
             let mut members = bits[..n].to_vec();
             members[0] |= 1;
@@ -130,6 +131,7 @@ fn repair() -> impl Strategy<Value = Owned> {
                 span,
                 spp,
                 esi,
+                burst,
                 members,
                 symbol,
             }
@@ -266,6 +268,7 @@ fn body(o: &Owned) -> Body<'_> {
             span,
             spp,
             esi,
+            burst,
             members,
             symbol,
         } => Body::Repair(Repair {
@@ -274,6 +277,7 @@ fn body(o: &Owned) -> Body<'_> {
             symbols_per_page: *spp,
             symbol_size: symbol.len() as u16,
             esi: *esi,
+            burst: *burst,
             members,
             symbol,
         }),

@@ -110,7 +110,9 @@ fn hostile_fragments_and_repairs_stay_within_small_budgets() {
                 span,
                 symbols_per_page: spp,
                 symbol_size: t as u16,
-                esi,
+                // Repair symbol `esi` of the block: ESIs start at K.
+                esi: esi + u32::from(span) * u32::from(spp),
+                burst: 4,
                 members: &members,
                 symbol: &symbol,
             }),

@@ -99,7 +99,7 @@ enum Cmd {
         /// With --key: authenticate only, send page contents in the clear (trusted networks).
         #[arg(long, requires = "key")]
         auth_only: bool,
-        /// Follow pushed and swept pages with RaptorQ repair symbols, as many as the
+        /// Follow pushed and swept pages with FEC repair symbols, as many as the
         /// loss receivers report calls for: none while no receiver reports loss
         /// (multicast only; `--unicast` sends none). A bare `--fec` means on.
         #[arg(long, value_enum, default_value_t = OnOff::On, num_args = 0..=1,

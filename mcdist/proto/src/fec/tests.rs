@@ -25,7 +25,7 @@ fn repairs_restore_lost_fragments() {
             b.put(m, i, &page[s..s + l]);
         }
     }
-    let burst = b.close(4).unwrap();
+    let burst = b.close(10).unwrap();
     assert_eq!(burst.first, 10);
     assert_eq!(burst.span, 11);
     let mut rx = FecRx::new(4, 64, 64 << 20);
@@ -47,20 +47,23 @@ fn repairs_restore_lost_fragments() {
         }
     }
     let mut got = None;
-    for pkt in &burst.packets {
+    let mut used = 0;
+    for (esi, symbol) in &burst.packets {
         let r = Repair {
             first_pfn: burst.first,
             span: burst.span,
             symbols_per_page: spp,
             symbol_size: symbol_size(ps, spp) as u16,
-            esi: pkt.payload_id().encoding_symbol_id(),
+            esi: *esi,
+            burst: burst.burst,
             members: &burst.members,
-            symbol: pkt.data(),
+            symbol,
         };
         assert_eq!(
-            rx.add(&r, Bytes::copy_from_slice(pkt.data())),
+            rx.add(&r, Bytes::copy_from_slice(symbol)),
             RepairOutcome::Stored
         );
+        used += 1;
         let res = rx
             .try_decode(10, ps, |pfn| match pfn {
                 13 | 17 => match frags.get(&pfn) {
@@ -75,7 +78,10 @@ fn repairs_restore_lost_fragments() {
             break;
         }
     }
-    let got = got.expect("4 repairs cover 4 lost symbols");
+    // Four symbols lost (page 13's three, page 17's middle one); a binary code needs a
+    // few repair symbols more than that.
+    let got = got.expect("10 repairs cover 4 lost symbols");
+    assert!(used >= 4);
     assert_eq!(got.len(), 2);
     for (pfn, page) in got {
         let i = pfns.iter().position(|&p| p == pfn).unwrap();
@@ -164,6 +170,7 @@ fn open_blocks_are_bounded() {
             symbols_per_page: 1,
             symbol_size: 4,
             esi: 1,
+            burst: 1,
             members: &[1],
             symbol: b"abcd",
         };

@@ -80,7 +80,7 @@ pub struct ServerConfig {
     /// Seed for the server's randomness (session id, address-token secret), for
     /// simulations and tests only; `None` (the default) draws from the OS RNG.
     pub seed: Option<u64>,
-    /// Follow pushed and swept pages with RaptorQ repair symbols
+    /// Follow pushed and swept pages with FEC repair symbols
     /// ([`crate::fec`]); multicast delivery only. Off by default.
     pub fec: bool,
     /// Most pages in one FEC block.
@@ -163,9 +163,11 @@ impl ServerConfig {
             let each = (self.fec_block_failure / receivers.max(1) as f64).clamp(1e-12, 0.5);
             let z = upper_normal_quantile(each);
             // n = k + r symbols sent, each received with probability 1 - p: the smallest n
-            // with n·(1 - p) - z·sqrt(n·p·(1 - p)) >= k, a quadratic in sqrt(n).
+            // with n·(1 - p) - z·sqrt(n·p·(1 - p)) >= k + s, a quadratic in sqrt(n), where
+            // s is the code's spare: the symbols beyond k a block needs to decode.
             let (q, sd) = (1.0 - p, (p * (1.0 - p)).sqrt());
-            let root = (z * sd + (z * z * sd * sd + 4.0 * q * k).sqrt()) / (2.0 * q);
+            let need = k + crate::fec::DECODE_SPARE as f64;
+            let root = (z * sd + (z * z * sd * sd + 4.0 * q * need).sqrt()) / (2.0 * q);
             (root * root - k).max(0.0) / k + self.fec_margin
         } else {
             0.0

@@ -26,10 +26,9 @@
 use super::config::Geometry;
 use super::schedule::{Job, Target};
 use super::{Server, ServerConfig};
-use crate::fec::{BlockBuilder, Burst};
+use crate::fec::{BlockBuilder, BlockEncoder, Burst};
 use crate::wire::{self, Body, Data, HeaderFlags, Message};
 use crate::{Dest, Transmit};
-use raptorq::SourceBlockEncoder;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -47,6 +46,9 @@ const MAX_ENCODERS: usize = 16;
 #[derive(Debug)]
 struct SentBlock {
     members: Vec<u64>,
+    /// Repair symbols in its first burst, the code's layer size (0: none went yet,
+    /// a block formed for a NACK: its first round sets it).
+    burst: u16,
     /// Repair index of the next fresh symbol (ESI `K + next_repair`).
     next_repair: u32,
     /// Latest NACK round: when it was queued and how many symbols it holds.
@@ -58,7 +60,7 @@ struct SentBlock {
 struct SentBlocks {
     blocks: BTreeMap<u64, SentBlock>,
     order: VecDeque<u64>,
-    encoders: HashMap<u64, SourceBlockEncoder>,
+    encoders: HashMap<u64, BlockEncoder>,
     enc_order: VecDeque<u64>,
 }
 
@@ -66,6 +68,7 @@ impl SentBlocks {
     fn insert(&mut self, first: u64, members: Vec<u64>, next_repair: u32) {
         let block = SentBlock {
             members,
+            burst: u16::try_from(next_repair).unwrap_or(u16::MAX),
             next_repair,
             round: None,
         };
@@ -84,7 +87,7 @@ impl SentBlocks {
         }
     }
 
-    fn keep_encoder(&mut self, first: u64, enc: SourceBlockEncoder) {
+    fn keep_encoder(&mut self, first: u64, enc: BlockEncoder) {
         if self.encoders.insert(first, enc).is_none() {
             self.enc_order.push_back(first);
         }
@@ -339,7 +342,8 @@ impl Server {
                 continue;
             };
             let k = b.members.len() as u32 * u32::from(spp);
-            let need = (pages * u32::from(spp)).min(k);
+            // The NACKed fragments, and the code's spare beyond them.
+            let need = (pages * u32::from(spp)).min(k) + crate::fec::DECODE_SPARE as u32;
             let count = match b.round {
                 Some((t, size)) if now.saturating_duration_since(t) < NACK_ROUND_WINDOW => {
                     if need <= size {
@@ -361,11 +365,16 @@ impl Server {
                 continue;
             }
             b.next_repair += count;
+            if b.burst == 0 {
+                // The block's first repair symbols: their count is its layer size.
+                b.burst = u16::try_from(count).unwrap_or(u16::MAX).max(1);
+            }
+            let burst = b.burst;
             let members = b.members.clone();
             if !fec.sent.encoders.contains_key(&first) {
                 let (source, tree, data_pages) =
                     (self.source.clone(), self.tree.clone(), self.page_count);
-                let built = crate::fec::block_encoder(page_size, spp, &members, |p, buf| {
+                let built = crate::fec::block_encoder(page_size, spp, &members, burst, |p, buf| {
                     if p < data_pages {
                         return source.read_page(p, buf);
                     }
@@ -414,7 +423,7 @@ impl Server {
         let (spp, t) = fec.builder.geometry();
         let b = fec.bursts.front_mut()?;
         let pkt = b.packets.pop_front();
-        let res = pkt.and_then(|pkt| {
+        let res = pkt.and_then(|(esi, symbol)| {
             Message {
                 session,
                 seq,
@@ -424,9 +433,10 @@ impl Server {
                     span: b.span,
                     symbols_per_page: spp,
                     symbol_size: t as u16,
-                    esi: pkt.payload_id().encoding_symbol_id(),
+                    esi,
+                    burst: b.burst,
                     members: &b.members,
-                    symbol: pkt.data(),
+                    symbol: &symbol,
                 }),
             }
             .emit(buf)

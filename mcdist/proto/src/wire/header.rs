@@ -56,7 +56,7 @@ pub enum Kind {
     ZeroMap = 8,
     /// Server → group: the session ends.
     End = 9,
-    /// Server → group: one RaptorQ repair symbol for a block of pushed or swept pages.
+    /// Server → group: one FEC repair symbol for a block of pushed or swept pages.
     Repair = 10,
     /// Server → peer: pages recorded as earlier clones' working set (a [`Request`] body:
     /// ranges), which a receiver may ask for in bulk (prefetch).

@@ -1,4 +1,4 @@
-//! [`Repair`]: one RaptorQ repair symbol for an FEC block of multicast pages.
+//! [`Repair`]: one repair symbol for an FEC block of multicast pages.
 
 use super::MAX_FRAGMENTS;
 use super::{check_emit, check_len, put, read_u16, read_u32, read_u64, Field, WireError};
@@ -7,7 +7,7 @@ use super::{check_emit, check_len, put, read_u16, read_u32, read_u64, Field, Wir
 pub const MAX_FEC_SPAN: u16 = 1024;
 /// Most source symbols one FEC block may have.
 pub const MAX_FEC_SYMBOLS: u32 = 8192;
-/// Largest encoding symbol id (RFC 6330 ESIs are 24 bits).
+/// Largest encoding symbol id (24 bits).
 pub const MAX_FEC_ESI: u32 = (1 << 24) - 1;
 
 /// Byte offsets of the [`Repair`] body fields.
@@ -23,12 +23,15 @@ pub(super) mod field {
     pub const SYMBOL_SIZE: Field = 12..14;
     /// Encoding symbol id.
     pub const ESI: Field = 14..18;
+    /// Repair symbols in the block's first burst.
+    pub const BURST: Field = 18..20;
     /// The member bitmap (`ceil(span / 8)` bytes), then the symbol to the end.
-    pub const MEMBERS: std::ops::RangeFrom<usize> = 18..;
+    pub const MEMBERS: std::ops::RangeFrom<usize> = 20..;
 }
 
-/// Body of [`Kind::Repair`](super::Kind::Repair): one RaptorQ (RFC 6330) repair symbol for an FEC
-/// block of pages the server multicast by push or sweep.
+/// Body of [`Kind::Repair`](super::Kind::Repair): one repair symbol of mcdist's sparse
+/// erasure code (`fec::code`) for an FEC block of pages the server multicast by push or
+/// sweep.
 ///
 /// The block is the member pages of `first_pfn .. first_pfn + span` (bit `i`
 /// of `members`, LSB first, set: page `first_pfn + i` is in the block), in
@@ -36,7 +39,9 @@ pub(super) mod field {
 /// `symbol_size` bytes: the page's fragments as sent in [`Data`](super::Data) datagrams
 /// (`symbols_per_page` is the fragment count), each zero-padded to
 /// `symbol_size`. The block has `K = members × symbols_per_page` source
-/// symbols with ESIs `0..K` in that order; repair symbols have ESIs `>= K`.
+/// symbols with ESIs `0..K` in that order; repair symbols have ESIs `>= K`: ESI `K + j`
+/// is repair symbol `j`, the XOR of the source symbols its row names, which follow from
+/// `K`, `burst` (the first burst's repair count, the code's layer size) and `j`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Repair<'a> {
     /// First page of the block's span (always a member).
@@ -47,8 +52,10 @@ pub struct Repair<'a> {
     pub symbols_per_page: u16,
     /// Symbol size in bytes.
     pub symbol_size: u16,
-    /// Encoding symbol id (RFC 6330), `< 2^24`.
+    /// Encoding symbol id, `< 2^24`.
     pub esi: u32,
+    /// Repair symbols in the block's first burst, `>= 1`.
+    pub burst: u16,
     /// Member bitmap, `ceil(span / 8)` bytes, LSB first; bits past `span` are zero.
     pub members: &'a [u8],
     /// The symbol, `symbol_size` bytes.
@@ -86,6 +93,7 @@ impl<'a> Repair<'a> {
         let symbols_per_page = read_u16(body, field::SYMBOLS_PER_PAGE);
         let symbol_size = read_u16(body, field::SYMBOL_SIZE);
         let esi = read_u32(body, field::ESI);
+        let burst = read_u16(body, field::BURST);
         if span == 0 || span > MAX_FEC_SPAN {
             return Err(WireError::BadField("fec span"));
         }
@@ -97,6 +105,9 @@ impl<'a> Repair<'a> {
         }
         if esi > MAX_FEC_ESI || first_pfn.checked_add(u64::from(span)).is_none() {
             return Err(WireError::BadField("fec symbol id"));
+        }
+        if burst == 0 {
+            return Err(WireError::BadField("fec burst"));
         }
         let (members, symbol) = body[field::MEMBERS]
             .split_at_checked(usize::from(span).div_ceil(8))
@@ -114,6 +125,7 @@ impl<'a> Repair<'a> {
             symbols_per_page,
             symbol_size,
             esi,
+            burst,
             members,
             symbol,
         };
@@ -140,6 +152,7 @@ impl<'a> Repair<'a> {
         );
         put(body, field::SYMBOL_SIZE, &self.symbol_size.to_be_bytes());
         put(body, field::ESI, &self.esi.to_be_bytes());
+        put(body, field::BURST, &self.burst.to_be_bytes());
         let (members, symbol) = body[field::MEMBERS].split_at_mut(self.members.len());
         members.copy_from_slice(self.members);
         symbol[..self.symbol.len()].copy_from_slice(self.symbol);

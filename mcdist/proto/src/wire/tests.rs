@@ -91,6 +91,7 @@ fn every_kind_roundtrips() {
             symbols_per_page: 3,
             symbol_size: 4,
             esi: 30,
+            burst: 3,
             members: &[0b1111_0111, 0b10],
             symbol: b"abcd",
         }),
@@ -207,6 +208,7 @@ fn rejects_bad_repairs() {
         symbols_per_page: 3,
         symbol_size: 4,
         esi: 12,
+        burst: 2,
         members: &[0b0000_0101, 0b10],
         symbol: b"abcd",
     };
@@ -258,6 +260,7 @@ fn rejects_bad_repairs() {
             esi: MAX_FEC_ESI + 1,
             ..good
         },
+        Repair { burst: 0, ..good },
         Repair {
             symbol_size: 0,
             symbol: b"",
