@@ -102,7 +102,7 @@ enum Owned {
         span: u16,
         spp: u16,
         esi: u32,
-        burst: u16,
+        burst_share: u8,
         members: Vec<u8>,
         symbol: Vec<u8>,
     },
@@ -115,11 +115,11 @@ fn repair() -> impl Strategy<Value = Owned> {
         0u64..u64::MAX / 2,
         1u16..=MAX_FEC_SPAN,
         1u16..=8,
-        (0u32..=MAX_FEC_ESI, 1u16..=u16::MAX),
+        (0u32..=MAX_FEC_ESI, 1u8..=u8::MAX),
         proptest::collection::vec(any::<u8>(), 128),
         proptest::collection::vec(any::<u8>(), 1..1500),
     )
-        .prop_map(|(first, span, spp, (esi, burst), bits, symbol)| {
+        .prop_map(|(first, span, spp, (esi, burst_share), bits, symbol)| {
             let n = usize::from(span).div_ceil(8);
             let mut members = bits[..n].to_vec();
             members[0] |= 1;
@@ -131,7 +131,7 @@ fn repair() -> impl Strategy<Value = Owned> {
                 span,
                 spp,
                 esi,
-                burst,
+                burst_share,
                 members,
                 symbol,
             }
@@ -268,7 +268,7 @@ fn body(o: &Owned) -> Body<'_> {
             span,
             spp,
             esi,
-            burst,
+            burst_share,
             members,
             symbol,
         } => Body::Repair(Repair {
@@ -277,7 +277,7 @@ fn body(o: &Owned) -> Body<'_> {
             symbols_per_page: *spp,
             symbol_size: symbol.len() as u16,
             esi: *esi,
-            burst: *burst,
+            burst_share: *burst_share,
             members,
             symbol,
         }),

@@ -112,7 +112,7 @@ fn hostile_fragments_and_repairs_stay_within_small_budgets() {
                 symbol_size: t as u16,
                 // Repair symbol `esi` of the block: ESIs start at K.
                 esi: esi + u32::from(span) * u32::from(spp),
-                burst: 4,
+                burst_share: 4,
                 members: &members,
                 symbol: &symbol,
             }),

@@ -130,32 +130,48 @@ impl Layers {
     }
 }
 
+/// The first burst's share of a block of `k` source symbols, in 256ths, for at least
+/// `r` repair symbols (at most 255/256 of the block).
+pub(crate) fn burst_share(k: usize, r: usize) -> u8 {
+    u8::try_from((r.max(1) * 256).div_ceil(k.max(1)).clamp(1, 255)).unwrap_or(u8::MAX)
+}
+
+/// Repair symbols in the first burst of a block of `k` whose share is `share`.
+pub(crate) fn burst_len(k: usize, share: u8) -> usize {
+    (k * usize::from(share)).div_ceil(256).max(1)
+}
+
 /// A closed block's source symbols, kept to make repair symbols of it: the first burst
 /// when it closes, more for NACK rounds.
 #[derive(Debug, Clone)]
 pub(crate) struct BlockEncoder {
     k: usize,
     t: usize,
-    burst: u16,
+    share: u8,
     /// `k × t` bytes, symbol `i` at `i × t`.
     data: Vec<u8>,
 }
 
 impl BlockEncoder {
-    /// An encoder of `data` (`k` symbols of `t` bytes) whose first burst has `burst`
-    /// repair symbols.
-    pub(crate) fn new(data: Vec<u8>, t: usize, burst: u16) -> BlockEncoder {
+    /// An encoder of `data` (`k` symbols of `t` bytes) whose first burst is `share`
+    /// 256ths of it ([`burst_len`]).
+    pub(crate) fn new(data: Vec<u8>, t: usize, share: u8) -> BlockEncoder {
         BlockEncoder {
             k: data.len() / t.max(1),
             t: t.max(1),
-            burst: burst.max(1),
+            share: share.max(1),
             data,
         }
     }
 
+    /// The first burst's share of the block.
+    pub(crate) fn share(&self) -> u8 {
+        self.share
+    }
+
     /// Repair symbols in the first burst (the layer size).
-    pub(crate) fn burst(&self) -> u16 {
-        self.burst
+    pub(crate) fn burst(&self) -> usize {
+        burst_len(self.k, self.share)
     }
 
     /// Source symbols in the block (`K`).
@@ -165,7 +181,7 @@ impl BlockEncoder {
 
     /// Repair symbols with repair indices `start .. start + count`, as `(index, symbol)`.
     pub(crate) fn repairs(&self, start: u32, count: u32) -> Vec<(u32, Vec<u8>)> {
-        let mut layers = Layers::new(self.k, usize::from(self.burst));
+        let mut layers = Layers::new(self.k, self.burst());
         (start..start.saturating_add(count))
             .map(|j| {
                 let mut s = vec![0u8; self.t];
@@ -184,14 +200,14 @@ impl BlockEncoder {
 pub(crate) struct TooFew;
 
 /// Recover the lost source symbols of a block of `k` symbols of `t` bytes whose first
-/// burst had `burst` repair symbols. `held(i)`: source symbol `i` if held (its data, at
+/// burst was `share` 256ths of it. `held(i)`: source symbol `i` if held (its data, at
 /// most `t` bytes; the rest is zero padding), `None` if lost. `repairs`: repair symbols
 /// in hand, `(repair index, symbol of t bytes)`. Returns the lost symbols, in index
 /// order, as `(index, t bytes)`.
 pub(crate) fn decode<'a>(
     k: usize,
     t: usize,
-    burst: u16,
+    share: u8,
     held: impl Fn(usize) -> Option<&'a [u8]>,
     repairs: &[(u32, &[u8])],
 ) -> Result<Vec<(usize, Vec<u8>)>, TooFew> {
@@ -208,7 +224,7 @@ pub(crate) fn decode<'a>(
         col[i] = c;
     }
     let words = m.div_ceil(64);
-    let mut layers = Layers::new(k, usize::from(burst));
+    let mut layers = Layers::new(k, burst_len(k, share));
     // Each repair symbol with the held symbols XORed out: the lost symbols it still
     // names (bits over `lost`) and what they XOR to.
     let mut bits: Vec<Vec<u64>> = Vec::with_capacity(repairs.len());
@@ -267,7 +283,9 @@ mod tests {
     fn restores_what_was_lost_from_any_layer() {
         let (k, t) = (96, 32);
         let data = block(k, t);
-        let enc = BlockEncoder::new(data.clone(), t, 16);
+        let share = burst_share(k, 16);
+        let enc = BlockEncoder::new(data.clone(), t, share);
+        assert_eq!(enc.burst(), 16);
         // The first burst and a later layer (a NACK round) alike.
         let reps: Vec<(u32, Vec<u8>)> = enc
             .repairs(0, 16)
@@ -277,7 +295,7 @@ mod tests {
         let lost = |i: usize| i % 10 == 4;
         let held = |i: usize| (!lost(i)).then(|| &data[i * t..(i + 1) * t]);
         let inhand: Vec<(u32, &[u8])> = reps.iter().map(|(j, s)| (*j, s.as_slice())).collect();
-        let got = decode(k, t, 16, held, &inhand).expect("enough repair symbols");
+        let got = decode(k, t, share, held, &inhand).expect("enough repair symbols");
         assert_eq!(got.len(), (0..k).filter(|&i| lost(i)).count());
         for (i, s) in got {
             assert!(lost(i));
@@ -289,12 +307,13 @@ mod tests {
     fn says_when_it_cannot_yet() {
         let (k, t) = (64, 16);
         let data = block(k, t);
-        let enc = BlockEncoder::new(data.clone(), t, 8);
+        let share = burst_share(k, 8);
+        let enc = BlockEncoder::new(data.clone(), t, share);
         let reps = enc.repairs(0, 8);
         let held = |i: usize| (i >= 10).then(|| &data[i * t..(i + 1) * t]);
         let inhand: Vec<(u32, &[u8])> = reps.iter().map(|(j, s)| (*j, s.as_slice())).collect();
         // Ten lost, eight repair symbols.
-        assert_eq!(decode(k, t, 8, held, &inhand), Err(TooFew));
+        assert_eq!(decode(k, t, share, held, &inhand), Err(TooFew));
     }
 
     #[test]

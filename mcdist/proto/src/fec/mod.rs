@@ -68,7 +68,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 mod code;
-pub(crate) use code::{BlockEncoder, DECODE_SPARE};
+pub(crate) use code::{burst_len, burst_share, BlockEncoder, DECODE_SPARE};
 
 /// Symbol size for pages of `page_size` bytes sent in `frags` fragments.
 pub fn symbol_size(page_size: usize, frags: u16) -> usize {
@@ -92,8 +92,8 @@ pub(crate) struct Burst {
     pub first: u64,
     pub span: u16,
     pub members: Vec<u8>,
-    /// Repair symbols in the block's first burst (the code's layer size).
-    pub burst: u16,
+    /// The block's first burst of repair symbols as a share of it ([`burst_len`]).
+    pub share: u8,
     /// `(ESI, symbol)`: repair symbol `j` has ESI `K + j`.
     pub packets: VecDeque<(u32, Vec<u8>)>,
 }
@@ -184,7 +184,8 @@ impl BlockBuilder {
         }
     }
 
-    /// Close the block and encode `repairs` repair symbols (none: nothing to send).
+    /// Close the block and encode at least `repairs` repair symbols (none: nothing to
+    /// send): the first burst is a whole share of the block (see [`burst_len`]).
     pub fn close(&mut self, repairs: u32) -> Option<Burst> {
         self.opened.take()?;
         self.last_enc = None;
@@ -193,10 +194,10 @@ impl BlockBuilder {
             return None;
         }
         let k = count * usize::from(self.spp);
-        let burst = u16::try_from(repairs).unwrap_or(u16::MAX);
-        let enc = BlockEncoder::new(self.buf[..k * self.t].to_vec(), self.t, burst);
+        let share = burst_share(k, repairs as usize);
+        let enc = BlockEncoder::new(self.buf[..k * self.t].to_vec(), self.t, share);
         let (span, members) = member_bitmap(self.first, &self.members);
-        let out = more_repairs(&enc, self.first, span, members, 0, u32::from(burst));
+        let out = more_repairs(&enc, self.first, span, members, 0, enc.burst() as u32);
         self.last_enc = Some(enc);
         Some(out)
     }
@@ -240,13 +241,13 @@ pub(crate) fn member_bitmap(first: u64, members: &[u64]) -> (u16, Vec<u8>) {
 }
 
 /// The encoder of a block of `members` (ascending pages of `page_size` bytes in
-/// `spp` fragments) whose first burst had `burst` repair symbols, built from the pages
+/// `spp` fragments) whose first burst was `share` of it, built from the pages
 /// `read` returns: for NACK repair of a block whose symbols were sent some time ago.
 pub(crate) fn block_encoder(
     page_size: usize,
     spp: u16,
     members: &[u64],
-    burst: u16,
+    share: u8,
     mut read: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
 ) -> std::io::Result<BlockEncoder> {
     let t = symbol_size(page_size, spp);
@@ -261,7 +262,7 @@ pub(crate) fn block_encoder(
             data[off..off + l].copy_from_slice(&page[s..s + l]);
         }
     }
-    Ok(BlockEncoder::new(data, t, burst))
+    Ok(BlockEncoder::new(data, t, share))
 }
 
 /// `count` repair symbols of `enc`, the first with repair index `start` (ESI `K + start`).
@@ -278,7 +279,7 @@ pub(crate) fn more_repairs(
         first,
         span,
         members,
-        burst: enc.burst(),
+        share: enc.share(),
         packets: enc
             .repairs(start, count)
             .into_iter()
@@ -304,8 +305,8 @@ struct RxBlock {
     span: u16,
     spp: u16,
     t: u16,
-    /// Repair symbols in the block's first burst (the code's layer size).
-    burst: u16,
+    /// The block's first burst as a share of it (the code's layer size).
+    share: u8,
     members: Vec<u8>,
     repairs: Vec<(u32, Bytes)>,
     /// Repairs held at the last failed decoding attempt.
@@ -476,7 +477,7 @@ impl FecRx {
             if b.span != r.span
                 || b.spp != r.symbols_per_page
                 || b.t != r.symbol_size
-                || b.burst != r.burst
+                || b.share != r.burst_share
                 || b.members != r.members
             {
                 return RepairOutcome::Refused;
@@ -498,7 +499,7 @@ impl FecRx {
                     span: r.span,
                     spp: r.symbols_per_page,
                     t: r.symbol_size,
-                    burst: r.burst,
+                    share: r.burst_share,
                     members: r.members.to_vec(),
                     repairs: Vec::new(),
                     tried_with: 0,
@@ -624,13 +625,13 @@ impl FecRx {
             }
         }
         b.tried_with = b.repairs.len();
-        let burst = b.burst;
+        let share = b.share;
         let repairs: Vec<(u32, &[u8])> = b
             .repairs
             .iter()
             .map(|(esi, sym)| (esi - k as u32, &sym[..]))
             .collect();
-        let Ok(restored) = code::decode(k, t, burst, |i| held[i], &repairs) else {
+        let Ok(restored) = code::decode(k, t, share, |i| held[i], &repairs) else {
             return Ok(None);
         };
         let restored: HashMap<usize, Vec<u8>> = restored.into_iter().collect();

@@ -55,7 +55,7 @@ fn repairs_restore_lost_fragments() {
             symbols_per_page: spp,
             symbol_size: symbol_size(ps, spp) as u16,
             esi: *esi,
-            burst: burst.burst,
+            burst_share: burst.share,
             members: &burst.members,
             symbol,
         };
@@ -170,7 +170,7 @@ fn open_blocks_are_bounded() {
             symbols_per_page: 1,
             symbol_size: 4,
             esi: 1,
-            burst: 1,
+            burst_share: 1,
             members: &[1],
             symbol: b"abcd",
         };

@@ -46,9 +46,9 @@ const MAX_ENCODERS: usize = 16;
 #[derive(Debug)]
 struct SentBlock {
     members: Vec<u64>,
-    /// Repair symbols in its first burst, the code's layer size (0: none went yet,
-    /// a block formed for a NACK: its first round sets it).
-    burst: u16,
+    /// Its first burst's share of it, the code's layer size (0: none went yet, a
+    /// block formed for a NACK: its first round sets it).
+    share: u8,
     /// Repair index of the next fresh symbol (ESI `K + next_repair`).
     next_repair: u32,
     /// Latest NACK round: when it was queued and how many symbols it holds.
@@ -65,10 +65,10 @@ struct SentBlocks {
 }
 
 impl SentBlocks {
-    fn insert(&mut self, first: u64, members: Vec<u64>, next_repair: u32) {
+    fn insert(&mut self, first: u64, members: Vec<u64>, share: u8, next_repair: u32) {
         let block = SentBlock {
             members,
-            burst: u16::try_from(next_repair).unwrap_or(u16::MAX),
+            share,
             next_repair,
             round: None,
         };
@@ -237,8 +237,10 @@ impl Server {
         if was_open {
             let (first, members) = fec.builder.last_block();
             if !members.is_empty() {
-                let sent = burst.as_ref().map_or(0, |b| b.packets.len() as u32);
-                fec.sent.insert(first, members.to_vec(), sent);
+                let (share, sent) = burst
+                    .as_ref()
+                    .map_or((0, 0), |b| (b.share, b.packets.len() as u32));
+                fec.sent.insert(first, members.to_vec(), share, sent);
                 if let Some(enc) = fec.builder.take_encoder() {
                     fec.sent.keep_encoder(first, enc);
                 }
@@ -309,7 +311,7 @@ impl Server {
                 if fec.sent.blocks.contains_key(&first) {
                     return false;
                 }
-                fec.sent.insert(first, members, 0);
+                fec.sent.insert(first, members, 0, 0);
                 first
             }
         };
@@ -344,7 +346,7 @@ impl Server {
             let k = b.members.len() as u32 * u32::from(spp);
             // The NACKed fragments, and the code's spare beyond them.
             let need = (pages * u32::from(spp)).min(k) + crate::fec::DECODE_SPARE as u32;
-            let count = match b.round {
+            let mut count = match b.round {
                 Some((t, size)) if now.saturating_duration_since(t) < NACK_ROUND_WINDOW => {
                     if need <= size {
                         self.stats.suppressed_queued += u64::from(pages);
@@ -364,17 +366,23 @@ impl Server {
             if u64::from(k) + u64::from(start) + u64::from(count) >= u64::from(wire::MAX_FEC_ESI) {
                 continue;
             }
-            b.next_repair += count;
-            if b.burst == 0 {
-                // The block's first repair symbols: their count is its layer size.
-                b.burst = u16::try_from(count).unwrap_or(u16::MAX).max(1);
+            if b.share == 0 {
+                // The block's first repair symbols: a whole share of it, the layer size.
+                b.share = crate::fec::burst_share(k as usize, count as usize);
+                count = count.max(crate::fec::burst_len(k as usize, b.share) as u32);
+                if u64::from(k) + u64::from(start) + u64::from(count)
+                    >= u64::from(wire::MAX_FEC_ESI)
+                {
+                    continue;
+                }
             }
-            let burst = b.burst;
+            b.next_repair += count;
+            let share = b.share;
             let members = b.members.clone();
             if !fec.sent.encoders.contains_key(&first) {
                 let (source, tree, data_pages) =
                     (self.source.clone(), self.tree.clone(), self.page_count);
-                let built = crate::fec::block_encoder(page_size, spp, &members, burst, |p, buf| {
+                let built = crate::fec::block_encoder(page_size, spp, &members, share, |p, buf| {
                     if p < data_pages {
                         return source.read_page(p, buf);
                     }
@@ -434,7 +442,7 @@ impl Server {
                     symbols_per_page: spp,
                     symbol_size: t as u16,
                     esi,
-                    burst: b.burst,
+                    burst_share: b.share,
                     members: &b.members,
                     symbol: &symbol,
                 }),

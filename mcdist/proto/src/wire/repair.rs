@@ -21,12 +21,11 @@ pub(super) mod field {
     pub const SYMBOLS_PER_PAGE: Field = 10..12;
     /// Symbol size in bytes.
     pub const SYMBOL_SIZE: Field = 12..14;
-    /// Encoding symbol id.
+    /// The first burst's share of the block (top byte), then the encoding symbol id
+    /// (24 bits).
     pub const ESI: Field = 14..18;
-    /// Repair symbols in the block's first burst.
-    pub const BURST: Field = 18..20;
     /// The member bitmap (`ceil(span / 8)` bytes), then the symbol to the end.
-    pub const MEMBERS: std::ops::RangeFrom<usize> = 20..;
+    pub const MEMBERS: std::ops::RangeFrom<usize> = 18..;
 }
 
 /// Body of [`Kind::Repair`](super::Kind::Repair): one repair symbol of mcdist's sparse
@@ -41,7 +40,10 @@ pub(super) mod field {
 /// `symbol_size`. The block has `K = members × symbols_per_page` source
 /// symbols with ESIs `0..K` in that order; repair symbols have ESIs `>= K`: ESI `K + j`
 /// is repair symbol `j`, the XOR of the source symbols its row names, which follow from
-/// `K`, `burst` (the first burst's repair count, the code's layer size) and `j`.
+/// `K`, `burst_share` (the size of the block's first burst of repair symbols, the
+/// code's layer size: `ceil(K × burst_share / 256)`) and `j`. The share rides in the
+/// top byte of the ESI field, so that a repair datagram is no longer than a page
+/// fragment's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Repair<'a> {
     /// First page of the block's span (always a member).
@@ -54,8 +56,9 @@ pub struct Repair<'a> {
     pub symbol_size: u16,
     /// Encoding symbol id, `< 2^24`.
     pub esi: u32,
-    /// Repair symbols in the block's first burst, `>= 1`.
-    pub burst: u16,
+    /// The block's first burst of repair symbols, `ceil(K × burst_share / 256)` of
+    /// them, `>= 1`.
+    pub burst_share: u8,
     /// Member bitmap, `ceil(span / 8)` bytes, LSB first; bits past `span` are zero.
     pub members: &'a [u8],
     /// The symbol, `symbol_size` bytes.
@@ -92,8 +95,8 @@ impl<'a> Repair<'a> {
         let span = read_u16(body, field::SPAN);
         let symbols_per_page = read_u16(body, field::SYMBOLS_PER_PAGE);
         let symbol_size = read_u16(body, field::SYMBOL_SIZE);
-        let esi = read_u32(body, field::ESI);
-        let burst = read_u16(body, field::BURST);
+        let raw = read_u32(body, field::ESI);
+        let (burst_share, esi) = ((raw >> 24) as u8, raw & MAX_FEC_ESI);
         if span == 0 || span > MAX_FEC_SPAN {
             return Err(WireError::BadField("fec span"));
         }
@@ -103,11 +106,11 @@ impl<'a> Repair<'a> {
         if symbol_size == 0 {
             return Err(WireError::BadField("fec symbol size"));
         }
-        if esi > MAX_FEC_ESI || first_pfn.checked_add(u64::from(span)).is_none() {
+        if first_pfn.checked_add(u64::from(span)).is_none() {
             return Err(WireError::BadField("fec symbol id"));
         }
-        if burst == 0 {
-            return Err(WireError::BadField("fec burst"));
+        if burst_share == 0 {
+            return Err(WireError::BadField("fec burst share"));
         }
         let (members, symbol) = body[field::MEMBERS]
             .split_at_checked(usize::from(span).div_ceil(8))
@@ -125,7 +128,7 @@ impl<'a> Repair<'a> {
             symbols_per_page,
             symbol_size,
             esi,
-            burst,
+            burst_share,
             members,
             symbol,
         };
@@ -143,6 +146,9 @@ impl<'a> Repair<'a> {
     /// Emit the body into the start of `body`.
     pub fn emit(&self, body: &mut [u8]) -> Result<(), WireError> {
         check_emit(body, self.buffer_len())?;
+        if self.esi > MAX_FEC_ESI {
+            return Err(WireError::BadField("fec symbol id"));
+        }
         put(body, field::FIRST_PFN, &self.first_pfn.to_be_bytes());
         put(body, field::SPAN, &self.span.to_be_bytes());
         put(
@@ -151,8 +157,8 @@ impl<'a> Repair<'a> {
             &self.symbols_per_page.to_be_bytes(),
         );
         put(body, field::SYMBOL_SIZE, &self.symbol_size.to_be_bytes());
-        put(body, field::ESI, &self.esi.to_be_bytes());
-        put(body, field::BURST, &self.burst.to_be_bytes());
+        let raw = (u32::from(self.burst_share) << 24) | self.esi;
+        put(body, field::ESI, &raw.to_be_bytes());
         let (members, symbol) = body[field::MEMBERS].split_at_mut(self.members.len());
         members.copy_from_slice(self.members);
         symbol[..self.symbol.len()].copy_from_slice(self.symbol);

@@ -91,7 +91,7 @@ fn every_kind_roundtrips() {
             symbols_per_page: 3,
             symbol_size: 4,
             esi: 30,
-            burst: 3,
+            burst_share: 3,
             members: &[0b1111_0111, 0b10],
             symbol: b"abcd",
         }),
@@ -208,7 +208,7 @@ fn rejects_bad_repairs() {
         symbols_per_page: 3,
         symbol_size: 4,
         esi: 12,
-        burst: 2,
+        burst_share: 2,
         members: &[0b0000_0101, 0b10],
         symbol: b"abcd",
     };
@@ -223,6 +223,18 @@ fn rejects_bad_repairs() {
         m.emit(&mut buf).unwrap();
         buf
     };
+    // An ESI past 24 bits cannot be sent.
+    let too_far = Message {
+        session: 1,
+        seq: 1,
+        flags: HeaderFlags::empty(),
+        body: Body::Repair(Repair {
+            esi: MAX_FEC_ESI + 1,
+            ..good
+        }),
+    };
+    let mut buf = vec![0u8; too_far.buffer_len()];
+    assert!(too_far.emit(&mut buf).is_err());
     let ok = emit(good);
     let Body::Repair(p) = Message::parse(&ok).unwrap().body else {
         panic!("kind changed");
@@ -257,10 +269,9 @@ fn rejects_bad_repairs() {
             ..good
         },
         Repair {
-            esi: MAX_FEC_ESI + 1,
+            burst_share: 0,
             ..good
         },
-        Repair { burst: 0, ..good },
         Repair {
             symbol_size: 0,
             symbol: b"",
