@@ -1,5 +1,5 @@
 //! Goodput versus loss, kept as a reviewed snapshot (`tests/snapshots/goodput.txt`,
-//! and with RaptorQ FEC on, `tests/snapshots/goodput_fec.txt`).
+//! and with FEC on, `tests/snapshots/goodput_fec.txt`).
 //!
 //! One server sweeps a 1 MiB image (256 pages of 4 KiB, every seventh page zero)
 //! to 16 clients; every client link loses datagrams independently, both ways,
@@ -102,7 +102,7 @@ fn table(rows: &[Row], fec: bool) -> String {
         s,
         "# mcdist goodput vs loss: 1 server, {CLIENTS} clients, {PAGES} x {PS} B image, sweep{}, 1500 B datagrams, virtual time, mean of {} seeds",
         if fec {
-            ", RaptorQ FEC from the first page at the adaptive rule's rate for the link loss"
+            ", FEC from the first page at the adaptive rule's rate for the link loss"
         } else {
             ""
         },

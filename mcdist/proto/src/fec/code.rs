@@ -285,10 +285,11 @@ mod tests {
         let data = block(k, t);
         let share = burst_share(k, 16);
         let enc = BlockEncoder::new(data.clone(), t, share);
-        assert_eq!(enc.burst(), 16);
+        // A whole share of the block: 43/256 of 96 symbols.
+        assert_eq!(enc.burst(), 17);
         // The first burst and a later layer (a NACK round) alike.
         let reps: Vec<(u32, Vec<u8>)> = enc
-            .repairs(0, 16)
+            .repairs(0, 17)
             .into_iter()
             .chain(enc.repairs(30, 8))
             .collect();

@@ -143,9 +143,10 @@ fn server_sends_repairs_only_when_asked() {
     assert!(!kinds.contains(&Kind::Repair));
     assert_eq!((st.fec_blocks, st.fec_repairs), (0, 0));
     let (mut kinds, st) = run(0.1);
-    // The hash page (3 fragments, 1 repair), then 4 blocks of 16 pages × 3
-    // fragments, 5 repairs each (ceil(48 × 0.1)).
-    assert_eq!((st.fec_blocks, st.fec_repairs), (5, 21));
+    // The hash page (3 fragments: 1 repair asked, 2 sent), then 4 blocks of 16 pages
+    // × 3 fragments, ceil(48 × 0.1) = 5 asked and 6 sent each: a first burst is a
+    // whole number of 256ths of its block (27/256 of 48 symbols).
+    assert_eq!((st.fec_blocks, st.fec_repairs), (5, 26));
     kinds.retain(|k| *k != Kind::Announce);
     let data: Vec<usize> = kinds
         .iter()
@@ -154,9 +155,10 @@ fn server_sends_repairs_only_when_asked() {
         .map(|(i, _)| i)
         .collect();
     for block in 0..4 {
-        // The 5 repairs follow the block's last fragment, before the next block.
+        // The 6 repairs follow the block's last fragment, before the next block.
         let last = data[3 + block * 48 + 47];
-        assert!(kinds[last + 1..last + 6].iter().all(|k| *k == Kind::Repair));
+        assert!(kinds[last + 1..last + 7].iter().all(|k| *k == Kind::Repair));
+        assert_ne!(kinds.get(last + 7), Some(&Kind::Repair));
     }
 }
 

@@ -143,16 +143,18 @@ impl ServerConfig {
     /// taken to lose each symbol, source or repair, independently with that probability.
     /// Of `n = k + r` symbols sent a receiver then gets `n·(1 − p)` on average, with a
     /// standard deviation of `sqrt(n·p·(1 − p))`; `r` is the fewest repairs that leave it
-    /// `k` symbols `z` standard deviations below that mean, `z` chosen so that all
-    /// receivers decode the block but with probability `fec_block_failure`. The fraction
+    /// `k + s` symbols `z` standard deviations below that mean, `z` chosen so that all
+    /// receivers decode the block but with probability `fec_block_failure`, and `s` the
+    /// symbols beyond `k` the code needs to decode (8: it is a binary code). The fraction
     /// is `r / k + fec_margin`, within `fec_min_overhead..=fec_max_overhead`;
     /// `fec_min_overhead` without reported loss.
     ///
     /// ```
     /// let cfg = mcdist_proto::server::ServerConfig::default();
-    /// // 128 pages of 3 fragments at 5 % loss: 19.2 symbols lost on average.
+    /// // 128 pages of 3 fragments at 5 % loss: 19.2 symbols lost on average, and
+    /// // the code's 8 beyond them.
     /// let eight = cfg.fec_repair_fraction(0.05, 384, 8);
-    /// assert!(eight > 19.2 / 384.0 + 0.01 && eight < 0.1, "{eight}");
+    /// assert!(eight > (19.2 + 8.0) / 384.0 + 0.01 && eight < 0.12, "{eight}");
     /// // More receivers, more of them in the tail: more repairs.
     /// assert!(cfg.fec_repair_fraction(0.05, 384, 1000) > eight);
     /// assert_eq!(cfg.fec_repair_fraction(0.0, 384, 8), 0.0);
