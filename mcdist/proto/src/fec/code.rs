@@ -38,15 +38,13 @@ const MIN_LATER_LAYER: usize = 2 * DECODE_SPARE;
 /// `2p` of `K`): 5 up to 20 % of `K` (`p` about 10 %), up to 10 past 60 %. Integers
 /// only: server and receivers must draw the same rows.
 fn column_weight(k: usize, r: usize) -> usize {
-    let pct = r * 100 / k.max(1);
-    let c = match pct {
+    match r * 100 / k.max(1) {
         0..20 => 5,
         20..30 => 6,
         30..40 => 7,
         40..60 => 8,
         _ => 10,
-    };
-    c
+    }
 }
 
 /// SplitMix64.
