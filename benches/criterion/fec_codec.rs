@@ -1,5 +1,5 @@
 //! Erasure codes for mcdist's FEC blocks, compared on the protocol's shapes:
-//! RaptorQ (RFC 6330, the `raptorq` crate, which mcdist uses) against
+//! RaptorQ (RFC 6330, the `raptorq` crate, which mcdist used before its own sparse code) against
 //! Reed–Solomon over GF(2^16) (the `reed-solomon-simd` crate: Leopard-style
 //! O(n log n) with AVX2/SSSE3/Neon).
 //!
