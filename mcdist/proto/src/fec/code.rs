@@ -139,6 +139,18 @@ pub(crate) fn burst_len(k: usize, share: u8) -> usize {
     (k * usize::from(share)).div_ceil(256).max(1)
 }
 
+/// Layers after the first a block's repair symbols may come from.
+const MAX_LATER_LAYERS: usize = 4;
+
+/// Repair indices a block of `k` whose first burst is `share` of it may use: the first
+/// burst and [`MAX_LATER_LAYERS`] layers after it. A receiver refuses any other, so
+/// that what a decode builds (a layer's rows) and spends stays bounded whatever
+/// repair symbols arrive.
+pub(crate) fn max_repairs(k: usize, share: u8) -> u32 {
+    let r = burst_len(k, share);
+    u32::try_from(r + MAX_LATER_LAYERS * r.max(MIN_LATER_LAYER)).unwrap_or(u32::MAX)
+}
+
 /// A closed block's source symbols, kept to make repair symbols of it: the first burst
 /// when it closes, more for NACK rounds.
 #[derive(Debug, Clone)]

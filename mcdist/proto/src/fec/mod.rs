@@ -68,7 +68,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 mod code;
-pub(crate) use code::{burst_len, burst_share, BlockEncoder, DECODE_SPARE};
+pub(crate) use code::{burst_len, burst_share, max_repairs, BlockEncoder, DECODE_SPARE};
 
 /// Symbol size for pages of `page_size` bytes sent in `frags` fragments.
 pub fn symbol_size(page_size: usize, frags: u16) -> usize {
@@ -464,8 +464,11 @@ impl FecRx {
         if self.done.contains(&r.first_pfn) {
             return RepairOutcome::Late;
         }
-        // Repair symbols have ESIs `K` and up; below is a source symbol's.
-        if r.esi < r.source_symbols() {
+        // Repair symbols have ESIs `K` and up (below is a source symbol's), and come
+        // from the first burst or the few layers after it.
+        let k = r.source_symbols();
+        let limit = max_repairs(k as usize, r.burst_share);
+        if r.esi < k || r.esi - k >= limit {
             return RepairOutcome::Refused;
         }
         // A source block too large to decode within the budget is never taken.

@@ -181,3 +181,28 @@ fn open_blocks_are_bounded() {
     assert_eq!(rx.open_blocks(), 2);
     assert_eq!(rx.evicted, 8);
 }
+
+/// A repair index past the first burst and the layers after it that a block may use is
+/// refused: what decoding builds stays bounded whatever repair symbols arrive.
+#[test]
+fn repair_indices_past_the_layers_a_block_may_use_are_refused() {
+    let mut rx = FecRx::new(2, 0, 64 << 20);
+    // One page of one symbol; its first burst is one repair symbol, then 4 layers of 16.
+    let limit = max_repairs(1, 255);
+    assert_eq!(limit, 1 + 4 * 16);
+    let repair = |esi| Repair {
+        first_pfn: 7,
+        span: 1,
+        symbols_per_page: 1,
+        symbol_size: 4,
+        esi,
+        burst_share: 255,
+        members: &[1],
+        symbol: b"abcd",
+    };
+    let sym = || Bytes::from_static(b"abcd");
+    assert_eq!(rx.add(&repair(1 + limit - 1), sym()), RepairOutcome::Stored);
+    assert_eq!(rx.add(&repair(1 + limit), sym()), RepairOutcome::Refused);
+    // An ESI of a source symbol is no repair symbol.
+    assert_eq!(rx.add(&repair(0), sym()), RepairOutcome::Refused);
+}

@@ -370,11 +370,12 @@ impl Server {
                 // The block's first repair symbols: a whole share of it, the layer size.
                 b.share = crate::fec::burst_share(k as usize, count as usize);
                 count = count.max(crate::fec::burst_len(k as usize, b.share) as u32);
-                if u64::from(k) + u64::from(start) + u64::from(count)
-                    >= u64::from(wire::MAX_FEC_ESI)
-                {
-                    continue;
-                }
+            }
+            // Receivers take repair indices of the first burst and a few layers after
+            // it: past them, NACKs get the pages (their re-asks take the plain path).
+            count = count.min(crate::fec::max_repairs(k as usize, b.share).saturating_sub(start));
+            if count == 0 {
+                continue;
             }
             b.next_repair += count;
             let share = b.share;
