@@ -1,13 +1,13 @@
 //! The erasure code: a sparse binary code whose decoding cost follows the losses.
 //!
-//! A block has `K` source symbols of `T` bytes. Its first burst has `R` repair symbols,
-//! and every source symbol lies in exactly `C` of them (`C` = 5, fewer for a small `R`),
-//! at rows drawn for it from a generator seeded with its index: repair symbol `j` is the
-//! XOR of the source symbols whose rows include `j`. Repair symbols past the first burst
-//! (NACK rounds) are further layers of `max(R, 16)` rows built the same way from another
-//! seed, so
-//! any number of them can follow, and a receiver rebuilds the rows of any repair symbol
-//! from `K`, `R` and its index alone.
+//! A block has `K` source symbols of `T` bytes. Its first burst has `R` repair symbols
+//! (a whole number of 256ths of `K`, the share the Repair header carries), and every
+//! source symbol lies in exactly `C` of them (5 to 10 by the burst's share of the block,
+//! at most half the rows), at rows drawn for it from a generator seeded with its index:
+//! repair symbol `j` is the XOR of the source symbols whose rows include `j`. Repair
+//! symbols past the first burst (NACK rounds) come from up to 4 further layers of
+//! `max(R, 16)` rows built the same way from other seeds, and a receiver rebuilds the
+//! rows of any repair symbol from `K`, the share and its index alone.
 //!
 //! A receiver missing `m` source symbols XORs the symbols it holds out of each repair
 //! symbol (`C` XORs per source symbol in all, whatever was lost), then solves for the `m`
