@@ -315,6 +315,16 @@ impl Server {
                 first
             }
         };
+        // A block whose repair indices are spent (receivers take no more of it): the
+        // page itself, or the receiver would ask for it again and again in vain.
+        let (spp, _) = fec.builder.geometry();
+        let spent = fec.sent.blocks.get(&first).is_some_and(|b| {
+            let k = b.members.len() * usize::from(spp);
+            b.share != 0 && b.next_repair >= crate::fec::max_repairs(k, b.share)
+        });
+        if spent {
+            return false;
+        }
         match fec.nacked.iter_mut().find(|(f, _)| *f == first) {
             Some((_, n)) => *n += 1,
             None => fec.nacked.push((first, 1)),

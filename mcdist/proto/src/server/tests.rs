@@ -435,6 +435,36 @@ fn first_nacks_are_answered_with_one_shared_round_of_repair_symbols() {
     assert_eq!(s.stats().fec_nack_rounds, 2);
 }
 
+#[test]
+fn nacks_of_a_block_whose_repair_indices_are_spent_get_the_page() {
+    let t0 = Instant::now();
+    let mut s = fec_server(t0);
+    let (a, b) = (addr(1), addr(2));
+    validate(&mut s, t0, a);
+    validate(&mut s, t0, b);
+    let mut now = t0;
+    while s.pages_ever_sent() < 8 {
+        drain(&mut s, now);
+        now += Duration::from_millis(1);
+    }
+    drain(&mut s, now);
+    // A receiver that never decodes NACKs page 2 round after round: repair symbols
+    // until the block's indices are spent (receivers take no more), then the page.
+    let mut repairs = 0;
+    for round in 0..20 {
+        now += Duration::from_millis(20);
+        s.handle_datagram(now, a, &ask(Kind::Nack, RequestFlags::empty(), 2));
+        let sent = drain(&mut s, now);
+        repairs += kinds(&sent, Kind::Repair);
+        if data(&sent).iter().any(|d| d.1 == 2) {
+            assert!(round > 1, "repair symbols first");
+            assert_eq!(repairs, crate::fec::max_repairs(7, 255) as usize);
+            return;
+        }
+    }
+    panic!("page 2 never sent: {repairs} repair symbols");
+}
+
 /// Repair symbols a sweep of 256 pages (a block's worth) sends when one receiver
 /// reported `loss` of which `overload` its own (parts per thousand) before it started.
 fn sweep_repairs(loss: u16, overload: u16) -> usize {
