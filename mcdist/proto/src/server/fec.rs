@@ -32,6 +32,19 @@ use crate::{Dest, Transmit};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+/// How a NACK is answered ([`Server::fec_nack`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FecNack {
+    /// With repair symbols of its block (noted for the next round).
+    Symbols,
+    /// By the plain path.
+    Plain,
+    /// Its block's repair indices are spent (receivers take no more of it): the page,
+    /// to the asker alone. The asker could not decode the block with every symbol it
+    /// may take, so its loss is its own; others that need the page ask too.
+    Spent,
+}
+
 /// Longest an FEC block stays open before its repairs are sent.
 const FEC_MAX_BLOCK_AGE: Duration = Duration::from_millis(20);
 /// NACKs for one block this close together share one round of repair symbols.
@@ -257,10 +270,10 @@ impl Server {
     }
 
     /// A receiver's first NACK of page `pfn`: note it for repair by block
-    /// (see the module docs); false when the page takes the plain path.
-    pub(super) fn fec_nack(&mut self, pfn: u64) -> bool {
+    /// (see the module docs), or say how else it is answered.
+    pub(super) fn fec_nack(&mut self, pfn: u64) -> FecNack {
         if pfn >= self.total_pages || !self.sent.ever.get(pfn) {
-            return false;
+            return FecNack::Plain;
         }
         let window = self.cfg.fec_block_pages.max(1) as u64;
         // Data pages and hash pages form windows of their own.
@@ -271,13 +284,13 @@ impl Server {
         };
         let (zero, ever) = (&self.info.zero_map, &self.sent.ever);
         let Some(fec) = self.fec.as_mut() else {
-            return false;
+            return FecNack::Plain;
         };
         if fec.builder.holds(pfn) {
             // Its block is still open: its repair symbols are not out yet, and
             // a window block formed now would claim the same first page with
             // other members (receivers refuse such a repair). Plain path.
-            return false;
+            return FecNack::Plain;
         }
         let sent = &self.sent;
         // Receivers keep the pages a block needs only for a while (the last
@@ -291,7 +304,7 @@ impl Server {
         };
         let first = match fec.sent.block_of(pfn) {
             Some(f) if !fec.sent.blocks.get(&f).is_some_and(|b| recent(&b.members)) => {
-                return false
+                return FecNack::Plain
             }
             Some(f) => f,
             None => {
@@ -303,13 +316,13 @@ impl Server {
                     .filter(|&q| !zero.get(q) && ever.get(q) && fec.sent.block_of(q).is_none())
                     .collect();
                 let Some(&first) = members.first() else {
-                    return false;
+                    return FecNack::Plain;
                 };
                 if !recent(&members) {
-                    return false;
+                    return FecNack::Plain;
                 }
                 if fec.sent.blocks.contains_key(&first) {
-                    return false;
+                    return FecNack::Plain;
                 }
                 fec.sent.insert(first, members, 0, 0);
                 first
@@ -323,14 +336,14 @@ impl Server {
             b.share != 0 && b.next_repair >= crate::fec::max_repairs(k, b.share)
         });
         if spent {
-            return false;
+            return FecNack::Spent;
         }
         match fec.nacked.iter_mut().find(|(f, _)| *f == first) {
             Some((_, n)) => *n += 1,
             None => fec.nacked.push((first, 1)),
         }
         self.stats.fec_nacked_pages += 1;
-        true
+        FecNack::Symbols
     }
 
     /// Queue repair rounds for the blocks the datagram just handled NACKed:

@@ -23,6 +23,7 @@
 //! NACK of the same page widens a queued answer, and the lockstep window suppresses it
 //! only when the last multicast carried every fragment it names.
 
+use super::fec::FecNack;
 use super::schedule::{Job, ALL_FRAGMENTS};
 use super::{Delivery, Server};
 use crate::wire::{self, Data};
@@ -182,9 +183,16 @@ impl Server {
             // the address was validated, or lost), so this is the first the server sees.
             self.record_fault(pfn);
         }
-        if self.repair_by_block(from, ask) && self.fec_nack(pfn) {
-            // The hash pages above it are in blocks of their own, NACKed with it.
-            return;
+        if self.repair_by_block(from, ask) {
+            match self.fec_nack(pfn) {
+                // The hash pages above it are in blocks of their own, NACKed with it.
+                FecNack::Symbols => return,
+                FecNack::Spent => {
+                    self.queue_unicast(from, pfn, Data::REPAIR, frags);
+                    return;
+                }
+                FecNack::Plain => {}
+            }
         }
         if self.repair_by_unicast(from, ask) && !self.shared_reask(from, pfn, ask) {
             self.queue_unicast(from, pfn, Data::REPAIR, frags);

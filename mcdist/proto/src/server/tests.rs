@@ -458,6 +458,8 @@ fn nacks_of_a_block_whose_repair_indices_are_spent_get_the_page() {
         repairs += kinds(&sent, Kind::Repair);
         if data(&sent).iter().any(|d| d.1 == 2) {
             assert!(round > 1, "repair symbols first");
+            // To the asker alone: its loss, not the group's.
+            assert!(data(&sent).iter().all(|d| d.0 == Dest::Peer(a)), "{sent:?}");
             assert_eq!(repairs, crate::fec::max_repairs(7, 255) as usize);
             return;
         }
