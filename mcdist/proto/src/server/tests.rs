@@ -384,8 +384,9 @@ fn kinds(sent: &[Sent], kind: Kind) -> usize {
     sent.iter().filter(|x| x.1 == kind).count()
 }
 
-#[test]
-fn first_nacks_are_answered_with_one_shared_round_of_repair_symbols() {
+/// [`fec_server`] with receivers 1 and 2 validated and its sweep over (nobody reported
+/// loss, so no block was formed), at the instant after it.
+fn swept_fec_server() -> (Server, Instant, SocketAddr, SocketAddr) {
     let t0 = Instant::now();
     let mut s = fec_server(t0);
     let (a, b) = (addr(1), addr(2));
@@ -398,6 +399,12 @@ fn first_nacks_are_answered_with_one_shared_round_of_repair_symbols() {
         assert!(now < t0 + Duration::from_secs(1), "the sweep ends");
     }
     drain(&mut s, now);
+    (s, now, a, b)
+}
+
+#[test]
+fn first_nacks_are_answered_with_one_shared_round_of_repair_symbols() {
+    let (mut s, now, a, b) = swept_fec_server();
     // Nobody reported loss while the sweep ran: no block was formed then. A
     // NACK of page 2 gets fresh repair symbols of the window's pages, not page 2: one
     // for its fragment and the code's spare.
@@ -437,17 +444,7 @@ fn first_nacks_are_answered_with_one_shared_round_of_repair_symbols() {
 
 #[test]
 fn nacks_of_a_block_whose_repair_indices_are_spent_get_the_page() {
-    let t0 = Instant::now();
-    let mut s = fec_server(t0);
-    let (a, b) = (addr(1), addr(2));
-    validate(&mut s, t0, a);
-    validate(&mut s, t0, b);
-    let mut now = t0;
-    while s.pages_ever_sent() < 8 {
-        drain(&mut s, now);
-        now += Duration::from_millis(1);
-    }
-    drain(&mut s, now);
+    let (mut s, mut now, a, _) = swept_fec_server();
     // A receiver that never decodes NACKs page 2 round after round: repair symbols
     // until the block's indices are spent (receivers take no more), then the page.
     let mut repairs = 0;
