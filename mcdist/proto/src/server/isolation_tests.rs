@@ -131,3 +131,27 @@ fn overload_that_a_quarter_of_the_group_shares_isolates_no_one_for_path_loss() {
     assert!(s.is_slow_receiver(addr(4)));
     assert_eq!(s.stats().slow_receivers, 1);
 }
+
+#[test]
+fn the_first_receivers_to_report_path_loss_are_judged_against_reports_not_silence() {
+    let t0 = Instant::now();
+    let mut s = receivers(t0, 8);
+    // Every path loses 5 %; the first three receivers to NACK report it before any
+    // heartbeat of the other five arrived.
+    for port in 1..=3 {
+        s.note_report(t0, addr(port), 50_000_000, 50, None);
+    }
+    s.feed_rate_reports(t0);
+    for port in 1..=3 {
+        assert!(!s.is_slow_receiver(addr(port)), "receiver {port}");
+    }
+    // Once more than half reported, path loss far above the median's stands out.
+    let t1 = t0 + Duration::from_millis(50);
+    s.note_report(t1, addr(1), 50_000_000, 300, Some(0));
+    for port in 2..=5 {
+        s.note_report(t1, addr(port), 100_000_000, 0, Some(0));
+    }
+    s.feed_rate_reports(t1);
+    assert!(s.is_slow_receiver(addr(1)));
+    assert_eq!(s.stats().slow_receivers, 1);
+}

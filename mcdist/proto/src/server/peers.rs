@@ -88,26 +88,26 @@ impl Peer {
         (page_rate / 4).max(4096)
     }
 
-    /// Overload of the latest report if it is recent, else 0.
-    fn recent_overload(&self, now: Instant) -> u16 {
+    /// The latest report if it is recent.
+    fn recent(&self, now: Instant) -> Option<Report> {
         self.report
             .filter(|r| now.saturating_duration_since(r.at) <= REPORT_RECENT)
-            .map_or(0, |r| r.overload_permille)
+    }
+
+    /// Overload of the latest report if it is recent, else 0.
+    fn recent_overload(&self, now: Instant) -> u16 {
+        self.recent(now).map_or(0, |r| r.overload_permille)
     }
 
     /// Loss of the latest report if it is recent; a receiver with no recent
     /// report has not complained and counts as loss-free.
     fn recent_loss(&self, now: Instant) -> u16 {
-        self.report
-            .filter(|r| now.saturating_duration_since(r.at) <= REPORT_RECENT)
-            .map_or(0, |r| r.loss_permille)
+        self.recent(now).map_or(0, |r| r.loss_permille)
     }
 
     /// [`Report::path_loss`] of the latest report if it is recent, else 0.
     fn recent_path_loss(&self, now: Instant) -> u16 {
-        self.report
-            .filter(|r| now.saturating_duration_since(r.at) <= REPORT_RECENT)
-            .map_or(0, |r| r.path_loss())
+        self.recent(now).map_or(0, |r| r.path_loss())
     }
 }
 
@@ -399,12 +399,21 @@ impl Server {
         let high = if self.peers.len() > 32 { p90 } else { u16::MAX };
         let separate = self.cfg.rate.separate_overload;
         // Told apart, a receiver stands out for path loss by its loss less its
-        // own overload, against the median receiver's of the same.
-        let median_path = if separate {
-            self.peers.quantile(1, 2, |p| p.recent_path_loss(now))
-        } else {
-            median
-        };
+        // own overload, against the median receiver's of the same. Only against
+        // receivers that reported it: a silent receiver's loss is unknown, and
+        // NACKs carry reports before the first heartbeats do, so at the start the
+        // first receivers to ask would stand out against the silence of the rest.
+        // (`None` sorts first: the lower median is a report once more than half
+        // the receivers sent one.)
+        let median_path = self.peers.quantile(1, 2, |p| {
+            p.recent(now).map(|r| {
+                if separate {
+                    r.path_loss()
+                } else {
+                    r.loss_permille
+                }
+            })
+        });
         // Overload that a quarter of the receivers or more report is the
         // group's problem (receivers sharing their CPUs, say): the rate
         // controller slows down for it rather than isolating them all.
@@ -474,10 +483,12 @@ impl Server {
                     } else {
                         r.loss_permille
                     };
-                    loss > threshold
-                        && median_path <= threshold
-                        && (!separate
-                            || u32::from(loss) > 2 * u32::from(median_path) + u32::from(threshold))
+                    median_path.is_some_and(|m| {
+                        loss > threshold
+                            && m <= threshold
+                            && (!separate
+                                || u32::from(loss) > 2 * u32::from(m) + u32::from(threshold))
+                    })
                 });
             let loss_outlier = own_overload || path_outlier;
             // Once half the receivers are done the median is theirs, loss-free by
