@@ -15,10 +15,11 @@
 //!   from the 5 % repair symbols, with a new decoder (`_reused`: one decoder
 //!   reset between blocks, which `reed-solomon-simd` allows).
 //!
-//! `sparse_c{C}/*` is a sparse binary random linear code ([`sparse_code`]), each repair
-//! symbol the XOR of `C × K / R` sources for `R` repair symbols sent, whose decoding
-//! cost follows the losses; mcdist does not use it. Before the timings the bench prints
-//! how often each code fails to decode a block at the protocol's repair counts.
+//! `mcdist/*` is mcdist's own code (`mcdist::fec::code`: a sparse binary code, every
+//! source symbol in `C` of a layer's repair symbols), whose decoding cost follows the
+//! losses. Before the timings the bench prints how often each code fails to decode a
+//! block at the protocol's repair counts: RaptorQ, mcdist's layout, and random layouts
+//! of the same kind of code ([`sparse_code`]) at several densities.
 //!
 //! Reed–Solomon's repair symbols depend on how many recovery shards the
 //! encoder is built for (its capacity), so a protocol must fix the capacity
@@ -39,7 +40,8 @@ use std::hint::black_box;
 
 #[path = "sparse_code.rs"]
 mod sparse_code;
-use sparse_code::Sparse;
+use mcdist::fec::code::{self as mc, BlockEncoder, Layers};
+use sparse_code::Random;
 
 const PAGES: usize = 128;
 const PAGE: usize = 4096;
@@ -108,9 +110,10 @@ fn uniform(state: &mut u64) -> f64 {
 
 /// How often a block fails to decode: `K = 384` and `K = 128` symbols, every symbol (source and repair)
 /// lost with probability `p`, `R = K × (2p + 2 %)` repair symbols sent (about what the
-/// server's rule sends at that loss), RaptorQ against the sparse code at densities 3, 4
-/// and 6 using every repair symbol that arrived. Symbols are 16 bytes: whether a block
-/// decodes does not depend on their size.
+/// server's rule sends at that loss, rounded up to its burst shares), RaptorQ against
+/// mcdist's code and random layouts at densities 4, 6 and 8, using every repair symbol
+/// that arrived. Symbols are 16 bytes: whether a block decodes does not depend on their
+/// size.
 fn failure_study() {
     for k in [384usize, 128] {
         failure_rows(k);
@@ -123,27 +126,21 @@ fn failure_rows(k: usize) {
     let data: Vec<u8> = (0..k * t).map(|i| (i * 31 % 251) as u8).collect();
     eprintln!("decode failures in {trials} blocks of K = {k}, loss p on every symbol, R = K x (2p + 2 %):");
     for p in [0.01f64, 0.05, 0.10] {
-        let r = (k as f64 * (2.0 * p + 0.02)).ceil() as usize;
+        let share = mc::burst_share(k, (k as f64 * (2.0 * p + 0.02)).ceil() as usize);
+        let r = mc::burst_len(k, share);
         let enc = SourceBlockEncoder::new(0, &oti(k, t), &data);
         let rq_repairs = enc.repair_packets(0, r as u32);
-        let codes: Vec<Sparse> = [4usize, 6, 8]
+        let mut randoms: Vec<Random> = [4usize, 6, 8]
             .iter()
-            .map(|&c| Sparse::random(k, t, sparse_d(k, r, c), r))
-            .chain([3usize, 4, 5].iter().map(|&c| Sparse::regular(k, t, c, r)))
+            .map(|&c| Random::new(k, sparse_d(k, r, c), r))
             .collect();
-        let sparse_repairs: Vec<Vec<(u32, Vec<u8>)>> = codes
-            .iter()
-            .map(|code| {
-                (0..r as u32)
-                    .map(|j| {
-                        let mut s = vec![0u8; t];
-                        code.encode(&data, j, &mut s);
-                        (j, s)
-                    })
-                    .collect()
-            })
-            .collect();
-        let mut fails = [0u32; 7];
+        let mut repairs: Vec<Vec<(u32, Vec<u8>)>> =
+            vec![BlockEncoder::new(data.clone(), t, share).repairs(0, r as u32)];
+        for code in &mut randoms {
+            repairs.push(sparse_code::encode(code, &data, t, r));
+        }
+        let mut layers = Layers::new(k, share);
+        let mut fails = [0u32; 5];
         let mut state = 0x5eed_u64 ^ (p * 1e6) as u64;
         for _ in 0..trials {
             let have: Vec<bool> = (0..k).map(|_| uniform(&mut state) >= p).collect();
@@ -163,39 +160,44 @@ fn failure_rows(k: usize) {
                 .collect();
             let mut dec = SourceBlockDecoder::new(0, &oti(k, t), (k * t) as u64);
             fails[0] += u32::from(dec.decode(pkts).is_none());
-            for (n, (code, reps)) in codes.iter().zip(&sparse_repairs).enumerate() {
-                let got: Vec<(u32, Vec<u8>)> = reps
+            let held = |i: usize| have[i].then(|| &data[i * t..(i + 1) * t]);
+            for (n, reps) in repairs.iter().enumerate() {
+                let got: Vec<(u32, &[u8])> = reps
                     .iter()
                     .zip(&arrived)
                     .filter(|(_, a)| **a)
-                    .map(|(x, _)| x.clone())
+                    .map(|((j, s), _)| (*j, s.as_slice()))
                     .collect();
-                let mut buf = data.clone();
-                match code.decode(&mut buf, &have, &got, usize::MAX / 2) {
-                    Ok(_) => assert_eq!(buf, data, "a sparse decode restored the block"),
+                let out = match n {
+                    0 => mc::decode(k, t, &mut layers, held, &got),
+                    _ => mc::decode(k, t, &mut randoms[n - 1], held, &got),
+                };
+                match out {
+                    Ok(restored) => {
+                        for (i, s) in restored {
+                            assert_eq!(
+                                s,
+                                &data[i * t..(i + 1) * t],
+                                "a sparse decode restored the block"
+                            );
+                        }
+                    }
                     Err(_) => fails[n + 1] += 1,
                 }
             }
         }
-        let names = [
-            "random_c4",
-            "random_c6",
-            "random_c8",
-            "regular_c3",
-            "regular_c4",
-            "regular_c5",
-        ];
-        let row: Vec<String> = names
+        let random: Vec<String> = ["random_c4", "random_c6", "random_c8"]
             .iter()
-            .zip(&codes)
-            .zip(&fails[1..])
+            .zip(&randoms)
+            .zip(&fails[2..])
             .map(|((n, code), f)| format!("{n} {f} (d = {})", code.density()))
             .collect();
         eprintln!(
-            "  p = {:.0} %, R = {r}: raptorq {}, {}",
+            "  p = {:.0} %, R = {r}: raptorq {}, mcdist {}, {}",
             p * 100.0,
             fails[0],
-            row.join(", ")
+            fails[1],
+            random.join(", ")
         );
     }
 }
@@ -228,15 +230,13 @@ fn codecs(c: &mut Criterion) {
                     b.iter(|| black_box(rs_repairs(black_box(&data), t, cap, 0, r)))
                 });
             }
-            let code = Sparse::regular(k, t, 5, r);
-            g.bench_function(format!("regular_c5/encode_{pct}pct"), |b| {
-                b.iter(|| {
-                    let mut out = vec![0u8; r * t];
-                    for (j, s) in out.chunks_exact_mut(t).enumerate() {
-                        code.encode(black_box(&data), j as u32, s);
-                    }
-                    black_box(out)
-                })
+            let share = mc::burst_share(k, r);
+            g.bench_function(format!("mcdist/encode_{pct}pct"), |b| {
+                b.iter_batched(
+                    || data.clone(),
+                    |block| black_box(BlockEncoder::new(block, t, share).repairs(0, r as u32)),
+                    BatchSize::LargeInput,
+                )
             });
         }
 
@@ -292,57 +292,46 @@ fn codecs(c: &mut Criterion) {
                 })
             });
         }
-        // The sparse code at the repair count the server sends at this loss (10 %, about
-        // 2 × 4 % + 2 %), with every repair symbol and with at most 8 more than symbols
-        // are lost; and at the 5 % above.
-        for (pct, spare) in [(10usize, usize::MAX / 2), (10, 8), (5, usize::MAX / 2)] {
-            let r = (k * pct).div_ceil(100);
-            let code = Sparse::regular(k, t, 5, r);
-            let repairs: Vec<(u32, Vec<u8>)> = (0..r as u32)
-                .map(|j| {
-                    let mut s = vec![0u8; t];
-                    code.encode(&data, j, &mut s);
-                    (j, s)
-                })
-                .collect();
-            let have: Vec<bool> = (0..k).map(|i| !lost(i)).collect();
-            let mut held = data.clone();
-            for (i, s) in held.chunks_exact_mut(t).enumerate() {
-                if lost(i) {
-                    s.fill(0);
-                }
-            }
-            let mut check = held.clone();
-            match code.decode(&mut check, &have, &repairs, spare) {
-                Ok(n) => {
-                    assert_eq!(
-                        (n, &check),
-                        (n_lost, &data),
-                        "sparse decode restores the block"
-                    )
+        // mcdist's code at the repair count the server sends at this loss (10 %, about
+        // 2 × 4 % + 2 %) and at 5 %, decoding with rows kept from the block before (as
+        // receivers do) and with rows built anew.
+        for pct in [10usize, 5] {
+            let share = mc::burst_share(k, (k * pct).div_ceil(100));
+            let r = mc::burst_len(k, share);
+            let repairs = BlockEncoder::new(data.clone(), t, share).repairs(0, r as u32);
+            let inhand: Vec<(u32, &[u8])> =
+                repairs.iter().map(|(j, s)| (*j, s.as_slice())).collect();
+            let held = |i: usize| (!lost(i)).then(|| &data[i * t..(i + 1) * t]);
+            let mut layers = Layers::new(k, share);
+            match mc::decode(k, t, &mut layers, held, &inhand) {
+                Ok(got) => {
+                    assert_eq!(got.len(), n_lost, "every lost symbol restored");
+                    for (i, s) in got {
+                        assert_eq!(
+                            s,
+                            &data[i * t..(i + 1) * t],
+                            "sparse decode restores the block"
+                        );
+                    }
                 }
                 Err(e) => {
-                    let used = if spare < k {
-                        format!("at most {spare} spare")
-                    } else {
-                        "every one".into()
-                    };
-                    eprintln!("regular_c5, K = {k}, {pct} % repairs, {used}: no decode of this loss pattern: {e:?}");
+                    eprintln!(
+                        "mcdist, K = {k}, {pct} % repairs: no decode of this loss pattern: {e:?}"
+                    );
                     continue;
                 }
             }
-            let name = if spare < k {
-                format!("regular_c5/decode_4pct_loss_{pct}pct_repairs_{spare}_spare")
-            } else {
-                format!("regular_c5/decode_4pct_loss_{pct}pct_repairs")
-            };
-            g.bench_function(name, |b| {
-                b.iter_batched(
-                    || held.clone(),
-                    |mut buf| black_box(code.decode(&mut buf, &have, &repairs, spare)),
-                    BatchSize::LargeInput,
-                )
+            g.bench_function(format!("mcdist/decode_4pct_loss_{pct}pct_repairs"), |b| {
+                b.iter(|| black_box(mc::decode(k, t, &mut layers, held, &inhand)))
             });
+            g.bench_function(
+                format!("mcdist/decode_4pct_loss_{pct}pct_repairs_new_rows"),
+                |b| {
+                    b.iter(|| {
+                        black_box(mc::decode(k, t, &mut Layers::new(k, share), held, &inhand))
+                    })
+                },
+            );
         }
         g.finish();
     }

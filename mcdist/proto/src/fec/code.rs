@@ -24,7 +24,7 @@
 /// Repair symbols beyond the lost source symbols that a block is sent so that it
 /// decodes but rarely short of symbols: a binary code's rows are dependent more
 /// often than RaptorQ's, whose decoding needs about none.
-pub(crate) const DECODE_SPARE: usize = 8;
+pub const DECODE_SPARE: usize = 8;
 
 /// Rows in each layer past the first: at least this many, so that a block whose first
 /// burst was a symbol or two still gets rows that differ (one row per layer of a
@@ -84,9 +84,21 @@ pub(crate) fn layer_rows(k: usize, r: usize, c: usize, layer: u32) -> Vec<Vec<u3
     rows
 }
 
-/// The rows of the layers repair indices `indices` lie in, built once each.
-struct Layers {
+/// Which source symbols each repair symbol of a block is the XOR of, by repair index:
+/// the layout of a code. [`decode`] works over any.
+pub trait Rows {
+    /// The source symbols repair symbol `index` is the XOR of.
+    fn row(&mut self, index: u32) -> &[u32];
+}
+
+/// mcdist's layout for blocks of one size and first burst: the first burst's layer and
+/// the later ones, each built once, when a repair index in it is first asked for. A
+/// receiver keeps one for the blocks of the same shape (building a layer draws `C`
+/// rows for every source symbol).
+#[derive(Debug, Clone)]
+pub struct Layers {
     k: usize,
+    share: u8,
     r: usize,
     /// Column weight, from the first burst, for every layer.
     c: usize,
@@ -94,18 +106,28 @@ struct Layers {
 }
 
 impl Layers {
-    fn new(k: usize, r: usize) -> Layers {
-        let r = r.max(1);
+    /// The rows of blocks of `k` source symbols whose first burst is `share` 256ths
+    /// of the block.
+    pub fn new(k: usize, share: u8) -> Layers {
+        let r = burst_len(k, share);
         Layers {
             k,
+            share,
             r,
             c: column_weight(k, r),
             built: Vec::new(),
         }
     }
 
-    /// The source symbols repair symbol `index` is the XOR of: the first `r` indices
-    /// are layer 0 (the first burst), then layers of `max(r, MIN_LATER_LAYER)` rows.
+    /// Whether these are the rows of blocks of `k` whose first burst is `share`.
+    pub fn fits(&self, k: usize, share: u8) -> bool {
+        self.k == k && self.share == share
+    }
+}
+
+impl Rows for Layers {
+    /// The first `r` indices are layer 0 (the first burst), then layers of
+    /// `max(r, 16)` rows.
     fn row(&mut self, index: u32) -> &[u32] {
         let r = self.r as u32;
         let later = self.r.max(MIN_LATER_LAYER) as u32;
@@ -124,18 +146,21 @@ impl Layers {
                 self.built.len() - 1
             }
         };
-        &self.built[at].1[pos as usize]
+        self.built[at]
+            .1
+            .get(pos as usize)
+            .map_or(&[], Vec::as_slice)
     }
 }
 
 /// The first burst's share of a block of `k` source symbols, in 256ths, for at least
 /// `r` repair symbols (at most 255/256 of the block).
-pub(crate) fn burst_share(k: usize, r: usize) -> u8 {
+pub fn burst_share(k: usize, r: usize) -> u8 {
     u8::try_from((r.max(1) * 256).div_ceil(k.max(1)).clamp(1, 255)).unwrap_or(u8::MAX)
 }
 
 /// Repair symbols in the first burst of a block of `k` whose share is `share`.
-pub(crate) fn burst_len(k: usize, share: u8) -> usize {
+pub fn burst_len(k: usize, share: u8) -> usize {
     (k * usize::from(share)).div_ceil(256).max(1)
 }
 
@@ -146,7 +171,7 @@ const MAX_LATER_LAYERS: usize = 4;
 /// burst and [`MAX_LATER_LAYERS`] layers after it. A receiver refuses any other, so
 /// that what a decode builds (a layer's rows) and spends stays bounded whatever
 /// repair symbols arrive.
-pub(crate) fn max_repairs(k: usize, share: u8) -> u32 {
+pub fn max_repairs(k: usize, share: u8) -> u32 {
     let r = burst_len(k, share);
     u32::try_from(r + MAX_LATER_LAYERS * r.max(MIN_LATER_LAYER)).unwrap_or(u32::MAX)
 }
@@ -154,7 +179,7 @@ pub(crate) fn max_repairs(k: usize, share: u8) -> u32 {
 /// A closed block's source symbols, kept to make repair symbols of it: the first burst
 /// when it closes, more for NACK rounds.
 #[derive(Debug, Clone)]
-pub(crate) struct BlockEncoder {
+pub struct BlockEncoder {
     k: usize,
     t: usize,
     share: u8,
@@ -165,7 +190,7 @@ pub(crate) struct BlockEncoder {
 impl BlockEncoder {
     /// An encoder of `data` (`k` symbols of `t` bytes) whose first burst is `share`
     /// 256ths of it ([`burst_len`]).
-    pub(crate) fn new(data: Vec<u8>, t: usize, share: u8) -> BlockEncoder {
+    pub fn new(data: Vec<u8>, t: usize, share: u8) -> BlockEncoder {
         BlockEncoder {
             k: data.len() / t.max(1),
             t: t.max(1),
@@ -175,23 +200,23 @@ impl BlockEncoder {
     }
 
     /// The first burst's share of the block.
-    pub(crate) fn share(&self) -> u8 {
+    pub fn share(&self) -> u8 {
         self.share
     }
 
     /// Repair symbols in the first burst (the layer size).
-    pub(crate) fn burst(&self) -> usize {
+    pub fn burst(&self) -> usize {
         burst_len(self.k, self.share)
     }
 
     /// Source symbols in the block (`K`).
-    pub(crate) fn source_symbols(&self) -> usize {
+    pub fn source_symbols(&self) -> usize {
         self.k
     }
 
     /// Repair symbols with repair indices `start .. start + count`, as `(index, symbol)`.
-    pub(crate) fn repairs(&self, start: u32, count: u32) -> Vec<(u32, Vec<u8>)> {
-        let mut layers = Layers::new(self.k, self.burst());
+    pub fn repairs(&self, start: u32, count: u32) -> Vec<(u32, Vec<u8>)> {
+        let mut layers = Layers::new(self.k, self.share);
         (start..start.saturating_add(count))
             .map(|j| {
                 let mut s = vec![0u8; self.t];
@@ -207,17 +232,22 @@ impl BlockEncoder {
 
 /// The repair symbols in hand do not determine every lost source symbol (yet).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct TooFew;
+pub struct TooFew;
 
-/// Recover the lost source symbols of a block of `k` symbols of `t` bytes whose first
-/// burst was `share` 256ths of it. `held(i)`: source symbol `i` if held (its data, at
-/// most `t` bytes; the rest is zero padding), `None` if lost. `repairs`: repair symbols
-/// in hand, `(repair index, symbol of t bytes)`. Returns the lost symbols, in index
-/// order, as `(index, t bytes)`.
-pub(crate) fn decode<'a>(
+/// Recover the lost source symbols of a block of `k` symbols of `t` bytes whose repair
+/// symbols are laid out as `rows` says. `held(i)`: source symbol `i` if held (its data,
+/// at most `t` bytes; the rest is zero padding), `None` if lost. `repairs`: repair
+/// symbols in hand, `(repair index, symbol of t bytes)`. Returns the lost symbols, in
+/// index order, as `(index, t bytes)`.
+///
+/// Which repair symbols to use is settled on their rows alone (bits over the lost
+/// symbols, reduced against the ones taken before): a block that cannot decode yet
+/// costs no symbol XORs, and one that can costs those of the `m` repair symbols it
+/// needs for `m` lost, however many more arrived.
+pub fn decode<'a>(
     k: usize,
     t: usize,
-    share: u8,
+    rows: &mut impl Rows,
     held: impl Fn(usize) -> Option<&'a [u8]>,
     repairs: &[(u32, &[u8])],
 ) -> Result<Vec<(usize, Vec<u8>)>, TooFew> {
@@ -234,51 +264,98 @@ pub(crate) fn decode<'a>(
         col[i] = c;
     }
     let words = m.div_ceil(64);
-    let mut layers = Layers::new(k, burst_len(k, share));
-    // Each repair symbol with the held symbols XORed out: the lost symbols it still
-    // names (bits over `lost`) and what they XOR to.
-    let mut bits: Vec<Vec<u64>> = Vec::with_capacity(repairs.len());
-    let mut syms: Vec<Vec<u8>> = Vec::with_capacity(repairs.len());
-    for &(j, bytes) in repairs {
-        let mut sym = vec![0u8; t];
-        xor_into(&mut sym, bytes);
-        let mut b = vec![0u64; words];
-        for &i in layers.row(j) {
-            let i = i as usize;
-            match col.get(i) {
-                Some(&usize::MAX) => {
-                    if let Some(s) = held(i) {
-                        xor_into(&mut sym, s);
-                    }
-                }
-                Some(&c) => b[c / 64] ^= 1 << (c % 64),
-                None => {}
+    // The lost symbols a repair symbol's row names, as bits over `lost`.
+    let named = |row: &[u32], b: &mut [u64]| {
+        b.fill(0);
+        for &i in row {
+            if let Some(&c) = col.get(i as usize).filter(|&&c| c != usize::MAX) {
+                b[c / 64] ^= 1 << (c % 64);
             }
         }
-        if b.iter().any(|&w| w != 0) {
-            bits.push(b);
-            syms.push(sym);
+    };
+    // 1. Rows only: take a repair symbol when its row, reduced against the rows taken
+    // before (each with its own lowest bit, which no later one has), names a lost
+    // symbol they do not determine yet.
+    let mut basis: Vec<(usize, Vec<u64>)> = Vec::with_capacity(m);
+    let mut taken: Vec<usize> = Vec::with_capacity(m);
+    let mut b = vec![0u64; words];
+    for (n, &(j, _)) in repairs.iter().enumerate() {
+        named(rows.row(j), &mut b);
+        for (p, base) in &basis {
+            if b[p / 64] & (1 << (p % 64)) != 0 {
+                xor_words(&mut b, base);
+            }
+        }
+        if let Some(p) = lowest_bit(&b) {
+            basis.push((p, b.clone()));
+            taken.push(n);
+            if taken.len() == m {
+                break;
+            }
         }
     }
-    // Gauss–Jordan over GF(2): row `c` ends up naming lost symbol `c` alone.
-    let rows = bits.len();
+    if taken.len() < m {
+        return Err(TooFew);
+    }
+    // 2. The taken repair symbols with the held symbols XORed out.
+    let mut bits: Vec<Vec<u64>> = Vec::with_capacity(m);
+    let mut syms: Vec<Vec<u8>> = Vec::with_capacity(m);
+    for &n in &taken {
+        let (j, bytes) = repairs[n];
+        let mut sym = Vec::with_capacity(t);
+        sym.extend_from_slice(&bytes[..bytes.len().min(t)]);
+        sym.resize(t, 0);
+        let row = rows.row(j);
+        for &i in row {
+            if let (Some(&usize::MAX), Some(s)) = (col.get(i as usize), held(i as usize)) {
+                xor_into(&mut sym, s);
+            }
+        }
+        named(row, &mut b);
+        bits.push(b.clone());
+        syms.push(sym);
+    }
+    // 3. Gauss–Jordan over GF(2): row `c` ends up naming lost symbol `c` alone.
     for c in 0..m {
         let (w, bit) = (c / 64, 1u64 << (c % 64));
-        let p = (c..rows).find(|&r| bits[r][w] & bit != 0).ok_or(TooFew)?;
+        let p = (c..m).find(|&r| bits[r][w] & bit != 0).ok_or(TooFew)?;
         bits.swap(c, p);
         syms.swap(c, p);
-        let (pb, ps) = (bits[c].clone(), syms[c].clone());
-        for r in (0..rows).filter(|&r| r != c) {
+        for r in (0..m).filter(|&r| r != c) {
             if bits[r][w] & bit != 0 {
-                for (a, b) in bits[r].iter_mut().zip(&pb) {
-                    *a ^= *b;
-                }
-                xor_into(&mut syms[r], &ps);
+                let (dst, src) = pair(&mut bits, r, c);
+                xor_words(dst, src);
+                let (dst, src) = pair(&mut syms, r, c);
+                xor_into(dst, src);
             }
         }
     }
-    syms.truncate(m);
     Ok(lost.into_iter().zip(syms).collect())
+}
+
+/// XOR `src` into `dst`, word by word.
+fn xor_words(dst: &mut [u64], src: &[u64]) {
+    for (a, b) in dst.iter_mut().zip(src) {
+        *a ^= *b;
+    }
+}
+
+/// The lowest set bit of `b`, if any.
+fn lowest_bit(b: &[u64]) -> Option<usize> {
+    b.iter()
+        .position(|&w| w != 0)
+        .map(|w| w * 64 + b[w].trailing_zeros() as usize)
+}
+
+/// `v[a]` to write and `v[b]` to read (`a != b`).
+fn pair<T>(v: &mut [T], a: usize, b: usize) -> (&mut T, &T) {
+    if a < b {
+        let (lo, hi) = v.split_at_mut(b);
+        (&mut lo[a], &hi[0])
+    } else {
+        let (lo, hi) = v.split_at_mut(a);
+        (&mut hi[0], &lo[b])
+    }
 }
 
 #[cfg(test)]
@@ -306,12 +383,46 @@ mod tests {
         let lost = |i: usize| i % 10 == 4;
         let held = |i: usize| (!lost(i)).then(|| &data[i * t..(i + 1) * t]);
         let inhand: Vec<(u32, &[u8])> = reps.iter().map(|(j, s)| (*j, s.as_slice())).collect();
-        let got = decode(k, t, share, held, &inhand).expect("enough repair symbols");
+        let got =
+            decode(k, t, &mut Layers::new(k, share), held, &inhand).expect("enough repair symbols");
         assert_eq!(got.len(), (0..k).filter(|&i| lost(i)).count());
         for (i, s) in got {
             assert!(lost(i));
             assert_eq!(s, &data[i * t..(i + 1) * t]);
         }
+    }
+
+    #[test]
+    fn restores_random_losses_exactly_or_says_it_cannot() {
+        let (k, t) = (200, 24);
+        let data = block(k, t);
+        let share = burst_share(k, 30);
+        let enc = BlockEncoder::new(data.clone(), t, share);
+        let reps = enc.repairs(0, 60);
+        let (mut state, mut decoded) = (7u64, 0);
+        for _ in 0..50 {
+            // About 6 % of the source symbols and of the repair symbols lost.
+            let lost: Vec<bool> = (0..k).map(|_| splitmix(&mut state) % 100 < 6).collect();
+            let inhand: Vec<(u32, &[u8])> = reps
+                .iter()
+                .filter(|_| splitmix(&mut state) % 100 >= 6)
+                .map(|(j, s)| (*j, s.as_slice()))
+                .collect();
+            let held = |i: usize| (!lost[i]).then(|| &data[i * t..(i + 1) * t]);
+            match decode(k, t, &mut Layers::new(k, share), held, &inhand) {
+                Ok(got) => {
+                    decoded += 1;
+                    assert_eq!(got.len(), lost.iter().filter(|&&l| l).count());
+                    for (i, s) in got {
+                        assert!(lost[i]);
+                        assert_eq!(s, &data[i * t..(i + 1) * t]);
+                    }
+                }
+                Err(TooFew) => {}
+            }
+        }
+        // About 12 lost of 200 against about 56 repair symbols: nearly every block.
+        assert!(decoded >= 48, "{decoded} of 50 decoded");
     }
 
     #[test]
@@ -324,7 +435,10 @@ mod tests {
         let held = |i: usize| (i >= 10).then(|| &data[i * t..(i + 1) * t]);
         let inhand: Vec<(u32, &[u8])> = reps.iter().map(|(j, s)| (*j, s.as_slice())).collect();
         // Ten lost, eight repair symbols.
-        assert_eq!(decode(k, t, share, held, &inhand), Err(TooFew));
+        assert_eq!(
+            decode(k, t, &mut Layers::new(k, share), held, &inhand),
+            Err(TooFew)
+        );
     }
 
     #[test]

@@ -67,7 +67,7 @@ use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
-mod code;
+pub mod code;
 pub(crate) use code::{burst_len, burst_share, max_repairs, BlockEncoder, DECODE_SPARE};
 
 /// Symbol size for pages of `page_size` bytes sent in `frags` fragments.
@@ -326,6 +326,9 @@ pub(crate) enum RepairOutcome {
     Refused,
 }
 
+/// Block shapes (source symbols, first burst) whose rows a receiver keeps built.
+const LAYOUTS_KEPT: usize = 4;
+
 /// A receiver's FEC state: recently received pages and open blocks, both bounded.
 #[derive(Debug)]
 pub(crate) struct FecRx {
@@ -343,6 +346,8 @@ pub(crate) struct FecRx {
     done_order: VecDeque<u64>,
     /// Blocks evicted unsolved to bound memory.
     pub evicted: u64,
+    /// The code's rows for the block shapes decoded last (most recent last).
+    layers: Vec<code::Layers>,
 }
 
 impl FecRx {
@@ -362,6 +367,7 @@ impl FecRx {
             done: HashSet::new(),
             done_order: VecDeque::new(),
             evicted: 0,
+            layers: Vec::new(),
         }
     }
 
@@ -634,7 +640,17 @@ impl FecRx {
             .iter()
             .map(|(esi, sym)| (esi - k as u32, &sym[..]))
             .collect();
-        let Ok(restored) = code::decode(k, t, share, |i| held[i], &repairs) else {
+        let at = match self.layers.iter().position(|l| l.fits(k, share)) {
+            Some(at) => at,
+            None => {
+                if self.layers.len() >= LAYOUTS_KEPT {
+                    self.layers.remove(0);
+                }
+                self.layers.push(code::Layers::new(k, share));
+                self.layers.len() - 1
+            }
+        };
+        let Ok(restored) = code::decode(k, t, &mut self.layers[at], |i| held[i], &repairs) else {
             return Ok(None);
         };
         let restored: HashMap<usize, Vec<u8>> = restored.into_iter().collect();
