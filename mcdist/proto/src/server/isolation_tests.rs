@@ -127,9 +127,40 @@ fn overload_that_a_quarter_of_the_group_shares_isolates_no_one_for_path_loss() {
     for port in 1..=3 {
         assert!(!s.is_slow_receiver(addr(port)), "receiver {port}");
     }
-    // Path loss far above the median's still does.
+    // Path loss far above the median's still does, in two reports in a row (one may
+    // be a burst).
+    assert!(!s.is_slow_receiver(addr(4)));
+    let t1 = t0 + Duration::from_millis(50);
+    s.note_report(t1, addr(4), 100_000_000, 100, Some(0));
+    s.feed_rate_reports(t1);
     assert!(s.is_slow_receiver(addr(4)));
     assert_eq!(s.stats().slow_receivers, 1);
+}
+
+#[test]
+fn path_loss_that_stands_out_once_isolates_no_one() {
+    let t0 = Instant::now();
+    let mut s = receivers(t0, 4);
+    // Receiver 1 loses 6 % in one interval (a burst), then 1 % like the others.
+    s.note_report(t0, addr(1), 50_000_000, 60, Some(0));
+    for port in 2..=4 {
+        s.note_report(t0, addr(port), 100_000_000, 10, Some(0));
+    }
+    s.feed_rate_reports(t0);
+    let t1 = t0 + Duration::from_millis(50);
+    for port in 1..=4 {
+        s.note_report(t1, addr(port), 100_000_000, 10, Some(0));
+    }
+    s.feed_rate_reports(t1);
+    // And once more later: two reports that stand out, but not in a row.
+    let t2 = t1 + Duration::from_millis(50);
+    s.note_report(t2, addr(1), 50_000_000, 60, Some(0));
+    for port in 2..=4 {
+        s.note_report(t2, addr(port), 100_000_000, 10, Some(0));
+    }
+    s.feed_rate_reports(t2);
+    assert!(!s.is_slow_receiver(addr(1)));
+    assert_eq!(s.stats().slow_receivers, 0);
 }
 
 #[test]

@@ -10,7 +10,10 @@
 //! ever reported once that is more (after the sweep it receives only its own
 //! repairs, and its rate falls with them). At most half the receivers are
 //! marked slow, the worst first. Path loss is what a receiver reports lost
-//! less its own overload. Completion is counted once per receiver.
+//! less its own overload; it is judged against the median of the receivers that
+//! reported (none until more than half did), and below heavy loss a receiver is
+//! marked slow for it only when two reports in a row stand out (the first keeps it
+//! out of rate control until the next). Completion is counted once per receiver.
 
 use super::{Server, ServerEvent};
 use crate::pacing::TokenBucket;
@@ -61,6 +64,9 @@ struct Peer {
     /// Reports loss while most receivers do not: left out of rate control and
     /// repaired by unicast at a rate it can take.
     slow: bool,
+    /// Its last fresh report stood out for path loss (below heavy loss, one report
+    /// that stands out does not isolate a receiver; two in a row do).
+    stood_out: bool,
     /// Highest receive rate it reported, bytes/s: what it took while the group was sent
     /// at full rate, which its latest report no longer shows once it receives only its
     /// own repairs.
@@ -79,6 +85,7 @@ impl Peer {
             fresh: false,
             nacked: 0,
             slow: false,
+            stood_out: false,
             peak_rx_rate: 0,
         }
     }
@@ -476,13 +483,15 @@ impl Server {
             // Overload is not path loss: a receiver whose loss is its own
             // overload while a quarter of the group is overloaded too (the group's
             // trouble, which pacing answers) is no outlier of the path either.
+            let path = fresh.map(|r| {
+                if separate {
+                    r.path_loss()
+                } else {
+                    r.loss_permille
+                }
+            });
             let path_outlier = many
-                && fresh.is_some_and(|r| {
-                    let loss = if separate {
-                        r.path_loss()
-                    } else {
-                        r.loss_permille
-                    };
+                && path.is_some_and(|loss| {
                     median_path.is_some_and(|m| {
                         loss > threshold
                             && m <= threshold
@@ -490,6 +499,21 @@ impl Server {
                                 || u32::from(loss) > 2 * u32::from(m) + u32::from(threshold))
                     })
                 });
+            // Loss that stands out once, below heavy loss, may be a burst (a receiver
+            // host that did not run for a few milliseconds loses what its interface
+            // ring could not hold, which its socket never saw): path loss isolates a
+            // receiver when two reports in a row stand out.
+            // Until the next report tells, its loss is not the group's: the rate
+            // controller does not hear it.
+            let probation = path_outlier;
+            let path_outlier = match path {
+                Some(loss) => {
+                    let twice = path_outlier && (p.stood_out || loss >= HEAVY_LOSS_PERMILLE);
+                    p.stood_out = path_outlier;
+                    twice
+                }
+                None => path_outlier,
+            };
             let loss_outlier = own_overload || path_outlier;
             // Once half the receivers are done the median is theirs, loss-free by
             // now, and anyone still repairing would stand out: path loss makes a
@@ -534,7 +558,7 @@ impl Server {
                 let rate = self.cfg.per_source_page_rate.max(1);
                 p.tokens.set_rate(now, rate, Peer::request_burst(rate));
             }
-            if !p.complete {
+            if !p.complete && !probation {
                 self.rate
                     .report(r.rx_rate, r.loss_permille.min(high), r.overload_permille);
             }
