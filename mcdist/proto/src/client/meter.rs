@@ -18,6 +18,11 @@ use std::time::{Duration, Instant};
 /// nothing to send (a paced sender's datagrams are microseconds apart).
 const RATE_IDLE_GAP: Duration = Duration::from_millis(10);
 
+/// Group datagrams that a loss measurement spans at least: an interval with fewer says
+/// little (one lost of the 16 announces before a sweep reads as 6 %), so the loss is
+/// measured over as many intervals as it takes and the last measure stands till then.
+const MIN_LOSS_SAMPLE: u64 = 128;
+
 /// Rate and loss measurement over the current report interval.
 pub(super) struct Meter {
     /// When the first report is due (heartbeats start once the session is known).
@@ -95,6 +100,7 @@ impl Meter {
     pub(super) fn server_restarted(&mut self) {
         self.interval_seq_start = None;
         self.max_group_seq = None;
+        self.interval_group_pkts = 0;
     }
 
     /// Close the interval at `now`: measure its rate and loss and start the next one.
@@ -107,11 +113,13 @@ impl Meter {
         }
         let drops = std::mem::take(&mut self.interval_drops);
         let mut expected = 0;
+        let mut measured = false;
         if let (Some(start), Some(max)) = (self.interval_seq_start, self.max_group_seq) {
             expected = max.saturating_sub(start);
-            if expected > 0 {
+            if expected >= MIN_LOSS_SAMPLE {
                 let got = self.interval_group_pkts.min(expected);
                 self.loss_permille = (((expected - got) * 1000) / expected) as u16;
+                measured = true;
             }
         }
         // Drops the group sequence numbers cannot see yet (the socket dropped
@@ -127,8 +135,10 @@ impl Meter {
         };
         self.interval_start = now;
         self.interval_bytes = 0;
-        self.interval_group_pkts = 0;
-        self.interval_seq_start = self.max_group_seq;
+        if measured || self.interval_seq_start.is_none() {
+            self.interval_group_pkts = 0;
+            self.interval_seq_start = self.max_group_seq;
+        }
     }
 }
 
@@ -228,27 +238,47 @@ mod tests {
     fn socket_drops_are_overload_and_part_of_the_loss() {
         let t0 = Instant::now();
         let mut m = Meter::new(t0, Duration::from_millis(100));
-        m.socket_drops(7); // the starting point: drops before the session
-                           // Group datagrams 3..=101 sent (the first one seen is 3): every tenth
-                           // lost on the path (10), 11, 12, 21, 22 ... 92 dropped by the
-                           // receiver's own socket (18), the other 71 taken.
-        for i in 3..=100u64 {
+        // The starting point: drops before the session.
+        m.socket_drops(7);
+        // Group datagrams 3..=201 sent (the first one seen is 3): every tenth lost on
+        // the path (20), 11, 12, 21, 22 ... 192 dropped by the receiver's own socket
+        // (38), the other 141 taken.
+        for i in 3..=200u64 {
             if i % 10 > 2 {
                 m.datagram(t0, 1000, i);
             }
         }
-        m.datagram(t0, 1000, 101);
-        m.socket_drops(7 + 18);
+        m.datagram(t0, 1000, 201);
+        m.socket_drops(7 + 38);
         m.report(t0 + Duration::from_millis(100));
-        assert_eq!(m.overload_permille, 18 * 1000 / 99);
-        assert_eq!(m.loss_permille, 28 * 1000 / 99);
+        assert_eq!(m.overload_permille, 38 * 1000 / 199);
+        assert_eq!(m.loss_permille, 58 * 1000 / 199);
         // The next interval without drops reports none.
-        for i in 102..=200 {
+        for i in 202..=400 {
             m.datagram(t0, 1000, i);
         }
         m.report(t0 + Duration::from_millis(200));
         assert_eq!(m.overload_permille, 0);
         assert_eq!(m.loss_permille, 0);
+    }
+
+    #[test]
+    fn loss_is_measured_over_enough_datagrams() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut m = Meter::new(t0, ms(50));
+        // 16 announces before the sweep, one lost: too few to say 6 %.
+        for i in (1..=17u64).filter(|&i| i != 9) {
+            m.datagram(t0, 200, i);
+        }
+        m.report(t0 + ms(50));
+        assert_eq!(m.loss_permille, 0);
+        // The sweep: 150 more, 2 lost. The loss spans both intervals.
+        for i in (18..=167u64).filter(|&i| i % 100 != 50) {
+            m.datagram(t0 + ms(60), 1000, i);
+        }
+        m.report(t0 + ms(100));
+        assert_eq!(m.loss_permille, (3 * 1000 / 167) as u16);
     }
 
     /// The rate is measured while data flows: the join's announce before the

@@ -68,6 +68,19 @@ struct SentBlock {
     round: Option<(Instant, u32)>,
 }
 
+impl SentBlock {
+    /// Its source symbols (`K`), `spp` per page.
+    fn source_symbols(&self, spp: u16) -> usize {
+        self.members.len() * usize::from(spp)
+    }
+
+    /// Receivers take no more of its repair indices (see [`crate::fec::max_repairs`]).
+    fn spent(&self, spp: u16) -> bool {
+        self.share != 0
+            && self.next_repair >= crate::fec::max_repairs(self.source_symbols(spp), self.share)
+    }
+}
+
 /// Sent blocks, by first page, bounded.
 #[derive(Debug, Default)]
 struct SentBlocks {
@@ -331,11 +344,7 @@ impl Server {
         // A block whose repair indices are spent (receivers take no more of it): the
         // page itself, or the receiver would ask for it again and again in vain.
         let (spp, _) = fec.builder.geometry();
-        let spent = fec.sent.blocks.get(&first).is_some_and(|b| {
-            let k = b.members.len() * usize::from(spp);
-            b.share != 0 && b.next_repair >= crate::fec::max_repairs(k, b.share)
-        });
-        if spent {
+        if fec.sent.blocks.get(&first).is_some_and(|b| b.spent(spp)) {
             return FecNack::Spent;
         }
         match fec.nacked.iter_mut().find(|(f, _)| *f == first) {
@@ -366,7 +375,7 @@ impl Server {
             let Some(b) = fec.sent.blocks.get_mut(&first) else {
                 continue;
             };
-            let k = b.members.len() as u32 * u32::from(spp);
+            let k = b.source_symbols(spp) as u32;
             // The NACKed fragments, and the code's spare beyond them.
             let need = (pages * u32::from(spp)).min(k) + crate::fec::DECODE_SPARE as u32;
             let mut count = match b.round {
