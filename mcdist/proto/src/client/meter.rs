@@ -20,7 +20,8 @@ const RATE_IDLE_GAP: Duration = Duration::from_millis(10);
 
 /// Group datagrams that a loss measurement spans at least: an interval with fewer says
 /// little (one lost of the 16 announces before a sweep reads as 6 %), so the loss is
-/// measured over as many intervals as it takes and the last measure stands till then.
+/// measured over as many intervals as it takes and the last measure stands till then
+/// ([`wire::LOSS_UNMEASURED`] before the first).
 const MIN_LOSS_SAMPLE: u64 = 128;
 
 /// Rate and loss measurement over the current report interval.
@@ -34,7 +35,8 @@ pub(super) struct Meter {
     max_group_seq: Option<u64>,
     /// Receive rate of the last interval, bytes per second.
     pub(super) rx_rate: u64,
-    /// Multicast loss of the last interval, per mille.
+    /// Multicast loss of the last measure, per mille ([`wire::LOSS_UNMEASURED`] before
+    /// the first).
     pub(super) loss_permille: u16,
     /// The part of the last interval's loss the receiver dropped itself, per mille.
     pub(super) overload_permille: u16,
@@ -56,7 +58,7 @@ impl Meter {
             interval_seq_start: None,
             max_group_seq: None,
             rx_rate: 0,
-            loss_permille: 0,
+            loss_permille: wire::LOSS_UNMEASURED,
             overload_permille: 0,
             interval_drops: 0,
             drops_total: None,
@@ -130,7 +132,10 @@ impl Meter {
             0
         } else {
             let own = ((drops.min(seen) * 1000) / seen) as u16;
-            self.loss_permille = self.loss_permille.max(own);
+            self.loss_permille = match self.loss_permille {
+                l if l > 1000 => own,
+                l => l.max(own),
+            };
             own
         };
         self.interval_start = now;
@@ -272,7 +277,7 @@ mod tests {
             m.datagram(t0, 200, i);
         }
         m.report(t0 + ms(50));
-        assert_eq!(m.loss_permille, 0);
+        assert_eq!(m.loss_permille, crate::wire::LOSS_UNMEASURED);
         // The sweep: 150 more, 2 lost. The loss spans both intervals.
         for i in (18..=167u64).filter(|&i| i % 100 != 50) {
             m.datagram(t0 + ms(60), 1000, i);
@@ -302,7 +307,8 @@ mod tests {
         // Silence from 1 ms to 40 ms: the rate is that of 40..=100 ms.
         let rate = flow(&mut m, 40, 100, 1, 100);
         assert!((990_000..=1_020_000).contains(&rate), "{rate} B/s");
-        assert_eq!(m.loss_permille, 0);
+        // 61 group datagrams: too few to measure the loss.
+        assert_eq!(m.loss_permille, crate::wire::LOSS_UNMEASURED);
         // Without a silence, the whole interval counts.
         let rate = flow(&mut m, 101, 200, 2, 201);
         assert!((480_000..=520_000).contains(&rate), "{rate} B/s");

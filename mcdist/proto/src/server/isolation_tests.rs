@@ -167,17 +167,32 @@ fn path_loss_that_stands_out_once_isolates_no_one() {
 fn the_first_receivers_to_report_path_loss_are_judged_against_reports_not_silence() {
     let t0 = Instant::now();
     let mut s = receivers(t0, 8);
-    // Every path loses 5 %; the first three receivers to NACK report it before any
-    // heartbeat of the other five arrived.
+    // Every path loses 5 %; the first three receivers to NACK report it while the
+    // other five have not measured theirs yet (too few datagrams before the sweep
+    // reached them): they do not count as reporting none.
     for port in 1..=3 {
         s.note_report(t0, addr(port), 50_000_000, 50, None);
     }
+    for port in 4..=8 {
+        s.note_report(
+            t0,
+            addr(port),
+            1_000_000,
+            crate::wire::LOSS_UNMEASURED,
+            Some(0),
+        );
+    }
     s.feed_rate_reports(t0);
+    let t05 = t0 + Duration::from_millis(50);
+    for port in 1..=3 {
+        s.note_report(t05, addr(port), 50_000_000, 50, None);
+    }
+    s.feed_rate_reports(t05);
     for port in 1..=3 {
         assert!(!s.is_slow_receiver(addr(port)), "receiver {port}");
     }
     // Once more than half reported, path loss far above the median's stands out.
-    let t1 = t0 + Duration::from_millis(50);
+    let t1 = t0 + Duration::from_millis(100);
     s.note_report(t1, addr(1), 50_000_000, 300, Some(0));
     for port in 2..=5 {
         s.note_report(t1, addr(port), 100_000_000, 0, Some(0));
@@ -185,4 +200,22 @@ fn the_first_receivers_to_report_path_loss_are_judged_against_reports_not_silenc
     s.feed_rate_reports(t1);
     assert!(s.is_slow_receiver(addr(1)));
     assert_eq!(s.stats().slow_receivers, 1);
+}
+
+#[test]
+fn a_loss_not_measured_yet_neither_slows_the_group_nor_isolates() {
+    let t0 = Instant::now();
+    let mut s = receivers(t0, 3);
+    let start = s.rate.rate();
+    // Heartbeats before the sweep reached them: no loss measured yet.
+    for n in 1..=4u32 {
+        let t = t0 + Duration::from_millis(50) * n;
+        for port in 1..=3 {
+            s.note_report(t, addr(port), 10_000, crate::wire::LOSS_UNMEASURED, Some(0));
+        }
+        s.rate.update(t);
+        s.feed_rate_reports(t);
+    }
+    assert!(s.rate.rate() >= start, "{} < {start}", s.rate.rate());
+    assert_eq!(s.stats().slow_receivers, 0);
 }

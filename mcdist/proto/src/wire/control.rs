@@ -100,7 +100,7 @@ pub struct Heartbeat {
     /// Receive rate, bytes per second.
     pub rx_rate: u64,
     /// Measured group loss, parts per thousand: every datagram the receiver
-    /// did not get, whatever dropped it.
+    /// did not get, whatever dropped it ([`super::LOSS_UNMEASURED`]: not measured yet).
     pub loss_permille: u16,
     /// The part of that loss (parts per thousand of the group datagrams) that
     /// the receiver dropped itself because it could not keep up: datagrams its

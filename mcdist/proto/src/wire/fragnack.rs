@@ -61,7 +61,8 @@ impl<'a> FragmentEntries<'a> {
 pub struct FragmentNack<'a> {
     /// Receiver's measured receive rate, bytes per second.
     pub rx_rate: u64,
-    /// Loss the receiver measured on the group, in parts per thousand.
+    /// Loss the receiver measured on the group, in parts per thousand
+    /// ([`LOSS_UNMEASURED`](super::LOSS_UNMEASURED): not measured yet).
     pub loss_permille: u16,
     /// Request flags ([`Request::RETRY`](super::Request::RETRY)).
     pub flags: RequestFlags,

@@ -75,6 +75,11 @@ pub use zeromap::ZeroMap;
 /// Largest number of fragments a page may be split into.
 pub const MAX_FRAGMENTS: u16 = 1024;
 
+/// A loss report (`loss_permille` of a Heartbeat or a request) that says nothing yet:
+/// the receiver has not seen enough group datagrams to measure its loss. Any value
+/// above 1000 means the same to the server.
+pub const LOSS_UNMEASURED: u16 = u16::MAX;
+
 /// Errors from parsing a datagram. Such datagrams are dropped and counted, never fatal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum WireError {

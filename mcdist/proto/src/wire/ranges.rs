@@ -83,7 +83,8 @@ impl<'a> Ranges<'a> {
 pub struct Request<'a> {
     /// Receiver's measured receive rate, bytes per second.
     pub rx_rate: u64,
-    /// Loss the receiver measured on the group, in parts per thousand.
+    /// Loss the receiver measured on the group, in parts per thousand
+    /// ([`LOSS_UNMEASURED`](super::LOSS_UNMEASURED): not measured yet).
     pub loss_permille: u16,
     /// Request flags ([`Request::RETRY`]).
     pub flags: RequestFlags,
