@@ -83,6 +83,7 @@ impl Client {
         if r.member_pfns().all(|p| self.present.get(p)) {
             self.fec.rx.finish(first);
             self.fec.rx.forget(r.member_pfns());
+            self.recycle_released();
             self.stats.fec_repairs_unneeded += 1;
             return;
         }
@@ -117,6 +118,15 @@ impl Client {
         self.fec.pending = None;
         self.timers.stop(Timer::FecDecode);
         self.fec_decode(now, first);
+    }
+
+    /// Hand the pages the FEC cache let go of to the reassembler: its pool reuses the
+    /// buffers no one else holds (held by the cache, a page could not be recycled when
+    /// its user handed it back).
+    pub(super) fn recycle_released(&mut self) {
+        for page in self.fec.rx.released() {
+            self.reasm.recycle(page);
+        }
     }
 
     /// Tries to decode block `first` with every symbol in hand.
@@ -158,6 +168,7 @@ impl Client {
             }
         }
         self.stats.fec_blocks_dropped = self.fec.rx.evicted + self.fec.given_up;
+        self.recycle_released();
     }
 
     /// With FEC, a sweep frontier takes effect only `fec_nack_delay` after it

@@ -64,6 +64,7 @@ impl Client {
                             self.fec
                                 .rx
                                 .remember(d.pfn, &Bytes::copy_from_slice(d.payload));
+                            self.recycle_released();
                         }
                         sink(d.pfn, d.payload);
                         self.page_present(now, d.pfn, true);

@@ -124,7 +124,26 @@ impl Layers {
     pub fn fits(&self, k: usize, share: u8) -> bool {
         self.k == k && self.share == share
     }
+
+    /// The rows for blocks of `k` whose first burst is `share` from `kept` (the shapes
+    /// used last, most recent last), added if missing; at most [`LAYOUTS_KEPT`] kept.
+    pub fn kept(kept: &mut Vec<Layers>, k: usize, share: u8) -> &mut Layers {
+        let at = match kept.iter().position(|l| l.fits(k, share)) {
+            Some(at) => at,
+            None => {
+                if kept.len() >= LAYOUTS_KEPT {
+                    kept.remove(0);
+                }
+                kept.push(Layers::new(k, share));
+                kept.len() - 1
+            }
+        };
+        &mut kept[at]
+    }
 }
+
+/// Block shapes (source symbols, first burst) whose rows a receiver keeps built.
+pub const LAYOUTS_KEPT: usize = 4;
 
 impl Rows for Layers {
     /// The first `r` indices are layer 0 (the first burst), then layers of

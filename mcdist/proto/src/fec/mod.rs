@@ -326,9 +326,6 @@ pub(crate) enum RepairOutcome {
     Refused,
 }
 
-/// Block shapes (source symbols, first burst) whose rows a receiver keeps built.
-const LAYOUTS_KEPT: usize = 4;
-
 /// A receiver's FEC state: recently received pages and open blocks, both bounded.
 #[derive(Debug)]
 pub(crate) struct FecRx {
@@ -348,7 +345,13 @@ pub(crate) struct FecRx {
     pub evicted: u64,
     /// The code's rows for the block shapes decoded last (most recent last).
     layers: Vec<code::Layers>,
+    /// Pages the cache let go of, for the receiver to reuse their buffers
+    /// ([`FecRx::released`]).
+    released: Vec<Bytes>,
 }
+
+/// Pages let go of that [`FecRx`] holds for reuse at most.
+const RELEASED_MAX: usize = 64;
 
 impl FecRx {
     /// At most `max_blocks` open blocks, `cache_cap` cached pages and `max_bytes` held
@@ -368,6 +371,7 @@ impl FecRx {
             done_order: VecDeque::new(),
             evicted: 0,
             layers: Vec::new(),
+            released: Vec::new(),
         }
     }
 
@@ -386,11 +390,25 @@ impl FecRx {
                 Some(old) => {
                     if let Some(p) = self.cache.remove(&old) {
                         self.cache_bytes -= p.len();
+                        self.release(p);
                     }
                 }
                 None => break,
             }
         }
+    }
+
+    fn release(&mut self, page: Bytes) {
+        if self.released.len() < RELEASED_MAX {
+            self.released.push(page);
+        }
+    }
+
+    /// The pages the cache let go of since the last call: their buffers may serve
+    /// later pages (the receiver hands them to its reassembler, which keeps those
+    /// no one else holds).
+    pub fn released(&mut self) -> std::vec::Drain<'_, Bytes> {
+        self.released.drain(..)
     }
 
     /// Drop cached pages no block needs any more: the members of a block that
@@ -400,6 +418,7 @@ impl FecRx {
         for pfn in pfns {
             if let Some(p) = self.cache.remove(&pfn) {
                 self.cache_bytes -= p.len();
+                self.release(p);
             }
         }
         if self.cache_order.len() > 2 * self.cache.len() + 1024 {
@@ -640,17 +659,8 @@ impl FecRx {
             .iter()
             .map(|(esi, sym)| (esi - k as u32, &sym[..]))
             .collect();
-        let at = match self.layers.iter().position(|l| l.fits(k, share)) {
-            Some(at) => at,
-            None => {
-                if self.layers.len() >= LAYOUTS_KEPT {
-                    self.layers.remove(0);
-                }
-                self.layers.push(code::Layers::new(k, share));
-                self.layers.len() - 1
-            }
-        };
-        let Ok(restored) = code::decode(k, t, &mut self.layers[at], |i| held[i], &repairs) else {
+        let rows = code::Layers::kept(&mut self.layers, k, share);
+        let Ok(restored) = code::decode(k, t, rows, |i| held[i], &repairs) else {
             return Ok(None);
         };
         let restored: HashMap<usize, Vec<u8>> = restored.into_iter().collect();

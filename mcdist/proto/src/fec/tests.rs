@@ -206,3 +206,19 @@ fn repair_indices_past_the_layers_a_block_may_use_are_refused() {
     // An ESI of a source symbol is no repair symbol.
     assert_eq!(rx.add(&repair(0), sym()), RepairOutcome::Refused);
 }
+
+#[test]
+fn pages_the_cache_lets_go_of_are_handed_back_for_reuse() {
+    let mut rx = FecRx::new(4, 2, 1 << 20);
+    for pfn in 0..3u8 {
+        rx.remember(u64::from(pfn), &Bytes::from(vec![pfn; 4096]));
+    }
+    // Two pages fit: the oldest went.
+    let gone: Vec<Bytes> = rx.released().collect();
+    assert_eq!(gone.len(), 1);
+    assert_eq!(gone[0][0], 0);
+    // Pages no block needs any more go too, once each.
+    rx.forget([1, 2]);
+    assert_eq!(rx.released().count(), 2);
+    assert_eq!(rx.released().count(), 0);
+}
