@@ -94,8 +94,9 @@ pub struct Reassembler {
     pool: Vec<BytesMut>,
 }
 
-/// Most page buffers a [`Reassembler`] keeps for reuse.
-const POOL_PAGES: usize = 64;
+/// Most page buffers a [`Reassembler`] keeps for reuse: an FEC block's pages (256 by
+/// default) come back at once when the block completes.
+const POOL_PAGES: usize = 256;
 
 /// Offset and length of fragment `index` of `count` in a page of `page_size`.
 pub fn fragment_slot(page_size: usize, count: u16, index: u16) -> Option<(usize, usize)> {

@@ -350,8 +350,8 @@ pub(crate) struct FecRx {
     released: Vec<Bytes>,
 }
 
-/// Pages let go of that [`FecRx`] holds for reuse at most.
-const RELEASED_MAX: usize = 64;
+/// Pages let go of that [`FecRx`] holds for reuse at most: a block's (256 by default).
+const RELEASED_MAX: usize = 256;
 
 impl FecRx {
     /// At most `max_blocks` open blocks, `cache_cap` cached pages and `max_bytes` held
