@@ -46,6 +46,16 @@ impl Report {
     fn path_loss(&self) -> u16 {
         self.loss_permille.saturating_sub(self.overload_permille)
     }
+
+    /// The loss a receiver is judged an outlier of the path by: its path loss with
+    /// overload told apart (`separate`), else all of it.
+    fn judged_loss(&self, separate: bool) -> u16 {
+        if separate {
+            self.path_loss()
+        } else {
+            self.loss_permille
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -417,15 +427,9 @@ impl Server {
         // first receivers to ask would stand out against the silence of the rest.
         // (`None` sorts first: the lower median is a report once more than half
         // the receivers sent one.)
-        let median_path = self.peers.quantile(1, 2, |p| {
-            p.recent(now).map(|r| {
-                if separate {
-                    r.path_loss()
-                } else {
-                    r.loss_permille
-                }
-            })
-        });
+        let median_path = self
+            .peers
+            .quantile(1, 2, |p| p.recent(now).map(|r| r.judged_loss(separate)));
         // Overload that a quarter of the receivers or more report is the
         // group's problem (receivers sharing their CPUs, say): the rate
         // controller slows down for it rather than isolating them all.
@@ -488,13 +492,7 @@ impl Server {
             // Overload is not path loss: a receiver whose loss is its own
             // overload while a quarter of the group is overloaded too (the group's
             // trouble, which pacing answers) is no outlier of the path either.
-            let path = fresh.map(|r| {
-                if separate {
-                    r.path_loss()
-                } else {
-                    r.loss_permille
-                }
-            });
+            let path = fresh.map(|r| r.judged_loss(separate));
             let path_outlier = many
                 && path.is_some_and(|loss| {
                     median_path.is_some_and(|m| {
@@ -507,9 +505,8 @@ impl Server {
             // Loss that stands out once, below heavy loss, may be a burst (a receiver
             // host that did not run for a few milliseconds loses what its interface
             // ring could not hold, which its socket never saw): path loss isolates a
-            // receiver when two reports in a row stand out.
-            // Until the next report tells, its loss is not the group's: the rate
-            // controller does not hear it.
+            // receiver when two reports in a row stand out. Until the next report
+            // tells, its loss is not the group's: the rate controller does not hear it.
             let probation = path_outlier;
             let path_outlier = match path {
                 Some(loss) => {
