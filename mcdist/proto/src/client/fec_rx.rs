@@ -120,10 +120,16 @@ impl Client {
         self.fec_decode(now, first);
     }
 
+    /// Keep a received page in the FEC cache for decoding the blocks it belongs to.
+    pub(super) fn fec_remember(&mut self, pfn: u64, page: &Bytes) {
+        self.fec.rx.remember(pfn, page);
+        self.recycle_released();
+    }
+
     /// Hand the pages the FEC cache let go of to the reassembler: its pool reuses the
     /// buffers no one else holds (held by the cache, a page could not be recycled when
     /// its user handed it back).
-    pub(super) fn recycle_released(&mut self) {
+    fn recycle_released(&mut self) {
         for page in self.fec.rx.released() {
             self.reasm.recycle(page);
         }

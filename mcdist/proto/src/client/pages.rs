@@ -61,10 +61,7 @@ impl Client {
                     Verdict::Ok => {
                         self.count_data(&d);
                         if self.fec_active() {
-                            self.fec
-                                .rx
-                                .remember(d.pfn, &Bytes::copy_from_slice(d.payload));
-                            self.recycle_released();
+                            self.fec_remember(d.pfn, &Bytes::copy_from_slice(d.payload));
                         }
                         sink(d.pfn, d.payload);
                         self.page_present(now, d.pfn, true);

@@ -169,8 +169,7 @@ impl Client {
     /// becomes present and is reported.
     pub(super) fn accept_verified(&mut self, now: Instant, pfn: u64, page: Bytes, how: How) {
         if how.remember && self.fec_active() {
-            self.fec.rx.remember(pfn, &page);
-            self.recycle_released();
+            self.fec_remember(pfn, &page);
         }
         if pfn >= self.data_pages() {
             self.present.set(pfn);
@@ -199,8 +198,7 @@ impl Client {
         }
         self.stats.integrity_held += 1;
         if how.remember && self.fec_active() {
-            self.fec.rx.remember(pfn, &page);
-            self.recycle_released();
+            self.fec_remember(pfn, &page);
         }
         self.integrity.held.insert(pfn, Held { page, how });
         self.requests.park(pfn);
