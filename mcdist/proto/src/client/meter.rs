@@ -133,7 +133,7 @@ impl Meter {
         } else {
             let own = ((drops.min(seen) * 1000) / seen) as u16;
             self.loss_permille = match self.loss_permille {
-                l if l > 1000 => own,
+                l if wire::loss_unmeasured(l) => own,
                 l => l.max(own),
             };
             own

@@ -352,9 +352,9 @@ impl Server {
         loss_permille: u16,
         overload_permille: Option<u16>,
     ) {
-        if loss_permille > 1000 {
-            // Not measured yet (`wire::LOSS_UNMEASURED`): the receiver has not said
-            // anything about its loss, so it does not count as reporting none.
+        if wire::loss_unmeasured(loss_permille) {
+            // The receiver has not said anything about its loss yet, so it does not
+            // count as reporting none.
             return;
         }
         let mut path_loss = loss_permille;

@@ -80,6 +80,11 @@ pub const MAX_FRAGMENTS: u16 = 1024;
 /// above 1000 means the same to the server.
 pub const LOSS_UNMEASURED: u16 = u16::MAX;
 
+/// Whether a loss report says nothing yet ([`LOSS_UNMEASURED`], or any value above 1000).
+pub fn loss_unmeasured(loss_permille: u16) -> bool {
+    loss_permille > 1000
+}
+
 /// Errors from parsing a datagram. Such datagrams are dropped and counted, never fatal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum WireError {
