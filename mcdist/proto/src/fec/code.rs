@@ -386,6 +386,25 @@ mod tests {
         (0..k * t).map(|i| (i * 7 % 251) as u8).collect()
     }
 
+    /// Repair symbols as [`decode`] takes them.
+    fn in_hand(reps: &[(u32, Vec<u8>)]) -> Vec<(u32, &[u8])> {
+        reps.iter().map(|(j, s)| (*j, s.as_slice())).collect()
+    }
+
+    /// `got` is exactly the symbols of `data` (`t` bytes each) that `lost` says were lost.
+    fn assert_restored(
+        got: Vec<(usize, Vec<u8>)>,
+        lost: impl Fn(usize) -> bool,
+        data: &[u8],
+        t: usize,
+    ) {
+        assert_eq!(got.len(), (0..data.len() / t).filter(|&i| lost(i)).count());
+        for (i, s) in got {
+            assert!(lost(i));
+            assert_eq!(s, &data[i * t..(i + 1) * t]);
+        }
+    }
+
     #[test]
     fn restores_what_was_lost_from_any_layer() {
         let (k, t) = (96, 32);
@@ -402,14 +421,9 @@ mod tests {
             .collect();
         let lost = |i: usize| i % 10 == 4;
         let held = |i: usize| (!lost(i)).then(|| &data[i * t..(i + 1) * t]);
-        let inhand: Vec<(u32, &[u8])> = reps.iter().map(|(j, s)| (*j, s.as_slice())).collect();
-        let got =
-            decode(k, t, &mut Layers::new(k, share), held, &inhand).expect("enough repair symbols");
-        assert_eq!(got.len(), (0..k).filter(|&i| lost(i)).count());
-        for (i, s) in got {
-            assert!(lost(i));
-            assert_eq!(s, &data[i * t..(i + 1) * t]);
-        }
+        let got = decode(k, t, &mut Layers::new(k, share), held, &in_hand(&reps))
+            .expect("enough repair symbols");
+        assert_restored(got, lost, &data, t);
     }
 
     #[test]
@@ -431,11 +445,7 @@ mod tests {
             let held = |i: usize| (!lost[i]).then(|| &data[i * t..(i + 1) * t]);
             if let Ok(got) = decode(k, t, &mut Layers::new(k, share), held, &inhand) {
                 decoded += 1;
-                assert_eq!(got.len(), lost.iter().filter(|&&l| l).count());
-                for (i, s) in got {
-                    assert!(lost[i]);
-                    assert_eq!(s, &data[i * t..(i + 1) * t]);
-                }
+                assert_restored(got, |i| lost[i], &data, t);
             }
         }
         // About 12 lost of 200 against about 56 repair symbols: nearly every block.
@@ -450,10 +460,9 @@ mod tests {
         let enc = BlockEncoder::new(data.clone(), t, share);
         let reps = enc.repairs(0, 8);
         let held = |i: usize| (i >= 10).then(|| &data[i * t..(i + 1) * t]);
-        let inhand: Vec<(u32, &[u8])> = reps.iter().map(|(j, s)| (*j, s.as_slice())).collect();
         // Ten lost, eight repair symbols.
         assert_eq!(
-            decode(k, t, &mut Layers::new(k, share), held, &inhand),
+            decode(k, t, &mut Layers::new(k, share), held, &in_hand(&reps)),
             Err(TooFew)
         );
     }
