@@ -6,6 +6,7 @@ use super::tests::{addr, datagram, drain, server, validate};
 use super::Server;
 use crate::wire::{encode_ranges, ranges_from_encoded, Body, PageRange, Request, RequestFlags};
 use crate::Dest;
+use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -13,9 +14,7 @@ fn a_slow_receiver_is_repaired_at_a_quarter_of_the_most_it_took_once_its_rate_fa
     let t0 = Instant::now();
     let mut s = receivers(t0, 3);
     // During the sweep every receiver takes 400 MB/s without loss.
-    for port in 1..=3 {
-        s.note_report(t0, addr(port), 400_000_000, 0, Some(0));
-    }
+    heartbeats(&mut s, t0, 1..=3, 400_000_000, 0);
     s.feed_rate_reports(t0);
     assert!(!s.is_slow_receiver(addr(1)));
     // Then receiver 1 loses a third of what it is sent, and reports the little it gets.
@@ -91,11 +90,17 @@ fn no_more_than_half_the_receivers_are_isolated() {
 /// without loss: receiver 1 is isolated.
 fn one_lossy(s: &mut Server, now: Instant) {
     s.note_report(now, addr(1), 100_000, 300, Some(0));
-    for port in 2..=3 {
-        s.note_report(now, addr(port), 400_000_000, 0, Some(0));
-    }
+    heartbeats(s, now, 2..=3, 400_000_000, 0);
     s.feed_rate_reports(now);
     assert!(s.is_slow_receiver(addr(1)));
+}
+
+/// Heartbeats at `now` from the receivers on `ports`, each taking `rx_rate` bytes/s and
+/// losing `loss` ‰ on the path, none of it its own overload.
+fn heartbeats(s: &mut Server, now: Instant, ports: RangeInclusive<u16>, rx_rate: u64, loss: u16) {
+    for port in ports {
+        s.note_report(now, addr(port), rx_rate, loss, Some(0));
+    }
 }
 
 /// [`server`] with receivers on ports 1 to `n` validated, nothing left to send.
@@ -118,9 +123,7 @@ fn overload_that_a_quarter_of_the_group_shares_isolates_no_one_for_path_loss() {
         s.note_report(t0, addr(port), 100_000_000, 64, Some(60));
     }
     s.note_report(t0, addr(4), 100_000_000, 100, Some(0));
-    for port in 5..=8 {
-        s.note_report(t0, addr(port), 100_000_000, 0, Some(0));
-    }
+    heartbeats(&mut s, t0, 5..=8, 100_000_000, 0);
     s.feed_rate_reports(t0);
     // Three of eight overloaded is the group's trouble, for the rate controller: their
     // loss is overload, not path loss, so none of them stands out on the path either.
@@ -143,21 +146,15 @@ fn path_loss_that_stands_out_once_isolates_no_one() {
     let mut s = receivers(t0, 4);
     // Receiver 1 loses 6 % in one interval (a burst), then 1 % like the others.
     s.note_report(t0, addr(1), 50_000_000, 60, Some(0));
-    for port in 2..=4 {
-        s.note_report(t0, addr(port), 100_000_000, 10, Some(0));
-    }
+    heartbeats(&mut s, t0, 2..=4, 100_000_000, 10);
     s.feed_rate_reports(t0);
     let t1 = t0 + Duration::from_millis(50);
-    for port in 1..=4 {
-        s.note_report(t1, addr(port), 100_000_000, 10, Some(0));
-    }
+    heartbeats(&mut s, t1, 1..=4, 100_000_000, 10);
     s.feed_rate_reports(t1);
     // And once more later: two reports that stand out, but not in a row.
     let t2 = t1 + Duration::from_millis(50);
     s.note_report(t2, addr(1), 50_000_000, 60, Some(0));
-    for port in 2..=4 {
-        s.note_report(t2, addr(port), 100_000_000, 10, Some(0));
-    }
+    heartbeats(&mut s, t2, 2..=4, 100_000_000, 10);
     s.feed_rate_reports(t2);
     assert!(!s.is_slow_receiver(addr(1)));
     assert_eq!(s.stats().slow_receivers, 0);
@@ -194,9 +191,7 @@ fn the_first_receivers_to_report_path_loss_are_judged_against_reports_not_silenc
     // Once more than half reported, path loss far above the median's stands out.
     let t1 = t0 + Duration::from_millis(100);
     s.note_report(t1, addr(1), 50_000_000, 300, Some(0));
-    for port in 2..=5 {
-        s.note_report(t1, addr(port), 100_000_000, 0, Some(0));
-    }
+    heartbeats(&mut s, t1, 2..=5, 100_000_000, 0);
     s.feed_rate_reports(t1);
     assert!(s.is_slow_receiver(addr(1)));
     assert_eq!(s.stats().slow_receivers, 1);
