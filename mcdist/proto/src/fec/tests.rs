@@ -1,5 +1,7 @@
 //! Tests of block encoding, receiver decoding and the server's repair schedule.
 use super::*;
+use bytes::Bytes;
+use std::collections::HashMap;
 
 fn pages(n: usize, ps: usize) -> Vec<Vec<u8>> {
     (0..n)
