@@ -169,6 +169,8 @@ impl Client {
             }
             Ok(None) => {}
             Err(()) => {
+                // Given up: its pages, in no open block now, are NACKed again with the
+                // retry flag, which the server answers with the pages themselves.
                 self.fec.rx.finish(first);
                 self.fec.given_up += 1;
             }

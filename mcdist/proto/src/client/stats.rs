@@ -152,7 +152,8 @@ pub struct ClientStats {
     pub fec_pages: u64,
     /// FEC blocks decoded.
     pub fec_blocks_decoded: u64,
-    /// FEC blocks given up (evicted to bound memory, or a member page no longer cached).
+    /// FEC blocks given up (evicted to bound memory, a member page no longer cached, or
+    /// every repair symbol kept and still not decodable): their pages come plain.
     pub fec_blocks_dropped: u64,
     /// Hash pages received and verified (not counted in `pages_received`).
     pub hash_pages: u64,

@@ -34,8 +34,10 @@
 //! present, fragments of partly received pages) plus its repair symbols reach
 //! `K`, they try to decode, and again with each further repair symbol until the
 //! lost symbols are determined; restored pages are delivered exactly like received
-//! ones (checked against the image's digest first). Demand answers and NACK repairs
-//! stay plain pages.
+//! ones (checked against the image's digest first). A receiver keeps at most
+//! `min(K, 256) + 16` repair symbols of a block; one that holds that many and still
+//! cannot decode (it lost more than that: a receiver descheduled for a while) gives
+//! the block up and asks for its lost pages plain. Demand answers stay plain pages.
 //!
 //! **Copies.** A received page is kept as a reference to the page the client
 //! made anyway (a page lent to the sink where it lies in the datagram is copied

@@ -72,6 +72,13 @@ pub(crate) struct FecRx {
 /// Pages let go of that [`FecRx`] holds for reuse at most: a block's (256 by default).
 const RELEASED_MAX: usize = 256;
 
+/// Repair symbols a receiver keeps of one block of `k` source symbols: `k` (at most
+/// 256) and a few more. A block that holds that many and cannot decode never will (it
+/// is given up, and its pages asked for plain), however many repair symbols come.
+pub(crate) fn repairs_kept(k: usize) -> usize {
+    k.min(256) + 16
+}
+
 impl FecRx {
     /// At most `max_blocks` open blocks, `cache_cap` cached pages and `max_bytes` held
     /// (see the module docs).
@@ -265,8 +272,8 @@ impl FecRx {
             return RepairOutcome::Duplicate;
         }
         // Bounded memory: a server sends at most `fec_max_overhead` (≤ 1) × K
-        // repairs; more than K (or 256) plus a few are refused.
-        if b.repairs.len() >= (r.source_symbols() as usize).min(256) + 16 {
+        // repairs in a block's first burst; more than [`repairs_kept`] are refused.
+        if b.repairs.len() >= repairs_kept(r.source_symbols() as usize) {
             return RepairOutcome::Refused;
         }
         // And in bytes: older blocks make room, this one's symbols never exceed it.
@@ -290,8 +297,10 @@ impl FecRx {
 
     /// Try to decode block `first`. `have(pfn)` says what the receiver holds of
     /// a member page. Returns the missing pages, or `None` when the block cannot
-    /// be decoded yet; `Err(())` when it never can (a page present but no
-    /// longer cached): the block is given up.
+    /// be decoded yet; `Err(())` when it never can: a page present but no longer
+    /// cached, or as many repair symbols held as a block keeps ([`repairs_kept`])
+    /// and still not enough. The caller gives the block up; its lost pages are then
+    /// asked for as plain pages.
     pub fn try_decode<'a>(
         &mut self,
         first: u64,
@@ -348,8 +357,11 @@ impl FecRx {
         let Some(b) = self.blocks.get_mut(&first) else {
             return Ok(None);
         };
+        // With as many repair symbols as a block keeps, no further one is taken: a
+        // block that cannot decode now never will.
+        let full = b.repairs.len() >= repairs_kept(k);
         if symbols + b.repairs.len() < k {
-            return Ok(None);
+            return if full { Err(()) } else { Ok(None) };
         }
         // The symbols in hand, where they lie: nothing is copied but the lost symbols
         // the decoder restores.
@@ -380,7 +392,7 @@ impl FecRx {
             .collect();
         let rows = code::Layers::kept(&mut self.layers, k, share);
         let Ok(restored) = code::decode(k, t, rows, |i| held[i], &repairs) else {
-            return Ok(None);
+            return if full { Err(()) } else { Ok(None) };
         };
         let restored: HashMap<usize, Vec<u8>> = restored.into_iter().collect();
         let symbol = |i: usize| -> &[u8] {

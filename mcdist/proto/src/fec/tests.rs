@@ -224,3 +224,58 @@ fn pages_the_cache_lets_go_of_are_handed_back_for_reuse() {
     assert_eq!(rx.released().count(), 2);
     assert_eq!(rx.released().count(), 0);
 }
+
+/// A block holding as many repair symbols as a receiver keeps of it, and still short
+/// of what it lost, never decodes: it is given up (`Err`), and the receiver asks for
+/// its pages plain. Kept open, its pages were NACKed for more repair symbols of the
+/// block, each refused, until the receiver's retries of a page ran out.
+#[test]
+fn a_block_that_cannot_decode_with_every_repair_symbol_it_keeps_is_given_up() {
+    let (ps, spp) = (4096, 3u16);
+    let members: Vec<u64> = (0..128).collect();
+    let data = pages(128, ps);
+    let enc = block_encoder(ps, spp, &members, 255, |p, buf| {
+        buf.copy_from_slice(&data[p as usize]);
+        Ok(())
+    })
+    .unwrap();
+    let (span, bitmap) = member_bitmap(0, &members);
+    let kept = rx::repairs_kept(members.len() * usize::from(spp));
+    let burst = more_repairs(&enc, 0, span, bitmap.clone(), 0, kept as u32 + 1);
+    let mut rx = FecRx::new(4, 256, 64 << 20);
+    // 28 pages arrived; 100 pages (300 symbols, more than the 272 kept) were lost.
+    for p in 0..28u64 {
+        rx.remember(p, &Bytes::from(data[p as usize].clone()));
+    }
+    let have = |pfn: u64| {
+        if pfn < 28 {
+            Have::Present
+        } else {
+            Have::Nothing
+        }
+    };
+    for (i, (esi, symbol)) in burst.packets.iter().enumerate() {
+        let r = Repair {
+            first_pfn: 0,
+            span,
+            symbols_per_page: spp,
+            symbol_size: symbol_size(ps, spp) as u16,
+            esi: *esi,
+            burst_share: burst.share,
+            members: &bitmap,
+            symbol,
+        };
+        let outcome = rx.add(&r, Bytes::copy_from_slice(symbol));
+        if i == kept {
+            assert_eq!(outcome, RepairOutcome::Refused, "one more than kept");
+            break;
+        }
+        assert_eq!(outcome, RepairOutcome::Stored);
+        let res = rx.try_decode(0, ps, have);
+        if i + 1 < kept {
+            assert!(matches!(res, Ok(None)), "{i} repairs: still open");
+        } else {
+            assert!(res.is_err(), "every repair kept and no decode: given up");
+        }
+    }
+}
