@@ -389,8 +389,11 @@ impl Server {
             .map(|(a, _)| *a)
             .collect();
         for a in gone {
-            self.peers.table.remove(&a);
-            self.events.push_back(ServerEvent::ClientTimedOut(a));
+            // A receiver that completed and went quiet has left (its leave kept it
+            // in the table, or was lost): forgotten without an event.
+            if self.peers.table.remove(&a).is_some_and(|p| !p.complete) {
+                self.events.push_back(ServerEvent::ClientTimedOut(a));
+            }
         }
     }
 

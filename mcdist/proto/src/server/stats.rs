@@ -16,7 +16,8 @@ pub enum ServerEvent {
     ClientCompleted(SocketAddr),
     /// A receiver left.
     ClientLeft(SocketAddr),
-    /// A receiver went silent and was forgotten.
+    /// A receiver went silent before it completed and was forgotten (one that
+    /// completed is forgotten without an event).
     ClientTimedOut(SocketAddr),
     /// The page source failed or changed; the server stopped sending data.
     SourceFailed(SourceFailure),

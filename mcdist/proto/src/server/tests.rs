@@ -1,10 +1,10 @@
 //! The server's request policies and its timer table, driven through the public API.
 
-use super::{Server, ServerConfig};
+use super::{Server, ServerConfig, ServerEvent};
 use crate::source::MemSource;
 use crate::wire::{
     encode_ranges, ranges_from_encoded, Body, Data, DataFlags, HeaderFlags, Heartbeat,
-    HeartbeatFlags, Join, Kind, Message, PageRange, Request, RequestFlags, Token,
+    HeartbeatFlags, Join, Kind, Leave, Message, PageRange, Request, RequestFlags, Token,
 };
 use crate::Dest;
 use std::net::SocketAddr;
@@ -664,4 +664,35 @@ fn a_reask_of_a_page_never_sent_is_recorded_in_the_working_set() {
     s.handle_datagram(t0, a, &ask(Kind::Request, Request::RETRY, 4));
     drain(&mut s, t0);
     assert_eq!(s.working_set().order(), &[3, 4, 6]);
+}
+
+/// A receiver silent for `client_timeout` is forgotten; only one that had not completed
+/// times out (`mcdist serve` printed "timed out" for receivers that had finished).
+#[test]
+fn only_a_receiver_that_had_not_completed_times_out() {
+    let t0 = Instant::now();
+    let mut s = server(t0);
+    let done = validate(&mut s, t0, addr(1));
+    validate(&mut s, t0, addr(2));
+    let leave = Body::Leave(Leave {
+        reason: 0,
+        token: done,
+    });
+    s.handle_datagram(t0, addr(1), &datagram(leave));
+    let t1 = t0 + s.cfg.client_timeout + Duration::from_secs(2);
+    s.handle_timeout(t1);
+    let events: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
+    assert!(
+        events.contains(&ServerEvent::ClientCompleted(addr(1))),
+        "{events:?}"
+    );
+    assert!(
+        events.contains(&ServerEvent::ClientTimedOut(addr(2))),
+        "{events:?}"
+    );
+    assert!(
+        !events.contains(&ServerEvent::ClientTimedOut(addr(1))),
+        "{events:?}"
+    );
+    assert!(!s.peers.contains(&addr(1)) && !s.peers.contains(&addr(2)));
 }
