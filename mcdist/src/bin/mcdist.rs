@@ -455,7 +455,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             let s = &snap.stats;
             let secs = start.elapsed().as_secs_f64();
             println!(
-                "done: {} receivers in {:.2} s; sent {} bytes in {} datagrams = {:.3}x image ({} pages: {} demand, {} push, {} sweep, {} repair, {} unicast; {} FEC repair symbols in {} blocks); requests {} nacks {} ({} by fragment, {} fragments resent) suppressed {} (lockstep {}); isolated {} (refused {}); over the rate limit {} (answered in part {}){}",
+                "done: {} receivers in {:.2} s; sent {} bytes in {} datagrams = {:.3}x image ({} pages: {} demand, {} push, {} sweep, {} repair, {} unicast; {} FEC repair symbols: {} blocks, {} NACK rounds); requests {} nacks {} ({} by fragment, {} fragments resent) suppressed {} (lockstep {}); isolated {} (refused {}); over the rate limit {} (answered in part {}), queue full {}{}",
                 done,
                 secs,
                 s.bytes_sent,
@@ -469,6 +469,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
                 s.unicast_pages,
                 s.fec_repairs,
                 s.fec_blocks,
+                s.fec_nack_rounds,
                 s.requests,
                 s.nacks,
                 s.fragment_nacks,
@@ -479,6 +480,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
                 s.isolation_refused,
                 s.rate_limited,
                 s.rate_trimmed,
+                s.queue_full,
                 sec
             );
             return Ok(());
