@@ -233,22 +233,21 @@ fn crash_and_late_join() {
         // The late joiner may need a pass of its own.
         check_extra(&sim, 0.02, 1)?;
         // The server forgets the crashed client after its timeout (if it ever
-        // heard from it: the crash may come before its join got through).
+        // heard from it: the crash may come before its join got through), with a
+        // timeout event unless it had completed before it crashed.
         let addr = sim.client(crashed).addr;
-        let joined = sim
-            .server_events
-            .iter()
-            .any(|(_, e)| *e == ServerEvent::ClientJoined(addr));
         let t = sim.elapsed();
         sim.run_until(t + Duration::from_secs(12))
             .map_err(|e| e.to_string())?;
-        if joined
-            && !sim
-                .server_events
-                .iter()
-                .any(|(_, e)| *e == ServerEvent::ClientTimedOut(addr))
-        {
+        let seen = |e: ServerEvent| sim.server_events.iter().any(|(_, x)| *x == e);
+        let joined = seen(ServerEvent::ClientJoined(addr));
+        let completed = seen(ServerEvent::ClientCompleted(addr));
+        let timed_out = seen(ServerEvent::ClientTimedOut(addr));
+        if joined && !completed && !timed_out {
             return Err("crashed client never timed out at the server".into());
+        }
+        if completed && timed_out {
+            return Err("a client that had completed timed out".into());
         }
         Ok(())
     });
