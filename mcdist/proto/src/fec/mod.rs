@@ -290,7 +290,7 @@ pub(crate) fn more_repairs(
 }
 
 mod rx;
-pub(crate) use rx::{FecRx, Have, RepairOutcome};
+pub(crate) use rx::{repairs_kept, FecRx, Have, RepairOutcome};
 
 #[cfg(test)]
 mod tests;

@@ -21,15 +21,18 @@
 //! lossy receiver's NACK, and a NACK for a block with a page multicast more
 //! than `fec_repair_horizon_pages` pages ago (receivers no longer hold its
 //! other pages, so repair symbols would not decode) take the plain path
-//! (`requests`).
+//! (`requests`), and so do the pages of a NACK naming more lost symbols of one
+//! block than a receiver keeps repair symbols of ([`crate::fec::repairs_kept`]).
 
 use super::config::Geometry;
-use super::schedule::{Job, Target};
+use super::requests::Ask;
+use super::schedule::{Job, Target, ALL_FRAGMENTS};
 use super::{Server, ServerConfig};
 use crate::fec::{BlockBuilder, BlockEncoder, Burst};
 use crate::wire::{self, Body, Data, HeaderFlags, Message};
 use crate::{Dest, Transmit};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// How a NACK is answered ([`Server::fec_nack`]).
@@ -144,8 +147,8 @@ pub(super) struct FecState {
     /// ... and how many receivers report.
     receivers: usize,
     sent: SentBlocks,
-    /// NACKed pages per block in the datagram being handled.
-    nacked: Vec<(u64, u32)>,
+    /// NACKed pages (and their fragments) per block in the datagram being handled.
+    nacked: Vec<(u64, Vec<(u64, u32)>)>,
 }
 
 impl FecState {
@@ -282,9 +285,9 @@ impl Server {
         }
     }
 
-    /// A receiver's first NACK of page `pfn`: note it for repair by block
-    /// (see the module docs), or say how else it is answered.
-    pub(super) fn fec_nack(&mut self, pfn: u64) -> FecNack {
+    /// A receiver's first NACK of fragments `frags` of page `pfn`: note it for repair
+    /// by block (see the module docs), or say how else it is answered.
+    pub(super) fn fec_nack(&mut self, pfn: u64, frags: u32) -> FecNack {
         if pfn >= self.total_pages || !self.sent.ever.get(pfn) {
             return FecNack::Plain;
         }
@@ -348,17 +351,20 @@ impl Server {
             return FecNack::Spent;
         }
         match fec.nacked.iter_mut().find(|(f, _)| *f == first) {
-            Some((_, n)) => *n += 1,
-            None => fec.nacked.push((first, 1)),
+            Some((_, v)) => v.push((pfn, frags)),
+            None => fec.nacked.push((first, vec![(pfn, frags)])),
         }
         self.stats.fec_nacked_pages += 1;
         FecNack::Symbols
     }
 
-    /// Queue repair rounds for the blocks the datagram just handled NACKed:
-    /// one fresh symbol per NACKed fragment, shared with the round queued for
+    /// Queue repair rounds for the blocks the datagram from `from` just handled
+    /// NACKed: one fresh symbol per NACKed fragment, shared with the round queued for
     /// the block less than [`NACK_ROUND_WINDOW`] ago (grown if this need is larger).
-    pub(super) fn fec_flush_nacks(&mut self, now: Instant) {
+    /// A block of which the asker lost more symbols than a receiver keeps repair
+    /// symbols of ([`crate::fec::repairs_kept`]) cannot decode there: its pages are
+    /// answered plain, as `ask` would be without FEC.
+    pub(super) fn fec_flush_nacks(&mut self, now: Instant, from: SocketAddr, ask: Ask) {
         let Some(fec) = self.fec.as_mut() else {
             return;
         };
@@ -368,7 +374,7 @@ impl Server {
         let nacked = std::mem::take(&mut fec.nacked);
         let (spp, _) = fec.builder.geometry();
         let page_size = self.geo.page_size;
-        for (first, pages) in nacked {
+        for (first, nacks) in nacked {
             let Some(fec) = self.fec.as_mut() else {
                 return;
             };
@@ -376,6 +382,21 @@ impl Server {
                 continue;
             };
             let k = b.source_symbols(spp) as u32;
+            let lost: usize = nacks
+                .iter()
+                .map(|&(_, f)| match f {
+                    ALL_FRAGMENTS => usize::from(spp),
+                    f => f.count_ones() as usize,
+                })
+                .sum();
+            if lost > crate::fec::repairs_kept(k as usize) {
+                self.stats.fec_nacks_plain += 1;
+                for (pfn, frags) in nacks {
+                    self.answer_plain(now, from, pfn, frags, ask);
+                }
+                continue;
+            }
+            let pages = nacks.len() as u32;
             // The NACKed fragments, and the code's spare beyond them.
             let need = (pages * u32::from(spp)).min(k) + crate::fec::DECODE_SPARE as u32;
             let mut count = match b.round {

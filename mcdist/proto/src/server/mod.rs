@@ -444,6 +444,8 @@ impl Server {
 }
 
 #[cfg(test)]
+mod fec_tests;
+#[cfg(test)]
 mod frag_tests;
 #[cfg(test)]
 mod isolation_tests;

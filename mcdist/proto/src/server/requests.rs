@@ -32,7 +32,7 @@ use std::time::Instant;
 
 /// How a page was asked for.
 #[derive(Debug, Clone, Copy)]
-struct Ask {
+pub(super) struct Ask {
     /// In a NACK (a gap the receiver detected) rather than a request.
     nack: bool,
     /// Asked before: the answer did not reach the receiver.
@@ -126,7 +126,7 @@ impl Server {
                 budget -= 1;
             }
         }
-        self.fec_flush_nacks(now);
+        self.fec_flush_nacks(now, from, ask);
     }
 
     /// A fragment NACK: each page named is NACKed for the fragments its mask names (the
@@ -165,7 +165,7 @@ impl Server {
             let frags = if frags == all { ALL_FRAGMENTS } else { frags };
             self.page_requested(now, from, e.pfn, frags, ask);
         }
-        self.fec_flush_nacks(now);
+        self.fec_flush_nacks(now, from, ask);
     }
 
     /// One page asked for: fragments `frags` of it ([`ALL_FRAGMENTS`]: the whole page).
@@ -184,7 +184,7 @@ impl Server {
             self.record_fault(pfn);
         }
         if self.repair_by_block(from, ask) {
-            match self.fec_nack(pfn) {
+            match self.fec_nack(pfn, frags) {
                 // The hash pages above it are in blocks of their own, NACKed with it.
                 FecNack::Symbols => return,
                 FecNack::Spent => {
@@ -194,6 +194,19 @@ impl Server {
                 FecNack::Plain => {}
             }
         }
+        self.answer_plain(now, from, pfn, frags, ask);
+    }
+
+    /// Answer an ask with the page (fragments `frags` of it), not with repair symbols:
+    /// to the asker alone, or to the group unless an answer is already on its way.
+    pub(super) fn answer_plain(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        pfn: u64,
+        frags: u32,
+        ask: Ask,
+    ) {
         if self.repair_by_unicast(from, ask) && !self.shared_reask(from, pfn, ask) {
             self.queue_unicast(from, pfn, Data::REPAIR, frags);
             if ask.reask && self.peers.len() <= DOUBLE_REASK_MAX_PEERS && !self.peers.is_slow(&from)
