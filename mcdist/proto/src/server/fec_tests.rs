@@ -2,13 +2,12 @@
 //! path loss, NACKs get one shared round of them (or the pages, where the asker could
 //! not decode with them), and NACK-formed blocks never contradict an open one.
 
-use super::tests::{addr, ask, data, datagram, drain, join, token_for, validate, Sent, SESSION};
+use super::tests::{
+    addr, ask, data, datagram, drain, join, nack_of, token_for, validate, Sent, SESSION,
+};
 use super::{Server, ServerConfig};
 use crate::source::MemSource;
-use crate::wire::{
-    encode_ranges, ranges_from_encoded, Body, Data, Heartbeat, HeartbeatFlags, Kind, Message,
-    PageRange, Request, RequestFlags,
-};
+use crate::wire::{Body, Data, Heartbeat, HeartbeatFlags, Kind, Message, Request, RequestFlags};
 use crate::Dest;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -88,15 +87,7 @@ fn first_nacks_are_answered_with_one_shared_round_of_repair_symbols() {
     s.handle_datagram(now, b, &ask(Kind::Nack, RequestFlags::empty(), 3));
     assert!(drain(&mut s, now).is_empty());
     // ... one needing more grows the round by the difference.
-    let mut raw = Vec::new();
-    encode_ranges(&[PageRange { start: 2, len: 3 }], &mut raw);
-    let q = Request {
-        rx_rate: 0,
-        loss_permille: 0,
-        flags: crate::wire::RequestFlags::empty(),
-        ranges: ranges_from_encoded(&raw),
-    };
-    s.handle_datagram(now, b, &datagram(Body::Nack(q)));
+    s.handle_datagram(now, b, &nack_of(2, 3, 0, 0));
     assert_eq!(kinds(&drain(&mut s, now), Kind::Repair), 2);
     assert_eq!(s.stats().fec_nack_rounds, 1);
     // A re-ask takes the plain path: the page itself (in the end game, to the
@@ -224,16 +215,7 @@ fn a_nack_inside_the_open_block_forms_no_second_block() {
 fn a_nack_of_more_than_a_receiver_could_decode_is_answered_with_the_pages() {
     // 256 pages of three fragments (an Ethernet MTU): a block of 765 source symbols.
     let (mut s, now, a, b) = swept(fec_server_geo(Instant::now(), 0.0, 256, 1500), 256);
-    let nack = |start: u64, len: u32| {
-        let mut raw = Vec::new();
-        encode_ranges(&[PageRange { start, len }], &mut raw);
-        datagram(Body::Nack(Request {
-            rx_rate: 0,
-            loss_permille: 0,
-            flags: RequestFlags::empty(),
-            ranges: ranges_from_encoded(&raw),
-        }))
-    };
+    let nack = |start, len| nack_of(start, len, 0, 0);
     // 99 data pages lost whole (page 5 is zero): 297 symbols, more than the 272 kept.
     // What the server sends over the next 200 ms (its bucket lets a few pages out at once).
     let over = |s: &mut Server, t: Instant| -> Vec<Sent> {

@@ -2,9 +2,8 @@
 //! unicast): at most half, a receiver's own overload only while most are not
 //! overloaded, path loss only as its loss less its own overload.
 
-use super::tests::{addr, datagram, drain, server, validate};
+use super::tests::{addr, drain, nack_of, server, validate};
 use super::Server;
-use crate::wire::{encode_ranges, ranges_from_encoded, Body, PageRange, Request, RequestFlags};
 use crate::Dest;
 use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
@@ -55,16 +54,9 @@ fn a_lone_retry_is_answered_while_a_large_nack_is_still_being_paid_for() {
     assert_eq!(s.stats().rate_limited, 0);
 }
 
-/// A NACK of `len` pages from `start`.
+/// A NACK of `len` pages from `start` by a receiver taking 100 kB/s and losing 30 %.
 fn nack(start: u64, len: u32) -> Vec<u8> {
-    let mut raw = Vec::new();
-    encode_ranges(&[PageRange { start, len }], &mut raw);
-    datagram(Body::Nack(Request {
-        rx_rate: 100_000,
-        loss_permille: 300,
-        flags: RequestFlags::empty(),
-        ranges: ranges_from_encoded(&raw),
-    }))
+    nack_of(start, len, 100_000, 300)
 }
 
 #[test]

@@ -50,6 +50,18 @@ pub(super) fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// A NACK of `len` pages from `start`, reporting `rx_rate` and `loss_permille`.
+pub(super) fn nack_of(start: u64, len: u32, rx_rate: u64, loss_permille: u16) -> Vec<u8> {
+    let mut raw = Vec::new();
+    encode_ranges(&[PageRange { start, len }], &mut raw);
+    datagram(Body::Nack(Request {
+        rx_rate,
+        loss_permille,
+        flags: RequestFlags::empty(),
+        ranges: ranges_from_encoded(&raw),
+    }))
+}
+
 /// A request (or NACK) for one page.
 pub(super) fn ask(kind: Kind, flags: RequestFlags, pfn: u64) -> Vec<u8> {
     let mut raw = Vec::new();
