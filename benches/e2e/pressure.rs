@@ -52,34 +52,43 @@ impl CpuHog {
     }
 }
 
-/// Receivers stopped for `stall` in every `every` (`--stall-receivers STALL/EVERY`).
+/// Receivers stopped for `stall` in every `every` (`--stall-receivers STALL/EVERY[:N]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StallSpec {
     /// How long each stop lasts.
     pub stall: Duration,
     /// Period.
     pub every: Duration,
+    /// Only the first this many receivers stall (`None`: every one).
+    pub receivers: Option<usize>,
 }
 
 impl std::str::FromStr for StallSpec {
     type Err = String;
 
-    /// `STALL/EVERY` in milliseconds, e.g. `20/200`.
+    /// `STALL/EVERY` in milliseconds, e.g. `20/200`; `:N` after it stalls only the first
+    /// `N` receivers (`500/600:1`: receiver 1 alone, the others run freely).
     fn from_str(s: &str) -> Result<StallSpec, String> {
         let bad = || {
             format!(
-                "expected STALL/EVERY in milliseconds with STALL < EVERY, e.g. 20/200, got {s:?}"
+                "expected STALL/EVERY[:N] in milliseconds with STALL < EVERY and N at least 1, \
+                 e.g. 20/200 or 500/600:1, got {s:?}"
             )
         };
-        let (a, b) = s.split_once('/').ok_or_else(bad)?;
+        let (spec, count) = match s.split_once(':') {
+            Some((spec, n)) => (spec, Some(n.trim().parse::<usize>().map_err(|_| bad())?)),
+            None => (s, None),
+        };
+        let (a, b) = spec.split_once('/').ok_or_else(bad)?;
         let ms = |x: &str| x.trim().parse::<u64>().map_err(|_| bad());
         let (stall, every) = (ms(a)?, ms(b)?);
-        if stall == 0 || stall >= every {
+        if stall == 0 || stall >= every || count == Some(0) {
             return Err(bad());
         }
         Ok(StallSpec {
             stall: Duration::from_millis(stall),
             every: Duration::from_millis(every),
+            receivers: count,
         })
     }
 }
@@ -97,6 +106,7 @@ impl Stalls {
         let running = StopThread::spawn(move |stop| {
             let pids: Vec<Pid> = pids
                 .into_iter()
+                .take(spec.receivers.unwrap_or(usize::MAX))
                 .filter_map(|p| i32::try_from(p).ok().map(Pid::from_raw))
                 .collect();
             let n = pids.len().max(1) as u128;

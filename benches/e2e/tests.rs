@@ -141,7 +141,12 @@ fn stall_specs_parse_and_bad_ones_say_what_is_expected() {
         (s.stall, s.every),
         (Duration::from_millis(20), Duration::from_millis(200))
     );
-    for bad in ["20", "200/20", "0/100", "100/100", "a/b", "20/"] {
+    assert_eq!(s.receivers, None, "every receiver");
+    let one: StallSpec = "500/600:1".parse().expect("500/600:1");
+    assert_eq!((one.stall.as_millis(), one.receivers), (500, Some(1)));
+    for bad in [
+        "20", "200/20", "0/100", "100/100", "a/b", "20/", "20/200:0", "20/200:x",
+    ] {
         let e = bad.parse::<StallSpec>().expect_err(bad);
         assert!(e.contains("STALL/EVERY"), "{bad}: {e}");
     }

@@ -81,8 +81,9 @@ struct Cli {
     cpu_hog: bool,
     /// Pressure: stop every receiver process (SIGSTOP, then SIGCONT) for STALL ms in
     /// every EVERY ms, the receivers in turn, as a busy host deschedules a process now
-    /// and then; e.g. 20/200.
-    #[arg(long, value_name = "STALL/EVERY")]
+    /// and then; e.g. 20/200. With :N, only the first N receivers (500/600:1 stalls
+    /// receiver 1 alone).
+    #[arg(long, value_name = "STALL/EVERY[:N]")]
     stall_receivers: Option<e2e::StallSpec>,
     /// Run nothing: read a results.csv written earlier and write its plot and table again
     /// (results.svg and results.md next to it; --size-mib and --loss-receivers label the plot).

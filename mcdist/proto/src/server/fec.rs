@@ -21,11 +21,11 @@
 //! lossy receiver's NACK, and a NACK for a block with a page multicast more
 //! than `fec_repair_horizon_pages` pages ago (receivers no longer hold its
 //! other pages, so repair symbols would not decode) take the plain path
-//! (`requests`), and so do the pages of a NACK naming more lost symbols of one
-//! block than a receiver keeps repair symbols of ([`crate::fec::repairs_kept`]).
+//! (`requests`); the pages of a NACK naming more lost symbols of one block than a
+//! receiver keeps repair symbols of ([`crate::fec::repairs_kept`]) go to the asker
+//! alone.
 
 use super::config::Geometry;
-use super::requests::Ask;
 use super::schedule::{Job, Target, ALL_FRAGMENTS};
 use super::{Server, ServerConfig};
 use crate::fec::{BlockBuilder, BlockEncoder, Burst};
@@ -362,9 +362,10 @@ impl Server {
     /// NACKed: one fresh symbol per NACKed fragment, shared with the round queued for
     /// the block less than [`NACK_ROUND_WINDOW`] ago (grown if this need is larger).
     /// A block of which the asker lost more symbols than a receiver keeps repair
-    /// symbols of ([`crate::fec::repairs_kept`]) cannot decode there: its pages are
-    /// answered plain, as `ask` would be without FEC.
-    pub(super) fn fec_flush_nacks(&mut self, now: Instant, from: SocketAddr, ask: Ask) {
+    /// symbols of ([`crate::fec::repairs_kept`]) cannot decode there: its pages go to
+    /// the asker alone (a loss that large is its own, as a host that did not run for a
+    /// while has; siblings that need a page ask too).
+    pub(super) fn fec_flush_nacks(&mut self, now: Instant, from: SocketAddr) {
         let Some(fec) = self.fec.as_mut() else {
             return;
         };
@@ -392,7 +393,7 @@ impl Server {
             if lost > crate::fec::repairs_kept(k as usize) {
                 self.stats.fec_nacks_plain += 1;
                 for (pfn, frags) in nacks {
-                    self.answer_plain(now, from, pfn, frags, ask);
+                    self.queue_unicast(from, pfn, Data::REPAIR, frags);
                 }
                 continue;
             }

@@ -208,11 +208,12 @@ fn a_nack_inside_the_open_block_forms_no_second_block() {
 }
 
 /// A NACK naming more lost symbols of a block than a receiver keeps repair symbols of
-/// (`min(K, 256) + 16`) is answered with the pages: the asker (a receiver host that did
-/// not run for a while) could not decode the block with any number of repair symbols.
-/// A NACK of a few pages of the same block still gets a round of repair symbols.
+/// (`min(K, 256) + 16`) is answered with the pages, to the asker alone: it (a receiver
+/// host that did not run for a while) could not decode the block with any number of
+/// repair symbols, and a loss that large is its own. A NACK of a few pages of the same
+/// block still gets a round of repair symbols.
 #[test]
-fn a_nack_of_more_than_a_receiver_could_decode_is_answered_with_the_pages() {
+fn a_nack_of_more_than_a_receiver_could_decode_is_answered_with_the_pages_to_it() {
     // 256 pages of three fragments (an Ethernet MTU): a block of 765 source symbols.
     let (mut s, now, a, b) = swept(fec_server_geo(Instant::now(), 0.0, 256, 1500), 256);
     let nack = |start, len| nack_of(start, len, 0, 0);
@@ -230,7 +231,7 @@ fn a_nack_of_more_than_a_receiver_could_decode_is_answered_with_the_pages() {
     assert_eq!(pages, (10..110).collect(), "every page NACKed, once each");
     assert!(data(&sent)
         .iter()
-        .all(|d| d.0 == Dest::Group && d.2 == Data::REPAIR));
+        .all(|d| d.0 == Dest::Peer(a) && d.2 == Data::REPAIR));
     assert_eq!(s.stats().fec_nacks_plain, 1);
     // Another receiver's NACK of 10 pages: 30 symbols, which repair symbols serve.
     let later = now + Duration::from_millis(200);

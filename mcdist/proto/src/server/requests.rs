@@ -32,7 +32,7 @@ use std::time::Instant;
 
 /// How a page was asked for.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Ask {
+struct Ask {
     /// In a NACK (a gap the receiver detected) rather than a request.
     nack: bool,
     /// Asked before: the answer did not reach the receiver.
@@ -126,7 +126,7 @@ impl Server {
                 budget -= 1;
             }
         }
-        self.fec_flush_nacks(now, from, ask);
+        self.fec_flush_nacks(now, from);
     }
 
     /// A fragment NACK: each page named is NACKed for the fragments its mask names (the
@@ -165,7 +165,7 @@ impl Server {
             let frags = if frags == all { ALL_FRAGMENTS } else { frags };
             self.page_requested(now, from, e.pfn, frags, ask);
         }
-        self.fec_flush_nacks(now, from, ask);
+        self.fec_flush_nacks(now, from);
     }
 
     /// One page asked for: fragments `frags` of it ([`ALL_FRAGMENTS`]: the whole page).
@@ -194,19 +194,6 @@ impl Server {
                 FecNack::Plain => {}
             }
         }
-        self.answer_plain(now, from, pfn, frags, ask);
-    }
-
-    /// Answer an ask with the page (fragments `frags` of it), not with repair symbols:
-    /// to the asker alone, or to the group unless an answer is already on its way.
-    pub(super) fn answer_plain(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        pfn: u64,
-        frags: u32,
-        ask: Ask,
-    ) {
         if self.repair_by_unicast(from, ask) && !self.shared_reask(from, pfn, ask) {
             self.queue_unicast(from, pfn, Data::REPAIR, frags);
             if ask.reask && self.peers.len() <= DOUBLE_REASK_MAX_PEERS && !self.peers.is_slow(&from)
@@ -340,7 +327,13 @@ impl Server {
     /// Queue a unicast answer to a tracked receiver, within the queue bounds:
     /// one source asking again and again cannot grow the queue without limit
     /// nor fill it for everyone else.
-    fn queue_unicast(&mut self, to: SocketAddr, pfn: u64, flags: wire::DataFlags, frags: u32) {
+    pub(super) fn queue_unicast(
+        &mut self,
+        to: SocketAddr,
+        pfn: u64,
+        flags: wire::DataFlags,
+        frags: u32,
+    ) {
         if !self.peers.contains(&to) {
             return;
         }

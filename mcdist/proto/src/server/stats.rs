@@ -121,8 +121,8 @@ pub struct ServerStats {
     pub fec_repairs: u64,
     /// NACKed pages answered with repair symbols of their block instead of the page.
     pub fec_nacked_pages: u64,
-    /// NACKs answered with the pages instead of a round of repair symbols: the asker
-    /// lost more of the block than a receiver keeps repair symbols of.
+    /// NACKs answered with the pages, to the asker alone, instead of a round of repair
+    /// symbols: the asker lost more of the block than a receiver keeps repair symbols of.
     pub fec_nacks_plain: u64,
     /// Rounds of repair symbols queued for NACKed blocks (NACKs for a block
     /// within one round window share a round).
