@@ -489,6 +489,22 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     }
 }
 
+/// What a failed fetch had done, for its error line: enough to tell a server that went
+/// quiet from one that answered other pages, and FEC blocks refused or given up.
+fn failure_counts(s: &mcdist::client::ClientStats, have: u64, pages: u64) -> String {
+    format!(
+        "{have}/{pages} pages present, {} retries, {} nacks, {} duplicates; FEC: {} repair \
+         symbols kept, {} refused, {} blocks decoded, {} given up",
+        s.retries,
+        s.nacks_sent,
+        s.duplicates,
+        s.fec_repairs,
+        s.fec_repairs_refused,
+        s.fec_blocks_decoded,
+        s.fec_blocks_dropped
+    )
+}
+
 fn digest_arg(s: &str) -> Result<[u8; 32], String> {
     mcdist::parse_digest(s).ok_or_else(|| "expected 64 hex digits".to_string())
 }
@@ -600,7 +616,11 @@ fn fetch(
             }
             Err(e) => {
                 pb.abandon();
-                return Err(cleanup(e.to_string()));
+                let msg = format!(
+                    "{e} [{}]",
+                    failure_counts(&node.stats(), node.pages_present(), session.page_count)
+                );
+                return Err(cleanup(msg));
             }
         }
     }
