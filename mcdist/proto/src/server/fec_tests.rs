@@ -217,18 +217,23 @@ fn a_nack_of_more_than_a_receiver_could_decode_is_answered_with_the_pages_to_it(
     // 256 pages of three fragments (an Ethernet MTU): a block of 765 source symbols.
     let (mut s, now, a, b) = swept(fec_server_geo(Instant::now(), 0.0, 256, 1500), 256);
     let nack = |start, len| nack_of(start, len, 0, 0);
-    // 99 data pages lost whole (page 5 is zero): 297 symbols, more than the 272 kept.
     // What the server sends over the next 200 ms (its bucket lets a few pages out at once).
     let over = |s: &mut Server, t: Instant| -> Vec<Sent> {
         (0..200u64)
             .flat_map(|ms| drain(s, t + Duration::from_millis(ms)))
             .collect()
     };
+    // 100 pages lost whole: 300 symbols, more than the 272 kept.
     s.handle_datagram(now, a, &nack(10, 100));
     let sent = over(&mut s, now);
     assert_eq!(kinds(&sent, Kind::Repair), 0, "no round of repair symbols");
     let pages: std::collections::BTreeSet<u64> = data(&sent).iter().map(|d| d.1).collect();
-    assert_eq!(pages, (10..110).collect(), "every page NACKed, once each");
+    assert_eq!(pages, (10..110).collect(), "every page NACKed ...");
+    assert_eq!(
+        data(&sent).len(),
+        100 * 3,
+        "... once each (three fragments a page)"
+    );
     assert!(data(&sent)
         .iter()
         .all(|d| d.0 == Dest::Peer(a) && d.2 == Data::REPAIR));
