@@ -71,6 +71,8 @@ struct Boot {
     lines: Vec<String>,
     /// Seconds from QEMU's start to each `MCDIST_*` marker.
     marks: Vec<(String, f64)>,
+    /// The boot was stopped after [`SILENCE_LIMIT`] without console output.
+    silent: bool,
 }
 
 impl Boot {
@@ -180,6 +182,7 @@ fn boot(test: &str, bins: &[PathBuf]) -> Option<Boot> {
     let mut boot = Boot {
         lines: Vec::new(),
         marks: Vec::new(),
+        silent: false,
     };
     loop {
         match rx.recv_timeout(SILENCE_LIMIT) {
@@ -203,6 +206,7 @@ fn boot(test: &str, bins: &[PathBuf]) -> Option<Boot> {
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 eprintln!("no console output for {SILENCE_LIMIT:?}: stopping QEMU");
+                boot.silent = true;
                 break;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -300,6 +304,58 @@ fn boot_fork(test: &str) -> Option<Boot> {
     boot(test, &[dom0_tool, mcdist, memtap])
 }
 
+/// A clone's `MCDIST_RESULT` line with its id, 2 clones and the right sum of its half.
+fn result_is_right(line: &str) -> bool {
+    let id = hex_field(line, "id=");
+    id.is_some_and(|id| id < 2)
+        && hex_field(line, "n=") == Some(2)
+        && hex_field(line, "sum=") == id.map(|id| expected_sum(id, 2))
+}
+
+/// Both clones printed their right result and dom0 finished the test.
+fn fork_succeeded(boot: &Boot) -> bool {
+    let results = boot.lines_with("MCDIST_RESULT");
+    (0..2u32).all(|id| {
+        results
+            .iter()
+            .any(|l| hex_field(l, "id=") == Some(id) && result_is_right(l))
+    }) && boot.line("MCDIST_FORK_OK").is_some()
+        && boot.line("MCDIST_DOM0_EXIT 0").is_some()
+}
+
+/// Why a fork boot failed in the emulated machine rather than in what it tests, if it
+/// did: a domain that triple-faulted, or the whole machine silent for [`SILENCE_LIMIT`].
+/// Xen runs under QEMU's TCG emulation of SVM with nested paging here, and two CI runs
+/// in twelve lost a fork that way: once a clone triple-faulted about 25 s after it
+/// started, at an address inside the guest's data table with registers that match no
+/// state of its program (the other clone summed its half correctly), once the emulated
+/// machine stopped printing altogether. A wrong result is never such a failure.
+fn emulator_fault(boot: &Boot) -> Option<String> {
+    let results = boot.lines_with("MCDIST_RESULT");
+    if results.iter().any(|l| !result_is_right(l)) {
+        return None;
+    }
+    if let Some(l) = boot.line("Triple fault") {
+        return Some(format!("a domain triple-faulted ({l})"));
+    }
+    boot.silent
+        .then(|| format!("the emulated machine printed nothing for {SILENCE_LIMIT:?}"))
+}
+
+/// [`boot_fork`], booted once more when the first boot failed in the emulated machine
+/// ([`emulator_fault`]); a failure of any other kind is judged on the first boot.
+fn boot_fork_once_more_on_emulator_fault(test: &str) -> Option<Boot> {
+    let first = boot_fork(test)?;
+    if fork_succeeded(&first) {
+        return Some(first);
+    }
+    let Some(why) = emulator_fault(&first) else {
+        return Some(first);
+    };
+    eprintln!("the first boot failed in the emulator, not in the fork: {why}; booting once more");
+    boot_fork(test)
+}
+
 /// Each clone's `MCDIST_RESULT` line holds its id, 2 clones, and the sum of
 /// its half of the parent's table.
 fn assert_clone_results(boot: &Boot) {
@@ -320,9 +376,43 @@ fn assert_clone_results(boot: &Boot) {
     assert!(boot.line("MCDIST_DOM0_EXIT 0").is_some());
 }
 
+/// Only an emulator failure boots again: a triple fault or a silent machine, never a
+/// wrong result, and never a run that succeeded.
+#[test]
+fn only_an_emulator_failure_boots_a_fork_again() {
+    let lines = |l: &[&str], silent| Boot {
+        lines: l.iter().map(|s| s.to_string()).collect(),
+        marks: Vec::new(),
+        silent,
+    };
+    let right = |id| {
+        format!(
+            "(d2) MCDIST_RESULT id={id:08x} n=00000002 sum={:08x}",
+            expected_sum(id, 2)
+        )
+    };
+    let (r0, r1) = (right(0), right(1));
+    let triple = "(XEN) d3v0 Triple fault - invoking HVM shutdown action 1";
+    let ok = lines(&[&r0, &r1, "MCDIST_FORK_OK", "MCDIST_DOM0_EXIT 0"], false);
+    assert!(fork_succeeded(&ok) && emulator_fault(&ok).is_none());
+    let faulted = lines(&[&r0, triple, "MCDIST_FAIL clone1 gave no result"], false);
+    assert!(!fork_succeeded(&faulted));
+    assert!(emulator_fault(&faulted).is_some_and(|w| w.contains("triple-faulted")));
+    let silent = lines(&["MCDIST_CLONE_STARTED id=1"], true);
+    assert!(emulator_fault(&silent).is_some_and(|w| w.contains("printed nothing")));
+    let wrong = format!(
+        "(d3) MCDIST_RESULT id=00000001 n=00000002 sum={:08x}",
+        expected_sum(1, 2) ^ 1
+    );
+    assert!(!result_is_right(&wrong));
+    assert!(emulator_fault(&lines(&[&r0, &wrong, triple], true)).is_none());
+    let memtap_died = lines(&[&r0, "MCDIST_FAIL clone1 gave no result"], false);
+    assert!(emulator_fault(&memtap_died).is_none());
+}
+
 #[test]
 fn real_xen_fork_two_clones() {
-    let Some(boot) = boot_fork("fork") else {
+    let Some(boot) = boot_fork_once_more_on_emulator_fault("fork") else {
         return;
     };
     assert_clone_results(&boot);
@@ -361,7 +451,7 @@ fn real_xen_linux_guest_boots() {
 /// it touches, kernel and user, is paged in by the memtap over mcdist.
 #[test]
 fn real_xen_linux_fork_two_clones() {
-    let Some(boot) = boot_fork("linux_fork") else {
+    let Some(boot) = boot_fork_once_more_on_emulator_fault("linux_fork") else {
         return;
     };
     assert_clone_results(&boot);
