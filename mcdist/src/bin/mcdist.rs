@@ -455,7 +455,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             let s = &snap.stats;
             let secs = start.elapsed().as_secs_f64();
             println!(
-                "done: {} receivers in {:.2} s; sent {} bytes in {} datagrams = {:.3}x image ({} pages: {} demand, {} push, {} sweep, {} repair, {} unicast; {} FEC repair symbols: {} blocks, {} NACK rounds, {} NACKs answered with pages); requests {} nacks {} ({} by fragment, {} fragments resent) suppressed {} (lockstep {}); isolated {} (refused {}); over the rate limit {} (answered in part {}), queue full {}{}",
+                "done: {} receivers in {:.2} s; sent {} bytes in {} datagrams = {:.3}x image ({} pages: {} demand, {} push, {} sweep, {} repair, {} unicast; {} FEC repair symbols: {} blocks, {} NACK rounds, {} NACKs answered with pages); requests {} nacks {} ({} by fragment, {} fragments resent) suppressed {} (lockstep {}); isolated {} (refused {}); over the rate limit {} (answered in part {}), queue full {}, asked again while queued {}{}",
                 done,
                 secs,
                 s.bytes_sent,
@@ -482,6 +482,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
                 s.rate_limited,
                 s.rate_trimmed,
                 s.queue_full,
+                s.unicast_widened,
                 sec
             );
             return Ok(());

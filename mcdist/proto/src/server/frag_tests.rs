@@ -191,6 +191,29 @@ fn an_end_game_reask_that_half_the_receivers_share_is_multicast() {
 }
 
 #[test]
+fn a_page_asked_again_while_its_unicast_answer_waits_is_sent_once_with_every_fragment() {
+    let (mut s, t1) = all_sent();
+    let retry = crate::wire::Request::RETRY;
+    // A re-ask in the end game: two copies queued. Before either goes out, the receiver
+    // (its retry timer firing behind a backlog) asks for another fragment of the page:
+    // the waiting answer takes it, and nothing more is queued.
+    s.handle_datagram(t1, addr(1), &frag_nack(retry, &[(6, 0b100)]));
+    s.handle_datagram(t1, addr(1), &frag_nack(retry, &[(6, 0b001)]));
+    s.handle_datagram(t1, addr(1), &frag_nack(retry, &[(6, 0b100)]));
+    let p = Dest::Peer(addr(1));
+    assert_eq!(
+        data(&drain(&mut s, t1)),
+        vec![(p, 6, 0), (p, 6, 2), (p, 6, 2)]
+    );
+    assert_eq!(s.stats().unicast_widened, 2);
+    assert_eq!(s.stats().reask_doubles, 1);
+    // Once the answer went out, a re-ask is a loss again: two copies.
+    s.handle_datagram(t1, addr(1), &frag_nack(retry, &[(6, 0b001)]));
+    assert_eq!(data(&drain(&mut s, t1)), vec![(p, 6, 0), (p, 6, 0)]);
+    assert_eq!(s.stats().unicast_widened, 2);
+}
+
+#[test]
 fn the_end_of_the_sweep_is_announced_twice() {
     let t0 = Instant::now();
     let mut s = server(t0, true);

@@ -24,7 +24,7 @@
 //! only when the last multicast carried every fragment it names.
 
 use super::fec::FecNack;
-use super::schedule::{Job, ALL_FRAGMENTS};
+use super::schedule::{Job, Queued, ALL_FRAGMENTS};
 use super::{Delivery, Server};
 use crate::wire::{self, Data};
 use std::net::SocketAddr;
@@ -195,16 +195,19 @@ impl Server {
             }
         }
         if self.repair_by_unicast(from, ask) && !self.shared_reask(from, pfn, ask) {
-            self.queue_unicast(from, pfn, Data::REPAIR, frags);
-            if ask.reask && self.peers.len() <= DOUBLE_REASK_MAX_PEERS && !self.peers.is_slow(&from)
+            let queued = self.queue_unicast(from, pfn, Data::REPAIR, frags);
+            if queued
+                && ask.reask
+                && self.peers.len() <= DOUBLE_REASK_MAX_PEERS
+                && !self.peers.is_slow(&from)
             {
                 // Asked again in the end game: the answer was lost once already,
                 // and the asker's next retry is a backed-off timeout away. A second
                 // copy makes losing the page again much less likely than losing one
                 // datagram, for one page's bytes. With many receivers the end game's
                 // unicast is most of what the server sends, and doubling it delays
-                // everyone.
-                self.queue_unicast(from, pfn, Data::REPAIR, frags);
+                // everyone. (An answer still waiting was not lost: no second copy.)
+                self.push_unicast(from, pfn, Data::REPAIR, frags, true);
                 self.stats.reask_doubles += 1;
             }
             return;
@@ -326,19 +329,39 @@ impl Server {
 
     /// Queue a unicast answer to a tracked receiver, within the queue bounds:
     /// one source asking again and again cannot grow the queue without limit
-    /// nor fill it for everyone else.
+    /// nor fill it for everyone else. An answer of the page to it that is still
+    /// waiting takes `frags` instead. True when a new answer waits.
     pub(super) fn queue_unicast(
         &mut self,
         to: SocketAddr,
         pfn: u64,
         flags: wire::DataFlags,
         frags: u32,
-    ) {
+    ) -> bool {
+        self.push_unicast(to, pfn, flags, frags, false)
+    }
+
+    fn push_unicast(
+        &mut self,
+        to: SocketAddr,
+        pfn: u64,
+        flags: wire::DataFlags,
+        frags: u32,
+        again: bool,
+    ) -> bool {
         if !self.peers.contains(&to) {
-            return;
+            return false;
         }
-        if !self.queues.push_unicast(to, pfn, flags, frags) {
-            self.stats.queue_full += 1;
+        match self.queues.push_unicast(to, pfn, flags, frags, again) {
+            Queued::New => true,
+            Queued::Widened => {
+                self.stats.unicast_widened += 1;
+                false
+            }
+            Queued::Full => {
+                self.stats.queue_full += 1;
+                false
+            }
         }
     }
 }

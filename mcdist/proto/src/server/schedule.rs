@@ -76,6 +76,18 @@ impl Job {
     }
 }
 
+/// What [`Queues::push_unicast`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Queued {
+    /// A new answer waits.
+    New,
+    /// An answer of the page to that receiver was waiting already; it now carries the
+    /// fragments asked too.
+    Widened,
+    /// The receiver's queue, or all of them, is full: dropped.
+    Full,
+}
+
 /// Answers waiting: demand, group repairs and unicast answers.
 #[derive(Debug, Default)]
 pub(super) struct Queues {
@@ -87,6 +99,11 @@ pub(super) struct Queues {
     /// Unicast answers, one queue per receiver, served round-robin so one
     /// receiver's backlog never delays another's repair.
     unicast: HashMap<SocketAddr, VecDeque<Job>>,
+    /// Fragment masks of the unicast answers waiting, per receiver and page: a receiver
+    /// asking again for a page whose answer has not gone out yet widens that answer
+    /// instead of queueing another copy (its retry timer fired while the answer waited
+    /// behind its backlog).
+    unicast_frags: HashMap<(SocketAddr, u64), u32>,
     unicast_rr: VecDeque<SocketAddr>,
     unicast_len: usize,
     /// Alternates group repairs and unicast answers.
@@ -110,6 +127,7 @@ impl Queues {
         self.repair.clear();
         self.repair_frags.clear();
         self.unicast.clear();
+        self.unicast_frags.clear();
         self.unicast_rr.clear();
         self.unicast_len = 0;
     }
@@ -133,18 +151,26 @@ impl Queues {
         }
     }
 
-    /// Queue a unicast answer to `to`, within the per-receiver and total
-    /// bounds; false when either is full.
+    /// Queue a unicast answer to `to`, within the per-receiver and total bounds. An
+    /// answer of the same page to `to` still waiting is widened by `frags` instead,
+    /// unless `again` (a deliberate second copy).
     pub(super) fn push_unicast(
         &mut self,
         to: SocketAddr,
         pfn: u64,
         flags: DataFlags,
         frags: u32,
-    ) -> bool {
+        again: bool,
+    ) -> Queued {
+        if let Some(m) = self.unicast_frags.get_mut(&(to, pfn)) {
+            if !again {
+                *m |= frags;
+                return Queued::Widened;
+            }
+        }
         let q = self.unicast.entry(to).or_default();
         if q.len() >= MAX_QUEUED_PER_PEER || self.unicast_len >= MAX_QUEUED_UNICAST {
-            return false;
+            return Queued::Full;
         }
         if q.is_empty() {
             self.unicast_rr.push_back(to);
@@ -157,7 +183,8 @@ impl Queues {
             frags,
         });
         self.unicast_len += 1;
-        true
+        *self.unicast_frags.entry((to, pfn)).or_insert(frags) |= frags;
+        Queued::New
     }
 
     /// The next group repair, with its fragment mask as widened while it waited.
@@ -184,11 +211,15 @@ impl Queues {
             let Some(q) = self.unicast.get_mut(&peer) else {
                 continue;
             };
-            let Some(j) = q.pop_front() else {
+            let Some(mut j) = q.pop_front() else {
                 self.unicast.remove(&peer);
                 continue;
             };
             self.unicast_len -= 1;
+            // The first of a page's waiting copies carries every fragment asked since.
+            if let Some(m) = self.unicast_frags.remove(&(peer, j.pfn)) {
+                j.frags = m;
+            }
             if q.is_empty() {
                 self.unicast.remove(&peer);
             } else {

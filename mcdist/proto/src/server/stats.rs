@@ -112,6 +112,9 @@ pub struct ServerStats {
     pub isolation_refused: u64,
     /// Unicast answers or control messages refused because a queue was full.
     pub queue_full: u64,
+    /// Asks for a page whose unicast answer to the same receiver was still waiting: that
+    /// answer took the fragments asked, and no second copy was queued.
+    pub unicast_widened: u64,
     /// Datagrams dropped because their source address was not validated (or
     /// their token did not match it), and joins too short to answer.
     pub unvalidated: u64,
