@@ -113,7 +113,11 @@ fn run(args: Args) -> Result<(), String> {
     let path = args.descriptor.ok_or("--descriptor is required")?;
     let group = args.group.ok_or("--group is required")?;
     let server = args.server.ok_or("--server is required")?;
-    let desc = XenDescriptor::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let desc = XenDescriptor::read(&path).map_err(|e| match e {
+        // The I/O error names the file already.
+        mcdist_xen::DescriptorError::Io { .. } => e.to_string(),
+        e => format!("{}: {e}", path.display()),
+    })?;
 
     let mut ucfg = UdpConfig::new(group);
     ucfg.iface = args.iface.clone();

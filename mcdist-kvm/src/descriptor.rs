@@ -97,9 +97,15 @@ pub enum DescriptorError {
     /// More MSRs than any vCPU has.
     #[error("invalid descriptor: {0} MSRs")]
     TooManyMsrs(usize),
-    /// Reading or writing the file failed.
-    #[error("descriptor I/O: {0}")]
-    Io(#[from] std::io::Error),
+    /// Reading or writing the descriptor file failed.
+    #[error("descriptor {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Multicast session parameters for clones that fetch memory with mcdist.
@@ -144,12 +150,19 @@ pub trait DescriptorFile: Sized {
 
     /// Writes the descriptor to a file.
     fn save(&self, path: &std::path::Path) -> Result<(), DescriptorError> {
-        Ok(std::fs::write(path, self.encode())?)
+        std::fs::write(path, self.encode()).map_err(|source| DescriptorError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     /// Reads a descriptor file.
     fn load(path: &std::path::Path) -> Result<Self, DescriptorError> {
-        Self::decode(&std::fs::read(path)?)
+        let bytes = std::fs::read(path).map_err(|source| DescriptorError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::decode(&bytes)
     }
 }
 

@@ -29,9 +29,15 @@ pub enum DescriptorError {
     /// Inconsistent fields.
     #[error("invalid descriptor: {0}")]
     Invalid(&'static str),
-    /// File I/O.
-    #[error("descriptor I/O: {0}")]
-    Io(#[from] std::io::Error),
+    /// Reading or writing the descriptor file failed.
+    #[error("descriptor {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What Memtap needs to know about the frozen parent image.
@@ -119,12 +125,19 @@ impl XenDescriptor {
 
     /// Write to a file.
     pub fn write(&self, path: &Path) -> Result<(), DescriptorError> {
-        Ok(std::fs::write(path, self.encode())?)
+        std::fs::write(path, self.encode()).map_err(|source| DescriptorError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     /// Read from a file.
     pub fn read(path: &Path) -> Result<XenDescriptor, DescriptorError> {
-        XenDescriptor::decode(&std::fs::read(path)?)
+        let bytes = std::fs::read(path).map_err(|source| DescriptorError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        XenDescriptor::decode(&bytes)
     }
 }
 

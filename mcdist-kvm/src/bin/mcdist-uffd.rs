@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use mcdist::secure::{Psk, Security};
+use mcdist_kvm::descriptor::DescriptorError;
 use mcdist_kvm::fcuffd::{plain_descriptor, Backend, Handler, HandlerConfig, OnLoss, VmmEnd};
 use mcdist_kvm::source::{FileSource, PageSource};
 use mcdist_kvm::{Descriptor, DescriptorFile, HostCache};
@@ -119,7 +120,11 @@ fn backend(a: &Args) -> Result<Backend, String> {
     let iface = a.iface.as_deref();
     let join = Duration::from_secs(5);
     let desc: Descriptor = match (&a.descriptor, a.group, a.server) {
-        (Some(p), _, _) => Descriptor::load(p).map_err(|e| format!("{}: {e}", p.display()))?,
+        (Some(p), _, _) => Descriptor::load(p).map_err(|e| match e {
+            // The I/O error names the file already.
+            DescriptorError::Io { .. } => e.to_string(),
+            e => format!("{}: {e}", p.display()),
+        })?,
         (None, Some(g), Some(s)) => {
             let digest = a.digest.as_deref().map(parse_digest).transpose()?;
             let sec = sec.clone();
