@@ -22,8 +22,15 @@ use std::time::{Duration, Instant};
 static QEMU: Mutex<()> = Mutex::new(());
 
 /// A hang guard, not a performance limit: a boot that prints nothing new for
-/// this long is stuck.
-const SILENCE_LIMIT: Duration = Duration::from_secs(420);
+/// this long is stuck (`MCDIST_XEN_SILENCE_SECS` sets another, to see what the
+/// harness reports of a silent machine).
+fn silence_limit() -> Duration {
+    let secs = std::env::var("MCDIST_XEN_SILENCE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(420);
+    Duration::from_secs(secs)
+}
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -71,7 +78,7 @@ struct Boot {
     lines: Vec<String>,
     /// Seconds from QEMU's start to each `MCDIST_*` marker.
     marks: Vec<(String, f64)>,
-    /// The boot was stopped after [`SILENCE_LIMIT`] without console output.
+    /// The boot was stopped after [`silence_limit`] without console output.
     silent: bool,
 }
 
@@ -141,6 +148,7 @@ fn boot(test: &str, bins: &[PathBuf]) -> Option<Boot> {
     assert!(elf.status.success(), "gzip -dc {}", xen_gz.display());
     std::fs::write(&xen_elf, elf.stdout).expect("write xen.elf");
 
+    let monitor = dir.path().join("monitor.sock");
     eprintln!("booting {} + dom0 {kernel}, test {test}", xen_gz.display());
     let start = Instant::now();
     let mut child = Command::new(qemu)
@@ -164,11 +172,15 @@ fn boot(test: &str, bins: &[PathBuf]) -> Option<Boot> {
             "{kernel} console=hvc0 earlyprintk=xen rdinit=/init printk.devkmsg=on nofsgsbase mcdist.test={test},{}",
             initrd.display()
         ))
-        .stdin(Stdio::null())
+        .arg("-monitor")
+        .arg(format!("unix:{},server=on,wait=off", monitor.display()))
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start qemu-system-x86_64");
+    // The serial console's input: Xen's debug keys, should the machine fall silent.
+    let mut console_in = child.stdin.take();
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::channel::<String>();
     let reader = std::thread::spawn(move || {
@@ -184,8 +196,9 @@ fn boot(test: &str, bins: &[PathBuf]) -> Option<Boot> {
         marks: Vec::new(),
         silent: false,
     };
+    let silence = silence_limit();
     loop {
-        match rx.recv_timeout(SILENCE_LIMIT) {
+        match rx.recv_timeout(silence) {
             Ok(line) => {
                 let line = line.trim_end_matches('\r').to_string();
                 if let Some(i) = line.find("MCDIST_") {
@@ -205,8 +218,9 @@ fn boot(test: &str, bins: &[PathBuf]) -> Option<Boot> {
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                eprintln!("no console output for {SILENCE_LIMIT:?}: stopping QEMU");
+                eprintln!("no console output for {silence:?}: stopping QEMU");
                 boot.silent = true;
+                describe_silence(child.id(), &monitor, console_in.as_mut(), &rx);
                 break;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -223,6 +237,68 @@ fn boot(test: &str, bins: &[PathBuf]) -> Option<Boot> {
         );
     }
     Some(boot)
+}
+
+/// What a silent machine was doing, for the log: whether QEMU spun or idled, where its
+/// vCPUs were (its monitor), and what Xen says of itself through its debug keys on the
+/// serial console (run queues, registers, domains), if it still answers.
+fn describe_silence(
+    pid: u32,
+    monitor: &Path,
+    console_in: Option<&mut std::process::ChildStdin>,
+    rx: &mpsc::Receiver<String>,
+) {
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let after = stat.rsplit(')').next().unwrap_or("");
+        let f: Vec<u64> = after
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // utime and stime: fields 14 and 15 of the line, 12 and 13 after the name.
+        f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
+    };
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(2));
+    eprintln!(
+        "QEMU used {:.2} CPU s in the last 2 s of the silence",
+        (cpu() - before) as f64 / 100.0
+    );
+    use std::io::{Read, Write};
+    if let Ok(mut m) = std::os::unix::net::UnixStream::connect(monitor) {
+        let _ = m.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = m.write_all(b"info cpus\ninfo registers -a\n");
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = m.read(&mut buf) {
+            if n == 0 || out.len() > 64 * 1024 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        eprintln!("--- QEMU monitor ---\n{}", String::from_utf8_lossy(&out));
+    }
+    if let Some(input) = console_in {
+        // Three CTRL-A switch the console's input to Xen; r, d and q dump its run
+        // queues, the registers of each CPU and each domain's vCPUs.
+        let _ = input.write_all(b"\x01\x01\x01rdq");
+        let _ = input.flush();
+        let end = Instant::now() + Duration::from_secs(10);
+        let mut lines = 0;
+        eprintln!("--- Xen's debug keys r, d, q ---");
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            let Ok(line) = rx.recv_timeout(left) else {
+                break;
+            };
+            lines += 1;
+            if lines <= 400 {
+                eprintln!("{}", line.trim_end_matches('\r'));
+            }
+        }
+        if lines == 0 {
+            eprintln!("(no answer)");
+        }
+    }
 }
 
 #[test]
@@ -324,7 +400,7 @@ fn fork_succeeded(boot: &Boot) -> bool {
 }
 
 /// Why a fork boot failed in the emulated machine rather than in what it tests, if it
-/// did: a domain that triple-faulted, or the whole machine silent for [`SILENCE_LIMIT`].
+/// did: a domain that triple-faulted, or the whole machine silent for [`silence_limit`].
 /// Xen runs under QEMU's TCG emulation of SVM with nested paging here, and two CI runs
 /// in twelve lost a fork that way: once a clone triple-faulted about 25 s after it
 /// started, at an address inside the guest's data table with registers that match no
@@ -338,8 +414,12 @@ fn emulator_fault(boot: &Boot) -> Option<String> {
     if let Some(l) = boot.line("Triple fault") {
         return Some(format!("a domain triple-faulted ({l})"));
     }
-    boot.silent
-        .then(|| format!("the emulated machine printed nothing for {SILENCE_LIMIT:?}"))
+    boot.silent.then(|| {
+        format!(
+            "the emulated machine printed nothing for {:?}",
+            silence_limit()
+        )
+    })
 }
 
 /// [`boot_fork`], booted once more when the first boot failed in the emulated machine
