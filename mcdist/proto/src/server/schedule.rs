@@ -183,7 +183,7 @@ impl Queues {
             frags,
         });
         self.unicast_len += 1;
-        *self.unicast_frags.entry((to, pfn)).or_insert(frags) |= frags;
+        *self.unicast_frags.entry((to, pfn)).or_insert(0) |= frags;
         Queued::New
     }
 
