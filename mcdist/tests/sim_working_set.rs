@@ -308,4 +308,65 @@ mod server_direct {
         server.handle_datagram(now, b, &request(sid, 100));
         assert_eq!(pushed(&drain(&mut server, now)), first);
     }
+
+    /// Clones that each read their own region (their share of a table) get a push
+    /// stream each: faults that alternate between two regions grow both windows, where
+    /// one stream re-aimed by every fault went back to the smallest window at each.
+    #[test]
+    fn neighbour_push_follows_two_regions_at_once() {
+        let pages = 4096;
+        let cfg = ServerConfig {
+            session_id: Some(0x79),
+            working_set_push: false,
+            push_window: (16, 1024),
+            ..ServerConfig::default()
+        };
+        let t0 = Instant::now();
+        let mut server = server(cfg, test_image(pages, PS, 0, 5), t0);
+        let sid = server.session_id();
+        let a: SocketAddr = "10.0.0.2:9000".parse().expect("address");
+        let b: SocketAddr = "10.0.0.3:9000".parse().expect("address");
+        validate(&mut server, t0, a);
+        validate(&mut server, t0, b);
+        drain(&mut server, t0);
+        // Each round A then B fault at the first page of their region not pushed yet;
+        // pages pushed in each region that round. A's second stream is stopped by B's
+        // next fault (A followed it once only); from the third fault on, both go on.
+        let rounds = [(16u64, 16u64), (0, 32), (64, 64), (128, 128), (256, 256)];
+        let (mut next_a, mut next_b) = (100u64, 2000u64);
+        let mut now = t0;
+        for (round, (want_a, want_b)) in rounds.into_iter().enumerate() {
+            now += Duration::from_millis(1);
+            let mut sent = Vec::new();
+            // Drained over 200 ms: the pushes go at the server's starting rate.
+            let mut drain_for = |server: &mut Server, now: &mut Instant| {
+                for _ in 0..200 {
+                    sent.extend(drain(server, *now));
+                    *now += Duration::from_millis(1);
+                }
+            };
+            server.handle_datagram(now, a, &request(sid, next_a));
+            if round == 0 {
+                // Two first faults: A's push goes before B starts another stream.
+                drain_for(&mut server, &mut now);
+            }
+            server.handle_datagram(now, b, &request(sid, next_b));
+            drain_for(&mut server, &mut now);
+            let pushed_in = |lo: u64, hi: u64| -> Vec<u64> {
+                let mut p: Vec<u64> = sent
+                    .iter()
+                    .filter(|s| s.1.contains(Data::PUSH) && (lo..hi).contains(&s.0))
+                    .map(|s| s.0)
+                    .collect();
+                p.sort_unstable();
+                p
+            };
+            let (got_a, got_b) = (pushed_in(0, 1000), pushed_in(1000, pages as u64));
+            let want = |from: u64, n: u64| (from + 1..=from + n).collect::<Vec<u64>>();
+            assert_eq!(got_a, want(next_a, want_a), "region A, round {round}");
+            assert_eq!(got_b, want(next_b, want_b), "region B, round {round}");
+            next_a += want_a + 1;
+            next_b += want_b + 1;
+        }
+    }
 }

@@ -31,6 +31,7 @@ mod config;
 mod emit;
 mod fec;
 mod peers;
+mod push;
 mod requests;
 mod schedule;
 mod stats;
@@ -50,8 +51,9 @@ use config::Geometry;
 use emit::Outbox;
 use fec::FecState;
 use peers::Peers;
+use push::Push;
 use rand::{Rng, RngCore, SeedableRng};
-use schedule::{Push, Queues, SentLog, Sweep};
+use schedule::{Queues, SentLog, Sweep};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -197,7 +199,7 @@ impl Server {
             rate,
             queues: Queues::default(),
             sent: SentLog::new(total_pages),
-            push: Push::new(cfg.push_window.0),
+            push: Push::default(),
             sweep: Sweep::default(),
             working_set: WorkingSet::new(
                 page_count,

@@ -2,8 +2,8 @@
 //!
 //! Rules owned here: jobs are taken in priority order — demand, then group
 //! repairs taking turns with unicast answers (one queue per receiver, served
-//! round-robin, each bounded), then the recorded working-set replay, the push
-//! window next to the latest fault, and the sweep; FEC repair symbols of closed
+//! round-robin, each bounded), then the recorded working-set replay, the neighbour
+//! push (its streams take turns, see `push`), and the sweep; FEC repair symbols of closed
 //! blocks go between the answers and the working set (see [`Server::poll_transmit`]).
 //! The sent log kept here is what the lockstep window, the end game and the
 //! "not sent yet" skips of push and sweep read.
@@ -334,43 +334,6 @@ impl SentLog {
     }
 }
 
-/// The push window next to the latest fault.
-#[derive(Debug)]
-pub(super) struct Push {
-    cursor: u64,
-    remaining: u64,
-    window: u64,
-    /// Join time of the receiver whose fault aimed the push: pages multicast
-    /// since then are not pushed again (it has them, or NACKs them).
-    since: u64,
-}
-
-impl Push {
-    pub(super) fn new(min_window: u64) -> Push {
-        Push {
-            cursor: 0,
-            remaining: 0,
-            window: min_window.max(1),
-            since: 0,
-        }
-    }
-
-    /// A fresh fault on `pfn` by a receiver that joined at `since`: aim the push
-    /// just past it, doubling the window (up to `max`) while faults stay
-    /// sequential, back to `min` otherwise.
-    pub(super) fn aim(&mut self, pfn: u64, since: u64, (min, max): (u64, u64)) {
-        self.since = since;
-        let sequential = pfn >= self.cursor.saturating_sub(self.window) && pfn <= self.cursor + 1;
-        self.window = if sequential {
-            (self.window * 2).min(max.max(1))
-        } else {
-            min.max(1)
-        };
-        self.cursor = pfn + 1;
-        self.remaining = self.window;
-    }
-}
-
 /// The sweep over the whole image, in sweep order (`pos` counts positions in it).
 #[derive(Debug, Default)]
 pub(super) struct Sweep {
@@ -396,7 +359,7 @@ impl Server {
             && (self.out.current.is_some()
                 || self.queues.answers_waiting()
                 || self.fec_pending()
-                || (self.cfg.push_neighbors && self.push.remaining > 0)
+                || (self.cfg.push_neighbors && self.push.active())
                 || (self.cfg.working_set_push && self.working_set.active())
                 || (self.sweeping() && self.sweep.pos < self.total_pages))
     }
@@ -404,7 +367,7 @@ impl Server {
     /// The first page in `from..end` that is not zero, not multicast since `since`
     /// (nanoseconds on the server's time base) and not queued; returns the position
     /// after it (or `end`) and the page.
-    fn next_unsent(&self, from: u64, end: u64, since: u64) -> (u64, Option<u64>) {
+    pub(super) fn next_unsent(&self, from: u64, end: u64, since: u64) -> (u64, Option<u64>) {
         let mut pfn = from;
         while pfn < end {
             let skip = self.info.zero_map.get(pfn)
@@ -458,7 +421,7 @@ impl Server {
     }
 
     /// Queue-mark `pfn` and make a group job for it.
-    fn group_job(&mut self, pfn: u64, flags: DataFlags) -> Job {
+    pub(super) fn group_job(&mut self, pfn: u64, flags: DataFlags) -> Job {
         self.sent.queued_group.set(pfn);
         Job::group(pfn, flags)
     }
@@ -472,27 +435,9 @@ impl Server {
             return Some(j);
         }
         if self.cfg.push_neighbors {
-            let end = self
-                .push
-                .cursor
-                .saturating_add(self.push.remaining)
-                .min(self.page_count);
-            let (next, found) = self.next_unsent(self.push.cursor, end, self.push.since);
-            if let Some(h) = found.and_then(|p| self.unsent_hash_above(p)) {
-                // The hash pages above the page go first; the page comes next time.
-                self.push.remaining = self
-                    .push
-                    .remaining
-                    .saturating_sub(next - 1 - self.push.cursor);
-                self.push.cursor = next - 1;
-                return Some(self.group_job(h, Data::PUSH));
+            if let Some(j) = self.next_push_job() {
+                return Some(j);
             }
-            self.push.remaining = self.push.remaining.saturating_sub(next - self.push.cursor);
-            self.push.cursor = next;
-            if let Some(pfn) = found {
-                return Some(self.group_job(pfn, Data::PUSH));
-            }
-            self.push.remaining = 0;
         }
         if self.sweeping() {
             let (next, found) = self.next_unswept(self.sweep.pos);
