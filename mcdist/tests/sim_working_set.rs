@@ -270,26 +270,10 @@ mod server_direct {
     #[test]
     fn neighbour_push_serves_a_receiver_that_joined_later() {
         let pages = 256;
-        let cfg = ServerConfig {
-            session_id: Some(0x78),
-            working_set_push: false,
-            push_window: (16, 16),
-            ..ServerConfig::default()
-        };
-        let t0 = Instant::now();
-        let mut server = server(cfg, test_image(pages, PS, 0, 5), t0);
+        let (mut server, t0) = push_server(0x78, pages, (16, 16));
         let sid = server.session_id();
-        let a: SocketAddr = "10.0.0.2:9000".parse().expect("address");
-        let b: SocketAddr = "10.0.0.3:9000".parse().expect("address");
-        let pushed = |sent: &[(u64, mcdist::wire::DataFlags)]| -> Vec<u64> {
-            let mut p: Vec<u64> = sent
-                .iter()
-                .filter(|s| s.1.contains(Data::PUSH) && s.0 < pages as u64)
-                .map(|s| s.0)
-                .collect();
-            p.sort_unstable();
-            p
-        };
+        let (a, b) = (addr(2), addr(3));
+        let pushed = |sent: &[Sent]| pushed_in(sent, 0..pages as u64);
         validate(&mut server, t0, a);
         drain(&mut server, t0);
         let now = t0 + Duration::from_millis(1);
@@ -315,17 +299,9 @@ mod server_direct {
     #[test]
     fn neighbour_push_follows_two_regions_at_once() {
         let pages = 4096;
-        let cfg = ServerConfig {
-            session_id: Some(0x79),
-            working_set_push: false,
-            push_window: (16, 1024),
-            ..ServerConfig::default()
-        };
-        let t0 = Instant::now();
-        let mut server = server(cfg, test_image(pages, PS, 0, 5), t0);
+        let (mut server, t0) = push_server(0x79, pages, (16, 1024));
         let sid = server.session_id();
-        let a: SocketAddr = "10.0.0.2:9000".parse().expect("address");
-        let b: SocketAddr = "10.0.0.3:9000".parse().expect("address");
+        let (a, b) = (addr(2), addr(3));
         validate(&mut server, t0, a);
         validate(&mut server, t0, b);
         drain(&mut server, t0);
@@ -352,21 +328,46 @@ mod server_direct {
             }
             server.handle_datagram(now, b, &request(sid, next_b));
             drain_for(&mut server, &mut now);
-            let pushed_in = |lo: u64, hi: u64| -> Vec<u64> {
-                let mut p: Vec<u64> = sent
-                    .iter()
-                    .filter(|s| s.1.contains(Data::PUSH) && (lo..hi).contains(&s.0))
-                    .map(|s| s.0)
-                    .collect();
-                p.sort_unstable();
-                p
-            };
-            let (got_a, got_b) = (pushed_in(0, 1000), pushed_in(1000, pages as u64));
+            let (got_a, got_b) = (
+                pushed_in(&sent, 0..1000),
+                pushed_in(&sent, 1000..pages as u64),
+            );
             let want = |from: u64, n: u64| (from + 1..=from + n).collect::<Vec<u64>>();
             assert_eq!(got_a, want(next_a, want_a), "region A, round {round}");
             assert_eq!(got_b, want(next_b, want_b), "region B, round {round}");
             next_a += want_a + 1;
             next_b += want_b + 1;
         }
+    }
+
+    /// A data page the server sent: (pfn, flags).
+    type Sent = (u64, mcdist::wire::DataFlags);
+
+    /// A server of `pages` with neighbour push (`window`) and no working-set replay.
+    fn push_server(session: u64, pages: usize, window: (u64, u64)) -> (Server, Instant) {
+        let cfg = ServerConfig {
+            session_id: Some(session),
+            working_set_push: false,
+            push_window: window,
+            ..ServerConfig::default()
+        };
+        let t0 = Instant::now();
+        (server(cfg, test_image(pages, PS, 0, 5), t0), t0)
+    }
+
+    /// Receiver `n`'s address.
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, n], 9000))
+    }
+
+    /// The pages in `range` that `sent` pushed, in order.
+    fn pushed_in(sent: &[Sent], range: std::ops::Range<u64>) -> Vec<u64> {
+        let mut p: Vec<u64> = sent
+            .iter()
+            .filter(|s| s.1.contains(Data::PUSH) && range.contains(&s.0))
+            .map(|s| s.0)
+            .collect();
+        p.sort_unstable();
+        p
     }
 }
