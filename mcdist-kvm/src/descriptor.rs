@@ -108,6 +108,16 @@ pub enum DescriptorError {
     },
 }
 
+impl DescriptorError {
+    /// The error of a failed read or write of the descriptor file `path`.
+    fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> DescriptorError + '_ {
+        move |source| DescriptorError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
 /// Multicast session parameters for clones that fetch memory with mcdist.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionParams {
@@ -150,18 +160,12 @@ pub trait DescriptorFile: Sized {
 
     /// Writes the descriptor to a file.
     fn save(&self, path: &std::path::Path) -> Result<(), DescriptorError> {
-        std::fs::write(path, self.encode()).map_err(|source| DescriptorError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+        std::fs::write(path, self.encode()).map_err(DescriptorError::io(path))
     }
 
     /// Reads a descriptor file.
     fn load(path: &std::path::Path) -> Result<Self, DescriptorError> {
-        let bytes = std::fs::read(path).map_err(|source| DescriptorError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = std::fs::read(path).map_err(DescriptorError::io(path))?;
         Self::decode(&bytes)
     }
 }

@@ -40,6 +40,16 @@ pub enum DescriptorError {
     },
 }
 
+impl DescriptorError {
+    /// The error of a failed read or write of the descriptor file `path`.
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DescriptorError + '_ {
+        move |source| DescriptorError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
 /// What Memtap needs to know about the frozen parent image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct XenDescriptor {
@@ -125,18 +135,12 @@ impl XenDescriptor {
 
     /// Write to a file.
     pub fn write(&self, path: &Path) -> Result<(), DescriptorError> {
-        std::fs::write(path, self.encode()).map_err(|source| DescriptorError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+        std::fs::write(path, self.encode()).map_err(DescriptorError::io(path))
     }
 
     /// Read from a file.
     pub fn read(path: &Path) -> Result<XenDescriptor, DescriptorError> {
-        let bytes = std::fs::read(path).map_err(|source| DescriptorError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = std::fs::read(path).map_err(DescriptorError::io(path))?;
         XenDescriptor::decode(&bytes)
     }
 }

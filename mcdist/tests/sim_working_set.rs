@@ -306,8 +306,9 @@ mod server_direct {
         validate(&mut server, t0, b);
         drain(&mut server, t0);
         // Each round A then B fault at the first page of their region not pushed yet;
-        // pages pushed in each region that round. A's second stream is stopped by B's
-        // next fault (A followed it once only); from the third fault on, both go on.
+        // pages pushed in each region that round. In round 1, B's fault stops A's
+        // stream, which A's fault had followed once only; from the third fault on, both
+        // streams go on.
         let rounds = [(16u64, 16u64), (0, 32), (64, 64), (128, 128), (256, 256)];
         let (mut next_a, mut next_b) = (100u64, 2000u64);
         let mut now = t0;
