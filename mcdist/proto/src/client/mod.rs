@@ -486,12 +486,18 @@ impl Client {
             return t;
         }
         self.session.info?;
+        // The heartbeat that closes a measured interval goes before the requests that
+        // follow it: they carry its loss but not its overload, which the server
+        // would otherwise take from the interval before and count as path loss.
+        if let Some(t) = self.emit_due_heartbeat(now, buf) {
+            return t;
+        }
         for want in Want::ORDER {
             if let Some(t) = self.emit_requests(now, want, buf) {
                 return Some(t);
             }
         }
-        self.emit_due_heartbeat(now, buf)?
+        None
     }
 
     /// Report completion in heartbeats from now on (after the embedder verified the image).

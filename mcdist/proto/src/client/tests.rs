@@ -274,3 +274,79 @@ fn a_later_clone_is_told_the_working_set_unless_it_refuses_hints() {
         .collect();
     assert_eq!(got, want, "in range, once each, ascending");
 }
+
+/// A receiver whose socket drops every eighth datagram (all its loss is overload)
+/// closes each measured interval with a heartbeat before any request that carries
+/// the interval's loss: requests carry the loss but not the overload, which the
+/// server would otherwise take from the interval before and count as path loss.
+#[test]
+fn the_heartbeat_closing_an_interval_precedes_the_requests_carrying_its_loss() {
+    use crate::wire::{self, Body, Message};
+    let mut now = Instant::now();
+    let img: Vec<u8> = (0..PAGE * 2048).map(|i| (i / 7) as u8 | 1).collect();
+    let source = Arc::new(MemSource::new(img, PAGE));
+    let scfg = ServerConfig {
+        max_datagram: 1400,
+        sweep: true,
+        ..ServerConfig::default()
+    };
+    let info = crate::source::scan(source.as_ref()).expect("an in-memory image scans");
+    let mut server = Server::with_info(scfg, source, info, now).expect("server configuration");
+    let mut c = Client::new(ClientConfig::new(addr(1)), now);
+    c.fetch_all(now);
+    let mut buf = vec![0u8; 65_536];
+    let (mut group, mut dropped) = (0u64, 0u64);
+    // (loss, overload) of the latest heartbeat, and the requests checked against it.
+    let mut last_heartbeat: Option<(u16, u16)> = None;
+    let mut checked = 0;
+    for _ in 0..20_000 {
+        if c.is_complete() || c.is_failed() {
+            break;
+        }
+        now += Duration::from_millis(1);
+        if c.poll_timeout().is_some_and(|t| t <= now) {
+            c.handle_timeout(now);
+        }
+        while let Some(t) = c.poll_transmit(now, &mut buf) {
+            let m = Message::parse(&buf[..t.len]).expect("the client's datagrams parse");
+            match m.body {
+                Body::Heartbeat(h) => last_heartbeat = Some((h.loss_permille, h.overload_permille)),
+                Body::Nack(wire::Request { loss_permille, .. })
+                | Body::Request(wire::Request { loss_permille, .. })
+                | Body::FragmentNack(wire::FragmentNack { loss_permille, .. })
+                    if !wire::loss_unmeasured(loss_permille) =>
+                {
+                    let (loss, overload) = last_heartbeat.expect("a heartbeat reported the loss");
+                    assert_eq!(
+                        loss, loss_permille,
+                        "a request carries a loss no heartbeat told"
+                    );
+                    assert_eq!(overload, loss, "all of this receiver's loss is its own");
+                    checked += 1;
+                }
+                _ => {}
+            }
+            server.handle_datagram(now, addr(2), &buf[..t.len]);
+        }
+        if server.poll_timeout().is_some_and(|t| t <= now) {
+            server.handle_timeout(now);
+        }
+        while let Some(t) = server.poll_transmit(now, &mut buf) {
+            if t.dest == Dest::Group {
+                group += 1;
+                if group % 8 == 0 {
+                    dropped += 1;
+                    c.note_socket_drops(dropped);
+                    continue;
+                }
+            }
+            c.handle_datagram(now, addr(1), bytes::Bytes::copy_from_slice(&buf[..t.len]));
+        }
+        while c.poll_event().is_some() {}
+    }
+    assert!(c.is_complete(), "fetch did not complete");
+    assert!(
+        dropped > 100 && checked > 10,
+        "dropped {dropped}, checked {checked}"
+    );
+}

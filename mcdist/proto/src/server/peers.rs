@@ -364,6 +364,7 @@ impl Server {
                 .unwrap_or(0)
                 .min(loss_permille);
             path_loss = loss_permille - overload_permille;
+            tracing::debug!(%from, loss_permille, overload_permille, rx_rate, "report");
             p.peak_rx_rate = p.peak_rx_rate.max(rx_rate);
             p.report = Some(Report {
                 rx_rate,

@@ -43,10 +43,13 @@
 //! count of datagrams each socket dropped because its buffer was full
 //! ([`Transport::rx_dropped`]): a receiver that cannot keep up tells the
 //! server so, apart from loss on the path. With GRO the kernel queues a buffer
-//! of many datagrams as one and counts a dropped buffer as one drop, so each
-//! drop counts as many datagrams as the buffers received with the count held
-//! (on average): otherwise an overloaded GRO receiver's overload reads as
-//! path loss, up to 46 times over.
+//! of many datagrams as one and counts a dropped buffer as one drop; each
+//! buffer comes with the count as it was when the buffer was queued, so the
+//! buffers dropped between two received ones held the group sequence numbers
+//! between them, and those are the datagrams counted (as many datagrams as the
+//! received buffers held on average where the numbers are unknown). Otherwise
+//! an overloaded GRO receiver's overload reads as path loss, up to 46 times
+//! over.
 //!
 //! One module per concern: `setup` (configuration, interface lookup,
 //! socket options, the GSO/GRO probes), `send` (batch send: `sendmmsg`, GSO
@@ -112,10 +115,13 @@ pub struct UdpTransport {
     /// buffer (`SO_RXQ_OVFL`), as last reported, on the multicast and the
     /// unicast socket.
     drops: [u32; 2],
-    /// Datagrams dropped for want of receive buffer, estimated from `drops`: with GRO
-    /// the kernel queues a buffer of many datagrams as one and counts a dropped one as
-    /// one, so each drop counts as many datagrams as the buffers received with it held.
+    /// Datagrams dropped for want of receive buffer, from `drops`: with GRO the kernel
+    /// queues a buffer of many datagrams as one and counts a dropped one as one, so a
+    /// rise of the count counts the group sequence numbers it skipped (`group_seq`).
     dropped: u64,
+    /// Session and sequence number of the last group datagram each socket took with
+    /// GRO: a dropped buffer's datagrams are the numbers between it and the next.
+    group_seq: [Option<(u64, u64)>; 2],
     /// Whether the multicast and the unicast socket may hold datagrams: set by
     /// a readiness event, cleared when a receive finds the socket empty.
     may_read: [bool; 2],

@@ -47,6 +47,11 @@ pub(super) struct RawMsg {
 }
 
 impl RawMsg {
+    /// Where the last datagram of the message starts in it.
+    pub(super) fn last_datagram_offset(&self) -> usize {
+        (self.datagrams() - 1) * self.segment
+    }
+
     /// Datagrams the message holds: a GRO buffer of `len` bytes longer than its segment
     /// size is cut into `len / segment` of them (rounded up); any other message is one.
     pub(super) fn datagrams(&self) -> usize {
@@ -161,6 +166,35 @@ fn recv_many(
         from: m.from.unwrap_or_else(unspecified),
     }));
     Ok(took)
+}
+
+/// The session and sequence number of `datagram` if it is an mcdist datagram sent to
+/// the group (unicast ones have their own numbering).
+fn group_seq(datagram: &[u8]) -> Option<(u64, u64)> {
+    let p = mcdist_proto::wire::Packet::new_checked(datagram).ok()?;
+    (p.seq() & mcdist_proto::wire::SEQ_UNICAST_BIT == 0).then(|| (p.session(), p.seq()))
+}
+
+/// Most datagrams one GSO or GRO buffer holds (the kernel's `UDP_MAX_SEGMENTS`).
+const MAX_SEGMENTS: u64 = 128;
+
+/// Datagrams in the `rise` buffers the kernel dropped between a buffer whose last group
+/// datagram was `before` and one whose first is `after`: the group sequence numbers
+/// between the two, within what `rise` buffers can hold. Without both numbers (another
+/// sender, unicast, the first buffer), `per` datagrams each (the average of the buffers
+/// received with the count).
+pub(super) fn datagrams_dropped(
+    rise: u64,
+    before: Option<(u64, u64)>,
+    after: Option<(u64, u64)>,
+    per: u64,
+) -> u64 {
+    match (before, after) {
+        (Some((s0, a)), Some((s1, b))) if s0 == s1 && b > a => {
+            (b - a - 1).clamp(rise, rise.saturating_mul(MAX_SEGMENTS))
+        }
+        _ => rise.saturating_mul(per),
+    }
 }
 
 /// The latest running drop count among `raw`, if any message carried one.
@@ -322,19 +356,27 @@ impl UdpTransport {
         let mut drops = self.drops;
         let mut dropped = self.dropped;
         let mut may_read = self.may_read;
+        let mut last_seq = self.group_seq;
         for (i, sock) in self.sockets(self.turn) {
             gro.raw.clear();
             let area = &mut gro.buf[used * GRO_SLOT..(used + GRO_SLOTS) * GRO_SLOT];
             may_read[i] = !recv_raw(sock, area, GRO_SLOT, true, &mut gro.raw)?.drained;
-            if let Some(d) = latest_drops(&gro.raw).filter(|&d| d != drops[i]) {
-                // The kernel counts a dropped GRO buffer as one: as many datagrams as
-                // the buffers that came with the count held, on average.
-                let per = datagrams_per_buffer(&gro.raw);
-                dropped += u64::from(d.wrapping_sub(drops[i])).saturating_mul(per);
-                drops[i] = d;
-            }
+            let per = datagrams_per_buffer(&gro.raw);
             for (k, m) in gro.raw.iter().enumerate() {
-                if Gro::split(&mut gro.pending, (used + k) * GRO_SLOT, m) {
+                let base = (used + k) * GRO_SLOT;
+                let msg = &gro.buf[base..base + m.len];
+                if let Some(d) = m.drops.filter(|&d| d != drops[i]) {
+                    // The count this buffer came with rose by `d - drops[i]` buffers
+                    // since the one before it: the datagrams between the two.
+                    let rise = u64::from(d.wrapping_sub(drops[i]));
+                    let first = group_seq(msg);
+                    dropped += datagrams_dropped(rise, last_seq[i], first, per);
+                    drops[i] = d;
+                }
+                if let Some(last) = group_seq(&msg[m.last_datagram_offset()..]) {
+                    last_seq[i] = Some(last);
+                }
+                if Gro::split(&mut gro.pending, base, m) {
                     gro.coalesced += 1;
                 }
             }
@@ -343,6 +385,7 @@ impl UdpTransport {
         self.drops = drops;
         self.dropped = dropped;
         self.may_read = may_read;
+        self.group_seq = last_seq;
         Ok(())
     }
 

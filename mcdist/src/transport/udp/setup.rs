@@ -272,6 +272,7 @@ impl UdpTransport {
             received: Vec::new(),
             drops: [0; 2],
             dropped: 0,
+            group_seq: [None; 2],
             may_read: [true; 2],
             watched_ready: std::sync::atomic::AtomicBool::new(true),
         })

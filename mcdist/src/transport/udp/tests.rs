@@ -1,7 +1,7 @@
 //! Tests of GSO run cutting, GRO splitting, receive-buffer drop counting, the
 //! watched-descriptor wake-up and per-socket readiness.
 
-use super::recv::{datagrams_per_buffer, Gro, RawMsg};
+use super::recv::{datagrams_dropped, datagrams_per_buffer, Gro, RawMsg};
 use super::send::{gso_group, gso_runs, GsoRun, GSO_MAX_BYTES};
 use super::*;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -240,6 +240,87 @@ fn receive_buffer_drops_are_counted() {
             "gro {gro}: {dropped} drops counted"
         );
     }
+}
+
+/// The datagrams of the buffers dropped between two received ones are the group
+/// sequence numbers between them, within what that many buffers hold; without two
+/// numbers of one session, the average of the buffers received.
+#[test]
+fn dropped_buffers_are_counted_by_the_sequence_numbers_they_took() {
+    let s = |seq| Some((9, seq));
+    // Three buffers dropped between datagram 10 and datagram 71: 60 datagrams.
+    assert_eq!(datagrams_dropped(3, s(10), s(71), 5), 60);
+    // Numbers that say fewer than the buffers dropped, or more than they hold.
+    assert_eq!(datagrams_dropped(3, s(10), s(12), 5), 3);
+    assert_eq!(datagrams_dropped(1, s(10), s(10_000), 5), 128);
+    // Another session, numbers that go back, or one unknown: the average.
+    assert_eq!(datagrams_dropped(3, Some((8, 10)), s(71), 5), 15);
+    assert_eq!(datagrams_dropped(3, s(71), s(10), 5), 15);
+    assert_eq!(datagrams_dropped(3, None, s(71), 5), 15);
+}
+
+/// A GRO receiver whose buffer overflows while GSO buffers of 20 datagrams pour in
+/// counts every datagram those buffers held, though the kernel counts each dropped
+/// buffer as one drop and the buffer that brings the count holds one datagram.
+#[test]
+fn dropped_gro_buffers_count_every_datagram_they_held() {
+    use mcdist_proto::wire::{Header, HeaderFlags, Kind};
+    use nix::sys::socket::{setsockopt, sockopt::UdpGsoSegment};
+    let Some(mut t) = lo_client_with(6, 47_031, |c| {
+        c.buffer_bytes = 4096;
+        c.gro = true;
+    }) else {
+        return;
+    };
+    let (sender, to) = lo_sender(&t);
+    const SEG: usize = 1000;
+    if let Err(e) = setsockopt(&sender, UdpGsoSegment, &(SEG as i32)) {
+        eprintln!("skipping: no UDP GSO here: {e}");
+        return;
+    }
+    // Datagrams numbered from 1, `n` per send: one GSO buffer of `n` segments.
+    let mut next = 1u64;
+    let mut send = |n: usize| {
+        let mut buf = vec![0u8; n * SEG];
+        for d in buf.chunks_mut(SEG) {
+            let h = Header {
+                kind: Kind::Data,
+                flags: HeaderFlags::empty(),
+                session: 7,
+                seq: next,
+            };
+            h.emit(d).expect("room for a header");
+            next += 1;
+        }
+        sender.send_to(&buf, to).expect("send");
+    };
+    for _ in 0..30 {
+        send(20);
+    }
+    let mut buf = vec![0u8; 2048 * 64];
+    let mut out = Vec::new();
+    let mut received = 0u64;
+    for _ in 0..100 {
+        out.clear();
+        let n = t
+            .recv_batch(&mut buf, 2048, &mut out, Some(Duration::ZERO))
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        received += n as u64;
+    }
+    assert!(received < 600, "the buffer held everything: {received}");
+    send(1);
+    for _ in 0..100 {
+        out.clear();
+        let n = t.recv_batch(&mut buf, 2048, &mut out, Some(Duration::from_millis(50)));
+        if n.unwrap() > 0 {
+            break;
+        }
+    }
+    assert_eq!(out.len(), 1, "the last datagram arrives alone");
+    assert_eq!(t.rx_dropped(), 600 - received);
 }
 
 /// Readiness is tracked per socket: a socket that a receive found empty is
