@@ -182,7 +182,8 @@ const MAX_SEGMENTS: u64 = 128;
 /// datagram was `before` and one whose first is `after`: the group sequence numbers
 /// between the two, within what `rise` buffers can hold. Without both numbers (another
 /// sender, unicast, the first buffer), `per` datagrams each (the average of the buffers
-/// received with the count).
+/// received with the count). A datagram the path lost between the two counts as dropped
+/// here too: the receiver cannot tell, and it errs towards its own overload.
 pub(super) fn datagrams_dropped(
     rise: u64,
     before: Option<(u64, u64)>,
