@@ -132,6 +132,31 @@ fn overload_that_a_quarter_of_the_group_shares_isolates_no_one_for_path_loss() {
     assert_eq!(s.stats().slow_receivers, 1);
 }
 
+/// A receiver's own overload, below heavy loss, isolates it when two reports in a row
+/// show it (one may be a burst: the host did not run for a few milliseconds);
+/// heavy overload at once.
+#[test]
+fn own_overload_isolates_in_two_reports_in_a_row_or_heavy_in_one() {
+    let t0 = Instant::now();
+    let mut s = receivers(t0, 8);
+    let ms = |n| t0 + Duration::from_millis(n);
+    s.note_report(t0, addr(1), 50_000_000, 100, Some(100));
+    heartbeats(&mut s, t0, 2..=8, 100_000_000, 0);
+    s.feed_rate_reports(t0);
+    assert!(!s.is_slow_receiver(addr(1)), "one report of overload");
+    s.note_report(ms(100), addr(1), 100_000_000, 0, Some(0));
+    s.feed_rate_reports(ms(100));
+    s.note_report(ms(200), addr(1), 50_000_000, 100, Some(100));
+    s.feed_rate_reports(ms(200));
+    assert!(!s.is_slow_receiver(addr(1)), "overload in reports apart");
+    s.note_report(ms(300), addr(1), 50_000_000, 100, Some(100));
+    s.feed_rate_reports(ms(300));
+    assert!(s.is_slow_receiver(addr(1)), "two reports in a row");
+    s.note_report(ms(300), addr(2), 20_000_000, 300, Some(300));
+    s.feed_rate_reports(ms(300));
+    assert!(s.is_slow_receiver(addr(2)), "heavy overload in one report");
+}
+
 #[test]
 fn path_loss_that_stands_out_once_isolates_no_one() {
     let t0 = Instant::now();

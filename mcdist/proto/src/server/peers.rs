@@ -77,6 +77,9 @@ struct Peer {
     /// Its last fresh report stood out for path loss (below heavy loss, one report
     /// that stands out does not isolate a receiver; two in a row do).
     stood_out: bool,
+    /// Its last fresh report showed overload of its own above the threshold (the same
+    /// probation: one such report may be a burst).
+    was_overloaded: bool,
     /// Highest receive rate it reported, bytes/s: what it took while the group was sent
     /// at full rate, which its latest report no longer shows once it receives only its
     /// own repairs.
@@ -96,6 +99,7 @@ impl Peer {
             nacked: 0,
             slow: false,
             stood_out: false,
+            was_overloaded: false,
             peak_rx_rate: 0,
         }
     }
@@ -493,6 +497,18 @@ impl Server {
                 && many
                 && fresh
                     .is_some_and(|r| r.overload_permille > threshold && overload_q3 <= threshold);
+            // As with path loss below, overload that shows in one report, below heavy
+            // loss, may be a burst (a host that did not run for a few milliseconds):
+            // it isolates a receiver when two fresh reports in a row show it.
+            let own_overload = match fresh {
+                Some(r) => {
+                    let twice = own_overload
+                        && (p.was_overloaded || r.overload_permille >= HEAVY_LOSS_PERMILLE);
+                    p.was_overloaded = own_overload;
+                    twice
+                }
+                None => own_overload,
+            };
             // Overload is not path loss: a receiver whose loss is its own
             // overload while a quarter of the group is overloaded too (the group's
             // trouble, which pacing answers) is no outlier of the path either.
