@@ -6,7 +6,7 @@ use crate::wire::{Body, Message};
 use crate::{Dest, MemSource, Server, ServerConfig, ServerStats};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const PAGE: usize = 4096;
 const PAGES: u64 = 64;
@@ -34,7 +34,7 @@ fn fetch(fragment_nacks: bool, server_knows_them: bool) -> Run {
     let img: Vec<u8> = (0..PAGE * PAGES as usize)
         .map(|i| (i % 253 + 1) as u8)
         .collect();
-    let mut now = Instant::now();
+    let now = Instant::now();
     let scfg = ServerConfig {
         // An Ethernet MTU: 3 fragments a page.
         max_datagram: 1472,
@@ -52,52 +52,41 @@ fn fetch(fragment_nacks: bool, server_knows_them: bool) -> Run {
     };
     let mut c = Client::new(cfg, now);
     c.fetch_all(now);
-    let mut buf = vec![0u8; 65_536];
     let mut run = Run {
         masks: Vec::new(),
         whole_nacks: 0,
         server: ServerStats::default(),
     };
-    for _ in 0..20_000 {
-        if c.is_complete() || c.is_failed() {
-            break;
-        }
-        now += Duration::from_millis(1);
-        if c.poll_timeout().is_some_and(|t| t <= now) {
-            c.handle_timeout(now);
-        }
-        while let Some(t) = c.poll_transmit(now, &mut buf) {
-            match Message::parse(&buf[..t.len]).unwrap().body {
-                Body::FragmentNack(f) => {
-                    run.masks.extend(f.entries.iter().map(|e| e.missing));
-                    if !server_knows_them {
-                        continue;
-                    }
-                }
-                Body::Nack(_) => run.whole_nacks += 1,
-                _ => {}
+    super::tests::run_lockstep(
+        &mut server,
+        &mut c,
+        now,
+        |d| match Message::parse(d).unwrap().body {
+            Body::FragmentNack(f) => {
+                run.masks.extend(f.entries.iter().map(|e| e.missing));
+                server_knows_them
             }
-            server.handle_datagram(now, addr(2), &buf[..t.len]);
-        }
-        if server.poll_timeout().is_some_and(|t| t <= now) {
-            server.handle_timeout(now);
-        }
-        while let Some(t) = server.poll_transmit(now, &mut buf) {
+            Body::Nack(_) => {
+                run.whole_nacks += 1;
+                true
+            }
+            _ => true,
+        },
+        |_, dest, d| {
             if let Ok(Message {
                 body: Body::Data(d),
                 ..
-            }) = Message::parse(&buf[..t.len])
+            }) = Message::parse(d)
             {
                 // The sweep's middle fragments are lost on the way, the repairs are not.
                 if d.flags.contains(crate::wire::Data::SWEEP) && d.frag_index == 1 {
-                    assert_eq!(t.dest, Dest::Group);
-                    continue;
+                    assert_eq!(dest, Dest::Group);
+                    return false;
                 }
             }
-            c.handle_datagram_slice(now, addr(1), &buf[..t.len]);
-        }
-        while c.poll_event().is_some() {}
-    }
+            true
+        },
+    );
     assert!(c.is_complete(), "fetch did not complete: {:?}", c.stats());
     run.server = server.stats().clone();
     run

@@ -275,6 +275,43 @@ fn a_later_clone_is_told_the_working_set_unless_it_refuses_hints() {
     assert_eq!(got, want, "in range, once each, ascending");
 }
 
+/// Runs client `c` (port 1) against `server` (port 2) in steps of a millisecond until it
+/// completes or fails, for at most 20 s: each datagram the client sends goes to `up`,
+/// and reaches the server if `up` says so; each one the server sends goes to `down`
+/// with the client and where it was sent, and reaches the client if `down` says so.
+pub(super) fn run_lockstep(
+    server: &mut Server,
+    c: &mut Client,
+    mut now: Instant,
+    mut up: impl FnMut(&[u8]) -> bool,
+    mut down: impl FnMut(&mut Client, Dest, &[u8]) -> bool,
+) {
+    let mut buf = vec![0u8; 65_536];
+    for _ in 0..20_000 {
+        if c.is_complete() || c.is_failed() {
+            break;
+        }
+        now += Duration::from_millis(1);
+        if c.poll_timeout().is_some_and(|t| t <= now) {
+            c.handle_timeout(now);
+        }
+        while let Some(t) = c.poll_transmit(now, &mut buf) {
+            if up(&buf[..t.len]) {
+                server.handle_datagram(now, addr(2), &buf[..t.len]);
+            }
+        }
+        if server.poll_timeout().is_some_and(|t| t <= now) {
+            server.handle_timeout(now);
+        }
+        while let Some(t) = server.poll_transmit(now, &mut buf) {
+            if down(c, t.dest, &buf[..t.len]) {
+                c.handle_datagram_slice(now, addr(1), &buf[..t.len]);
+            }
+        }
+        while c.poll_event().is_some() {}
+    }
+}
+
 /// A receiver whose socket drops every eighth datagram (all its loss is overload)
 /// closes each measured interval with a heartbeat before any request that carries
 /// the interval's loss: requests carry the loss but not the overload, which the
@@ -282,7 +319,7 @@ fn a_later_clone_is_told_the_working_set_unless_it_refuses_hints() {
 #[test]
 fn the_heartbeat_closing_an_interval_precedes_the_requests_carrying_its_loss() {
     use crate::wire::{self, Body, Message};
-    let mut now = Instant::now();
+    let now = Instant::now();
     let img: Vec<u8> = (0..PAGE * 2048).map(|i| (i / 7) as u8 | 1).collect();
     let source = Arc::new(MemSource::new(img, PAGE));
     let scfg = ServerConfig {
@@ -294,22 +331,19 @@ fn the_heartbeat_closing_an_interval_precedes_the_requests_carrying_its_loss() {
     let mut server = Server::with_info(scfg, source, info, now).expect("server configuration");
     let mut c = Client::new(ClientConfig::new(addr(1)), now);
     c.fetch_all(now);
-    let mut buf = vec![0u8; 65_536];
     let (mut group, mut dropped) = (0u64, 0u64);
     // (loss, overload) of the latest heartbeat, and the requests checked against it.
     let mut last_heartbeat: Option<(u16, u16)> = None;
     let mut checked = 0;
-    for _ in 0..20_000 {
-        if c.is_complete() || c.is_failed() {
-            break;
-        }
-        now += Duration::from_millis(1);
-        if c.poll_timeout().is_some_and(|t| t <= now) {
-            c.handle_timeout(now);
-        }
-        while let Some(t) = c.poll_transmit(now, &mut buf) {
-            let m = Message::parse(&buf[..t.len]).expect("the client's datagrams parse");
-            match m.body {
+    run_lockstep(
+        &mut server,
+        &mut c,
+        now,
+        |d| {
+            match Message::parse(d)
+                .expect("the client's datagrams parse")
+                .body
+            {
                 Body::Heartbeat(h) => last_heartbeat = Some((h.loss_permille, h.overload_permille)),
                 Body::Nack(wire::Request { loss_permille, .. })
                 | Body::Request(wire::Request { loss_permille, .. })
@@ -326,24 +360,20 @@ fn the_heartbeat_closing_an_interval_precedes_the_requests_carrying_its_loss() {
                 }
                 _ => {}
             }
-            server.handle_datagram(now, addr(2), &buf[..t.len]);
-        }
-        if server.poll_timeout().is_some_and(|t| t <= now) {
-            server.handle_timeout(now);
-        }
-        while let Some(t) = server.poll_transmit(now, &mut buf) {
-            if t.dest == Dest::Group {
+            true
+        },
+        |c, dest, _| {
+            if dest == Dest::Group {
                 group += 1;
                 if group % 8 == 0 {
                     dropped += 1;
                     c.note_socket_drops(dropped);
-                    continue;
+                    return false;
                 }
             }
-            c.handle_datagram(now, addr(1), bytes::Bytes::copy_from_slice(&buf[..t.len]));
-        }
-        while c.poll_event().is_some() {}
-    }
+            true
+        },
+    );
     assert!(c.is_complete(), "fetch did not complete");
     assert!(
         dropped > 100 && checked > 10,
