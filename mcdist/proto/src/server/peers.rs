@@ -30,6 +30,15 @@ const ZERO_MAP_REPEAT: Duration = Duration::from_millis(100);
 /// Loss (permille) from which a receiver's own reports count as heavy.
 const HEAVY_LOSS_PERMILLE: u16 = 250;
 
+/// A receiver's probation for standing out: it counts when its report before stood out
+/// too (`before`, set to this report's `stands_out` for the next), or at once when
+/// `heavy`.
+fn twice_in_a_row(before: &mut bool, stands_out: bool, heavy: bool) -> bool {
+    let twice = stands_out && (*before || heavy);
+    *before = stands_out;
+    twice
+}
+
 /// A receiver's latest rate and loss report.
 #[derive(Debug, Clone, Copy)]
 struct Report {
@@ -500,15 +509,13 @@ impl Server {
             // As with path loss below, overload that shows in one report, below heavy
             // loss, may be a burst (a host that did not run for a few milliseconds):
             // it isolates a receiver when two fresh reports in a row show it.
-            let own_overload = match fresh {
-                Some(r) => {
-                    let twice = own_overload
-                        && (p.was_overloaded || r.overload_permille >= HEAVY_LOSS_PERMILLE);
-                    p.was_overloaded = own_overload;
-                    twice
-                }
-                None => own_overload,
-            };
+            let own_overload = fresh.map_or(own_overload, |r| {
+                twice_in_a_row(
+                    &mut p.was_overloaded,
+                    own_overload,
+                    r.overload_permille >= HEAVY_LOSS_PERMILLE,
+                )
+            });
             // Overload is not path loss: a receiver whose loss is its own
             // overload while a quarter of the group is overloaded too (the group's
             // trouble, which pacing answers) is no outlier of the path either.
@@ -528,14 +535,9 @@ impl Server {
             // receiver when two reports in a row stand out. Until the next report
             // tells, its loss is not the group's: the rate controller does not hear it.
             let probation = path_outlier;
-            let path_outlier = match path {
-                Some(loss) => {
-                    let twice = path_outlier && (p.stood_out || loss >= HEAVY_LOSS_PERMILLE);
-                    p.stood_out = path_outlier;
-                    twice
-                }
-                None => path_outlier,
-            };
+            let path_outlier = path.map_or(path_outlier, |loss| {
+                twice_in_a_row(&mut p.stood_out, path_outlier, loss >= HEAVY_LOSS_PERMILLE)
+            });
             let loss_outlier = own_overload || path_outlier;
             // Once half the receivers are done the median is theirs, loss-free by
             // now, and anyone still repairing would stand out: path loss makes a
