@@ -189,16 +189,56 @@ fn a_dropped_gro_buffer_counts_as_the_datagrams_buffers_hold() {
     assert_eq!(datagrams_per_buffer(&[msg(100, 1400)]), 1);
 }
 
+/// A client of group 239.255.77.`host`:`port` whose socket buffer holds a few datagrams.
+fn small_buffer_client(host: u8, port: u16, gro: bool) -> Option<UdpTransport> {
+    lo_client_with(host, port, |c| {
+        c.buffer_bytes = 4096;
+        c.gro = gro;
+    })
+}
+
+/// Takes every datagram `t` holds now; how many.
+fn drain(t: &mut UdpTransport) -> u64 {
+    let mut buf = vec![0u8; 2048 * 64];
+    let mut out = Vec::new();
+    let mut taken = 0;
+    for _ in 0..100 {
+        out.clear();
+        match t
+            .recv_batch(&mut buf, 2048, &mut out, Some(Duration::ZERO))
+            .unwrap()
+        {
+            0 => break,
+            n => taken += n as u64,
+        }
+    }
+    taken
+}
+
+/// Waits (up to 100 receives of 50 ms) for the next datagrams `t` takes; how many came
+/// in that receive (0: none came).
+fn receive_next(t: &mut UdpTransport) -> usize {
+    let mut buf = vec![0u8; 2048 * 64];
+    let mut out = Vec::new();
+    for _ in 0..100 {
+        out.clear();
+        let n = t
+            .recv_batch(&mut buf, 2048, &mut out, Some(Duration::from_millis(50)))
+            .unwrap();
+        if n > 0 {
+            return n;
+        }
+    }
+    0
+}
+
 /// A receiver that does not read while datagrams pour in drops some in its
 /// full socket buffer; the kernel's count (`SO_RXQ_OVFL`) reaches
 /// `rx_dropped` with the next datagram taken, with GRO on or off.
 #[test]
 fn receive_buffer_drops_are_counted() {
     for gro in [false, true] {
-        let Some(mut t) = lo_client_with(4, 47_011, |c| {
-            c.buffer_bytes = 4096;
-            c.gro = gro;
-        }) else {
+        let Some(mut t) = small_buffer_client(4, 47_011, gro) else {
             return;
         };
         let (sender, to) = lo_sender(&t);
@@ -209,31 +249,11 @@ fn receive_buffer_drops_are_counted() {
             sender.send_to(&payload, to).unwrap();
         }
         assert_eq!(t.rx_dropped(), 0, "nothing counted before a receive");
-        let mut buf = vec![0u8; 2048 * 64];
-        let mut out = Vec::new();
         // Drain what the buffer held (those arrived before any drop), then
         // one more datagram brings the count.
-        for _ in 0..100 {
-            out.clear();
-            if t.recv_batch(&mut buf, 2048, &mut out, Some(Duration::ZERO))
-                .unwrap()
-                == 0
-            {
-                break;
-            }
-        }
+        drain(&mut t);
         sender.send_to(&payload, to).unwrap();
-        let mut got = 0;
-        for _ in 0..100 {
-            out.clear();
-            got += t
-                .recv_batch(&mut buf, 2048, &mut out, Some(Duration::from_millis(50)))
-                .unwrap();
-            if got > 0 {
-                break;
-            }
-        }
-        assert!(got > 0, "the last datagram arrives");
+        assert!(receive_next(&mut t) > 0, "the last datagram arrives");
         let dropped = t.rx_dropped();
         assert!(
             dropped > 0 && dropped < 200,
@@ -266,10 +286,7 @@ fn dropped_buffers_are_counted_by_the_sequence_numbers_they_took() {
 fn dropped_gro_buffers_count_every_datagram_they_held() {
     use mcdist_proto::wire::{Header, HeaderFlags, Kind};
     use nix::sys::socket::{setsockopt, sockopt::UdpGsoSegment};
-    let Some(mut t) = lo_client_with(6, 47_031, |c| {
-        c.buffer_bytes = 4096;
-        c.gro = true;
-    }) else {
+    let Some(mut t) = small_buffer_client(6, 47_031, true) else {
         return;
     };
     let (sender, to) = lo_sender(&t);
@@ -297,29 +314,10 @@ fn dropped_gro_buffers_count_every_datagram_they_held() {
     for _ in 0..30 {
         send(20);
     }
-    let mut buf = vec![0u8; 2048 * 64];
-    let mut out = Vec::new();
-    let mut received = 0u64;
-    for _ in 0..100 {
-        out.clear();
-        let n = t
-            .recv_batch(&mut buf, 2048, &mut out, Some(Duration::ZERO))
-            .unwrap();
-        if n == 0 {
-            break;
-        }
-        received += n as u64;
-    }
+    let received = drain(&mut t);
     assert!(received < 600, "the buffer held everything: {received}");
     send(1);
-    for _ in 0..100 {
-        out.clear();
-        let n = t.recv_batch(&mut buf, 2048, &mut out, Some(Duration::from_millis(50)));
-        if n.unwrap() > 0 {
-            break;
-        }
-    }
-    assert_eq!(out.len(), 1, "the last datagram arrives alone");
+    assert_eq!(receive_next(&mut t), 1, "the last datagram arrives alone");
     assert_eq!(t.rx_dropped(), 600 - received);
 }
 
