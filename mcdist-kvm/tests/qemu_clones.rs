@@ -198,14 +198,24 @@ fn qemu_clones_fork_check_and_fail_closed() {
     // 4. Eager: every host fetches the whole image before its clones start, the hosts
     // together (one multicast for all): each host gets every non-zero page, and about
     // the image's bytes, not one copy per host (hosts started one after another each
-    // received every other host's fetch too).
+    // received every other host's fetch too). The memory server sends at most 400
+    // Mbit/s here (the parent host's uplink, `--rate`), as the server says.
     let mut args = base.to_vec();
     let work3 = dir.path().join("eager");
-    args.extend(["--workdir", work3.to_str().unwrap(), "--memory", "eager"]);
+    args.extend([
+        "--workdir",
+        work3.to_str().unwrap(),
+        "--memory",
+        "eager",
+        "--rate",
+        "400",
+    ]);
     let out = qemu_cli(&args);
     assert!(out.status.success(), "eager fork failed");
     let s = summary(&out);
     assert_eq!(s["ok"], 2);
+    let server = s["server"].as_str().unwrap_or_default();
+    assert!(server.contains("at most 400 Mbit/s"), "server: {server}");
     let desc =
         mcdist_kvm::qemu::descriptor::QemuDescriptor::load(&work3.join("descriptor.json")).unwrap();
     let nonzero = desc.page_count() - desc.zero_map().unwrap().count_ones();

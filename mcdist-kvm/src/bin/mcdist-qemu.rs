@@ -1,8 +1,9 @@
 //! `mcdist-qemu`: clone a real Linux guest under QEMU with its RAM served lazily by mcdist.
 //!
-//! - `fork --clones N --mem-mib M [--hosts H] [--key FILE] [--unicast]`: boot a parent, freeze
-//!   it at its fork marker, serve its RAM from a network namespace, run the clones on `H` clone
-//!   hosts (namespaces on a bridge, one `mcdist-fuse` each) and check every result.
+//! - `fork --clones N --mem-mib M [--hosts H] [--key FILE] [--unicast] [--rate MBIT]`: boot a
+//!   parent, freeze it at its fork marker, serve its RAM from a network namespace (sending at most
+//!   `MBIT` Mbit/s, 1000 by default), run the clones on `H` clone hosts (namespaces on a bridge,
+//!   one `mcdist-fuse` each) and check every result.
 //! - `serve --descriptor D --image RAM`: the memory server for a frozen parent.
 //! - `clone --descriptor D --ram FILE --id I --count N`: one clone from a descriptor.
 
@@ -48,6 +49,11 @@ enum Cmd {
         /// Replies by unicast to each host instead of multicast.
         #[arg(long)]
         unicast: bool,
+        /// The memory server's highest send rate in Mbit/s: the parent host's uplink,
+        /// which unicast replies to every host share (the rate follows the hosts below it).
+        #[arg(long, value_name = "MBIT", default_value_t = 1000,
+              value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        rate: u64,
         /// Where clones get memory: lazy (mcdist-fuse), eager (whole image fetched to each
         /// host first), local (the parent's own RAM file; the ideal), fuse-local (a FUSE file
         /// answering READs from the parent's RAM file; the READ latency baseline).
@@ -79,6 +85,11 @@ enum Cmd {
         /// Unicast replies.
         #[arg(long)]
         unicast: bool,
+        /// The memory server's highest send rate in Mbit/s: the parent host's uplink,
+        /// which unicast replies to every host share (the rate follows the hosts below it).
+        #[arg(long, value_name = "MBIT", default_value_t = 1000,
+              value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        rate: u64,
         /// Also sweep the whole image, in order, after demand and push: what hosts
         /// that fetch the whole image before their clones start (the eager mode)
         /// are served with, as `mcdist serve` serves `mcdist fetch`.
@@ -157,6 +168,7 @@ fn run(cli: Cli) -> Result<bool, String> {
             table_mib,
             key,
             unicast,
+            rate,
             memory,
             workdir,
             kill_server_at_resume,
@@ -174,6 +186,7 @@ fn run(cli: Cli) -> Result<bool, String> {
                 key: key.key,
                 auth_only: key.auth_only,
                 unicast,
+                rate_mbit: rate,
                 memory,
                 workdir,
                 fuse_bin: sibling("mcdist-fuse"),
@@ -192,11 +205,13 @@ fn run(cli: Cli) -> Result<bool, String> {
             iface,
             key,
             unicast,
+            rate,
             sweep,
         } => {
             let desc = QemuDescriptor::load(&descriptor).map_err(|e| e.to_string())?;
             let security = key.checked(|sec| desc.check_keyed(sec).map_err(|e| e.to_string()))?;
-            serve(&desc, &image, &iface, security, unicast, sweep).map_err(|e| e.to_string())?;
+            serve(&desc, &image, &iface, security, (unicast, sweep), rate)
+                .map_err(|e| e.to_string())?;
             Ok(true)
         }
         Cmd::Clone {

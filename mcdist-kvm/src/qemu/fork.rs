@@ -102,6 +102,9 @@ pub struct ForkOptions {
     pub auth_only: bool,
     /// Unicast replies instead of multicast.
     pub unicast: bool,
+    /// The memory server's highest send rate, Mbit/s: the parent host's uplink, which
+    /// unicast replies to every host share.
+    pub rate_mbit: u64,
     /// Where clones get their memory from.
     pub memory: MemoryMode,
     /// Work folder.
@@ -136,6 +139,8 @@ impl ForkReport {
 
 struct Helper {
     child: Child,
+    /// The line that said it was ready.
+    ready_line: String,
 }
 
 /// A helper spawned but not yet ready: its output lines arrive on `lines`. Dropped
@@ -153,7 +158,10 @@ impl Spawned {
         while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(120)) {
             if l.contains(ready) {
                 if let Some(child) = self.child.take() {
-                    return Ok(Helper { child });
+                    return Ok(Helper {
+                        child,
+                        ready_line: l,
+                    });
                 }
             }
             seen.push(l);
@@ -314,6 +322,7 @@ pub fn fork(o: &ForkOptions) -> Result<ForkReport, ForkError> {
         .arg("--image")
         .arg(&parent.ram);
     key_args(&mut serve, o);
+    serve.arg("--rate").arg(o.rate_mbit.to_string());
     if o.memory == MemoryMode::Eager {
         // Hosts fetch the whole image first: served as `mcdist serve` serves a fetch.
         serve.arg("--sweep");
@@ -399,6 +408,7 @@ pub fn fork(o: &ForkOptions) -> Result<ForkReport, ForkError> {
     for f in fuses {
         f.stop();
     }
+    let server_line = server.ready_line.clone();
     server.stop();
     let hosts: Vec<Value> = files
         .iter()
@@ -425,6 +435,7 @@ pub fn fork(o: &ForkOptions) -> Result<ForkReport, ForkError> {
         "hosts_ready_s": (hosts_ready * 100.0).round() / 100.0,
         "memory": format!("{:?}", o.memory),
         "unicast": o.unicast,
+        "server": server_line,
         "fuse_reads": host_field("reads"),
         "fuse_page_reads": host_field("page_reads"),
         "fuse_max_read": host_field("max_read"),
@@ -479,14 +490,14 @@ pub fn print_table(r: &ForkReport) {
 
 /// Serves the frozen RAM file `image` for `desc` until SIGINT/SIGTERM (run inside the
 /// server's namespace; `iface` carries the group), replying by unicast and sweeping the
-/// whole image as the flags say.
+/// whole image as the flags say, at most at `rate_mbit` Mbit/s.
 pub fn serve(
     desc: &QemuDescriptor,
     image: &Path,
     iface: &str,
     security: Option<Security>,
-    unicast: bool,
-    sweep: bool,
+    (unicast, sweep): (bool, bool),
+    rate_mbit: u64,
 ) -> Result<(), ForkError> {
     use nix::sys::signal::{SigSet, Signal};
     let mut sigs = SigSet::empty();
@@ -500,6 +511,7 @@ pub fn serve(
     ucfg.listen = Some(desc.server.parse()?);
     let transport = UdpTransport::server(&ucfg)?;
     let source = FileSource::open(image, desc.page_size).map_err(io("opening the image"))?;
+    let defaults = ServerConfig::default();
     let cfg = ServerConfig {
         session_id: Some(desc.session_id),
         delivery: if unicast {
@@ -508,7 +520,10 @@ pub fn serve(
             Delivery::Multicast
         },
         sweep,
-        ..ServerConfig::default()
+        rate: defaults
+            .rate
+            .capped(rate_mbit.max(1).saturating_mul(125_000)),
+        ..defaults
     };
     let node = ServerNode::start(
         mcdist::node::NodeConfig::new(cfg, security),
@@ -519,7 +534,7 @@ pub fn serve(
         return Err(ForkError::ImageChanged(image.to_path_buf()));
     }
     println!(
-        "serving {} session {:016x} on {} via {iface}",
+        "serving {} session {:016x} on {} via {iface}, at most {rate_mbit} Mbit/s",
         image.display(),
         desc.session_id,
         desc.group
