@@ -220,6 +220,9 @@ fn qemu_clones_fork_check_and_fail_closed() {
         mcdist_kvm::qemu::descriptor::QemuDescriptor::load(&work3.join("descriptor.json")).unwrap();
     let nonzero = desc.page_count() - desc.zero_map().unwrap().count_ones();
     assert_eq!(u64s(&s["host_pages_fetched"]), vec![nonzero, nonzero]);
+    // The clones started on each host's local copy of the fetched image, not through
+    // the lazy file.
+    assert_eq!(u64s(&s["fuse_reads"]), vec![0, 0]);
     for b in u64s(&s["host_bytes_received"]) {
         let per_page = b as f64 / nonzero as f64;
         assert!(

@@ -48,6 +48,10 @@ struct Args {
     /// Fetch the whole image before mounting (baseline for comparisons).
     #[arg(long)]
     eager: bool,
+    /// With --eager: also write the whole image to FILE once fetched (zero pages as
+    /// holes), a local copy for clones to map, as `mcdist fetch` makes.
+    #[arg(long, value_name = "FILE", requires = "eager")]
+    copy_to: Option<PathBuf>,
     /// Seconds to wait for the server's announce.
     #[arg(long, default_value_t = 30)]
     join_timeout: u64,
@@ -80,6 +84,7 @@ fn run(a: Args) -> Result<(), String> {
         unicast: a.unicast,
         join_timeout: Duration::from_secs(a.join_timeout.max(1)),
         eager: a.eager,
+        copy_to: a.copy_to.clone(),
     };
     let host = match &a.local_image {
         Some(img) => HostFile::start_local(&desc, img, &a.mount, &a.name),

@@ -63,6 +63,9 @@ pub struct HostFileOptions {
     pub join_timeout: Duration,
     /// Fetch the whole image before mounting (the eager baseline).
     pub eager: bool,
+    /// With `eager`: also write the whole image to this local file once fetched (what
+    /// `mcdist fetch` makes), for clones to map instead of the lazy file.
+    pub copy_to: Option<std::path::PathBuf>,
 }
 
 /// A running lazy file and its client.
@@ -110,6 +113,14 @@ impl HostFile {
         if opts.eager {
             client.fetch_all();
             client.wait_complete(Duration::from_secs(3600))?;
+            if let Some(path) = &opts.copy_to {
+                let image = |source| HostFileError::Image {
+                    path: path.clone(),
+                    source,
+                };
+                let file = std::fs::File::create(path).map_err(image)?;
+                store.write_image(&file).map_err(image)?;
+            }
         }
         let c = client.clone();
         store.set_requester(move |pfn| c.request(pfn));

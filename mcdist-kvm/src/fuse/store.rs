@@ -121,6 +121,29 @@ impl PageStore {
         lock(&self.latencies).clone()
     }
 
+    /// Writes the whole image to `out` (zero pages as holes), once every other page is
+    /// here: the bytes written. Every page in the store was verified against the image's
+    /// root before it was stored; a page never received fails the copy.
+    pub fn write_image(&self, out: &std::fs::File) -> std::io::Result<u64> {
+        use std::os::unix::fs::FileExt;
+        out.set_len(self.image_size)?;
+        let inner = lock(&self.inner);
+        let mut written = 0;
+        for pfn in 0..self.image_size.div_ceil(self.page_size) {
+            if self.zero.get(pfn) {
+                continue;
+            }
+            let Some(page) = inner.pages.get(&pfn) else {
+                return Err(std::io::Error::other(format!(
+                    "page {pfn} was never received"
+                )));
+            };
+            out.write_all_at(page, pfn * self.page_size)?;
+            written += page.len() as u64;
+        }
+        Ok(written)
+    }
+
     /// True once the session is lost (every later miss fails with EIO).
     pub fn is_lost(&self) -> bool {
         lock(&self.inner).lost

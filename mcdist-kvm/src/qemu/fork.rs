@@ -354,7 +354,10 @@ pub fn fork(o: &ForkOptions) -> Result<ForkReport, ForkError> {
                 cmd.arg("--netns").arg(net.hosts[h + 1].name());
                 key_args(&mut cmd, o);
                 if o.memory == MemoryMode::Eager {
-                    cmd.arg("--eager");
+                    // The whole image, fetched, written to a local file on the host.
+                    cmd.arg("--eager")
+                        .arg("--copy-to")
+                        .arg(dir.join("memory.img"));
                 }
             }
         }
@@ -363,6 +366,9 @@ pub fn fork(o: &ForkOptions) -> Result<ForkReport, ForkError> {
         }
         let file = match o.memory {
             MemoryMode::Local => parent.ram.clone(),
+            // Clones of an eager host start on its local copy, as on a host that
+            // fetched the image before starting them (not through the lazy file).
+            MemoryMode::Eager => dir.join("memory.img"),
             _ => mnt.join("memory"),
         };
         files.push((file, stats, dir));
