@@ -39,7 +39,7 @@ bash examples/qemu-setup.sh >/dev/null
 cargo build -q --release -p mcdist-kvm --bin mcdist-qemu --bin mcdist-fuse
 mkdir -p "$out"
 csv="$out/results.csv"
-echo "round,mode,ok,clones,wall_s,resume_ms_p50,host_pages_fetched,fuse_read_us_p50" >"$csv"
+echo "round,mode,ok,clones,wall_s,resume_ms_p50,host_pages_fetched,fuse_read_us_p50,server_mb" >"$csv"
 field() { sed -n "s/.*\"$1\":\\([^,}]*\\).*/\\1/p" <<<"$2"; }
 first() { sed -n "s/.*\"$1\":\\[\\([0-9]*\\).*/\\1/p" <<<"$2"; }
 for round in $(seq 1 "$reps"); do
@@ -55,27 +55,27 @@ for round in $(seq 1 "$reps"); do
             echo "qemu-clones.sh: $mode round $round printed no result (see $out/$mode-$round.log)" >&2
             exit 1
         fi
-        echo "$round,$mode,$(field ok "$line"),$(field clones "$line"),$(field wall_s "$line"),$(field resume_ms_p50 "$line"),$(first host_pages_fetched "$line"),$(first fuse_read_latency_us_p50 "$line")" >>"$csv"
+        echo "$round,$mode,$(field ok "$line"),$(field clones "$line"),$(field wall_s "$line"),$(field resume_ms_p50 "$line"),$(first host_pages_fetched "$line"),$(first fuse_read_latency_us_p50 "$line"),$(awk -v b="$(field server_bytes_sent "$line")" 'BEGIN { if (b != "" && b != "null") printf "%.1f", b / 1e6 }')" >>"$csv"
     done
 done
 # Medians per mode, ratios, and the plot.
 awk -F, -v md="$out/results.md" -v svg="$out/results.svg" -v rate="$rate" '
 NR == 1 { next }
-{ n[$2]++; w[$2, n[$2]] = $5; ok[$2] += ($3 == $4) }
-function median(m,   k, i, j, t, a) {
-    k = n[m]; for (i = 1; i <= k; i++) a[i] = w[m, i] + 0
+{ n[$2]++; w[$2, n[$2]] = $5; mb[$2, n[$2]] = $9; ok[$2] += ($3 == $4) }
+function median(m, v,   k, i, j, t, a) {
+    k = n[m]; for (i = 1; i <= k; i++) a[i] = v[m, i] + 0
     for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
     return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
 }
 END {
     split("local lazy lazy-unicast eager", modes, " ")
-    for (i = 1; i <= 4; i++) med[modes[i]] = median(modes[i])
-    print "| memory | runs all ok | workload wall s (median) | / local | / lazy-unicast |" > md
-    print "|---|---|---|---|---|" > md
+    for (i = 1; i <= 4; i++) med[modes[i]] = median(modes[i], w)
+    print "| memory | runs all ok | workload wall s (median) | / local | / lazy-unicast | server sent, MB (median) |" > md
+    print "|---|---|---|---|---|---|" > md
     max = 0
     for (i = 1; i <= 4; i++) {
         m = modes[i]
-        printf "| %s | %d/%d | %.2f | %.2fx | %.2fx |\n", m, ok[m], n[m], med[m], med[m] / med["local"], med[m] / med["lazy-unicast"] > md
+        printf "| %s | %d/%d | %.2f | %.2fx | %.2fx | %.0f |\n", m, ok[m], n[m], med[m], med[m] / med["local"], med[m] / med["lazy-unicast"], median(m, mb) > md
         if (med[m] > max) max = med[m]
     }
     W = 520; H = 300; bw = 80

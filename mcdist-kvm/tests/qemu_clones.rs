@@ -216,6 +216,19 @@ fn qemu_clones_fork_check_and_fail_closed() {
     assert_eq!(s["ok"], 2);
     let server = s["server"].as_str().unwrap_or_default();
     assert!(server.contains("at most 400 Mbit/s"), "server: {server}");
+    // The server multicast the image once for both hosts: what it sent is about what
+    // each host received, not one copy per host.
+    let sent = s["server_bytes_sent"]
+        .as_u64()
+        .expect("the server's byte count");
+    let most = u64s(&s["host_bytes_received"])
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+    assert!(
+        sent >= most && sent < most + most / 2,
+        "the server sent {sent} bytes, a host received {most}"
+    );
     let desc =
         mcdist_kvm::qemu::descriptor::QemuDescriptor::load(&work3.join("descriptor.json")).unwrap();
     let nonzero = desc.page_count() - desc.zero_map().unwrap().count_ones();

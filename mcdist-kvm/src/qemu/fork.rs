@@ -141,6 +141,8 @@ struct Helper {
     child: Child,
     /// The line that said it was ready.
     ready_line: String,
+    /// Its output lines after that one.
+    lines: std::sync::mpsc::Receiver<String>,
 }
 
 /// A helper spawned but not yet ready: its output lines arrive on `lines`. Dropped
@@ -161,6 +163,9 @@ impl Spawned {
                     return Ok(Helper {
                         child,
                         ready_line: l,
+                        // (`Spawned` kills an unready child on drop, so its fields are
+                        // taken, not moved.)
+                        lines: std::mem::replace(&mut self.lines, std::sync::mpsc::channel().1),
                     });
                 }
             }
@@ -222,17 +227,29 @@ impl Helper {
         let _ = nix::sys::signal::kill(pid, sig);
     }
 
-    fn stop(mut self) {
+    /// Stops it (SIGTERM, then SIGKILL after 10 s); the lines it printed after the
+    /// ready one.
+    fn stop(mut self) -> Vec<String> {
         self.signal(nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mut exited = false;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+                exited = true;
+                break;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if !exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // The reader threads end with the helper's output; what they read is here.
+        let mut out = Vec::new();
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            out.push(l);
+        }
+        out
     }
 }
 
@@ -412,10 +429,16 @@ pub fn fork(o: &ForkOptions) -> Result<ForkReport, ForkError> {
     });
     let wall = start.elapsed().as_secs_f64();
     for f in fuses {
-        f.stop();
+        let _ = f.stop();
     }
     let server_line = server.ready_line.clone();
-    server.stop();
+    // What the server sent in all (its last line): the bytes on the parent's uplink.
+    let server_sent: Value = server
+        .stop()
+        .iter()
+        .find_map(|l| l.strip_prefix("server stopped: "))
+        .and_then(|j| serde_json::from_str::<Value>(j).ok())
+        .map_or(Value::Null, |v| v["bytes_sent"].clone());
     let hosts: Vec<Value> = files
         .iter()
         .map(|(_, stats, _)| {
@@ -442,6 +465,7 @@ pub fn fork(o: &ForkOptions) -> Result<ForkReport, ForkError> {
         "memory": format!("{:?}", o.memory),
         "unicast": o.unicast,
         "server": server_line,
+        "server_bytes_sent": server_sent,
         "fuse_reads": host_field("reads"),
         "fuse_page_reads": host_field("page_reads"),
         "fuse_max_read": host_field("max_read"),
@@ -547,6 +571,16 @@ pub fn serve(
     );
     let _ = sigs.wait();
     let stats = node.shutdown()?;
-    println!("server stopped: {stats:?}");
+    let s = &stats.stats;
+    println!(
+        "server stopped: {}",
+        serde_json::json!({
+            "bytes_sent": s.bytes_sent,
+            "datagrams_sent": s.datagrams_sent,
+            "pages_sent": s.pages_sent,
+            "push_pages": s.push_pages,
+            "unicast_pages": s.unicast_pages,
+        })
+    );
     Ok(())
 }
