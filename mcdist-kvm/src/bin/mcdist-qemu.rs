@@ -210,7 +210,7 @@ fn run(cli: Cli) -> Result<bool, String> {
         } => {
             let desc = QemuDescriptor::load(&descriptor).map_err(|e| e.to_string())?;
             let security = key.checked(|sec| desc.check_keyed(sec).map_err(|e| e.to_string()))?;
-            serve(&desc, &image, &iface, security, (unicast, sweep), rate)
+            serve(&desc, &image, &iface, security, unicast, sweep, rate)
                 .map_err(|e| e.to_string())?;
             Ok(true)
         }

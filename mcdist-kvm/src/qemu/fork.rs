@@ -526,7 +526,8 @@ pub fn serve(
     image: &Path,
     iface: &str,
     security: Option<Security>,
-    (unicast, sweep): (bool, bool),
+    unicast: bool,
+    sweep: bool,
     rate_mbit: u64,
 ) -> Result<(), ForkError> {
     use nix::sys::signal::{SigSet, Signal};
