@@ -171,7 +171,7 @@ fn huge_pages_stay_within_the_default_budgets() {
     c.fetch_all(Instant::now());
     feed(&mut c, ann, bound);
     assert!(c.session().is_some());
-    let frag = |pfn: u64, i: u16| {
+    let frag = |pfn: u64, i: u16, flags| {
         let (_, len) = fragment_slot(ps, spp, i).expect("a slot");
         let payload = vec![3u8; len];
         datagram(
@@ -180,7 +180,7 @@ fn huge_pages_stay_within_the_default_budgets() {
                 pfn,
                 frag_index: i,
                 frag_count: spp,
-                flags: Data::SWEEP,
+                flags,
                 payload: &payload,
             }),
         )
@@ -188,12 +188,12 @@ fn huge_pages_stay_within_the_default_budgets() {
     // Every page started, none finished: more than the reassembly budget holds.
     let mut peak = 0;
     for pfn in 0..pages / 2 {
-        peak = peak.max(feed(&mut c, frag(pfn, 1), bound));
+        peak = peak.max(feed(&mut c, frag(pfn, 1, Data::SWEEP), bound));
     }
-    // Then whole pages: each fills the FEC cache further.
+    // Then whole pages, marked to be kept for FEC: each fills the FEC cache further.
     for pfn in pages / 2..pages {
         for i in 0..spp {
-            peak = peak.max(feed(&mut c, frag(pfn, i), bound));
+            peak = peak.max(feed(&mut c, frag(pfn, i, Data::SWEEP | Data::KEEP), bound));
         }
     }
     assert!(c.stats().fragments_evicted > 0);

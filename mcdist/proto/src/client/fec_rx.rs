@@ -120,6 +120,19 @@ impl Client {
         self.fec_decode(now, first);
     }
 
+    /// A page that arrived `how` is kept for decoding, while the server sends FEC, if
+    /// the server marked it to be kept ([`Data::KEEP`]: it does so from the first path
+    /// loss anyone reports), or while this receiver sees path loss itself (in its last
+    /// measured interval, or before the first). A receiver that loses nothing on the
+    /// path decodes nothing, and one that drops datagrams for want of CPU should not
+    /// spend more on pages it will not need: keeping every page cost a sixth of a
+    /// loss-free run's CPU.
+    ///
+    /// [`Data::KEEP`]: crate::wire::Data::KEEP
+    pub(super) fn fec_caching(&self, how: How) -> bool {
+        how.remember && self.fec_active() && (how.keep || self.meter.sees_path_loss())
+    }
+
     /// Keep a received page in the FEC cache for decoding the blocks it belongs to.
     pub(super) fn fec_remember(&mut self, pfn: u64, page: &Bytes) {
         self.fec.rx.remember(pfn, page);

@@ -98,6 +98,12 @@ impl Meter {
         self.drops_total = Some(total);
     }
 
+    /// The last interval measured lost datagrams on the path (more than the socket
+    /// dropped), or none was measured yet.
+    pub(super) fn sees_path_loss(&self) -> bool {
+        wire::loss_unmeasured(self.loss_permille) || self.loss_permille > self.overload_permille
+    }
+
     /// The server restarted: its sequence numbers start over.
     pub(super) fn server_restarted(&mut self) {
         self.interval_seq_start = None;

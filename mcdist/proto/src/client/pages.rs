@@ -49,6 +49,7 @@ impl Client {
             rtt: true,
             zero: false,
             remember: true,
+            keep: d.flags.contains(Data::KEEP),
         };
         let page = if d.frag_count == 1 {
             if d.payload.len() != s.page_size {
@@ -60,7 +61,7 @@ impl Client {
                 match self.verdict(d.pfn, d.payload) {
                     Verdict::Ok => {
                         self.count_data(&d);
-                        if self.fec_active() {
+                        if self.fec_caching(how) {
                             self.fec_remember(d.pfn, &Bytes::copy_from_slice(d.payload));
                         }
                         sink(d.pfn, d.payload);

@@ -380,3 +380,70 @@ fn the_heartbeat_closing_an_interval_precedes_the_requests_carrying_its_loss() {
         "dropped {dropped}, checked {checked}"
     );
 }
+
+/// With FEC on, a receiver keeps received pages for decoding while the server marks them
+/// to be kept (it does once it forms blocks) or while it sees path loss itself. In a
+/// loss-free sweep no page is marked, and once the receiver measured an interval without
+/// loss it keeps no more (it kept every page, and its buffer, for nothing); a server that
+/// sends repairs from the first page marks its pages, and the receiver keeps them and
+/// decodes a page whose datagram was lost.
+#[test]
+fn fec_pages_are_kept_only_while_marked_or_losing() {
+    use crate::wire::{Body, Data, Message};
+    const PAGES: usize = 2048;
+    for min_overhead in [0.0, 0.1] {
+        let now = Instant::now();
+        let img: Vec<u8> = (0..PAGE * PAGES).map(|i| (i / 7) as u8 | 1).collect();
+        let source = Arc::new(MemSource::new(img, PAGE));
+        let scfg = ServerConfig {
+            max_datagram: 1400,
+            sweep: true,
+            fec: true,
+            fec_min_overhead: min_overhead,
+            ..ServerConfig::default()
+        };
+        let info = crate::source::scan(source.as_ref()).expect("an in-memory image scans");
+        let mut server = Server::with_info(scfg, source, info, now).expect("server configuration");
+        // Loss is measured per heartbeat interval: a short one measures it early.
+        let mut ccfg = ClientConfig::new(addr(1));
+        ccfg.heartbeat_interval = Duration::from_millis(20);
+        let mut c = Client::new(ccfg, now);
+        c.fetch_all(now);
+        let (mut kept, mut marked, mut data) = (0, 0, 0);
+        run_lockstep(
+            &mut server,
+            &mut c,
+            now,
+            |_| true,
+            |c, dest, d| {
+                kept = kept.max(c.fec.rx.held_bytes());
+                let Ok(Message {
+                    body: Body::Data(page),
+                    ..
+                }) = Message::parse(d)
+                else {
+                    return true;
+                };
+                marked += usize::from(page.flags.contains(Data::KEEP));
+                data += usize::from(dest == Dest::Group && page.pfn == 1000);
+                // With repairs from the first page, a fragment of page 1000 is lost.
+                !(min_overhead > 0.0 && page.pfn == 1000 && page.frag_index == 0 && data == 1)
+            },
+        );
+        assert!(c.is_complete(), "fetch did not complete");
+        if min_overhead > 0.0 {
+            assert!(marked > 0, "no page was marked to be kept");
+            // Page 1000 went out long after the first interval was measured without
+            // loss: its block decoded from marked pages kept.
+            assert!(kept > 0, "no marked page kept");
+            assert!(c.stats().fec_pages >= 1, "the lost page was not decoded");
+        } else {
+            assert_eq!(marked, 0, "pages marked to be kept without loss");
+            assert!(
+                kept < PAGES / 4 * PAGE,
+                "kept {} of {PAGES} pages",
+                kept / PAGE
+            );
+        }
+    }
+}

@@ -25,8 +25,10 @@ pub(super) struct How {
     pub(super) rtt: bool,
     /// A header-only zero reply.
     pub(super) zero: bool,
-    /// Keep it for FEC decoding once verified.
+    /// A data page that may be kept for FEC decoding once verified ...
     pub(super) remember: bool,
+    /// ... and the server marked it to be kept (see [`Client::fec_caching`]).
+    pub(super) keep: bool,
 }
 
 /// A page waiting for the hash page above it.
@@ -168,7 +170,7 @@ impl Client {
     /// A verified page: a hash page is cached and frees what waited for it; a data page
     /// becomes present and is reported.
     pub(super) fn accept_verified(&mut self, now: Instant, pfn: u64, page: Bytes, how: How) {
-        if how.remember && self.fec_active() {
+        if self.fec_caching(how) {
             self.fec_remember(pfn, &page);
         }
         if pfn >= self.data_pages() {
@@ -197,7 +199,7 @@ impl Client {
             return;
         }
         self.stats.integrity_held += 1;
-        if how.remember && self.fec_active() {
+        if self.fec_caching(how) {
             self.fec_remember(pfn, &page);
         }
         self.integrity.held.insert(pfn, Held { page, how });

@@ -10,7 +10,7 @@
 use super::schedule::{Job, Target};
 use super::{Delivery, Server, ServerConfig};
 use crate::bitmap::PageBitmap;
-use crate::wire::{self, Announce, Body, Header, HeaderFlags, Kind, Message};
+use crate::wire::{self, Announce, Body, Data, Header, HeaderFlags, Kind, Message};
 use crate::{Dest, Transmit};
 use std::collections::VecDeque;
 use std::io;
@@ -53,6 +53,8 @@ pub(super) struct Current {
     direct: bool,
     /// Member index in the open FEC block.
     fec_slot: Option<usize>,
+    /// Its fragments go out marked [`Data::KEEP`].
+    keep: bool,
 }
 
 impl Current {
@@ -329,12 +331,14 @@ impl Server {
         } else {
             None
         };
+        let keep = !zero && self.fec_keeping();
         self.out.current = Some(Current {
             job,
             fanout,
             next_frag: job.next_fragment(0, self.geo.frag_count),
             direct,
             fec_slot,
+            keep,
         });
         Ok(())
     }
@@ -345,6 +349,7 @@ impl Server {
         let job = cur.job;
         let direct = cur.direct;
         let fec_slot = cur.fec_slot;
+        let keep = cur.keep;
         let dest = match (job.target, cur.fanout.last()) {
             (Target::Peer(p), _) => Dest::Peer(p),
             (Target::Group, Some(p)) => Dest::Peer(*p),
@@ -378,9 +383,14 @@ impl Server {
             session: self.session,
             seq,
         };
+        // Receivers keep a marked page for FEC decoding.
+        let flags = if keep {
+            job.flags | Data::KEEP
+        } else {
+            job.flags
+        };
         let off =
-            wire::emit_data_header(buf, &header, job.pfn, idx, frag_count, job.flags, wire_len)
-                .ok()?;
+            wire::emit_data_header(buf, &header, job.pfn, idx, frag_count, flags, wire_len).ok()?;
         let (data_end, len) = (off + (end - start), off + wire_len);
         if direct {
             // One copy, source to datagram.

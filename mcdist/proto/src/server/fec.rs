@@ -24,6 +24,11 @@
 //! (`requests`); the pages of a NACK naming more lost symbols of one block than a
 //! receiver keeps repair symbols of ([`crate::fec::repairs_kept`]) go to the asker
 //! alone.
+//!
+//! Pages receivers keep: from the first loss a receiver reports (or the first block
+//! formed) every data page carries [`Data::KEEP`], which tells receivers to keep it
+//! for decoding (they keep unmarked pages only while they see loss themselves, see
+//! `client::fec_rx`).
 
 use super::config::Geometry;
 use super::schedule::{Job, Target, ALL_FRAGMENTS};
@@ -149,6 +154,8 @@ pub(super) struct FecState {
     sent: SentBlocks,
     /// NACKed pages (and their fragments) per block in the datagram being handled.
     nacked: Vec<(u64, Vec<(u64, u32)>)>,
+    /// Data pages go out marked [`Data::KEEP`] (from the first loss reported on).
+    keeping: bool,
 }
 
 impl FecState {
@@ -166,16 +173,32 @@ impl FecState {
             receivers: 1,
             sent: SentBlocks::default(),
             nacked: Vec::new(),
+            keeping: false,
         })
     }
 }
 
 impl Server {
+    /// Data pages go out marked [`Data::KEEP`] (see the module docs).
+    pub(super) fn fec_keeping(&self) -> bool {
+        self.fec.as_ref().is_some_and(|f| f.keeping)
+    }
+
+    /// From now on data pages go out marked [`Data::KEEP`].
+    fn fec_start_keeping(&mut self) {
+        if let Some(fec) = self.fec.as_mut() {
+            fec.keeping = true;
+        }
+    }
+
     /// Take the loss receivers report now as the basis of the repair fraction.
     pub(super) fn fec_note_loss(&mut self, now: Instant) {
         if let Some(fec) = self.fec.as_mut() {
             (fec.loss_p90, fec.receivers) = self.peers.loss_p90(now);
             fec.receivers = fec.receivers.max(1);
+            if fec.loss_p90 > 0 {
+                self.fec_start_keeping();
+            }
         }
     }
 
@@ -189,6 +212,7 @@ impl Server {
                 fec.loss_p90 = loss_permille;
                 fec.receivers = receivers;
             }
+            self.fec_start_keeping();
         }
     }
 
@@ -241,7 +265,9 @@ impl Server {
         if !fec.builder.is_open() && frac <= 0.0 {
             return None;
         }
-        Some(fec.builder.admit(now, job.pfn))
+        let member = fec.builder.admit(now, job.pfn);
+        self.fec_start_keeping();
+        Some(member)
     }
 
     /// Feed fragment `idx` of block member `member` to the open block.

@@ -48,6 +48,8 @@ impl<'a> Data<'a> {
     pub const REPAIR: DataFlags = DataFlags::REPAIR;
     /// The page is all zero; the payload is empty.
     pub const ZERO: DataFlags = DataFlags::ZERO;
+    /// Keep the page for FEC decoding (the server repairs by block since loss was reported).
+    pub const KEEP: DataFlags = DataFlags::KEEP;
 
     /// Parse and validate a data body; the payload borrows the rest of `body`.
     pub fn parse(body: &'a [u8]) -> Result<Data<'a>, WireError> {

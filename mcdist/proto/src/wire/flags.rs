@@ -54,6 +54,10 @@ bitflags! {
         const REPAIR = 0x08;
         /// The page is all zero; the payload is empty.
         const ZERO = 0x10;
+        /// Keep the page for FEC decoding: since a receiver reported loss, the server
+        /// may repair the blocks this page belongs to (its own repair bursts and the
+        /// blocks it forms to answer NACKs), so receivers keep it in their FEC cache.
+        const KEEP = 0x20;
     }
 }
 
