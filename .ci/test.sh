@@ -34,3 +34,7 @@ if command -v cargo-nextest >/dev/null; then
 else
     cargo test --workspace --locked --no-fail-fast $FEATURES
 fi
+# The criterion benches, each function once: their own checks run (every page arrives
+# or is decoded, the codecs restore every lost symbol); no timing is measured.
+echo "== criterion benches, each once"
+cargo test -p mcdist-benches --benches --locked

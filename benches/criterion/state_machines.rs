@@ -17,7 +17,7 @@
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use mcdist::client::ClientEvent;
+use mcdist::client::{Client, ClientEvent};
 use mcdist::server::{Server, ServerConfig};
 use mcdist::source::{scan, MemSource};
 use mcdist_benches::{image, unpaced_server_config, Pair, SERVER_ADDR};
@@ -248,14 +248,21 @@ fn fec_paths(c: &mut Criterion) {
                 |mut p| {
                     let now = p.now;
                     let mut ready = 0u64;
-                    for d in dgrams.iter() {
-                        p.client.handle_datagram(now, SERVER_ADDR, d.clone());
-                        while let Some(ev) = p.client.poll_event() {
+                    let mut take = |c: &mut Client| {
+                        while let Some(ev) = c.poll_event() {
                             if matches!(ev, ClientEvent::PageReady { .. }) {
                                 ready += 1;
                             }
                         }
+                    };
+                    for d in dgrams.iter() {
+                        p.client.handle_datagram(now, SERVER_ADDR, d.clone());
+                        take(&mut p.client);
                     }
+                    // The last block's burst of repair symbols ends with the stream: it
+                    // is decoded when its wait is up.
+                    p.client.handle_timeout(now + Duration::from_millis(2));
+                    take(&mut p.client);
                     assert_eq!(ready, FEC_PAGES as u64, "every page arrives or is decoded");
                     p
                 },
