@@ -54,8 +54,8 @@ pub(crate) struct FecRx {
     max_bytes: usize,
     cache_bytes: usize,
     block_bytes: usize,
-    cache: HashMap<u64, Bytes>,
-    cache_order: VecDeque<u64>,
+    /// Received pages kept, oldest first (a page kept twice: its later copy counts).
+    cache: VecDeque<(u64, Bytes)>,
     blocks: HashMap<u64, RxBlock>,
     order: VecDeque<u64>,
     done: HashSet<u64>,
@@ -89,8 +89,7 @@ impl FecRx {
             max_bytes,
             cache_bytes: 0,
             block_bytes: 0,
-            cache: HashMap::new(),
-            cache_order: VecDeque::new(),
+            cache: VecDeque::new(),
             blocks: HashMap::new(),
             order: VecDeque::new(),
             done: HashSet::new(),
@@ -106,18 +105,13 @@ impl FecRx {
         if self.cache_cap == 0 || page.len() > self.max_bytes / 4 {
             return;
         }
-        match self.cache.insert(pfn, page.clone()) {
-            Some(old) => self.cache_bytes -= old.len(),
-            None => self.cache_order.push_back(pfn),
-        }
+        self.cache.push_back((pfn, page.clone()));
         self.cache_bytes += page.len();
         while self.cache.len() > self.cache_cap || self.cache_bytes > self.max_bytes / 4 {
-            match self.cache_order.pop_front() {
-                Some(old) => {
-                    if let Some(p) = self.cache.remove(&old) {
-                        self.cache_bytes -= p.len();
-                        self.release(p);
-                    }
+            match self.cache.pop_front() {
+                Some((_, p)) => {
+                    self.cache_bytes -= p.len();
+                    self.release(p);
                 }
                 None => break,
             }
@@ -141,16 +135,33 @@ impl FecRx {
     /// decoded or was complete (blocks do not share pages), so only pages of
     /// blocks with a loss, or not heard of yet, stay cached.
     pub fn forget(&mut self, pfns: impl IntoIterator<Item = u64>) {
-        for pfn in pfns {
-            if let Some(p) = self.cache.remove(&pfn) {
+        let mut gone: Vec<u64> = pfns.into_iter().collect();
+        gone.sort_unstable();
+        let (Some(&lo), Some(&hi)) = (gone.first(), gone.last()) else {
+            return;
+        };
+        let mut kept = VecDeque::with_capacity(self.cache.len());
+        for (pfn, p) in std::mem::take(&mut self.cache) {
+            if (lo..=hi).contains(&pfn) && gone.binary_search(&pfn).is_ok() {
                 self.cache_bytes -= p.len();
                 self.release(p);
+            } else {
+                kept.push_back((pfn, p));
             }
         }
-        if self.cache_order.len() > 2 * self.cache.len() + 1024 {
-            let live = &self.cache;
-            self.cache_order.retain(|p| live.contains_key(p));
+        self.cache = kept;
+    }
+
+    /// The latest cached copy of each of the pages `first..first + span`.
+    fn cached(&self, first: u64, span: usize) -> Vec<Option<&Bytes>> {
+        let mut at = vec![None; span];
+        for (pfn, p) in &self.cache {
+            let i = pfn.wrapping_sub(first);
+            if i < span as u64 {
+                at[i as usize] = Some(p);
+            }
         }
+        at
     }
 
     /// Bytes held now: cached pages, and the member bitmaps and repair symbols of open
@@ -325,13 +336,14 @@ impl FecRx {
             Page(Bytes),
             Frags(Vec<(u16, &'b [u8])>),
         }
+        let cached = self.cached(first, usize::from(b.span));
         let mut srcs: Vec<(usize, Src<'a>)> = Vec::with_capacity(members.len());
         let mut missing = Vec::new();
         let mut symbols = 0usize;
         for (m, &pfn) in members.iter().enumerate() {
             match have(pfn) {
                 Have::Present => {
-                    let Some(p) = self.cache.get(&pfn) else {
+                    let Some(p) = cached[(pfn - first) as usize] else {
                         return Err(());
                     };
                     if p.len() != page_size {
