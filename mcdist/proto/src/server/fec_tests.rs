@@ -105,6 +105,27 @@ fn first_nacks_are_answered_with_one_shared_round_of_repair_symbols() {
     assert_eq!(s.stats().fec_nack_rounds, 2);
 }
 
+/// Data pages go out marked to be kept for FEC decoding from the first path loss a
+/// receiver reports on, and not before: receivers keep unmarked pages only while they
+/// see loss themselves.
+#[test]
+fn pages_are_marked_to_be_kept_from_the_first_loss_report() {
+    let (mut s, now, a, _) = swept_fec_server();
+    assert!(!s.fec_keeping(), "no loss reported during the sweep");
+    // A re-ask is answered with the page itself, unmarked.
+    s.handle_datagram(now, a, &ask(Kind::Nack, Request::RETRY, 2));
+    let sent = data(&drain(&mut s, now));
+    assert!(!sent.is_empty() && sent.iter().all(|d| d.1 == 2 && !d.2.contains(Data::KEEP)));
+    // A NACK reporting 2 % loss: from now on every data page is marked.
+    s.handle_datagram(now, a, &nack_of(3, 1, 0, 20));
+    drain(&mut s, now);
+    assert!(s.fec_keeping());
+    let later = now + Duration::from_millis(20);
+    s.handle_datagram(later, a, &ask(Kind::Nack, Request::RETRY, 4));
+    let sent = data(&drain(&mut s, later));
+    assert!(!sent.is_empty() && sent.iter().all(|d| d.1 == 4 && d.2.contains(Data::KEEP)));
+}
+
 #[test]
 fn nacks_of_a_block_whose_repair_indices_are_spent_get_the_page() {
     let (mut s, mut now, a, _) = swept_fec_server();
