@@ -184,21 +184,12 @@ impl Server {
         self.fec.as_ref().is_some_and(|f| f.keeping)
     }
 
-    /// From now on data pages go out marked [`Data::KEEP`].
-    fn fec_start_keeping(&mut self) {
-        if let Some(fec) = self.fec.as_mut() {
-            fec.keeping = true;
-        }
-    }
-
     /// Take the loss receivers report now as the basis of the repair fraction.
     pub(super) fn fec_note_loss(&mut self, now: Instant) {
         if let Some(fec) = self.fec.as_mut() {
             (fec.loss_p90, fec.receivers) = self.peers.loss_p90(now);
             fec.receivers = fec.receivers.max(1);
-            if fec.loss_p90 > 0 {
-                self.fec_start_keeping();
-            }
+            fec.keeping |= fec.loss_p90 > 0;
         }
     }
 
@@ -212,7 +203,7 @@ impl Server {
                 fec.loss_p90 = loss_permille;
                 fec.receivers = receivers;
             }
-            self.fec_start_keeping();
+            fec.keeping = true;
         }
     }
 
@@ -265,9 +256,8 @@ impl Server {
         if !fec.builder.is_open() && frac <= 0.0 {
             return None;
         }
-        let member = fec.builder.admit(now, job.pfn);
-        self.fec_start_keeping();
-        Some(member)
+        fec.keeping = true;
+        Some(fec.builder.admit(now, job.pfn))
     }
 
     /// Feed fragment `idx` of block member `member` to the open block.
