@@ -69,6 +69,7 @@ fn request(c: &mut Criterion) {
                 rx_rate: 1 << 27,
                 loss_permille: 3,
                 flags: mcdist::wire::RequestFlags::empty(),
+                heard_seq: 1 << 20,
                 ranges: ranges_from_encoded(&raw),
             }),
         };

@@ -40,9 +40,9 @@ fn bad_for_server() -> Vec<(&'static str, Bytes)> {
     wrong_version[2] = VERSION + 1;
     let mut bad_kind = good.to_vec();
     bad_kind[3] = 0xee;
-    // Claims 5000 ranges, carries one.
+    // Claims 5000 ranges, carries one (the count is the fixed part's last two bytes).
     let mut short_ranges = good.to_vec();
-    let n = HEADER_LEN + 8 + 2 + 1;
+    let n = HEADER_LEN + Request::FIXED_LEN - 2;
     short_ranges[n..n + 2].copy_from_slice(&5000u16.to_be_bytes());
     // A zero-length range and an over-long one.
     let mut zero_len = good.to_vec();

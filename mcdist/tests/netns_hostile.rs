@@ -106,6 +106,7 @@ fn rogue_flood_helper() {
                 rx_rate: 1,
                 loss_permille: 999,
                 flags: Request::RETRY,
+                heard_seq: u64::MAX,
                 ranges: ranges_from_encoded(&raw),
             }),
         };

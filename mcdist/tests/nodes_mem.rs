@@ -216,6 +216,6 @@ fn a_later_client_is_hinted_the_working_set_and_asks_for_it_in_windows() {
     assert_eq!(st.hints_refused, 0);
     // Every hinted page was asked for or came with the server's replay.
     assert!(st.pages_requested + st.push_pages >= 480, "{st:?}");
-    assert_eq!(st.duplicates, 0);
+    assert_eq!(st.duplicates, 0, "{st:?}");
     assert_eq!(server.shutdown().unwrap().stats.hint_datagrams, 1);
 }

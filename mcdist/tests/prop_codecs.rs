@@ -228,6 +228,7 @@ fn body(o: &Owned) -> Body<'_> {
                 rx_rate: *rx,
                 loss_permille: *loss,
                 flags: mcdist::wire::RequestFlags::from_bits_retain(*flags),
+                heard_seq: rx.rotate_left(17) ^ u64::from(*loss),
                 ranges: ranges_from_encoded(raw),
             };
             match kind {
@@ -238,6 +239,7 @@ fn body(o: &Owned) -> Body<'_> {
                     rx_rate: q.rx_rate,
                     loss_permille: q.loss_permille,
                     flags: q.flags,
+                    heard_seq: q.heard_seq,
                     entries: mcdist::wire::fragment_entries_from_encoded(raw),
                 }),
             }
@@ -338,7 +340,7 @@ proptest! {
         }
         let mut raw = Vec::new();
         encode_ranges(&ranges, &mut raw);
-        let nack = Request { rx_rate: 0, loss_permille: 0, flags: mcdist::wire::RequestFlags::empty(), ranges: ranges_from_encoded(&raw) };
+        let nack = Request { rx_rate: 0, loss_permille: 0, flags: mcdist::wire::RequestFlags::empty(), heard_seq: 0, ranges: ranges_from_encoded(&raw) };
         let buf = common::emit(9, Body::Nack(nack));
         let Body::Nack(q) = Message::parse(&buf).unwrap().body else { panic!("kind changed") };
         let back: BTreeSet<u64> = q.ranges.iter().flat_map(|r| r.start..r.end()).collect();

@@ -267,6 +267,7 @@ fn attacks_never_reach_the_page_store() {
             rx_rate: 0,
             loss_permille: 0,
             flags: mcdist::wire::RequestFlags::empty(),
+            heard_seq: 0,
             ranges: wire::ranges_from_encoded(&enc),
         }),
     };

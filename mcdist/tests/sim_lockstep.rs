@@ -1,6 +1,6 @@
 //! Lockstep suppression, observed: clones faulting on the same pages together
 //! make the server send each page about once, far fewer than the requests it
-//! gets, and fewer than with the suppression window set to zero.
+//! gets, and fewer than with suppression off (the window set to zero).
 
 use mcdist::server::ServerConfig;
 use mcdist::sim::{test_image, ClientSpec, LinkConfig, Sim};
@@ -48,7 +48,7 @@ fn lockstep(clients: usize, window: Duration, seed: u64) -> Run {
     Run {
         pages_sent: s.pages_sent,
         pages_requested: s.pages_requested,
-        suppressed: s.suppressed_lockstep + s.suppressed_queued,
+        suppressed: s.suppressed_lockstep + s.suppressed_in_flight + s.suppressed_queued,
         client_requests: sim
             .clients()
             .iter()

@@ -455,7 +455,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             let s = &snap.stats;
             let secs = start.elapsed().as_secs_f64();
             println!(
-                "done: {} receivers in {:.2} s; sent {} bytes in {} datagrams = {:.3}x image ({} pages: {} demand, {} push, {} sweep, {} repair, {} unicast; {} FEC repair symbols: {} blocks, {} NACK rounds, {} NACKs answered with pages); requests {} nacks {} ({} by fragment, {} fragments resent) suppressed {} (lockstep {}); isolated {} (refused {}); over the rate limit {} (answered in part {}), queue full {}, asked again while queued {}{}",
+                "done: {} receivers in {:.2} s; sent {} bytes in {} datagrams = {:.3}x image ({} pages: {} demand, {} push, {} sweep, {} repair, {} unicast; {} FEC repair symbols: {} blocks, {} NACK rounds, {} NACKs answered with pages); requests {} nacks {} ({} by fragment, {} fragments resent) suppressed {} (lockstep {}, in flight {}); isolated {} (refused {}); over the rate limit {} (answered in part {}), queue full {}, asked again while queued {}{}",
                 done,
                 secs,
                 s.bytes_sent,
@@ -475,8 +475,9 @@ fn serve(a: ServeArgs) -> Result<(), String> {
                 s.nacks,
                 s.fragment_nacks,
                 s.fragments_resent,
-                s.suppressed_lockstep + s.suppressed_queued,
+                s.suppressed_lockstep + s.suppressed_in_flight + s.suppressed_queued,
                 s.suppressed_lockstep,
+                s.suppressed_in_flight,
                 s.slow_receivers,
                 s.isolation_refused,
                 s.rate_limited,

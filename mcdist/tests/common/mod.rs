@@ -123,6 +123,7 @@ pub fn request(session: u64, flags: mcdist::wire::RequestFlags, ranges: &[PageRa
             rx_rate: 0,
             loss_permille: 0,
             flags,
+            heard_seq: 0,
             ranges: ranges_from_encoded(&raw),
         }),
     )

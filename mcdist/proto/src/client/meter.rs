@@ -80,6 +80,13 @@ impl Meter {
             self.interval_bytes = 0;
         }
         self.interval_bytes += len as u64;
+        self.sequenced(seq);
+    }
+
+    /// A datagram of this session numbered `seq` taken in: a group one counts in the
+    /// loss measure and the heard sequence number. Announces count here alone (not in
+    /// the rate): they are group datagrams too, and one not counted reads as one lost.
+    pub(super) fn sequenced(&mut self, seq: u64) {
         if seq & wire::SEQ_UNICAST_BIT == 0 {
             self.interval_group_pkts += 1;
             if self.interval_seq_start.is_none() {
@@ -102,6 +109,12 @@ impl Meter {
     /// dropped), or none was measured yet.
     pub(super) fn sees_path_loss(&self) -> bool {
         wire::loss_unmeasured(self.loss_permille) || self.loss_permille > self.overload_permille
+    }
+
+    /// The highest group sequence number taken in this session (0: none yet): what a
+    /// request says it heard, so the server can tell an answer still on its way to us.
+    pub(super) fn heard_seq(&self) -> u64 {
+        self.max_group_seq.unwrap_or(0)
     }
 
     /// The server restarted: its sequence numbers start over.

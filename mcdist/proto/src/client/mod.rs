@@ -396,6 +396,13 @@ impl Client {
         };
         if let Body::Announce(a) = msg.body {
             self.on_announce(now, msg.session, a);
+            if self
+                .session
+                .info
+                .is_some_and(|s| s.session_id == msg.session)
+            {
+                self.meter.sequenced(msg.seq);
+            }
             self.arm_idle_timer();
             return;
         }

@@ -430,6 +430,7 @@ impl Client {
             rx_rate: self.meter.rx_rate,
             loss_permille: self.meter.loss_permille,
             flags: body_flags,
+            heard_seq: self.meter.heard_seq(),
             ranges: wire::ranges_from_encoded(&self.requests.range_buf),
         };
         let body = match (is_nack, want.by_fragments()) {
@@ -437,6 +438,7 @@ impl Client {
                 rx_rate: req.rx_rate,
                 loss_permille: req.loss_permille,
                 flags: req.flags,
+                heard_seq: req.heard_seq,
                 entries: wire::fragment_entries_from_encoded(&self.requests.range_buf),
             }),
             (true, false) => Body::Nack(req),

@@ -256,6 +256,7 @@ fn a_later_clone_is_told_the_working_set_unless_it_refuses_hints() {
             rx_rate: 0,
             loss_permille: 0,
             flags: RequestFlags::empty(),
+            heard_seq: 0,
             ranges: ranges_from_encoded(&raw),
         }),
     };
@@ -312,6 +313,16 @@ pub(super) fn run_lockstep(
     }
 }
 
+/// A server of an image of `pages` pages (none zero) with `scfg`, and a client of it (server
+/// at port 1) that has asked for nothing yet.
+fn server_and_client(now: Instant, pages: usize, scfg: ServerConfig) -> (Server, Client) {
+    let img: Vec<u8> = (0..PAGE * pages).map(|i| (i / 7) as u8 | 1).collect();
+    let source = Arc::new(MemSource::new(img, PAGE));
+    let info = crate::source::scan(source.as_ref()).expect("an in-memory image scans");
+    let server = Server::with_info(scfg, source, info, now).expect("server configuration");
+    (server, Client::new(ClientConfig::new(addr(1)), now))
+}
+
 /// A receiver whose socket drops every eighth datagram (all its loss is overload)
 /// closes each measured interval with a heartbeat before any request that carries
 /// the interval's loss: requests carry the loss but not the overload, which the
@@ -320,16 +331,15 @@ pub(super) fn run_lockstep(
 fn the_heartbeat_closing_an_interval_precedes_the_requests_carrying_its_loss() {
     use crate::wire::{self, Body, Message};
     let now = Instant::now();
-    let img: Vec<u8> = (0..PAGE * 2048).map(|i| (i / 7) as u8 | 1).collect();
-    let source = Arc::new(MemSource::new(img, PAGE));
-    let scfg = ServerConfig {
-        max_datagram: 1400,
-        sweep: true,
-        ..ServerConfig::default()
-    };
-    let info = crate::source::scan(source.as_ref()).expect("an in-memory image scans");
-    let mut server = Server::with_info(scfg, source, info, now).expect("server configuration");
-    let mut c = Client::new(ClientConfig::new(addr(1)), now);
+    let (mut server, mut c) = server_and_client(
+        now,
+        2048,
+        ServerConfig {
+            max_datagram: 1400,
+            sweep: true,
+            ..ServerConfig::default()
+        },
+    );
     c.fetch_all(now);
     let (mut group, mut dropped) = (0u64, 0u64);
     // (loss, overload) of the latest heartbeat, and the requests checked against it.
@@ -379,6 +389,123 @@ fn the_heartbeat_closing_an_interval_precedes_the_requests_carrying_its_loss() {
         dropped > 100 && checked > 10,
         "dropped {dropped}, checked {checked}"
     );
+}
+
+/// Every request and NACK says the highest group sequence number the receiver had taken
+/// in when it sent it (the server tells by it an answer still on its way); datagrams lost
+/// on the way and the server's unicast sequence do not count.
+#[test]
+fn requests_carry_the_highest_group_sequence_number_taken_in() {
+    use crate::wire::{self, Body, Message};
+    use std::cell::Cell;
+    let now = Instant::now();
+    let (mut server, mut c) = server_and_client(
+        now,
+        1024,
+        ServerConfig {
+            max_datagram: 1400,
+            sweep: true,
+            ..ServerConfig::default()
+        },
+    );
+    c.fetch_all(now);
+    let heard = Cell::new(0u64);
+    let (mut checked, mut lost) = (0u32, 0u64);
+    run_lockstep(
+        &mut server,
+        &mut c,
+        now,
+        |d| {
+            let said = match Message::parse(d)
+                .expect("the client's datagrams parse")
+                .body
+            {
+                Body::Nack(q) | Body::Request(q) => Some(q.heard_seq),
+                Body::FragmentNack(f) => Some(f.heard_seq),
+                _ => None,
+            };
+            if let Some(said) = said {
+                assert_eq!(
+                    said,
+                    heard.get(),
+                    "the heard sequence number a request says"
+                );
+                checked += 1;
+            }
+            true
+        },
+        |_, dest, d| {
+            let seq = Message::parse(d).expect("the server's datagrams parse").seq;
+            if dest == Dest::Group {
+                if seq % 7 == 3 {
+                    lost += 1;
+                    return false;
+                }
+                heard.set(heard.get().max(seq));
+            } else {
+                assert_ne!(seq & wire::SEQ_UNICAST_BIT, 0, "unicast sequence");
+            }
+            true
+        },
+    );
+    assert!(c.is_complete(), "fetch did not complete");
+    assert!(lost > 50 && checked > 5, "lost {lost}, checked {checked}");
+    assert!(heard.get() > 0);
+}
+
+/// A lazy receiver on a loss-free path, asking for a page every 10 ms for 2.5 s while the
+/// server announces every 200 ms, measures no loss: the announces are group datagrams
+/// it took in, not gaps.
+#[test]
+fn a_loss_free_lazy_receiver_measures_no_loss_across_announces() {
+    use crate::wire::{Body, Message};
+    let mut now = Instant::now();
+    let (mut server, mut c) = server_and_client(
+        now,
+        512,
+        ServerConfig {
+            max_datagram: 1400,
+            push_neighbors: false,
+            ..ServerConfig::default()
+        },
+    );
+    let mut buf = vec![0u8; 65_536];
+    let (mut measures, mut worst, mut announces) = (0, 0u16, 0);
+    for step in 0..3000u64 {
+        now += Duration::from_millis(1);
+        if step % 10 == 0 && step < 2500 {
+            c.request_page(now, step / 10);
+        }
+        if c.poll_timeout().is_some_and(|t| t <= now) {
+            c.handle_timeout(now);
+        }
+        while let Some(t) = c.poll_transmit(now, &mut buf) {
+            if let Body::Heartbeat(h) = Message::parse(&buf[..t.len]).unwrap().body {
+                if !crate::wire::loss_unmeasured(h.loss_permille) {
+                    measures += 1;
+                    worst = worst.max(h.loss_permille);
+                }
+            }
+            server.handle_datagram(now, addr(2), &buf[..t.len]);
+        }
+        if server.poll_timeout().is_some_and(|t| t <= now) {
+            server.handle_timeout(now);
+        }
+        while let Some(t) = server.poll_transmit(now, &mut buf) {
+            let m = Message::parse(&buf[..t.len]).unwrap();
+            announces += u32::from(t.dest == Dest::Group && matches!(m.body, Body::Announce(_)));
+            if t.dest == Dest::Group || t.dest == Dest::Peer(addr(2)) {
+                c.handle_datagram_slice(now, addr(1), &buf[..t.len]);
+            }
+        }
+        while c.poll_event().is_some() {}
+    }
+    assert!((0..250).all(|p| c.has_page(p)), "every page asked for came");
+    assert!(
+        announces >= 10 && measures >= 3,
+        "{announces} announces, {measures} measures"
+    );
+    assert_eq!(worst, 0, "loss measured on a loss-free path");
 }
 
 /// With FEC on, a receiver keeps received pages for decoding while the server marks them

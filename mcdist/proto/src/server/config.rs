@@ -29,7 +29,10 @@ pub struct ServerConfig {
     pub max_datagram: usize,
     /// Bytes at the end of each datagram left free for an authentication trailer.
     pub trailer_reserve: usize,
-    /// Requests for a page multicast less than this long ago are ignored.
+    /// Requests for a page multicast less than this long ago are ignored, and so are
+    /// requests sent before the asker took in that multicast (its heard sequence number)
+    /// up to an `announce_interval` after it. Zero: no request is ever ignored for a
+    /// multicast (lockstep suppression off).
     pub lockstep_window: Duration,
     /// Push the pages that follow a fault.
     pub push_neighbors: bool,

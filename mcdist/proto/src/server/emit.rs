@@ -108,7 +108,7 @@ pub(super) struct Outbox {
     pub(super) control: VecDeque<Control>,
     pub(super) current: Option<Current>,
     page_buf: Vec<u8>,
-    seq_group: u64,
+    pub(super) seq_group: u64,
     seq_unicast: u64,
     zero_map: ZeroMapChunks,
     /// A copy of the zero map for the group is queued and not sent yet.
@@ -277,6 +277,7 @@ impl Server {
                     rx_rate: 0,
                     loss_permille: 0,
                     flags: wire::RequestFlags::empty(),
+                    heard_seq: 0,
                     ranges: wire::ranges_from_encoded(&raw),
                 })
             }

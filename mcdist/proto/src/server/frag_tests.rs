@@ -36,6 +36,7 @@ fn frag_nack(flags: RequestFlags, entries: &[(u64, u32)]) -> Vec<u8> {
         rx_rate: 0,
         loss_permille: 0,
         flags,
+        heard_seq: u64::MAX,
         entries: fragment_entries_from_encoded(&raw),
     }))
 }

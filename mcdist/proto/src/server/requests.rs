@@ -37,6 +37,8 @@ struct Ask {
     nack: bool,
     /// Asked before: the answer did not reach the receiver.
     reask: bool,
+    /// The highest group sequence number the asker had taken in when it asked.
+    heard_seq: u64,
 }
 
 impl Ask {
@@ -58,7 +60,7 @@ impl Server {
         &mut self,
         now: Instant,
         from: SocketAddr,
-        (rx_rate, loss_permille, flags): (u64, u16, wire::RequestFlags),
+        (rx_rate, loss_permille, flags, heard_seq): (u64, u16, wire::RequestFlags, u64),
         pages: u64,
         nack: bool,
     ) -> Option<(Ask, u64)> {
@@ -83,6 +85,7 @@ impl Server {
         let ask = Ask {
             nack,
             reask: flags.contains(wire::Request::RETRY),
+            heard_seq,
         };
         if ask.retry() {
             self.peers.note_reask(&from, granted);
@@ -104,7 +107,7 @@ impl Server {
         } else {
             self.stats.requests += 1;
         }
-        let head = (q.rx_rate, q.loss_permille, q.flags);
+        let head = (q.rx_rate, q.loss_permille, q.flags, q.heard_seq);
         let Some((ask, mut budget)) = self.admit_ask(now, from, head, q.ranges.total_pages(), nack)
         else {
             return;
@@ -140,7 +143,7 @@ impl Server {
     ) {
         self.stats.nacks += 1;
         self.stats.fragment_nacks += 1;
-        let head = (f.rx_rate, f.loss_permille, f.flags);
+        let head = (f.rx_rate, f.loss_permille, f.flags, f.heard_seq);
         let Some((ask, budget)) = self.admit_ask(now, from, head, f.entries.len() as u64, true)
         else {
             return;
@@ -273,7 +276,12 @@ impl Server {
     }
 
     /// Lockstep suppression: the page is already queued for the group, or was
-    /// multicast within the lockstep window. A NACK names a page the receiver
+    /// multicast within the lockstep window, or after the last group datagram the
+    /// asker had taken in when it asked (its `heard_seq`) and within an announce
+    /// interval: that answer is still on its way to the asker, however late the ask
+    /// arrives (a busy receiver, a queue on the way). An asker that heard no group
+    /// datagram for an announce interval (every announce is one) is taken to have
+    /// lost it. A NACK names a page the receiver
     /// saw go by without it: a push or sweep send it missed is no answer in
     /// flight, so only an answer to another ask within the window suppresses it.
     /// Nor is a multicast from before the asker joined: that answer went out
@@ -296,13 +304,22 @@ impl Server {
         }
         let answer_in_flight = (!ask.nack || self.sent.last_was_answer.get(pfn))
             && self.sent.multicast_since(pfn, self.peers.joined(&from));
-        if answer_in_flight
-            && self.sent.last_multicast_covers(pfn, frags)
-            && self
-                .sent
-                .multicast_within(pfn, now, self.base, self.cfg.lockstep_window)
-        {
+        if !answer_in_flight || !self.sent.last_multicast_covers(pfn, frags) {
+            return false;
+        }
+        let window = self.cfg.lockstep_window;
+        if window.is_zero() {
+            // Suppression off.
+            return false;
+        }
+        if self.sent.multicast_within(pfn, now, self.base, window) {
             self.stats.suppressed_lockstep += 1;
+            return true;
+        }
+        let unheard = self.sent.multicast_after_seq(pfn, ask.heard_seq);
+        let bound = window.max(self.cfg.announce_interval);
+        if unheard && self.sent.multicast_within(pfn, now, self.base, bound) {
+            self.stats.suppressed_in_flight += 1;
             return true;
         }
         false

@@ -244,6 +244,9 @@ pub(super) struct SentLog {
     group_pages: u64,
     /// `group_pages` right after each page's last multicast (0: never).
     group_seq: Vec<u64>,
+    /// The group sequence number of the last datagram of each page's last multicast
+    /// (0: never, or fanned out by unicast).
+    wire_seq: Vec<u64>,
     /// Pages whose last multicast answered a request or NACK (not a push or
     /// the sweep).
     pub(super) last_was_answer: PageBitmap,
@@ -266,6 +269,7 @@ impl SentLog {
             last_group_send: vec![0; usize::try_from(page_count).unwrap_or(0)],
             group_pages: 0,
             group_seq: vec![0; usize::try_from(page_count).unwrap_or(0)],
+            wire_seq: vec![0; usize::try_from(page_count).unwrap_or(0)],
             last_was_answer: PageBitmap::new(page_count),
             last_frags: vec![ALL_FRAGMENTS; usize::try_from(page_count).unwrap_or(0)],
             endgame_reasked: HashMap::new(),
@@ -304,17 +308,29 @@ impl SentLog {
             .is_some_and(|&m| frags & !m == 0)
     }
 
-    /// Fragments `frags` of `pfn` were multicast at `nanos` (since the base).
-    fn note_multicast(&mut self, pfn: u64, nanos: u64, frags: u32) {
+    /// Fragments `frags` of `pfn` were multicast at `nanos` (since the base), the last
+    /// of them in the group datagram numbered `seq` (0: fanned out by unicast).
+    fn note_multicast(&mut self, pfn: u64, nanos: u64, frags: u32, seq: u64) {
         let i = pfn as usize;
         if let Some(m) = self.last_frags.get_mut(i) {
             *m = frags;
+        }
+        if let Some(s) = self.wire_seq.get_mut(i) {
+            *s = seq;
         }
         self.group_pages += 1;
         if let (Some(t), Some(q)) = (self.last_group_send.get_mut(i), self.group_seq.get_mut(i)) {
             *t = nanos + 1;
             *q = self.group_pages;
         }
+    }
+
+    /// `pfn`'s last multicast went out in group datagrams after `heard_seq`: a receiver
+    /// that had taken in only up to `heard_seq` had not got it yet.
+    pub(super) fn multicast_after_seq(&self, pfn: u64, heard_seq: u64) -> bool {
+        self.wire_seq
+            .get(pfn as usize)
+            .is_some_and(|&s| s != 0 && s > heard_seq)
     }
 
     /// Pages multicast after `pfn`'s last multicast (`None`: never multicast).
@@ -505,7 +521,12 @@ impl Server {
         if job.target == Target::Group {
             self.peers.note_group_page();
             let nanos = self.nanos(now);
-            self.sent.note_multicast(job.pfn, nanos, job.frags);
+            let seq = if dest == Dest::Group {
+                self.out.seq_group
+            } else {
+                0
+            };
+            self.sent.note_multicast(job.pfn, nanos, job.frags, seq);
             if job.flags.intersects(Data::DEMAND | Data::REPAIR) {
                 self.sent.last_was_answer.set(job.pfn);
             } else {

@@ -87,6 +87,9 @@ pub struct ServerStats {
     pub pages_requested: u64,
     /// Page requests ignored because the page was multicast within the lockstep window.
     pub suppressed_lockstep: u64,
+    /// Page requests ignored, past the lockstep window, because the page was multicast
+    /// after the last group datagram the asker had taken in: the answer was on its way.
+    pub suppressed_in_flight: u64,
     /// Page requests merged into a page already queued.
     pub suppressed_queued: u64,
     /// Datagrams dropped by the per-source rate limit.

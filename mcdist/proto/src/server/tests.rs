@@ -58,18 +58,27 @@ pub(super) fn nack_of(start: u64, len: u32, rx_rate: u64, loss_permille: u16) ->
         rx_rate,
         loss_permille,
         flags: RequestFlags::empty(),
+        heard_seq: u64::MAX,
         ranges: ranges_from_encoded(&raw),
     }))
 }
 
-/// A request (or NACK) for one page.
+/// A request (or NACK) for one page from a receiver that took in every group datagram
+/// sent so far.
 pub(super) fn ask(kind: Kind, flags: RequestFlags, pfn: u64) -> Vec<u8> {
+    ask_heard(kind, flags, pfn, u64::MAX)
+}
+
+/// A request (or NACK) for one page from a receiver that took in group datagrams up to
+/// number `heard_seq`.
+fn ask_heard(kind: Kind, flags: RequestFlags, pfn: u64, heard_seq: u64) -> Vec<u8> {
     let mut raw = Vec::new();
     encode_ranges(&[PageRange { start: pfn, len: 1 }], &mut raw);
     let q = Request {
         rx_rate: 0,
         loss_permille: 0,
         flags,
+        heard_seq,
         ranges: ranges_from_encoded(&raw),
     };
     let m = Message {
@@ -176,14 +185,21 @@ fn closed_server_reports_no_timeout_once_its_end_is_sent() {
     assert_eq!(s.poll_timeout(), None);
 }
 
-#[test]
-fn lockstep_window_suppresses_a_second_ask_then_lets_it_through() {
-    let t0 = Instant::now();
+/// [`server`] with two validated receivers, `addr(1)` and `sibling`, after `addr(1)` asked
+/// for page 2 (nothing sent yet).
+fn page_2_asked(t0: Instant, sibling: SocketAddr) -> Server {
     let mut s = server(t0);
     drain(&mut s, t0);
     validate(&mut s, t0, addr(1));
-    validate(&mut s, t0, addr(2));
+    validate(&mut s, t0, sibling);
     s.handle_datagram(t0, addr(1), &ask(Kind::Request, RequestFlags::empty(), 2));
+    s
+}
+
+#[test]
+fn lockstep_window_suppresses_a_second_ask_then_lets_it_through() {
+    let t0 = Instant::now();
+    let mut s = page_2_asked(t0, addr(2));
     let first = data(&drain(&mut s, t0));
     // The hash page above it (page 8: the eight data pages have one) goes first.
     assert_eq!(
@@ -212,11 +228,7 @@ fn lockstep_window_suppresses_a_second_ask_then_lets_it_through() {
 #[test]
 fn a_nack_from_a_receiver_that_joined_after_the_answer_went_out_is_answered() {
     let t0 = Instant::now();
-    let mut s = server(t0);
-    drain(&mut s, t0);
-    validate(&mut s, t0, addr(1));
-    validate(&mut s, t0, addr(3));
-    s.handle_datagram(t0, addr(1), &ask(Kind::Request, RequestFlags::empty(), 2));
+    let mut s = page_2_asked(t0, addr(3));
     assert!(data(&drain(&mut s, t0)).contains(&(Dest::Group, 2, Data::DEMAND)));
     // Within the lockstep window: a receiver that was there when the answer went
     // out has it in flight ...
@@ -233,6 +245,50 @@ fn a_nack_from_a_receiver_that_joined_after_the_answer_went_out_is_answered() {
         vec![(Dest::Group, 2, Data::REPAIR)]
     );
     assert_eq!(s.stats().suppressed_lockstep, 1);
+}
+
+#[test]
+fn an_ask_sent_before_its_answer_arrived_is_suppressed_however_late_it_comes() {
+    let t0 = Instant::now();
+    let mut s = page_2_asked(t0, addr(2));
+    // The group sequence number of the datagram that carried page 2.
+    let mut buf = vec![0u8; 65_536];
+    let mut at = None;
+    while let Some(t) = s.poll_transmit(t0, &mut buf) {
+        let m = Message::parse(&buf[..t.len]).unwrap();
+        if matches!(m.body, Body::Data(d) if d.pfn == 2) {
+            at = Some(m.seq);
+        }
+    }
+    let at = at.expect("page 2 was multicast");
+    let cfg = ServerConfig::default();
+    let late = t0 + cfg.lockstep_window * 4;
+    assert!(late < t0 + cfg.announce_interval);
+    // A sibling's ask arrives past the lockstep window, but it had taken in only the
+    // group datagrams before the answer: the answer is on its way to it.
+    let before = ask_heard(Kind::Request, RequestFlags::empty(), 2, at - 1);
+    s.handle_datagram(late, addr(2), &before);
+    assert!(data(&drain(&mut s, late)).is_empty());
+    assert_eq!(s.stats().suppressed_in_flight, 1);
+    assert_eq!(s.stats().suppressed_lockstep, 0);
+    // One that had taken in the answer's datagram lost the page: it goes out again.
+    let past = ask_heard(Kind::Request, RequestFlags::empty(), 2, at);
+    s.handle_datagram(late, addr(2), &past);
+    assert_eq!(
+        data(&drain(&mut s, late)),
+        vec![(Dest::Group, 2, Data::DEMAND)]
+    );
+    // An asker that heard nothing for an announce interval after the answer is taken
+    // to have lost it.
+    let s_again = s.sent.multicast_after_seq(2, at);
+    assert!(s_again, "the second answer went out after the first");
+    let idle = late + cfg.announce_interval;
+    s.handle_datagram(idle, addr(1), &before);
+    assert_eq!(
+        data(&drain(&mut s, idle)),
+        vec![(Dest::Group, 2, Data::DEMAND)]
+    );
+    assert_eq!(s.stats().suppressed_in_flight, 1);
 }
 
 #[test]

@@ -59,6 +59,8 @@ impl Forgery {
             rx_rate: 1,
             loss_permille,
             flags,
+            // Heard everything: no answer counts as in flight to it.
+            heard_seq: u64::MAX,
             ranges: wire::ranges_from_encoded(&raw),
         };
         let body = match self {

@@ -66,6 +66,9 @@ pub struct FragmentNack<'a> {
     pub loss_permille: u16,
     /// Request flags ([`Request::RETRY`](super::Request::RETRY)).
     pub flags: RequestFlags,
+    /// The highest group sequence number the receiver had taken in
+    /// ([`Request::heard_seq`](super::Request::heard_seq)).
+    pub heard_seq: u64,
     /// The pages and their missing fragments.
     pub entries: FragmentEntries<'a>,
 }
@@ -82,6 +85,7 @@ impl<'a> FragmentNack<'a> {
             rx_rate: head.rx_rate,
             loss_permille: head.loss_permille,
             flags: head.flags,
+            heard_seq: head.heard_seq,
             entries,
         })
     }
@@ -97,6 +101,7 @@ impl<'a> FragmentNack<'a> {
             rx_rate: self.rx_rate,
             loss_permille: self.loss_permille,
             flags: self.flags,
+            heard_seq: self.heard_seq,
         };
         head.emit(body, self.entries.raw)
     }

@@ -7,8 +7,10 @@ use super::{read_u64, Field, HeaderFlags, WireError};
 pub const MAGIC: [u8; 2] = *b"MD";
 /// Protocol version carried in every header. Other versions are rejected. Version 3
 /// pads the last fragment of a page with zeros to the other fragments' length
-/// ([`crate::reassembly::fragment_bytes`]), which version 2 receivers refuse.
-pub const VERSION: u8 = 3;
+/// ([`crate::reassembly::fragment_bytes`]), which version 2 receivers refuse. Version 4
+/// adds the receiver's heard sequence number to requests and NACKs
+/// ([`Request::heard_seq`](super::Request::heard_seq)).
+pub const VERSION: u8 = 4;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = field::SEQ.end;
 /// Set in the sequence number of datagrams the server sends by unicast, so group

@@ -26,10 +26,12 @@ pub(super) mod field {
     pub const LOSS_PERMILLE: Field = 8..10;
     /// Request flags.
     pub const FLAGS: usize = 10;
+    /// The highest group sequence number the receiver had taken in.
+    pub const HEARD_SEQ: Field = 11..19;
     /// Number of ranges that follow.
-    pub const RANGE_COUNT: Field = 11..13;
+    pub const RANGE_COUNT: Field = 19..21;
     /// The ranges, [`RANGE_LEN`](super::RANGE_LEN) bytes each.
-    pub const RANGES: std::ops::RangeFrom<usize> = 13..;
+    pub const RANGES: std::ops::RangeFrom<usize> = 21..;
 }
 
 /// An inclusive-start, length-counted range of pages.
@@ -88,6 +90,10 @@ pub struct Request<'a> {
     pub loss_permille: u16,
     /// Request flags ([`Request::RETRY`]).
     pub flags: RequestFlags,
+    /// The highest group sequence number the receiver had taken in when it sent this
+    /// (0: none yet; in a Hint, 0). An answer multicast after it was still on its way
+    /// to the receiver.
+    pub heard_seq: u64,
     /// Requested ranges.
     pub ranges: Ranges<'a>,
 }
@@ -118,6 +124,7 @@ impl<'a> Request<'a> {
             rx_rate: head.rx_rate,
             loss_permille: head.loss_permille,
             flags: head.flags,
+            heard_seq: head.heard_seq,
             ranges,
         })
     }
@@ -133,6 +140,7 @@ impl<'a> Request<'a> {
             rx_rate: self.rx_rate,
             loss_permille: self.loss_permille,
             flags: self.flags,
+            heard_seq: self.heard_seq,
         };
         head.emit(body, self.ranges.raw)
     }
@@ -146,6 +154,7 @@ pub(super) struct ListHead {
     pub(super) rx_rate: u64,
     pub(super) loss_permille: u16,
     pub(super) flags: RequestFlags,
+    pub(super) heard_seq: u64,
 }
 
 impl ListHead {
@@ -160,6 +169,7 @@ impl ListHead {
             rx_rate: read_u64(body, field::RX_RATE),
             loss_permille: read_u16(body, field::LOSS_PERMILLE),
             flags: RequestFlags::from_bits_retain(body[field::FLAGS]),
+            heard_seq: read_u64(body, field::HEARD_SEQ),
         };
         Ok((head, raw))
     }
@@ -176,6 +186,7 @@ impl ListHead {
             &self.loss_permille.to_be_bytes(),
         );
         body[field::FLAGS] = self.flags.bits();
+        put(body, field::HEARD_SEQ, &self.heard_seq.to_be_bytes());
         put(body, field::RANGE_COUNT, &n.to_be_bytes());
         body[Request::FIXED_LEN..len].copy_from_slice(raw);
         Ok(())

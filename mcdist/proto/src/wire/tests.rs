@@ -47,12 +47,14 @@ fn every_kind_roundtrips() {
             rx_rate: 5,
             loss_permille: 12,
             flags: Request::RETRY,
+            heard_seq: 1 << 40 | 7,
             ranges: ranges_from_encoded(&raw),
         }),
         Body::Nack(Request {
             rx_rate: 0,
             loss_permille: 0,
             flags: RequestFlags::empty(),
+            heard_seq: 0,
             ranges: ranges_from_encoded(&raw),
         }),
         Body::Join(Join {
@@ -82,6 +84,7 @@ fn every_kind_roundtrips() {
             rx_rate: 7,
             loss_permille: 50,
             flags: Request::RETRY,
+            heard_seq: 99,
             // Read as (page 5, fragments 0-2) and (page 100, fragment 0).
             entries: fragment_entries_from_encoded(&raw),
         }),
@@ -124,6 +127,7 @@ fn fragment_nack_entries_read_back_and_an_empty_mask_is_refused() {
         rx_rate: 1,
         loss_permille: 2,
         flags: RequestFlags::empty(),
+        heard_seq: 3,
         entries: fragment_entries_from_encoded(&raw),
     };
     let mut buf = vec![0u8; f.buffer_len()];
