@@ -85,7 +85,7 @@ pub(crate) fn print_clones(
 
 pub(crate) fn print_server(s: &ServerSnapshot) {
     println!(
-        "\nserver: {} pages sent ({} demand, {} push, {} working-set push), {} working-set hints for {} pages, {:.1} MiB, {} zero replies, {} request datagrams for {} pages",
+        "\nserver: {} pages sent ({} demand, {} push, {} working-set push), {} working-set hints for {} pages, {:.1} MiB, {} zero replies, {} request datagrams for {} pages; asks suppressed: {} queued, {} lockstep window, {} answer in flight",
         s.stats.pages_sent,
         s.stats.demand_pages,
         s.stats.push_pages,
@@ -96,6 +96,9 @@ pub(crate) fn print_server(s: &ServerSnapshot) {
         s.stats.zero_replies,
         s.stats.requests,
         s.stats.pages_requested,
+        s.stats.suppressed_queued,
+        s.stats.suppressed_lockstep,
+        s.stats.suppressed_in_flight,
     );
 }
 
