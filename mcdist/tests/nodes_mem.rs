@@ -216,6 +216,10 @@ fn a_later_client_is_hinted_the_working_set_and_asks_for_it_in_windows() {
     assert_eq!(st.hints_refused, 0);
     // Every hinted page was asked for or came with the server's replay.
     assert!(st.pages_requested + st.push_pages >= 480, "{st:?}");
-    assert_eq!(st.duplicates, 0, "{st:?}");
+    // No hinted ask draws a second copy of a page the replay sent: an ask sent before the
+    // replay's page arrived is suppressed however late it reaches the server. A page comes
+    // twice only where the receiver asked for it again (a retry that a busy machine, holding
+    // the answer back past the retransmission timer, made needless).
+    assert!(st.duplicates <= st.retries, "{st:?}");
     assert_eq!(server.shutdown().unwrap().stats.hint_datagrams, 1);
 }

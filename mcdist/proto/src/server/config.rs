@@ -30,8 +30,8 @@ pub struct ServerConfig {
     /// Bytes at the end of each datagram left free for an authentication trailer.
     pub trailer_reserve: usize,
     /// Requests for a page multicast less than this long ago are ignored, and so are
-    /// requests sent before the asker took in that multicast (its heard sequence number)
-    /// up to an `announce_interval` after it. Zero: no request is ever ignored for a
+    /// first requests sent before the asker took in that multicast (its heard sequence
+    /// number) up to an `announce_interval` after it. Zero: no request is ever ignored for a
     /// multicast (lockstep suppression off).
     pub lockstep_window: Duration,
     /// Push the pages that follow a fault.

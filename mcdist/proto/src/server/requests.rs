@@ -280,8 +280,9 @@ impl Server {
     /// asker had taken in when it asked (its `heard_seq`) and within an announce
     /// interval: that answer is still on its way to the asker, however late the ask
     /// arrives (a busy receiver, a queue on the way). An asker that heard no group
-    /// datagram for an announce interval (every announce is one) is taken to have
-    /// lost it. A NACK names a page the receiver
+    /// datagram for an announce interval (every announce is one) is taken to have lost
+    /// it, and so is one that asks again when nothing went to the group after the
+    /// answer. A NACK names a page the receiver
     /// saw go by without it: a push or sweep send it missed is no answer in
     /// flight, so only an answer to another ask within the window suppresses it.
     /// Nor is a multicast from before the asker joined: that answer went out
@@ -316,7 +317,14 @@ impl Server {
             self.stats.suppressed_lockstep += 1;
             return true;
         }
-        let unheard = self.sent.multicast_after_seq(pfn, ask.heard_seq);
+        // The asker had not taken in the answer when it asked. A re-ask waited out the
+        // asker's retransmission timer: its answer counts as on its way only while the
+        // asker has not taken in what the group was sent after it either (the asker lags
+        // behind); with nothing sent since, the answer may as well be lost, and a lost
+        // answer costs the asker one timeout, never an announce interval.
+        let last = self.sent.multicast_seq(pfn);
+        let unheard =
+            last > ask.heard_seq && last != 0 && (!ask.reask || self.out.seq_group > last);
         let bound = window.max(self.cfg.announce_interval);
         if unheard && self.sent.multicast_within(pfn, now, self.base, bound) {
             self.stats.suppressed_in_flight += 1;

@@ -325,12 +325,10 @@ impl SentLog {
         }
     }
 
-    /// `pfn`'s last multicast went out in group datagrams after `heard_seq`: a receiver
-    /// that had taken in only up to `heard_seq` had not got it yet.
-    pub(super) fn multicast_after_seq(&self, pfn: u64, heard_seq: u64) -> bool {
-        self.wire_seq
-            .get(pfn as usize)
-            .is_some_and(|&s| s != 0 && s > heard_seq)
+    /// The group sequence number of the last datagram of `pfn`'s last multicast (0:
+    /// never multicast, or fanned out by unicast).
+    pub(super) fn multicast_seq(&self, pfn: u64) -> u64 {
+        self.wire_seq.get(pfn as usize).copied().unwrap_or(0)
     }
 
     /// Pages multicast after `pfn`'s last multicast (`None`: never multicast).
