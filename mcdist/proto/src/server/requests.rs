@@ -323,8 +323,7 @@ impl Server {
         // behind); with nothing sent since, the answer may as well be lost, and a lost
         // answer costs the asker one timeout, never an announce interval.
         let last = self.sent.multicast_seq(pfn);
-        let unheard =
-            last > ask.heard_seq && last != 0 && (!ask.reask || self.out.seq_group > last);
+        let unheard = last > ask.heard_seq && (!ask.reask || self.out.seq_group > last);
         let bound = window.max(self.cfg.announce_interval);
         if unheard && self.sent.multicast_within(pfn, now, self.base, bound) {
             self.stats.suppressed_in_flight += 1;

@@ -98,6 +98,11 @@ fn ask_heard(kind: Kind, flags: RequestFlags, pfn: u64, heard_seq: u64) -> Vec<u
 
 /// Every datagram the server sends at `now`.
 pub(super) fn drain(s: &mut Server, now: Instant) -> Vec<Sent> {
+    drain_numbered(s, now).into_iter().map(|(d, _)| d).collect()
+}
+
+/// Every datagram the server sends at `now`, each with its header's sequence number.
+fn drain_numbered(s: &mut Server, now: Instant) -> Vec<(Sent, u64)> {
     let mut buf = vec![0u8; 65_536];
     let mut out = Vec::new();
     for _ in 0..1000 {
@@ -109,7 +114,7 @@ pub(super) fn drain(s: &mut Server, now: Instant) -> Vec<Sent> {
             Body::Data(d) => Some((d.pfn, d.flags)),
             _ => None,
         };
-        out.push((t.dest, m.body.kind(), data));
+        out.push(((t.dest, m.body.kind(), data), m.seq));
     }
     panic!("the server never ran out of datagrams");
 }
@@ -251,18 +256,11 @@ fn a_nack_from_a_receiver_that_joined_after_the_answer_went_out_is_answered() {
 fn an_ask_sent_before_its_answer_arrived_is_suppressed_however_late_it_comes() {
     /// Every data datagram sent at `now`, and the group sequence number of page 2's.
     fn sent(s: &mut Server, now: Instant) -> (Vec<(Dest, u64, DataFlags)>, Option<u64>) {
-        let mut buf = vec![0u8; 65_536];
-        let (mut pages, mut at) = (Vec::new(), None);
-        while let Some(t) = s.poll_transmit(now, &mut buf) {
-            let m = Message::parse(&buf[..t.len]).unwrap();
-            if let Body::Data(d) = m.body {
-                pages.push((t.dest, d.pfn, d.flags));
-                if d.pfn == 2 {
-                    at = Some(m.seq);
-                }
-            }
-        }
-        (pages, at)
+        let out = drain_numbered(s, now);
+        let at = out.iter().rev().find(|(d, _)| matches!(d.2, Some((2, _))));
+        let at = at.map(|&(_, seq)| seq);
+        let sent: Vec<Sent> = out.into_iter().map(|(d, _)| d).collect();
+        (data(&sent), at)
     }
     let t0 = Instant::now();
     let mut s = page_2_asked(t0, addr(2));
