@@ -168,11 +168,18 @@ impl Bench {
         mcdist::source::file_digest(&self.image_path())
     }
 
-    /// Run `tool` to `n` receivers with `loss` percent receive loss.
-    pub fn run(&self, topo: &Topology, subnet: u8, tool: Tool, n: usize, loss: f64) -> RunResult {
+    /// Run `tool` to `n` receivers with `loss` percent receive loss, as repetition `rep`
+    /// (from 1) of the configuration.
+    pub fn run(
+        &self,
+        topo: &Topology,
+        subnet: u8,
+        (tool, n, loss): (Tool, usize, f64),
+        rep: usize,
+    ) -> RunResult {
         let mut r = RunResult {
             tool,
-            rep: 1,
+            rep,
             receivers: n,
             loss_percent: loss,
             secs: 0.0,
@@ -232,7 +239,13 @@ impl Bench {
             r.note.push_str(&iso);
         }
         if let Some(keep) = &self.keep_logs {
-            let to = keep.join(format!("{}-n{n}-loss{loss}", tool.name()));
+            // Repetitions after the first get their own folder.
+            let again = if rep > 1 {
+                format!("-rep{rep}")
+            } else {
+                String::new()
+            };
+            let to = keep.join(format!("{}-n{n}-loss{loss}{again}", tool.name()));
             if std::fs::create_dir_all(&to).is_ok() {
                 if let Ok(rd) = std::fs::read_dir(&dir) {
                     for e in rd.flatten() {

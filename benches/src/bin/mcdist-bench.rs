@@ -66,7 +66,8 @@ struct Cli {
     /// Where results.csv and results.svg go.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
-    /// Keep every run's sender and receiver logs under `<out>/logs`.
+    /// Keep every run's sender and receiver logs under `<out>/logs`, one folder per
+    /// configuration (`<tool>-n<N>-loss<L>`, and `-rep<K>` after it for repetition K > 1).
     #[arg(long)]
     keep_logs: bool,
     /// Directory for the image and received copies (default: /dev/shm, else the system temp dir).
@@ -260,8 +261,7 @@ fn main() -> ExitCode {
                         // FEC variants matter under loss; loss-free they run at the loss sweep's N only.
                         continue;
                     }
-                    let mut r = bench.run(&topo, 60 + k as u8, tool, n, loss);
-                    r.rep = rep;
+                    let r = bench.run(&topo, 60 + k as u8, (tool, n, loss), rep);
                     println!("{}", r.table_row());
                     results.push(r);
                 }
