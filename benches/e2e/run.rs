@@ -174,7 +174,9 @@ impl Bench {
         &self,
         topo: &Topology,
         subnet: u8,
-        (tool, n, loss): (Tool, usize, f64),
+        tool: Tool,
+        n: usize,
+        loss: f64,
         rep: usize,
     ) -> RunResult {
         let mut r = RunResult {

@@ -261,7 +261,7 @@ fn main() -> ExitCode {
                         // FEC variants matter under loss; loss-free they run at the loss sweep's N only.
                         continue;
                     }
-                    let r = bench.run(&topo, 60 + k as u8, (tool, n, loss), rep);
+                    let r = bench.run(&topo, 60 + k as u8, tool, n, loss, rep);
                     println!("{}", r.table_row());
                     results.push(r);
                 }
