@@ -61,24 +61,36 @@ pub struct StallSpec {
     pub every: Duration,
     /// Only the first this many receivers stall (`None`: every one).
     pub receivers: Option<usize>,
+    /// All of them at once, half a period in (a stall their hosts share: writeback,
+    /// a paused host), instead of in turn.
+    pub together: bool,
 }
 
 impl std::str::FromStr for StallSpec {
     type Err = String;
 
     /// `STALL/EVERY` in milliseconds, e.g. `20/200`; `:N` after it stalls only the first
-    /// `N` receivers (`500/600:1`: receiver 1 alone, the others run freely).
+    /// `N` receivers (`500/600:1`: receiver 1 alone, the others run freely); `:together`
+    /// stalls them all at once (`150/1000:8:together`).
     fn from_str(s: &str) -> Result<StallSpec, String> {
         let bad = || {
             format!(
-                "expected STALL/EVERY[:N] in milliseconds with STALL < EVERY and N at least 1, \
-                 e.g. 20/200 or 500/600:1, got {s:?}"
+                "expected STALL/EVERY[:N][:together] in milliseconds with STALL < EVERY and N \
+                 at least 1, e.g. 20/200, 500/600:1 or 150/1000:8:together, got {s:?}"
             )
         };
-        let (spec, count) = match s.split_once(':') {
-            Some((spec, n)) => (spec, Some(n.trim().parse::<usize>().map_err(|_| bad())?)),
-            None => (s, None),
-        };
+        let mut parts = s.split(':');
+        let spec = parts.next().unwrap_or_default();
+        let (mut count, mut together) = (None, false);
+        for part in parts {
+            match part.trim() {
+                "together" if !together => together = true,
+                n if count.is_none() && !together => {
+                    count = Some(n.parse::<usize>().map_err(|_| bad())?);
+                }
+                _ => return Err(bad()),
+            }
+        }
         let (a, b) = spec.split_once('/').ok_or_else(bad)?;
         let ms = |x: &str| x.trim().parse::<u64>().map_err(|_| bad());
         let (stall, every) = (ms(a)?, ms(b)?);
@@ -89,6 +101,7 @@ impl std::str::FromStr for StallSpec {
             stall: Duration::from_millis(stall),
             every: Duration::from_millis(every),
             receivers: count,
+            together,
         })
     }
 }
@@ -96,7 +109,7 @@ impl std::str::FromStr for StallSpec {
 /// A thread that stops (`SIGSTOP`) and resumes (`SIGCONT`) processes in turn, as a
 /// host's scheduler deschedules a receiver now and then when other work shares its
 /// cores: process `i` of `n` is stopped for `stall` from `i × every / n` into every
-/// period. Dropping it resumes them all.
+/// period (all of them from `every / 2` with `together`). Dropping it resumes them all.
 pub(super) struct Stalls {
     _running: StopThread,
 }
@@ -117,7 +130,11 @@ impl Stalls {
             while !stop.load(Ordering::Relaxed) {
                 let t = t0.elapsed().as_nanos();
                 for (i, pid) in pids.iter().enumerate() {
-                    let phase = every * i as u128 / n;
+                    let phase = if spec.together {
+                        every / 2
+                    } else {
+                        every * i as u128 / n
+                    };
                     let want = (t + every - phase) % every < stall;
                     if want != stopped[i] {
                         // A process that exited already cannot be signalled: nothing to do.

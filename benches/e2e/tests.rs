@@ -144,8 +144,23 @@ fn stall_specs_parse_and_bad_ones_say_what_is_expected() {
     assert_eq!(s.receivers, None, "every receiver");
     let one: StallSpec = "500/600:1".parse().expect("500/600:1");
     assert_eq!((one.stall.as_millis(), one.receivers), (500, Some(1)));
+    assert!(!s.together && !one.together, "in turn unless asked");
+    let shared: StallSpec = "150/1000:8:together".parse().expect("150/1000:8:together");
+    assert_eq!((shared.receivers, shared.together), (Some(8), true));
+    let all: StallSpec = "150/1000:together".parse().expect("150/1000:together");
+    assert_eq!((all.receivers, all.together), (None, true));
     for bad in [
-        "20", "200/20", "0/100", "100/100", "a/b", "20/", "20/200:0", "20/200:x",
+        "20",
+        "200/20",
+        "0/100",
+        "100/100",
+        "a/b",
+        "20/",
+        "20/200:0",
+        "20/200:x",
+        "20/200:together:8",
+        "20/200:1:2",
+        "20/200:together:together",
     ] {
         let e = bad.parse::<StallSpec>().expect_err(bad);
         assert!(e.contains("STALL/EVERY"), "{bad}: {e}");

@@ -16,6 +16,9 @@
 //!   its own time (the clients take turns, as processes on shared cores do),
 //!   and processes at 1 GB/s otherwise; its socket buffer (256 KiB) overflows
 //!   during each stall at any rate but a trickle.
+//! - `stalls_shared`: half the clients are descheduled together for 150 ms in every
+//!   second (a stall their hosts share: writeback, a paused host), and process at
+//!   1 GB/s otherwise: they lose the same datagrams.
 //!
 //! Each network runs twice: with receivers' overload (their socket's drops)
 //! told apart from path loss (`sep`, the default) and with it counted as path
@@ -55,10 +58,11 @@ enum Net {
     Bottleneck,
     BottleneckRandom2,
     Stalls,
+    StallsShared,
 }
 
 impl Net {
-    const ALL: [Net; 7] = [
+    const ALL: [Net; 8] = [
         Net::Random5,
         Net::Random5One,
         Net::SlowOne,
@@ -66,6 +70,7 @@ impl Net {
         Net::Bottleneck,
         Net::BottleneckRandom2,
         Net::Stalls,
+        Net::StallsShared,
     ];
 
     fn name(self) -> &'static str {
@@ -77,6 +82,7 @@ impl Net {
             Net::Bottleneck => "bottleneck",
             Net::BottleneckRandom2 => "bottleneck_random2",
             Net::Stalls => "stalls",
+            Net::StallsShared => "stalls_shared",
         }
     }
 
@@ -96,6 +102,14 @@ impl Net {
                     every: Duration::from_millis(200),
                     length: Duration::from_millis(20),
                     phase: Duration::from_millis(25 * i as u64),
+                }),
+                ..RxCapacity::new(1_000_000_000, QUEUE)
+            }),
+            Net::StallsShared => Some(RxCapacity {
+                stalls: (i < CLIENTS / 2).then_some(Stalls {
+                    every: Duration::from_millis(1000),
+                    length: Duration::from_millis(150),
+                    phase: Duration::from_millis(100),
                 }),
                 ..RxCapacity::new(1_000_000_000, QUEUE)
             }),

@@ -83,8 +83,9 @@ struct Cli {
     /// Pressure: stop every receiver process (SIGSTOP, then SIGCONT) for STALL ms in
     /// every EVERY ms, the receivers in turn, as a busy host deschedules a process now
     /// and then; e.g. 20/200. With :N, only the first N receivers (500/600:1 stalls
-    /// receiver 1 alone).
-    #[arg(long, value_name = "STALL/EVERY[:N]")]
+    /// receiver 1 alone). With :together, they stall all at once, half a period in, as
+    /// when their hosts share the stall (150/1000:8:together).
+    #[arg(long, value_name = "STALL/EVERY[:N][:together]")]
     stall_receivers: Option<e2e::StallSpec>,
     /// Run nothing: read a results.csv written earlier and write its plot and table again
     /// (results.svg and results.md next to it; --size-mib and --loss-receivers label the plot).
