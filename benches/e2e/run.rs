@@ -169,7 +169,8 @@ impl Bench {
     }
 
     /// Run `tool` to `n` receivers with `loss` percent receive loss, as repetition `rep`
-    /// (from 1) of the configuration.
+    /// (from 1) of the configuration; `rep` 0 is a warm-up run (`--warmup`), whose
+    /// kept logs go to a folder of their own.
     pub fn run(
         &self,
         topo: &Topology,
@@ -241,11 +242,11 @@ impl Bench {
             r.note.push_str(&iso);
         }
         if let Some(keep) = &self.keep_logs {
-            // Repetitions after the first get their own folder.
-            let again = if rep > 1 {
-                format!("-rep{rep}")
-            } else {
-                String::new()
+            // Repetitions after the first get their own folder, and so does a warm-up.
+            let again = match rep {
+                0 => "-warmup".to_string(),
+                1 => String::new(),
+                _ => format!("-rep{rep}"),
             };
             let to = keep.join(format!("{}-n{n}-loss{loss}{again}", tool.name()));
             if std::fs::create_dir_all(&to).is_ok() {

@@ -31,6 +31,11 @@ struct Cli {
     /// the table reports medians (every run is in results.csv).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=50))]
     reps: u32,
+    /// Before the first measured run, run the first tool once in the first configuration
+    /// and leave it out of the results: the first run right after a build is sometimes
+    /// disturbed (benches/README.md, "the first run after a cargo build").
+    #[arg(long)]
+    warmup: bool,
     /// Small, fast smoke run: 16 MiB, N = 1, 2, 4, loss 0 and 5 %.
     #[arg(long)]
     quick: bool,
@@ -236,6 +241,7 @@ fn main() -> ExitCode {
             .join(", ")
     );
     println!("{}", RunResult::table_header());
+    let mut warmup = cli.warmup;
     for (k, &n) in ns_all.iter().enumerate() {
         let topo = match Topology::create("mcb", n + 1, 60 + k as u8) {
             Ok(t) => t,
@@ -254,6 +260,11 @@ fn main() -> ExitCode {
         }
         if n == loss_n {
             plan.extend(losses.iter().copied().filter(|l| *l > 0.0));
+        }
+        if let (true, Some(&loss), Some(&tool)) = (warmup, plan.first(), available.first()) {
+            let r = bench.run(&topo, 60 + k as u8, tool, n, loss, 0);
+            println!("{} (warm-up, not counted)", r.table_row());
+            warmup = false;
         }
         for &loss in &plan {
             for rep in 1..=cli.reps as usize {
