@@ -26,9 +26,9 @@ mod runner;
 mod tests;
 mod tool;
 
-pub use netns::set_mtu;
+pub use netns::{set_mtu, set_slow_link};
 pub use plot::to_svg;
-pub use pressure::StallSpec;
+pub use pressure::{SlowLink, StallSpec};
 pub use report::{from_csv, medians, summary, to_csv, to_markdown, RunResult};
 pub use run::{Bench, WorkDir};
 pub use tool::{mcdist_next_to_me, Tool};

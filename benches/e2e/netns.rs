@@ -1,7 +1,8 @@
 //! The namespace side of a run: link MTU, injected receive loss (nftables
-//! `numgen random`), the sender's interface byte counter and the CPU time of
-//! the reaped tool processes.
+//! `numgen random`), slower links to some receivers (a token bucket filter), the
+//! sender's interface byte counter and the CPU time of the reaped tool processes.
 
+use super::pressure::SlowLink;
 use mcdist::testnet::Topology;
 use std::io;
 use std::process::{Command, Stdio};
@@ -125,5 +126,24 @@ pub(super) fn set_loss(topo: &Topology, n: usize, loss: f64) -> io::Result<()> {
             "l4proto", "udp", "numgen", "random", "mod", "1000", "<", &permille, "drop",
         ],
     )?;
+    Ok(())
+}
+
+/// Limit the bridge's ports to the first `spec.receivers` receiver hosts to `spec.mbit`
+/// Mbit/s (a token bucket: 64 KiB of burst, frames that would wait more than 20 ms
+/// dropped), as hosts behind a slower link; for every run on `topo`.
+pub fn set_slow_link(topo: &Topology, spec: SlowLink) -> io::Result<()> {
+    let br = topo.bridge_ns();
+    let rate = format!("{}mbit", spec.mbit);
+    for i in 1..=spec.receivers.min(topo.hosts.len() - 1) {
+        let port = format!("p{i}");
+        in_ns(
+            br,
+            &[
+                "tc", "qdisc", "replace", "dev", &port, "root", "tbf", "rate", &rate, "burst",
+                "64kb", "latency", "20ms",
+            ],
+        )?;
+    }
     Ok(())
 }

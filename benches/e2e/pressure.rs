@@ -106,6 +106,37 @@ impl std::str::FromStr for StallSpec {
     }
 }
 
+/// Receivers behind a slower link (`--slow-link MBIT[:N]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlowLink {
+    /// The link's rate, Mbit/s.
+    pub mbit: u64,
+    /// How many receivers (the first ones) are behind it.
+    pub receivers: usize,
+}
+
+impl std::str::FromStr for SlowLink {
+    type Err = String;
+
+    /// `MBIT`, e.g. `200`, for receiver 1; `MBIT:N` for the first `N` receivers.
+    fn from_str(s: &str) -> Result<SlowLink, String> {
+        let bad =
+            || format!("expected MBIT[:N] with both at least 1, e.g. 200 or 200:2, got {s:?}");
+        let (mbit, n) = s.split_once(':').unwrap_or((s, "1"));
+        let num = |x: &str| {
+            x.trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|&v| v > 0)
+                .ok_or_else(bad)
+        };
+        Ok(SlowLink {
+            mbit: num(mbit)?,
+            receivers: usize::try_from(num(n)?).map_err(|_| bad())?,
+        })
+    }
+}
+
 /// A thread that stops (`SIGSTOP`) and resumes (`SIGCONT`) processes in turn, as a
 /// host's scheduler deschedules a receiver now and then when other work shares its
 /// cores: process `i` of `n` is stopped for `stall` from `i × every / n` into every

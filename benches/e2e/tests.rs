@@ -166,3 +166,15 @@ fn stall_specs_parse_and_bad_ones_say_what_is_expected() {
         assert!(e.contains("STALL/EVERY"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn slow_link_specs_parse_and_bad_ones_say_what_is_expected() {
+    let one: SlowLink = "200".parse().expect("200");
+    assert_eq!((one.mbit, one.receivers), (200, 1));
+    let two: SlowLink = "100:2".parse().expect("100:2");
+    assert_eq!((two.mbit, two.receivers), (100, 2));
+    for bad in ["", "0", "200:0", "x", "200:", "200:x", "-5"] {
+        let e = bad.parse::<SlowLink>().expect_err(bad);
+        assert!(e.contains("MBIT[:N]"), "{bad}: {e}");
+    }
+}

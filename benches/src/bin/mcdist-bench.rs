@@ -92,6 +92,11 @@ struct Cli {
     /// when their hosts share the stall (150/1000:8:together).
     #[arg(long, value_name = "STALL/EVERY[:N][:together]")]
     stall_receivers: Option<e2e::StallSpec>,
+    /// Pressure: receiver 1 sits behind a slower link of MBIT Mbit/s (a token bucket on
+    /// its bridge port: 64 KiB of burst, frames that would wait over 20 ms dropped), as a
+    /// host on a slower network; with :N, the first N receivers each behind one.
+    #[arg(long, value_name = "MBIT[:N]")]
+    slow_link: Option<e2e::SlowLink>,
     /// Run nothing: read a results.csv written earlier and write its plot and table again
     /// (results.svg and results.md next to it; --size-mib and --loss-receivers label the plot).
     #[arg(long, value_name = "CSV")]
@@ -253,6 +258,15 @@ fn main() -> ExitCode {
         if let Err(e) = e2e::set_mtu(&topo, cli.mtu) {
             eprintln!("mcdist-bench: setting MTU {}: {e}", cli.mtu);
             return ExitCode::FAILURE;
+        }
+        if let Some(spec) = cli.slow_link {
+            if let Err(e) = e2e::set_slow_link(&topo, spec) {
+                eprintln!(
+                    "mcdist-bench: limiting the link to {} Mbit/s: {e}",
+                    spec.mbit
+                );
+                return ExitCode::FAILURE;
+            }
         }
         let mut plan: Vec<f64> = Vec::new();
         if receivers.contains(&n) {
