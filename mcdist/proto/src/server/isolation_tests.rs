@@ -30,6 +30,38 @@ fn a_slow_receiver_is_repaired_at_a_quarter_of_the_most_it_took_once_its_rate_fa
 }
 
 #[test]
+fn an_isolated_receiver_that_keeps_up_is_repaired_faster_each_interval() {
+    let t0 = Instant::now();
+    let mut s = receivers(t0, 3);
+    heartbeats(&mut s, t0, 1..=3, 400_000_000, 0);
+    s.feed_rate_reports(t0);
+    let t1 = t0 + Duration::from_millis(100);
+    one_lossy(&mut s, t1);
+    // Isolated: a quarter of the most it took, 100 MB/s.
+    let rate = |s: &Server| s.peers.repair_rate(&addr(1)).expect("a receiver");
+    assert_eq!(rate(&s), 24_414);
+    // Its reports show what it is sent, which says nothing of what it could take:
+    // while they show no overload of its own, its repairs go a quarter faster each
+    // interval.
+    let mut t = t1;
+    for want in [30_517, 38_146] {
+        t += Duration::from_millis(100);
+        s.note_report(t, addr(1), 100_000, 300, Some(0));
+        heartbeats(&mut s, t, 2..=3, 400_000_000, 0);
+        s.feed_rate_reports(t);
+        assert!(s.is_slow_receiver(addr(1)));
+        assert_eq!(rate(&s), want);
+    }
+    // Overload of its own: back to what it takes, or a quarter of its most.
+    t += Duration::from_millis(100);
+    s.note_report(t, addr(1), 100_000, 300, Some(300));
+    heartbeats(&mut s, t, 2..=3, 400_000_000, 0);
+    s.feed_rate_reports(t);
+    assert!(s.is_slow_receiver(addr(1)));
+    assert_eq!(rate(&s), 24_414);
+}
+
+#[test]
 fn a_lone_retry_is_answered_while_a_large_nack_is_still_being_paid_for() {
     let t0 = Instant::now();
     let mut s = receivers(t0, 3);

@@ -158,6 +158,12 @@ impl Peers {
         self.table.contains_key(addr)
     }
 
+    /// The pages per second `addr`'s asks are answered at.
+    #[cfg(test)]
+    pub(super) fn repair_rate(&self, addr: &SocketAddr) -> Option<u64> {
+        self.table.get(addr).map(|p| p.tokens.rate())
+    }
+
     /// Receivers that reported completion.
     pub(super) fn completed(&self) -> usize {
         self.table.values().filter(|p| p.complete).count()
@@ -550,6 +556,7 @@ impl Server {
                 let (rx_rate, loss, overload) = p.report.map_or((0, 0, 0), |r| {
                     (r.rx_rate, r.loss_permille, r.overload_permille)
                 });
+                let was_slow = p.slow;
                 if !p.slow {
                     p.slow = true;
                     isolated += 1;
@@ -568,7 +575,17 @@ impl Server {
                 // What it reports taking now, or a quarter of the most it ever took: after
                 // the sweep a slow receiver gets only its own repairs, so its rate
                 // falls with what it is sent, and repairs paced to it would crawl.
+                // For the same reason, one that keeps up with its repairs (a fresh
+                // report without overload of its own) gets a quarter more each
+                // interval: what it reports taking never shows what it could take.
+                let keeps_up = was_slow && fresh.is_some_and(|r| r.overload_permille <= threshold);
+                let probe = if keeps_up {
+                    p.tokens.rate().saturating_mul(5) / 4
+                } else {
+                    0
+                };
                 let pages = (rx_rate.max(p.peak_rx_rate / 4) / page_size)
+                    .max(probe)
                     .clamp(256, self.cfg.per_source_page_rate.max(256));
                 p.tokens.set_rate(now, pages, (pages / 4).max(64));
                 continue;
