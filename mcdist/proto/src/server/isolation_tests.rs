@@ -11,14 +11,7 @@ use std::time::{Duration, Instant};
 #[test]
 fn a_slow_receiver_is_repaired_at_a_quarter_of_the_most_it_took_once_its_rate_falls() {
     let t0 = Instant::now();
-    let mut s = receivers(t0, 3);
-    // During the sweep every receiver takes 400 MB/s without loss.
-    heartbeats(&mut s, t0, 1..=3, 400_000_000, 0);
-    s.feed_rate_reports(t0);
-    assert!(!s.is_slow_receiver(addr(1)));
-    // Then receiver 1 loses a third of what it is sent, and reports the little it gets.
-    let t1 = t0 + Duration::from_millis(100);
-    one_lossy(&mut s, t1);
+    let (mut s, t1) = lossy_after_full_rate(t0);
     // Its repairs are paced to 100 MB/s (24,414 pages/s, a quarter second of them at
     // once), not to the 100 kB/s it reported last (256 pages/s, 64 at once).
     let granted: u64 = (0..8).map(|_| s.peers.allow(t1, &addr(1), 1_000)).sum();
@@ -32,33 +25,43 @@ fn a_slow_receiver_is_repaired_at_a_quarter_of_the_most_it_took_once_its_rate_fa
 #[test]
 fn an_isolated_receiver_that_keeps_up_is_repaired_faster_each_interval() {
     let t0 = Instant::now();
-    let mut s = receivers(t0, 3);
-    heartbeats(&mut s, t0, 1..=3, 400_000_000, 0);
-    s.feed_rate_reports(t0);
-    let t1 = t0 + Duration::from_millis(100);
-    one_lossy(&mut s, t1);
+    let (mut s, mut t) = lossy_after_full_rate(t0);
     // Isolated: a quarter of the most it took, 100 MB/s.
     let rate = |s: &Server| s.peers.repair_rate(&addr(1)).expect("a receiver");
     assert_eq!(rate(&s), 24_414);
     // Its reports show what it is sent, which says nothing of what it could take:
     // while they show no overload of its own, its repairs go a quarter faster each
     // interval.
-    let mut t = t1;
     for want in [30_517, 38_146] {
         t += Duration::from_millis(100);
-        s.note_report(t, addr(1), 100_000, 300, Some(0));
-        heartbeats(&mut s, t, 2..=3, 400_000_000, 0);
-        s.feed_rate_reports(t);
-        assert!(s.is_slow_receiver(addr(1)));
+        lossy_again(&mut s, t, 0);
         assert_eq!(rate(&s), want);
     }
     // Overload of its own: back to what it takes, or a quarter of its most.
     t += Duration::from_millis(100);
-    s.note_report(t, addr(1), 100_000, 300, Some(300));
-    heartbeats(&mut s, t, 2..=3, 400_000_000, 0);
-    s.feed_rate_reports(t);
-    assert!(s.is_slow_receiver(addr(1)));
+    lossy_again(&mut s, t, 300);
     assert_eq!(rate(&s), 24_414);
+}
+
+/// Three receivers take 400 MB/s without loss; 100 ms later receiver 1 loses a third of
+/// what it is sent and reports the little it gets ([`one_lossy`]): isolated then.
+fn lossy_after_full_rate(t0: Instant) -> (Server, Instant) {
+    let mut s = receivers(t0, 3);
+    heartbeats(&mut s, t0, 1..=3, 400_000_000, 0);
+    s.feed_rate_reports(t0);
+    assert!(!s.is_slow_receiver(addr(1)));
+    let t1 = t0 + Duration::from_millis(100);
+    one_lossy(&mut s, t1);
+    (s, t1)
+}
+
+/// Receiver 1 reports taking 100 kB/s and losing 30 % again, `overload` ‰ of it its own,
+/// and stays isolated.
+fn lossy_again(s: &mut Server, now: Instant, overload: u16) {
+    s.note_report(now, addr(1), 100_000, 300, Some(overload));
+    heartbeats(s, now, 2..=3, 400_000_000, 0);
+    s.feed_rate_reports(now);
+    assert!(s.is_slow_receiver(addr(1)));
 }
 
 #[test]
