@@ -169,7 +169,7 @@ fn measure(net: Net, separate: bool) -> Row {
             let ms = c.finished_after.unwrap_or_default().as_secs_f64() * 1000.0;
             slowest_here = slowest_here.max(ms);
             if !sim.server().is_slow_receiver(c.addr) {
-                times.push(c.finished_after.unwrap_or_default().as_secs_f64() * 1000.0);
+                times.push(ms);
             }
         }
         slowest += slowest_here;
